@@ -1,0 +1,7 @@
+"""LLMasOS IR: types, the declarative op registry, graphs, text format, verifier, reference interpreter."""
+from .types import DType, TensorType, Dim, sym, as_dim, dim_str
+from .ops import Attr, OpDef, OpError, defop, get_op, all_ops, register_op
+from .graph import Graph, Node, Value, graph_equal, graph_diff
+
+__all__ = ["DType", "TensorType", "Dim", "sym", "as_dim", "dim_str", "Attr", "OpDef", "OpError", "defop",
+           "get_op", "all_ops", "register_op", "Graph", "Node", "Value", "graph_equal", "graph_diff"]

@@ -1,0 +1,110 @@
+"""The reference interpreter: runs any verified graph with each op's numpy semantics.
+
+It is the oracle of every numeric test, so it checks what it can: input types, symbol bounds, and that
+each op's result has exactly the shape and dtype the type rule promised.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+
+from .graph import Graph, Value, param_array
+from .ops import get_op
+from .types import TensorType, eval_dim
+
+Inputs = Union[Sequence[Any], Mapping[str, Any]]
+
+
+class InterpreterError(RuntimeError):
+    pass
+
+
+def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
+    """Symbol values from the input shapes; raises on a shape or bound mismatch, naming the input."""
+    env: dict[str, int] = {}
+    for v, a in zip(graph.inputs, arrays):
+        t = v.type
+        if a.ndim != t.rank:
+            raise ValueError(f"input %{v.name}: expected rank {t.rank} ({t}), got shape {list(a.shape)}")
+        for i, (d, n) in enumerate(zip(t.shape, a.shape)):
+            if isinstance(d, int):
+                if d != n:
+                    raise ValueError(f"input %{v.name}: dim {i} must be {d} ({t}), got {n}")
+            elif d.is_Symbol:
+                prev = env.setdefault(d.name, int(n))
+                if prev != n:
+                    raise ValueError(f"input %{v.name}: dim {i} is '{d.name}' = {prev} elsewhere, got {n}")
+    for v, a in zip(graph.inputs, arrays):  # derived dims (seq+1 ...) once every plain symbol is known
+        for i, (d, n) in enumerate(zip(v.type.shape, a.shape)):
+            if not isinstance(d, int) and not d.is_Symbol and eval_dim(d, env) != n:
+                raise ValueError(f"input %{v.name}: dim {i} is {d} = {eval_dim(d, env)}, got {n}")
+    for name, (lo, hi) in graph.symbols.items():
+        if name in env and ((lo is not None and env[name] < lo) or (hi is not None and env[name] > hi)):
+            raise ValueError(f"'{name}' = {env[name]} is outside its compiled range [{lo}, {hi}]")
+    return env
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return param_array(x)
+    return np.asarray(x)
+
+
+def evaluate_attrs(attrs: dict, env: dict) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, (list, tuple)) and v and not isinstance(v, np.ndarray):
+            out[k] = [eval_dim(d, env) if _is_sym(d) else d for d in v]
+        else:
+            out[k] = eval_dim(v, env) if _is_sym(v) else v
+    return out
+
+
+def _is_sym(v) -> bool:
+    import sympy
+    return isinstance(v, sympy.Expr)
+
+
+def run(graph: Graph, inputs: Inputs, *, trace: bool = False):
+    """Execute ``graph``. Returns the list of outputs, or (outputs, {value name: array}) with ``trace``."""
+    if isinstance(inputs, Mapping):
+        missing = [v.name for v in graph.inputs if v.name not in inputs]
+        if missing:
+            raise ValueError(f"missing inputs: {missing}")
+        arrays = [_as_array(inputs[v.name]) for v in graph.inputs]
+    else:
+        if len(inputs) != len(graph.inputs):
+            raise ValueError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+        arrays = [_as_array(x) for x in inputs]
+    for v, a in zip(graph.inputs, arrays):
+        if a.dtype != v.type.dtype.numpy:
+            raise ValueError(f"input %{v.name}: expected dtype {v.type.dtype}, got {a.dtype}")
+    env = bind_symbols(graph, arrays)
+    vals: dict[Value, np.ndarray] = dict(zip(graph.inputs, arrays))
+    for name, v in graph.params.items():
+        if name not in graph.param_data:
+            raise ValueError(f"parameter %{name} has no data")
+        vals[v] = param_array(graph.param_data[name])
+    for node in graph.nodes:
+        opdef = get_op(node.op)
+        args = [vals[i] for i in node.inputs]
+        try:
+            res = opdef.ref(*args, **evaluate_attrs(node.attrs, env))
+        except Exception as e:
+            raise InterpreterError(f"{node.describe()}: reference semantics failed: {e}") from e
+        res = res if isinstance(res, tuple) else (res,)
+        for out, r in zip(node.outputs, res):
+            vals[out] = _conform(node, out.type, np.asarray(r), env)
+    outs = [vals[v] for v in graph.outputs]
+    if trace:
+        return outs, {v.name: a for v, a in vals.items()}
+    return outs
+
+
+def _conform(node, t: TensorType, r: np.ndarray, env: dict) -> np.ndarray:
+    shape = t.concrete(env)
+    if tuple(r.shape) != shape:
+        raise InterpreterError(f"{node.describe()}: result shape {list(r.shape)} differs from its type {t} "
+                               f"= {list(shape)}")
+    return r.astype(t.dtype.numpy, copy=False)

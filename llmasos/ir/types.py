@@ -1,0 +1,173 @@
+"""Tensor types of the IR: a dtype and a shape whose dims are ints or symbolic expressions.
+
+Symbolic dims are sympy expressions over named symbols (``batch``, ``seq``): torch.export hands us
+sympy already, and derived dims such as ``batch*seq`` must stay exact through reshapes.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+import ml_dtypes
+import numpy as np
+import sympy
+
+
+class DType(enum.Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    f8e4m3 = "f8e4m3"
+    i64 = "i64"
+    i32 = "i32"
+    i8 = "i8"
+    u8 = "u8"
+    i4 = "i4"  # packed two per byte in storage
+    u4 = "u4"
+    bool = "bool"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def bits(self) -> int:
+        return _BITS[self]
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.f32, DType.f16, DType.bf16, DType.f8e4m3)
+
+    @property
+    def is_int(self) -> bool:
+        return self in (DType.i64, DType.i32, DType.i8, DType.u8, DType.i4, DType.u4)
+
+    @property
+    def is_packed(self) -> bool:
+        return self.bits < 8 and self is not DType.bool
+
+    @property
+    def numpy(self) -> np.dtype:
+        """The numpy dtype values of this type are held in (unpacked for i4/u4)."""
+        return np.dtype(_NUMPY[self])
+
+    @staticmethod
+    def from_numpy(dt) -> "DType":
+        dt = np.dtype(dt)
+        for k, v in _NUMPY.items():
+            if not k.is_packed and np.dtype(v) == dt:
+                return k
+        raise TypeError(f"no LLMasOS dtype for numpy dtype {dt}")
+
+    @staticmethod
+    def parse(text: str) -> "DType":
+        try:
+            return DType(text)
+        except ValueError:
+            known = ", ".join(d.value for d in DType)
+            raise ValueError(f"unknown dtype {text!r}; known dtypes: {known}") from None
+
+
+_BITS = {DType.f32: 32, DType.f16: 16, DType.bf16: 16, DType.f8e4m3: 8, DType.i64: 64, DType.i32: 32,
+         DType.i8: 8, DType.u8: 8, DType.i4: 4, DType.u4: 4, DType.bool: 8}
+_NUMPY = {DType.f32: np.float32, DType.f16: np.float16, DType.bf16: ml_dtypes.bfloat16,
+          DType.f8e4m3: ml_dtypes.float8_e4m3fn, DType.i64: np.int64, DType.i32: np.int32, DType.i8: np.int8,
+          DType.u8: np.uint8, DType.i4: ml_dtypes.int4, DType.u4: ml_dtypes.uint4, DType.bool: np.bool_}
+
+Dim = Union[int, sympy.Expr]
+
+
+def sym(name: str) -> sympy.Symbol:
+    """The symbol for a named dim. Dims are sizes, so symbols are positive integers."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def as_dim(d) -> Dim:
+    """Normalise a dim: python/numpy ints stay ints, constant expressions fold to ints."""
+    if isinstance(d, (bool, np.bool_)):
+        raise TypeError(f"a dim must be an int or a symbolic expression, got {d!r}")
+    if isinstance(d, (int, np.integer)):
+        return int(d)
+    if isinstance(d, str):
+        d = sympy.sympify(d, locals={n: sym(n) for n in _names_in(d)})
+    if isinstance(d, sympy.Expr):
+        d = sympy.simplify(d) if not d.is_Atom else d
+        if d.is_Integer:
+            return int(d)
+        return d
+    raise TypeError(f"a dim must be an int or a symbolic expression, got {d!r}")
+
+
+def _names_in(text: str) -> list[str]:
+    import re
+    return re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text)
+
+
+def dim_str(d: Dim) -> str:
+    if isinstance(d, int):
+        return str(d)
+    return str(d).replace(" ", "")
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.Integer(a) - b if isinstance(a, int) else a - b) == 0
+
+
+def eval_dim(d: Dim, env: dict) -> int:
+    """Evaluate a dim under symbol bindings {name: int}."""
+    if isinstance(d, int):
+        return d
+    missing = {s.name for s in d.free_symbols} - set(env)
+    if missing:
+        raise ValueError(f"dim {dim_str(d)} uses unbound symbols {sorted(missing)}")
+    v = d.subs({s: env[s.name] for s in d.free_symbols})
+    if not v.is_Integer:
+        raise ValueError(f"dim {dim_str(d)} evaluates to non-integer {v}")
+    return int(v)
+
+
+def dim_symbols(d: Dim) -> set[str]:
+    return set() if isinstance(d, int) else {s.name for s in d.free_symbols}
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple
+    dtype: DType
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(as_dim(d) for d in self.shape))
+        if not isinstance(self.dtype, DType):
+            object.__setattr__(self, "dtype", DType.parse(str(self.dtype)))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def symbols(self) -> set[str]:
+        out: set[str] = set()
+        for d in self.shape:
+            out |= dim_symbols(d)
+        return out
+
+    def concrete(self, env: dict) -> tuple[int, ...]:
+        return tuple(eval_dim(d, env) for d in self.shape)
+
+    def same_as(self, other: "TensorType") -> bool:
+        return (self.dtype == other.dtype and self.rank == other.rank
+                and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape)))
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(dim_str(d) for d in self.shape)}]"
+
+
+def normalize_axis(axis: int, rank: int, what: str = "axis") -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise ValueError(f"{what} {axis} out of range for rank {rank}")
+    return axis % rank if rank else 0
