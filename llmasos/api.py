@@ -1,0 +1,55 @@
+"""``llmasos.compile``: torch model -> IR (torch.export frontend) -> verified -> TVM executable."""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from .compiled import CompiledModel, Signature
+
+
+def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
+            dynamic_shapes: Any = "auto", max_batch: int = 64, max_seq: Optional[int] = None,
+            name: Optional[str] = None) -> CompiledModel:
+    """Compile an ``nn.Module`` or ``torch.export.ExportedProgram`` for ``target``.
+
+    dynamic_shapes="auto" makes dim 0 of every tensor input the symbol ``batch`` (1..max_batch) and dim 1 of
+    inputs of rank >= 2 the symbol ``seq`` (2..max_seq, default: the model's maximum positions), so one
+    compile serves every batch and sequence size in range. Pass None for static shapes, or a
+    torch.export ``dynamic_shapes`` spec.
+    """
+    import torch
+
+    from .backends.tvm import build, resolve_target
+    from .frontends import torch_export
+    from .ir.verifier import verify
+
+    spec = resolve_target(target)  # fail on a bad target before the slow work
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    timings = {}
+    t0 = time.perf_counter()
+    if isinstance(model, torch.export.ExportedProgram):
+        imported = torch_export.import_exported_program(model, name=name)
+    elif isinstance(model, torch.nn.Module):
+        if not example_inputs and not example_kwargs:
+            raise ValueError("llmasos.compile needs example_inputs (or example_kwargs) to trace an nn.Module")
+        imported = torch_export.import_module(model, tuple(example_inputs), example_kwargs,
+                                              dynamic_shapes=dynamic_shapes, max_batch=max_batch,
+                                              max_seq=max_seq, name=name or type(model).__name__)
+    else:
+        raise TypeError(f"llmasos.compile takes a torch.nn.Module or torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
+    timings["import_s"] = time.perf_counter() - t0
+    graph = imported.graph
+    verify(graph)
+    t0 = time.perf_counter()
+    exe = build(graph, spec)
+    timings["build_s"] = time.perf_counter() - t0
+    sig = Signature(imported.in_spec, imported.out_spec, list(imported.out_leaves), list(imported.input_names))
+    return CompiledModel(graph, exe, sig, spec, timings)
+
+
+def load(path) -> CompiledModel:
+    """Load a compiled artifact written by ``CompiledModel.save``."""
+    from .artifact import load as _load
+    return _load(path)

