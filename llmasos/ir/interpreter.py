@@ -11,7 +11,8 @@ import numpy as np
 
 from .graph import Graph, Value, param_array
 from .ops import get_op
-from .types import TensorType, eval_dim
+from .opset.rules import to_dtype
+from .types import TensorType, dim_str, dim_symbols, eval_dim
 
 Inputs = Union[Sequence[Any], Mapping[str, Any]]
 
@@ -23,6 +24,7 @@ class InterpreterError(RuntimeError):
 def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
     """Symbol values from the input shapes; raises on a shape or bound mismatch, naming the input."""
     env: dict[str, int] = {}
+    seen: dict[str, str] = {}
     for v, a in zip(graph.inputs, arrays):
         t = v.type
         if a.ndim != t.rank:
@@ -34,15 +36,38 @@ def bind_symbols(graph: Graph, arrays: Sequence[np.ndarray]) -> dict[str, int]:
             elif d.is_Symbol:
                 prev = env.setdefault(d.name, int(n))
                 if prev != n:
-                    raise ValueError(f"input %{v.name}: dim {i} is '{d.name}' = {prev} elsewhere, got {n}")
+                    raise ValueError(f"input %{v.name}: dim {i} is '{d.name}' ({t}), which is {prev} in "
+                                     f"{seen[d.name]}, got {n}")
+                seen.setdefault(d.name, f"input %{v.name} dim {i}")
     for v, a in zip(graph.inputs, arrays):  # derived dims (seq+1 ...) once every plain symbol is known
         for i, (d, n) in enumerate(zip(v.type.shape, a.shape)):
-            if not isinstance(d, int) and not d.is_Symbol and eval_dim(d, env) != n:
-                raise ValueError(f"input %{v.name}: dim {i} is {d} = {eval_dim(d, env)}, got {n}")
+            if isinstance(d, int) or d.is_Symbol:
+                continue
+            unbound = sorted(dim_symbols(d) - set(env))
+            if unbound:
+                raise ValueError(f"input %{v.name}: dim {i} is {dim_str(d)} but {unbound} is not the whole dim of "
+                                 f"any input, so its value cannot be read from the input shapes")
+            if eval_dim(d, env) != n:
+                raise ValueError(f"input %{v.name}: dim {i} is {dim_str(d)} = {eval_dim(d, env)} ({_t_str(v, env)}), "
+                                 f"got {n}")
     for name, (lo, hi) in graph.symbols.items():
         if name in env and ((lo is not None and env[name] < lo) or (hi is not None and env[name] > hi)):
-            raise ValueError(f"'{name}' = {env[name]} is outside its compiled range [{lo}, {hi}]")
+            where = _first_use(graph, name)
+            raise ValueError(f"{where}'{name}' = {env[name]} is outside its declared range "
+                             f"[{'-' if lo is None else lo}, {'-' if hi is None else hi}]")
     return env
+
+
+def _t_str(v: Value, env: dict) -> str:
+    return f"{v.type} with {', '.join(f'{k}={env[k]}' for k in sorted(v.type.symbols()))}"
+
+
+def _first_use(graph: Graph, name: str) -> str:
+    for v in graph.inputs:
+        for i, d in enumerate(v.type.shape):
+            if not isinstance(d, int) and d.is_Symbol and d.name == name:
+                return f"input %{v.name}: dim {i}: "
+    return ""
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -90,7 +115,8 @@ def run(graph: Graph, inputs: Inputs, *, trace: bool = False):
         opdef = get_op(node.op)
         args = [vals[i] for i in node.inputs]
         try:
-            res = opdef.ref(*args, **evaluate_attrs(node.attrs, env))
+            with np.errstate(all="ignore"):  # IEEE results (inf, nan) as torch gives them, without warnings
+                res = opdef.ref(*args, **evaluate_attrs(node.attrs, env))
         except Exception as e:
             raise InterpreterError(f"{node.describe()}: reference semantics failed: {e}") from e
         res = res if isinstance(res, tuple) else (res,)
@@ -107,4 +133,4 @@ def _conform(node, t: TensorType, r: np.ndarray, env: dict) -> np.ndarray:
     if tuple(r.shape) != shape:
         raise InterpreterError(f"{node.describe()}: result shape {list(r.shape)} differs from its type {t} "
                                f"= {list(shape)}")
-    return r.astype(t.dtype.numpy, copy=False)
+    return to_dtype(r, t.dtype)

@@ -6,6 +6,7 @@ import sympy
 
 from ..ops import Attr, defop
 from ..types import DType, TensorType, as_dim
+from .rules import to_dtype
 
 # Constants with more elements than this print as parameters, not inline data.
 MAX_INLINE_ELEMENTS = 64
@@ -18,21 +19,21 @@ def _const_infer(value, dtype):
     return TensorType(value.shape, dtype)
 
 
-defop("const", (), _const_infer, lambda value, dtype: np.asarray(value).astype(dtype.numpy),
+defop("const", (), _const_infer, lambda value, dtype: to_dtype(value, dtype),
       {"value": Attr("tensor"), "dtype": Attr("dtype")}, doc="a small constant written inline")
 
 
 def _arange_infer(start, end, step, dtype):
     if step == 0:
         raise ValueError("step must be non-zero")
-    n = as_dim(sympy.ceiling((sympy.Integer(end) - start) / step) if not isinstance(end, int) or
-               not isinstance(start, int) else -(-(end - start) // step))
-    if isinstance(n, int) and n < 0:
-        n = 0
+    if isinstance(start, int) and isinstance(end, int):
+        n = max(0, -(-(end - start) // step))
+    else:  # symbolic: assumed non-empty (the length of a symbolic range cannot be clamped at 0 here)
+        n = as_dim(sympy.ceiling((sympy.sympify(end) - start) / step))
     return TensorType((n,), dtype)
 
 
-defop("arange", (), _arange_infer, lambda start, end, step, dtype: np.arange(start, end, step).astype(dtype.numpy),
+defop("arange", (), _arange_infer, lambda start, end, step, dtype: to_dtype(np.arange(start, end, step), dtype),
       {"start": Attr("dim", 0), "end": Attr("dim"), "step": Attr("int", 1), "dtype": Attr("dtype", DType.i64)},
       doc="[start, start+step, ...) below end; start/end may be symbolic")
 
@@ -41,6 +42,6 @@ def _full_infer(shape, value, dtype):
     return TensorType(tuple(shape), dtype)
 
 
-defop("full", (), _full_infer, lambda shape, value, dtype: np.full(shape, value, dtype=dtype.numpy),
+defop("full", (), _full_infer, lambda shape, value, dtype: to_dtype(np.full(shape, value), dtype),
       {"shape": Attr("dims"), "value": Attr("scalar"), "dtype": Attr("dtype")},
       doc="a tensor of one value (shape may be symbolic)")

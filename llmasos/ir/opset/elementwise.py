@@ -7,7 +7,7 @@ import numpy as np
 
 from ..ops import Attr, defop
 from ..types import DType, TensorType
-from .rules import broadcast_shapes, require_float, same_dtype
+from .rules import broadcast_shapes, reject_bool, require_float, same_dtype, to_dtype
 
 
 def _binary(*ts: TensorType) -> TensorType:
@@ -30,10 +30,6 @@ def _float_binary(a: TensorType, b: TensorType) -> TensorType:
     return _binary(a, b)
 
 
-def _unary(x: TensorType, **_) -> TensorType:
-    return x
-
-
 def _float_unary(x: TensorType, **_) -> TensorType:
     require_float(x)
     return x
@@ -41,26 +37,35 @@ def _float_unary(x: TensorType, **_) -> TensorType:
 
 def _erf(x):
     import torch
-    return torch.special.erf(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+    # np.ascontiguousarray would turn a 0-d array into shape (1,)
+    return torch.special.erf(torch.from_numpy(np.array(x, dtype=np.float32))).numpy().reshape(np.shape(x))
 
 
 def _gelu(x, approximate):
     x = x.astype(np.float32)
     if approximate == "tanh":
-        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+        with np.errstate(over="ignore", invalid="ignore"):  # x**3 overflows to inf; tanh(inf) is 1
+            return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + _erf(x / np.float32(math.sqrt(2.0))))
 
 
 def _pow(a, b):
+    if a.dtype.kind in "iu":  # integer power stays integral (wrapping), as torch.pow on int tensors
+        return np.power(a, b)
     with np.errstate(all="ignore"):
-        return np.power(a.astype(np.float32) if a.dtype.kind != "i" else a, b)
+        return np.power(a.astype(np.float32), b.astype(np.float32))
+
+
+def _div(a, b):
+    with np.errstate(all="ignore"):  # x/0 is +-inf or nan, as in torch
+        return np.divide(a.astype(np.float32), b.astype(np.float32))
 
 
 for _name, _ref in {"add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum,
                     "minimum": np.minimum}.items():
     defop(_name, ("lhs", "rhs"), _binary, _ref, doc=f"elementwise {_name} with broadcasting")
 
-defop("div", ("lhs", "rhs"), _float_binary, lambda a, b: np.divide(a.astype(np.float32), b),
+defop("div", ("lhs", "rhs"), _float_binary, _div,
       doc="true division of float tensors")
 defop("pow", ("lhs", "rhs"), _binary, _pow, doc="elementwise power")
 
@@ -90,9 +95,16 @@ def _f(fn):
     return run
 
 
-defop("neg", ("x",), _unary, np.negative)
-defop("abs", ("x",), _unary, np.abs)
-defop("relu", ("x",), _unary, lambda x: np.maximum(x, np.zeros((), x.dtype)))
+def _numeric_unary(op):
+    def infer(x: TensorType) -> TensorType:
+        reject_bool(x, op)
+        return x
+    return infer
+
+
+defop("neg", ("x",), _numeric_unary("neg"), np.negative)
+defop("abs", ("x",), _numeric_unary("abs"), np.abs)
+defop("relu", ("x",), _numeric_unary("relu"), lambda x: np.maximum(x, np.zeros((), x.dtype)))
 for _name, _ref in {"exp": np.exp, "log": np.log, "sqrt": np.sqrt, "rsqrt": lambda x: 1.0 / np.sqrt(x),
                     "reciprocal": lambda x: 1.0 / x, "tanh": np.tanh, "sin": np.sin, "cos": np.cos,
                     "erf": _erf, "sigmoid": _sigmoid, "silu": _silu}.items():
@@ -103,29 +115,32 @@ defop("gelu", ("x",), _float_unary, _gelu, {"approximate": Attr("str", "none", c
 
 
 def _clip_infer(x, min, max):
+    reject_bool(x, "clip")
+    if x.dtype.is_int:
+        # torch.clamp of an int tensor by a fractional bound promotes to float; here the dtype stays
+        bad = [b for b in (min, max) if b is not None and not float(b).is_integer()]
+        if bad:
+            raise ValueError(f"bounds of an integer clip must be integral, got {bad} (cast x to float first)")
     return x
 
 
 def _clip_ref(x, min, max):
-    lo = -np.inf if min is None else min
-    hi = np.inf if max is None else max
-    return np.clip(x, lo, hi)
+    # min > max gives max everywhere, as in torch.clamp
+    if min is not None:
+        x = np.maximum(x, np.asarray(min).astype(x.dtype))
+    if max is not None:
+        x = np.minimum(x, np.asarray(max).astype(x.dtype))
+    return x
 
 
 defop("clip", ("x",), _clip_infer, _clip_ref,
       {"min": Attr("float", None, optional=True), "max": Attr("float", None, optional=True)})
 
 
-def _cast_ref(x, dtype):
-    if dtype is DType.bool:
-        return x != 0
-    if x.dtype.kind == "f" and dtype.is_int:
-        return np.trunc(x).astype(dtype.numpy)
-    return x.astype(dtype.numpy)
-
-
-defop("cast", ("x",), lambda x, dtype: TensorType(x.shape, dtype), _cast_ref, {"dtype": Attr("dtype")},
-      doc="convert to another dtype (float->int truncates toward zero, like torch)")
+defop("cast", ("x",), lambda x, dtype: TensorType(x.shape, dtype), lambda x, dtype: to_dtype(x, dtype),
+      {"dtype": Attr("dtype")},
+      doc="convert to another dtype like torch's .to(dtype): float->int truncates toward zero, ->bool is != 0, "
+          "->f8e4m3 saturates to +-448")
 
 
 def _where_infer(c, a, b):

@@ -19,15 +19,17 @@ def _softmax_infer(x, axis):
 def _softmax_ref(x, axis):
     x = x.astype(np.float32)
     m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - np.where(np.isfinite(m), m, 0))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # an all -inf row is nan, as in torch.softmax
+        e = np.exp(x - np.where(np.isfinite(m), m, 0))
+        return e / np.sum(e, axis=axis, keepdims=True)
 
 
 def _log_softmax_ref(x, axis):
     x = x.astype(np.float32)
     m = np.max(x, axis=axis, keepdims=True)
-    s = x - m
-    return s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = x - m
+        return s - np.log(np.sum(np.exp(s), axis=axis, keepdims=True))
 
 
 defop("softmax", ("x",), _softmax_infer, _softmax_ref, {"axis": Attr("int", -1)})
@@ -109,7 +111,11 @@ def _sdpa_infer(q, k, v, mask=None, *, is_causal, scale):
     if mask is not None:
         if mask.dtype is not DType.bool and mask.dtype != dt:
             raise ValueError(f"mask must be bool or {dt}, got {mask.dtype}")
-        broadcast_shapes(mask.shape, (*out.shape[:-1], k.shape[-2]))
+        logits = (*out.shape[:-1], k.shape[-2])
+        b = broadcast_shapes(mask.shape, logits)
+        if len(b) != len(logits) or not all(dims_equal(p, q) for p, q in zip(b, logits)):
+            raise ValueError(f"mask {mask} must broadcast to the attention logits "
+                             f"[{', '.join(map(str, logits))}]")
     return out
 
 
@@ -125,10 +131,14 @@ def _sdpa_ref(q, k, v, mask=None, *, is_causal, scale):
         logits = np.where(np.tril(np.ones((L, S), bool)), logits, -np.inf)
     if mask is not None:
         logits = np.where(mask, logits, -np.inf) if mask.dtype == np.bool_ else logits + mask.astype(np.float32)
-    return np.matmul(_softmax_ref(logits, -1), v)
+    p = _softmax_ref(logits, -1)
+    # a query that may attend to nothing gets zeros, not nan (torch's sdpa uses a "safe" softmax)
+    p = np.where(np.all(logits == -np.inf, axis=-1, keepdims=True), np.float32(0), p)
+    return np.matmul(p, v)
 
 
 defop("sdpa", ("q", "k", "v", "mask?"), _sdpa_infer, _sdpa_ref,
       {"is_causal": Attr("bool", False), "scale": Attr("float", None, optional=True)},
       doc="scaled dot-product attention softmax(q k^T * scale + mask) v; fewer kv heads than q heads is GQA; "
-          "a bool mask keeps True positions, a float mask is added; is_causal masks top-left aligned")
+          "a bool mask keeps True positions, a float mask is added (both broadcast to [..., heads, L, S]); "
+          "is_causal masks top-left aligned; a query row with every key masked gives zeros, as torch does")

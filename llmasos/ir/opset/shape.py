@@ -6,7 +6,7 @@ import sympy
 
 from ..ops import Attr, defop
 from ..types import DType, TensorType, as_dim, dims_equal, normalize_axis
-from .rules import axes_of, broadcast_shapes, same_dtype
+from .rules import broadcast_shapes, distinct_axes, same_dtype
 
 
 def _numel(shape):
@@ -17,6 +17,8 @@ def _numel(shape):
 
 
 def _reshape_infer(x, shape):
+    if any(isinstance(d, int) and d < 0 for d in shape):
+        raise ValueError(f"reshape shape [{', '.join(map(str, shape))}] has a negative dim (write -1 out)")
     if sympy.simplify(_numel(x.shape) - _numel(shape)) != 0:
         raise ValueError(f"cannot reshape [{', '.join(map(str, x.shape))}] to [{', '.join(map(str, shape))}]: "
                          f"element counts differ")
@@ -121,7 +123,7 @@ defop("expand_dims", ("x",), _expand_dims_infer, lambda x, axis: np.expand_dims(
 
 
 def _squeeze_infer(x, axes):
-    ax = axes_of(axes, x.rank)
+    ax = distinct_axes(axes, x.rank)
     for a in ax:
         if x.shape[a] != 1:
             raise ValueError(f"cannot squeeze axis {a} of size {x.shape[a]}")
@@ -161,23 +163,33 @@ def _take_ref(x, indices, axis):
 
 
 defop("take", ("x", "indices"), _take_infer, _take_ref, {"axis": Attr("int")},
-      doc="numpy.take: the indices' shape replaces `axis` (index_select, select with a 0-d index)")
+      doc="numpy.take: the indices' shape replaces `axis` (index_select, select with a 0-d index); "
+          "negative indices count from the end")
 
 
 def _gather_infer(x, index, axis):
-    normalize_axis(axis, x.rank)
+    ax = normalize_axis(axis, x.rank)
     if index.rank != x.rank or not index.dtype.is_int:
         raise ValueError(f"index must be an integer tensor of rank {x.rank}, got {index}")
+    for i, (di, dx) in enumerate(zip(index.shape, x.shape)):
+        if i != ax and isinstance(di, int) and isinstance(dx, int) and di > dx:
+            raise ValueError(f"index dim {i} is {di} but x has only {dx} there ({index} vs {x})")
     return TensorType(index.shape, x.dtype)
 
 
 def _gather_ref(x, index, axis):
-    _check_range(index, x.shape[axis])
-    return np.take_along_axis(x, index, axis=axis)
+    n = x.shape[axis]
+    if index.size and (index.min() < 0 or index.max() >= n):
+        raise IndexError(f"gather index out of range [0, {n}) (torch.gather takes no negative indices)")
+    # torch reads x only over index's extent in the other dims (no broadcasting)
+    ax = axis % x.ndim
+    x = x[tuple(slice(None) if i == ax else slice(0, d) for i, d in enumerate(index.shape))]
+    return np.take_along_axis(x, index, axis=ax)
 
 
 defop("gather", ("x", "index"), _gather_infer, _gather_ref, {"axis": Attr("int")},
-      doc="torch.gather: out[i][j] = x[i][index[i][j]] along axis")
+      doc="torch.gather: out[i][j] = x[i][index[i][j]] along axis; index may be smaller than x in the other "
+          "dims (never broadcast); indices in [0, size)")
 
 
 def _index_infer(x, *indices):
@@ -197,4 +209,5 @@ def _index_ref(x, *indices):
 
 
 defop("index", ("x", "*indices"), _index_infer, _index_ref,
-      doc="advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer index tensors")
+      doc="advanced indexing x[i0, i1, ...] on the leading dims with broadcast integer index tensors; "
+          "negative indices count from the end")
