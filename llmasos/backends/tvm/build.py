@@ -1,0 +1,261 @@
+"""Build a Graph for a target and run it: ``build(graph, target) -> Executable``.
+
+Pipelines: CUDA uses TVM's default (``relax.get_default_pipeline``: legalize, fuse, DLight GPU schedules);
+llvm uses the same passes with our CPU schedule rules (cpu_schedule.py) after fusion. Before either,
+``LiftTransformParams`` moves param-only work (weight transposes) into ``main_transform_params``, which the
+Executable runs once when it uploads the weights; each call then passes inputs + prepared weights to main.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from ...ir.graph import Graph, param_array
+from ...ir.interpreter import bind_symbols
+from ...ir.types import DType, TensorType
+from .lower import lower
+from .targets import TargetSpec, resolve_target
+
+MAIN = "main"
+TRANSFORM = "main_transform_params"
+
+
+class BuildError(RuntimeError):
+    """TVM could not compile the lowered module for the target."""
+
+
+@dataclass
+class _Input:
+    """A graph input as the runtime checks it (what interpreter.bind_symbols reads)."""
+    name: str
+    type: TensorType
+
+
+@dataclass
+class Signature:
+    """What running a compiled library needs besides the .so: inputs, symbols and parameter order."""
+    inputs: list                 # [_Input]
+    param_names: list            # graph.params order: main's trailing arguments before the transform
+    param_types: list            # [TensorType]
+    symbols: dict                # name -> (min, max)
+    lifted: bool                 # the library has main_transform_params (read from the library at load)
+
+    @staticmethod
+    def of(graph: Graph, lifted: bool) -> "Signature":
+        return Signature([_Input(v.name, v.type) for v in graph.inputs], list(graph.params),
+                         [v.type for v in graph.params.values()], dict(graph.symbols), lifted)
+
+    def to_json(self) -> str:
+        from ...ir.types import dim_str
+        t = lambda ty: {"shape": [dim_str(d) for d in ty.shape], "dtype": str(ty.dtype)}  # noqa: E731
+        return json.dumps({"inputs": [{"name": i.name, **t(i.type)} for i in self.inputs],
+                           "params": [{"name": n, **t(ty)} for n, ty in zip(self.param_names, self.param_types)],
+                           "symbols": {k: list(v) for k, v in self.symbols.items()}, "lifted": self.lifted})
+
+    @staticmethod
+    def from_json(text: str) -> "Signature":
+        d = json.loads(text)
+        t = lambda e: TensorType(tuple(e["shape"]), DType.parse(e["dtype"]))  # noqa: E731
+        return Signature([_Input(e["name"], t(e)) for e in d["inputs"]], [e["name"] for e in d["params"]],
+                         [t(e) for e in d["params"]], {k: tuple(v) for k, v in d["symbols"].items()}, d["lifted"])
+
+
+def relax_pipeline(spec: TargetSpec):
+    import tvm
+    from tvm import relax
+
+    target = spec.tvm_target()
+    if spec.schedule in ("dlight-gpu", "none"):
+        return relax.get_default_pipeline(target)
+    if spec.schedule != "llmasos-cpu":
+        raise ValueError(f"target '{spec.name}': unknown schedule {spec.schedule!r}; "
+                         f"known: 'llmasos-cpu', 'dlight-gpu', 'none'")
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight as dl
+    from .cpu_schedule import default_rules
+
+    @tvm.transform.module_pass(opt_level=0, name="LLMasOSCPUPipeline")
+    def pipeline(mod, _ctx):
+        with target:
+            passes = (cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+                      + [dl.ApplyDefaultSchedule(*default_rules())]
+                      + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+    return pipeline
+
+
+def compile_module(mod, spec: TargetSpec):
+    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the spec asks)."""
+    import tvm
+    from tvm import relax
+
+    if spec.lift_params:
+        mod = relax.transform.LiftTransformParams()(mod)
+    # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
+    # main tile loop runs without per-row bound checks
+    config = {"s_tir.LoopPartition": {"partition_const_loop": True}} if spec.device == "cpu" else {}
+    try:
+        with tvm.transform.PassContext(opt_level=3, config=config):
+            return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
+    except Exception as e:
+        raise BuildError(f"TVM failed to build for target '{spec.name}' {spec.target}: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def build(graph: Graph, target: Any = "cpu") -> "Executable":
+    """Lower, compile and load ``graph``; its parameter data is uploaded to the device once here."""
+    spec = resolve_target(target)
+    t0 = time.perf_counter()
+    mod = lower(graph, spec)
+    lifted = spec.lift_params and bool(graph.params)
+    ex = compile_module(mod, spec)
+    del mod  # the executable is all we keep
+    missing = [n for n in graph.params if n not in graph.param_data]
+    if missing:
+        raise ValueError(f"parameters {missing} have no data; attach it before building")
+    exe = Executable(ex, spec, Signature.of(graph, lifted), graph.param_data)
+    exe.build_seconds = time.perf_counter() - t0
+    return exe
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+class Executable:
+    """A compiled graph on one device, with its weights resident there. Call it with the graph inputs."""
+
+    def __init__(self, lib, spec: TargetSpec, signature: Signature, params: Mapping[str, Any]):
+        from tvm import relax
+
+        self.spec = spec
+        self.signature = signature
+        self.param_names = list(signature.param_names)
+        self.build_seconds: Optional[float] = None
+        self._lib = lib
+        self._dev = spec.tvm_device()
+        if not self._dev.exist:
+            raise RuntimeError(f"target '{spec.name}' needs a {spec.device} device, and none is present")
+        self._vm = relax.VirtualMachine(lib, self._dev)
+        self._main = self._vm[MAIN]
+        # the library itself says whether weights go through main_transform_params first
+        signature.lifted = bool(self._vm.module.implements_function(TRANSFORM))
+        self._weights = self._upload(params)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _upload(self, params: Mapping[str, Any]) -> list:
+        sig = self.signature
+        missing = [n for n in sig.param_names if n not in params]
+        if missing:
+            raise ValueError(f"missing data for parameters {missing}")
+        arrays = []
+        for name, ty in zip(sig.param_names, sig.param_types):
+            a = self._to_device(params[name], f"parameter %{name}")
+            if tuple(a.shape) != tuple(ty.shape) or str(a.dtype) != _tvm_dtype(ty.dtype):
+                raise ValueError(f"parameter %{name}: expected {ty}, got shape {list(a.shape)} dtype {a.dtype}")
+            arrays.append(a)
+        if not sig.lifted:
+            return arrays
+        out = self._vm[TRANSFORM](arrays)
+        return list(out)
+
+    # -- calls -----------------------------------------------------------------------------------
+    def _to_device(self, x, what: str):
+        import tvm
+        if isinstance(x, tvm.runtime.Tensor):
+            return x if x.device == self._dev else x.copyto(self._dev)
+        if _is_torch(x):
+            import torch
+            t = x.detach()
+            if self.spec.device == "cuda" and t.device.type != "cuda":
+                t = t.cuda()
+            elif self.spec.device == "cpu" and t.device.type != "cpu":
+                t = t.cpu()
+            if t.dtype == torch.bool or not t.is_contiguous():
+                t = t.contiguous()
+            try:
+                return tvm.runtime.from_dlpack(t)
+            except Exception:  # noqa: BLE001 -- unaligned storage: copy instead of sharing
+                return tvm.runtime.tensor(param_array(t), self._dev)
+        a = param_array(x)
+        if not a.flags.c_contiguous:  # (np.ascontiguousarray would also turn 0-d into 1-d)
+            a = a.copy(order="C")
+        return tvm.runtime.tensor(a, self._dev)
+
+    def __call__(self, *inputs) -> list:
+        sig = self.signature
+        if len(inputs) != len(sig.inputs):
+            raise ValueError(f"the graph takes {len(sig.inputs)} inputs "
+                             f"({', '.join('%' + i.name for i in sig.inputs)}), got {len(inputs)}")
+        for spec_in, x in zip(sig.inputs, inputs):
+            try:
+                dt = _dtype_of(x)
+            except TypeError as e:
+                raise ValueError(f"input %{spec_in.name}: expected dtype {spec_in.type.dtype}, got {e}") from None
+            if dt is not spec_in.type.dtype:
+                raise ValueError(f"input %{spec_in.name}: expected dtype {spec_in.type.dtype}, got {dt}")
+        bind_symbols(sig, inputs)  # shapes, symbol consistency and compiled symbol bounds
+        as_torch = any(_is_torch(x) for x in inputs)
+        args = [self._to_device(x, f"input %{i.name}") for i, x in zip(sig.inputs, inputs)]
+        outs = self._main(*args, *self._weights)
+        return [self._from_device(o, as_torch) for o in outs]
+
+    def _from_device(self, t, as_torch: bool):
+        if as_torch:
+            import torch
+            return torch.from_dlpack(t)
+        if self.spec.device == "cpu" and str(t.dtype) in _NP_DLPACK:
+            return np.from_dlpack(t)
+        return t.numpy()
+
+    # -- export / load ---------------------------------------------------------------------------
+    def export_library(self, path: str) -> str:
+        """Write the compiled module (a shared library); ``signature.to_json()`` describes its arguments."""
+        self._lib.export_library(str(path))
+        return str(path)
+
+    @classmethod
+    def load(cls, lib_path: str, graph_or_param_info: Union[Graph, Signature, str, dict],
+             params: Mapping[str, Any], target: Any = "cpu") -> "Executable":
+        """Load an exported library. ``graph_or_param_info``: the Graph it was built from, its Signature,
+        or ``Signature.to_json()`` text / parsed dict."""
+        import tvm
+        spec = resolve_target(target)
+        info = graph_or_param_info
+        if isinstance(info, Graph):
+            lib, sig = tvm.runtime.load_module(str(lib_path)), Signature.of(info, lifted=False)
+        elif isinstance(info, Signature):
+            lib, sig = tvm.runtime.load_module(str(lib_path)), info
+        elif isinstance(info, (str, dict)):
+            lib = tvm.runtime.load_module(str(lib_path))
+            sig = Signature.from_json(info if isinstance(info, str) else json.dumps(info))
+        else:
+            raise TypeError(f"graph_or_param_info must be a Graph, a Signature or its JSON, "
+                            f"got {type(info).__name__}")
+        return cls(lib, spec, sig, params)
+
+    def __repr__(self) -> str:
+        return (f"Executable(target={self.spec.name!r}, inputs={[i.name for i in self.signature.inputs]}, "
+                f"params={len(self.param_names)})")
+
+
+_NP_DLPACK = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def _tvm_dtype(dt: DType) -> str:
+    from .lowering import tvm_dtype
+    return tvm_dtype(dt)
+
+
+def _dtype_of(x) -> DType:
+    if _is_torch(x):
+        from ...ir.torch_dtypes import dtype_from_torch
+        return dtype_from_torch(x.dtype)
+    import tvm
+    if isinstance(x, tvm.runtime.Tensor):
+        return DType.from_numpy(np.dtype(str(x.dtype)) if str(x.dtype) != "bfloat16" else DType.bf16.numpy)
+    return DType.from_numpy(np.asarray(x).dtype)

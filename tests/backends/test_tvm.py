@@ -1,0 +1,487 @@
+"""The TVM backend against the reference interpreter.
+
+Compiling is the slow part (seconds per module on 2 cores), so every op case lives in ONE graph with
+symbolic dims, built once per session; Hypothesis then varies the symbol values and the data.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmasos.backends.tvm import (Executable, LoweringError, Signature, TargetSpec, build, compile_module,
+                                  known_targets, lower, missing_lowerings, register_lowering, register_target,
+                                  resolve_target)
+from llmasos.backends.tvm import lowering as lowering_mod
+from llmasos.ir import DType, Graph, OpError, TensorType, sym
+from llmasos.ir.interpreter import run
+
+F32, F16, I64, I32, BOOL = DType.f32, DType.f16, DType.i64, DType.i32, DType.bool
+n, m = sym("n"), sym("m")
+
+
+def assert_close(out, ref, what, rel=1e-5):
+    out = np.asarray(out)
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != reference {ref.shape}"
+    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != reference {ref.dtype}"
+    if ref.dtype.kind in "f" or ref.dtype == DType.bf16.numpy:
+        o, r = out.astype(np.float64), ref.astype(np.float64)
+        same_nan = np.isnan(o) == np.isnan(r)
+        assert same_nan.all(), f"{what}: nan positions differ"
+        fin = ~np.isnan(r)
+        err = np.abs(o[fin] - r[fin])
+        tol = rel * np.maximum(1.0, np.abs(r[fin]))
+        bad = ~((err <= tol) | (o[fin] == r[fin]))  # equal infinities count as equal
+        assert not bad.any(), f"{what}: max error {err[bad].max()} over tolerance (rel {rel})"
+    else:
+        np.testing.assert_array_equal(out, ref, err_msg=what)
+
+
+# ------------------------------------------------------------------------------------------------
+# one graph holding every op case
+
+class Cases:
+    """Builds the all-ops graph: each case adds its own inputs and outputs, remembering how to fill them."""
+
+    def __init__(self):
+        self.g = Graph("all_ops")
+        self.g.add_symbol("n", 1, 16)
+        self.g.add_symbol("m", 1, 16)
+        self.fill = {}      # input name -> (kind, extra)
+        self.names = []     # output index -> case name
+        self.outputs = []
+
+    def inp(self, name, shape, dtype, kind="normal", extra=None):
+        v = self.g.add_input(name, TensorType(shape, dtype))
+        self.fill[v.name] = (kind, extra)
+        return v
+
+    def param(self, name, data):
+        return self.g.add_param(name, data)
+
+    def out(self, case, *values):
+        for i, v in enumerate(values):
+            self.names.append(f"{case}[{i}]" if len(values) > 1 else case)
+            self.outputs.append(v)
+
+    def node(self, case, op, inputs, attrs=None):
+        res = self.g.add_node(op, inputs, attrs or {}, loc=case)
+        self.out(case, *(res if isinstance(res, tuple) else (res,)))
+        return res
+
+
+def _make_inputs(cases: Cases, nv: int, mv: int, seed: int):
+    rng = np.random.default_rng(seed)
+    env = {"n": nv, "m": mv}
+    arrays = []
+    for v in cases.g.inputs:
+        shape = v.type.concrete(env)
+        kind, extra = cases.fill[v.name]
+        dt = v.type.dtype
+        if kind == "normal":
+            a = rng.standard_normal(shape) * 2
+        elif kind == "positive":
+            a = rng.uniform(0.1, 4.0, shape)
+        elif kind == "int":
+            lo, hi = extra
+            a = rng.integers(lo, hi, shape)
+        elif kind == "bool":
+            a = rng.random(shape) < 0.5
+        elif kind == "keep_diag":  # a bool mask that keeps at least one key per query row
+            a = rng.random(shape) < 0.6
+            a[..., 0] = True
+        else:
+            raise AssertionError(kind)
+        arrays.append(np.asarray(a).astype(dt.numpy))
+    return arrays
+
+
+def _all_ops_cases() -> Cases:
+    c = Cases()
+    x = c.inp("x", (n, m), F32)
+    y = c.inp("y", (m,), F32)
+    col = c.inp("col", (n, 1), F32)
+    pos = c.inp("pos", (n, m), F32, "positive")
+    xi = c.inp("xi", (n, m), I64, "int", (-20, 20))
+    yi = c.inp("yi", (1, m), I64, "int", (-20, 20))
+    small = c.inp("small", (n, m), I64, "int", (0, 4))
+    a, b = c.inp("a", (n, m), BOOL, "bool"), c.inp("b", (n, m), BOOL, "bool")
+
+    for op in ("add", "sub", "mul", "maximum", "minimum", "div"):
+        c.node(op, op, [x, y])
+        c.node(f"{op}/col", op, [col, x])
+    c.node("pow", "pow", [pos, y])
+    for op in ("add", "sub", "mul", "maximum", "minimum"):
+        c.node(f"{op}/i64", op, [xi, yi])
+    c.node("pow/i64", "pow", [xi, small])
+    for op in ("eq", "ne", "lt", "le", "gt", "ge"):
+        c.node(op, op, [x, col])
+        c.node(f"{op}/i64", op, [xi, yi])
+    c.node("logical_and", "logical_and", [a, b])
+    c.node("logical_or", "logical_or", [a, b])
+    c.node("logical_not", "logical_not", [a])
+    for op in ("neg", "abs", "relu", "exp", "tanh", "sin", "cos", "erf", "sigmoid", "silu"):
+        c.node(op, op, [x])
+    for op in ("neg", "abs", "relu"):
+        c.node(f"{op}/i64", op, [xi])
+    for op in ("log", "sqrt", "rsqrt", "reciprocal"):
+        c.node(op, op, [pos])
+    c.node("gelu", "gelu", [x])
+    c.node("gelu/tanh", "gelu", [x], {"approximate": "tanh"})
+    c.node("clip", "clip", [x], {"min": -0.5, "max": 1.25})
+    c.node("clip/min", "clip", [x], {"min": 0.3})
+    c.node("clip/i64", "clip", [xi], {"min": -3.0, "max": 7.0})
+    for dt in (I64, I32, BOOL, F16):
+        c.node(f"cast/f32->{dt}", "cast", [x], {"dtype": dt})
+    c.node("cast/i64->f32", "cast", [xi], {"dtype": F32})
+    c.node("cast/bool->f32", "cast", [a], {"dtype": F32})
+    c.node("cast/i64->bool", "cast", [small], {"dtype": BOOL})
+    c.node("where", "where", [a, x, y])
+
+    # linear algebra
+    lhs = c.inp("lhs", (n, 8), F32)
+    rhs = c.inp("rhs", (8, m), F32)
+    blhs = c.inp("blhs", (2, n, 8), F32)
+    c.node("matmul", "matmul", [lhs, rhs])
+    c.node("matmul/batched", "matmul", [blhs, rhs])
+    c.node("matmul/i64", "matmul", [c.inp("il", (n, 3), I64, "int", (-5, 5)), c.inp("ir", (3, 4), I64, "int", (-5, 5))])
+    rng = np.random.default_rng(1)
+    w = c.param("w", rng.standard_normal((12, 8)).astype(np.float32))
+    bias = c.param("bias", rng.standard_normal(12).astype(np.float32))
+    c.node("linear", "linear", [lhs, w, bias])
+    c.node("linear/nobias", "linear", [blhs, w])
+    c.node("linear/32x40", "linear", [c.inp("x40", (n, 40), F32),
+                                      c.param("w40", rng.standard_normal((64, 40)).astype(np.float32))])
+
+    # nn
+    x3 = c.inp("x3", (2, n, 6), F32)
+    for op in ("softmax", "log_softmax"):
+        c.node(op, op, [x], {"axis": -1})
+        c.node(f"{op}/axis0", op, [x], {"axis": 0})
+    g6 = c.param("g6", rng.standard_normal(6).astype(np.float32))
+    b6 = c.param("b6", rng.standard_normal(6).astype(np.float32))
+    c.node("layer_norm", "layer_norm", [x3, g6, b6], {"eps": 1e-5})
+    c.node("layer_norm/plain", "layer_norm", [x3])
+    c.node("layer_norm/ndim2", "layer_norm", [c.inp("x36", (n, 3, 6), F32)], {"ndim": 2, "eps": 1e-3})
+    c.node("rms_norm", "rms_norm", [x3, g6], {"eps": 1e-6})
+    c.node("rms_norm/plain", "rms_norm", [x3])
+    table = c.param("table", rng.standard_normal((10, 4)).astype(np.float32))
+    c.node("embedding", "embedding", [table, c.inp("ids", (n, m), I64, "int", (0, 10))])
+
+    q = c.inp("q", (2, 4, n, 8), F32)
+    k = c.inp("k", (2, 2, m, 8), F32)
+    v = c.inp("v", (2, 2, m, 5), F32)
+    k4 = c.inp("k4", (2, 4, m, 8), F32)
+    v4 = c.inp("vals4", (2, 4, m, 8), F32)
+    c.node("sdpa", "sdpa", [q, k4, v4])
+    c.node("sdpa/gqa_boolmask", "sdpa", [q, k, v, c.inp("bmask", (n, m), BOOL, "keep_diag")])
+    c.node("sdpa/floatmask_scale", "sdpa", [q, k4, v4, c.inp("fmask", (1, 4, n, m), F32)], {"scale": 0.3})
+    qs = c.inp("qs", (1, 4, n, 8), F32)
+    ks, vs = c.inp("ks", (1, 2, n, 8), F32), c.inp("vs", (1, 2, n, 8), F32)
+    c.node("sdpa/gqa_causal", "sdpa", [qs, ks, vs], {"is_causal": True})
+
+    # reductions
+    for op in ("sum", "mean", "max", "min", "prod"):
+        c.node(f"{op}/1", op, [x], {"axes": [1]})
+        c.node(f"{op}/0k", op, [x3], {"axes": [0, 2], "keepdims": True})
+    c.node("sum/none", "sum", [x], {"axes": []})
+    c.node("sum/i64", "sum", [xi], {"axes": [0]})
+    c.node("max/i64", "max", [xi], {"axes": [1]})
+    c.node("argmax", "argmax", [x], {"axis": 1})
+    c.node("argmax/k", "argmax", [x3], {"axis": 0, "keepdims": True})
+    c.node("cumsum", "cumsum", [x], {"axis": 1, "dtype": F32})
+    c.node("cumsum/i64", "cumsum", [xi], {"axis": 0, "dtype": I64})
+    c.node("cumsum/bool->i64", "cumsum", [a], {"axis": 1, "dtype": I64})
+
+    # shape
+    x4 = c.inp("x4", (n, m, 4), F32)
+    c.node("reshape", "reshape", [x4], {"shape": [n * m, 2, 2]})
+    c.node("reshape/merge", "reshape", [x4], {"shape": [n, m * 4]})
+    c.node("permute", "permute", [x4], {"perm": [2, 0, 1]})
+    x6 = c.inp("x6", (n, 6), F32)
+    c.node("slice", "slice", [x6], {"axis": 1, "start": 1, "end": 5, "step": 2})
+    c.node("slice/sym", "slice", [x4], {"axis": 1, "start": 0, "end": m, "step": 1})
+    c.node("slice/sym_tail", "slice", [c.inp("x2m", (2 * m, 3), F32)], {"axis": 0, "start": m, "end": 2 * m})
+    c.node("concat", "concat", [x, c.inp("x3c", (n, 3), F32)], {"axis": 1})
+    c.node("concat/one", "concat", [x], {"axis": 0})
+    c.node("split", "split", [x6], {"axis": 1, "sizes": [2, 4]})
+    c.node("split/sym", "split", [x4], {"axis": 1, "sizes": [m]})
+    c.node("expand_dims", "expand_dims", [x], {"axis": 1})
+    c.node("squeeze", "squeeze", [col], {"axes": [1]})
+    c.node("squeeze/none", "squeeze", [x], {"axes": []})
+    c.node("broadcast_to", "broadcast_to", [col], {"shape": [n, m]})
+    x5 = c.inp("x5", (n, 5), F32)
+    c.node("take", "take", [x5, c.inp("tidx", (3,), I64, "int", (-5, 5))], {"axis": 1})
+    c.node("take/scalar", "take", [x5, c.inp("tidx0", (), I64, "int", (0, 5))], {"axis": 1})
+    c.node("gather", "gather", [x5, c.inp("gidx", (n, 3), I64, "int", (0, 5))], {"axis": 1})
+    big = c.inp("big", (5, 6, 3), F32)
+    c.node("index/2", "index", [big, c.inp("i0", (n,), I64, "int", (-5, 5)), c.inp("i1", (n,), I64, "int", (0, 6))])
+    c.node("index/bcast", "index", [big, c.inp("j0", (n, 1), I32, "int", (0, 5)),
+                                    c.inp("j1", (1, m), I32, "int", (-6, 6))])
+    c.node("index/1", "index", [big, c.inp("k0", (m,), I64, "int", (0, 5))])
+
+    # creation
+    c.node("const", "const", [], {"value": np.array([[1.5, -2.0], [0.25, 3.0]], np.float32), "dtype": F32})
+    c.node("const/i64", "const", [], {"value": np.array([3, -1, 7]), "dtype": I64})
+    c.node("arange", "arange", [], {"start": 2, "end": 9, "dtype": I64})
+    try:  # symbolic ends need the IR's symbolic arange rule
+        c.g.add_node("arange", [], {"start": 0, "end": n, "dtype": I64})
+    except OpError:
+        pass
+    else:
+        c.g.nodes.pop()
+        c.node("arange/sym", "arange", [], {"start": 0, "end": n, "dtype": I64})
+        c.node("arange/sym_f32", "arange", [], {"start": 1, "end": m + 5, "step": 2, "dtype": F32})
+    c.node("full", "full", [], {"shape": [n, 2], "value": 0.5, "dtype": F32})
+    c.node("full/bool", "full", [], {"shape": [m], "value": True, "dtype": BOOL})
+
+    # low precision: accumulate in f32 like the reference
+    h = c.inp("h", (n, 16), F16)
+    c.node("f16/softmax", "softmax", [h])
+    c.node("f16/sum", "sum", [h], {"axes": [1]})
+    c.node("f16/matmul", "matmul", [h, c.inp("h2", (16, m), F16)])
+    c.g.set_outputs(c.outputs)
+    return c
+
+
+@pytest.fixture(scope="session")
+def all_ops():
+    cases = _all_ops_cases()
+    return cases, build(cases.g, "cpu")
+
+
+def test_every_registered_op_has_a_lowering():
+    assert missing_lowerings() == []
+
+
+def test_all_ops_graph_covers_every_op(all_ops):
+    from llmasos.ir import all_ops as registry
+    cases, _ = all_ops
+    assert set(registry()) <= set(cases.g.op_counts())
+
+
+def _check_all_ops(cases, exe, nv, mv, seed):
+    inputs = _make_inputs(cases, nv, mv, seed)
+    ref = run(cases.g, inputs)
+    out = exe(*inputs)
+    assert len(out) == len(ref)
+    for name, o, r in zip(cases.names, out, ref):
+        rel = 2e-3 if name.startswith("f16/") or "->f16" in name else 1e-5
+        if r.dtype == np.float16:
+            o, r = o.astype(np.float32), r.astype(np.float32)
+        assert_close(o, r, f"{name} (n={nv}, m={mv})", rel=rel)
+
+
+def test_all_ops_match_interpreter_at_fixed_sizes(all_ops):
+    cases, exe = all_ops
+    for nv, mv in ((1, 1), (3, 7), (16, 16)):
+        _check_all_ops(cases, exe, nv, mv, seed=nv * 31 + mv)
+
+
+@settings(max_examples=15)
+@given(nv=st.integers(1, 16), mv=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
+def test_all_ops_match_interpreter_hypothesis(all_ops, nv, mv, seed):
+    cases, exe = all_ops
+    _check_all_ops(cases, exe, nv, mv, seed)
+
+
+def test_symbol_bounds_and_input_checks(all_ops):
+    cases, exe = all_ops
+    inputs = _make_inputs(cases, 2, 17, 0)
+    with pytest.raises(ValueError, match="'m' = 17 is outside"):
+        exe(*inputs)
+    inputs = _make_inputs(cases, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"takes \d+ inputs"):
+        exe(*inputs[:-1])
+    bad = list(inputs)
+    bad[0] = bad[0].astype(np.float64)
+    with pytest.raises(ValueError, match="input %x: expected dtype f32, got no LLMasOS dtype for numpy dtype float64"):
+        exe(*bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# a transformer block with dynamic batch and seq
+
+def llama_block(d=32, heads=4, kv_heads=2, ffn=48, max_seq=32, seed=0) -> Graph:
+    rng = np.random.default_rng(seed)
+    hd = d // heads
+    B, S = sym("batch"), sym("seq")
+    g = Graph("block")
+    g.add_symbol("seq", 1, max_seq)
+    p = lambda name, *shape: g.add_param(name, (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32))  # noqa: E731
+    x = g.add_input("x", TensorType((B, S, d), F32))
+    inv = 1.0 / 10000 ** (np.arange(0, hd, 2) / hd)
+    ang = np.outer(np.arange(max_seq), inv)
+    cos = g.add_param("cos", np.concatenate([np.cos(ang)] * 2, -1).astype(np.float32))
+    sin = g.add_param("sin", np.concatenate([np.sin(ang)] * 2, -1).astype(np.float32))
+    n1 = g.add_node("rms_norm", [x, g.add_param("ln1", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))],
+                    {"eps": 1e-6})
+    cos_s = g.add_node("slice", [cos], {"axis": 0, "start": 0, "end": S})
+    sin_s = g.add_node("slice", [sin], {"axis": 0, "start": 0, "end": S})
+
+    def heads_of(t, h):
+        t = g.add_node("reshape", [t], {"shape": [B, S, h, hd]})
+        return g.add_node("permute", [t], {"perm": [0, 2, 1, 3]})
+
+    def rope(t):
+        lo = g.add_node("slice", [t], {"axis": 3, "start": 0, "end": hd // 2})
+        hi = g.add_node("slice", [t], {"axis": 3, "start": hd // 2, "end": hd})
+        rot = g.add_node("concat", [g.add_node("neg", [hi]), lo], {"axis": 3})
+        return g.add_node("add", [g.add_node("mul", [t, cos_s]), g.add_node("mul", [rot, sin_s])])
+
+    q = rope(heads_of(g.add_node("linear", [n1, p("wq", d, d)]), heads))
+    k = rope(heads_of(g.add_node("linear", [n1, p("wk", kv_heads * hd, d)]), kv_heads))
+    v = heads_of(g.add_node("linear", [n1, p("wv", kv_heads * hd, d)]), kv_heads)
+    att = g.add_node("sdpa", [q, k, v], {"is_causal": True})
+    att = g.add_node("reshape", [g.add_node("permute", [att], {"perm": [0, 2, 1, 3]})], {"shape": [B, S, d]})
+    h = g.add_node("add", [x, g.add_node("linear", [att, p("wo", d, d)])])
+    n2 = g.add_node("rms_norm", [h, g.add_param("ln2", np.ones(d, np.float32))], {"eps": 1e-6})
+    gate = g.add_node("silu", [g.add_node("linear", [n2, p("wg", ffn, d)])])
+    up = g.add_node("linear", [n2, p("wu", ffn, d)])
+    out = g.add_node("add", [h, g.add_node("linear", [g.add_node("mul", [gate, up]), p("wd", d, ffn)])])
+    g.set_outputs([out])
+    return g
+
+
+@pytest.fixture(scope="session")
+def block():
+    g = llama_block()
+    return g, build(g, "cpu")
+
+
+def test_transformer_block_dynamic_shapes(block):
+    g, exe = block
+    rng = np.random.default_rng(0)
+    for b, s in ((1, 1), (2, 7), (3, 32)):
+        x = rng.standard_normal((b, s, 32)).astype(np.float32)
+        assert_close(exe(x)[0], run(g, [x])[0], f"block batch={b} seq={s}", rel=1e-4)
+
+
+def test_torch_in_torch_out(block):
+    g, exe = block
+    x = torch.randn(2, 5, 32)
+    out = exe(x)[0]
+    assert isinstance(out, torch.Tensor)
+    assert_close(out.numpy(), run(g, [x.numpy()])[0], "torch io", rel=1e-4)
+
+
+def test_export_and_load(block, tmp_path):
+    g, exe = block
+    path = exe.export_library(tmp_path / "block.so")
+    x = np.random.default_rng(1).standard_normal((2, 9, 32)).astype(np.float32)
+    want = exe(x)[0]
+    params = {k: torch.from_numpy(np.asarray(v)) for k, v in g.param_data.items()}  # torch weights too
+    by_graph = Executable.load(path, g, params, "cpu")
+    np.testing.assert_array_equal(by_graph(x)[0], want)
+    text = exe.signature.to_json()
+    by_json = Executable.load(path, text, g.param_data, "cpu")
+    np.testing.assert_array_equal(by_json(x)[0], want)
+    assert by_json.param_names == list(g.params) == exe.param_names
+    assert Signature.from_json(text).to_json() == text
+    with pytest.raises(ValueError, match="missing data for parameters"):
+        Executable.load(path, json.loads(text), {}, "cpu")
+
+
+def test_lower_signature_and_attrs():
+    g = llama_block()
+    mod = lower(g)
+    main = mod["main"]
+    names = [p.name for p in main.params]
+    assert names == ["x", *g.params]
+    assert dict(main.attrs["tir_var_upper_bound"]) == {"seq": 32}
+    assert int(main.attrs["num_input"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# errors, registry, targets
+
+def test_lowering_error_names_the_node():
+    g = Graph("bad")
+    x = g.add_input("x", TensorType((3,), F32))
+    g.set_outputs([g.add_node("neg", [x], loc="model.py:7")])
+    saved = lowering_mod.LOWERINGS["neg"]
+
+    def broken(ctx, node, args):
+        raise RuntimeError("boom")
+    register_lowering("neg", broken, replace=True)
+    try:
+        with pytest.raises(LoweringError, match=r"node %v\d+ = neg\(\.\.\.\) \[from model.py:7\]: .*boom"):
+            lower(g)
+    finally:
+        register_lowering("neg", saved, replace=True)
+    with pytest.raises(ValueError, match="'neg' already has a TVM lowering"):
+        register_lowering("neg", saved)
+
+
+def test_plugin_op_lowering():
+    from llmasos.ir import ops
+    from llmasos.ir.ops import defop
+    from tvm import relax
+    defop("test_square", ("x",), lambda x: x, lambda x: x * x)
+    register_lowering("test_square", lambda ctx, node, args: relax.op.multiply(args[0], args[0]))
+    try:
+        g = Graph("plugin")
+        x = g.add_input("x", TensorType((n,), F32))
+        g.set_outputs([g.add_node("test_square", [x])])
+        xs = np.arange(5, dtype=np.float32)
+        np.testing.assert_array_equal(build(g, "cpu")(xs)[0], xs * xs)
+    finally:
+        ops.OPS.pop("test_square", None)
+        lowering_mod.LOWERINGS.pop("test_square", None)
+
+
+def test_packed_dtype_is_refused():
+    g = Graph("i4")
+    x = g.add_input("x", TensorType((4,), DType.i4))
+    g.set_outputs([g.add_node("neg", [x])])
+    with pytest.raises(LoweringError, match="packed dtype i4"):
+        lower(g)
+
+
+def test_target_registry():
+    assert {"cpu", "llvm", "cpu-generic", "cuda"} <= set(known_targets())
+    cpu = resolve_target("cpu")
+    assert cpu.device == "cpu" and cpu.target["kind"] == "llvm" and cpu.target["mcpu"]
+    assert resolve_target("cuda:sm_80").target == {"kind": "cuda", "arch": "sm_80"}
+    assert resolve_target("cpu:skylake").target["mcpu"] == "skylake"
+    spec = resolve_target({"kind": "cuda", "arch": "sm_90a"})
+    assert spec.device == "cuda" and spec.schedule == "dlight-gpu"
+    assert resolve_target(spec) is spec
+    with pytest.raises(ValueError, match="unknown target 'tpu'; known targets: .*cpu.*cuda"):
+        resolve_target("tpu")
+    with pytest.raises(ValueError, match="unsupported TVM target kind 'rocm'"):
+        resolve_target({"kind": "rocm"})
+    with pytest.raises(ValueError, match="'cpu' is already registered"):
+        register_target("cpu", cpu)
+    register_target("test-cpu", TargetSpec("test-cpu", {"kind": "llvm"}, "cpu"))
+    try:
+        assert resolve_target("test-cpu").target == {"kind": "llvm"}
+    finally:
+        from llmasos.backends.tvm import targets
+        targets._REGISTRY.pop("test-cpu")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: TVM cannot compile CUDA kernels here")
+def test_cuda_build(block, tmp_path):
+    """CUDA kernels (DLight schedules) compile here; running them needs a GPU (see test_cuda_run)."""
+    g, _ = block
+    spec = resolve_target("cuda:sm_90a")
+    ex = compile_module(lower(g, spec), spec)
+    path = tmp_path / "block_cuda.so"
+    ex.export_library(str(path))
+    assert path.stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_cuda_run(block):
+    g, _ = block
+    exe = build(g, "cuda")
+    x = torch.randn(2, 7, 32)
+    out = exe(x.cuda())[0]
+    assert out.is_cuda
+    assert_close(out.cpu().numpy(), run(g, [x.numpy()])[0], "cuda block", rel=1e-4)
