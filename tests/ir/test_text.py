@@ -14,6 +14,7 @@ from llmasos.ir.interpreter import run
 from llmasos.ir.parser import ParseError, parse, parse_dim, parse_type
 from llmasos.ir.printer import print_attr, print_dim, print_graph
 from llmasos.ir.types import dim_str
+from llmasos.ir.verifier import verify
 from tests.graph_strategies import OP_BUILDERS, builtin_ops, dim_exprs, graphs, graphs_with_inputs, random_inputs
 
 GOLDEN = """\
@@ -111,7 +112,6 @@ def test_handwritten_text_reads_as_the_golden_graph():
 
 
 def test_golden_graph_verifies_and_runs():
-    verify = pytest.importorskip("llmasos.ir.verifier", reason="the verifier has not landed yet").verify
 
     rng = np.random.default_rng(0)
     wte = rng.standard_normal((128, 64)).astype(np.float32)
@@ -220,7 +220,6 @@ def test_static_graphs_without_params_round_trip(g):
 
 @given(graphs_with_inputs())
 def test_random_graphs_run_and_their_round_trip_computes_the_same(case):
-    verify = pytest.importorskip("llmasos.ir.verifier", reason="the verifier has not landed yet").verify
 
     g, inputs = case
     verify(g)
