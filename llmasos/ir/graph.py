@@ -253,9 +253,12 @@ def attrs_equal(a: dict, b: dict) -> bool:
         return False
     for k in a:
         x, y = a[k], b[k]
+        if isinstance(x, bool) != isinstance(y, bool):
+            return False
         if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
             x, y = np.asarray(x), np.asarray(y)
-            if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+            floaty = x.dtype.kind == "f" or x.dtype in (DType.bf16.numpy, DType.f8e4m3.numpy)
+            if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y, equal_nan=floaty):
                 return False
         elif isinstance(x, float) and isinstance(y, float):
             if not (x == y or (x != x and y != y)):

@@ -6,6 +6,7 @@ sympy already, and derived dims such as ``batch*seq`` must stay exact through re
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Union
 
@@ -91,11 +92,15 @@ def as_dim(d) -> Dim:
     if isinstance(d, str):
         d = sympy.sympify(d, locals={n: sym(n) for n in _names_in(d)})
     if isinstance(d, sympy.Expr):
-        d = sympy.simplify(d) if not d.is_Atom else d
-        if d.is_Integer:
-            return int(d)
-        return d
+        return _simplify(d)
     raise TypeError(f"a dim must be an int or a symbolic expression, got {d!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _simplify(d: sympy.Expr) -> Dim:
+    # sympy.simplify costs milliseconds; graphs repeat the same few dims thousands of times
+    d = sympy.simplify(d) if not d.is_Atom else d
+    return int(d) if d.is_Integer else d
 
 
 def _names_in(text: str) -> list[str]:
@@ -168,6 +173,6 @@ class TensorType:
 
 
 def normalize_axis(axis: int, rank: int, what: str = "axis") -> int:
-    if not -rank <= axis < max(rank, 1):
+    if not -max(rank, 1) <= axis < max(rank, 1):
         raise ValueError(f"{what} {axis} out of range for rank {rank}")
     return axis % rank if rank else 0

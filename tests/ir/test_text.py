@@ -198,8 +198,6 @@ def test_random_graphs_round_trip(g):
     assert print_graph(back) == text
 
 
-@pytest.mark.xfail(strict=True, reason="graph.attrs_equal compares bf16/f8 constants without equal_nan (numpy "
-                   "kind 'V'); when this passes, let tests/graph_strategies.py draw nan for them again")
 @pytest.mark.parametrize("dtype", [DType.bf16, DType.f8e4m3])
 def test_nan_constants_of_ml_dtypes_round_trip(dtype):
     g = Graph("nan")
