@@ -39,7 +39,7 @@ def torch_to_numpy(t) -> np.ndarray:
 
 def numpy_to_torch(a: np.ndarray):
     import torch
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).reshape(np.shape(a))  # ascontiguousarray makes 0-d arrays 1-d
     dt = DType.from_numpy(a.dtype)
     if dt is DType.bf16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)

@@ -61,9 +61,14 @@ def _div(a, b):
         return np.divide(a.astype(np.float32), b.astype(np.float32))
 
 
-for _name, _ref in {"add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum,
-                    "minimum": np.minimum}.items():
+def _sub_infer(a: TensorType, b: TensorType) -> TensorType:
+    reject_bool(a, "sub")  # torch: "Subtraction, the `-` operator, with a bool tensor is not supported"
+    return _binary(a, b)
+
+
+for _name, _ref in {"add": np.add, "mul": np.multiply, "maximum": np.maximum, "minimum": np.minimum}.items():
     defop(_name, ("lhs", "rhs"), _binary, _ref, doc=f"elementwise {_name} with broadcasting")
+defop("sub", ("lhs", "rhs"), _sub_infer, np.subtract, doc="elementwise sub with broadcasting")
 
 defop("div", ("lhs", "rhs"), _float_binary, _div,
       doc="true division of float tensors")
