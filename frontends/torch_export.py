@@ -53,8 +53,8 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
            strict: bool = False):
     """torch.export.export with LLMasOS's default dynamic shapes.
 
-    ``dynamic_shapes="auto"``: dim 0 of every tensor input is ``Dim("batch", min=1, max=max_batch)`` and dim 1
-    of inputs of rank >= 2 is ``Dim("seq", min=2, max=max_seq)``; ``max_seq`` defaults to the model config's
+    ``dynamic_shapes="auto"``: dim 0 of every tensor input may be dynamic as ``batch`` (1..max_batch) and dim 1
+    of inputs of rank >= 2 as ``seq`` (2..max_seq), unless the model pins them; ``max_seq`` defaults to the model config's
     maximum positions, else 2048. ``None`` exports static shapes; anything else is passed to torch as a
     dynamic_shapes spec. Example inputs must not have size 1 in a dynamic dim (torch specialises 0 and 1).
     """
@@ -66,8 +66,32 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
         if dynamic_shapes != "auto":
             raise ValueError(f"dynamic_shapes must be 'auto', None or a torch.export dynamic_shapes spec, "
                              f"got {dynamic_shapes!r}")
-        dynamic_shapes = auto_dynamic_shapes(model, args, kwargs, max_batch, max_seq)
+        # named Dims keep batch=1 in range (torch.export's AUTO hints assume sizes >= 2); where the model
+        # pins a dim (an MLP's features on dim 1), the next spec lets torch specialise it instead
+        args, kwargs = _batch_of_two(args, kwargs)
+        err = None
+        for seq_hint in ("named", "auto"):
+            spec = auto_dynamic_shapes(model, args, kwargs, max_batch, max_seq, seq_hint=seq_hint)
+            try:
+                return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=strict)
+            except torch._dynamo.exc.UserError as e:
+                err = e
+        raise err
     return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+
+
+def _batch_of_two(args, kwargs):
+    """Example inputs with batch 1 repeated to 2: torch.export specialises an example size of 1, and under
+    "auto" every dim 0 is the batch, so tracing a batch of two describes the same program."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    def grow(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
+            return x.expand(2, *x.shape[1:]).clone()
+        return x
+
+    return tree_map(grow, args), tree_map(grow, kwargs)
 
 
 def default_max_seq(model) -> int:
@@ -79,15 +103,20 @@ def default_max_seq(model) -> int:
     return DEFAULT_MAX_SEQ
 
 
-def auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int = 64, max_seq: Optional[int] = None):
-    """The "auto" spec: batch on dim 0 and seq on dim 1 of every tensor input, keyed by forward's parameters."""
+def auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int = 64, max_seq: Optional[int] = None,
+                        seq_hint: str = "named"):
+    """The "auto" spec: batch on dim 0 and seq on dim 1 of every tensor input, keyed by forward's parameters.
+
+    seq_hint="named" makes dim 1 ``Dim("seq")`` (export fails if the model pins it); "auto" makes it a
+    ``Dim.AUTO`` hint that torch may specialise.
+    """
     import torch
     from torch.export import Dim
     from torch.utils._pytree import tree_map
 
     max_seq = max_seq if max_seq is not None else default_max_seq(model)
     batch = Dim("batch", min=1, max=max_batch)
-    seq = Dim("seq", min=2, max=max_seq)
+    seq = Dim("seq", min=2, max=max_seq) if seq_hint == "named" else Dim.AUTO(min=2, max=max_seq)
 
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
