@@ -116,6 +116,9 @@ def _all_ops_cases() -> Cases:
         c.node(op, op, [x, y])
         c.node(f"{op}/col", op, [col, x])
     c.node("pow", "pow", [pos, y])
+    for e in (2.0, 3.0):
+        three = c.g.add_node("const", [], {"value": np.array(e, np.float32), "dtype": F32})
+        c.node(f"pow/const{int(e)}", "pow", [x, three])
     for op in ("add", "sub", "mul", "maximum", "minimum"):
         c.node(f"{op}/i64", op, [xi, yi])
     c.node("pow/i64", "pow", [xi, small])
@@ -155,6 +158,7 @@ def _all_ops_cases() -> Cases:
     bias = c.param("bias", rng.standard_normal(12).astype(np.float32))
     c.node("linear", "linear", [lhs, w, bias])
     c.node("linear/nobias", "linear", [blhs, w])
+    c.node("matmul/param_rhs", "matmul", [blhs, c.param("wkn", rng.standard_normal((8, 37)).astype(np.float32))])
     c.node("linear/32x40", "linear", [c.inp("x40", (n, 40), F32),
                                       c.param("w40", rng.standard_normal((64, 40)).astype(np.float32))])
 

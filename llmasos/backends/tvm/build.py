@@ -1,5 +1,8 @@
 """Build a Graph for a target and run it: ``build(graph, target) -> Executable``.
 
+``Executable`` needs only TVM's runtime, so a library exported here loads where the TVM compiler is absent
+(``TVM_USE_RUNTIME_LIB=1``); building needs the compiler.
+
 Pipelines: CUDA uses TVM's default (``relax.get_default_pipeline``: legalize, fuse, DLight GPU schedules);
 llvm uses the same passes with our CPU schedule rules (cpu_schedule.py) after fusion. Before either,
 ``LiftTransformParams`` moves param-only work (weight transposes) into ``main_transform_params``, which the
@@ -17,7 +20,6 @@ import numpy as np
 from ...ir.graph import Graph, param_array
 from ...ir.interpreter import bind_symbols
 from ...ir.types import DType, TensorType
-from .lower import lower
 from .targets import TargetSpec, resolve_target
 
 MAIN = "main"
@@ -108,6 +110,8 @@ def compile_module(mod, spec: TargetSpec):
 
 def build(graph: Graph, target: Any = "cpu") -> "Executable":
     """Lower, compile and load ``graph``; its parameter data is uploaded to the device once here."""
+    from .lower import lower
+
     spec = resolve_target(target)
     t0 = time.perf_counter()
     mod = lower(graph, spec)
@@ -130,7 +134,8 @@ class Executable:
     """A compiled graph on one device, with its weights resident there. Call it with the graph inputs."""
 
     def __init__(self, lib, spec: TargetSpec, signature: Signature, params: Mapping[str, Any]):
-        from tvm import relax
+        # the runtime VM alone: an exported library runs with TVM_USE_RUNTIME_LIB=1 (no compiler)
+        from tvm.runtime.vm import VirtualMachine
 
         self.spec = spec
         self.signature = signature
@@ -140,7 +145,7 @@ class Executable:
         self._dev = spec.tvm_device()
         if not self._dev.exist:
             raise RuntimeError(f"target '{spec.name}' needs a {spec.device} device, and none is present")
-        self._vm = relax.VirtualMachine(lib, self._dev)
+        self._vm = VirtualMachine(lib, self._dev)
         self._main = self._vm[MAIN]
         # the library itself says whether weights go through main_transform_params first
         signature.lifted = bool(self._vm.module.implements_function(TRANSFORM))
@@ -155,7 +160,7 @@ class Executable:
         arrays = []
         for name, ty in zip(sig.param_names, sig.param_types):
             a = self._to_device(params[name], f"parameter %{name}")
-            if tuple(a.shape) != tuple(ty.shape) or str(a.dtype) != _tvm_dtype(ty.dtype):
+            if tuple(a.shape) != tuple(ty.shape) or str(a.dtype) != str(ty.dtype.numpy):
                 raise ValueError(f"parameter %{name}: expected {ty}, got shape {list(a.shape)} dtype {a.dtype}")
             arrays.append(a)
         if not sig.lifted:
@@ -243,12 +248,8 @@ class Executable:
                 f"params={len(self.param_names)})")
 
 
+# numpy's dtype names are TVM's for every LLMasOS dtype (ml_dtypes: bfloat16, float8_e4m3fn, int4)
 _NP_DLPACK = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
-
-
-def _tvm_dtype(dt: DType) -> str:
-    from .lowering import tvm_dtype
-    return tvm_dtype(dt)
 
 
 def _dtype_of(x) -> DType:

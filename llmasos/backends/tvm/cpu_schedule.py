@@ -77,23 +77,30 @@ class Matmul(ScheduleRule):
     def apply(self, func, target: Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
             return None
-        try:
-            return self._schedule(func, target)
-        except Exception:  # noqa: BLE001 -- a pattern this rule does not cover: let the next rule try
-            return None
+        # first with every producer (casts, transposes) read straight from the inputs inside the GEMM
+        # loop; if that leaves B with J not innermost (q @ k^T), B's transpose stays a separate copy
+        for inline_b in (True, False):
+            try:
+                sch = self._schedule(func, target, inline_b)
+            except Exception:  # noqa: BLE001 -- a pattern this rule does not cover
+                sch = None
+            if sch is not None:
+                return sch
+        return None
 
-    def _schedule(self, func, target):
+    def _schedule(self, func, target, inline_b: bool):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
         reductions = get_reduction_blocks(sch, blocks)
         if reductions is None:
             return None
         main = reductions[0]
-        # producers (transposes, casts) read straight from the inputs inside the GEMM loop
+        b_buf = sch.get(main).reads[1].source
         for b in blocks:
             if sch.get(b).same_as(sch.get(main)):
                 break
-            sch.compute_inline(b)
+            if inline_b or not any(w.source.same_as(b_buf) for w in sch.get(b).writes):
+                sch.compute_inline(b)
         traits = detect_iter_traits(sch.get(main))
         if traits is None:
             return None
@@ -102,11 +109,12 @@ class Matmul(ScheduleRule):
         iter_vars = list(main_stmt.iter_vars)
         # J must be the innermost index of B for contiguous vector loads
         j_vars = [iv.var for iv, t in zip(iter_vars, block_traits) if t.kind == IterKind.kIter_J]
-        if len(j_vars) != 1 or not main_stmt.reads[1].region[-1].min.same_as(j_vars[0]):
-            return None
         lanes = _lanes(target, main_stmt.writes[0].source.dtype.bits)
         nr = lanes * self.nr_vectors
-        j_ext = [t.extent for t in block_traits if t.kind == IterKind.kIter_J][0]
+        if not j_vars or not main_stmt.reads[1].region[-1].min.same_as(j_vars[-1]):
+            return None
+        # B packed in NR-wide column panels ([N/NR, K, NR], see lowering.linear): one panel per tile
+        j_ext = [t.extent for t in block_traits if t.kind == IterKind.kIter_J][-1]
         if isinstance(j_ext, tirx.IntImm):
             while nr > lanes and j_ext.value % nr:
                 nr //= 2
@@ -124,7 +132,7 @@ class Matmul(ScheduleRule):
         padding = [1] * len(block_traits)
         if not isinstance(block_traits[last_i].extent, tirx.IntImm):
             padding[last_i] = mr
-        j_pos = [n for n, t in enumerate(block_traits) if t.kind == IterKind.kIter_J][0]
+        j_pos = [n for n, t in enumerate(block_traits) if t.kind == IterKind.kIter_J][-1]
         if not isinstance(j_ext, tirx.IntImm):
             padding[j_pos] = nr
         if any(p > 1 for p in padding):
@@ -140,7 +148,7 @@ class Matmul(ScheduleRule):
                     *groups[IterKind.kIter_J], *groups[IterKind.kIter_K])
         outer = groups[IterKind.kIter_T] + groups[IterKind.kIter_S]
         i = _fuse(sch, groups[IterKind.kIter_I])
-        j = groups[IterKind.kIter_J][0]
+        j = _fuse(sch, groups[IterKind.kIter_J])
         k = _fuse(sch, groups[IterKind.kIter_K])
 
         io, ii = sch.split(i, [None, mr])
@@ -169,7 +177,7 @@ class Matmul(ScheduleRule):
             sch.vectorize(wb_inner)
         init = sch.decompose_reduction(main, k)
         sch.vectorize(sch.get_loops(init)[-1])
-        for b in blocks[:pos]:  # padded input copies
+        for b in blocks[:pos]:  # padded / transposed input copies
             Elementwise._loops(sch, b, target)
         return sch
 
@@ -206,18 +214,16 @@ class Elementwise(ScheduleRule):
         lanes = _lanes(target, max(bits, 8))
         inner = loops[-1]
         n = _extent(sch, inner)
-        vec = None
-        if n is None or n > lanes:
-            if n is None or n % lanes == 0:
-                outer_inner, vec = sch.split(inner, [None, lanes])
-                loops = [*loops[:-1], outer_inner]
-        elif n > 1:
-            vec, loops = inner, loops[:-1]
-        if loops:
-            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            sch.parallel(fused)
-        if vec is not None:
+        if n is not None and n % lanes == 0 and n > 1:
+            outer, vec = sch.split(inner, [None, min(n, lanes)])
+            loops = [*loops[:-1], outer]
             sch.vectorize(vec)
+        elif len(loops) > 1:
+            # a ragged or dynamic row: left as a plain inner loop, which LLVM vectorises with a tail
+            loops = loops[:-1]
+        else:
+            loops = list(sch.split(inner, [None, 256]))[:1]
+        sch.parallel(_fuse(sch, loops))
 
 
 def default_rules():

@@ -23,7 +23,7 @@ def lower(graph: Graph, spec=None) -> tvm.IRModule:
     """The Relax module of ``graph``; ``spec`` (a TargetSpec) lets lowerings pick target-specific forms."""
     sym_vars = _symbol_vars(graph)
     bb = relax.BlockBuilder()
-    ctx = LowerContext(bb, sym_vars, spec)
+    ctx = LowerContext(bb, sym_vars, spec, graph.params.values())
 
     def rvar(v):
         if v.type.dtype.is_packed:

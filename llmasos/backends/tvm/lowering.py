@@ -68,11 +68,24 @@ def tvm_dtype(dt: DType) -> str:
 class LowerContext:
     """What a lowering function may use: the block builder, dim conversion, the node being lowered."""
 
-    def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None):
+    def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None, params=()):
         self.bb = bb
         self.sym_vars = sym_vars  # symbol name -> tir.Var (int64), one per symbol for the whole graph
         self.spec = spec          # TargetSpec or None: lowerings may pick target-specific forms
+        self.params = set(params)  # graph parameter Values (weights: work on them alone is done once)
         self.node: Optional[Node] = None
+
+    def is_param(self, v: Value) -> bool:
+        return v in self.params
+
+    def panel_width(self) -> Optional[int]:
+        """Columns per weight panel for our CPU GEMM (two SIMD vectors of f32), None for other targets."""
+        if self.spec is None or self.spec.schedule != "llmasos-cpu":
+            return None
+        from tvm.target.codegen import llvm_get_vector_width
+        with self.spec.tvm_target() as t:
+            bits = llvm_get_vector_width(t)
+        return 2 * max(bits if bits > 0 else 128, 128) // 32
 
     # -- dims --------------------------------------------------------------------------------
     def dim(self, d) -> tir.PrimExpr:
@@ -200,6 +213,13 @@ def _div(ctx, node, args):
 def _pow(ctx, node, args):
     a, b = args
     dt = node.inputs[0].type.dtype
+    e = _scalar_const(node.inputs[1])
+    if dt.is_float and e in (1.0, 2.0, 3.0) and node.outputs[0].type.same_as(node.inputs[0].type):
+        # x**3 (GPT-2's gelu) as multiplies: TVM's power calls powf per element and blocks vectorisation
+        y = a
+        for _ in range(int(e) - 1):
+            y = ctx.emit(R.multiply(y, a))
+        return y
     if dt.is_float:
         acc = _acc_dtype(dt)
         return ctx.cast(ctx.emit(R.power(ctx.cast(a, acc), ctx.cast(b, acc))), dt)
@@ -211,6 +231,18 @@ def _pow(ctx, node, args):
             return _int_pow(xi, yi, x.dtype)
         return te.compute(_bshape(x.shape, y.shape), body, name="ipow")
     return ctx.emit_te(ipow, a, b, name="ipow")
+
+
+def _scalar_const(v: Value):
+    """The value of a one-element constant (a `const` or `full` node), else None."""
+    p = v.producer
+    if p is None:
+        return None
+    if p.op == "const" and np.asarray(p.attrs["value"]).size == 1:
+        return float(np.asarray(p.attrs["value"]).reshape(()))
+    if p.op == "full":
+        return float(p.attrs["value"])
+    return None
 
 
 def _int_pow(x, y, dtype):
@@ -261,8 +293,17 @@ def _reciprocal(ctx, node, args):
 
 @register_lowering("gelu")
 def _gelu(ctx, node, args):
-    fn = R.nn.gelu_tanh if node.attrs["approximate"] == "tanh" else R.nn.gelu
-    return _in_f32(ctx, node, args[0], fn)
+    if node.attrs["approximate"] != "tanh":
+        return _in_f32(ctx, node, args[0], R.nn.gelu)
+
+    def gelu_tanh(x):
+        # x*x*x rather than TVM's power(x, 3), which calls powf per element and blocks vectorisation
+        c = relax.const(math.sqrt(2.0 / math.pi), "float32")
+        x3 = ctx.emit(R.multiply(R.multiply(x, x), x))
+        inner = ctx.emit(R.multiply(c, R.add(x, R.multiply(relax.const(0.044715, "float32"), x3))))
+        half_x = ctx.emit(R.multiply(relax.const(0.5, "float32"), x))
+        return R.multiply(half_x, R.add(relax.const(1.0, "float32"), R.tanh(inner)))
+    return _in_f32(ctx, node, args[0], gelu_tanh)
 
 
 @register_lowering("clip")
@@ -296,6 +337,8 @@ def _cast(ctx, node, args):
 def _matmul(ctx, node, args):
     a, b = args
     dt = node.inputs[0].type.dtype
+    if node.inputs[1].type.rank == 2 and _weight_panels(ctx, node, 1):
+        return _panel_matmul(ctx, node, a, b, None, transposed=False)
     acc = _acc_dtype(dt)
     if acc is dt:
         return R.matmul(a, b)
@@ -306,6 +349,8 @@ def _matmul(ctx, node, args):
 def _linear(ctx, node, args):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else None
+    if _weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
+        return _panel_matmul(ctx, node, x, w, bias, transposed=True)
     dt = node.inputs[0].type.dtype
     acc = _acc_dtype(dt)
     wt = ctx.emit(R.permute_dims(w, [1, 0]), "wT")  # a param-only expression: LiftTransformParams hoists it
@@ -313,6 +358,52 @@ def _linear(ctx, node, args):
     if bias is not None:
         y = R.add(ctx.emit(y), ctx.cast(bias, acc))
     return y if acc is dt else ctx.cast(ctx.emit(y), dt)
+
+
+def _weight_panels(ctx, node, i) -> bool:
+    """Whether this matmul's weight (operand i) is repacked into column panels for the CPU GEMM."""
+    w = node.inputs[i].type
+    return (ctx.panel_width() is not None and ctx.is_param(node.inputs[i]) and w.is_static
+            and w.dtype is DType.f32 and node.inputs[0].type.dtype is DType.f32)
+
+
+def _panel_matmul(ctx, node, x, w, bias, transposed: bool):
+    """x @ W (+ bias) with W repacked once, at load, into NR-column panels [ceil(N/NR), K, NR].
+
+    Each register tile of the CPU GEMM (cpu_schedule.Matmul) then streams one contiguous panel instead of
+    NR-float pieces of K rows N floats apart; N is zero-padded to whole panels (GPT-2's 50257-word head)
+    and the padding sliced off the result.
+    """
+    nr = ctx.panel_width()
+    if transposed:  # linear: W [N, K]
+        n, k = node.inputs[1].type.shape
+    else:           # matmul: W [K, N]
+        k, n = node.inputs[1].type.shape
+    n_pad = -(-n // nr) * nr
+    if n_pad != n:
+        zeros = R.zeros([n_pad - n, k] if transposed else [k, n_pad - n], "float32")
+        w = ctx.emit(R.concat([w, zeros], axis=0 if transposed else 1), "w_padded")
+        if bias is not None:
+            bias = ctx.emit(R.concat([bias, R.zeros([n_pad - n], "float32")], axis=0), "bias_padded")
+    if transposed:
+        panels = R.permute_dims(R.reshape(w, [n_pad // nr, nr, k]), [0, 2, 1])
+    else:
+        panels = R.permute_dims(R.reshape(w, [k, n_pad // nr, nr]), [1, 0, 2])
+    panels = ctx.emit(panels, "w_panels")  # param-only: hoisted into main_transform_params
+
+    def gemm(x, wp, *b):
+        r = te.reduce_axis((0, k), name="k")
+        y = te.compute([*x.shape[:-1], n_pad // nr, nr],
+                       lambda *i: te.sum(x(*i[:-2], r) * wp[i[-2], r, i[-1]], axis=r), name="panel_matmul")
+        if b:
+            y = te.compute(y.shape, lambda *i: y(*i) + b[0][i[-2] * nr + i[-1]], name="bias_add")
+        return y
+    y = ctx.emit_te(gemm, x, panels, *([bias] if bias is not None else []), name="panel_matmul")
+    lead = ctx.shape(node.inputs[0])[:-1]
+    y = ctx.emit(R.reshape(y, [*lead, n_pad]))
+    if n_pad != n:
+        y = R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True)
+    return y
 
 
 # ------------------------------------------------------------------------------------------------
