@@ -20,8 +20,10 @@ import sympy
 from llmasos.ir import DType, Graph, Value
 from llmasos.ir.types import as_dim, dims_equal, normalize_axis
 
+from .errors import FrontendError
 
-class MlirImportError(Exception):
+
+class MlirImportError(FrontendError):
     """A torch-mlir module that cannot be imported; the message names the op and its source location."""
 
 

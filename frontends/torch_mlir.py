@@ -229,6 +229,15 @@ def export_to_mlir(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch
                              f"got {dynamic_shapes!r}")
         from torch.export import Dim
         from torch.utils._pytree import tree_map
+
+        # torch specialises an example size of 1; every dim 0 is the batch, so a batch of two traces the
+        # same program (as the torch.export frontend does)
+        def grow(x):
+            return x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() and \
+                x.shape[0] == 1 else x
+
+        args, kwargs = tree_map(grow, args), tree_map(grow, kwargs)
+        bound = _bound_arguments(model, args, kwargs)
         batch = Dim("batch", min=1, max=max_batch)
         seq = Dim("seq", min=2, max=max_seq if max_seq is not None else default_max_seq(model))
         dynamic_shapes = {k: tree_map(lambda x: _auto_spec(x, batch, seq), v) for k, v in bound.items()}
@@ -646,8 +655,8 @@ def import_module(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch:
     ``dynamic_shapes="auto"``: dim 0 of every tensor input is ``Dim("batch", min=1, max=max_batch)``, dim 1 of
     inputs of rank >= 2 is ``Dim("seq", min=2, max=max_seq)`` (``max_seq``: the model config's max positions,
     else 2048); a Dim torch proves constant (e.g. an MLP's feature dim) is made static. ``None`` imports static
-    shapes; anything else is passed to torch.export as its dynamic_shapes spec. Example inputs must not be
-    size 1 in a dynamic dim (torch specialises sizes 0 and 1).
+    shapes; anything else is passed to torch.export as its dynamic_shapes spec. Under "auto" a batch-1 example
+    is traced as batch 2; an example seq of 1 makes seq static (torch specialises sizes 0 and 1).
     """
     module, info = export_to_mlir(model, args, kwargs, dynamic_shapes, max_batch, max_seq)
     return import_mlir(module, info, name or type(model).__name__)

@@ -116,9 +116,9 @@ def test_nodes_carry_model_source_locations(zoo):
     assert sdpa and all(n.loc and n.loc.startswith("modeling_gpt2.py:") for n in sdpa)
 
 
-def test_auto_makes_a_feature_dim_static():
+def test_auto_makes_a_feature_dim_static_and_takes_a_batch_of_one():
     model = models.mlp()
-    graph = tm_frontend.import_module(model, (torch.randn(3, 16),))
+    graph = tm_frontend.import_module(model, (torch.randn(1, 16),))
     assert str(graph.inputs[0].type) == "f32[batch, 16]" and graph.symbols == {"batch": (1, 64)}
     x = torch.randn(5, 16)
     _close(run(graph, [x.numpy()])[0], _torch_outputs(model, (x,), {})[0], 1e-4)
