@@ -138,11 +138,10 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("demo", help="the main job: SmolLM2-135M compiled for the CPU, checked against torch")
     p.add_argument("--prompt", default="The capital of France is Paris. The capital of Germany is")
-    p.set_defaults(max_seq=512)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("-o", "--output", help="also save the artifact here")
     _add_compile_args(p)
-    p.set_defaults(fn=cmd_demo)
+    p.set_defaults(fn=cmd_demo, max_seq=512)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

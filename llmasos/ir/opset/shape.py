@@ -48,7 +48,7 @@ def _slice_infer(x, axis, start, end, step):
     if isinstance(start, int) and isinstance(end, int):
         n = max(0, -(-(end - start) // step))
     else:
-        n = as_dim(sympy.floor((end - start + step - 1) / step) if step > 1 else end - start)
+        n = as_dim(sympy.ceiling((end - start) / step) if step > 1 else end - start)  # arange's form too
     if isinstance(n, int) and n < 0:
         raise ValueError(f"empty or negative slice [{start}:{end}]")
     d = x.shape[ax]
