@@ -117,7 +117,22 @@ def dim_str(d: Dim) -> str:
 def dims_equal(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.Integer(a) - b if isinstance(a, int) else a - b) == 0
+    return _sym_equal(as_dim(a) if not isinstance(a, int) else a, as_dim(b) if not isinstance(b, int) else b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sym_equal(a: Dim, b: Dim) -> bool:
+    diff = sympy.simplify(sympy.Integer(a) - b if isinstance(a, int) else a - b)
+    if diff == 0:
+        return True
+    if not diff.has(sympy.floor, sympy.ceiling, sympy.Mod):
+        return False
+    # sympy cannot prove floor/ceiling identities such as (seq+1)//2 == ceil(seq/2): decide by
+    # evaluating at every point of a small grid, which separates the integer forms our dims take
+    syms = sorted(diff.free_symbols, key=lambda s: s.name)
+    import itertools
+    grid = range(1, 13) if len(syms) <= 2 else range(1, 6)
+    return all(diff.subs(dict(zip(syms, vals))) == 0 for vals in itertools.product(grid, repeat=len(syms)))
 
 
 def eval_dim(d: Dim, env: dict) -> int:
