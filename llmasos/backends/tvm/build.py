@@ -142,6 +142,7 @@ class Executable:
         self.param_names = list(signature.param_names)
         self.build_seconds: Optional[float] = None
         self._lib = lib
+        _ensure_device_api(spec.device)
         self._dev = spec.tvm_device()
         if not self._dev.exist:
             raise RuntimeError(f"target '{spec.name}' needs a {spec.device} device, and none is present")
@@ -250,6 +251,32 @@ class Executable:
 
 # numpy's dtype names are TVM's for every LLMasOS dtype (ml_dtypes: bfloat16, float8_e4m3fn, int4)
 _NP_DLPACK = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def _ensure_device_api(device: str) -> None:
+    """With TVM's runtime alone, load its CUDA device library (the compiler build loads it at import)."""
+    import tvm
+    if device != "cuda" or not getattr(tvm.base, "_RUNTIME_ONLY", False):
+        return
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return
+    from pathlib import Path
+    from tvm_ffi.libinfo import load_lib_ctypes
+    lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_GLOBAL")
+    except (OSError, RuntimeError) as e:
+        raise RuntimeError(f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda): {e}") from e
+    # the library's kernels are CUDA source compiled (NVRTC) when it loads; TVM's callback reads the arch
+    # from the compiler's current Target, which the runtime alone lacks, so name the device's arch here
+    import tvm_ffi
+    from tvm.support import nvcc
+    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+
+    def compile_at_load(code):
+        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_at_load, override=True)
 
 
 def _dtype_of(x) -> DType:
