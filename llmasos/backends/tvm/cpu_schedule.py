@@ -115,16 +115,18 @@ class Matmul(ScheduleRule):
             return None
         # B packed in NR-wide column panels ([N/NR, K, NR], see lowering.linear): one panel per tile
         j_ext = [t.extent for t in block_traits if t.kind == IterKind.kIter_J][-1]
-        if isinstance(j_ext, tirx.IntImm):
+        j_count = sum(1 for t in block_traits if t.kind == IterKind.kIter_J)
+        if j_count > 1 and isinstance(j_ext, tirx.IntImm) and j_ext.value % lanes == 0:
+            nr = int(j_ext.value)  # a packed panel: the tile is one panel wide
+        elif isinstance(j_ext, tirx.IntImm):
             while nr > lanes and j_ext.value % nr:
                 nr //= 2
-        i_exts = [t.extent for t in block_traits if t.kind == IterKind.kIter_I]
+        # only the innermost I loop is tiled; leading ones (batch of a [batch, seq, K] input) stay outer
+        # loops, since a tile straddling two of them defeats the write-back's region analysis
+        i_ext = [t.extent for t in block_traits if t.kind == IterKind.kIter_I][-1]
         mr = self.mr
-        if all(isinstance(e, tirx.IntImm) for e in i_exts):
-            m = 1
-            for e in i_exts:
-                m *= e.value
-            mr = min(mr, m)
+        if isinstance(i_ext, tirx.IntImm):
+            mr = min(mr, int(i_ext.value))
 
         # dynamic extents are padded to whole tiles (pad_einsum adds a zero-padded input copy and an
         # unpadding epilogue): without it every FMA of the tile would sit behind a row bound check
@@ -146,8 +148,8 @@ class Matmul(ScheduleRule):
             groups[t.kind].append(loop)
         sch.reorder(*groups[IterKind.kIter_T], *groups[IterKind.kIter_S], *groups[IterKind.kIter_I],
                     *groups[IterKind.kIter_J], *groups[IterKind.kIter_K])
-        outer = groups[IterKind.kIter_T] + groups[IterKind.kIter_S]
-        i = _fuse(sch, groups[IterKind.kIter_I])
+        outer = groups[IterKind.kIter_T] + groups[IterKind.kIter_S] + groups[IterKind.kIter_I][:-1]
+        i = groups[IterKind.kIter_I][-1]
         j = _fuse(sch, groups[IterKind.kIter_J])
         k = _fuse(sch, groups[IterKind.kIter_K])
 
@@ -159,22 +161,30 @@ class Matmul(ScheduleRule):
         sch.unroll(ii)
         sch.vectorize(ji)
 
-        # the MR x NR accumulator tile lives in a local buffer (registers once unrolled); the epilogue
+        # the MR x NR accumulator tile lives in a small buffer (registers once unrolled); the epilogue
         # (unpadding, bias, activation, casts -- fused by FuseOps) is applied as the tile is written back
         blocks = sch.get_child_blocks(get_root_block(sch))
         pos = [n for n, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main))][0]
         epilogue = blocks[pos + 1:]
         for b in epilogue[:-1]:
             sch.compute_inline(b)
+        # (scope "global": TVM puts small constant-size global buffers on the stack, where LLVM promotes
+        # them to registers, but serves "local" ones from the heap workspace allocator on CPU)
         if epilogue:
             wb = epilogue[-1]
-            sch.set_scope(main, 0, "local")
         else:
-            wb = sch.cache_write(main, 0, "local")
+            wb = sch.cache_write(main, 0, "global")
         sch.reverse_compute_at(wb, io, preserve_unit_loops=True)
-        wb_inner = sch.get_loops(wb)[-1]
-        if _extent(sch, wb_inner) == nr:
-            sch.vectorize(wb_inner)
+        wb_loops = list(sch.get_loops(wb))
+        wb_loops = wb_loops[[sch.get(l).same_as(sch.get(io)) for l in wb_loops].index(True) + 1:]
+        if _extent(sch, wb_loops[-1]) == nr:
+            sch.vectorize(wb_loops[-1])
+            wb_loops = wb_loops[:-1]
+        for loop in wb_loops:
+            # constant tile indices everywhere let LLVM keep the accumulator tile in registers (SROA);
+            # a rolled write-back loop would pin it to the stack and store it on every k step
+            if _extent(sch, loop) is not None:
+                sch.unroll(loop)
         init = sch.decompose_reduction(main, k)
         sch.vectorize(sch.get_loops(init)[-1])
         for b in blocks[:pos]:  # padded / transposed input copies

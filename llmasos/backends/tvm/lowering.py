@@ -85,7 +85,7 @@ class LowerContext:
         from tvm.target.codegen import llvm_get_vector_width
         with self.spec.tvm_target() as t:
             bits = llvm_get_vector_width(t)
-        return 2 * max(bits if bits > 0 else 128, 128) // 32
+        return self.spec.extra.get("panel_vectors", 2) * max(bits if bits > 0 else 128, 128) // 32
 
     # -- dims --------------------------------------------------------------------------------
     def dim(self, d) -> tir.PrimExpr:
