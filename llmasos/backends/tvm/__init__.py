@@ -8,8 +8,18 @@
 With TVM's runtime alone (TVM_USE_RUNTIME_LIB=1) only the lowering names (lower, register_lowering, ...)
 are missing: exported libraries still load and run.
 """
-from .targets import TargetSpec, register_target, resolve_target, known_targets
-from .build import BuildError, Executable, Signature, build, compile_module, relax_pipeline
+import os as _os
+
+# TVM's CPU thread pool defaults to half the visible cores (it assumes two hyperthreads per core): one
+# thread on a 2-vCPU machine. Use every core this process may run on, unless the user chose a count.
+if "TVM_NUM_THREADS" not in _os.environ and "OMP_NUM_THREADS" not in _os.environ:
+    try:
+        _os.environ["TVM_NUM_THREADS"] = str(len(_os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        _os.environ["TVM_NUM_THREADS"] = str(_os.cpu_count() or 1)
+
+from .targets import TargetSpec, register_target, resolve_target, known_targets  # noqa: E402
+from .build import BuildError, Executable, Signature, build, compile_module, relax_pipeline  # noqa: E402
 
 try:
     from .lowering import (LoweringError, LowerContext, register_lowering, get_lowering, missing_lowerings,

@@ -83,7 +83,9 @@ def relax_pipeline(spec: TargetSpec):
     @tvm.transform.module_pass(opt_level=0, name="LLMasOSCPUPipeline")
     def pipeline(mod, _ctx):
         with target:
-            passes = (cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+            # exp/tanh/erf/softmax as TVM's polynomial forms: vectorisable, where libm calls are scalar
+            fast = [relax.transform.FastMathTransform()] if spec.extra.get("fast_math", True) else []
+            passes = (fast + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
                       + [dl.ApplyDefaultSchedule(*default_rules())]
                       + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)

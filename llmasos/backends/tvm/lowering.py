@@ -282,8 +282,19 @@ def _float_unary(relax_fn):
 
 
 for _name, _fn in {"exp": R.exp, "log": R.log, "sqrt": R.sqrt, "rsqrt": R.rsqrt, "tanh": R.tanh, "sin": R.sin,
-                   "cos": R.cos, "erf": R.erf, "sigmoid": R.sigmoid, "silu": R.nn.silu}.items():
+                   "cos": R.cos, "erf": R.erf}.items():
     register_lowering(_name, _float_unary(_fn))
+
+
+def _sigmoid_of(x):
+    # through exp, so the CPU pipeline's fast (vectorised) exp serves sigmoid and silu too
+    one = relax.const(1.0, _dtype_of(x))
+    return R.divide(one, R.add(one, R.exp(R.negative(x))))
+
+
+register_lowering("sigmoid", lambda ctx, node, args: _in_f32(ctx, node, args[0], _sigmoid_of))
+register_lowering("silu", lambda ctx, node, args: _in_f32(
+    ctx, node, args[0], lambda x: R.divide(x, R.add(relax.const(1.0, _dtype_of(x)), R.exp(R.negative(x))))))
 
 
 @register_lowering("reciprocal")
