@@ -1,14 +1,16 @@
-"""TIR schedules for the host CPU (llvm), applied after fusion like DLight's GPU rules.
+"""TIR schedules for the host CPU (llvm), applied after fusion as DLight's rules are on GPU.
 
 TVM 0.27 ships DLight CPU rules only for GEMV and row reductions (softmax, norms); legalised matmul and
-elementwise TIR left unscheduled runs single-threaded and scalar (a 32x576x576 linear: ~40 ms vs torch's
-~0.5 ms). These rules fill the gap:
+elementwise TIR left unscheduled runs serial and scalar (a 32x576x576 linear: ~40 ms vs torch's ~0.4 ms
+here). These rules fill the gap:
 
-* ``Matmul``: C[S, I, J] += A[S, I, K] * B[S, K, J] with J contiguous in B (linear weights are hoisted to
-  [in, out] by LiftTransformParams): an MR x NR register tile accumulated in a local buffer over all K,
-  NR vectorised, MR unrolled, the (S, J-block) loop parallel; fused epilogues (bias, activations, casts)
-  are applied in the tile write-back.
-* ``Elementwise``: injective functions: leading loops fused and parallel, the innermost loop vectorised.
+* ``Matmul``: C[S, I, J] += A[S, I, K] * B[S, K, J] with J innermost in B -- weights arrive as NR-wide
+  panels [N/NR, K, NR] (lowering.linear/matmul; repacked once at load by main_transform_params).
+  An MR x NR register tile accumulates over all of K (NR vectorised, MR unrolled; the tile buffer is a
+  small stack array LLVM keeps in registers); the (S, leading-I, J-panel) loops run in parallel; dynamic
+  row counts are padded to whole tiles (pad_einsum) instead of bound-checking every FMA; fused epilogues
+  (bias, activations, casts) are applied as the tile is written back.
+* ``Elementwise``: injective functions: leading loops fused and parallel, the innermost vectorised.
 """
 from __future__ import annotations
 
