@@ -3,17 +3,18 @@
 ``Executable`` needs only TVM's runtime, so a library exported here loads where the TVM compiler is absent
 (``TVM_USE_RUNTIME_LIB=1``); building needs the compiler.
 
-Pipelines: CUDA uses TVM's default (``relax.get_default_pipeline``: legalize, fuse, DLight GPU schedules);
-llvm uses the same passes with our CPU schedule rules (cpu_schedule.py) after fusion. Before either,
-``LiftTransformParams`` moves param-only work (weight transposes) into ``main_transform_params``, which the
-Executable runs once when it uploads the weights; each call then passes inputs + prepared weights to main.
+Pipelines: CUDA uses TVM's default (``relax.get_default_pipeline``: legalize, fuse, DLight GPU schedules).
+llvm uses the same passes plus ``FastMathTransform`` (vectorisable exp/tanh/erf/softmax) and our CPU schedule
+rules (cpu_schedule.py) after fusion. Before either, ``LiftTransformParams`` moves param-only work (weight
+transposes, CPU weight panels) into ``main_transform_params``, which the Executable runs once when it
+uploads the weights; each call then passes inputs + prepared weights to main.
 """
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 

@@ -52,23 +52,6 @@ def _inline_all(sch, blocks, keep) -> None:
             pass
 
 
-def _inline_consumers(sch, block) -> None:
-    """Fold the elementwise chain after ``block`` into it (reverse_compute_inline until nothing moves)."""
-    changed = True
-    while changed:
-        changed = False
-        for c in sch.get_consumers(block):
-            try:
-                sch.reverse_compute_inline(c)
-                changed = True
-            except Exception:  # noqa: BLE001
-                try:
-                    sch.compute_inline(c)
-                    changed = True
-                except Exception:  # noqa: BLE001
-                    pass
-
-
 class Matmul(ScheduleRule):
     """Register-tiled, vectorised, multi-threaded GEMM for llvm targets (see the module doc)."""
 

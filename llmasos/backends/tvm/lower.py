@@ -8,8 +8,6 @@ Each symbolic dim name becomes one int64 ``tir.Var`` shared by every shape that 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import tvm
 from tvm import relax
 from tvm import tirx as tir

@@ -10,11 +10,10 @@ accumulate in f32 (as the numpy reference does), then cast back.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import sympy
-import tvm
 from tvm import relax, te
 from tvm import tirx as tir
 
