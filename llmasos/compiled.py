@@ -49,42 +49,44 @@ class CompiledModel:
         flat = [outs[leaf] if isinstance(leaf, int) else leaf[1] for leaf in self.signature.out_leaves]
         return pytree.tree_unflatten(flat, self.signature.out_spec)
 
+    def __post_init__(self):
+        # input index -> table size for inputs used directly as embedding ids: compiled code clamps
+        # out-of-range gathers instead of raising, so ids are checked before the call
+        pos = {v: i for i, v in enumerate(self.graph.inputs)}
+        self.id_ranges: dict[int, int] = {}
+        for n in self.graph.nodes:
+            rows = n.inputs[0].type.shape[0] if n.op == "embedding" else None
+            if isinstance(rows, int) and n.inputs[1] in pos:
+                i = pos[n.inputs[1]]
+                self.id_ranges[i] = min(self.id_ranges.get(i, rows), rows)
+
     def check_inputs(self, tensors) -> None:
-        """Dtype, rank, fixed dims and symbol ranges, checked before anything runs."""
+        """Dtype, rank, fixed dims, symbol ranges and embedding-id ranges, checked before anything runs."""
+        from .ir.interpreter import bind_symbols
         from .ir.torch_dtypes import dtype_from_torch
 
-        env: dict[str, int] = {}
         for i, (v, t) in enumerate(zip(self.graph.inputs, tensors)):
-            name = self.signature.input_names[i] if i < len(self.signature.input_names) else v.name
-            want = v.type
-            where = f"input '{name}' (#{i})"
             try:
-                got_dt = dtype_from_torch(t.dtype)
+                got = dtype_from_torch(t.dtype)
             except TypeError:
-                got_dt = None
-            if got_dt is not want.dtype:
-                raise InputError(f"{where}: expected dtype {want.dtype}, got {t.dtype} "
-                                 f"(cast it, e.g. .to(torch.{_torch_name(want.dtype)}))")
-            if t.dim() != want.rank:
-                raise InputError(f"{where}: expected {want.rank} dims {self._describe(want)}, "
-                                 f"got shape {list(t.shape)}")
-            for axis, (d, n) in enumerate(zip(want.shape, t.shape)):
-                if isinstance(d, int):
-                    if d != n:
-                        raise InputError(f"{where}: dim {axis} must be {d} {self._describe(want)}, "
-                                         f"got shape {list(t.shape)}")
-                elif d.is_Symbol:
-                    lo, hi = self.graph.symbols.get(d.name, (None, None))
-                    if (lo is not None and n < lo) or (hi is not None and n > hi):
-                        raise InputError(f"{where}: dim {axis} ('{d.name}') = {n} is outside the compiled range "
-                                         f"[{lo}, {hi}]; recompile with a larger bound")
-                    if env.setdefault(d.name, int(n)) != n:
-                        raise InputError(f"{where}: dim {axis} ('{d.name}') = {n}, but '{d.name}' = "
-                                         f"{env[d.name]} in an earlier input")
+                got = None
+            if got is not v.type.dtype:
+                raise InputError(f"input %{v.name} (#{i}): expected dtype {v.type.dtype}, got {t.dtype} "
+                                 f"(cast it, e.g. .to(torch.{_torch_name(v.type.dtype)}))")
+        try:
+            bind_symbols(self.graph, tensors)
+        except ValueError as e:
+            raise InputError(f"{e}; this model was compiled for {self._describe_inputs()}") from None
+        for i, vocab in self.id_ranges.items():
+            t = tensors[i]
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+                raise InputError(f"input %{self.graph.inputs[i].name} (#{i}): token ids must be in [0, {vocab}), "
+                                 f"got values in [{int(t.min())}, {int(t.max())}]")
 
-    def _describe(self, t) -> str:
-        bounds = [f"{s} in [{lo}, {hi}]" for s, (lo, hi) in self.graph.symbols.items() if s in t.symbols()]
-        return f"({t}{'; ' + ', '.join(bounds) if bounds else ''})"
+    def _describe_inputs(self) -> str:
+        ins = ", ".join(f"%{v.name}: {v.type}" for v in self.graph.inputs)
+        bounds = ", ".join(f"{s} in [{lo}, {hi}]" for s, (lo, hi) in self.graph.symbols.items())
+        return f"({ins})" + (f" with {bounds}" if bounds else "")
 
     def save(self, path) -> None:
         from .artifact import save

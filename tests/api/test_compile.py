@@ -83,12 +83,18 @@ def test_wrong_inputs_are_clear(compiled_zoo):
     _, cm = compiled_zoo["gpt2"]
     with pytest.raises(llmasos.InputError, match=r"expected dtype i64, got torch.int32"):
         cm(models.token_ids(1, 4).to(torch.int32))
-    with pytest.raises(llmasos.InputError, match=r"expected 2 dims"):
+    with pytest.raises(llmasos.InputError, match=r"input %input_ids: expected rank 2 .*got shape \[4\]; this model "
+                                                 r"was compiled for \(%input_ids: i64\[batch, seq\]\) with batch in "
+                                                 r"\[1, 8\], seq in \[2, 64\]"):
         cm(torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(llmasos.InputError, match=r"'batch'\) = 9 is outside the compiled range \[1, 8\]"):
+    with pytest.raises(llmasos.InputError, match=r"'batch' = 9 is outside its declared range \[1, 8\]"):
         cm(models.token_ids(9, 4))
-    with pytest.raises(llmasos.InputError, match=r"'seq'\) = 65 is outside the compiled range \[2, 64\]"):
+    with pytest.raises(llmasos.InputError, match=r"'seq' = 65 is outside its declared range \[2, 64\]"):
         cm(models.token_ids(1, 65))
+    with pytest.raises(llmasos.InputError, match=r"token ids must be in \[0, 128\), got values in \[0, 128\]"):
+        cm(torch.tensor([[0, 5, 128]]))
+    with pytest.raises(llmasos.InputError, match=r"token ids must be in \[0, 128\), got values in \[-1, 5\]"):
+        cm(torch.tensor([[-1, 5, 3]]))
     with pytest.raises(llmasos.InputError, match=r"takes 1 tensor input"):
         cm(models.token_ids(1, 4), models.token_ids(1, 4))
 
