@@ -16,6 +16,7 @@ import time
 import torch
 
 import llmasos
+import llmasos.backends.tvm  # noqa: F401  (sizes the TVM thread pool; recorded in env below)
 from llmasos.zoo import from_preset
 
 
