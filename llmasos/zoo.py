@@ -36,7 +36,7 @@ def load_smollm2(dtype=None, verbose: bool = True):
     if not (target / "config.json").exists():
         src = smollm2_package_dir()
         if verbose:
-            print(f"[llmasos] converting {SMOLLM2_GGUF} to {target} (one time, ~30 s)", flush=True)
+            print(f"[llmasos] converting {SMOLLM2_GGUF} to {target} (one time, about a minute)", flush=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF,
                                                                   torch_dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
