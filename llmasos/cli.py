@@ -3,6 +3,7 @@
     llmasos compile MODEL [--target cpu] [-o OUT]    compile and save an artifact
     llmasos run ARTIFACT [--prompt TEXT | --ids 1,2]  run a saved artifact
     llmasos demo [--prompt TEXT]                     the main job: SmolLM2-135M on the CPU, checked against torch
+    llmasos opt [FILE|-] -p PIPELINE [-o OUT]        run a pass pipeline over IR text (see llmasos/opt.py)
 """
 from __future__ import annotations
 
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", help="also save the artifact here")
     _add_compile_args(p)
     p.set_defaults(fn=cmd_demo, max_seq=512)
+    from .opt import add_parser as add_opt_parser
+    add_opt_parser(sub)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
