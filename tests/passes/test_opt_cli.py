@@ -123,3 +123,28 @@ def test_the_installed_command_reads_a_pipe():
                          capture_output=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == "llmasos opt: error: pipeline: column 5: expected a pass name, found ','\n  dce,,cse\n      ^\n"
+
+
+def test_check_numerics_reports_drift(capsys, monkeypatch):
+    from dataclasses import dataclass
+
+    from llmasos.passes import Pass, base, register_pass
+
+    base._ensure_loaded()
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_SOURCES", dict(base._SOURCES))
+
+    @register_pass("add-to-sub")
+    @dataclass(frozen=True)
+    class AddToSub(Pass):
+        def run(self, graph):
+            g = graph.clone()
+            next(n for n in g.nodes if n.op == "add").op = "sub"
+            return g
+
+    rc, out, err = opt(capsys, monkeypatch, "-p", "dce,cse,add-to-sub", "--check-numerics")
+    assert (rc, out) == (2, "")
+    assert err.startswith("llmasos opt: error: pass 'add-to-sub': node %c = sub(...): numeric drift past the "
+                          "pass's tolerance (exact: rtol 1e-06): first diverging value %c: "), err
+    rc, out, _ = opt(capsys, monkeypatch, "-p", "dce,cse,add-to-sub")  # unchecked, it goes through
+    assert rc == 0 and "%c: f32[batch, 3] = sub(%a, %a)" in out
