@@ -36,13 +36,14 @@ def cmd_compile(args) -> int:
     from .zoo import load_model
     model, tok, example = load_model(args.model)
     cm, secs = _compile(model, tok, args, example)
+    # status on stderr, so `llmasos compile M --print-ir > m.llir` writes pure IR text
     print(f"compiled {args.model} for {cm.target.name} in {secs:.1f} s "
-          f"({len(cm.graph.nodes)} IR nodes, {cm.graph.param_bytes() / 2**20:.1f} MiB of parameters)")
+          f"({len(cm.graph.nodes)} IR nodes, {cm.graph.param_bytes() / 2**20:.1f} MiB of parameters)", file=sys.stderr)
     if args.print_ir:
         print(cm.ir)
     if args.output:
         cm.save(args.output)
-        print(f"saved {args.output}")
+        print(f"saved {args.output}", file=sys.stderr)
     return 0
 
 

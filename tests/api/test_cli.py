@@ -8,9 +8,10 @@ from llmasos.cli import main
 
 def test_compile_then_run(tmp_path, capsys):
     out = tmp_path / "tiny.llmasos"
-    assert main(["compile", "llama-tiny", "-o", str(out), "--max-batch", "2"]) == 0
-    text = capsys.readouterr().out
-    assert "compiled llama-tiny for cpu" in text and f"saved {out}" in text
+    assert main(["compile", "llama-tiny", "-o", str(out), "--max-batch", "2", "--print-ir"]) == 0
+    captured = capsys.readouterr()
+    assert "compiled llama-tiny for cpu" in captured.err and f"saved {out}" in captured.err
+    assert captured.out.startswith("graph @LlamaForCausalLM(%input_ids: i64[batch, seq])")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "cpu" and manifest["input_names"] == ["input_ids"]
     assert main(["run", str(out), "--ids", "1,2,3,4,5", "--repeat", "2"]) == 0
