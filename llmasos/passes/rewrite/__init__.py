@@ -1,0 +1,17 @@
+"""The rewrite engine: one Rule type from text (``.rw``), Python combinators or traced functions.
+
+    from llmasos.passes.rewrite import apply_rules, parse_rules
+    rules = parse_rules("rule double: add(x, x) => mul(x, 2.0)")
+    g2 = apply_rules(g, rules)          # a rewritten clone; g is untouched
+"""
+from .engine import RewriteResult, RuleSet, apply_rules, first_match, rewrite
+from .explain import explain
+from .lang import RuleSyntaxError, load_rules, parse_rules
+from .pattern import Alt, AttrVar, Const, Failure, Op, Pattern, Var, attr, const, match, op, var
+from .rule import Builder, RewriteError, Rule, RuleError, Template
+from .traced import ops, trace, traced_rule
+
+__all__ = ["Alt", "AttrVar", "Builder", "Const", "Failure", "Op", "Pattern", "RewriteError", "RewriteResult",
+           "Rule", "RuleError", "RuleSet", "RuleSyntaxError", "Template", "Var", "apply_rules", "attr", "const",
+           "explain", "first_match", "load_rules", "match", "op", "ops", "parse_rules", "rewrite", "trace",
+           "traced_rule", "var"]

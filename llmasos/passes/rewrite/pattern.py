@@ -1,0 +1,248 @@
+"""Pattern combinators and the matcher.
+
+A pattern is a tree over IR values: ``Op`` matches a value produced by a node of that op, ``Var`` matches any
+value (one name binds one value: ``op("add", x, x)`` needs both operands to be the same value), ``Const``
+matches an inline ``const`` node (all elements equal to ``value`` when given), ``Alt`` (``p1 | p2``) tries
+alternatives in order. Attribute patterns are literals (must be equal) or ``AttrVar`` (bind the value, so a
+replacement can reuse it).
+
+Matching is a backtracking generator of bindings; every failure is reported to an optional ``trace`` list
+so ``explain`` can say which sub-pattern failed and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from llmasos.ir import DType, Value
+from llmasos.ir.graph import attrs_equal
+
+
+class Pattern:
+    def __or__(self, other: "Pattern") -> "Alt":
+        left = self.options if isinstance(self, Alt) else (self,)
+        right = other.options if isinstance(other, Alt) else (other,)
+        return Alt(left + right)
+
+    def ops(self) -> set:
+        return set()
+
+    def var_names(self) -> set:
+        return set()
+
+
+@dataclass(frozen=True, eq=False)
+class Var(Pattern):
+    """Any value; ``dtype``/``rank``/``shape`` (a tuple, ``None`` entries are free) and ``pred`` restrict it."""
+    name: str
+    dtype: Optional[DType] = None
+    rank: Optional[int] = None
+    shape: Optional[tuple] = None
+    pred: Optional[Callable[[Value], bool]] = None
+
+    def var_names(self) -> set:
+        return set() if self.name == "_" else {self.name}
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class AttrVar:
+    """Binds an attribute's value under ``name`` (text form: ``reshape(x){shape=s}``)."""
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class Const(Pattern):
+    """An inline ``const`` node; with ``value`` every element must equal it. ``name`` binds the value."""
+    value: Any = None
+    name: Optional[str] = None
+
+    def var_names(self) -> set:
+        return {self.name} if self.name else set()
+
+    def __str__(self) -> str:
+        return "const()" if self.value is None else repr(self.value)
+
+
+@dataclass(frozen=True, eq=False)
+class Op(Pattern):
+    op: str
+    args: tuple
+    attrs: dict = field(default_factory=dict)
+    commutative: bool = False
+
+    def ops(self) -> set:
+        out = {self.op}
+        for a in self.args:
+            out |= a.ops()
+        return out
+
+    def var_names(self) -> set:
+        out = {v.name for v in self.attrs.values() if isinstance(v, AttrVar)}
+        for a in self.args:
+            out |= a.var_names()
+        return out
+
+    def __str__(self) -> str:
+        s = f"{self.op}({', '.join(str(a) for a in self.args)})"
+        if self.attrs:
+            s += "{" + ", ".join(f"{k}={v}" for k, v in self.attrs.items()) + "}"
+        return s
+
+
+@dataclass(frozen=True, eq=False)
+class Alt(Pattern):
+    options: tuple
+
+    def ops(self) -> set:
+        return set().union(*(o.ops() for o in self.options))
+
+    def var_names(self) -> set:
+        # a name is usable by the replacement only if every alternative binds it
+        sets = [o.var_names() for o in self.options]
+        return set.intersection(*sets) if sets else set()
+
+    def __str__(self) -> str:
+        return " | ".join(str(o) for o in self.options)
+
+
+# -- constructors (the Python combinator form) -------------------------------------------------------
+
+def op(name: str, *args, commutative: bool = False, **attrs) -> Op:
+    return Op(name, tuple(_as_pattern(a) for a in args), dict(attrs), commutative)
+
+
+def var(name: str, *, dtype=None, rank=None, shape=None, where=None) -> Var:
+    if isinstance(dtype, str):
+        dtype = DType.parse(dtype)
+    return Var(name, dtype, rank, tuple(shape) if shape is not None else None, where)
+
+
+def const(value=None, name: Optional[str] = None) -> Const:
+    return Const(value, name)
+
+
+def attr(name: str) -> AttrVar:
+    return AttrVar(name)
+
+
+def _as_pattern(a) -> Pattern:
+    if isinstance(a, Pattern):
+        return a
+    if isinstance(a, (int, float, bool)):
+        return Const(a)
+    raise TypeError(f"not a pattern: {a!r} (use var('name'), const(...) or op(...))")
+
+
+# -- matching ----------------------------------------------------------------------------------------
+
+@dataclass
+class Failure:
+    """Why a sub-pattern did not match: ``path`` locates it from the root (``root.arg[1].arg[0]``)."""
+    path: str
+    pattern: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"at {self.path} (pattern `{self.pattern}`): {self.reason}"
+
+
+def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, path: str = "root",
+          nodes: Optional[list] = None) -> Iterator[dict]:
+    """Yield every extension of ``bindings`` under which ``p`` matches ``v`` (the dict is copied)."""
+    def fail(reason: str):
+        if trace is not None:
+            trace.append(Failure(path, str(p), reason))
+
+    if isinstance(p, Alt):
+        for i, o in enumerate(p.options):
+            yield from match(o, v, bindings, trace, f"{path}|alt[{i}]", nodes)
+        return
+    if isinstance(p, Var):
+        t = v.type
+        if p.dtype is not None and t.dtype is not p.dtype:
+            return fail(f"{p.name} must have dtype {p.dtype}, %{v.name} is {t}")
+        if p.rank is not None and t.rank != p.rank:
+            return fail(f"{p.name} must have rank {p.rank}, %{v.name} is {t}")
+        if p.shape is not None and (len(p.shape) != t.rank or any(
+                d is not None and d != e for d, e in zip(p.shape, t.shape))):
+            return fail(f"{p.name} must have shape {list(p.shape)}, %{v.name} is {t}")
+        if p.pred is not None and not p.pred(v):
+            return fail(f"{p.name}: predicate {getattr(p.pred, '__name__', p.pred)} is false for %{v.name}")
+        if p.name == "_":
+            yield bindings
+            return
+        if p.name in bindings:
+            if bindings[p.name] is not v:
+                other = bindings[p.name]
+                return fail(f"variable {p.name} is already bound to "
+                            f"{'%' + other.name if isinstance(other, Value) else repr(other)}, "
+                            f"here it would be %{v.name}")
+            yield bindings
+            return
+        yield {**bindings, p.name: v}
+        return
+    node = v.producer
+    if isinstance(p, Const):
+        if node is None or node.op != "const":
+            return fail(f"expected a constant, %{v.name} is "
+                        f"{'a graph input or parameter' if node is None else 'produced by ' + node.op}")
+        if p.value is not None:
+            arr = np.asarray(node.attrs["value"])
+            if arr.size == 0 or not np.all(arr.astype(np.float64) == float(p.value)):
+                return fail(f"constant %{v.name} is not all {p.value!r}")
+        if p.name:
+            if p.name in bindings and bindings[p.name] is not v:
+                return fail(f"variable {p.name} is already bound to a different value")
+            bindings = {**bindings, p.name: v}
+        if nodes is not None:
+            nodes.append(node)
+        yield bindings
+        return
+    assert isinstance(p, Op), p
+    if node is None:
+        return fail(f"expected op {p.op}, %{v.name} is a graph input or parameter")
+    if node.op != p.op:
+        return fail(f"expected op {p.op}, %{v.name} is produced by {node.op}")
+    if len(node.outputs) != 1:
+        return fail(f"{node.op} has {len(node.outputs)} results; patterns match single-result nodes")
+    if len(node.inputs) != len(p.args):
+        return fail(f"arity: pattern has {len(p.args)} operands, %{v.name} = {node.op} has {len(node.inputs)}")
+    for k, want in p.attrs.items():
+        if k not in node.attrs:
+            return fail(f"{node.op} has no attribute {k!r}")
+        have = node.attrs[k]
+        if isinstance(want, AttrVar):
+            if want.name in bindings and not _attr_eq(bindings[want.name], have):
+                return fail(f"attribute {k}: {want.name} is already bound to {bindings[want.name]!r}, "
+                            f"here it is {have!r}")
+            bindings = {**bindings, want.name: have}
+        elif not _attr_eq(want, have):
+            return fail(f"attribute {k}: expected {want!r}, %{v.name} has {have!r}")
+    orders = [tuple(range(len(p.args)))]
+    if p.commutative and len(p.args) == 2:
+        orders.append((1, 0))
+    for order in orders:
+        yield from _match_args(p, node, order, 0, bindings, trace, path, nodes)
+
+
+def _match_args(p: Op, node, order, i, bindings, trace, path, nodes):
+    if i == len(order):
+        if nodes is not None:
+            nodes.append(node)
+        yield bindings
+        return
+    j = order[i]
+    for b in match(p.args[i], node.inputs[j], bindings, trace, f"{path}.arg[{j}]", nodes):
+        yield from _match_args(p, node, order, i + 1, b, trace, path, nodes)
+
+
+def _attr_eq(a, b) -> bool:
+    return attrs_equal({"a": a}, {"a": b})
