@@ -4,6 +4,7 @@
     rule double: add(x, x) => mul(x, 2.0)
     rule mul-one: mul(x, 1.0) => x where shape(x) == shape(root)
     rule reshape2: reshape(reshape(x)){shape=s} => reshape(x){shape=s}
+    rule perm2: permute(permute(x){perm=p}){perm=q} => permute(x){perm=compose(p, q)}
     rule bias-gelu: gelu(add(matmul(x, w), b)) => ... where rank(b) == 1 and dtype(x) == f32
 
 In patterns a bare name is a variable (``_`` matches anything), a number is an inline constant whose every
@@ -11,7 +12,8 @@ element equals it, ``op(a, b){k=v}`` / ``op(a, b, k=v)`` an op with attributes; 
 bare name (not a dtype, true/false/none) binds the attribute. In replacements names refer to what the
 pattern bound and numbers become scalar constants of their sibling operand's dtype. Constraints use
 ``rank(v)``, ``dtype(v)``, ``shape(v)``, ``shape(v)[i]``, numbers, dtypes, ``== != < <= > >=``,
-``and``/``or``/``not``; ``root`` is the matched value.
+``and``/``or``/``not``; ``root`` is the matched value. Replacement attributes may apply a function from
+``ATTR_FUNCTIONS`` (``compose(p, q)``: two permutations as one) to bound attributes.
 
 Errors: ``RuleSyntaxError`` (line, column, caret) for malformed text; ``RuleError`` naming the rule and its
 file:line:column for unknown ops, unbound names, bad arity/attrs and replacements of the wrong type.
@@ -30,7 +32,7 @@ from llmasos.ir import DType, OpError, get_op
 
 from .engine import RuleSet
 from .pattern import AttrVar, Const, Op, Var
-from .rule import Rule, RuleError, Template, TConst, TOp, TVar, check_ops
+from .rule import ATTR_FUNCTIONS, AttrCall, Rule, RuleError, Template, TConst, TOp, TVar, check_ops
 
 
 def _caret(text: str, line: int, column: int) -> str:
@@ -177,6 +179,13 @@ class _Loader:
             return _string(t.children[0])
         if t.data == "a_list":
             return [self.attr_value(c, bind, bound) for c in t.children if c is not None]
+        if t.data == "a_call":
+            fn, *args = t.children
+            if bind:
+                raise self.err("attribute functions are for replacements; a pattern binds a name", fn)
+            if str(fn) not in ATTR_FUNCTIONS:
+                raise self.err(f"unknown attribute function {str(fn)!r}; known: {', '.join(ATTR_FUNCTIONS)}", fn)
+            return AttrCall(str(fn), tuple(self.attr_value(a, bind, bound) for a in args if a is not None))
         name = str(t.children[0])
         if name in LITERAL_NAMES:
             return LITERAL_NAMES[name]
@@ -285,7 +294,10 @@ class _Cond:
             if t[1] == "dtype":
                 return v.type.dtype
             shape = tuple(v.type.shape)
-            return shape if t[3] is None else shape[t[3]]
+            if t[3] is None:
+                return shape
+            # out of range reads as None, which compares false, so the rule just does not apply
+            return shape[t[3]] if -len(shape) <= t[3] < len(shape) else None
         a, b = self._eval(t[2], m), self._eval(t[3], m)
         try:
             return bool({"==": lambda: a == b, "!=": lambda: a != b, "<": lambda: a < b,

@@ -78,6 +78,34 @@ class TOp:
         return s
 
 
+def _compose(p, q):
+    """The perm of ``permute(permute(x){perm=p}){perm=q}`` as one permute."""
+    return [p[i] for i in q]
+
+
+# Functions replacement attributes may apply to attribute values the pattern bound.
+ATTR_FUNCTIONS: dict[str, Callable] = {"compose": _compose}
+
+
+@dataclass(frozen=True, eq=False)
+class AttrCall:
+    fn: str
+    args: tuple
+
+    def __str__(self):
+        return f"{self.fn}({', '.join(str(a) for a in self.args)})"
+
+
+def _attr(v, m: dict):
+    if isinstance(v, AttrVar):
+        return m[v.name]
+    if isinstance(v, AttrCall):
+        return ATTR_FUNCTIONS[v.fn](*(_attr(a, m) for a in v.args))
+    if isinstance(v, list):
+        return [_attr(a, m) for a in v]
+    return v
+
+
 class Template:
     """A replacement given as a tree; calling it builds the tree through a Builder."""
 
@@ -100,7 +128,7 @@ class Template:
         for i, a in enumerate(t.args):
             if isinstance(a, TConst):
                 built[i] = self._build(a, b, m, sib)
-        attrs = {k: (m[v.name] if isinstance(v, AttrVar) else v) for k, v in t.attrs.items()}
+        attrs = {k: _attr(v, m) for k, v in t.attrs.items()}
         return b.op(t.op, *built, **attrs)
 
     def ops(self) -> set:
