@@ -1,8 +1,10 @@
 """torch.export frontend: nn.Module / ExportedProgram -> LLMasOS Graph.
 
-The program is decomposed to core ATen except the high-level ops the IR keeps whole (linear, attention,
-norms, softmax, embedding, ... and every op with a registered converter), then each FX node is converted by
-the converter registered for its op overload (see ``frontends/aten``). Input sizes stay symbolic: torch's
+When every op of the exported (training-IR) program has a converter, it is converted as it stands: torch's
+``run_decompositions`` re-traces the whole program and dominates import time on deep models. Otherwise the
+program is decomposed to core ATen except the high-level ops the IR keeps whole (linear, attention, norms,
+softmax, embedding, ... and every op with a registered converter) and converted from there. Each FX node is
+converted by the converter registered for its op overload (see ``frontends/aten``). Input sizes stay symbolic: torch's
 shape symbols are renamed after their ``torch.export.Dim`` names (``batch``, ``seq``), with the bounds torch
 proved recorded in ``Graph.symbols``.
 """
@@ -27,7 +29,7 @@ from .aten.registry import _resolve
 from .errors import FrontendError, UnsupportedOpError
 
 __all__ = ["Imported", "export", "import_exported_program", "import_module", "register_converter",
-           "UnsupportedOpError", "FrontendError", "decomposition_table", "KEEP_WHOLE"]
+           "UnsupportedOpError", "FrontendError", "decomposition_table", "missing_converters", "KEEP_WHOLE"]
 
 # High-level ops kept whole through decomposition (in addition to every op that has a converter).
 KEEP_WHOLE = ("aten.linear.default", "aten.scaled_dot_product_attention.default", "aten.layer_norm.default",
@@ -45,7 +47,8 @@ class Imported:
     out_spec: Any           # TreeSpec of the model's output, ep.call_spec.out_spec
     out_leaves: list        # per flattened output leaf: index into graph.outputs, or ('const', value)
     input_names: list       # user input names, in graph.inputs order
-    exported: Any           # the decomposed ExportedProgram the graph was converted from
+    exported: Any           # the ExportedProgram the graph was converted from
+    decomposed: bool = True  # whether that is the run_decompositions of the input (False: converted as exported)
 
 
 # -- exporting ---------------------------------------------------------------------------------------------
@@ -150,11 +153,69 @@ def import_module(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch:
 
 
 # -- importing ---------------------------------------------------------------------------------------------
-def import_exported_program(ep, name: Optional[str] = None) -> Imported:
-    """Decompose ``ep`` and convert it to an LLMasOS Graph; raises UnsupportedOpError for ops with no converter."""
+def import_exported_program(ep, name: Optional[str] = None, decompose: Optional[bool] = None) -> Imported:
+    """Convert ``ep`` to an LLMasOS Graph; raises UnsupportedOpError for ops with no converter.
+
+    ``decompose=None`` converts ``ep`` directly when every op in it has a converter (``missing_converters``
+    is empty) and decomposes it first otherwise, or when the direct conversion fails; True/False force
+    one path.
+    """
+    if decompose is None:
+        decompose = bool(missing_converters(ep))
+        if not decompose:
+            try:
+                return _Importer(ep, name or "main").run()
+            except FrontendError:
+                # a converter written for core ATen that trips on a pre-decomposition spelling: the
+                # decomposed program gives the result (or the error) the frontend always gave
+                decompose = True
+    if not decompose:
+        return _Importer(ep, name or "main").run()
     traces = _subgraph_traces(ep)
     ep = ep.run_decompositions(decomposition_table())
-    return _Importer(ep, name or "main", traces).run()
+    imp = _Importer(ep, name or "main", traces).run()
+    imp.decomposed = True
+    return imp
+
+
+def _inlined_hops() -> tuple:
+    """Higher-order ops whose sub-graph is converted in place: grad mode does not change inference."""
+    import torch
+    return (torch.ops.higher_order.wrap_with_set_grad_enabled,)
+
+
+def missing_converters(ep) -> list:
+    """The ops of ``ep`` (sub-graphs of inlined higher-order ops included) the importer cannot convert as they
+    stand, by registry key; in-place ops count as missing, since converters assume value semantics."""
+    return sorted(set(_missing(ep.graph_module, _inlined_hops())))
+
+
+def _missing(gm, hops) -> list:
+    import torch
+
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if not node.users or any(u.target not in hops for u in node.users):
+                out.append(f"get_attr {node.target}")
+            continue
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if target is operator.getitem:
+            continue
+        if target in hops:
+            out += _missing(gm.get_submodule(node.args[1].target), hops)
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat, int, float, bool)) \
+                and not _is_tensor_op(target):
+            continue  # folded into dims by _Importer._scalar
+        is_op = isinstance(target, torch._ops.OpOverload)
+        key = str(target) if is_op else _callable_name(target)
+        if key not in CONVERTERS or (is_op and target._schema.is_mutable):
+            out.append(key)
+    return out
 
 
 class _Importer:
@@ -162,7 +223,8 @@ class _Importer:
         self.ep = ep
         self.traces = traces or {}
         self.graph = Graph(name)
-        self.env: dict = {}  # fx.Node -> Value | tuple of Values | dim | python constant
+        self.env: dict = {}  # fx.Node -> Value | tuple of Values | dim | python constant | sub-GraphModule
+        self.hops = _inlined_hops()
 
     def run(self) -> Imported:
         from torch.export.graph_signature import InputKind
@@ -190,6 +252,8 @@ class _Importer:
         for node in ep.graph.nodes:
             if node.op == "call_function":
                 self.env[node] = self._convert(node)
+            elif node.op == "get_attr" and node.users and all(u.target in self.hops for u in node.users):
+                self.env[node] = ep.graph_module.get_submodule(node.target)
             elif node.op == "get_attr":
                 raise UnsupportedOpError(f"get_attr {node.target}", node_name=node.name, loc=self._loc(node),
                                          module_path=_module_path(node),
@@ -198,7 +262,7 @@ class _Importer:
                 outputs, out_leaves = self._outputs(node)
         g.set_outputs(outputs)
         self._drop_unused_params()
-        return Imported(g, ep.call_spec.in_spec, ep.call_spec.out_spec, out_leaves, input_names, ep)
+        return Imported(g, ep.call_spec.in_spec, ep.call_spec.out_spec, out_leaves, input_names, ep, False)
 
     # -- symbols ----------------------------------------------------------------------------------------
     def _symbol_table(self, user_inputs) -> SymbolTable:
@@ -270,6 +334,8 @@ class _Importer:
         if target is operator.getitem:
             seq, i = self.env[node.args[0]], node.args[1]
             return seq[i]
+        if target in self.hops:
+            return self._inline(node)
         val = node.meta.get("val")
         if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat, int, float, bool)) \
                 and not _is_tensor_op(target):
@@ -291,6 +357,31 @@ class _Importer:
         self._check(ctx, key, out, val)
         if isinstance(out, Value) and out.producer is not None and out.producer in ctx.emitted:
             out.name = self.graph.fresh_name(node.name)  # the IR value reads like the torch node it replaces
+        return out
+
+    def _inline(self, node) -> tuple:
+        """A higher-order op's sub-graph converted in place: its placeholders take the op's operands, its
+        outputs are the op's results (read by getitem nodes)."""
+        sub = self.env[node.args[1]]
+        operands = _map_args(tuple(node.args[2:]), self.env)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            raise FrontendError(f"%{node.name} = {_callable_name(node.target)} passes {len(operands)} operands "
+                                f"to a sub-graph of {len(placeholders)} inputs")
+        out = ()
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                self.env[n] = operands[placeholders.index(n)]
+            elif n.op == "call_function":
+                self.env[n] = self._convert(n)
+            elif n.op == "get_attr" and n.users and all(u.target in self.hops for u in n.users):
+                self.env[n] = sub.get_submodule(n.target)
+            elif n.op == "output":
+                out = tuple(_map_args(tuple(n.args[0]), self.env))
+            else:
+                raise UnsupportedOpError(f"{n.op} {n.target}", node_name=n.name, loc=self._loc(n),
+                                         module_path=_module_path(n),
+                                         reason="inside a higher-order op's sub-graph, this is not supported")
         return out
 
     def _loc(self, node) -> Optional[str]:

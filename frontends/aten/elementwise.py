@@ -57,8 +57,11 @@ def _logical(op):
     return convert
 
 
-converter("aten.bitwise_and.Tensor", "aten.bitwise_and.Scalar", "aten.logical_and.default")(_logical("logical_and"))
-converter("aten.bitwise_or.Tensor", "aten.bitwise_or.Scalar", "aten.logical_or.default")(_logical("logical_or"))
+# __and__/__or__ are what `mask_a & mask_b` records before decomposition (the training-IR fast path)
+converter("aten.bitwise_and.Tensor", "aten.bitwise_and.Scalar", "aten.logical_and.default", "aten.__and__.Tensor",
+          "aten.__and__.Scalar")(_logical("logical_and"))
+converter("aten.bitwise_or.Tensor", "aten.bitwise_or.Scalar", "aten.logical_or.default", "aten.__or__.Tensor",
+          "aten.__or__.Scalar")(_logical("logical_or"))
 
 
 @converter("aten.bitwise_not.default", "aten.logical_not.default")
@@ -126,4 +129,10 @@ def masked_fill(ctx, x, mask, value):
 @converter("aten._to_copy.default")
 def to_copy(ctx, x, **_):
     # device, layout and memory format do not exist in the IR; only a dtype change is real work
+    return ctx.cast(x, ctx.out_dtype)
+
+
+@converter("aten.to.dtype", "aten.to.dtype_layout", "aten.to.device", "aten.to.other", "aten.type_as.default")
+def to(ctx, x, *_, **__):
+    # the undecomposed spellings of _to_copy: only the dtype torch computed matters
     return ctx.cast(x, ctx.out_dtype)

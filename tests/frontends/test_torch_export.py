@@ -324,3 +324,39 @@ def test_duplicate_registration_is_an_error():
         te.register_converter("aten.not_an_op.default", lambda ctx, x: x)
     with pytest.raises(TypeError, match="one overload, not the packet"):
         te.register_converter(torch.ops.aten.add, lambda ctx, x: x)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_training_ir_is_converted_without_decomposition(request, name):
+    m, imp = request.getfixturevalue(name)
+    assert imp.decomposed is False and te.missing_converters(imp.exported) == []
+    if name == "llama":  # the rotary embedding runs under no_grad: a sub-graph converted in place
+        hops = [n for n in imp.exported.graph.nodes if n.target is torch.ops.higher_order.wrap_with_set_grad_enabled]
+        assert len(hops) == 1 and imp.graph.op_counts()["cos"] == 1
+    slow = te.import_exported_program(imp.exported, decompose=True)
+    assert slow.decomposed is True and slow.exported is not imp.exported
+    assert slow.input_names == imp.input_names and slow.graph.symbols == imp.graph.symbols
+    inputs = lm_inputs(3, 11, seed=7)
+    fast_out, slow_out = run_imported(imp, inputs), run_imported(slow, inputs)
+    assert fast_out.keys() == slow_out.keys()
+    for k in fast_out:
+        a, b = fast_out[k], slow_out[k]
+        assert a.shape == b.shape and a.dtype == b.dtype, (k, a.shape, b.shape, a.dtype, b.dtype)
+        err = float(np.max(np.abs(a - b)))
+        assert err <= 1e-5 * max(1.0, float(np.max(np.abs(b)))), f"{name} {k}: fast vs decomposed differ by {err}"
+
+
+class _Tril(torch.nn.Module):
+    def forward(self, x):
+        return torch.tril(x) * 2.0
+
+
+def test_op_without_converter_falls_back_to_decomposition():
+    m = _Tril().eval()
+    ep = te.export(m, (torch.randn(2, 5, 5),))
+    assert te.missing_converters(ep) == ["aten.tril.default"]  # decomposes to core ATen that converts
+    imp = te.import_exported_program(ep)
+    assert imp.decomposed is True and imp.exported is not ep
+    x = torch.randn(3, 7, 5)  # tril of a non-square trailing matrix
+    with torch.no_grad():
+        assert_close(run_imported(imp, {"x": x}), m(x), "tril")
