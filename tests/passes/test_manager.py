@@ -119,7 +119,7 @@ def test_dce_leaves_nothing_dead_and_cse_nothing_duplicate(case):
     outs = {id(v) for v in g2.outputs}
     for n in g2.nodes:
         assert any(users[o] or id(o) in outs for o in n.outputs), n
-    assert all(users[p] for p in g2.params.values())
+    assert all(users[p] or id(p) in outs for p in g2.params.values())  # a param may be returned as is
     from llmasos.passes.cse import attrs_identical
     for i, a in enumerate(g2.nodes):
         for b in g2.nodes[:i]:
