@@ -17,18 +17,8 @@ import torch
 
 import llmasos
 import llmasos.backends.tvm  # noqa: F401  (sizes the TVM thread pool; recorded in env below)
+from llmasos.compiled import median_seconds
 from llmasos.zoo import from_preset
-
-
-def median_time(fn, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def bench(name: str, batch: int, seq: int, repeat: int) -> dict:
@@ -38,12 +28,13 @@ def bench(name: str, batch: int, seq: int, repeat: int) -> dict:
     t0 = time.perf_counter()
     cm = llmasos.compile(model, target="cpu", example_inputs=(ids,), max_batch=max(8, batch), max_seq=max(seq, 256))
     compile_s = time.perf_counter() - t0
+    # torch first: TVM's worker threads spin after each call and would steal cores from a torch run after them
     with torch.no_grad():
+        torch_s = median_seconds(lambda: model(ids), repeat)
         ref = model(ids).logits
         got = cm(ids).logits
         err = (got - ref).abs().max().item()
-        torch_s = median_time(lambda: model(ids), repeat)
-    ours_s = median_time(lambda: cm(ids), repeat)
+    ours_s = median_seconds(lambda: cm(ids), repeat)
     return {
         "model": name, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "batch": batch, "seq": seq, "ir_nodes": len(cm.graph.nodes),

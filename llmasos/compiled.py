@@ -94,14 +94,18 @@ class CompiledModel:
 
     def benchmark(self, *args, warmup: int = 2, repeat: int = 10) -> float:
         """Median seconds per call."""
-        for _ in range(warmup):
-            self(*args)
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            self(*args)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        return median_seconds(lambda: self(*args), repeat, warmup)
+
+
+def median_seconds(fn, repeat: int = 10, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def _torch_name(dt) -> str:

@@ -177,3 +177,18 @@ def index(ctx, x, indices):
     perm = list(range(nb, nb + p0)) + list(range(nb)) + list(range(nb + p0, nb + len(rest)))
     return ctx.emit("permute", [y], perm=perm)
 
+
+
+@converter("aten.diff.default")
+def diff(ctx, x, n=1, dim=-1, prepend=None, append=None):
+    """torch.diff: n-th forward difference along dim (xor for bool, as torch), with optional prepend/append."""
+    axis = _axis(ctx, dim, x.type.rank)
+    dt = ctx.out_type().dtype
+    parts = [ctx.cast(p, dt) for p in (prepend, x, append) if p is not None]
+    y = ctx.emit("concat", parts, axis=axis) if len(parts) > 1 else parts[0]
+    for _ in range(n):
+        size = y.type.shape[axis]
+        hi = ctx.emit("slice", [y], axis=axis, start=1, end=size, step=1)
+        lo = ctx.emit("slice", [y], axis=axis, start=0, end=_dim(size - 1), step=1)
+        y = ctx.emit("ne" if dt is DType.bool else "sub", [hi, lo])
+    return y

@@ -360,3 +360,21 @@ def test_op_without_converter_falls_back_to_decomposition():
     x = torch.randn(3, 7, 5)  # tril of a non-square trailing matrix
     with torch.no_grad():
         assert_close(run_imported(imp, {"x": x}), m(x), "tril")
+
+
+class _Diff(torch.nn.Module):
+    def forward(self, x):
+        first = x[:, :1] - 1
+        return torch.diff(x, dim=-1, prepend=first), torch.diff(x > 0, n=2, dim=1)
+
+
+def test_diff_converts_without_decomposition():
+    m = _Diff()
+    imp = te.import_module(m, (torch.randn(2, 6),))
+    assert not imp.decomposed
+    for b, s in [(1, 5), (3, 9)]:
+        x = torch.randn(b, s)
+        got = run(imp.graph, [x.numpy()])
+        ref = m(x)
+        np.testing.assert_allclose(got[0], ref[0].numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(got[1], ref[1].numpy())
