@@ -33,7 +33,7 @@ PLUGIN_GROUP = "llmasos.passes"
 EXACT_RTOL = 1e-6
 _NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # Modules whose import registers the passes that ship with llmasos.
-BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse")
+BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass")
 
 
 class PassError(Exception):
