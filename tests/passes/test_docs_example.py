@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmasos.passes import base
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "passes.md"
@@ -23,11 +22,8 @@ def _blocks(marker: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-def isolated_registry(monkeypatch):
+def isolated_registry(registry, monkeypatch):
     """The example registers 'strength-reduce'; keep it out of the registry other tests see."""
-    base._ensure_loaded()
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_SOURCES", dict(base._SOURCES))
     spec = importlib.util.spec_from_file_location("docs_example_my_pass", ROOT / "docs/examples/my_pass.py")
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, mod)

@@ -14,18 +14,9 @@ from llmasos.ir.interpreter import run
 from llmasos.ir.verifier import verify
 from llmasos.passes import (NumericDriftError, Pass, PassError, PassManager, PassVerificationError, all_passes,
                             get_pass, register_pass)
-from llmasos.passes import base
 from tests.graph_strategies import graphs, graphs_with_inputs, random_inputs
 
 F32 = DType.f32
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    base._ensure_loaded()
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_SOURCES", dict(base._SOURCES))
-    return base
 
 
 def small_graph() -> Graph:

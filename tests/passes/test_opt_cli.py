@@ -125,14 +125,10 @@ def test_the_installed_command_reads_a_pipe():
     assert bad.stderr == "llmasos opt: error: pipeline: column 5: expected a pass name, found ','\n  dce,,cse\n      ^\n"
 
 
-def test_check_numerics_reports_drift(capsys, monkeypatch):
+def test_check_numerics_reports_drift(capsys, monkeypatch, registry):
     from dataclasses import dataclass
 
-    from llmasos.passes import Pass, base, register_pass
-
-    base._ensure_loaded()
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_SOURCES", dict(base._SOURCES))
+    from llmasos.passes import Pass, register_pass
 
     @register_pass("add-to-sub")
     @dataclass(frozen=True)

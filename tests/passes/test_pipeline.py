@@ -16,15 +16,6 @@ from llmasos.passes.dce import DeadCodeElimination
 
 
 @pytest.fixture
-def registry(monkeypatch):
-    """A scratch copy of the registry: passes registered by a test vanish after it."""
-    base._ensure_loaded()
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_SOURCES", dict(base._SOURCES))
-    return base
-
-
-@pytest.fixture
 def quantize(registry):
     @register_pass("quantize")
     @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from llmasos.ir import DType, Graph, TensorType, print_graph
 from llmasos.ir.interpreter import run
 from llmasos.ir.verifier import verify
 from llmasos.passes import PassError, PassManager, all_passes, get_pass
-from llmasos.passes.rewrite_pass import RULES_DIR, shipped_rule_sets
+from llmasos.passes.rewrite import apply_rules
+from llmasos.passes.rewrite_pass import RULES_DIR, load_rule_set, shipped_rule_sets
 from tests.graph_strategies import graphs_with_inputs
 
 F32 = DType.f32
@@ -162,7 +163,13 @@ def test_canonicalize_is_bit_exact_on_planted_random_graphs(case):
     planted = _plant(g)
     want = run(g, inputs)
     out = PassManager("canonicalize,dce").run(g)
-    assert len(out.nodes) <= len(g.nodes) - 9 * planted  # each planted chain shrinks by at least 9 nodes
+    # canonicalize reaches its fixed point: none of its rules finds anything left to rewrite. (A node count
+    # bound is wrong here: reshape(reshape(v)) where v is itself a reshape with other users merges into a
+    # new node while v stays.)
+    stats: dict = {}
+    apply_rules(out, load_rule_set("canonicalize", "canonicalize"), stats=stats)
+    assert not stats, stats
+    assert len(out.nodes) < len(g.nodes) or planted == 0
     verify(out)
     got = run(out, inputs)
     for w, o in zip(want, got):
