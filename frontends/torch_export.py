@@ -71,7 +71,7 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
                              f"got {dynamic_shapes!r}")
         # named Dims keep batch=1 in range (torch.export's AUTO hints assume sizes >= 2); where the model
         # pins a dim (an MLP's features on dim 1), the next spec lets torch specialise it instead
-        args, kwargs = _batch_of_two(args, kwargs)
+        args, kwargs = batch_of_two(args, kwargs)
         err = None
         for seq_hint in ("named", "auto"):
             spec = auto_dynamic_shapes(model, args, kwargs, max_batch, max_seq, seq_hint=seq_hint)
@@ -83,7 +83,7 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
     return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
 
 
-def _batch_of_two(args, kwargs):
+def batch_of_two(args, kwargs):
     """Example inputs with batch 1 repeated to 2: torch.export specialises an example size of 1, and under
     "auto" every dim 0 is the batch, so tracing a batch of two describes the same program."""
     import torch
@@ -99,7 +99,7 @@ def _batch_of_two(args, kwargs):
 
 def default_max_seq(model) -> int:
     cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
         v = getattr(cfg, attr, None)
         if isinstance(v, int) and v >= 2:
             return v
@@ -121,14 +121,17 @@ def auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int = 64, m
     batch = Dim("batch", min=1, max=max_batch)
     seq = Dim("seq", min=2, max=max_seq) if seq_hint == "named" else Dim.AUTO(min=2, max=max_seq)
 
-    def spec(x):
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            return None
-        return {0: batch, 1: seq} if x.dim() >= 2 else {0: batch}
-
     fn = model.forward if isinstance(model, torch.nn.Module) else model
     bound = inspect.signature(fn).bind(*args, **kwargs)
-    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+    return {name: tree_map(lambda x: tensor_spec(x, batch, seq), value) for name, value in bound.arguments.items()}
+
+
+def tensor_spec(x, batch, seq):
+    """The "auto" dims of one input: batch on dim 0, seq on dim 1 of rank >= 2 tensors, nothing otherwise."""
+    import torch
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return None
+    return {0: batch, 1: seq} if x.dim() >= 2 else {0: batch}
 
 
 def decomposition_table() -> dict:

@@ -30,6 +30,7 @@ from llmasos.ir import Graph, TensorType, Value, sym
 from llmasos.ir.opset.creation import MAX_INLINE_ELEMENTS
 from llmasos.ir.types import dim_str, dims_equal
 
+from .torch_export import batch_of_two, default_max_seq, tensor_spec
 from .mlir_ops import (MLIR_CONVERTERS, ConvertContext, MlirImportError, UnsupportedMlirOpError, mlir_dtype,
                        parse_vtensor, register_mlir_converter)
 
@@ -40,28 +41,11 @@ __all__ = ["import_module", "export_to_mlir", "import_mlir", "register_mlir_conv
 KEEP_WHOLE = ("aten.scaled_dot_product_attention", "aten.linear", "aten.layer_norm", "aten.rms_norm",
               "aten.gelu", "aten.silu", "aten.softmax.int", "aten.log_softmax.int", "aten.embedding",
               "aten.matmul", "aten.addmm")
-DEFAULT_MAX_SEQ = 2048
 _INT64_MAX = 2 ** 63 - 1
 _BLOB_PREFIX = "llmasos_literal_"
 
 
 # -- export ----------------------------------------------------------------------------------------------------
-def default_max_seq(model) -> int:
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v >= 2:
-            return v
-    return DEFAULT_MAX_SEQ
-
-
-def _auto_spec(x, batch, seq):
-    import torch
-    if not isinstance(x, torch.Tensor) or x.dim() == 0:
-        return None
-    return {0: batch, 1: seq} if x.dim() >= 2 else {0: batch}
-
-
 @functools.lru_cache(maxsize=None)
 def _decomposition_table_items():
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
@@ -230,17 +214,11 @@ def export_to_mlir(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch
         from torch.export import Dim
         from torch.utils._pytree import tree_map
 
-        # torch specialises an example size of 1; every dim 0 is the batch, so a batch of two traces the
-        # same program (as the torch.export frontend does)
-        def grow(x):
-            return x.expand(2, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.dim() and \
-                x.shape[0] == 1 else x
-
-        args, kwargs = tree_map(grow, args), tree_map(grow, kwargs)
+        args, kwargs = batch_of_two(args, kwargs)  # torch specialises an example size of 1
         bound = _bound_arguments(model, args, kwargs)
         batch = Dim("batch", min=1, max=max_batch)
         seq = Dim("seq", min=2, max=max_seq if max_seq is not None else default_max_seq(model))
-        dynamic_shapes = {k: tree_map(lambda x: _auto_spec(x, batch, seq), v) for k, v in bound.items()}
+        dynamic_shapes = {k: tree_map(lambda x: tensor_spec(x, batch, seq), v) for k, v in bound.items()}
 
     ep, dynamic_shapes = _export(model, args, kwargs, dynamic_shapes, auto)
     ep = ep.run_decompositions(dict(_decomposition_table_items()))
