@@ -1,0 +1,150 @@
+"""How many kernels a compiled graph launches per call: ``kernel_stats(graph, target) -> dict``.
+
+The count is read from the Relax module at the point TVM's pipeline has fused it (FuseOps + FuseTIR) and
+turned view-only reshapes into ``R.reshape`` (RewriteDataflowReshape): every ``call_tir`` /
+``call_dps_packed`` left in ``main`` then is one kernel launch per call (main has no control flow, so the
+static count is the dynamic one). Weight preparation lifted into ``main_transform_params`` runs once at
+load and is reported on its own.
+
+The pass list replicates build.relax_pipeline up to that point instead of sharing code with it: the
+schedule rules that follow (cpu_schedule / DLight) rewrite loops inside a PrimFunc but never split or merge
+PrimFuncs, so they are left out (they are most of the pipeline's time), and build.py stays untouched.
+Keep the two in step when build.relax_pipeline changes its fusion-relevant passes.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from ...ir.graph import Graph
+from .build import MAIN, TRANSFORM
+from .targets import TargetSpec, resolve_target
+
+# Relax ops whose call is one kernel launch (the callee: a PrimFunc GlobalVar or a packed function)
+_KERNEL_OPS = ("relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad", "relax.call_dps_packed")
+# packed calls to VM builtins are runtime bookkeeping (shape checks, allocation), not kernels
+_PACKED_OPS = ("relax.call_pure_packed", "relax.call_packed")
+
+
+def fused_module(graph: Graph, target: Any = "cpu"):
+    """The Relax IRModule of ``graph`` as build() has it right after fusion and reshape-to-view rewriting."""
+    import tvm
+    from tvm import relax
+
+    from .lower import lower
+
+    spec = resolve_target(target)
+    mod = lower(graph, spec)
+    if spec.lift_params:
+        mod = relax.transform.LiftTransformParams()(mod)
+    config = {"s_tir.LoopPartition": {"partition_const_loop": True}} if spec.device == "cpu" else {}
+    target_obj = spec.tvm_target()
+    with tvm.transform.PassContext(opt_level=3, config=config), target_obj:
+        return tvm.transform.Sequential(_passes(spec, target_obj))(mod)
+
+
+def _passes(spec: TargetSpec, target) -> list:
+    from tvm import relax
+
+    if target.kind.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+    fast = []
+    if spec.schedule == "llmasos-cpu" and spec.extra.get("fast_math", True):
+        fast = [relax.transform.FastMathTransform()]
+    return (fast + backend.library_dispatch_passes(target) + backend.legalize_passes(target)
+            + [relax.transform.RewriteDataflowReshape()])
+
+
+def kernel_stats(graph: Graph, target: Any = "cpu") -> dict:
+    """Kernel launches per call of ``main`` for ``graph`` built for ``target``.
+
+    Returns ``{"kernels": int, "by_name": Counter(callee name without digits -> launches), "gemm": launches
+    of kernels with a matmul reduction, "transform_params_kernels": launches in main_transform_params}``.
+    """
+    mod = fused_module(graph, target)
+    calls = _kernel_calls(mod, MAIN)
+    gemm_funcs = {name for name, f in _prim_funcs(mod).items() if _has_matmul_reduction(f)}
+    return {
+        "kernels": len(calls),
+        "by_name": Counter(_strip_digits(c) for c in calls),
+        "gemm": sum(1 for c in calls if c in gemm_funcs),
+        "transform_params_kernels": len(_kernel_calls(mod, TRANSFORM)) if _has_func(mod, TRANSFORM) else 0,
+    }
+
+
+def _has_func(mod, name: str) -> bool:
+    return any(gv.name_hint == name for gv in mod.functions)
+
+
+def _prim_funcs(mod) -> dict:
+    from tvm import tirx
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
+
+
+def _kernel_calls(mod, func_name: str) -> list:
+    """Callee names of the kernel launches in ``func_name``, in binding order."""
+    from tvm import relax
+
+    func = mod[func_name]
+    names = []
+
+    @relax.expr_functor.visitor
+    class _Calls(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            op = call.op
+            if isinstance(op, tvm_ir_op()) and op.name in _KERNEL_OPS:
+                names.append(_callee_name(call.args[0]))
+            elif isinstance(op, tvm_ir_op()) and op.name in _PACKED_OPS:
+                callee = _callee_name(call.args[0])
+                if not callee.startswith("vm.builtin."):
+                    names.append(callee)
+            elif isinstance(op, relax.ExternFunc) and not op.global_symbol.startswith("vm.builtin."):
+                names.append(op.global_symbol)
+            elif isinstance(op, relax.GlobalVar) and op.name_hint in _prim_funcs(mod):
+                names.append(op.name_hint)  # a direct PrimFunc call (after CallTIRRewrite)
+            for a in call.args:
+                self.visit_expr(a)
+
+    _Calls().visit_expr(func)
+    return names
+
+
+def tvm_ir_op():
+    import tvm
+    return tvm.ir.Op
+
+
+def _callee_name(expr) -> str:
+    import tvm
+    from tvm import relax
+    if isinstance(expr, relax.GlobalVar):
+        return expr.name_hint
+    if isinstance(expr, relax.ExternFunc):
+        return expr.global_symbol
+    if isinstance(expr, tvm.ir.StringImm):
+        return expr.value
+    return type(expr).__name__
+
+
+def _strip_digits(name: str) -> str:
+    # FuseTIR numbers duplicates (fused_matmul1_add2); the digit-free name groups kernels of one kind
+    return re.sub(r"\d+", "", name)
+
+
+def _has_matmul_reduction(func) -> bool:
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    # TIR's statement visitors are not exposed to Python in TVM 0.27; the schedule's block tree is
+    sch = s_tir.Schedule(func)
+    todo = list(sch.get_child_blocks(get_root_block(sch)))
+    while todo:
+        b = todo.pop()
+        block = sch.get(b)
+        if "matmul" in block.name_hint and any(iv.iter_type == tirx.IterVar.CommReduce for iv in block.iter_vars):
+            return True
+        todo.extend(sch.get_child_blocks(b))
+    return False
