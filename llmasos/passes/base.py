@@ -33,7 +33,8 @@ PLUGIN_GROUP = "llmasos.passes"
 EXACT_RTOL = 1e-6
 _NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # Modules whose import registers the passes that ship with llmasos.
-BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass")
+BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass",
+                   "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise")
 
 
 class PassError(Exception):

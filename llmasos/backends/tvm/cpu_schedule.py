@@ -221,6 +221,41 @@ class Elementwise(ScheduleRule):
         sch.parallel(_fuse(sch, loops))
 
 
+class AddNorm(ScheduleRule):
+    """fused.add_rms_norm / add_layer_norm (lowering_fused): the residual sum is an output as well as the
+    norm's input, which DLight's CPU Reduction rule cannot place (it compute_at's every producer, and an
+    output block cannot move). Here everything moves under the sum's row loop instead, one row per
+    iteration, rows in parallel, inner loops vectorised."""
+
+    NORMS = ("rms_norm", "layer_norm")
+
+    def apply(self, func, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not _is_llvm(target):
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            blocks = sch.get_child_blocks(get_root_block(sch))
+            names = [sch.get(b).name_hint for b in blocks]
+            if len(blocks) < 3 or names[0] != "T_add" or names[-1] not in self.NORMS:
+                return None
+            loops = sch.get_loops(blocks[0])
+            row = _fuse(sch, loops[:-1]) if len(loops) > 1 else None
+            if row is None:
+                return None
+            for b in blocks[1:]:
+                sch.reverse_compute_at(b, row)
+            sch.parallel(row)
+            lanes = _lanes(target, 32)
+            for b in (blocks[0], blocks[-1]):
+                inner = sch.get_loops(b)[-1]
+                n = _extent(sch, inner)
+                if n is not None and n % lanes == 0:
+                    sch.vectorize(sch.split(inner, [None, lanes])[1])
+            return sch
+        except Exception:  # noqa: BLE001 -- another shape: left to the next rule
+            return None
+
+
 def default_rules():
     """The rule list for llvm targets, tried in order on each PrimFunc."""
-    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise()]
+    return [Matmul(), AddNorm(), dl.cpu.GEMV(), dl.cpu.Reduction(), Elementwise()]

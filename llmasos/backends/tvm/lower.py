@@ -14,6 +14,7 @@ from tvm import tirx as tir
 
 from ...ir.graph import Graph
 from ...ir.types import TensorType, dim_str
+from . import lowering_fused  # noqa: F401  (registers the fused ops' lowerings)
 from .lowering import LowerContext, LoweringError, get_lowering, tvm_dtype
 
 
@@ -51,6 +52,9 @@ def lower(graph: Graph, spec=None) -> tvm.IRModule:
                         var = r if isinstance(r, relax.Var) else bb.emit(r, name_hint=out.name)
                         _check_type(var, out.type)
                         env[out] = var
+                    if _param_only(node, ctx):
+                        # e.g. concat of Q/K/V weights: LiftTransformParams runs it once, at load
+                        ctx.params.update(node.outputs)
                 except LoweringError as e:
                     raise LoweringError(f"{node.describe()}: {e}") from e
                 except Exception as e:  # TVM raises its own errors; name the node that caused them
@@ -59,6 +63,14 @@ def lower(graph: Graph, spec=None) -> tvm.IRModule:
             out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _param_only(node, ctx) -> bool:
+    """Whether a node computes from parameters (and constants) alone, with static result shapes."""
+    if not node.inputs or not all(o.type.is_static for o in node.outputs):
+        return False
+    return all(ctx.is_param(v) or (v.producer is not None and v.producer.op == "const") for v in node.inputs) \
+        and any(ctx.is_param(v) for v in node.inputs)
 
 
 def _symbol_vars(graph: Graph) -> dict:

@@ -377,12 +377,14 @@ def _weight_panels(ctx, node, i) -> bool:
             and w.dtype is DType.f32 and node.inputs[0].type.dtype is DType.f32)
 
 
-def _panel_matmul(ctx, node, x, w, bias, transposed: bool):
+def _panel_matmul(ctx, node, x, w, bias, transposed: bool, act=None):
     """x @ W (+ bias) with W repacked once, at load, into NR-column panels [ceil(N/NR), K, NR].
 
     Each register tile of the CPU GEMM (cpu_schedule.Matmul) then streams one contiguous panel instead of
     NR-float pieces of K rows N floats apart; N is zero-padded to whole panels (GPT-2's 50257-word head)
-    and the padding sliced off the result.
+    and the padding sliced off the result. ``act`` (a TE tensor -> tensor function) is applied in the same
+    epilogue as the bias, before the reshape to [..., N] -- a reshape between GEMM and activation would
+    keep TVM's FuseOps from fusing them.
     """
     nr = ctx.panel_width()
     if transposed:  # linear: W [N, K]
@@ -407,6 +409,8 @@ def _panel_matmul(ctx, node, x, w, bias, transposed: bool):
                        lambda *i: te.sum(x(*i[:-2], r) * wp[i[-2], r, i[-1]], axis=r), name="panel_matmul")
         if b:
             y = te.compute(y.shape, lambda *i: y(*i) + b[0][i[-2] * nr + i[-1]], name="bias_add")
+        if act is not None:
+            y = act(y)
         return y
     y = ctx.emit_te(gemm, x, panels, *([bias] if bias is not None else []), name="panel_matmul")
     lead = ctx.shape(node.inputs[0])[:-1]

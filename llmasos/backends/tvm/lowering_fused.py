@@ -1,0 +1,163 @@
+"""Lowerings of the fused ops (llmasos/ir/opset/fused.py), each to one kernel.
+
+* GEMM + bias + activation: on the CPU the activation joins the panel GEMM's TE epilogue (one PrimFunc the
+  Matmul schedule writes back tile by tile); elsewhere the GEMM and the activation are emitted back to
+  back with nothing between them, which TVM's FuseOps turns into one kernel (matmul + injective epilogue).
+* residual add + norm: one TE function with two outputs (the sum and the normed rows).
+* fused.elementwise: its ops, emitted through their own lowerings as one chain of injective Relax ops with
+  single uses, which FuseOps always fuses into one kernel.
+"""
+from __future__ import annotations
+
+import math
+
+from tvm import relax, te, topi
+from tvm import tirx as tir
+
+from ...ir.graph import Graph
+from ...ir.opset.fused import ACTIVATIONS, parse_expr
+from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, get_lowering, register_lowering,
+                       tvm_dtype)
+
+
+def _fast(ctx) -> bool:
+    spec = ctx.spec
+    return spec is not None and spec.device == "cpu" and spec.extra.get("fast_math", True)
+
+
+def te_activation(ctx, act: str):
+    """``act`` as a TE tensor -> tensor function (polynomial exp/tanh/erf on the CPU, as FastMath gives)."""
+    if ACTIVATIONS[act] is None:
+        return None
+    fast = _fast(ctx)
+    exp = topi.fast_exp if fast else topi.exp
+    tanh = topi.fast_tanh if fast else topi.tanh
+    erf = topi.fast_erf if fast else topi.erf
+
+    def c(v, y):
+        return tir.const(v, y.dtype)
+
+    if act == "relu":
+        return topi.nn.relu
+    if act == "tanh":
+        return tanh
+    if act == "sigmoid":
+        return lambda y: topi.divide(c(1.0, y), topi.add(c(1.0, y), exp(topi.negative(y))))
+    if act == "silu":
+        return lambda y: topi.divide(y, topi.add(c(1.0, y), exp(topi.negative(y))))
+    if act == "gelu":
+        return lambda y: topi.multiply(topi.multiply(c(0.5, y), y),
+                                       topi.add(c(1.0, y), erf(topi.multiply(y, c(1 / math.sqrt(2.0), y)))))
+    if act == "gelu_tanh":
+        def gelu_tanh(y):
+            y3 = topi.multiply(topi.multiply(y, y), y)
+            inner = topi.multiply(c(math.sqrt(2.0 / math.pi), y), topi.add(y, topi.multiply(c(0.044715, y), y3)))
+            return topi.multiply(topi.multiply(c(0.5, y), y), topi.add(c(1.0, y), tanh(inner)))
+        return gelu_tanh
+    raise LoweringError(f"activation {act!r} has no TE form")
+
+
+def sub_node(op: str, inputs: list, attrs: dict):
+    """A scratch node of ``op`` over values typed like ``inputs`` (to reuse an op's own lowering)."""
+    g = Graph("sub")
+    vals = [g.add_input(f"in{i}", v.type if hasattr(v, "type") else v) for i, v in enumerate(inputs)]
+    out = g.add_node(op, vals, attrs)
+    return (out[0] if isinstance(out, tuple) else out).producer
+
+
+def _emit_op(ctx, op: str, attrs: dict, in_types: list, args: list):
+    node = sub_node(op, in_types, attrs)
+    saved, ctx.node = ctx.node, node
+    try:
+        r = get_lowering(op)(ctx, node, args)
+    finally:
+        ctx.node = saved
+    return (r if isinstance(r, relax.Var) else ctx.emit(r)), node.outputs[0].type
+
+
+def _gemm(base: str):
+    def lower(ctx, node, args):
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else None
+        act = node.attrs["act"]
+        if _weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
+            return _panel_matmul(ctx, node, x, w, bias, transposed=(base == "linear"), act=te_activation(ctx, act))
+        ins = [v.type for v in node.inputs]
+        if base == "linear":
+            y, t = _emit_op(ctx, "linear", {}, ins, list(args))
+        else:
+            y, t = _emit_op(ctx, "matmul", {}, ins[:2], [x, w])
+            if bias is not None:
+                y, t = _emit_op(ctx, "add", {}, [t, ins[2]], [y, bias])
+        if ACTIVATIONS[act] is None:
+            return y
+        op, attrs = ACTIVATIONS[act]
+        return _emit_op(ctx, op, attrs, [t], [y])[0]
+    return lower
+
+
+register_lowering("fused.linear_act", _gemm("linear"))
+register_lowering("fused.matmul_act", _gemm("matmul"))
+
+
+def _add_norm(norm: str):
+    def lower(ctx, node, args):
+        x_t = node.inputs[0].type
+        if node.attrs["ndim"] != 1:  # rare: two kernels, through the ops' own lowerings
+            s, st = _emit_op(ctx, "add", {}, [x_t, node.inputs[1].type], args[:2])
+            y, _ = _emit_op(ctx, norm, dict(node.attrs), [st, *[v.type for v in node.inputs[2:]]], [s, *args[2:]])
+            return s, y
+        dt, acc = tvm_dtype(x_t.dtype), tvm_dtype(_acc_dtype(x_t.dtype))
+        eps = node.attrs["eps"]
+        has_w, has_b = len(args) > 2, len(args) > 3
+
+        def f(x, r, *wb):
+            s = topi.add(x, r)
+            n = s.shape[-1]
+            rows = s.shape[:-1]
+
+            def a(t, *i):
+                return t(*i).astype(acc)
+
+            def norm_rows(scale_src, centred):
+                def out(*i):
+                    v = centred(*i) * scale_src(*i[:-1])
+                    if has_w:
+                        v = v * a(wb[0], i[-1])
+                    if has_b:
+                        v = v + a(wb[1], i[-1])
+                    return v.astype(dt)
+                return te.compute(s.shape, out, name=norm)
+
+            nf = tir.Cast(acc, n)
+            if norm == "rms_norm":
+                k = te.reduce_axis((0, n), "k")
+                ss = te.compute(rows, lambda *i: te.sum(a(s, *i, k) * a(s, *i, k), axis=k), name="sum_sq")
+                inv = te.compute(rows, lambda *i: tir.rsqrt(ss(*i) / nf + tir.const(eps, acc)), name="inv_rms")
+                return [s, norm_rows(inv, lambda *i: a(s, *i))]
+            k1, k2 = te.reduce_axis((0, n), "k1"), te.reduce_axis((0, n), "k2")
+            total = te.compute(rows, lambda *i: te.sum(a(s, *i, k1), axis=k1), name="row_sum")
+            mean = te.compute(rows, lambda *i: total(*i) / nf, name="mean")
+            sq = te.compute(rows, lambda *i: te.sum((a(s, *i, k2) - mean(*i)) * (a(s, *i, k2) - mean(*i)), axis=k2),
+                            name="sum_sq")
+            inv = te.compute(rows, lambda *i: tir.rsqrt(sq(*i) / nf + tir.const(eps, acc)), name="inv_std")
+            return [s, norm_rows(inv, lambda *i: a(s, *i) - mean(*i[:-1]))]
+
+        out = ctx.emit_te(f, *args, name=f"add_{norm}")
+        return [ctx.emit(relax.TupleGetItem(out, 0), "residual"), ctx.emit(relax.TupleGetItem(out, 1), norm)]
+    return lower
+
+
+register_lowering("fused.add_rms_norm", _add_norm("rms_norm"))
+register_lowering("fused.add_layer_norm", _add_norm("layer_norm"))
+
+
+@register_lowering("fused.elementwise")
+def _elementwise(ctx, node, args):
+    def build(e):
+        if isinstance(e, int):
+            return args[e], node.inputs[e].type
+        op, attrs, sub = e
+        built = [build(a) for a in sub]
+        return _emit_op(ctx, op, dict(attrs), [t for _, t in built], [v for v, _ in built])
+    return build(parse_expr(node.attrs["expr"]))[0]
