@@ -1,7 +1,9 @@
 """The rewrite driver: apply rule sets to a fixed point, with a guard against rules that never stop.
 
-Only the root of a match is replaced (its uses are redirected to the replacement); interior nodes stay as
-long as something else uses them, and a final cleanup drops nodes whose results nobody uses.
+Only the root of a match is replaced (its uses are redirected to the replacement) -- or, for a rule with a
+result list, the root and the listed interior values, one result of the replacement each; interior nodes
+stay as long as something else uses them, and a final cleanup drops nodes whose results nobody uses. Every
+result of every node is tried as a root.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from llmasos.ir import Graph, Value
 from llmasos.ir.graph import attrs_equal
 
 from .pattern import match
-from .rule import Builder, RewriteError, Rule
+from .rule import Builder, Decline, RewriteError, Rule
 
 
 class RuleSet:
@@ -76,17 +78,16 @@ def rewrite(graph: Graph, rules, *, max_iterations: int = 100, max_rewrites: int
         it += 1
         fired = Counter()
         for node in list(g.nodes):
-            if len(node.outputs) != 1:
-                continue
-            for rule in rules:
-                if _try(g, rule, node):
-                    fired[rule.name] += 1
-                    total += 1
-                    if total > max_rewrites:
-                        stats.update(fired)
-                        raise RewriteError(f"gave up after {max_rewrites} rewrites (rules that may loop); "
-                                           f"rules that kept firing: {_firing(stats)}")
-                    break
+            for root in list(node.outputs):
+                for rule in rules:
+                    if _try(g, rule, node, root):
+                        fired[rule.name] += 1
+                        total += 1
+                        if total > max_rewrites:
+                            stats.update(fired)
+                            raise RewriteError(f"gave up after {max_rewrites} rewrites (rules that may loop); "
+                                               f"rules that kept firing: {_firing(stats)}")
+                        break
         stats.update(fired)
         _dce(g)
         if not fired:
@@ -106,42 +107,123 @@ def _firing(stats: Counter) -> str:
     return ", ".join(f"{n} ({c}x)" for n, c in stats.most_common()) or "none"
 
 
-def first_match(rule: Rule, root: Value) -> Optional[dict]:
+def first_match(rule: Rule, root: Value, graph: Optional[Graph] = None) -> Optional[dict]:
+    """The first bindings under which ``rule`` matches at ``root`` and its constraint holds.
+
+    ``graph`` (bound as ``$graph``) is needed by constraints that count uses (``users(v)``)."""
     for b in match(rule.pattern, root, {}):
-        b = {**b, "$root": root}
+        b = {**b, "$root": root, "$graph": graph}
         if rule.constraint is None or rule.constraint(b):
             return b
     return None
 
 
-def _try(g: Graph, rule: Rule, node) -> bool:
-    root = node.outputs[0]
-    m = first_match(rule, root)
-    if m is None:
-        return False
+def build(g: Graph, rule: Rule, m: dict, loc: Optional[str] = None):
+    """Build the replacement into ``g``; returns (what it returned, the added nodes) with the nodes taken out
+    of ``g`` again, or (None, reason) if the rule declines or the match is rejected (it would form a cycle).
+    Raises RewriteError if the replacement fails or has the wrong types."""
     start = len(g.nodes)
     try:
-        new = rule.replacement(Builder(g, loc=node.loc), m)
+        new = rule.replacement(Builder(g, loc=loc), m)
+    except Decline as e:
+        del g.nodes[start:]
+        return None, f"replacement declined: {e}"
     except Exception as e:
         del g.nodes[start:]
-        raise RewriteError(f"{rule.where()} failed to build its replacement at {node.describe()}: {e}") from e
+        raise RewriteError(f"{rule.where()} failed to build its replacement at {_at(m)}: {e}") from e
     added = g.nodes[start:]
-    if not isinstance(new, Value) or new.type != root.type:
-        del g.nodes[start:]
-        got = new.type if isinstance(new, Value) else repr(new)
-        raise RewriteError(f"{rule.where()} at {node.describe()}: replacement has type {got}, "
-                           f"the replaced value %{root.name} has {root.type}")
-    if new is root or _same_node(new.producer, node):
-        del g.nodes[start:]  # rebuilding the root as it was is no rewrite (and would never settle)
-        return False
-    # replacement nodes use only bound values (which dominate the root) and each other
     del g.nodes[start:]
+    olds = rule.replaced(m)
+    problem = rule.check_outputs(new, olds)
+    if problem:
+        raise RewriteError(f"{rule.where()} at {_at(m)}: {problem}")
+    cycle = _cycle(added, new if rule.results is not None else (new,), olds)
+    if cycle:
+        return None, cycle
+    return new, added
+
+
+def _at(m: dict) -> str:
+    root = m["$root"]
+    return root.producer.describe() if root.producer is not None else f"%{root.name}"
+
+
+def _cycle(added: list, news, olds: list) -> Optional[str]:
+    """Why replacing ``olds`` by ``news`` would make a cycle (an input of the new nodes depends on a replaced
+    value), else None."""
+    made = {id(n) for n in added}
+    inputs = [v for n in added for v in n.inputs if v.producer is None or id(v.producer) not in made]
+    inputs += [v for v in news if v.producer is None or id(v.producer) not in made]  # passed through as is
+    replaced = {id(v): v for v in olds}
+    if len(replaced) != len(olds):
+        return "match rejected: the result list names one value twice"
+    seen: set = set()
+    for start in inputs:
+        todo = [start]
+        while todo:
+            v = todo.pop()
+            if id(v) in replaced:
+                return (f"match rejected: replacement input %{start.name} "
+                        f"{'is' if v is start else 'depends on'} %{v.name}, which the rule replaces; "
+                        f"rewriting would create a cycle")
+            if len(olds) == 1:
+                break  # single result: inputs are bound below the root, only the root itself can be one
+            if id(v) in seen or v.producer is None:
+                continue
+            seen.add(id(v))
+            todo.extend(v.producer.inputs)
+    return None
+
+
+def _try(g: Graph, rule: Rule, node, root: Value) -> bool:
+    m = first_match(rule, root, g)
+    if m is None:
+        return False
+    new, added = build(g, rule, m, node.loc)
+    if new is None:
+        return False
+    olds = rule.replaced(m)
+    news = list(new) if rule.results is not None else [new]
+    if all(n is o or (n.producer is not None and o.producer is not None and n.index == o.index
+                      and _same_node(n.producer, o.producer)) for n, o in zip(news, olds)):
+        return False  # rebuilding the replaced values as they were is no rewrite (and would never settle)
+    # replacement nodes use only bound values (which dominate the root) and each other
     i = g.nodes.index(node)
     g.nodes[i:i] = added
+    subst = {id(o): n for o, n in zip(olds, news)}
     for n in g.nodes:
-        n.inputs = [new if v is root else v for v in n.inputs]
-    g.outputs = [new if v is root else v for v in g.outputs]
+        n.inputs = [subst.get(id(v), v) for v in n.inputs]
+    g.outputs = [subst.get(id(v), v) for v in g.outputs]
+    if len(olds) > 1:  # a replaced interior value may have users before the root
+        g.nodes = _toposort(g.nodes)
     return True
+
+
+def _toposort(nodes: list) -> list:
+    """``nodes`` in an order where producers come first, keeping the given order wherever it already is."""
+    pos = {id(n): i for i, n in enumerate(nodes)}
+    done: set = set()
+    entered: set = set()
+    out = []
+    for n in nodes:
+        stack = [(n, False)]
+        while stack:
+            cur, ready = stack.pop()
+            if id(cur) in done:
+                continue
+            if ready:
+                done.add(id(cur))
+                out.append(cur)
+                continue
+            if id(cur) in entered:
+                continue  # only on a cycle, which build() rejects; never loop
+            entered.add(id(cur))
+            stack.append((cur, True))
+            deps = [v.producer for v in cur.inputs if v.producer is not None and id(v.producer) in pos
+                    and id(v.producer) not in done]
+            for d in sorted(deps, key=lambda d: -pos[id(d)]):
+                stack.append((d, False))
+    return out
 
 
 def _same_node(a, b) -> bool:

@@ -1,10 +1,12 @@
-""""Why didn't it match": for a rule and a node, the sub-pattern or constraint that failed."""
+""""Why didn't it match": for a rule and a node, the sub-pattern or constraint that failed, or why a match was
+rejected (the replacement declined, or a multi-result rewrite would create a cycle)."""
 from __future__ import annotations
 
 from llmasos.ir import Graph, Node, Value
 
+from .engine import build
 from .pattern import match
-from .rule import Rule
+from .rule import RewriteError, Rule
 
 
 def explain(rule: Rule, graph: Graph, node) -> str:
@@ -14,17 +16,20 @@ def explain(rule: Rule, graph: Graph, node) -> str:
     candidates = 0
     for b in match(rule.pattern, root, {}, trace):
         candidates += 1
-        b = {**b, "$root": root}
-        if rule.constraint is None:
-            return f"{rule.where()} matches %{root.name}: {_bindings(b)}"
-        try:
-            ok = rule.constraint(b)
-        except Exception as e:
-            return f"{rule.where()}: constraint `{rule.constraint}` raised {e!r} with {_bindings(b)}"
-        if ok:
-            return f"{rule.where()} matches %{root.name}: {_bindings(b)}"
-        detail = rule.constraint.describe(b) if hasattr(rule.constraint, "describe") else _bindings(b)
-        trace.append(f"constraint `{rule.constraint}` is false: {detail}")
+        b = {**b, "$root": root, "$graph": graph}
+        if rule.constraint is not None:
+            try:
+                ok = rule.constraint(b)
+            except Exception as e:
+                return f"{rule.where()}: constraint `{rule.constraint}` raised {e!r} with {_bindings(b)}"
+            if not ok:
+                detail = rule.constraint.describe(b) if hasattr(rule.constraint, "describe") else _bindings(b)
+                trace.append(f"constraint `{rule.constraint}` is false: {detail}")
+                continue
+        rejected = _trial(graph, rule, b)
+        if rejected:
+            return f"{rule.where()} matches %{root.name} but {rejected}; with {_bindings(b)}"
+        return f"{rule.where()} matches %{root.name}: {_bindings(b)}"
     what = root.producer.describe() if root.producer is not None else "a graph input or parameter"
     head = f"{rule.where()} does not match %{root.name} ({what}):"
     if not trace:
@@ -34,12 +39,26 @@ def explain(rule: Rule, graph: Graph, node) -> str:
     return "\n".join([head, *lines])
 
 
+def _trial(graph: Graph, rule: Rule, m: dict):
+    """Why the engine would not apply this match (None if it would): builds the replacement into ``graph``
+    and takes it out again, leaving the graph's names as they were."""
+    names, counter = set(graph._names), graph._counter
+    try:
+        new, why = build(graph, rule, m)
+    except RewriteError as e:
+        return f"applying it fails: {e}"
+    finally:
+        graph._names, graph._counter = names, counter
+    return why if new is None else None
+
+
 def _root(graph: Graph, node) -> Value:
     if isinstance(node, Value):
         return node
     if isinstance(node, Node):
         if len(node.outputs) != 1:
-            raise ValueError(f"{node.describe()} has {len(node.outputs)} results; rules match single results")
+            raise ValueError(f"{node.describe()} has {len(node.outputs)} results; pass the result to explain "
+                             f"(a Value or its name)")
         return node.outputs[0]
     for v in graph.values():
         if v.name == str(node).lstrip("%"):
@@ -50,7 +69,7 @@ def _root(graph: Graph, node) -> Value:
 def _bindings(b: dict) -> str:
     parts = []
     for k, v in b.items():
-        if k == "$root":
+        if k.startswith("$"):
             continue
         parts.append(f"{k} = %{v.name}: {v.type}" if isinstance(v, Value) else f"{k} = {v!r}")
     return ", ".join(parts) or "(no variables)"

@@ -7,13 +7,20 @@
     rule perm2: permute(permute(x){perm=p}){perm=q} => permute(x){perm=compose(p, q)}
     rule bias-gelu: gelu(add(matmul(x, w), b)) => ... where rank(b) == 1 and dtype(x) == f32
 
+    rule add-rms: rms_norm(s@add(x, r), w){eps=e} => fused.add_rms_norm(x, r, w){eps=e} -> (root, s)
+    rule second: neg(split(x){axis=a}[1]) => ...
+
 In patterns a bare name is a variable (``_`` matches anything), a number is an inline constant whose every
-element equals it, ``op(a, b){k=v}`` / ``op(a, b, k=v)`` an op with attributes; an attribute value that is a
-bare name (not a dtype, true/false/none) binds the attribute. In replacements names refer to what the
-pattern bound and numbers become scalar constants of their sibling operand's dtype. Constraints use
-``rank(v)``, ``dtype(v)``, ``shape(v)``, ``shape(v)[i]``, numbers, dtypes, ``== != < <= > >=``,
-``and``/``or``/``not``; ``root`` is the matched value. Replacement attributes may apply a function from
-``ATTR_FUNCTIONS`` (``compose(p, q)``: two permutations as one) to bound attributes.
+element equals it (the number rounded to the constant's dtype), ``op(a, b){k=v}`` / ``op(a, b, k=v)`` an op
+with attributes, ``op(...)[i]`` result ``i`` of a multi-result op, ``s@op(...)`` also binds the op's value
+as ``s``; an attribute value that is a bare name (not a dtype, true/false/none) binds the attribute. In
+replacements names refer to what the pattern bound, numbers become scalar constants of their sibling
+operand's dtype and ``op(...)[i]`` picks a result. ``-> (root, s)`` makes the replacement one op whose
+results replace root and s. Constraints use ``rank(v)``, ``dtype(v)``, ``shape(v)``, ``shape(v)[i]``,
+``numel(v)``, ``value(v)`` (an all-equal constant's scalar, else none), ``users(v)``, bound attribute names,
+numbers, lists, dtypes, ``== != < <= > >=``, ``and``/``or``/``not``; ``root`` is the matched value.
+Replacement attributes may apply a function from ``ATTR_FUNCTIONS`` (``compose(p, q)``: two permutations as
+one; ``value(v)``: an all-equal constant's scalar, declining the rewrite for anything else).
 
 Errors: ``RuleSyntaxError`` (line, column, caret) for malformed text; ``RuleError`` naming the rule and its
 file:line:column for unknown ops, unbound names, bad arity/attrs and replacements of the wrong type.
@@ -31,7 +38,7 @@ from lark.exceptions import UnexpectedInput
 from llmasos.ir import DType, OpError, get_op
 
 from .engine import RuleSet
-from .pattern import AttrVar, Const, Op, Var
+from .pattern import AttrVar, Const, Op, Var, const_scalar
 from .rule import ATTR_FUNCTIONS, AttrCall, Rule, RuleError, Template, TConst, TOp, TVar, check_ops
 
 
@@ -57,7 +64,7 @@ def _lark() -> Lark:
 
 DTYPE_NAMES = {d.value if isinstance(d.value, str) else str(d): d for d in DType}
 LITERAL_NAMES = {"true": True, "false": False, "none": None}
-FUNCTIONS = ("rank", "dtype", "shape")
+FUNCTIONS = ("rank", "dtype", "shape", "numel", "value", "users")
 
 
 def parse_rules(text: str, filename: str = "<rules>", name: Optional[str] = None) -> RuleSet:
@@ -96,7 +103,7 @@ def load_rules(path) -> RuleSet:
 _TERMINALS = {"IDENT": "a name", "SIGNED_NUMBER": "a number", "SIGNED_INT": "an integer", "STRING": "a string",
               "RULE": "'rule'", "RULE_NAME": "a rule name", "CMPOP": "a comparison", "AND": "'and'", "OR": "'or'",
               "NOT": "'not'", "WHERE": "'where'", "ASSIGN": "'='", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
-              "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "__ANON_0": "'=>'", "$END": "end of input"}
+              "RSQB": "']'", "AT": "'@'", "RESULTS": "'->'", "INT": "an integer", "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "__ANON_0": "'=>'", "$END": "end of input"}
 
 
 def _end(text: str) -> tuple:
@@ -108,6 +115,7 @@ class _Loader:
     def __init__(self, text: str, filename: str):
         self.text, self.filename = text, filename
         self.rule_name = "?"
+        self.attr_names: set = set()
 
     def err(self, msg: str, tok) -> RuleError:
         line, col = _pos(tok)
@@ -122,13 +130,27 @@ class _Loader:
         if not isinstance(pattern, Op):
             raise self.err(f"the pattern root must be an op, got `{pattern}`", pat_t)
         bound = pattern.var_names()
-        tmpl = Template(self.replacement(rep_t, bound))
-        constraint = _Cond(self.cond(rest[0], bound), _src(self.text, rest[0])) if rest and rest[0] else None
+        self.attr_names = _attr_names(pattern)
+        results_t = next((r for r in rest if isinstance(r, Tree) and r.data == "results"), None)
+        cond_t = next((r for r in rest if r is not None and r is not results_t), None)
+        results = None
+        if results_t is not None:
+            results = tuple(str(n) for n in results_t.children[1:])
+            for tok in results_t.children[1:]:
+                if str(tok) != "root" and str(tok) not in bound:
+                    raise self.err(f"result list names {str(tok)!r}, which the pattern does not bind"
+                                   f"{_hint(str(tok), bound)}", tok)
+            rep = self.replacement(rep_t, bound)
+            if not isinstance(rep, TOp) or rep.result is not None:
+                raise self.err(f"with a result list the replacement must be one op call giving all "
+                               f"{len(results)} results, got `{rep}`", rep_t)
+        tmpl = Template(self.replacement(rep_t, bound), multi=results is not None)
+        constraint = _Cond(self.cond(cond_t, bound), _src(self.text, cond_t)) if cond_t is not None else None
         try:
             check_ops(self.rule_name, tmpl)
         except RuleError as e:
             raise self.err(str(e).split(": ", 1)[1], rep_t) from None
-        rule = Rule(self.rule_name, pattern, tmpl, constraint, source)
+        rule = Rule(self.rule_name, pattern, tmpl, constraint, source, results)
         return rule
 
     # -- patterns --------------------------------------------------------------------------------
@@ -137,7 +159,13 @@ class _Loader:
             return Var(str(t.children[0]))
         if t.data == "literal":
             return Const(_num(t.children[0]))
-        op_tok, args, attrs = self.call_parts(t)
+        if t.data == "bind":
+            name_tok, call = t.children
+            if str(name_tok) in ("_", "root"):
+                raise self.err(f"cannot bind {str(name_tok)!r} with @; pick another name", name_tok)
+            inner = self.pattern(call)
+            return Op(inner.op, inner.args, inner.attrs, inner.commutative, str(name_tok), inner.result)
+        op_tok, args, attrs, index = self.call_parts(t)
         try:
             d = get_op(str(op_tok))
         except OpError as e:
@@ -147,15 +175,17 @@ class _Loader:
         if problem:
             raise self.err(f"pattern op {d.name} {problem}", op_tok)
         return Op(str(op_tok), tuple(self.pattern(a) for a in args),
-                  {k: self.attr_value(v, bind=True) for k, v in attrs.items()})
+                  {k: self.attr_value(v, bind=True) for k, v in attrs.items()}, result=index)
 
     def call_parts(self, t: Tree):
         op_tok, *items = t.children
-        args, attrs = [], {}
+        args, attrs, index = [], {}, None
         for it in items:
             if it is None:
                 continue
-            if isinstance(it, Tree) and it.data == "kwattr":
+            if isinstance(it, Tree) and it.data == "index":
+                index = int(it.children[0])
+            elif isinstance(it, Tree) and it.data == "kwattr":
                 attrs[str(it.children[0])] = it.children[-1]
             elif isinstance(it, Tree) and it.data == "attrs":
                 for a in it.children:
@@ -165,7 +195,7 @@ class _Loader:
                 if attrs:
                     raise self.err("operands must come before keyword attributes", it)
                 args.append(it)
-        return op_tok, args, attrs
+        return op_tok, args, attrs, index
 
     def check_attr_names(self, d, attrs: dict, tok) -> None:
         unknown = sorted(set(attrs) - set(d.attrs))
@@ -205,14 +235,16 @@ class _Loader:
             return TVar(str(tok), _pos(tok))
         if t.data == "literal":
             return TConst(_num(t.children[0]), _pos(t))
-        op_tok, args, attrs = self.call_parts(t)
+        if t.data == "bind":
+            raise self.err("'@' binds values in patterns; a replacement refers to them by name", t.children[0])
+        op_tok, args, attrs, index = self.call_parts(t)
         try:
             get_op(str(op_tok))
         except OpError as e:
             raise self.err(str(e), op_tok) from None
         return TOp(str(op_tok), tuple(self.replacement(a, bound) for a in args),
                    {k: self.attr_value(v, bind=False, bound=frozenset(bound)) for k, v in attrs.items()},
-                   _pos(op_tok))
+                   _pos(op_tok), index)
 
     # -- constraints -----------------------------------------------------------------------------
     def cond(self, t, bound: set):
@@ -231,19 +263,25 @@ class _Loader:
                 raise self.err(f"{str(arg)!r} is not bound by the pattern{_hint(str(arg), bound)}", arg)
             index = int(idx[0]) if idx and idx[0] is not None else None
             if index is not None and str(fn) != "shape":
-                raise self.err(f"only shape(...) can be indexed", fn)
+                raise self.err("only shape(...) can be indexed", fn)
             return ("fn", str(fn), str(arg), index)
         if k == "c_num":
             return ("lit", _num(t.children[0]))
         if k == "c_str":
             return ("lit", _string(t.children[0]))
+        if k == "c_list":
+            return ("list", tuple(self.cond(c, bound) for c in t.children if c is not None))
         name = str(t.children[0])
         if name in DTYPE_NAMES:
             return ("lit", DTYPE_NAMES[name])
         if name in LITERAL_NAMES:
             return ("lit", LITERAL_NAMES[name])
+        if name in self.attr_names:
+            return ("attr", name)
+        attrs = sorted(self.attr_names)
         raise self.err(f"unknown name {name!r} in constraint (use rank(v), dtype(v), shape(v)[i], "
-                       f"numbers or dtypes)", t.children[0])
+                       f"numel(v), value(v), users(v), numbers, lists, dtypes or a bound attribute: "
+                       f"{', '.join(attrs) if attrs else 'this pattern binds none'})", t.children[0])
 
 
 class _Cond:
@@ -266,6 +304,11 @@ class _Cond:
     def _leaves(self, t, m, out):
         if t[0] == "fn":
             out.append(f"{_fn_str(t)} = {_show(self._safe(t, m))}")
+        elif t[0] == "attr":
+            out.append(f"{t[1]} = {_show(self._safe(t, m))}")
+        elif t[0] == "list":
+            for c in t[1]:
+                self._leaves(c, m, out)
         elif t[0] != "lit":
             for c in t[1:]:
                 if isinstance(c, tuple):
@@ -287,23 +330,55 @@ class _Cond:
             return not self._eval(t[1], m)
         if k == "lit":
             return t[1]
+        if k == "attr":
+            return m[t[1]]
+        if k == "list":
+            return [self._eval(c, m) for c in t[1]]
         if k == "fn":
             v = m[t[2]] if t[2] in m else m["$root"]
             if t[1] == "rank":
                 return v.type.rank
             if t[1] == "dtype":
                 return v.type.dtype
+            if t[1] == "value":
+                return const_scalar(v)
+            if t[1] == "numel":
+                n = 1
+                for d in v.type.shape:
+                    n = n * d
+                return n
+            if t[1] == "users":
+                return count_users(m.get("$graph"), v)
             shape = tuple(v.type.shape)
             if t[3] is None:
                 return shape
             # out of range reads as None, which compares false, so the rule just does not apply
             return shape[t[3]] if -len(shape) <= t[3] < len(shape) else None
         a, b = self._eval(t[2], m), self._eval(t[3], m)
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):  # shapes are tuples, attrs lists
+            a, b = tuple(a), tuple(b)
         try:
             return bool({"==": lambda: a == b, "!=": lambda: a != b, "<": lambda: a < b,
                          "<=": lambda: a <= b, ">": lambda: a > b, ">=": lambda: a >= b}[t[1]]())
         except TypeError:  # a symbolic dim compared with an undecidable order
             return False
+
+
+def count_users(g, v) -> int:
+    """Uses of ``v``: node operands referring to it plus graph outputs."""
+    if g is None:
+        raise RuleError("users(v) needs the graph (bindings have no '$graph'; use first_match(rule, v, graph))")
+    return sum(1 for n in g.nodes for i in n.inputs if i is v) + sum(1 for o in g.outputs if o is v)
+
+
+def _attr_names(p) -> set:
+    """Names the pattern binds to attribute values (usable bare in constraints)."""
+    if isinstance(p, Op):
+        out = {a.name for a in p.attrs.values() if isinstance(a, AttrVar)}
+        for a in p.args:
+            out |= _attr_names(a)
+        return out
+    return set()
 
 
 def _fn_str(t) -> str:

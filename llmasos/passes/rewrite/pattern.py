@@ -1,6 +1,7 @@
 """Pattern combinators and the matcher.
 
-A pattern is a tree over IR values: ``Op`` matches a value produced by a node of that op, ``Var`` matches any
+A pattern is a tree over IR values: ``Op`` matches a value produced by a node of that op (``op(...)[i]``:
+result ``i`` of a multi-result node; ``bind("s", op(...))``: also binds that value as ``s``), ``Var`` matches any
 value (one name binds one value: ``op("add", x, x)`` needs both operands to be the same value), ``Const``
 matches an inline ``const`` node (all elements equal to ``value`` when given), ``Alt`` (``p1 | p2``) tries
 alternatives in order. Attribute patterns are literals (must be equal) or ``AttrVar`` (bind the value, so a
@@ -11,7 +12,7 @@ so ``explain`` can say which sub-pattern failed and why.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -73,10 +74,19 @@ class Const(Pattern):
 
 @dataclass(frozen=True, eq=False)
 class Op(Pattern):
+    """``name`` binds the matched value (as-pattern ``s@op(...)``); ``result`` picks a multi-result node's
+    result (``op(...)[i]``); without it only single-result nodes match."""
     op: str
     args: tuple
     attrs: dict = field(default_factory=dict)
     commutative: bool = False
+    name: Optional[str] = None
+    result: Optional[int] = None
+
+    def __getitem__(self, i: int) -> "Op":
+        if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise TypeError(f"result index of {self.op} must be an int >= 0, got {i!r}")
+        return replace(self, result=i)
 
     def ops(self) -> set:
         out = {self.op}
@@ -86,6 +96,8 @@ class Op(Pattern):
 
     def var_names(self) -> set:
         out = {v.name for v in self.attrs.values() if isinstance(v, AttrVar)}
+        if self.name:
+            out.add(self.name)
         for a in self.args:
             out |= a.var_names()
         return out
@@ -94,7 +106,9 @@ class Op(Pattern):
         s = f"{self.op}({', '.join(str(a) for a in self.args)})"
         if self.attrs:
             s += "{" + ", ".join(f"{k}={v}" for k, v in self.attrs.items()) + "}"
-        return s
+        if self.result is not None:
+            s += f"[{self.result}]"
+        return f"{self.name}@{s}" if self.name else s
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,6 +131,25 @@ class Alt(Pattern):
 
 def op(name: str, *args, commutative: bool = False, **attrs) -> Op:
     return Op(name, tuple(_as_pattern(a) for a in args), dict(attrs), commutative)
+
+
+def bind(name: str, p: Pattern) -> Pattern:
+    """The as-pattern ``name@p``: ``p`` must match and its value is bound as ``name``."""
+    if isinstance(p, Alt):
+        return Alt(tuple(bind(name, o) for o in p.options))
+    if isinstance(p, (Op, Const)):
+        return replace(p, name=name)
+    raise TypeError(f"bind({name!r}, ...) takes an op or constant pattern, got `{p}` (a variable binds itself)")
+
+
+def as_names(p: Pattern) -> set:
+    """Names bound with ``@`` (in every alternative): the values a multi-result rule may replace."""
+    if isinstance(p, Alt):
+        sets = [as_names(o) for o in p.options]
+        return set.intersection(*sets) if sets else set()
+    if isinstance(p, Op):
+        return ({p.name} if p.name else set()).union(*(as_names(a) for a in p.args))
+    return set()
 
 
 def var(name: str, *, dtype=None, rank=None, shape=None, where=None) -> Var:
@@ -194,10 +227,8 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
         if node is None or node.op != "const":
             return fail(f"expected a constant, %{v.name} is "
                         f"{'a graph input or parameter' if node is None else 'produced by ' + node.op}")
-        if p.value is not None:
-            arr = np.asarray(node.attrs["value"])
-            if arr.size == 0 or not np.all(arr.astype(np.float64) == float(p.value)):
-                return fail(f"constant %{v.name} is not all {p.value!r}")
+        if p.value is not None and not const_equals(node.attrs["value"], p.value):
+            return fail(f"constant %{v.name} is not all {p.value!r} (in its dtype {v.type.dtype})")
         if p.name:
             if p.name in bindings and bindings[p.name] is not v:
                 return fail(f"variable {p.name} is already bound to a different value")
@@ -211,8 +242,13 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
         return fail(f"expected op {p.op}, %{v.name} is a graph input or parameter")
     if node.op != p.op:
         return fail(f"expected op {p.op}, %{v.name} is produced by {node.op}")
-    if len(node.outputs) != 1:
-        return fail(f"{node.op} has {len(node.outputs)} results; patterns match single-result nodes")
+    if p.result is None:
+        if len(node.outputs) != 1:
+            return fail(f"{node.op} has {len(node.outputs)} results; patterns match single-result nodes")
+    elif p.result >= len(node.outputs):
+        return fail(f"expected result #{p.result} of {p.op}, %{v.name}'s node has {len(node.outputs)} result(s)")
+    elif v.index != p.result:
+        return fail(f"expected result #{p.result} of {p.op}, %{v.name} is result #{v.index}")
     if len(node.inputs) != len(p.args):
         return fail(f"arity: pattern has {len(p.args)} operands, %{v.name} = {node.op} has {len(node.inputs)}")
     for k, want in p.attrs.items():
@@ -226,6 +262,12 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
             bindings = {**bindings, want.name: have}
         elif not _attr_eq(want, have):
             return fail(f"attribute {k}: expected {want!r}, %{v.name} has {have!r}")
+    if p.name:
+        if p.name in bindings and bindings[p.name] is not v:
+            other = bindings[p.name]
+            return fail(f"{p.name}@ is already bound to "
+                        f"{'%' + other.name if isinstance(other, Value) else repr(other)}, here it would be %{v.name}")
+        bindings = {**bindings, p.name: v}
     orders = [tuple(range(len(p.args)))]
     if p.commutative and len(p.args) == 2:
         orders.append((1, 0))
@@ -242,6 +284,45 @@ def _match_args(p: Op, node, order, i, bindings, trace, path, nodes):
     j = order[i]
     for b in match(p.args[i], node.inputs[j], bindings, trace, f"{path}.arg[{j}]", nodes):
         yield from _match_args(p, node, order, i + 1, b, trace, path, nodes)
+
+
+def const_equals(value, literal) -> bool:
+    """Every element of ``value`` equals ``literal`` rounded to the array's dtype (ints: exactly)."""
+    arr = np.asarray(value)
+    if arr.size == 0:
+        return False
+    if arr.dtype.kind in "iu":
+        return float(literal).is_integer() and bool(np.all(arr == int(literal)))
+    if arr.dtype.kind == "b":
+        return literal in (0, 1) and bool(np.all(arr == bool(literal)))
+    try:
+        want = np.asarray(literal).astype(arr.dtype).astype(np.float64)
+        return bool(np.all(arr.astype(np.float64) == want))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def const_scalar(v: Value):
+    """The one element value of a constant whose elements are all equal (a Python number), else None."""
+    node = v.producer if isinstance(v, Value) else None
+    if node is None or node.op != "const":
+        return None
+    arr = np.asarray(node.attrs["value"])
+    if arr.size == 0:
+        return None
+    flat = arr.reshape(-1)
+    first = flat[0]
+    if arr.dtype.kind in "iub":
+        if not np.all(flat == first):
+            return None
+        return bool(first) if arr.dtype.kind == "b" else int(first)
+    try:
+        f = flat.astype(np.float64)
+    except (TypeError, ValueError):
+        return None
+    if not (np.all(f == f[0]) or np.all(np.isnan(f))):
+        return None
+    return float(f[0])
 
 
 def _attr_eq(a, b) -> bool:

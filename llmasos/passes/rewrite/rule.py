@@ -1,6 +1,7 @@
 """The one Rule type, the replacement builder and templates, and the load-time type check.
 
-A rule's replacement is a callable ``(builder, bindings) -> Value``. Text and traced rules use a
+A rule's replacement is a callable ``(builder, bindings) -> Value`` (with a result list ``results=("root",
+"s")``: a tuple of Values, result i replacing the i-th listed value). Text and traced rules use a
 ``Template`` (a tree of ``TOp``/``TVar``/``TConst``); Python rules may pass any function that builds IR
 through the ``Builder``. A constraint is a callable ``(bindings) -> bool``; ``describe(bindings)`` (if it
 has one) says what the constraint's parts evaluated to, for ``explain``.
@@ -13,8 +14,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from llmasos.ir import DType, Graph, OpError, TensorType, Value, get_op
+from llmasos.ir.ops import REQUIRED
 
-from .pattern import Alt, AttrVar, Const, Op, Pattern, Var
+from .pattern import Alt, AttrVar, Const, Op, Pattern, Var, as_names, const_scalar
 
 
 class RuleError(ValueError):
@@ -25,6 +27,11 @@ class RewriteError(RuntimeError):
     """The engine gave up: a rewrite produced a wrong type, or rules kept firing past the guard."""
 
 
+class Decline(Exception):
+    """Raised while building a replacement: the rule does not apply here (not an error), e.g. ``value(v)`` of
+    a value that is no constant."""
+
+
 class Builder:
     """Builds replacement nodes into the graph being rewritten (the engine moves them before the root)."""
 
@@ -32,11 +39,22 @@ class Builder:
         self.graph = graph
         self.loc = loc
 
-    def op(self, name: str, *inputs: Value, **attrs) -> Value:
+    def op(self, name: str, *inputs: Value, _result: Optional[int] = None, **attrs) -> Value:
+        """The result of a new node; ``_result=i`` picks result ``i`` of a multi-result op."""
+        out = self.results(name, *inputs, **attrs)
+        if _result is None:
+            if len(out) != 1:
+                raise RewriteError(f"replacement op {name} has {len(out)} results; use a single-result op "
+                                   f"or pick one (_result=i, `{name}(...)[i]` in rule text)")
+            return out[0]
+        if not 0 <= _result < len(out):
+            raise RewriteError(f"replacement op {name} has {len(out)} result(s), there is no result #{_result}")
+        return out[_result]
+
+    def results(self, name: str, *inputs: Value, **attrs) -> tuple:
+        """Every result of a new node, as a tuple (for rules with a result list)."""
         out = self.graph.add_node(name, inputs, attrs, loc=self.loc)
-        if isinstance(out, tuple):
-            raise RewriteError(f"replacement op {name} has {len(out)} results; use a single-result op")
-        return out
+        return out if isinstance(out, tuple) else (out,)
 
     def const(self, value, dtype: DType, shape=()) -> Value:
         arr = np.full(tuple(shape), value).astype(dtype.numpy)
@@ -70,12 +88,13 @@ class TOp:
     args: tuple
     attrs: dict = field(default_factory=dict)  # values: literals or AttrVar (bound in the pattern)
     pos: Optional[tuple] = None
+    result: Optional[int] = None  # `split(x){...}[i]`: result i of a multi-result op
 
     def __str__(self):
         s = f"{self.op}({', '.join(str(a) for a in self.args)})"
         if self.attrs:
             s += "{" + ", ".join(f"{k}={v}" for k, v in self.attrs.items()) + "}"
-        return s
+        return s + (f"[{self.result}]" if self.result is not None else "")
 
 
 def _compose(p, q):
@@ -83,8 +102,17 @@ def _compose(p, q):
     return [p[i] for i in q]
 
 
-# Functions replacement attributes may apply to attribute values the pattern bound.
-ATTR_FUNCTIONS: dict[str, Callable] = {"compose": _compose}
+def _value(v):
+    """The scalar of an all-equal constant Value; anything else declines the rewrite."""
+    s = const_scalar(v)
+    if s is None:
+        what = f"%{v.name}" if isinstance(v, Value) else repr(v)
+        raise Decline(f"value({what}): not a constant with all elements equal")
+    return s
+
+
+# Functions replacement attributes may apply to attribute values (or values) the pattern bound.
+ATTR_FUNCTIONS: dict[str, Callable] = {"compose": _compose, "value": _value}
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,15 +135,18 @@ def _attr(v, m: dict):
 
 
 class Template:
-    """A replacement given as a tree; calling it builds the tree through a Builder."""
+    """A replacement given as a tree; calling it builds the tree through a Builder.
 
-    def __init__(self, root):
+    With ``multi`` the root op's results are returned as a tuple (rules with a result list)."""
+
+    def __init__(self, root, multi: bool = False):
         self.root = root
+        self.multi = multi
 
-    def __call__(self, b: Builder, m: dict) -> Value:
-        return self._build(self.root, b, m, None)
+    def __call__(self, b: Builder, m: dict):
+        return self._build(self.root, b, m, None, self.multi)
 
-    def _build(self, t, b: Builder, m: dict, dtype: Optional[DType]) -> Value:
+    def _build(self, t, b: Builder, m: dict, dtype: Optional[DType], multi: bool = False):
         if isinstance(t, TVar):
             return m[t.name]
         if isinstance(t, TConst):
@@ -129,7 +160,9 @@ class Template:
             if isinstance(a, TConst):
                 built[i] = self._build(a, b, m, sib)
         attrs = {k: _attr(v, m) for k, v in t.attrs.items()}
-        return b.op(t.op, *built, **attrs)
+        if multi:
+            return b.results(t.op, *built, **attrs)
+        return b.op(t.op, *built, _result=t.result, **attrs)
 
     def ops(self) -> set:
         out, todo = set(), [self.root]
@@ -151,18 +184,68 @@ class Rule:
     replacement: Callable[[Builder, dict], Value]
     constraint: Optional[Callable[[dict], bool]] = None
     source: Optional[str] = None  # "file.rw:3:1" for rules from files
+    # ("root", "s"): the replacement returns one Value per name; each replaces every use of that value
+    results: Optional[tuple] = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, (Op, Alt)) or (
                 isinstance(self.pattern, Alt) and not all(isinstance(o, Op) for o in self.pattern.options)):
             raise RuleError(f"rule '{self.name}': the pattern root must be an op, got `{self.pattern}`")
+        if self.results is not None:
+            self._check_results()
         self.check()
+
+    def _check_results(self) -> None:
+        if isinstance(self.results, str) or not all(isinstance(n, str) for n in self.results):
+            raise RuleError(f"{self.where()}: results must be a tuple of names, got {self.results!r}")
+        self.results = tuple(self.results)
+        shown = f"({', '.join(self.results)})"
+        if "root" not in self.results:
+            raise RuleError(f"{self.where()}: the result list {shown} must include root "
+                            f"(the matched value is always replaced)")
+        dup = sorted({n for n in self.results if self.results.count(n) > 1})
+        if dup:
+            raise RuleError(f"{self.where()}: the result list {shown} names {', '.join(dup)} twice")
+        named = as_names(self.pattern)
+        for n in self.results:
+            if n != "root" and n not in named:
+                how = "binds it as a variable, not with @" if n in self.pattern.var_names() else "does not bind it"
+                raise RuleError(f"{self.where()}: result list names {n!r} but the pattern {how} "
+                                f"(list root and values bound as name@op(...); @-bound: "
+                                f"{', '.join(sorted(named)) or 'none'})")
+        if isinstance(self.replacement, Template) and (
+                not isinstance(self.replacement.root, TOp) or self.replacement.root.result is not None):
+            raise RuleError(f"{self.where()}: with a result list the replacement must be one op call giving "
+                            f"{len(self.results)} results, got `{self.replacement}`")
+
+    def replaced(self, m: dict) -> list:
+        """The values a match replaces, in result order."""
+        return [m["$root"] if n == "root" else m[n] for n in (self.results or ("root",))]
+
+    def check_outputs(self, out, olds: list) -> Optional[str]:
+        """None if ``out`` (what the replacement returned) fits the replaced values, else what is wrong."""
+        if self.results is None:
+            if not isinstance(out, Value) or out.type != olds[0].type:
+                got = out.type if isinstance(out, Value) else repr(out)
+                return f"replacement has type {got}, the replaced value %{olds[0].name} has {olds[0].type}"
+            return None
+        shown = f"({', '.join(self.results)})"
+        if not isinstance(out, (tuple, list)) or not all(isinstance(o, Value) for o in out):
+            return f"replacement must give a tuple of values for the result list {shown}, got {out!r}"
+        if len(out) != len(self.results):
+            return f"replacement gives {len(out)} result(s) but the result list {shown} has {len(self.results)}"
+        for i, (n, o, v) in enumerate(zip(self.results, out, olds)):
+            if o.type != v.type:
+                return f"replacement result #{i} has type {o.type}, the value it replaces ({n} = %{v.name}) has {v.type}"
+        return None
 
     def where(self) -> str:
         return f"rule '{self.name}'" + (f" ({self.source})" if self.source else "")
 
     def __str__(self) -> str:
         s = f"rule {self.name}: {self.pattern} => {self.replacement}"
+        if self.results is not None:
+            s += f" -> ({', '.join(self.results)})"
         return s + (f" where {self.constraint}" if self.constraint is not None else "")
 
     __repr__ = __str__
@@ -170,11 +253,10 @@ class Rule:
     def check(self) -> None:
         """Reject the rule if its replacement type differs from the root's on a probe typing.
 
-        The vars are given one common probe type after another; the first typing under which the pattern
-        builds (and the constraint holds) decides. No typing builds -> nothing to check ("where possible").
+        The vars are given one common probe type after another, bound attributes their op's default; the
+        first typing under which the pattern builds (and the constraint holds) decides. No typing builds
+        (e.g. an attribute without default is bound) -> nothing to check ("where possible").
         """
-        if _has_attr_vars(self.pattern):
-            return
         for t in PROBES:
             g = Graph("probe")
             m: dict = {}
@@ -183,6 +265,7 @@ class Rule:
             except Exception:
                 continue
             m["$root"] = root
+            m["$graph"] = g
             if self.constraint is not None:
                 try:
                     if not self.constraint(m):
@@ -191,27 +274,26 @@ class Rule:
                     continue
             try:
                 out = self.replacement(Builder(g), m)
+            except Decline:
+                continue
             except Exception as e:
                 raise RuleError(f"{self.where()}: replacement `{self.replacement}` does not build for "
                                 f"operands of type {t}: {e}") from None
-            if not isinstance(out, Value) or out.type != root.type:
-                got = out.type if isinstance(out, Value) else repr(out)
-                raise RuleError(f"{self.where()}: replacement produces {got} but the pattern root is "
-                                f"{root.type} (for operands of type {t})")
+            if self.results is None:
+                if not isinstance(out, Value) or out.type != root.type:
+                    got = out.type if isinstance(out, Value) else repr(out)
+                    raise RuleError(f"{self.where()}: replacement produces {got} but the pattern root is "
+                                    f"{root.type} (for operands of type {t})")
+                return
+            problem = self.check_outputs(out, self.replaced(m))
+            if problem:
+                raise RuleError(f"{self.where()}: {problem} (for operands of type {t})")
             return
 
 
 PROBES = tuple(TensorType(s, d) for d, s in [
     (DType.f32, (3, 3)), (DType.f32, (2, 3, 3)), (DType.f32, (3,)), (DType.f32, ()),
     (DType.i64, (3, 3)), (DType.bool, (3, 3))])
-
-
-def _has_attr_vars(p) -> bool:
-    if isinstance(p, Alt):
-        return any(_has_attr_vars(o) for o in p.options)
-    if isinstance(p, Op):
-        return any(isinstance(v, AttrVar) for v in p.attrs.values()) or any(_has_attr_vars(a) for a in p.args)
-    return False
 
 
 def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = None) -> Value:
@@ -232,6 +314,16 @@ def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = N
         if p.name:
             m[p.name] = v
         return v
+    attrs = {}
+    for k, a in p.attrs.items():
+        if isinstance(a, AttrVar):  # a bound attribute: probe with the op's default (none -> no probe)
+            if a.name not in m:
+                spec = get_op(p.op).attrs[k]
+                if spec.default is REQUIRED:
+                    raise RuleError(f"attribute {k} of {p.op} has no default to probe with")
+                m[a.name] = spec.default
+            a = m[a.name]
+        attrs[k] = a
     args: list = [None] * len(p.args)
     for i, a in enumerate(p.args):
         if not isinstance(a, Const):
@@ -240,7 +332,16 @@ def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = N
     for i, a in enumerate(p.args):
         if isinstance(a, Const):
             args[i] = _instantiate(a, g, m, t, sib)
-    return g.add_node(p.op, args, dict(p.attrs))
+    out = g.add_node(p.op, args, attrs)
+    if isinstance(out, tuple):
+        if p.result is None:
+            raise RuleError(f"{p.op} has {len(out)} results")
+        out = out[p.result]
+    elif p.result not in (None, 0):
+        raise RuleError(f"{p.op} has 1 result")
+    if p.name:
+        m[p.name] = out
+    return out
 
 
 def check_ops(rule_name: str, tmpl: Template) -> None:
