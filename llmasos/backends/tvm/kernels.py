@@ -86,35 +86,31 @@ def _prim_funcs(mod) -> dict:
 
 def _kernel_calls(mod, func_name: str) -> list:
     """Callee names of the kernel launches in ``func_name``, in binding order."""
+    import tvm
     from tvm import relax
 
-    func = mod[func_name]
+    prim = set(_prim_funcs(mod))
     names = []
 
     @relax.expr_functor.visitor
     class _Calls(relax.PyExprVisitor):
         def visit_call_(self, call):
             op = call.op
-            if isinstance(op, tvm_ir_op()) and op.name in _KERNEL_OPS:
+            if isinstance(op, tvm.ir.Op) and op.name in _KERNEL_OPS:
                 names.append(_callee_name(call.args[0]))
-            elif isinstance(op, tvm_ir_op()) and op.name in _PACKED_OPS:
+            elif isinstance(op, tvm.ir.Op) and op.name in _PACKED_OPS:
                 callee = _callee_name(call.args[0])
                 if not callee.startswith("vm.builtin."):
                     names.append(callee)
             elif isinstance(op, relax.ExternFunc) and not op.global_symbol.startswith("vm.builtin."):
                 names.append(op.global_symbol)
-            elif isinstance(op, relax.GlobalVar) and op.name_hint in _prim_funcs(mod):
+            elif isinstance(op, relax.GlobalVar) and op.name_hint in prim:
                 names.append(op.name_hint)  # a direct PrimFunc call (after CallTIRRewrite)
             for a in call.args:
                 self.visit_expr(a)
 
-    _Calls().visit_expr(func)
+    _Calls().visit_expr(mod[func_name])
     return names
-
-
-def tvm_ir_op():
-    import tvm
-    return tvm.ir.Op
 
 
 def _callee_name(expr) -> str:
