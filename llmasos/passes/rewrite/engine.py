@@ -77,8 +77,11 @@ def rewrite(graph: Graph, rules, *, max_iterations: int = 100, max_rewrites: int
                                f"{_firing(stats)}")
         it += 1
         fired = Counter()
+        used = {id(v) for n in g.nodes for v in n.inputs} | {id(v) for v in g.outputs}
         for node in list(g.nodes):
             for root in list(node.outputs):
+                if len(node.outputs) > 1 and id(root) not in used:
+                    continue  # an unused result of a live node: DCE cannot remove it, rewriting it never settles
                 for rule in rules:
                     if _try(g, rule, node, root):
                         fired[rule.name] += 1

@@ -18,7 +18,7 @@ replacements names refer to what the pattern bound, numbers become scalar consta
 operand's dtype and ``op(...)[i]`` picks a result. ``-> (root, s)`` makes the replacement one op whose
 results replace root and s. Constraints use ``rank(v)``, ``dtype(v)``, ``shape(v)``, ``shape(v)[i]``,
 ``numel(v)``, ``value(v)`` (an all-equal constant's scalar, else none), ``users(v)``, bound attribute names,
-numbers, lists, dtypes, ``== != < <= > >=``, ``and``/``or``/``not``; ``root`` is the matched value.
+numbers, lists, dtypes, ``+ -``, ``== != < <= > >=``, ``and``/``or``/``not``; ``root`` is the matched value.
 Replacement attributes may apply a function from ``ATTR_FUNCTIONS`` (``compose(p, q)``: two permutations as
 one; ``value(v)``: an all-equal constant's scalar, declining the rewrite for anything else).
 
@@ -101,7 +101,7 @@ def load_rules(path) -> RuleSet:
 
 
 _TERMINALS = {"IDENT": "a name", "SIGNED_NUMBER": "a number", "SIGNED_INT": "an integer", "STRING": "a string",
-              "RULE": "'rule'", "RULE_NAME": "a rule name", "CMPOP": "a comparison", "AND": "'and'", "OR": "'or'",
+              "RULE": "'rule'", "RULE_NAME": "a rule name", "CMPOP": "a comparison", "ADDOP": "'+' or '-'", "AND": "'and'", "OR": "'or'",
               "NOT": "'not'", "WHERE": "'where'", "ASSIGN": "'='", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
               "RSQB": "']'", "AT": "'@'", "RESULTS": "'->'", "INT": "an integer", "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "__ANON_0": "'=>'", "$END": "end of input"}
 
@@ -253,6 +253,8 @@ class _Loader:
             return (k, self.cond(t.children[0], bound), self.cond(t.children[1], bound))
         if k == "not_":
             return ("not", self.cond(t.children[0], bound))
+        if k == "arith":
+            return ("arith", str(t.children[1]), self.cond(t.children[0], bound), self.cond(t.children[2], bound))
         if k == "compare":
             return ("cmp", str(t.children[1]), self.cond(t.children[0], bound), self.cond(t.children[2], bound))
         if k == "fn":
@@ -334,6 +336,12 @@ class _Cond:
             return m[t[1]]
         if k == "list":
             return [self._eval(c, m) for c in t[1]]
+        if k == "arith":
+            a, b = self._eval(t[2], m), self._eval(t[3], m)
+            try:
+                return a + b if t[1] == "+" else a - b
+            except TypeError:  # none (value() of a non-constant) in arithmetic: the comparison is false
+                return None
         if k == "fn":
             v = m[t[2]] if t[2] in m else m["$root"]
             if t[1] == "rank":

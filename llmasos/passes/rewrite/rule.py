@@ -332,7 +332,7 @@ def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = N
     for i, a in enumerate(p.args):
         if isinstance(a, Const):
             args[i] = _instantiate(a, g, m, t, sib)
-    out = g.add_node(p.op, args, attrs)
+    out = g.add_node(p.op, args, attrs, name=p.name)
     if isinstance(out, tuple):
         if p.result is None:
             raise RuleError(f"{p.op} has {len(out)} results")
