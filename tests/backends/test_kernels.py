@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmasos.backends.tvm import lower, relax_pipeline, resolve_target
-from llmasos.backends.tvm.kernels import _kernel_calls, fused_module, kernel_stats
+from llmasos.backends.tvm.kernels import _kernel_calls, kernel_stats
 from llmasos.ir import DType, Graph, TensorType, sym
 
 F32 = DType.f32
@@ -93,5 +93,6 @@ def test_small_llama(small_llama_graph):
     assert s["by_name"]["panel_matmul"] == 15, s["by_name"]
     assert s["gemm"] == 19, s
     assert s["transform_params_kernels"] == 15, s
-    assert s["kernels"] == sum(s["by_name"].values())
-    assert fused_module(small_llama_graph)["main"] is not None
+    assert s["by_name"]["fast_softmax"] == 2, s["by_name"]  # one attention softmax per layer
+    # the total as observed with TVM 0.27 and the current lowering: a change here is a fusion change to explain
+    assert s["kernels"] == sum(s["by_name"].values()) == 63, s
