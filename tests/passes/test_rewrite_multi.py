@@ -11,7 +11,7 @@ from llmasos.ir.interpreter import run
 from llmasos.ir.ops import Attr, OpDef, register_op
 from llmasos.ir.verifier import verify
 from llmasos.passes.rewrite import (RewriteError, Rule, RuleError, RuleSyntaxError, apply_rules, attr, bind, explain,
-                                    first_match, op, parse_rules, rewrite, var)
+                                    first_match, op, ops, parse_rules, rewrite, traced_rule, var)
 
 F32 = DType.f32
 RNG = np.random.default_rng(0)
@@ -201,6 +201,9 @@ def test_result_index_patterns_and_replacements():
     py = Rule("split-neg", op("split", op("neg", var("x")), axis=attr("a"), sizes=attr("z"))[1],
               lambda b, m: b.op("neg", b.op("split", m["x"], _result=1, axis=m["a"], sizes=m["z"])))
     assert graph_equal(apply_rules(g, [py]), out)
+    traced = traced_rule("split-neg", lambda x: ops.split(-x, axis=1, sizes=[2, 3])[1],
+                         lambda x: -ops.split(x, axis=1, sizes=[2, 3])[1])
+    assert graph_equal(apply_rules(g, [traced]), out)
 
     text = parse_rules("""
 rule no-index: exp(split(x)) => x

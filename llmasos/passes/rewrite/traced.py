@@ -7,7 +7,7 @@
     rule = traced_rule("gelu-tanh", pattern, replacement)
 
 Each parameter becomes a variable; ``ops.NAME(*values, **attrs)`` and the operators ``+ - * / -x`` build
-op nodes; Python numbers become constants (in the pattern: a ``const`` node all equal to the number; in the
+op nodes, ``[i]`` picks result i of a multi-result op; Python numbers become constants (in the pattern: a ``const`` node all equal to the number; in the
 replacement: a scalar of the sibling operand's dtype). The pattern trace is a pattern tree, the
 replacement trace a Template; both are checked like text rules at construction.
 """
@@ -44,6 +44,11 @@ class Traced:
     def __rtruediv__(self, o): return self._bin("div", o, True)
     def __matmul__(self, o): return self._bin("matmul", o)
     def __neg__(self): return Traced(("op", "neg", (self.expr,), {}))
+
+    def __getitem__(self, i):  # result i of a multi-result op: ops.split(x, axis=1, sizes=z)[1]
+        if self.expr[0] != "op" or not isinstance(i, int) or isinstance(i, bool) or i < 0:
+            raise TypeError(f"only an op's result can be picked, by an int >= 0; got [{i!r}]")
+        return Traced(("idx", self.expr, i))
 
     def __bool__(self):
         raise TypeError("traced values have no truth value: patterns cannot branch on data")
@@ -83,6 +88,8 @@ def trace(fn: Callable):
 
 
 def _to_pattern(e, rule_name):
+    if e[0] == "idx":
+        return _to_pattern(e[1], rule_name)[e[2]]
     if e[0] == "var":
         return Var(e[1])
     if e[0] == "const":
@@ -99,6 +106,9 @@ def _to_pattern(e, rule_name):
 
 
 def _to_template(e):
+    if e[0] == "idx":
+        t = _to_template(e[1])
+        return TOp(t.op, t.args, t.attrs, t.pos, e[2])
     if e[0] == "var":
         return TVar(e[1])
     if e[0] == "const":
