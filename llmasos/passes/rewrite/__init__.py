@@ -11,7 +11,8 @@ from .pattern import Alt, AttrVar, Const, Failure, Op, Pattern, Var, attr, bind,
 from .rule import ATTR_FUNCTIONS, Builder, Decline, RewriteError, Rule, RuleError, Template
 from .traced import ops, trace, traced_rule
 
-__all__ = ["ATTR_FUNCTIONS", "Alt", "AttrVar", "Builder", "Const", "Decline", "Failure", "Op", "Pattern", "RewriteError", "RewriteResult",
+__all__ = ["ATTR_FUNCTIONS", "Alt", "AttrVar", "Builder", "Const", "Decline", "Failure", "Op", "Pattern",
+           "RewriteError", "RewriteResult",
            "Rule", "RuleError", "RuleSet", "RuleSyntaxError", "Template", "Var", "apply_rules", "attr", "bind", "const",
            "explain", "first_match", "load_rules", "match", "op", "ops", "parse_rules", "rewrite", "trace",
            "traced_rule", "var"]

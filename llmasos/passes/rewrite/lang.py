@@ -101,9 +101,12 @@ def load_rules(path) -> RuleSet:
 
 
 _TERMINALS = {"IDENT": "a name", "SIGNED_NUMBER": "a number", "SIGNED_INT": "an integer", "STRING": "a string",
-              "RULE": "'rule'", "RULE_NAME": "a rule name", "CMPOP": "a comparison", "ADDOP": "'+' or '-'", "AND": "'and'", "OR": "'or'",
+              "RULE": "'rule'", "RULE_NAME": "a rule name", "CMPOP": "a comparison",
+              "ADDOP": "'+' or '-'", "AND": "'and'", "OR": "'or'",
               "NOT": "'not'", "WHERE": "'where'", "ASSIGN": "'='", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
-              "RSQB": "']'", "AT": "'@'", "RESULTS": "'->'", "INT": "an integer", "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "__ANON_0": "'=>'", "$END": "end of input"}
+              "RSQB": "']'", "AT": "'@'", "RESULTS": "'->'", "INT": "an integer",
+              "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'",
+              "__ANON_0": "'=>'", "$END": "end of input"}
 
 
 def _end(text: str) -> tuple:

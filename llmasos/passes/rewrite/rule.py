@@ -236,7 +236,8 @@ class Rule:
             return f"replacement gives {len(out)} result(s) but the result list {shown} has {len(self.results)}"
         for i, (n, o, v) in enumerate(zip(self.results, out, olds)):
             if o.type != v.type:
-                return f"replacement result #{i} has type {o.type}, the value it replaces ({n} = %{v.name}) has {v.type}"
+                return (f"replacement result #{i} has type {o.type}, the value it replaces ({n} = %{v.name}) "
+                        f"has {v.type}")
         return None
 
     def where(self) -> str:

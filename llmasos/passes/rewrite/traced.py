@@ -7,9 +7,10 @@
     rule = traced_rule("gelu-tanh", pattern, replacement)
 
 Each parameter becomes a variable; ``ops.NAME(*values, **attrs)`` and the operators ``+ - * / -x`` build
-op nodes, ``[i]`` picks result i of a multi-result op; Python numbers become constants (in the pattern: a ``const`` node all equal to the number; in the
-replacement: a scalar of the sibling operand's dtype). The pattern trace is a pattern tree, the
-replacement trace a Template; both are checked like text rules at construction.
+op nodes, ``[i]`` picks result i of a multi-result op; Python numbers become constants (in the pattern: a
+``const`` node all equal to the number; in the replacement: a scalar of the sibling operand's dtype). The
+pattern trace is a pattern tree, the replacement trace a Template; both are checked like text rules at
+construction.
 """
 from __future__ import annotations
 
