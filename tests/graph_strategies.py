@@ -25,6 +25,7 @@ Also here: ``dim_exprs()`` (random symbolic dims), ``symbol_values(g)``, ``built
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Iterable, Optional
 
 import ml_dtypes
@@ -34,6 +35,7 @@ from hypothesis.extra import numpy as hnp
 
 from llmasos.ir import DType, Graph, TensorType, Value, all_ops, sym
 from llmasos.ir.opset.creation import MAX_INLINE_ELEMENTS
+from llmasos.ir.opset.fused import ACTIVATIONS
 from llmasos.ir.opset.rules import broadcast_shapes
 from llmasos.ir.types import as_dim, dims_equal, eval_dim
 
@@ -52,6 +54,9 @@ FLOAT_UNARY = ("exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "sin", "cos"
 ARITH = ("add", "sub", "mul", "maximum", "minimum", "div", "pow")
 COMPARE = ("eq", "ne", "lt", "le", "gt", "ge")
 REDUCE = ("sum", "mean", "max", "min", "prod")
+# what fused.elementwise exprs apply to one operand (attrs in braces, as the expr syntax writes them)
+EW_UNARY = (*FLOAT_UNARY, "neg", "abs", "relu", "gelu", "gelu{approximate=tanh}", "clip{min=-1.0, max=2.0}",
+            "clip{max=0.5}")
 
 
 def _static_numel(shape) -> Optional[int]:
@@ -520,6 +525,85 @@ class _Builder:
         self.node("full", [], {"shape": list(self.shape(0, 3)), "value": value, "dtype": dtype})
         return True
 
+    # -- fused ops ------------------------------------------------------------------------------
+    def b_fused_gemm(self, op: str):
+        linear = op == "fused.linear_act"
+        x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= (1 if linear else 2)
+                      and isinstance(v.type.shape[-1], int))
+        if x is None:
+            return False
+        k, n = x.type.shape[-1], self.integer(1, 5)
+        w = self.param((n, k) if linear else (k, n), x.type.dtype)
+        if w is None:
+            return False
+        bias = self.param((n,), x.type.dtype) if self.flag() else None
+        self.node(op, [x, w] + ([bias] if bias is not None else []), {"act": self.choice(ACTIVATIONS)})
+        return True
+
+    def b_add_norm(self, op: str):
+        x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= 1)
+        if x is None:
+            return False
+
+        def into_x(v):  # the residual may broadcast into x but never make the sum larger than x
+            if v.type.dtype is not x.type.dtype or v.type.rank > x.type.rank:
+                return False
+            return all(d == 1 or dims_equal(d, e) for d, e in zip(v.type.shape[::-1], x.type.shape[::-1]))
+
+        residual = self.pick(into_x) if self.flag() else None
+        if residual is None:
+            tail = tuple(d if self.flag() else 1 for d in x.type.shape[x.type.rank - self.integer(0, x.type.rank):])
+            n = _static_numel(tail)
+            residual = self.const(tail if n is not None and n <= MAX_INLINE_ELEMENTS else (), x.type.dtype)
+        ndim = self.integer(1, x.type.rank)
+        tail = x.type.shape[x.type.rank - ndim:]
+        ops = [x, residual]
+        if _static_numel(tail) is not None and self.flag():
+            for _ in range(self.integer(1, 2 if op == "fused.add_layer_norm" else 1)):
+                p = self.param(tail, x.type.dtype)
+                if p is None:
+                    break
+                ops.append(p)
+        self.node(op, ops, {"eps": self.choice((1e-5, 1e-6, 0.1)), "ndim": ndim})
+        return True
+
+    def b_fused_elementwise(self, op: str):
+        x = self.pick(lambda v: v.type.dtype.is_float)
+        if x is None:
+            return False
+        operands = [x]
+        for _ in range(self.integer(0, 2)):
+            p = self.partner(x)
+            try:
+                broadcast_shapes(*(v.type.shape for v in operands), p.type.shape)
+            except ValueError:  # each partner broadcasts with x, not always with the other partners
+                p = self.const((), x.type.dtype)
+            operands.append(p)
+        dt = str(x.type.dtype)
+        other = "f32" if dt != "f32" else self.choice(("f16", "bf16"))
+
+        def tree(depth: int) -> str:
+            kind = self.integer(0, 5) if depth > 0 else 0
+            if kind == 0:
+                return f"%{self.integer(0, len(operands) - 1)}"
+            if kind == 1:
+                return f"{self.choice(EW_UNARY)}({tree(depth - 1)})"
+            if kind in (2, 3):
+                return f"{self.choice(ARITH)}({tree(depth - 1)}, {tree(depth - 1)})"
+            if kind == 4:
+                a, b = tree(depth - 1), tree(depth - 1)
+                return f"where({self.choice(COMPARE)}({a}, {b}), {a}, {tree(depth - 1)})"
+            return f"cast{{dtype={dt}}}(cast{{dtype={other}}}({tree(depth - 1)}))"
+
+        expr = tree(self.integer(1, 3))
+        for i in range(len(operands)):  # the op refuses operands its expr leaves unused
+            if re.search(rf"%{i}\b", expr) is None:
+                expr = f"{self.choice(('add', 'mul', 'maximum'))}({expr}, %{i})"
+        if self.flag():
+            expr = f"cast{{dtype={self.choice((*FLOATS, DType.i32, DType.bool))}}}({expr})"
+        self.node(op, operands, {"expr": expr})
+        return True
+
 
 # Each builtin op and the builder that makes it (a test checks none is missing).
 OP_BUILDERS = {
@@ -534,6 +618,8 @@ OP_BUILDERS = {
     "expand_dims": "b_expand_squeeze", "squeeze": "b_expand_squeeze", "broadcast_to": "b_broadcast_to",
     "take": "b_take", "gather": "b_gather", "index": "b_index", "const": "b_const", "arange": "b_arange",
     "full": "b_full",
+    "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
+    "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
 }
 OPS = tuple(sorted(OP_BUILDERS))
 

@@ -238,11 +238,40 @@ def _all_ops_cases() -> Cases:
     c.node("full", "full", [], {"shape": [n, 2], "value": 0.5, "dtype": F32})
     c.node("full/bool", "full", [], {"shape": [m], "value": True, "dtype": BOOL})
 
+    # fused ops: static f32 param weights take the CPU panel GEMM with the activation in its epilogue;
+    # an activation weight (or f16) takes the generic GEMM + activation path
+    w24 = c.param("w24", rng.standard_normal((24, 8)).astype(np.float32))
+    b24 = c.param("b24", rng.standard_normal(24).astype(np.float32))
+    for act in ("gelu", "gelu_tanh", "silu", "sigmoid"):
+        c.node(f"fused.linear_act/{act}", "fused.linear_act", [lhs, w24, b24], {"act": act})
+    c.node("fused.linear_act/relu_nobias", "fused.linear_act", [blhs, w24], {"act": "relu"})
+    c.node("fused.linear_act/act_weight", "fused.linear_act", [lhs, c.inp("aw", (m, 8), F32), y], {"act": "tanh"})
+    c.node("fused.matmul_act/tanh", "fused.matmul_act", [blhs, c.param("wkn20", rng.standard_normal((8, 20)).astype(np.float32)),
+                                                         c.param("b20", rng.standard_normal(20).astype(np.float32))],
+           {"act": "tanh"})
+    c.node("fused.matmul_act/act_weight", "fused.matmul_act", [lhs, rhs, y], {"act": "silu"})
+    c.node("fused.matmul_act/none", "fused.matmul_act", [lhs, rhs], {"act": "none"})
+    r3 = c.inp("r3", (1, n, 6), F32)
+    c.node("fused.add_rms_norm", "fused.add_rms_norm", [x3, r3, g6], {"eps": 1e-6})
+    c.node("fused.add_rms_norm/plain", "fused.add_rms_norm", [x3, x3])
+    c.node("fused.add_layer_norm", "fused.add_layer_norm", [x3, r3, g6, b6], {"eps": 1e-5})
+    c.node("fused.add_layer_norm/weight", "fused.add_layer_norm", [x3, r3, g6])
+    c.node("fused.add_layer_norm/plain", "fused.add_layer_norm", [x3, x3], {"eps": 0.1})
+    c.node("fused.add_layer_norm/ndim2", "fused.add_layer_norm", [x3, r3], {"ndim": 2})
+    c.node("fused.elementwise/swiglu", "fused.elementwise", [x, y], {"expr": "mul(silu(%0), %1)"})
+    c.node("fused.elementwise/where", "fused.elementwise", [x, col, pos],
+           {"expr": "where(gt(%0, %1), clip{min=-0.5, max=1.25}(%2), gelu{approximate=tanh}(%0))"})
+
     # low precision: accumulate in f32 like the reference
     h = c.inp("h", (n, 16), F16)
     c.node("f16/softmax", "softmax", [h])
     c.node("f16/sum", "sum", [h], {"axes": [1]})
     c.node("f16/matmul", "matmul", [h, c.inp("h2", (16, m), F16)])
+    c.node("f16/fused.elementwise", "fused.elementwise", [h, c.inp("h16", (16,), F16)],
+           {"expr": "cast{dtype=f16}(mul(cast{dtype=f32}(%0), exp(cast{dtype=f32}(%1))))"})
+    c.node("f16/fused.add_rms_norm", "fused.add_rms_norm", [h, h], {"eps": 1e-5})
+    c.node("f16/fused.linear_act", "fused.linear_act", [h, c.param("w16", rng.standard_normal((8, 16)).astype(np.float16))],
+           {"act": "gelu"})
     c.g.set_outputs(c.outputs)
     return c
 

@@ -11,6 +11,7 @@ rounding. nan must match nan, infinities must match exactly. Ints and bools must
 from __future__ import annotations
 
 import math
+import re
 
 import ml_dtypes
 import numpy as np
@@ -623,6 +624,123 @@ def test_full(shape, value, dtype):
     assume(not (dtype.is_int and isinstance(value, float) and math.isinf(value)))
     (got,) = run_op("full", [], {"shape": list(shape), "value": value, "dtype": dtype})
     check(got, torch.full(shape, value, dtype=dtype_to_torch(dtype)), tol=0.0)
+
+
+# -- fused ops: each against the torch composition it stands for ---------------------------------
+TORCH_ACT = {"none": lambda t: t, "relu": torch.relu, "gelu": F.gelu,
+             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "tanh": torch.tanh,
+             "sigmoid": torch.sigmoid}
+
+
+@covers("fused.linear_act", "fused.matmul_act")
+@pytest.mark.parametrize("op", ["fused.linear_act", "fused.matmul_act"])
+@pytest.mark.parametrize("act", sorted(TORCH_ACT))
+@given(data=st.data())
+def test_fused_gemm(op, act, data):
+    dt = data.draw(FLOATS, label="dtype")
+    # the IR's matmul wants rank >= 2 operands; linear also takes a vector
+    lead = data.draw(hnp.array_shapes(min_dims=0 if op == "fused.linear_act" else 1, max_dims=3, max_side=3),
+                     label="lead")
+    k, n = data.draw(st.integers(1, 16)), data.draw(st.integers(1, 8))
+    rng = np.random.default_rng(data.draw(SEEDS))
+    x = rand(rng, (*lead, k), dt)
+    w = rand(rng, (n, k) if op == "fused.linear_act" else (k, n), dt)
+    b = rand(rng, (n,), dt) if data.draw(st.booleans(), label="bias") else None
+    (got,) = run_op(op, [x, w] + ([b] if b is not None else []), {"act": act})
+    if op == "fused.linear_act":
+        y = F.linear(T(x), T(w), None if b is None else T(b))
+    else:
+        y = torch.matmul(T(x), T(w))
+        y = y if b is None else y + T(b)
+    # the activation reads the GEMM's rounded result on both sides; its slope (<= 1.13) can turn the GEMM's
+    # one-rounding difference into a little more than one unit, so low precision gets two
+    check(got, TORCH_ACT[act](y), tol=None if dt is DType.f32 else 2 * TOL[dt], what=f"{op}{{act={act}}}")
+
+
+@covers("fused.add_rms_norm", "fused.add_layer_norm")
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+@given(data=st.data())
+def test_fused_add_norm(norm, data):
+    dt = data.draw(FLOATS, label="dtype")
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=6), label="shape")
+    # the residual broadcasts into x (never x into something larger): a suffix of x's shape, some dims 1
+    keep = data.draw(st.integers(0, len(shape)))
+    rshape = tuple(d if data.draw(st.booleans()) else 1 for d in shape[len(shape) - keep:])
+    ndim = data.draw(st.integers(1, len(shape)))
+    eps = data.draw(st.sampled_from([1e-5, 1e-6, 0.1]))
+    rng = np.random.default_rng(data.draw(SEEDS))
+    x, r = rand(rng, shape, dt, -4, 4), rand(rng, rshape, dt, -4, 4)
+    tail = shape[len(shape) - ndim:]
+    w = rand(rng, tail, dt) if data.draw(st.booleans()) else None
+    b = rand(rng, tail, dt) if norm == "layer_norm" and w is not None and data.draw(st.booleans()) else None
+    args = [a for a in (x, r, w, b) if a is not None]
+    got_sum, got = run_op(f"fused.add_{norm}", args, {"eps": eps, "ndim": ndim})
+    s = T(x) + T(r)
+    check(got_sum, s, what="sum")
+    tw, tb = (None if a is None else T(a) for a in (w, b))
+    want = (F.rms_norm(s, list(tail), tw, eps) if norm == "rms_norm" else F.layer_norm(s, tail, tw, tb, eps))
+    # as test_layer_norm: f32 normalising divides by a std computed from a sum, a few ulps more than one rounding
+    check(got, want, tol=5e-5 if dt is DType.f32 else None, what=norm)
+
+
+# expression trees for fused.elementwise: (text, torch function of the operand tensors)
+EW_UNARY = {"exp": torch.exp, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "neg": torch.neg,
+            "abs": torch.abs, "relu": torch.relu, "sin": torch.sin, "cos": torch.cos, "erf": torch.erf,
+            "gelu{approximate=tanh}": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu,
+            "clip{min=-1.0, max=0.5}": lambda t: torch.clamp(t, -1.0, 0.5)}
+EW_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "maximum": torch.maximum,
+             "minimum": torch.minimum}
+
+
+def ew_trees(n_operands: int, dtype: DType):
+    leaves = st.integers(0, n_operands - 1).map(lambda i: (f"%{i}", lambda xs, i=i: xs[i]))
+    other = DType.f16 if dtype is not DType.f16 else DType.f32
+    tdt, tother = dtype_to_torch(dtype), dtype_to_torch(other)
+
+    def extend(inner):
+        def unary(p):
+            (name, fn), (text, f) = p
+            return f"{name}({text})", lambda xs: fn(f(xs))
+
+        def binary(p):
+            name, (ta, fa), (tb, fb) = p
+            return f"{name}({ta}, {tb})", lambda xs: EW_BINARY[name](fa(xs), fb(xs))
+
+        def where(p):
+            (ta, fa), (tb, fb), (tc, fc) = p
+            return f"where(gt({ta}, {tb}), {tb}, {tc})", lambda xs: torch.where(fa(xs) > fb(xs), fb(xs), fc(xs))
+
+        def round_trip(p):  # a cast out of the dtype and back: the value is rounded through `other`
+            text, f = p
+            return (f"cast{{dtype={dtype}}}(cast{{dtype={other}}}({text}))",
+                    lambda xs: f(xs).to(tother).to(tdt))
+
+        return st.one_of(st.tuples(st.sampled_from(sorted(EW_UNARY.items())), inner).map(unary),
+                         st.tuples(st.sampled_from(sorted(EW_BINARY)), inner, inner).map(binary),
+                         st.tuples(inner, inner, inner).map(where), inner.map(round_trip))
+
+    return st.recursive(leaves, extend, max_leaves=5)
+
+
+@covers("fused.elementwise")
+@given(data=st.data())
+def test_fused_elementwise(data):
+    dt = data.draw(st.sampled_from([DType.f32, DType.f16]), label="dtype")
+    k = data.draw(st.integers(1, 3), label="operands")
+    shapes = data.draw(hnp.mutually_broadcastable_shapes(num_shapes=k, max_dims=3, max_side=4),
+                       label="shapes").input_shapes
+    text, fn = data.draw(ew_trees(k, dt), label="expr")
+    for i in range(k):  # every operand must be used
+        if re.search(rf"%{i}\b", text) is None:
+            text, fn = f"add({text}, %{i})", (lambda f, i: lambda xs: f(xs) + xs[i])(fn, i)
+    rng = np.random.default_rng(data.draw(SEEDS))
+    xs = [rand(rng, s, dt) for s in shapes]
+    (got,) = run_op("fused.elementwise", xs, {"expr": text})
+    want = fn([T(a) for a in xs])
+    want = want.expand(torch.broadcast_shapes(*(a.shape for a in xs))) if tuple(want.shape) != got.shape else want
+    # every op rounds to the dtype on both sides; a transcendental may round one unit apart and later ops
+    # (at most 5 leaves deep) carry that on with slopes near 1, so f16 gets a few units
+    check(got, want, tol=None if dt is DType.f32 else 8 * TOL[dt], what=text)
 
 
 # -- coverage ------------------------------------------------------------------------------------
