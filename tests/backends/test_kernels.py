@@ -96,3 +96,11 @@ def test_small_llama(small_llama_graph):
     assert s["by_name"]["fast_softmax"] == 2, s["by_name"]  # one attention softmax per layer
     # the total as observed with TVM 0.27 and the current lowering: a change here is a fusion change to explain
     assert s["kernels"] == sum(s["by_name"].values()) == 63, s
+
+
+def test_small_llama_for_cuda_without_a_gpu(small_llama_graph):
+    # counting stops before code generation, so a CUDA count needs no GPU; without weight panels every
+    # GEMM is a plain matmul kernel, and the launch count differs from the CPU one only in layout kernels
+    s = kernel_stats(small_llama_graph, "cuda")
+    assert s["gemm"] == 19, s
+    assert "panel_matmul" not in s["by_name"], s["by_name"]
