@@ -9,21 +9,27 @@ from .compiled import CompiledModel, Signature
 
 def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
             dynamic_shapes: Any = "auto", max_batch: int = 64, max_seq: Optional[int] = None,
-            name: Optional[str] = None) -> CompiledModel:
+            name: Optional[str] = None, passes: Any = "fuse") -> CompiledModel:
     """Compile an ``nn.Module`` or ``torch.export.ExportedProgram`` for ``target``.
 
     dynamic_shapes="auto" makes dim 0 of every tensor input the symbol ``batch`` (1..max_batch) and dim 1 of
     inputs of rank >= 2 the symbol ``seq`` (2..max_seq, default: the model's maximum positions), so one
     compile serves every batch and sequence size in range. Pass None for static shapes, or a
     torch.export ``dynamic_shapes`` spec.
+
+    ``passes`` is the optimization pipeline run on the imported graph before the backend builds it: a
+    pipeline string (``"fuse"``, the default; ``"canonicalize,fuse,dce"``), a list of passes, or
+    None/"" for none.
     """
     import torch
 
     from .backends.tvm import build, resolve_target
     from .frontends import torch_export
     from .ir.verifier import verify
+    from .passes import PassManager
 
     spec = resolve_target(target)  # fail on a bad target before the slow work
+    pipeline = PassManager(passes) if passes else None  # ... and on a bad pipeline
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     timings = {}
@@ -42,6 +48,10 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
     timings["import_s"] = time.perf_counter() - t0
     graph = imported.graph
     verify(graph)
+    if pipeline is not None:
+        t0 = time.perf_counter()
+        graph = pipeline.run(graph)
+        timings["passes_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     exe = build(graph, spec)
     timings["build_s"] = time.perf_counter() - t0

@@ -17,13 +17,15 @@ def _add_compile_args(p):
     p.add_argument("--target", default="cpu", help="cpu/llvm, cuda, or a TVM target as JSON (default: cpu)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq", type=int, default=None, help="default: the model's maximum positions")
+    p.add_argument("--passes", default="fuse",
+                   help="optimization pipeline before the backend (default: fuse; '' for none)")
 
 
 def _compile(model, tok, args, example):
     import llmasos
     t0 = time.perf_counter()
     cm = llmasos.compile(model, target=_target_arg(args.target), example_inputs=(example,),
-                         max_batch=args.max_batch, max_seq=args.max_seq)
+                         max_batch=args.max_batch, max_seq=args.max_seq, passes=args.passes)
     cm.tokenizer = tok
     return cm, time.perf_counter() - t0
 

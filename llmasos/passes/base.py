@@ -24,7 +24,6 @@ import difflib
 import importlib
 import re
 import typing
-from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from ..ir import Graph, Node
@@ -34,7 +33,8 @@ EXACT_RTOL = 1e-6
 _NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # Modules whose import registers the passes that ship with llmasos.
 BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass",
-                   "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise")
+                   "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise",
+                   "llmasos.passes.split_heads", "llmasos.passes.fuse")
 
 
 class PassError(Exception):

@@ -65,8 +65,10 @@ class FuseElementwise(Pass):
         for root, members, leaves, expr in plans:
             new_root = node_by_out[root.outputs[0].name]
             start = len(g.nodes)
+            # a leaf may be the root of a group fused before this one: by_name has its fused value by now
             fused = g.add_node("fused.elementwise", [by_name[v.name] for v in leaves], {"expr": expr},
                                loc=root.loc, name=root.outputs[0].name + "_fused")
+            by_name[root.outputs[0].name] = fused
             g.nodes.pop(start)
             g.nodes[g.nodes.index(new_root)] = fused.producer
             old = new_root.outputs[0]

@@ -80,13 +80,13 @@ def _merge(g: Graph, nodes: list) -> None:
     y = g.add_node(op, ins, loc=loc, name="merged")
     parts = g.add_node("split", [y], {"axis": -1, "sizes": sizes}, loc=loc)
     parts = parts if isinstance(parts, tuple) else (parts,)
+    old = {n.outputs[0]: p for n, p in zip(nodes, parts)}
+    gone = set(map(id, nodes))
     added = g.nodes[start:]
     del g.nodes[start:]
     first = min(g.nodes.index(n) for n in nodes)
     g.nodes[first:first] = added
-    old = {n.outputs[0]: p for n, p in zip(nodes, parts)}
     for n in g.nodes:
         n.inputs = [old.get(v, v) for v in n.inputs]
     g.outputs = [old.get(v, v) for v in g.outputs]
-    gone = set(map(id, nodes))
     g.nodes = [n for n in g.nodes if id(n) not in gone]

@@ -93,7 +93,7 @@ def _err(text: str) -> PipelineError:
     ("dce cse", 5, "expected ',' between passes, found 'c'"),
     ("dce;cse", 4, "expected ',' between passes, found ';'"),
     ("dce,cs", 5, "unknown pass 'cs'; did you mean 'cse'?"),
-    ("dce,zzzzzz", 5, "unknown pass 'zzzzzz'; known passes: canonicalize, cse, dce, rewrite"),
+    ("dce,zzzzzz", 5, "unknown pass 'zzzzzz'; known passes: canonicalize, cse, dce, fuse, fuse-elementwise, fuse-epilogue, fuse-norm, merge-linears, recognize, rewrite, split-heads"),
     ("dce{x=1}", 5, "pass 'dce' has no option 'x' (its options: none)"),
 ])
 def test_errors_point_at_the_character(text, column, msg):

@@ -176,7 +176,7 @@ def _in_f32(ctx, node, x, fn):
     acc = _acc_dtype(dt)
     if acc is dt:
         return fn(x)
-    return ctx.cast(ctx.emit(fn(ctx.cast(x, acc))), dt)
+    return ctx.cast(ctx.emit(fn(ctx.emit(ctx.cast(x, acc)))), dt)  # emitted: fn may read the dtype
 
 
 def _out_type(node: Node, i: int = 0) -> TensorType:

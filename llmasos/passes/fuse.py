@@ -1,0 +1,87 @@
+"""Operator fusion passes. ``fuse`` runs them all, in this order:
+
+    recognize         rules/recognize.rw   decomposed RMSNorm / tanh-GELU -> rms_norm / gelu   (tolerance)
+    merge-linears     merge_linears.py     GEMMs sharing an input -> one GEMM + split         (tolerance)
+    split-heads       split_heads.py       split + per-head reshapes -> one reshape + slices  (exact)
+    fuse-epilogue     rules/epilogue.rw    GEMM + bias + activation -> fused.linear_act / matmul_act (exact)
+    fuse-norm         rules/norm.rw        residual add + norm -> fused.add_rms_norm / add_layer_norm (exact)
+    fuse-elementwise  fuse_elementwise.py  elementwise chains -> fused.elementwise            (exact)
+    dce
+
+Each fused op lowers to one kernel in the TVM backend (backends/tvm/lowering_fused.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..ir import Graph
+from .base import Pass, register_pass
+from .dce import DeadCodeElimination
+from .fuse_elementwise import FuseElementwise
+from .merge_linears import MergeLinears
+from .split_heads import SplitHeads
+from .rewrite_pass import apply_rule_set
+
+
+@register_pass("recognize")
+@dataclass(frozen=True)
+class Recognize(Pass):
+    """rules/recognize.rw: rms_norm divides by sqrt where the decomposed form multiplies by rsqrt."""
+
+    max_rewrites: int = 10_000
+
+    exact: ClassVar[bool] = False
+    rtol: ClassVar[float] = 1e-5
+    atol: ClassVar[float] = 1e-6
+
+    def run(self, graph: Graph) -> Graph:
+        return apply_rule_set(self.pass_name, graph, "recognize", self.max_rewrites)
+
+
+@register_pass("fuse-epilogue")
+@dataclass(frozen=True)
+class FuseEpilogue(Pass):
+    max_rewrites: int = 10_000
+
+    exact: ClassVar[bool] = True
+
+    def run(self, graph: Graph) -> Graph:
+        return apply_rule_set(self.pass_name, graph, "epilogue", self.max_rewrites)
+
+
+@register_pass("fuse-norm")
+@dataclass(frozen=True)
+class FuseNorm(Pass):
+    max_rewrites: int = 10_000
+
+    exact: ClassVar[bool] = True
+
+    def run(self, graph: Graph) -> Graph:
+        return apply_rule_set(self.pass_name, graph, "norm", self.max_rewrites)
+
+
+@register_pass("fuse")
+@dataclass(frozen=True)
+class Fuse(Pass):
+    """Every fusion above; the options switch parts off (``fuse{merge=false}``)."""
+
+    recognize: bool = True
+    merge: bool = True
+    epilogue: bool = True
+    norm: bool = True
+    elementwise: bool = True
+
+    exact: ClassVar[bool] = False  # recognize's and merge-linears' tolerance; the rest is exact
+    rtol: ClassVar[float] = Recognize.rtol
+    atol: ClassVar[float] = Recognize.atol
+
+    def parts(self) -> list:
+        on = [(self.recognize, Recognize()), (self.merge, MergeLinears()), (self.merge, SplitHeads()), (self.epilogue, FuseEpilogue()),
+              (self.norm, FuseNorm()), (self.elementwise, FuseElementwise())]
+        return [p for keep, p in on if keep] + [DeadCodeElimination()]
+
+    def run(self, graph: Graph) -> Graph:
+        for p in self.parts():
+            graph = p.run(graph)
+        return graph
