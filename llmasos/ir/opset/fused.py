@@ -58,10 +58,11 @@ _ACT_ATTR = {"act": Attr("str", "none", choices=tuple(ACTIVATIONS))}
 
 def _gemm_infer(base: str):
     def infer(x, weight, bias=None, *, act):
+        if base == "matmul" and (weight.rank != 2 or (bias is not None and bias.rank != 1)):
+            raise ValueError(f"fused.matmul_act takes a rank-2 weight [in, out] and a rank-1 bias, got {weight}"
+                             + (f", {bias}" if bias is not None else ""))
         t = _apply_infer(base, {}, x, weight, *([bias] if base == "linear" and bias is not None else []))
         if base == "matmul" and bias is not None:
-            if weight.rank != 2 or bias.rank != 1:
-                raise ValueError(f"fused.matmul_act takes a rank-2 weight and rank-1 bias, got {weight}, {bias}")
             t = _apply_infer("add", {}, t, bias)
         return _act_infer(act, t)
     return infer
@@ -130,7 +131,7 @@ def parse_expr(text: str) -> Expr:
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
             raise ExprError(f"bad character at {pos} in expr {text!r}")
-        toks.append((m.lastindex, m.group(m.lastindex), pos))
+        toks.append((m.lastindex, m.group(m.lastindex), m.start(m.lastindex)))
         pos = m.end()
     i = 0
 

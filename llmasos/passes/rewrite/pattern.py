@@ -322,7 +322,10 @@ def const_scalar(v: Value):
         return None
     if not (np.all(f == f[0]) or np.all(np.isnan(f))):
         return None
-    return float(f[0])
+    try:  # the shortest decimal that is this value in the constant's dtype: an f32 1e-6 reads 1e-06
+        return float(str(first))
+    except ValueError:
+        return float(f[0])
 
 
 def _attr_eq(a, b) -> bool:
