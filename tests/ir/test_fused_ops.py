@@ -39,9 +39,6 @@ def test_malformed_expr_names_the_position(text, message):
     assert str(e.value) == message
 
 
-@pytest.mark.xfail(strict=True, reason="parse_expr reports a bad character at the position the failed token match "
-                                       "started, i.e. before the whitespace its regex skips: 4 (the space), "
-                                       "not 5 (the '#')")
 def test_bad_character_after_a_space_is_located_at_the_character():
     with pytest.raises(ExprError) as e:
         parse_expr("mul( #0)")

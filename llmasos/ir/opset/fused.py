@@ -130,7 +130,8 @@ def parse_expr(text: str) -> Expr:
             break
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise ExprError(f"bad character at {pos} in expr {text!r}")
+            at = pos + len(text[pos:]) - len(text[pos:].lstrip())
+            raise ExprError(f"bad character at {at} in expr {text!r}")
         toks.append((m.lastindex, m.group(m.lastindex), m.start(m.lastindex)))
         pos = m.end()
     i = 0
