@@ -313,7 +313,7 @@ def test_value_in_replacement_attributes():
     out = apply_rules(g, rules)
     verify(out)
     assert [n.op for n in out.nodes] == ["rms_norm"]
-    assert out.nodes[0].attrs["eps"] == float(np.float32(1e-6))
+    assert out.nodes[0].attrs["eps"] == 1e-6  # the shortest decimal that is the f32 constant
     xs = [RNG.standard_normal((2, 8)).astype(np.float32)]
     np.testing.assert_allclose(run(out, xs)[0], run(g, xs)[0], rtol=1e-5, atol=1e-6)
     # eps is no constant: the rule declines (no error) and explain says why
