@@ -527,12 +527,12 @@ class _Builder:
 
     # -- fused ops ------------------------------------------------------------------------------
     def b_fused_gemm(self, op: str):
-        linear = op == "fused.linear_act"
+        linear = op in ("fused.linear_act", "fused.linear_glu")
         x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= (1 if linear else 2)
                       and isinstance(v.type.shape[-1], int))
         if x is None:
             return False
-        k, n = x.type.shape[-1], self.integer(1, 5)
+        k, n = x.type.shape[-1], self.integer(1, 5) * (2 if op == "fused.linear_glu" else 1)
         w = self.param((n, k) if linear else (k, n), x.type.dtype)
         if w is None:
             return False
@@ -618,7 +618,7 @@ OP_BUILDERS = {
     "expand_dims": "b_expand_squeeze", "squeeze": "b_expand_squeeze", "broadcast_to": "b_broadcast_to",
     "take": "b_take", "gather": "b_gather", "index": "b_index", "const": "b_const", "arange": "b_arange",
     "full": "b_full",
-    "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
+    "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.linear_glu": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
 }
 OPS = tuple(sorted(OP_BUILDERS))

@@ -245,6 +245,13 @@ def _all_ops_cases() -> Cases:
     for act in ("gelu", "gelu_tanh", "silu", "sigmoid"):
         c.node(f"fused.linear_act/{act}", "fused.linear_act", [lhs, w24, b24], {"act": act})
     c.node("fused.linear_act/relu_nobias", "fused.linear_act", [blhs, w24], {"act": "relu"})
+    # linear_glu: 24 rows = gate 12 + up 12 -- not whole 16/32-wide panels, so the generic path; 64 rows
+    # (32 + 32) take the paired-panel GEMM with the product in its epilogue
+    c.node("fused.linear_glu/generic", "fused.linear_glu", [lhs, w24, b24], {"act": "silu"})
+    w64 = c.param("w64", rng.standard_normal((64, 8)).astype(np.float32))
+    c.node("fused.linear_glu/panels", "fused.linear_glu", [lhs, w64], {"act": "silu"})
+    c.node("fused.linear_glu/panels_bias_gelu", "fused.linear_glu",
+           [blhs, w64, c.param("b64", rng.standard_normal(64).astype(np.float32))], {"act": "gelu_tanh"})
     c.node("fused.linear_act/act_weight", "fused.linear_act", [lhs, c.inp("aw", (m, 8), F32), y], {"act": "tanh"})
     c.node("fused.matmul_act/tanh", "fused.matmul_act", [blhs, c.param("wkn20", rng.standard_normal((8, 20)).astype(np.float32)),
                                                          c.param("b20", rng.standard_normal(20).astype(np.float32))],

@@ -657,6 +657,23 @@ def test_fused_gemm(op, act, data):
     check(got, TORCH_ACT[act](y), tol=None if dt is DType.f32 else 2 * TOL[dt], what=f"{op}{{act={act}}}")
 
 
+@covers("fused.linear_glu")
+@pytest.mark.parametrize("act", sorted(TORCH_ACT))
+@given(data=st.data())
+def test_fused_linear_glu(act, data):
+    dt = data.draw(FLOATS, label="dtype")
+    lead = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=3), label="lead")
+    k, f = data.draw(st.integers(1, 16)), data.draw(st.integers(1, 8))
+    rng = np.random.default_rng(data.draw(SEEDS))
+    x, w = rand(rng, (*lead, k), dt), rand(rng, (2 * f, k), dt)
+    b = rand(rng, (2 * f,), dt) if data.draw(st.booleans(), label="bias") else None
+    (got,) = run_op("fused.linear_glu", [x, w] + ([b] if b is not None else []), {"act": act})
+    gate, up = F.linear(T(x), T(w), None if b is None else T(b)).chunk(2, dim=-1)
+    # two roundings meet in the product (activation of the gate, then the multiply)
+    check(got, TORCH_ACT[act](gate) * up, tol=None if dt is DType.f32 else 3 * TOL[dt],
+          what=f"fused.linear_glu{{act={act}}}")
+
+
 @covers("fused.add_rms_norm", "fused.add_layer_norm")
 @pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
 @given(data=st.data())

@@ -76,7 +76,7 @@ def blocks(draw):
             up = g.add_node("linear", [h, param(2 * d, d)])
             act = g.add_node("mul", [g.add_node("silu", [gate]), up])
             h = g.add_node("add", [h, g.add_node("linear", [act, param(d, 2 * d)])])
-            expect |= {"merge", "elementwise"}
+            expect |= {"merge", "glu"}
         elif kind == "gpt2_mlp":  # Conv1D: flatten, addmm, unflatten, gelu_new
             flat = g.add_node("reshape", [h], {"shape": [2 * seq, d]})
             y = g.add_node("add", [g.add_node("matmul", [flat, param(d, 2 * d)]), param(2 * d)])
@@ -117,6 +117,8 @@ def test_fuse_keeps_numerics_and_fuses(case):
         assert ops.get("linear", 0) + ops.get("fused.linear_act", 0) < g.op_counts().get("linear", 0), ops
     if "epilogue_act" in expect:
         assert ops.get("gelu", 0) == 0 and ops.get("tanh", 0) == 0 and ops.get("fused.matmul_act", 0) >= 1, ops
+    if "glu" in expect:
+        assert ops.get("fused.linear_glu", 0) >= 1 and ops.get("silu", 0) == 0, ops
     if "elementwise" in expect:
         assert ops.get("fused.elementwise", 0) >= 1, ops
     if "add_norm" in expect:

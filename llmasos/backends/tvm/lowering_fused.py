@@ -66,7 +66,10 @@ def sub_node(op: str, inputs: list, attrs: dict):
 
 
 def _emit_op(ctx, op: str, attrs: dict, in_types: list, args: list):
+    """Lower one ``op`` node over ``args`` through its own lowering. ``in_types`` are TensorTypes or the
+    original Values; a parameter among the latter stays one (so the op's lowering may repack it once)."""
     node = sub_node(op, in_types, attrs)
+    ctx.params.update(s for s, v in zip(node.inputs, in_types) if hasattr(v, "type") and ctx.is_param(v))
     saved, ctx.node = ctx.node, node
     try:
         r = get_lowering(op)(ctx, node, args)
@@ -82,13 +85,13 @@ def _gemm(base: str):
         act = node.attrs["act"]
         if _weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
             return _panel_matmul(ctx, node, x, w, bias, transposed=(base == "linear"), act=te_activation(ctx, act))
-        ins = [v.type for v in node.inputs]
+        ins = list(node.inputs)
         if base == "linear":
             y, t = _emit_op(ctx, "linear", {}, ins, list(args))
         else:
             y, t = _emit_op(ctx, "matmul", {}, ins[:2], [x, w])
             if bias is not None:
-                y, t = _emit_op(ctx, "add", {}, [t, ins[2]], [y, bias])
+                y, t = _emit_op(ctx, "add", {}, [t, ins[2].type], [y, bias])
         if ACTIVATIONS[act] is None:
             return y
         op, attrs = ACTIVATIONS[act]
@@ -161,3 +164,48 @@ def _elementwise(ctx, node, args):
         built = [build(a) for a in sub]
         return _emit_op(ctx, op, dict(attrs), [t for _, t in built], [v for v, _ in built])
     return build(parse_expr(node.attrs["expr"]))[0]
+
+
+@register_lowering("fused.linear_glu")
+def _linear_glu(ctx, node, args):
+    """One GEMM over paired weight panels: panel p holds gate columns [p*NR, (p+1)*NR) and the same up
+    columns side by side, so the epilogue finds a gate value and its up value in the same register tile
+    and writes act(gate) * up straight away (half the GEMM's columns ever reach memory)."""
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    act = te_activation(ctx, node.attrs["act"])
+    nr = ctx.panel_width()
+    n2, k = node.inputs[1].type.shape
+    f = n2 // 2
+    if (nr is None or not _weight_panels(ctx, node, 1) or f % nr or act is None
+            or (bias is not None and not ctx.is_param(node.inputs[2]))):
+        # generic: the GEMM, then act(gate) * up through the ops' own lowerings (TVM fuses the tail)
+        y, t = _emit_op(ctx, "linear", {}, list(node.inputs), list(args))
+        lead = t.shape[:-1]
+        half = [*lead, f]
+        gate, gt = _emit_op(ctx, "slice", {"axis": -1, "start": 0, "end": f}, [t], [y])
+        up, _ = _emit_op(ctx, "slice", {"axis": -1, "start": f, "end": n2}, [t], [y])
+        if ACTIVATIONS[node.attrs["act"]] is not None:
+            op, attrs = ACTIVATIONS[node.attrs["act"]]
+            gate, gt = _emit_op(ctx, op, attrs, [gt], [gate])
+        from ...ir.types import TensorType
+        return _emit_op(ctx, "mul", {}, [gt, TensorType(tuple(half), t.dtype)], [gate, up])[0]
+    R = relax.op
+    p = f // nr
+    # [2F, K] -> [2, P, NR, K] -> [P, K, 2, NR] -> [P, K, 2*NR]: gate then up columns of panel p
+    panels = R.reshape(R.permute_dims(R.reshape(w, [2, p, nr, k]), [1, 3, 0, 2]), [p, k, 2 * nr])
+    panels = ctx.emit(panels, "glu_panels")  # param-only: hoisted into main_transform_params
+    if bias is not None:
+        bias = ctx.emit(R.reshape(R.permute_dims(R.reshape(bias, [2, p, nr]), [1, 0, 2]), [p, 2 * nr]), "glu_bias")
+
+    def gemm(x, wp, *b):
+        r = te.reduce_axis((0, k), name="k")
+        y = te.compute([*x.shape[:-1], p, 2 * nr],
+                       lambda *i: te.sum(x(*i[:-2], r) * wp[i[-2], r, i[-1]], axis=r), name="panel_matmul")
+        if b:
+            y = te.compute(y.shape, lambda *i: y(*i) + b[0][i[-2], i[-1]], name="bias_add")
+        g = act(y)
+        return te.compute([*x.shape[:-1], p, nr], lambda *i: g(*i) * y(*i[:-1], i[-1] + nr), name="glu")
+    out = ctx.emit_te(gemm, x, panels, *([bias] if bias is not None else []), name="panel_glu")
+    lead = ctx.shape(node.inputs[0])[:-1]
+    return R.reshape(out, [*lead, f])

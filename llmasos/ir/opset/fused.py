@@ -6,6 +6,8 @@ the passes that make it) is exactly that composition, evaluated op by op with th
 * ``fused.linear_act`` / ``fused.matmul_act``: a GEMM with bias and activation applied as the output tile
   is written (``act`` in ACTIVATIONS); linear takes weight [out, in], matmul weight [in, out] (GPT-2's
   Conv1D).
+* ``fused.linear_glu``: Llama's MLP input, ``act(x @ Wg.T) * (x @ Wu.T)``, as one GEMM on
+  ``weight = [Wg; Wu]`` whose epilogue combines each gate column with its up column.
 * ``fused.add_rms_norm`` / ``fused.add_layer_norm``: a residual add and the norm of its sum, two results
   (the sum feeds the next residual add, the normed value the next layer), one pass over memory.
 * ``fused.elementwise``: a tree of elementwise ops over its operands, written in ``expr`` as
@@ -85,6 +87,25 @@ defop("fused.linear_act", ("x", "weight", "bias?"), _gemm_infer("linear"), _gemm
 defop("fused.matmul_act", ("x", "weight", "bias?"), _gemm_infer("matmul"), _gemm_ref("matmul"), _ACT_ATTR,
       doc="act(x @ weight + bias) with a rank-2 weight [in, out]: matmul with bias/activation epilogue")
 
+
+
+def _glu_infer(x, weight, bias=None, *, act):
+    t = _apply_infer("linear", {}, x, weight, *([bias] if bias is not None else []))
+    n = weight.shape[0]
+    if not isinstance(n, int) or n % 2:
+        raise ValueError(f"fused.linear_glu needs an even number of weight rows [gate; up], got {weight}")
+    half = TensorType((*t.shape[:-1], n // 2), t.dtype)
+    return _apply_infer("mul", {}, _act_infer(act, half), half)
+
+
+def _glu_ref(x, weight, bias=None, *, act):
+    y = _apply_ref("linear", {}, x, weight, *([bias] if bias is not None else []))
+    f = y.shape[-1] // 2
+    return _apply_ref("mul", {}, _act_ref(act, np.ascontiguousarray(y[..., :f])), np.ascontiguousarray(y[..., f:]))
+
+
+defop("fused.linear_glu", ("x", "weight", "bias?"), _glu_infer, _glu_ref, _ACT_ATTR,
+      doc="act(gate) * up with [gate, up] = x @ weight.T + bias split in halves (SwiGLU: one GEMM, one kernel)")
 
 def _add_norm_infer(norm: str):
     def infer(x, residual, *wb, eps, ndim):
