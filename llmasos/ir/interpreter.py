@@ -91,8 +91,12 @@ def _is_sym(v) -> bool:
     return isinstance(v, sympy.Expr)
 
 
-def run(graph: Graph, inputs: Inputs, *, trace: bool = False):
-    """Execute ``graph``. Returns the list of outputs, or (outputs, {value name: array}) with ``trace``."""
+def run(graph: Graph, inputs: Inputs, *, trace: bool = False, observe=None):
+    """Execute ``graph``. Returns the list of outputs, or (outputs, {value name: array}) with ``trace``.
+
+    ``observe(node, args, results)``, when given, is called after each node with its operand and result
+    arrays (calibration collects activation statistics this way without keeping every value alive).
+    """
     if isinstance(inputs, Mapping):
         missing = [v.name for v in graph.inputs if v.name not in inputs]
         if missing:
@@ -111,9 +115,18 @@ def run(graph: Graph, inputs: Inputs, *, trace: bool = False):
         if name not in graph.param_data:
             raise ValueError(f"parameter %{name} has no data")
         vals[v] = param_array(graph.param_data[name])
-    for node in graph.nodes:
+    # without trace, a value is dropped after its last use (a 30-layer model would otherwise hold every
+    # activation of the forward pass at once)
+    last_use: dict = {}
+    if not trace:
+        keep = set(graph.outputs) | set(graph.inputs) | set(graph.params.values())
+        for i, node in enumerate(graph.nodes):
+            for v in node.inputs:
+                if v not in keep:
+                    last_use[v] = i
+    for i, node in enumerate(graph.nodes):
         opdef = get_op(node.op)
-        args = [vals[i] for i in node.inputs]
+        args = [vals[v] for v in node.inputs]
         try:
             with np.errstate(all="ignore"):  # IEEE results (inf, nan) as torch gives them, without warnings
                 res = opdef.ref(*args, **evaluate_attrs(node.attrs, env))
@@ -122,6 +135,12 @@ def run(graph: Graph, inputs: Inputs, *, trace: bool = False):
         res = res if isinstance(res, tuple) else (res,)
         for out, r in zip(node.outputs, res):
             vals[out] = _conform(node, out.type, np.asarray(r), env)
+        if observe is not None:
+            observe(node, args, [vals[o] for o in node.outputs])
+        if last_use:
+            for v in node.inputs:
+                if last_use.get(v) == i:
+                    vals.pop(v, None)
     outs = [vals[v] for v in graph.outputs]
     if trace:
         return outs, {v.name: a for v, a in vals.items()}

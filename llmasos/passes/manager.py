@@ -59,8 +59,13 @@ NumericInputs = Union[Sequence[Any], Callable[..., Sequence[Any]]]
 
 class PassManager:
     def __init__(self, passes: PipelineSpec, print_after_all: bool = False, timing: bool = False,
-                 verify_each: bool = True, numeric_check: Optional[NumericInputs] = None, out: TextIO = None):
+                 verify_each: bool = True, numeric_check: Optional[NumericInputs] = None, out: TextIO = None,
+                 calibration=None):
+        from .calibration import Calibration
         self.passes: list[Pass] = parse_pipeline(passes)
+        # data-driven passes read it through calibration.current_calibration() while run() runs
+        self.calibration = calibration if calibration is None or isinstance(calibration, Calibration) \
+            else Calibration(calibration)
         self.print_after_all = print_after_all
         self.timing = timing
         self.verify_each = verify_each
@@ -70,6 +75,13 @@ class PassManager:
         self.instrument_seconds: dict[str, float] = {}
 
     def run(self, graph: Graph) -> Graph:
+        from .calibration import use_calibration
+        if self.calibration is not None:
+            self.calibration.check(graph)  # bad calibration data fails before any pass runs
+        with use_calibration(self.calibration):
+            return self._run(graph)
+
+    def _run(self, graph: Graph) -> Graph:
         self.records = []
         self.instrument_seconds = {"verify": 0.0, "numeric check": 0.0}
         if self.verify_each:
