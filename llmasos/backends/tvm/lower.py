@@ -15,6 +15,7 @@ from tvm import tirx as tir
 from ...ir.graph import Graph
 from ...ir.types import TensorType, dim_str
 from . import lowering_fused  # noqa: F401  (registers the fused ops' lowerings)
+from . import lowering_quant  # noqa: F401  (registers the quantized GEMMs' lowerings)
 from .lowering import LowerContext, LoweringError, get_lowering, tvm_dtype
 
 

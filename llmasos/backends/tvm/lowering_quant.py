@@ -1,0 +1,287 @@
+"""Lowerings of the quantized GEMMs (llmasos/ir/opset/quant.py) with dequantization inside the GEMM.
+
+The stored weights stay int8/uint8 (4-bit: two codes per byte) from the parameter file to the kernel: no
+float copy of a weight is ever made, at load or per call, so resident weight memory shrinks 4x (int8) or
+~8x (int4) against f32.
+
+* CPU (``llmasos-cpu`` schedule, f32 activations, parameter weights): the codes, scales and zeros are
+  repacked once at load (param-only Relax ops, hoisted into main_transform_params) into NR-column panels
+  like lowering._panel_matmul's, still as bytes: codes [P, K, NR] (4-bit: [P, K/2, NR] packed), scales and
+  zeros [P, G, NR]. One TE GEMM reads a panel's codes, unpacks and dequantizes each k row of NR codes in
+  registers and accumulates into an MR x NR register tile. cpu_schedule.Matmul needs a two-input GEMM
+  block, so this PrimFunc comes already scheduled (same tiling: panels in parallel, MR rows unrolled, NR
+  vectorised) and marked ``tirx.is_scheduled`` and opaque, so DLight and FuseOps leave it alone.
+* elsewhere (CUDA, f16 activations): one TE function, a dequant stage feeding the GEMM reduction in the
+  same PrimFunc -- the shape DLight's GPU GEMV/Matmul rules schedule with the dequant inlined into the
+  reduction (as MLC-LLM's decode + matmul).
+* ``quant.linear_a8``: per-token activation quantization (one row-reduction kernel), then an int8 x int8 ->
+  int32 panel GEMM whose epilogue rescales by s_x * wscale and adds the bias (cpu_schedule.Matmul
+  schedules it: two inputs, int32 accumulator).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te
+from tvm import tirx as tir
+
+from ...ir.types import DType
+from .lowering import LoweringError, _acc_dtype, register_lowering, tvm_dtype
+
+R = relax.op
+MR = 4  # rows per register tile of the CPU kernel
+
+
+def _layout(node):
+    """(N, K, bits, group, G, per_tensor) of a quant.linear / quant.dequant node."""
+    off = 0 if node.op == "quant.dequant" else 1
+    qt, st = node.inputs[off].type, node.inputs[off + 1].type
+    bits, group = node.attrs["bits"], node.attrs["group"]
+    n, kq = qt.shape
+    k = kq * 2 if bits == 4 else kq
+    per_tensor = tuple(st.shape) == (1, 1)
+    g = 1 if group == 0 else k // group
+    return n, k, bits, group, g, per_tensor
+
+
+def _code(codes, bits, idx_row, k, j_tail=()):
+    """The f32 value of code k of a weight row: 4-bit nibbles unpacked, fp8/int read and converted."""
+    if bits == 4:
+        byte = codes(*idx_row, k // 2, *j_tail)
+        shift = (k % 2 * 4).astype("uint8")
+        return ((byte >> shift) & tir.const(15, "uint8")).astype("float32")
+    return codes(*idx_row, k, *j_tail).astype("float32")
+
+
+def _dequant_fn(bits, group, per_tensor):
+    """TE: w[n, k] = (code - zero) * scale over codes [N, Kq], scale/zero [N, G] or [1, 1]."""
+    def w(codes, scale, zero, n, k, out_dtype):
+        gi = (k // group) if group else 0
+        s = scale[0, 0] if per_tensor else scale[n, gi]
+        z = zero[0, 0] if per_tensor else zero[n, gi]
+        v = (_code(codes, bits, (n,), k) - z.astype("float32")) * s.astype("float32")
+        return v.astype(out_dtype)
+    return w
+
+
+@register_lowering("quant.dequant")
+def _dequant(ctx, node, args):
+    n, k, bits, group, _, per_tensor = _layout(node)
+    out_dt = tvm_dtype(node.outputs[0].type.dtype)
+    w = _dequant_fn(bits, group, per_tensor)
+    return ctx.emit_te(lambda c, s, z: te.compute((n, k), lambda i, j: w(c, s, z, i, j, out_dt), name="dequant"),
+                       *args, name="dequant")
+
+
+def _cpu_panels(ctx, node) -> bool:
+    ins = node.inputs
+    return (ctx.panel_width() is not None and all(ctx.is_param(v) and v.type.is_static for v in ins[1:])
+            and ins[0].type.dtype is DType.f32 and ins[1].type.dtype in (DType.i8, DType.u8))
+
+
+@register_lowering("quant.linear")
+def _quant_linear(ctx, node, args):
+    if _cpu_panels(ctx, node):
+        return _cpu_quant_linear(ctx, node, args)
+    return _generic_quant_linear(ctx, node, args)
+
+
+def _generic_quant_linear(ctx, node, args):
+    n, k, bits, group, _, per_tensor = _layout(node)
+    xt = node.inputs[0].type
+    dt = tvm_dtype(xt.dtype)
+    acc = tvm_dtype(_acc_dtype(xt.dtype))
+    deq = _dequant_fn(bits, group, per_tensor)
+    has_bias = len(args) > 4
+
+    def f(x, codes, scale, zero, *b):
+        # the weight in x's dtype, as the reference casts it, then accumulated in f32
+        w = te.compute((n, k), lambda i, j: deq(codes, scale, zero, i, j, dt), name="dequant")
+        r = te.reduce_axis((0, k), name="k")
+        y = te.compute((*x.shape[:-1], n), lambda *i: te.sum(x(*i[:-1], r).astype(acc) * w[i[-1], r].astype(acc),
+                                                             axis=r), name="qmatmul")
+        if b:
+            y = te.compute(y.shape, lambda *i: y(*i) + b[0][i[-1]].astype(acc), name="bias_add")
+        return te.compute(y.shape, lambda *i: y(*i).astype(dt), name="cast") if acc != dt else y
+    return ctx.emit_te(f, *args, name="quant_linear")
+
+
+def _pad_rows(ctx, a, n, n_pad, name):
+    if n_pad == n:
+        return a
+    shape = list(a.ty.shape.values)
+    return ctx.emit(R.concat([a, R.zeros([n_pad - n, *shape[1:]], str(a.ty.dtype))], axis=0), name)
+
+
+def _cpu_quant_linear(ctx, node, args):
+    x, codes, scale, zero = args[:4]
+    bias = args[4] if len(args) > 4 else None
+    n, k, bits, group, g, per_tensor = _layout(node)
+    nr = ctx.panel_width()
+    kq = k // 2 if bits == 4 else k
+    n_pad = -(-n // nr) * nr
+    p = n_pad // nr
+    # codes of padded rows are 0 and their scales 0: padded columns compute exact zeros, sliced off below
+    codes = _pad_rows(ctx, codes, n, n_pad, "codes_padded")
+    cpanels = ctx.emit(R.permute_dims(R.reshape(codes, [p, nr, kq]), [0, 2, 1]), "code_panels")
+    if not per_tensor:
+        scale = _pad_rows(ctx, scale, n, n_pad, "scale_padded")
+        zero = _pad_rows(ctx, zero, n, n_pad, "zero_padded")
+        scale = ctx.emit(R.permute_dims(R.reshape(scale, [p, nr, g]), [0, 2, 1]), "scale_panels")
+        zero = ctx.emit(R.permute_dims(R.reshape(zero, [p, nr, g]), [0, 2, 1]), "zero_panels")
+    if bias is not None:
+        bias = ctx.emit(R.reshape(_pad_rows(ctx, bias, n, n_pad, "bias_padded"), [p, nr]), "bias_panels")
+    lead = ctx.shape(node.inputs[0])[:-1]
+    m = lead[0]
+    for d in lead[1:]:
+        m = m * d
+    x2 = ctx.emit(R.reshape(x, [m, k]), "x_rows")
+    func = _qgemm_primfunc(m, k, p, nr, bits, group, per_tensor, bias is not None, str(codes.ty.dtype))
+    gv = ctx.bb.add_func(func, "quant_linear_panels")
+    ins = [x2, cpanels, scale, zero, *([bias] if bias is not None else [])]
+    y = ctx.emit(relax.call_tir(gv, ins, relax.TensorType([m, p, nr], "float32")), "quant_linear")
+    y = ctx.emit(R.reshape(y, [*lead, n_pad]))
+    if n_pad != n:
+        y = R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True)
+    return y
+
+
+def _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
+    kq = k // 2 if bits == 4 else k
+    gsh = (1, 1) if per_tensor else (p, 1 if group == 0 else k // group, nr)
+    x = te.placeholder((m, k), "float32", name="x")
+    codes = te.placeholder((p, kq, nr), code_dtype, name="codes")
+    scale = te.placeholder(gsh, "float32", name="scale")
+    zero = te.placeholder(gsh, "float32", name="zero")
+    b = te.placeholder((p, nr), "float32", name="bias") if has_bias else None
+    r = te.reduce_axis((0, k), name="k")
+
+    def w(pi, kk, j):
+        c = _code(codes, bits, (pi,), kk, (j,))
+        if per_tensor:
+            return (c - zero[0, 0]) * scale[0, 0]
+        gi = kk // group if group else 0
+        return (c - zero[pi, gi, j]) * scale[pi, gi, j]
+
+    # one dequantized row of NR weights per (panel, k), computed once per register tile (compute_at k)
+    wdq = te.compute((p, k, nr), w, name="dequant")
+    y = te.compute((m, p, nr), lambda i, pi, j: te.sum(x[i, r] * wdq[pi, r, j], axis=r), name="qgemm")
+    outs = [x, codes, scale, zero]
+    if has_bias:
+        y = te.compute((m, p, nr), lambda i, pi, j: y[i, pi, j] + b[pi, j], name="qgemm_bias")
+        outs.append(b)
+    func = te.create_prim_func([*outs, y])
+    return _schedule_qgemm(func, nr, has_bias)
+
+
+def _schedule_qgemm(func, nr, has_bias):
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    main = sch.get_sblock("qgemm")
+    i, pi, j, kk = sch.get_loops(main)
+    io, ii = sch.split(i, [None, MR])
+    sch.reorder(pi, io, kk, ii, j)
+    sch.parallel(pi)
+    sch.unroll(ii)
+    sch.vectorize(j)
+    dq = sch.get_sblock("dequant")
+    sch.compute_at(dq, kk, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(dq)[-1])
+    if has_bias:
+        wb = sch.get_sblock("qgemm_bias")
+    else:
+        wb = sch.cache_write(main, 0, "global")
+    sch.reverse_compute_at(wb, io, preserve_unit_loops=True)
+    wl = list(sch.get_loops(wb))
+    wl = wl[[sch.get(l).same_as(sch.get(io)) for l in wl].index(True) + 1:]
+    sch.vectorize(wl[-1])
+    for l in wl[:-1]:
+        sch.unroll(l)
+    init = sch.decompose_reduction(main, kk)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return (sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+            .with_attr("op_pattern", 8))  # opaque: FuseOps must not merge it into an unscheduled function
+
+
+def _qgemm_primfunc(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
+    if not isinstance(m, (int, tir.IntImm)):
+        m = tir.Var("m", "int64")
+    return _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A8
+
+def _act_scale(x):
+    """TE: s_x f32 [M] = max|x_row| / 127 (a row reduction: its own kernel, DLight's CPU Reduction rule)."""
+    m, k = x.shape
+    r = te.reduce_axis((0, k), name="k")
+    f32 = "float32"
+    amax = te.compute((m,), lambda i: te.max(tir.abs(x[i, r].astype(f32)), axis=r), name="amax")
+    return te.compute((m,), lambda i: amax[i] / tir.const(127.0, f32), name="act_scale")
+
+
+def _act_codes(x, s):
+    """TE: x_q int8 [M, K] = clip(round(x / s_x), -127, 127), a zero row divided by 1 (the reference's)."""
+    f32 = "float32"
+
+    def code(i, j):
+        safe = tir.Select(s[i] > tir.const(0.0, f32), s[i], tir.const(1.0, f32))
+        v = tir.round(x[i, j].astype(f32) / safe)
+        return tir.max(tir.min(v, tir.const(127.0, f32)), tir.const(-127.0, f32)).astype("int8")
+    return te.compute(x.shape, code, name="act_codes")
+
+
+@register_lowering("quant.linear_a8")
+def _linear_a8(ctx, node, args):
+    x, q, ws = args[:3]
+    bias = args[3] if len(args) > 3 else None
+    xt = node.inputs[0].type
+    n, k = node.inputs[1].type.shape
+    dt = tvm_dtype(xt.dtype)
+    lead = ctx.shape(node.inputs[0])[:-1]
+    m = lead[0] if lead else tir.IntImm("int64", 1)
+    for d in lead[1:]:
+        m = m * d
+    x2 = ctx.emit(R.reshape(x, [m, k]), "x_rows")
+    sx = ctx.emit_te(_act_scale, x2, name="act_scale")
+    xq = ctx.emit_te(_act_codes, x2, sx, name="act_codes")
+    nr = ctx.panel_width()
+    static = all(ctx.is_param(v) and v.type.is_static for v in node.inputs[1:])
+    if bias is not None:
+        bias = ctx.cast(bias, DType.f32)
+    if nr is not None and static:
+        # int8 weight panels [P, K, NR] (bytes still), so cpu_schedule.Matmul tiles the int32 GEMM
+        n_pad = -(-n // nr) * nr
+        p = n_pad // nr
+        q = ctx.emit(R.permute_dims(R.reshape(_pad_rows(ctx, q, n, n_pad, "codes_padded"), [p, nr, k]), [0, 2, 1]),
+                     "code_panels")
+        ws = ctx.emit(R.reshape(_pad_rows(ctx, ws, n, n_pad, "wscale_padded"), [p, nr]), "wscale_panels")
+        if bias is not None:
+            bias = ctx.emit(R.reshape(_pad_rows(ctx, ctx.emit(bias), n, n_pad, "bias_padded"), [p, nr]), "bias_panels")
+
+        def gemm(xq, qp, sx, ws, *b):
+            r = te.reduce_axis((0, k), name="k")
+            acc = te.compute((xq.shape[0], p, nr), lambda i, pi, j: te.sum(
+                xq[i, r].astype("int32") * qp[pi, r, j].astype("int32"), axis=r), name="int_matmul")
+
+            def out(i, pi, j):
+                v = acc[i, pi, j].astype("float32") * sx[i] * ws[pi, j]
+                return v + b[0][pi, j] if b else v
+            return te.compute(acc.shape, out, name="rescale")
+        y = ctx.emit_te(gemm, xq, q, sx, ws, *([bias] if bias is not None else []), name="linear_a8")
+        y = ctx.emit(R.reshape(y, [*lead, n_pad]))
+        if n_pad != n:
+            y = ctx.emit(R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True))
+        return ctx.cast(y, xt.dtype)
+
+    def gemm(xq, q, sx, ws, *b):
+        r = te.reduce_axis((0, k), name="k")
+        acc = te.compute((xq.shape[0], n), lambda i, j: te.sum(
+            xq[i, r].astype("int32") * q[j, r].astype("int32"), axis=r), name="int_matmul")
+
+        def out(i, j):
+            v = acc[i, j].astype("float32") * sx[i] * ws[j]
+            return v + b[0][j] if b else v
+        return te.compute(acc.shape, out, name="rescale")
+    y = ctx.emit_te(gemm, xq, q, sx, ws, *([bias] if bias is not None else []), name="linear_a8")
+    return ctx.cast(ctx.emit(R.reshape(y, [*lead, n])), xt.dtype)

@@ -1,0 +1,127 @@
+"""Round-to-nearest weight quantization and the packed storage every quantizer of ours shares.
+
+Convention (RTN here, GPTQ/AWQ/SmoothQuant in their own files): a weight W [N, K] (rows = output
+features) is cut along K into G groups of ``group`` columns (``group=0``: one group, per channel; per
+tensor: one scale for everything, shape [1, 1]). Each group has a ``scale`` and a ``zero`` (f32, [N, G]) and
+
+    W ~= (q - zero) * scale                     (broadcast over the group's columns)
+
+* symmetric: zero = 0, q in [-2^(b-1), 2^(b-1) - 1], int8 storage;
+* asymmetric: q in [0, 2^b - 1], uint8 storage, zero in [0, 2^b - 1] (may be fractional).
+
+4-bit codes are stored two per byte (``pack_int4``): byte = low nibble (even k) | high nibble (odd k) << 4.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BITS = (4, 8)
+
+
+def check_options(bits: int, group: int, k: int = None, per_tensor: bool = False) -> None:
+    """ValueError unless (bits, group) is a layout we store and lower."""
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not supported: quantized weights are 4 or 8 bits")
+    if group < 0:
+        raise ValueError(f"group={group} must be 0 (per channel) or a positive group size")
+    if per_tensor and group:
+        raise ValueError(f"per_tensor quantization has one scale for the whole tensor; group={group} contradicts it")
+    if k is not None and group and k % group:
+        raise ValueError(f"group={group} does not divide the {k} input features")
+    if k is not None and bits == 4 and k % 2:
+        raise ValueError(f"bits=4 packs two codes per byte along K, which needs an even K, got {k}")
+
+
+def qrange(bits: int, sym: bool) -> tuple[int, int]:
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if sym else (0, (1 << bits) - 1)
+
+
+def num_groups(k: int, group: int) -> int:
+    return 1 if group == 0 else k // group
+
+
+def _grouped(w: np.ndarray, group: int) -> np.ndarray:
+    n, k = w.shape
+    return w.reshape(n, num_groups(k, group), k if group == 0 else group)
+
+
+def quant_params(w: np.ndarray, bits: int, group: int, sym: bool, per_tensor: bool = False):
+    """(scale, zero) [N, G] (or [1, 1] per tensor) of round-to-nearest for w [N, K], f32."""
+    w = np.asarray(w, np.float32)
+    check_options(bits, group, w.shape[1], per_tensor)
+    wg = w.reshape(1, 1, -1) if per_tensor else _grouped(w, group)
+    lo, hi = qrange(bits, sym)
+    if sym:
+        amax = np.abs(wg).max(axis=-1)
+        scale = amax / hi
+        zero = np.zeros_like(scale)
+    else:
+        wmin = np.minimum(wg.min(axis=-1), 0.0)
+        wmax = np.maximum(wg.max(axis=-1), 0.0)
+        scale = (wmax - wmin) / (hi - lo)
+        zero = np.where(scale > 0, -wmin / np.where(scale > 0, scale, 1.0), 0.0)
+    # an all-zero group gets scale 1 (its codes are all zero): no division by zero, exact reconstruction
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return scale, zero.astype(np.float32)
+
+
+def quantize_with(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, group: int, sym: bool) -> np.ndarray:
+    """Integer codes of w for given scale/zero: clip(round(w / scale + zero)) (int8 sym, uint8 asym)."""
+    w = np.asarray(w, np.float32)
+    lo, hi = qrange(bits, sym)
+    s, z = expand(scale, w.shape, group), expand(zero, w.shape, group)
+    q = np.clip(np.rint(w / s + z), lo, hi)
+    return q.astype(np.int8 if sym else np.uint8)
+
+
+def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool, per_tensor: bool = False):
+    """Round-to-nearest: (q [N, K] int8/uint8 codes, scale, zero). |w - dequantize| <= scale / 2 inside
+    the representable range (symmetric: always; asymmetric: always, the range covers [min, max])."""
+    scale, zero = quant_params(w, bits, group, sym, per_tensor)
+    return quantize_with(w, scale, zero, bits, group, sym), scale, zero
+
+
+def expand(p: np.ndarray, shape: tuple, group: int) -> np.ndarray:
+    """A per-group [N|1, G|1] array broadcast to the weight's [N, K]."""
+    n, k = shape
+    p = np.asarray(p, np.float32)
+    g = p.shape[1]
+    cols = np.repeat(p, k // g, axis=1) if g > 1 else p
+    return np.broadcast_to(cols, (n, k))
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int = 8, group: int = 0) -> np.ndarray:
+    """(q - zero) * scale as f32 [N, K]; q are integer codes [N, K] (not packed)."""
+    q = np.asarray(q)
+    return ((q.astype(np.float32) - expand(zero, q.shape, group)) * expand(scale, q.shape, group)).astype(np.float32)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/2] from 4-bit codes [N, K] in [0, 15]: even k in the low nibble, odd k in the high one."""
+    q = np.asarray(q)
+    if q.ndim != 2 or q.shape[1] % 2:
+        raise ValueError(f"pack_int4 needs codes [N, K] with an even K, got shape {list(q.shape)}")
+    if q.size and (q.min() < 0 or q.max() > 15):
+        raise ValueError(f"pack_int4 packs codes in [0, 15], got [{q.min()}, {q.max()}]; "
+                         "offset symmetric codes by 8 first")
+    q = q.astype(np.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(p: np.ndarray) -> np.ndarray:
+    """uint8 [N, K] codes in [0, 15] from packed bytes [N, K/2] (inverse of pack_int4)."""
+    p = np.asarray(p, np.uint8)
+    out = np.empty((p.shape[0], p.shape[1] * 2), np.uint8)
+    out[:, 0::2] = p & 15
+    out[:, 1::2] = p >> 4
+    return out
+
+
+def storage(q: np.ndarray, zero: np.ndarray, bits: int, sym: bool):
+    """(stored codes, stored zero) as quant.linear takes them: 8-bit codes as they are; 4-bit codes
+    packed, symmetric ones offset by 8 (zero becomes 8) so that every nibble is unsigned."""
+    if bits == 8:
+        return q, zero
+    if sym:
+        return pack_int4(q.astype(np.int16) + 8), np.full_like(zero, 8.0)
+    return pack_int4(q), zero
