@@ -540,6 +540,36 @@ class _Builder:
         self.node(op, [x, w] + ([bias] if bias is not None else []), {"act": self.choice(ACTIVATIONS)})
         return True
 
+    # -- quantized GEMMs ------------------------------------------------------------------------
+    def b_quant(self, op: str):
+        x = self.pick(lambda v: v.type.dtype in (DType.f32, DType.f16, DType.bf16) and v.type.rank >= 1
+                      and isinstance(v.type.shape[-1], int) and v.type.shape[-1] % 2 == 0)
+        if x is None and op != "quant.dequant":
+            return False
+        k = x.type.shape[-1] if x is not None else 2 * self.integer(1, 4)
+        n = self.integer(1, 5)
+        if op == "quant.linear_a8":
+            q, ws = self.param((n, k), DType.i8), self.param((n,), DType.f32)
+            bias = self.param((n,), x.type.dtype) if self.flag() else None
+            if q is None or ws is None:
+                return False
+            self.node(op, [x, q, ws] + ([bias] if bias is not None else []))
+            return True
+        bits = self.choice((4, 8))
+        group = self.choice((0, 2)) if k % 2 == 0 else 0
+        codes = self.param((n, k // 2 if bits == 4 else k), DType.u8 if bits == 4 else self.choice((DType.i8, DType.u8)))
+        g = 1 if group == 0 else k // group
+        scale, zero = self.param((n, g), DType.f32), self.param((n, g), DType.f32)
+        if codes is None or scale is None or zero is None:
+            return False
+        attrs = {"bits": bits, "group": group}
+        if op == "quant.dequant":
+            self.node(op, [codes, scale, zero], attrs)
+            return True
+        bias = self.param((n,), x.type.dtype) if self.flag() else None
+        self.node(op, [x, codes, scale, zero] + ([bias] if bias is not None else []), attrs)
+        return True
+
     def b_add_norm(self, op: str):
         x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= 1)
         if x is None:
@@ -620,6 +650,7 @@ OP_BUILDERS = {
     "full": "b_full",
     "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.linear_glu": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
+    "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant",
 }
 OPS = tuple(sorted(OP_BUILDERS))
 

@@ -279,6 +279,24 @@ def _all_ops_cases() -> Cases:
     c.node("f16/fused.add_rms_norm", "fused.add_rms_norm", [h, h], {"eps": 1e-5})
     c.node("f16/fused.linear_act", "fused.linear_act", [h, c.param("w16", rng.standard_normal((8, 16)).astype(np.float16))],
            {"act": "gelu"})
+    # quantized GEMMs (lowering_quant): f32 x takes the CPU kernel on byte panels with the dequant inside,
+    # f16 x the generic dequant + GEMM function; W8A8 the int8 panel GEMM after per-token quantization
+    from llmasos.compress.quant import quantize_rtn, storage
+    wq = rng.standard_normal((24, 8)).astype(np.float32)
+    q8, s8, z8 = quantize_rtn(wq, 8, 0, True)
+    q8p, s8p = c.param("q8", q8), c.param("qs8", s8)
+    c.node("quant.linear/int8_bias", "quant.linear", [blhs, q8p, s8p, c.param("qz8", z8), b24])
+    q4, s4, z4 = quantize_rtn(wq, 4, 4, False)
+    q4, z4 = storage(q4, z4, 4, False)
+    q4p, s4p, z4p = c.param("q4", q4), c.param("qs4", s4), c.param("qz4", z4)
+    c.node("quant.linear/int4_g4_asym", "quant.linear", [lhs, q4p, s4p, z4p], {"bits": 4, "group": 4})
+    c.node("quant.dequant", "quant.dequant", [q4p, s4p, z4p], {"bits": 4, "group": 4})
+    c.node("quant.linear_a8", "quant.linear_a8", [lhs, q8p, c.param("ws8", np.ascontiguousarray(s8[:, 0])), b24])
+    wq16 = rng.standard_normal((8, 16)).astype(np.float32)
+    q16, s16, z16 = quantize_rtn(wq16, 4, 8, True)
+    q16, z16 = storage(q16, z16, 4, True)
+    c.node("f16/quant.linear", "quant.linear", [h, c.param("q16", q16), c.param("qs16", s16), c.param("qz16", z16)],
+           {"bits": 4, "group": 8})
     c.g.set_outputs(c.outputs)
     return c
 

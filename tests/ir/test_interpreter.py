@@ -885,3 +885,60 @@ def test_reference_failures_name_the_node():
                        match=r"node %v0 = embedding\(\.\.\.\) \[from model.wte\]: reference semantics failed: "
                              r"embedding ids out of range \[0, 4\)"):
         interpreter.run(g, [f32(4, 2), np.array([0, 4, 1])])
+
+
+# -- quantized GEMMs: against torch dequantizing the codes itself ---------------------------------
+def _torch_codes(q: np.ndarray, bits: int) -> torch.Tensor:
+    t = torch.from_numpy(q.astype(np.int16) if q.dtype != ml_dtypes.float8_e4m3fn else q.astype(np.float32))
+    if bits == 4:  # low nibble = even k, high nibble = odd k
+        t = torch.stack([t & 15, t >> 4], dim=-1).reshape(q.shape[0], -1)
+    return t.float()
+
+
+@covers("quant.dequant", "quant.linear")
+@given(data=st.data())
+def test_quant_dequant_and_linear(data):
+    kind = data.draw(st.sampled_from(["i8", "u8", "u4", "f8"]), label="codes")
+    bits = 4 if kind == "u4" else 8
+    dt = data.draw(FLOATS, label="x dtype")
+    n, groups = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 3))
+    group = data.draw(st.sampled_from([0, 2, 4])) if kind != "f8" else 0
+    k = (group or 4) * groups
+    rng = np.random.default_rng(data.draw(SEEDS))
+    if kind == "i8":
+        q = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    elif kind == "u8":
+        q = rng.integers(0, 256, (n, k)).astype(np.uint8)
+    elif kind == "u4":
+        q = rng.integers(0, 256, (n, k // 2)).astype(np.uint8)
+    else:
+        q = rng.uniform(-400, 400, (n, k)).astype(ml_dtypes.float8_e4m3fn)
+    g = 1 if group == 0 else k // group
+    scale = rng.uniform(0.001, 0.1, (n, g)).astype(np.float32)
+    zero = rng.uniform(0, 15, (n, g)).astype(np.float32)
+    attrs = {"bits": bits, "group": group}
+    (w,) = run_op("quant.dequant", [q, scale, zero], attrs)
+    tw = (_torch_codes(q, bits) - T(zero).repeat_interleave(k // g, 1)) * T(scale).repeat_interleave(k // g, 1)
+    check(w, tw, what="quant.dequant")
+    x = rand(rng, (data.draw(st.integers(1, 3)), k), dt)
+    b = rand(rng, (n,), dt) if data.draw(st.booleans(), label="bias") else None
+    (got,) = run_op("quant.linear", [x, q, scale, zero] + ([b] if b is not None else []), attrs)
+    want = F.linear(T(x), tw.to(dtype_to_torch(dt)), None if b is None else T(b))
+    check(got, want, what="quant.linear")
+
+
+@covers("quant.linear_a8")
+@given(data=st.data())
+def test_quant_linear_a8(data):
+    n, k, m = (data.draw(st.integers(1, 8)) for _ in range(3))
+    rng = np.random.default_rng(data.draw(SEEDS))
+    x = rand(rng, (m, k), DType.f32)
+    x[0] = 0.0 if data.draw(st.booleans(), label="zero row") else x[0]
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    ws = rng.uniform(0.001, 0.1, n).astype(np.float32)
+    (got,) = run_op("quant.linear_a8", [x, q, ws])
+    tx = T(x)
+    sx = tx.abs().amax(-1, keepdim=True) / 127
+    xq = torch.clamp(torch.round(tx / torch.where(sx > 0, sx, 1.0)), -127, 127).to(torch.int32)
+    acc = (xq.to(torch.int64) @ torch.from_numpy(q).to(torch.int64).T)  # exact integer product
+    check(got, acc.float() * sx * T(ws), what="quant.linear_a8")
