@@ -22,9 +22,10 @@ def check_weight(w, fn: str) -> np.ndarray:
     w = np.asarray(w)
     if w.ndim != 2 or 0 in w.shape:
         raise ValueError(f"{fn}: weight must be a non-empty 2-D array [N, K], got shape {w.shape}")
-    if not np.issubdtype(w.dtype, np.floating):
+    # kind 'V' admits ml_dtypes' bfloat16 / float8 weights as stored in param_data
+    if w.dtype.kind not in "fV":
         raise ValueError(f"{fn}: weight must be floating point, got {w.dtype}")
-    if not np.all(np.isfinite(w)):
+    if not np.all(np.isfinite(w.astype(np.float64))):
         raise ValueError(f"{fn}: weight has non-finite values")
     return w
 
@@ -115,15 +116,17 @@ def dequantize(q, scale, zero) -> np.ndarray:
 
 
 def _upper_chol_of_inverse(h: np.ndarray, fn: str) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), via the Cholesky factor of H itself as the
-    reference does (torch.cholesky_inverse), which is better conditioned than inverting H directly."""
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), what the reference gets from
+    cholesky(cholesky_inverse(cholesky(H)), upper=True), with one factorization: the lower Cholesky
+    factor M of H with rows and columns reversed gives H = R R^T with R = rev(M) upper triangular, so
+    H^-1 = R^-T R^-1 and U = R^-1 (upper, positive diagonal: the unique factor)."""
     try:
-        lower = np.linalg.cholesky(h)
-        linv = np.linalg.inv(lower)
-        return np.linalg.cholesky(linv.T @ linv).T
+        m = np.linalg.cholesky(h[::-1, ::-1])
     except np.linalg.LinAlgError:
         raise ValueError(f"{fn}: the damped Hessian is not positive definite; increase damp "
                          f"or calibrate on more rows") from None
+    u = np.linalg.inv(np.ascontiguousarray(m[::-1, ::-1]))
+    return np.triu(u)
 
 
 def prepare_hessian(w: np.ndarray, hessian: np.ndarray, damp: float, fn: str):

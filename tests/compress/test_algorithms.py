@@ -129,6 +129,15 @@ def test_magnitude_mask_hits_sparsity_exactly_and_keeps_the_largest(w, sparsity)
         assert np.abs(w[keep]).min() >= np.abs(w[~keep]).max()
 
 
+def test_bfloat16_weights_are_accepted_and_keep_their_dtype():
+    import ml_dtypes
+    w, x = layer(0, n=8, k=16)
+    wb = w.astype(ml_dtypes.bfloat16)
+    wp, keep = prune.sparsegpt(wb, x.T @ x / len(x), 0.5)
+    assert wp.dtype == ml_dtypes.bfloat16 and (~keep).sum() == 64
+    np.testing.assert_array_equal(prune.magnitude_mask(wb, 0.5), prune.magnitude_mask(wb.astype(np.float32), 0.5))
+
+
 def test_magnitude_mask_breaks_ties_by_index():
     w = np.array([[1.0, -1.0, 2.0], [1.0, 3.0, -1.0]], np.float32)
     np.testing.assert_array_equal(prune.magnitude_mask(w, 0.5), [[False, False, True], [False, True, True]])
@@ -240,6 +249,8 @@ BAD = [
     (lambda: gptq_quantize(W, -np.eye(8), 4, 0, True), "hessian has negative diagonal entries"),
     (lambda: prune.sparsegpt(W, 1.5 * np.eye(8) - 0.5, 0.5), "sparsegpt: the damped Hessian is not positive"),
     (lambda: gptq_quantize(W[0], H, 4, 0, True), "weight must be a non-empty 2-D array [N, K]"),
+    (lambda: prune.magnitude_mask(W.astype(np.int32), 0.5), "magnitude_mask: weight must be floating point, got int32"),
+    (lambda: prune.magnitude_mask(W * np.nan, 0.5), "magnitude_mask: weight has non-finite values"),
     (lambda: awq.awq_scales(W, np.ones(8), np.ones((3, 7)), 4, 0, True), "x_sample must have shape [R, 8]"),
     (lambda: awq.awq_scales(W, np.ones(7), None, 4, 0, True), "act_abs_mean must have shape (8,)"),
     (lambda: awq.awq_scales(W, np.ones(8), None, 4, 0, True, grid=0), "grid must be an int >= 1"),
