@@ -168,8 +168,8 @@ class Quantize(Pass):
             bad = "per_tensor=true takes one scale for the whole weight: it needs group=0 and method=rtn"
         elif self.dtype == "f8e4m3" and (self.bits != 8 or self.group or self.method != "rtn" or self.per_tensor):
             bad = "dtype=f8e4m3 is fp8 weight-only with a per-channel scale: bits=8, group=0, method=rtn"
-        if bad:
-            raise PassError(str(self), bad)
+        if bad:  # a ValueError, so the pipeline parser points at the pass in the text
+            raise ValueError(bad)
 
     def run(self, graph: Graph) -> Graph:
         nodes = gemm_targets(graph, self.exclude)
@@ -247,7 +247,7 @@ class W8A8(Pass):
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
-            raise PassError(str(self), f"alpha={self.alpha} must be in [0, 1]")
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
 
     def run(self, graph: Graph) -> Graph:
         nodes = [n for n in gemm_targets(graph, self.exclude)

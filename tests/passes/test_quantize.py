@@ -1,0 +1,177 @@
+"""The quantize and w8a8 passes: what they replace, what they leave alone, their errors, and a small Llama
+quantized end to end through the TVM backend."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llmasos.passes.quantize  # noqa: F401  (registers quantize / w8a8 until base.BUILTIN_MODULES lists it)
+from llmasos.ir import DType, Graph, TensorType, sym
+from llmasos.ir.interpreter import run
+from llmasos.ir.opset.quant import act_quant
+from llmasos.ir.verifier import verify
+from llmasos.passes import PassManager
+from llmasos.passes.base import PassError
+from llmasos.passes.calibration import Calibration
+from llmasos.passes.pipeline import parse_pipeline
+from llmasos.passes.quantize import Quantize, W8A8
+
+
+def mlp_graph(k=64, hidden=128, n_out=32, seed=0) -> Graph:
+    """x -> linear(+bias) -> fused.linear_act(silu) -> matmul [K, N] -> lm_head."""
+    rng = np.random.default_rng(seed)
+    g = Graph("mlp")
+    g.add_symbol("s", 1, 16)
+    x = g.add_input("x", TensorType((sym("s"), k), DType.f32))
+    p = lambda name, *shape: g.add_param(name, (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32))  # noqa: E731
+    h = g.add_node("linear", [x, p("fc1.weight", hidden, k), p("fc1.bias", hidden)])
+    h = g.add_node("fused.linear_act", [h, p("fc2.weight", hidden, hidden)], {"act": "silu"})
+    h = g.add_node("matmul", [h, p("proj.weight", hidden, k)])
+    g.set_outputs([g.add_node("linear", [h, p("lm_head.weight", n_out, k)])])
+    return g
+
+
+X = np.random.default_rng(9).standard_normal((5, 64)).astype(np.float32)
+
+
+def test_quantize_replaces_gemms_and_keeps_the_head():
+    g = mlp_graph()
+    g2 = PassManager("quantize").run(g)
+    verify(g2)
+    assert g2.op_counts() == {"quant.linear": 3, "silu": 1, "linear": 1}
+    assert [n.inputs[1].name for n in g2.nodes if n.op == "linear"] == ["lm_head.weight"]
+    assert "fc1.weight" not in g2.params and "fc1.weight" in g.params  # input graph untouched
+    assert g2.params["proj.weight.qweight"].type == TensorType((64, 128), DType.i8)  # [K, N] -> codes [N, K]
+    rel = np.abs(run(g2, [X])[0] - run(g, [X])[0]).max() / np.abs(run(g, [X])[0]).max()
+    assert rel < 0.02
+
+
+@pytest.mark.parametrize("opts, dtype, shape, max_rel", [
+    ("bits=8", DType.i8, (128, 64), 0.02), ("bits=8,sym=false", DType.u8, (128, 64), 0.02),
+    ("bits=8,per_tensor=true", DType.i8, (128, 64), 0.05), ("bits=4,group=32", DType.u8, (128, 32), 0.25),
+    ("bits=4,group=64,sym=false", DType.u8, (128, 32), 0.25), ("dtype=f8e4m3", DType.f8e4m3, (128, 64), 0.1)])
+def test_quantize_variants(opts, dtype, shape, max_rel):
+    g = mlp_graph()
+    g2 = PassManager(f"quantize{{{opts}}}").run(g)
+    assert g2.params["fc1.weight.qweight"].type == TensorType(shape, dtype)
+    want, got = run(g, [X])[0], run(g2, [X])[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < max_rel
+
+
+def test_quant_linear_equals_linear_on_the_dequantized_weight():
+    g2 = PassManager("quantize{bits=4,group=32,exclude=\"\"}").run(mlp_graph())
+    # rebuild the same graph with float weights = dequant(codes): the results must agree to f32 rounding
+    from llmasos.ir.opset.quant import _dequant_ref
+    g3 = g2.clone()
+    for n in g3.nodes:
+        if n.op == "quant.linear":
+            q, s, z = (g3.param_data[v.name] for v in n.inputs[1:4])
+            w = _dequant_ref(q, s, z, **n.attrs)
+            n.op, n.attrs = "linear", {}
+            n.inputs = [n.inputs[0], g3.add_param(n.inputs[1].name + "_f32", w), *n.inputs[4:]]
+    np.testing.assert_allclose(run(g3, [X])[0], run(g2, [X])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_exclude_leaves_named_weights_alone():
+    g = mlp_graph()
+    g2 = PassManager('quantize{bits=4,group=32,exclude="fc2,proj"}').run(g)
+    names = {n.inputs[1].name for n in g2.nodes if n.op in ("linear", "fused.linear_act", "matmul")}
+    assert names == {"fc2.weight", "proj.weight"}  # exclude replaces the default: lm_head is quantized here
+    for name in names:  # bit for bit the original data
+        assert g2.param_data[name] is g.param_data[name]
+    g_all = PassManager('quantize{exclude=""}').run(g)
+    assert g_all.op_counts()["quant.linear"] == 4
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2 ** 16), m=st.integers(1, 6))
+def test_w8a8_error_is_within_its_quantization_bound(seed, m):
+    g = mlp_graph(seed=seed)
+    g2 = PassManager('w8a8{exclude=""}').run(g)
+    node = next(n for n in g2.nodes if n.op == "quant.linear_a8")
+    x = np.random.default_rng(seed).standard_normal((m, 64)).astype(np.float32)
+    w = g.param_data["fc1.weight"]
+    q, ws = (g2.param_data[v.name] for v in node.inputs[1:3])
+    one = Graph("a8")
+    xin = one.add_input("x", TensorType((m, 64), DType.f32))
+    one.set_outputs([one.add_node("quant.linear_a8", [xin, one.add_param("q", q), one.add_param("ws", ws)])])
+    got = run(one, [x])[0]
+    _, sx = act_quant(x)
+    # |x - xq sx| <= sx/2, |w - q ws| <= ws/2 per element: the product's error is bounded by
+    # sum_k |x| ws/2 + |w| sx/2 + sx ws/4 (plus f32 rounding)
+    bound = (np.abs(x) @ np.broadcast_to(ws[:, None] / 2, w.shape).T + sx / 2 * np.abs(w).sum(1)
+             + sx * ws * 64 / 4)
+    assert np.all(np.abs(got - x @ w.T) <= bound * (1 + 1e-4) + 1e-5)
+
+
+def test_w8a8_graph_and_smoothquant_needs_calibration():
+    g = mlp_graph()
+    g2 = PassManager("w8a8").run(g)
+    assert g2.op_counts() == {"quant.linear_a8": 3, "silu": 1, "linear": 1}
+    assert np.abs(run(g2, [X])[0] - run(g, [X])[0]).max() / np.abs(run(g, [X])[0]).max() < 0.03
+    with pytest.raises(PassError, match=r"pass 'w8a8\{smooth=true\}': needs calibration data"):
+        PassManager("w8a8{smooth=true}").run(g)
+
+
+def test_gptq_needs_calibration_before_any_work():
+    with pytest.raises(PassError, match=r"pass 'quantize\{bits=4,group=32,method=gptq\}': needs calibration data"):
+        PassManager("quantize{bits=4,group=32,method=gptq}").run(mlp_graph())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("quantize{bits=3}", "bits=3 is not supported: the backends store and dequantize 4 or 8 bit codes"),
+    ("quantize{group=48}", "group=48 is not supported: use one of [0, 32, 64, 128] (0 = per channel)"),
+    ("quantize{method=hqq}", "option 'method' of pass 'quantize' takes one of 'rtn', 'gptq', 'awq', got hqq"),
+    ("quantize{per_tensor=true,group=32}", "per_tensor=true takes one scale for the whole weight"),
+    ("quantize{dtype=f8e4m3,bits=4}", "dtype=f8e4m3 is fp8 weight-only with a per-channel scale"),
+    ("w8a8{alpha=1.5}", "alpha=1.5 must be in [0, 1]"),
+])
+def test_bad_options_fail_when_the_pipeline_is_built(text, message):
+    with pytest.raises(ValueError) as e:
+        parse_pipeline(text)
+    assert message in str(e.value)
+    assert str(e.value).startswith("pipeline: column ")
+
+
+def test_bad_options_fail_when_built_in_python():
+    with pytest.raises(ValueError, match="bits=2 is not supported"):
+        Quantize(bits=2)
+    with pytest.raises(ValueError, match=r"alpha=-0.1 must be in \[0, 1\]"):
+        W8A8(alpha=-0.1)
+
+
+def test_group_must_divide_k_names_the_node():
+    g = mlp_graph(k=96)  # fc1 has K=96: 128 does not divide it
+    with pytest.raises(PassError, match=r"%v0 = linear\(\.\.\.\): group=128 does not divide the weight's K=96 "
+                                        r"input features \(%fc1.weight\)"):
+        Quantize(bits=4, group=128).run(g)
+
+
+def test_calibrated_methods_run():
+    g = mlp_graph()
+    calib = Calibration([np.random.default_rng(i).standard_normal((8, 64)).astype(np.float32) for i in range(2)],
+                        progress=False)
+    want = run(g, [X])[0]
+    for pipe in ("quantize{bits=4,group=32,method=gptq}", "quantize{bits=4,group=32,method=awq}",
+                 "w8a8{smooth=true}"):
+        g2 = PassManager(pipe, calibration=calib).run(g)
+        assert np.abs(run(g2, [X])[0] - want).max() / np.abs(want).max() < 0.3, pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from llmasos.frontends.torch_export import import_module
+    from tests.models import llama, token_ids
+    return import_module(llama(), (token_ids(2, 8),)).graph
+
+
+def test_llama_int4_end_to_end_on_tvm(tiny_llama):
+    from llmasos.backends.tvm import build
+    from tests.models import token_ids
+    g2 = PassManager("quantize{bits=4,group=32}").run(tiny_llama)
+    assert g2.op_counts()["quant.linear"] == 14  # 7 GEMMs per layer, 2 layers; lm_head kept
+    ids = token_ids(2, 8, seed=3).numpy()
+    want = run(g2, [ids])[0]
+    np.testing.assert_allclose(build(g2, "cpu")(ids)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert g2.param_bytes() < 0.4 * tiny_llama.param_bytes()
