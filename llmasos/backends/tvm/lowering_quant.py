@@ -170,13 +170,19 @@ def _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
         y = te.compute((m, p, nr), lambda i, pi, j: y[i, pi, j] + b[pi, j], name="qgemm_bias")
         outs.append(b)
     func = te.create_prim_func([*outs, y])
-    return _schedule_qgemm(func, nr, has_bias)
+    return _schedule_qgemm(func, nr, has_bias, dynamic=not isinstance(m, (int, tir.IntImm)))
 
 
-def _schedule_qgemm(func, nr, has_bias):
+def _schedule_qgemm(func, nr, has_bias, dynamic):
+    """cpu_schedule.Matmul's tiling, plus the dequant of each k row computed once per register tile."""
     from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
     sch = s_tir.Schedule(func)
     main = sch.get_sblock("qgemm")
+    if dynamic:
+        # a dynamic row count is padded to whole tiles (a padded copy of x, an unpadding epilogue), as
+        # cpu_schedule.Matmul does: otherwise every FMA of the tile sits behind a row bound check
+        sch.pad_einsum(main, [MR, 1, 1, 1])
     i, pi, j, kk = sch.get_loops(main)
     io, ii = sch.split(i, [None, MR])
     sch.reorder(pi, io, kk, ii, j)
@@ -184,20 +190,26 @@ def _schedule_qgemm(func, nr, has_bias):
     sch.unroll(ii)
     sch.vectorize(j)
     dq = sch.get_sblock("dequant")
-    sch.compute_at(dq, kk, preserve_unit_loops=True)
+    sch.compute_at(dq, pi, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(dq)[-1])
-    if has_bias:
-        wb = sch.get_sblock("qgemm_bias")
-    else:
-        wb = sch.cache_write(main, 0, "global")
+    blocks = sch.get_child_blocks(get_root_block(sch))
+    pos = [n for n, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main))][0]
+    epilogue = blocks[pos + 1:]
+    for b in epilogue[:-1]:
+        sch.compute_inline(b)
+    wb = epilogue[-1] if epilogue else sch.cache_write(main, 0, "global")
     sch.reverse_compute_at(wb, io, preserve_unit_loops=True)
     wl = list(sch.get_loops(wb))
     wl = wl[[sch.get(l).same_as(sch.get(io)) for l in wl].index(True) + 1:]
-    sch.vectorize(wl[-1])
+    if len(wl) > 0:
+        sch.vectorize(wl[-1])
     for l in wl[:-1]:
         sch.unroll(l)
     init = sch.decompose_reduction(main, kk)
     sch.vectorize(sch.get_loops(init)[-1])
+    for b in blocks[:pos]:  # the padded copy of x
+        if sch.get(b).name_hint != "dequant":
+            sch.parallel(sch.get_loops(b)[0])
     return (sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
             .with_attr("op_pattern", 8))  # opaque: FuseOps must not merge it into an unscheduled function
 
