@@ -105,3 +105,12 @@ def test_model_bytes(tiny):
     assert ev.model_bytes(g2) == 4 * n - 2 * 128 * 64
     assert ev.model_bytes(model) == sum(p.numel() * 4 for p in model.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+@pytest.mark.slow  # a TVM build of the tiny Llama
+def test_perplexity_of_compiled_model(tiny):
+    import llmasos
+    model, graph = tiny
+    windows = token_ids(3, 16, seed=5).numpy()
+    cm = llmasos.compile(model, example_inputs=(token_ids(1, 8),))
+    assert ev.perplexity(cm, windows, batch=2) == pytest.approx(ev.perplexity(model, windows), rel=1e-4)
