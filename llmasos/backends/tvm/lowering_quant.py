@@ -6,11 +6,13 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 
 * CPU (``llmasos-cpu`` schedule, f32 activations, parameter weights): the codes, scales and zeros are
   repacked once at load (param-only Relax ops, hoisted into main_transform_params) into NR-column panels
-  like lowering._panel_matmul's, still as bytes: codes [P, K, NR] (4-bit: [P, K/2, NR] packed), scales and
-  zeros [P, G, NR]. One TE GEMM reads a panel's codes, unpacks and dequantizes each k row of NR codes in
-  registers and accumulates into an MR x NR register tile. cpu_schedule.Matmul needs a two-input GEMM
-  block, so this PrimFunc comes already scheduled (same tiling: panels in parallel, MR rows unrolled, NR
-  vectorised) and marked ``tirx.is_scheduled`` and opaque, so DLight and FuseOps leave it alone.
+  like lowering._panel_matmul's, still as bytes: codes [P, K, NR] (4-bit: [P, K/2, NR] packed; fp8 codes
+  as fp8), scales and zeros [P, G, NR]. One kernel, panels in parallel: each thread unpacks and
+  dequantizes its panel once into an f32 [K, NR] scratch buffer (L2-sized: 73 KB at K=576, 196 KB at
+  K=1536), then runs cpu_schedule.Matmul's MR x NR register-tiled GEMM over every row tile from it. So
+  the dequant costs K*NR operations per panel and call, whatever the row count, and resident weights stay
+  bytes. The PrimFunc comes already scheduled (cpu_schedule.Matmul wants a two-input GEMM block) and is
+  marked ``tirx.is_scheduled`` and opaque, so DLight and FuseOps leave it alone.
 * elsewhere (CUDA, f16 activations): one TE function, a dequant stage feeding the GEMM reduction in the
   same PrimFunc -- the shape DLight's GPU GEMV/Matmul rules schedule with the dequant inlined into the
   reduction (as MLC-LLM's decode + matmul).
@@ -20,12 +22,11 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 """
 from __future__ import annotations
 
-import tvm
 from tvm import relax, te
 from tvm import tirx as tir
 
 from ...ir.types import DType
-from .lowering import LoweringError, _acc_dtype, register_lowering, tvm_dtype
+from .lowering import _acc_dtype, register_lowering, tvm_dtype
 
 R = relax.op
 MR = 4  # rows per register tile of the CPU kernel
@@ -75,7 +76,7 @@ def _dequant(ctx, node, args):
 def _cpu_panels(ctx, node) -> bool:
     ins = node.inputs
     return (ctx.panel_width() is not None and all(ctx.is_param(v) and v.type.is_static for v in ins[1:])
-            and ins[0].type.dtype is DType.f32 and ins[1].type.dtype in (DType.i8, DType.u8))
+            and ins[0].type.dtype is DType.f32 and ins[1].type.dtype in (DType.i8, DType.u8, DType.f8e4m3))
 
 
 @register_lowering("quant.linear")
@@ -162,7 +163,8 @@ def _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
         gi = kk // group if group else 0
         return (c - zero[pi, gi, j]) * scale[pi, gi, j]
 
-    # one dequantized row of NR weights per (panel, k), computed once per register tile (compute_at k)
+    # the panel's weights dequantized once per panel (compute_at the panel loop: an f32 [K, NR] buffer per
+    # thread, L2-resident for K up to a few thousand) and reused by every row tile of that panel
     wdq = te.compute((p, k, nr), w, name="dequant")
     y = te.compute((m, p, nr), lambda i, pi, j: te.sum(x[i, r] * wdq[pi, r, j], axis=r), name="qgemm")
     outs = [x, codes, scale, zero]
