@@ -14,6 +14,7 @@ here). These rules fill the gap:
 """
 from __future__ import annotations
 
+import numpy as np
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import get_root_block
@@ -64,16 +65,19 @@ class Matmul(ScheduleRule):
             return None
         # first with every producer (casts, transposes) read straight from the inputs inside the GEMM
         # loop; if that leaves B with J not innermost (q @ k^T), B's transpose stays a separate copy
-        for inline_b in (True, False):
+        # last resort: an epilogue the tile write-back cannot take (it reads the GEMM result at other
+        # indices, as fused.linear_glu's pairs of columns do when the panel layout does not line them up)
+        # runs as its own parallel loop after the GEMM, still in this one kernel
+        for inline_b, tile_epilogue in ((True, True), (False, True), (True, False), (False, False)):
             try:
-                sch = self._schedule(func, target, inline_b)
+                sch = self._schedule(func, target, inline_b, tile_epilogue)
             except Exception:  # noqa: BLE001 -- a pattern this rule does not cover
                 sch = None
             if sch is not None:
                 return sch
         return None
 
-    def _schedule(self, func, target, inline_b: bool):
+    def _schedule(self, func, target, inline_b: bool, tile_epilogue: bool = True):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(get_root_block(sch))
         reductions = get_reduction_blocks(sch, blocks)
@@ -101,8 +105,12 @@ class Matmul(ScheduleRule):
         # B packed in NR-wide column panels ([N/NR, K, NR], see lowering.linear): one panel per tile
         j_ext = [t.extent for t in block_traits if t.kind == IterKind.kIter_J][-1]
         j_count = sum(1 for t in block_traits if t.kind == IterKind.kIter_J)
-        if j_count > 1 and isinstance(j_ext, tirx.IntImm) and j_ext.value % lanes == 0:
-            nr = int(j_ext.value)  # a packed panel: the tile is one panel wide
+        inner_j = [t.extent for t in block_traits if t.kind == IterKind.kIter_J][1:]
+        if j_count > 1 and all(isinstance(e, tirx.IntImm) for e in inner_j) \
+                and int(np.prod([e.value for e in inner_j])) % lanes == 0:
+            # a packed panel ([..., panels, NR] or fused.linear_glu's [..., panels, 2, NR]): the tile is
+            # one whole panel wide, so an epilogue that combines columns of a panel finds them in it
+            nr = int(np.prod([e.value for e in inner_j]))
         elif isinstance(j_ext, tirx.IntImm):
             while nr > lanes and j_ext.value % nr:
                 nr //= 2
@@ -153,6 +161,9 @@ class Matmul(ScheduleRule):
         epilogue = blocks[pos + 1:]
         for b in epilogue[:-1]:
             sch.compute_inline(b)
+        if not tile_epilogue and epilogue:
+            Elementwise._loops(sch, epilogue[-1], target)
+            epilogue = []
         # (scope "global": TVM puts small constant-size global buffers on the stack, where LLVM promotes
         # them to registers, but serves "local" ones from the heap workspace allocator on CPU)
         if epilogue:

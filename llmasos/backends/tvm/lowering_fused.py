@@ -192,20 +192,22 @@ def _linear_glu(ctx, node, args):
         return _emit_op(ctx, "mul", {}, [gt, TensorType(tuple(half), t.dtype)], [gate, up])[0]
     R = relax.op
     p = f // nr
-    # [2F, K] -> [2, P, NR, K] -> [P, K, 2, NR] -> [P, K, 2*NR]: gate then up columns of panel p
-    panels = R.reshape(R.permute_dims(R.reshape(w, [2, p, nr, k]), [1, 3, 0, 2]), [p, k, 2 * nr])
-    panels = ctx.emit(panels, "glu_panels")  # param-only: hoisted into main_transform_params
+    # [2F, K] -> [2, P, NR, K] -> [P, K, 2, NR]: gate then up columns of panel p. The GEMM's J axes are
+    # (p, half, c); cpu_schedule.Matmul makes one register tile span a whole panel (both halves), so the
+    # epilogue reads a gate value and its up value from the same tile
+    panels = ctx.emit(R.permute_dims(R.reshape(w, [2, p, nr, k]), [1, 3, 0, 2]), "glu_panels")  # param-only
     if bias is not None:
-        bias = ctx.emit(R.reshape(R.permute_dims(R.reshape(bias, [2, p, nr]), [1, 0, 2]), [p, 2 * nr]), "glu_bias")
+        bias = ctx.emit(R.permute_dims(R.reshape(bias, [2, p, nr]), [1, 0, 2]), "glu_bias")
 
     def gemm(x, wp, *b):
         r = te.reduce_axis((0, k), name="k")
-        y = te.compute([*x.shape[:-1], p, 2 * nr],
-                       lambda *i: te.sum(x(*i[:-2], r) * wp[i[-2], r, i[-1]], axis=r), name="panel_matmul")
+        y = te.compute([*x.shape[:-1], p, 2, nr],
+                       lambda *i: te.sum(x(*i[:-3], r) * wp[i[-3], r, i[-2], i[-1]], axis=r), name="panel_matmul")
         if b:
-            y = te.compute(y.shape, lambda *i: y(*i) + b[0][i[-2], i[-1]], name="bias_add")
+            y = te.compute(y.shape, lambda *i: y(*i) + b[0][i[-3], i[-2], i[-1]], name="bias_add")
         g = act(y)
-        return te.compute([*x.shape[:-1], p, nr], lambda *i: g(*i) * y(*i[:-1], i[-1] + nr), name="glu")
+        return te.compute([*x.shape[:-1], p, nr], lambda *i: g(*i[:-1], 0, i[-1]) * y(*i[:-1], 1, i[-1]),
+                          name="glu")
     out = ctx.emit_te(gemm, x, panels, *([bias] if bias is not None else []), name="panel_glu")
     lead = ctx.shape(node.inputs[0])[:-1]
     return R.reshape(out, [*lead, f])
