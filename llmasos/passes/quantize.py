@@ -11,7 +11,8 @@ a fused activation is kept as its own op right after it (the TVM backend fuses s
 the quantized GEMM kernel itself stays the one dequant-fused loop). The float weight is dropped from the
 graph when nothing else uses it.
 
-``exclude``: comma-separated substrings of weight parameter names never touched. The default keeps the
+``exclude``: comma-separated substrings of weight parameter names -- or of the module path a GEMM was
+traced from (its loc) -- never touched. The default keeps the
 output head (``lm_head``) in float: it is one GEMM whose errors land directly on the logits (perplexity
 moves most there), and in small models it is often tied to the embedding table, which stays float anyway
 -- quantizing it would keep both copies.
@@ -67,7 +68,9 @@ def gemm_targets(graph: Graph, exclude: str) -> list:
             continue
         if len(n.inputs) > 2 and graph.params.get(n.inputs[2].name) is not n.inputs[2]:
             continue  # a computed bias: rare, left alone
-        if _excluded(w.name, exclude):
+        # by weight name, or by the module the GEMM came from: a tied output head reads the embedding
+        # table (model.embed_tokens.weight) but its node's loc is "lm_head (modeling_llama.py:...)"
+        if _excluded(w.name, exclude) or _excluded((n.loc or "").split(" (")[0], exclude):
             continue
         out.append(n)
     return out

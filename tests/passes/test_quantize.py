@@ -84,6 +84,20 @@ def test_exclude_leaves_named_weights_alone():
     assert g_all.op_counts()["quant.linear"] == 4
 
 
+def test_exclude_matches_the_module_of_a_tied_head():
+    """A tied output head reads the embedding table: its weight name says embed_tokens, its loc lm_head."""
+    rng = np.random.default_rng(0)
+    g = Graph("tied")
+    x = g.add_input("x", TensorType((2, 64), DType.f32))
+    emb = g.add_param("model.embed_tokens.weight", rng.standard_normal((32, 64)).astype(np.float32))
+    h = g.add_node("linear", [x, g.add_param("fc.weight", rng.standard_normal((64, 64)).astype(np.float32))],
+                   loc="model.fc (m.py:3)")
+    g.set_outputs([g.add_node("linear", [h, emb], loc="lm_head (m.py:9)")])
+    g2 = PassManager("quantize").run(g)
+    assert [(n.op, n.inputs[1].name) for n in g2.nodes] == [("quant.linear", "fc.weight.qweight"),
+                                                           ("linear", "model.embed_tokens.weight")]
+
+
 @settings(max_examples=10)
 @given(seed=st.integers(0, 2 ** 16), m=st.integers(1, 6))
 def test_w8a8_error_is_within_its_quantization_bound(seed, m):
