@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import llmasos.passes.quantize  # noqa: F401  (registers quantize / w8a8 until base.BUILTIN_MODULES lists it)
 from llmasos.ir import DType, Graph, TensorType, sym
 from llmasos.ir.interpreter import run
 from llmasos.ir.opset.quant import act_quant
@@ -15,7 +14,15 @@ from llmasos.passes import PassManager
 from llmasos.passes.base import PassError
 from llmasos.passes.calibration import Calibration
 from llmasos.passes.pipeline import parse_pipeline
-from llmasos.passes.quantize import Quantize, W8A8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """Registers quantize / w8a8 when these tests run, not when pytest collects them: test_pipeline.py
+    registers a toy pass named "quantize" into a scratch copy of the registry, which must not already hold
+    this one. (Until base.BUILTIN_MODULES lists llmasos.passes.quantize and that toy is renamed.)"""
+    import llmasos.passes.quantize as q
+    return q
 
 
 def mlp_graph(k=64, hidden=128, n_out=32, seed=0) -> Graph:
@@ -148,18 +155,18 @@ def test_bad_options_fail_when_the_pipeline_is_built(text, message):
     assert str(e.value).startswith("pipeline: column ")
 
 
-def test_bad_options_fail_when_built_in_python():
+def test_bad_options_fail_when_built_in_python(registered):
     with pytest.raises(ValueError, match="bits=2 is not supported"):
-        Quantize(bits=2)
+        registered.Quantize(bits=2)
     with pytest.raises(ValueError, match=r"alpha=-0.1 must be in \[0, 1\]"):
-        W8A8(alpha=-0.1)
+        registered.W8A8(alpha=-0.1)
 
 
-def test_group_must_divide_k_names_the_node():
+def test_group_must_divide_k_names_the_node(registered):
     g = mlp_graph(k=96)  # fc1 has K=96: 128 does not divide it
     with pytest.raises(PassError, match=r"%v0 = linear\(\.\.\.\): group=128 does not divide the weight's K=96 "
                                         r"input features \(%fc1.weight\)"):
-        Quantize(bits=4, group=128).run(g)
+        registered.Quantize(bits=4, group=128).run(g)
 
 
 def test_calibrated_methods_run():
