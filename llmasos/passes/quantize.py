@@ -23,8 +23,9 @@ before minutes of GPTQ.
 
 GPTQ / AWQ / SmoothQuant read calibration statistics (require_calibration + gemm_stats); their numerics
 live in llmasos/compress/{gptq,awq,smoothquant}.py. AWQ and SmoothQuant scale W's input columns by s
-and divide the activation by s with an explicit ``mul`` by 1/s in front of the quantized GEMM (folding it
-into a preceding norm weight would save that op, not yet done).
+and divide the activation by s: GEMMs that share an input (q/k/v, gate/up) share one s (computed on
+their stacked weights), folded into the preceding norm's weight (and bias) where the norm feeds only
+them -- free at run time -- else applied by one ``mul`` by 1/s in front of the group.
 
 Numerics: these passes are lossy by design. The per-pass numeric check compares against the float graph
 elementwise, which no quantizer meets on arbitrary random graphs (a weight rounding to zero turns inf
@@ -127,10 +128,55 @@ def _new_param(g: Graph, hint: str, data):
     return g.add_param(name, data)
 
 
-def _scaled_input(g: Graph, x, s: np.ndarray, wname: str, loc):
-    """x / s as ``mul(x, 1/s)`` with 1/s a parameter in x's dtype (AWQ / SmoothQuant)."""
-    inv = _new_param(g, f"{wname}.act_inv_scale", (1.0 / s).astype(x.type.dtype.numpy))
-    return g.add_node("mul", [x, inv], loc=loc)
+def input_groups(nodes) -> list:
+    """GEMM nodes grouped by their activation input (q/k/v, gate/up): one AWQ/SmoothQuant scale each,
+    since the activation they share can be divided by only one s."""
+    groups: dict = {}
+    for n in nodes:
+        groups.setdefault(id(n.inputs[0]), []).append(n)
+    return list(groups.values())
+
+
+# norm op -> (result index that is the normed value, operand indices of its per-channel weight and bias)
+_NORMS = {"rms_norm": (0, (1,)), "layer_norm": (0, (1, 2)), "fused.add_rms_norm": (1, (2,)),
+          "fused.add_layer_norm": (1, (2, 3))}
+
+
+def divide_input(g: Graph, group: list, s: np.ndarray) -> None:
+    """Make the group's shared input x become x / s (its weights were multiplied by s).
+
+    Folded into the norm that produced x when that norm has a parameter weight (and bias) along K and
+    nothing but this group reads x: the norm's weight and bias become new parameters divided by s (the
+    model then costs nothing extra). Otherwise one ``mul(x, 1/s)`` feeds every GEMM of the group."""
+    x = group[0].inputs[0]
+    p = x.producer
+    users = [n for n in g.nodes if any(v is x for v in n.inputs)]
+    only_group = all(any(u is n for n in group) for u in users) and x not in g.outputs
+    k = x.type.shape[-1]
+    if only_group and p is not None and p.op == "mul":
+        # an unfused norm ends in mul(normed, weight): the weight is a [K] parameter
+        for i, v in enumerate(p.inputs):
+            if g.params.get(v.name) is v and v.type.shape == (k,) and p.inputs[1 - i].type.shape[-1] == k:
+                data = (param_array(g.param_data[v.name]).astype(np.float32) / s).astype(v.type.dtype.numpy)
+                p.inputs[i] = _new_param(g, f"{v.name}.smoothed", data)
+                return
+    if only_group and p is not None and p.op in _NORMS and x.index == _NORMS[p.op][0] \
+            and p.attrs.get("ndim", 1) == 1:
+        idx = [i for i in _NORMS[p.op][1] if i < len(p.inputs)]
+        if idx and all(g.params.get(p.inputs[i].name) is p.inputs[i] and p.inputs[i].type.rank == 1
+                       for i in idx):
+            for i in idx:
+                v = p.inputs[i]
+                data = (param_array(g.param_data[v.name]).astype(np.float32) / s).astype(v.type.dtype.numpy)
+                p.inputs[i] = _new_param(g, f"{v.name}.smoothed", data)
+            return
+    inv = _new_param(g, f"{group[0].inputs[1].name}.act_inv_scale", (1.0 / s).astype(x.type.dtype.numpy))
+    start = len(g.nodes)
+    y = g.add_node("mul", [x, inv], loc=group[0].loc)
+    mul = g.nodes.pop(start)
+    g.nodes.insert(min(g.nodes.index(n) for n in group), mul)
+    for n in group:
+        n.inputs[0] = y
 
 
 def _check_k(pass_, nodes, group: int, bits: int) -> None:
@@ -185,20 +231,26 @@ class Quantize(Pass):
             stats = require_calibration(self).gemm_stats(graph, nodes)
         g = graph.clone()
         by_name = {n.outputs[0].name: n for n in g.nodes}
+        weights = {}
+        if self.method == "awq":
+            from ..compress import awq
+            for grp in input_groups([by_name[n.outputs[0].name] for n in nodes]):
+                ws = [weight_nk(g, n) for n in grp]
+                st = stats[grp[0].outputs[0].name]
+                s = np.asarray(awq.awq_scales(np.concatenate(ws), st.abs_mean, None, self.bits, self.group,
+                                              self.sym), np.float32)
+                for n, w in zip(grp, ws):
+                    weights[n.outputs[0].name] = w * s[None, :]
+                divide_input(g, grp, s)
         dropped = []
         for orig in nodes:
             node = by_name[orig.outputs[0].name]
             wname = node.inputs[1].name
-            w = weight_nk(g, node)
+            w = weights.get(node.outputs[0].name)
+            w = weight_nk(g, node) if w is None else w
             st = stats[orig.outputs[0].name] if stats is not None else None
-            x_scale = None
-            if self.method == "awq":
-                from ..compress import awq
-                x_scale = np.asarray(awq.awq_scales(w, st.abs_mean, None, self.bits, self.group, self.sym),
-                                     np.float32)
-                w = w * x_scale[None, :]
             codes, scale, zero = self._quantize(w, st)
-            self._emit(g, node, codes, scale, zero, x_scale, wname)
+            self._emit(g, node, codes, scale, zero, wname)
             dropped.append(wname)
         _drop_unused_params(g, dropped)
         return g
@@ -218,13 +270,11 @@ class Quantize(Pass):
         codes, zero = quant.storage(np.asarray(q), np.asarray(zero, np.float32), self.bits, self.sym)
         return codes, np.asarray(scale, np.float32), zero
 
-    def _emit(self, g, node, codes, scale, zero, x_scale, wname):
+    def _emit(self, g, node, codes, scale, zero, wname):
         loc = node.loc
 
         def build(g):
             x = node.inputs[0]
-            if x_scale is not None:
-                x = _scaled_input(g, x, x_scale, wname, loc)
             qp = _new_param(g, f"{wname}.qweight", codes)
             # scales stay f32 whatever x's dtype (bf16 scales would add their own 0.4% error)
             sp = _new_param(g, f"{wname}.scale", scale.astype(np.float32))
@@ -265,23 +315,26 @@ class W8A8(Pass):
         from ..compress.quant import quantize_rtn
         g = graph.clone()
         by_name = {n.outputs[0].name: n for n in g.nodes}
+        weights = {}
+        if self.smooth:
+            from ..compress import smoothquant
+            for grp in input_groups([by_name[n.outputs[0].name] for n in nodes]):
+                ws = [weight_nk(g, n) for n in grp]
+                s = np.asarray(smoothquant.smooth_scales(stats[grp[0].outputs[0].name].abs_max, np.concatenate(ws),
+                                                         self.alpha), np.float32)
+                for n, w in zip(grp, ws):
+                    weights[n.outputs[0].name] = w * s[None, :]
+                divide_input(g, grp, s)
         dropped = []
         for orig in nodes:
             node = by_name[orig.outputs[0].name]
             wname = node.inputs[1].name
-            w = weight_nk(g, node)
-            x_scale = None
-            if self.smooth:
-                from ..compress import smoothquant
-                x_scale = np.asarray(smoothquant.smooth_scales(stats[orig.outputs[0].name].abs_max, w, self.alpha),
-                                     np.float32)
-                w = w * x_scale[None, :]
+            w = weights.get(node.outputs[0].name)
+            w = weight_nk(g, node) if w is None else w
             q, scale, _ = quantize_rtn(w, 8, 0, True)
 
-            def build(g, node=node, q=q, scale=scale, x_scale=x_scale, wname=wname):
+            def build(g, node=node, q=q, scale=scale, wname=wname):
                 x = node.inputs[0]
-                if x_scale is not None:
-                    x = _scaled_input(g, x, x_scale, wname, node.loc)
                 qp = _new_param(g, f"{wname}.qweight", q)
                 sp = _new_param(g, f"{wname}.wscale", np.ascontiguousarray(scale[:, 0]))
                 ins = [x, qp, sp] + ([node.inputs[2]] if len(node.inputs) > 2 else [])

@@ -196,3 +196,35 @@ def test_llama_int4_end_to_end_on_tvm(tiny_llama):
     want = run(g2, [ids])[0]
     np.testing.assert_allclose(build(g2, "cpu")(ids)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert g2.param_bytes() < 0.4 * tiny_llama.param_bytes()
+
+
+def test_smoothing_scales_fold_into_the_norm_that_feeds_only_the_group():
+    """q and k share rms_norm's output: one s for both, folded into the norm weight; o reads a value the
+    graph also returns, so it gets an explicit mul by 1/s."""
+    rng = np.random.default_rng(1)
+    g = Graph("attn")
+    x = g.add_input("x", TensorType((4, 64), DType.f32))
+    p = lambda name, *shape: g.add_param(name, (rng.standard_normal(shape) / 8).astype(np.float32))  # noqa: E731
+    h = g.add_node("rms_norm", [x, g.add_param("norm.weight", rng.uniform(0.5, 2, 64).astype(np.float32))])
+    q = g.add_node("linear", [h, p("q.weight", 64, 64)])
+    k = g.add_node("linear", [h, p("k.weight", 32, 64)])
+    s = g.add_node("add", [q, q])
+    o = g.add_node("linear", [s, p("o.weight", 64, 64)])
+    g.set_outputs([k, s, o])
+    # activation channels of very different size: what smoothing is for
+    xs = [(np.random.default_rng(i).standard_normal((4, 64)) * np.linspace(0.1, 10, 64)).astype(np.float32)
+          for i in range(3)]
+    calib = Calibration(xs[:2], progress=False)
+    want = run(g, [xs[2]])
+    for pipe in ("w8a8{smooth=true}", "quantize{bits=4,group=32,method=awq}"):
+        g2 = PassManager(pipe, calibration=calib).run(g)
+        verify(g2)
+        assert g2.op_counts().get("mul") == 1, pipe
+        norm = next(n for n in g2.nodes if n.op == "rms_norm")
+        assert norm.inputs[1].name == "norm.weight.smoothed"
+        mul = next(n for n in g2.nodes if n.op == "mul")
+        assert mul.inputs[0].name == s.name and [n.op for n in g2.nodes if mul.outputs[0] in n.inputs] == [
+            "quant.linear_a8" if pipe.startswith("w8a8") else "quant.linear"]
+        got = run(g2, [xs[2]])
+        for a, b in zip(got, want):
+            assert np.abs(a - b).max() <= (0.03 if pipe.startswith("w8a8") else 0.3) * np.abs(b).max(), pipe
