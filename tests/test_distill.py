@@ -136,3 +136,13 @@ def test_bad_arguments_fail_before_work(kw, msg):
     with pytest.raises(DistillError) as e:
         llmasos.distill(args.pop("teacher"), args.pop("student"), args.pop("data"), **args)
     assert msg in str(e.value)
+
+
+def test_auto_masks_take_pruned_matrices_only():
+    from llmasos.distill import _auto_masks
+    w = torch.ones(10, 10)
+    sparse, few, vec = w.clone(), w.clone(), torch.zeros(10)
+    sparse.view(-1)[:10] = 0   # 10%: pruned
+    few.view(-1)[:9] = 0       # 9%: zeros of a dequantized checkpoint, left free
+    masks = _auto_masks([("a", sparse), ("b", few), ("c", vec)])
+    assert list(masks) == ["a"] and int((~masks["a"]).sum()) == 10
