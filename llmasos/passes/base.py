@@ -34,7 +34,8 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 # Modules whose import registers the passes that ship with llmasos.
 BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass",
                    "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise",
-                   "llmasos.passes.split_heads", "llmasos.passes.fuse")
+                   "llmasos.passes.split_heads", "llmasos.passes.fuse",
+                   "llmasos.passes.quantize")
 
 
 class PassError(Exception):
