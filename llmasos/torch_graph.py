@@ -447,3 +447,42 @@ def unsupported_ops() -> list[str]:
 
 
 __all__ = ["GraphModule", "TORCH_IMPLS", "register_torch_impl", "unsupported_ops"]
+
+
+# -- quantized GEMMs (llmasos/ir/opset/quant.py): dequantize in torch, then one float GEMM ---------------
+def _q_codes(q, bits: int):
+    if bits == 4:  # two codes per byte: low nibble = even k, high nibble = odd k
+        q = q.to(torch.uint8)
+        return torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], q.shape[1] * 2).float()
+    return q.float()
+
+
+def _q_expand(p, n: int, k: int):
+    p = p.float()
+    return (p.repeat_interleave(k // p.shape[1], dim=1) if p.shape[1] > 1 else p).expand(n, k)
+
+
+@register_torch_impl("quant.dequant")
+def _q_dequant(qweight, scale, zero, *, bits, group):
+    q = _q_codes(qweight, bits)
+    n, k = q.shape
+    return ((q - _q_expand(zero, n, k)) * _q_expand(scale, n, k)).to(scale.dtype)
+
+
+@register_torch_impl("quant.linear")
+def _q_linear(x, qweight, scale, zero, bias=None, *, bits, group):
+    w = _q_dequant(qweight, scale, zero, bits=bits, group=group).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+@register_torch_impl("quant.linear_a8")
+def _q_linear_a8(x, qweight, wscale, bias=None):
+    xf = x.float()
+    s = xf.abs().amax(dim=-1, keepdim=True) / 127
+    xq = torch.clamp(torch.round(xf / torch.where(s > 0, s, torch.ones_like(s))), -127, 127)
+    # integer products summed in f64: exact like the reference's int32 accumulation (|acc| < 2^31 < 2^53)
+    acc = torch.matmul(xq.double(), qweight.double().t())
+    y = acc.float() * s * wscale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

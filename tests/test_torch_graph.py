@@ -170,3 +170,15 @@ def test_params_masks_and_to_graph():
         gm.set_masks({"nope": mask})
     with pytest.raises(ValueError, match="input %x: expected dtype f32, got torch.int64"):
         gm(torch.ones(2, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("pipeline", ["quantize{bits=4,group=32}", "quantize{bits=4,group=32,sym=false}",
+                                      "quantize{bits=8}", "quantize{bits=8,per_tensor=true}", "w8a8"])
+def test_quantized_graphs_match_the_interpreter(pipeline):
+    import llmasos.passes.quantize  # noqa: F401  (registers quantize / w8a8)
+    model, ids = llama(), token_ids(1, 8)
+    g = PassManager(pipeline).run(import_module(model, (ids,)).graph)
+    assert any(n.op.startswith("quant.") for n in g.nodes)
+    ref = run(g, [ids.numpy()])[0]
+    got = _outs(GraphModule(g, trainable=False)(ids))[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
