@@ -13,7 +13,7 @@ entry fails loudly instead of drifting from the reference interpreter.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
