@@ -35,7 +35,7 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass",
                    "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise",
                    "llmasos.passes.split_heads", "llmasos.passes.fuse",
-                   "llmasos.passes.quantize")
+                   "llmasos.passes.quantize", "llmasos.passes.prune", "llmasos.passes.lowrank")
 
 
 class PassError(Exception):
@@ -47,6 +47,12 @@ class PassError(Exception):
         self.detail = message
         where = f"{node.describe()}: " if node is not None else ""
         super().__init__(f"pass '{pass_name}': {where}{message}")
+
+
+class PassNotApplicable(PassError):
+    """The pass found nothing in the graph it can apply to, and says why (lowrank with no layer that would
+    get cheaper, prune-channels with no gated MLP). A pipeline stops on it like on any PassError; tests that
+    run every pass on random graphs accept it, and only it."""
 
 
 class PassRegistryError(ValueError):

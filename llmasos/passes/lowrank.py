@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from ..ir import Graph
-from .base import Pass, PassError, register_pass
+from .base import Pass, PassNotApplicable, register_pass
 from .quantize import _TARGETS, _drop_unused_params, _new_param, _replace, gemm_targets, weight_nk
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class LowRank(Pass):
         global last_report
         nodes = gemm_targets(graph, self.exclude)
         if not nodes:
-            raise PassError(str(self), f"no GEMM with a static rank-2 float parameter weight outside "
+            raise PassNotApplicable(str(self), f"no GEMM with a static rank-2 float parameter weight outside "
                                        f"exclude={self.exclude!r} to factor")
         stats = None
         if self.method != "svd":
@@ -95,7 +95,7 @@ class LowRank(Pass):
         if not plan:
             shapes = ", ".join(f"%{n.inputs[1].name} {list(weight_nk(graph, n).shape)} -> r={skipped[n.inputs[1].name]}"
                                for n in nodes[:4])
-            raise PassError(str(self), f"no layer qualifies: factoring saves FLOPs only where r (N + K) < N K, "
+            raise PassNotApplicable(str(self), f"no layer qualifies: factoring saves FLOPs only where r (N + K) < N K, "
                                        f"and none of the {len(nodes)} candidate GEMMs' ranks does ({shapes}"
                                        f"{', ...' if len(nodes) > 4 else ''})")
         g = graph.clone()

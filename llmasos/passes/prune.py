@@ -33,7 +33,7 @@ import numpy as np
 from ..ir import Graph
 from ..ir.graph import param_array
 from ..ir.ops import get_op
-from .base import Pass, PassError, register_pass
+from .base import Pass, PassError, PassNotApplicable, register_pass
 from .quantize import _TARGETS, _drop_unused_params, _excluded, _new_param, gemm_targets, weight_nk
 
 
@@ -184,9 +184,9 @@ class PruneChannels(Pass):
         if not mlps:
             fused = [n for n in graph.nodes if n.op == "fused.linear_glu"]
             if fused:
-                raise PassError(str(self), f"found only fused MLPs ({len(fused)} fused.linear_glu): prune-channels "
+                raise PassNotApplicable(str(self), f"found only fused MLPs ({len(fused)} fused.linear_glu): prune-channels "
                                            "must run before fuse in the pipeline", fused[0])
-            raise PassError(str(self), "found no gate/up/down MLP (down(act(gate(x)) * up(x)) with parameter "
+            raise PassNotApplicable(str(self), "found no gate/up/down MLP (down(act(gate(x)) * up(x)) with parameter "
                                        "weights) to prune")
 
         def skip(mlp):
