@@ -74,6 +74,9 @@ ROWS = {
     "int4-rtn": ("quantize{bits=4,group={G},method=rtn}", "llmasos.passes.quantize"),
     "int4-gptq": ("quantize{bits=4,group={G},method=gptq}", "llmasos.passes.quantize"),
     "int4-awq": ("quantize{bits=4,group={G},method=awq}", "llmasos.passes.quantize"),
+    # SmolLM2 ships as GGUF Q4_1 (asymmetric 4-bit, blocks of 32): its float weights already lie on such a
+    # grid, so this row shows how much of int4's loss is a grid mismatch rather than lost information
+    "int4-g32-asym-rtn": ("quantize{bits=4,group=32,sym=false,method=rtn}", "llmasos.passes.quantize"),
     "magnitude-50": ("prune{method=magnitude,sparsity=0.5}", "llmasos.passes.prune"),
     "wanda-50": ("prune{method=wanda,sparsity=0.5}", "llmasos.passes.prune"),
     "sparsegpt-50": ("prune{method=sparsegpt,sparsity=0.5}", "llmasos.passes.prune"),
