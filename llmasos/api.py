@@ -9,7 +9,7 @@ from .compiled import CompiledModel, Signature
 
 def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
             dynamic_shapes: Any = "auto", max_batch: int = 64, max_seq: Optional[int] = None,
-            name: Optional[str] = None, passes: Any = "fuse") -> CompiledModel:
+            name: Optional[str] = None, passes: Any = "fuse", calibration=None) -> CompiledModel:
     """Compile an ``nn.Module`` or ``torch.export.ExportedProgram`` for ``target``.
 
     dynamic_shapes="auto" makes dim 0 of every tensor input the symbol ``batch`` (1..max_batch) and dim 1 of
@@ -19,7 +19,9 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
 
     ``passes`` is the optimization pipeline run on the imported graph before the backend builds it: a
     pipeline string (``"fuse"``, the default; ``"canonicalize,fuse,dce"``), a list of passes, or
-    None/"" for none.
+    None/"" for none. ``calibration`` (a ``Calibration`` or a list of token-id batches) feeds the
+    data-driven passes (``quantize{method=gptq}``, ``prune{method=wanda}``, ...); it is checked against the
+    imported graph before any pass runs.
     """
     import torch
 
@@ -29,7 +31,7 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
     from .passes import PassManager
 
     spec = resolve_target(target)  # fail on a bad target before the slow work
-    pipeline = PassManager(passes) if passes else None  # ... and on a bad pipeline
+    pipeline = PassManager(passes, calibration=calibration) if passes else None  # ... and on a bad pipeline
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     timings = {}

@@ -130,3 +130,15 @@ def test_corrupted_and_truncated_artifacts(compiled_zoo, tmp_path):
 def test_compile_rejects_non_models():
     with pytest.raises(TypeError, match=r"takes a torch.nn.Module or torch.export.ExportedProgram"):
         llmasos.compile(lambda x: x, example_inputs=(torch.zeros(1),))
+
+
+def test_calibration_is_checked_against_the_imported_graph_before_any_pass():
+    from llmasos.passes.calibration import CalibrationError
+    model = models.llama()
+    ids = torch.randint(0, 128, (1, 8))
+    with pytest.raises(CalibrationError, match=r"calibration batch 0: input %input_ids must have dtype i64, got float32"):
+        llmasos.compile(model, "cpu", (ids,), passes="quantize{method=gptq}",
+                        calibration=[np.zeros((1, 8), np.float32)])
+    with pytest.raises(CalibrationError, match=r"token ids in \[0, 500\], outside the vocabulary \[0, 128\)"):
+        llmasos.compile(model, "cpu", (ids,), passes="prune{method=wanda}",
+                        calibration=[np.array([[0, 500, 3]], np.int64)])
