@@ -142,6 +142,14 @@ _NORMS = {"rms_norm": (0, (1,)), "layer_norm": (0, (1, 2)), "fused.add_rms_norm"
           "fused.add_layer_norm": (1, (2, 3))}
 
 
+def scale_group(g, grp, ws, s, weights: dict) -> None:
+    """Multiply the input channels of each GEMM of ``grp`` (weights ``ws``, [N, K]) by ``s`` into
+    ``weights`` and divide their shared input by ``s`` (AWQ and SmoothQuant both do this)."""
+    for n, w in zip(grp, ws):
+        weights[n.outputs[0].name] = w * s[None, :]
+    divide_input(g, grp, s)
+
+
 def divide_input(g: Graph, group: list, s: np.ndarray) -> None:
     """Make the group's shared input x become x / s (its weights were multiplied by s).
 
@@ -239,9 +247,7 @@ class Quantize(Pass):
                 st = stats[grp[0].outputs[0].name]
                 s = np.asarray(awq.awq_scales(np.concatenate(ws), st.abs_mean, None, self.bits, self.group,
                                               self.sym), np.float32)
-                for n, w in zip(grp, ws):
-                    weights[n.outputs[0].name] = w * s[None, :]
-                divide_input(g, grp, s)
+                scale_group(g, grp, ws, s, weights)
         dropped = []
         for orig in nodes:
             node = by_name[orig.outputs[0].name]
@@ -322,9 +328,7 @@ class W8A8(Pass):
                 ws = [weight_nk(g, n) for n in grp]
                 s = np.asarray(smoothquant.smooth_scales(stats[grp[0].outputs[0].name].abs_max, np.concatenate(ws),
                                                          self.alpha), np.float32)
-                for n, w in zip(grp, ws):
-                    weights[n.outputs[0].name] = w * s[None, :]
-                divide_input(g, grp, s)
+                scale_group(g, grp, ws, s, weights)
         dropped = []
         for orig in nodes:
             node = by_name[orig.outputs[0].name]
