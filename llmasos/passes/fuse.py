@@ -21,44 +21,32 @@ from .dce import DeadCodeElimination
 from .fuse_elementwise import FuseElementwise
 from .merge_linears import MergeLinears
 from .split_heads import SplitHeads
-from .rewrite_pass import apply_rule_set
+from .rewrite_pass import ShippedRules
 
 
 @register_pass("recognize")
 @dataclass(frozen=True)
-class Recognize(Pass):
+class Recognize(ShippedRules):
     """rules/recognize.rw: rms_norm divides by sqrt where the decomposed form multiplies by rsqrt."""
 
-    max_rewrites: int = 10_000
-
+    rules: ClassVar[str] = "recognize"
     exact: ClassVar[bool] = False
     rtol: ClassVar[float] = 1e-5
     atol: ClassVar[float] = 1e-6
 
-    def run(self, graph: Graph) -> Graph:
-        return apply_rule_set(self.pass_name, graph, "recognize", self.max_rewrites)
-
 
 @register_pass("fuse-epilogue")
 @dataclass(frozen=True)
-class FuseEpilogue(Pass):
-    max_rewrites: int = 10_000
-
+class FuseEpilogue(ShippedRules):
+    rules: ClassVar[str] = "epilogue"
     exact: ClassVar[bool] = True
-
-    def run(self, graph: Graph) -> Graph:
-        return apply_rule_set(self.pass_name, graph, "epilogue", self.max_rewrites)
 
 
 @register_pass("fuse-norm")
 @dataclass(frozen=True)
-class FuseNorm(Pass):
-    max_rewrites: int = 10_000
-
+class FuseNorm(ShippedRules):
+    rules: ClassVar[str] = "norm"
     exact: ClassVar[bool] = True
-
-    def run(self, graph: Graph) -> Graph:
-        return apply_rule_set(self.pass_name, graph, "norm", self.max_rewrites)
 
 
 @register_pass("fuse")

@@ -74,14 +74,22 @@ class Rewrite(Pass):
         return apply_rule_set(self.pass_name, graph, self.rules, self.max_rewrites)
 
 
-@register_pass("canonicalize")
 @dataclass(frozen=True)
-class Canonicalize(Pass):
-    """The shipped rules/canonicalize.rw: every rule in it is bit-exact (see the file for what is left out)."""
+class ShippedRules(Pass):
+    """Base of a pass that runs one rule set shipped in rules/ (named by ``rules``) to a fixed point."""
 
     max_rewrites: int = 10_000
 
-    exact: ClassVar[bool] = True
+    rules: ClassVar[str] = ""
 
     def run(self, graph: Graph) -> Graph:
-        return apply_rule_set(self.pass_name, graph, "canonicalize", self.max_rewrites)
+        return apply_rule_set(self.pass_name, graph, self.rules, self.max_rewrites)
+
+
+@register_pass("canonicalize")
+@dataclass(frozen=True)
+class Canonicalize(ShippedRules):
+    """The shipped rules/canonicalize.rw: every rule in it is bit-exact (see the file for what is left out)."""
+
+    rules: ClassVar[str] = "canonicalize"
+    exact: ClassVar[bool] = True
