@@ -19,12 +19,13 @@ if "TVM_NUM_THREADS" not in _os.environ and "OMP_NUM_THREADS" not in _os.environ
         _os.environ["TVM_NUM_THREADS"] = str(_os.cpu_count() or 1)
 
 from .targets import TargetSpec, register_target, resolve_target, known_targets  # noqa: E402
-from .build import BuildError, Executable, Signature, build, compile_module, relax_pipeline  # noqa: E402
+from .build import (BuildError, Executable, Signature, build, build_functions, compile_module,  # noqa: E402
+                    relax_pipeline)
 
 try:
     from .lowering import (LoweringError, LowerContext, register_lowering, get_lowering, missing_lowerings,
                            tvm_dtype)
-    from .lower import lower
+    from .lower import lower, lower_functions
 except (ImportError, AttributeError):
     import tvm.base
     if not getattr(tvm.base, "_RUNTIME_ONLY", False):
@@ -32,5 +33,5 @@ except (ImportError, AttributeError):
 
 
 __all__ = ["LoweringError", "LowerContext", "register_lowering", "get_lowering", "missing_lowerings", "tvm_dtype",
-           "lower", "TargetSpec", "register_target", "resolve_target", "known_targets", "BuildError", "Executable",
-           "Signature", "build", "compile_module", "relax_pipeline"]
+           "lower", "lower_functions", "TargetSpec", "register_target", "resolve_target", "known_targets", "BuildError", "Executable",
+           "Signature", "build", "build_functions", "compile_module", "relax_pipeline"]

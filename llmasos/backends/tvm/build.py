@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -24,7 +24,8 @@ from ...ir.types import DType, TensorType
 from .targets import TargetSpec, resolve_target
 
 MAIN = "main"
-TRANSFORM = "main_transform_params"
+# LiftTransformParams names the weight-preparation function after the function (one entry) or shares one
+TRANSFORMS = ("main_transform_params", "transform_params")
 
 
 class BuildError(RuntimeError):
@@ -39,32 +40,59 @@ class _Input:
 
 
 @dataclass
-class Signature:
-    """What running a compiled library needs besides the .so: inputs, symbols and parameter order."""
+class FunctionSig:
+    """One entry function's runtime inputs and symbol bounds (what interpreter.bind_symbols reads)."""
     inputs: list                 # [_Input]
-    param_names: list            # graph.params order: main's trailing arguments before the transform
-    param_types: list            # [TensorType]
     symbols: dict                # name -> (min, max)
-    lifted: bool                 # the library has main_transform_params (read from the library at load)
+
+
+@dataclass
+class Signature:
+    """What running a compiled library needs besides the .so: entry functions, their inputs and symbols, and
+    the parameter order they share."""
+    inputs: list                 # the first (default) function's inputs: [_Input]
+    param_names: list            # graph.params order: every function's trailing arguments before the transform
+    param_types: list            # [TensorType]
+    symbols: dict                # the default function's symbols: name -> (min, max)
+    lifted: bool                 # the library has a transform-params function (read from the library at load)
+    functions: dict = field(default_factory=dict)   # name -> FunctionSig, default function first
+
+    def __post_init__(self):
+        if not self.functions:
+            self.functions = {MAIN: FunctionSig(self.inputs, self.symbols)}
 
     @staticmethod
     def of(graph: Graph, lifted: bool) -> "Signature":
-        return Signature([_Input(v.name, v.type) for v in graph.inputs], list(graph.params),
-                         [v.type for v in graph.params.values()], dict(graph.symbols), lifted)
+        return Signature.of_functions({MAIN: graph}, lifted)
+
+    @staticmethod
+    def of_functions(graphs: dict, lifted: bool) -> "Signature":
+        fns = {n: FunctionSig([_Input(v.name, v.type) for v in g.inputs], dict(g.symbols)) for n, g in graphs.items()}
+        first = next(iter(graphs.values()))
+        main = next(iter(fns.values()))
+        return Signature(main.inputs, list(first.params), [v.type for v in first.params.values()], main.symbols,
+                         lifted, fns)
 
     def to_json(self) -> str:
         from ...ir.types import dim_str
         t = lambda ty: {"shape": [dim_str(d) for d in ty.shape], "dtype": str(ty.dtype)}  # noqa: E731
-        return json.dumps({"inputs": [{"name": i.name, **t(i.type)} for i in self.inputs],
+        fns = {n: {"inputs": [{"name": i.name, **t(i.type)} for i in f.inputs],
+                   "symbols": {k: list(v) for k, v in f.symbols.items()}} for n, f in self.functions.items()}
+        main = next(iter(fns.values()))
+        return json.dumps({"inputs": main["inputs"],
                            "params": [{"name": n, **t(ty)} for n, ty in zip(self.param_names, self.param_types)],
-                           "symbols": {k: list(v) for k, v in self.symbols.items()}, "lifted": self.lifted})
+                           "symbols": main["symbols"], "lifted": self.lifted, "functions": fns})
 
     @staticmethod
     def from_json(text: str) -> "Signature":
         d = json.loads(text)
         t = lambda e: TensorType(tuple(e["shape"]), DType.parse(e["dtype"]))  # noqa: E731
-        return Signature([_Input(e["name"], t(e)) for e in d["inputs"]], [e["name"] for e in d["params"]],
-                         [t(e) for e in d["params"]], {k: tuple(v) for k, v in d["symbols"].items()}, d["lifted"])
+        fns = d.get("functions") or {MAIN: {"inputs": d["inputs"], "symbols": d["symbols"]}}
+        fns = {n: FunctionSig([_Input(e["name"], t(e)) for e in f["inputs"]],
+                              {k: tuple(v) for k, v in f["symbols"].items()}) for n, f in fns.items()}
+        main = next(iter(fns.values()))
+        return Signature(main.inputs, [e["name"] for e in d["params"]], [t(e) for e in d["params"]],
+                         main.symbols, d["lifted"], fns)
 
 
 def relax_pipeline(spec: TargetSpec):
@@ -93,22 +121,58 @@ def relax_pipeline(spec: TargetSpec):
     return pipeline
 
 
-def compile_module(mod, spec: TargetSpec):
-    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the spec asks)."""
+def compile_module(mod, spec: TargetSpec, cuda_graph: tuple = ()):
+    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the spec asks).
+
+    ``cuda_graph``: names of functions to run as CUDA graphs (on CUDA targets). Every argument of such a
+    function is then treated as fixed storage, so the caller must pass the same buffers on every call
+    (updating their contents in place): TVM's RewriteCUDAGraph captures only kernels whose operands are
+    function parameters past ``num_input`` or statically planned memory.
+    """
     import tvm
     from tvm import relax
 
+    n_entries = sum(1 for gv, f in mod.functions.items() if isinstance(f, relax.Function)
+                    and f.attrs is not None and "num_input" in f.attrs)
     if spec.lift_params:
-        mod = relax.transform.LiftTransformParams()(mod)
-    # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
-    # main tile loop runs without per-row bound checks
-    config = {"s_tir.LoopPartition": {"partition_const_loop": True}} if spec.device == "cpu" else {}
+        # one shared weight preparation when several entries (prefill, decode) use the same weights
+        mod = relax.transform.LiftTransformParams(shared_transform=n_entries > 1)(mod)
+    config = {}
+    if spec.device == "cpu":
+        # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
+        # main tile loop runs without per-row bound checks
+        config["s_tir.LoopPartition"] = {"partition_const_loop": True}
+    if cuda_graph and spec.device == "cuda":
+        for name in cuda_graph:
+            gv = mod.get_global_var(name)
+            mod[gv] = mod[gv].with_attr("num_input", 0)
+        config["relax.backend.use_cuda_graph"] = True
     try:
         with tvm.transform.PassContext(opt_level=3, config=config):
             return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
     except Exception as e:
         raise BuildError(f"TVM failed to build for target '{spec.name}' {spec.target}: "
                          f"{type(e).__name__}: {e}") from e
+
+
+def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = ()) -> "Executable":
+    """One library with an entry function per graph (same parameters, uploaded once), e.g. ``prefill``
+    and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph``."""
+    from .lower import lower_functions
+
+    spec = resolve_target(target)
+    t0 = time.perf_counter()
+    mod = lower_functions(graphs, spec)
+    first = next(iter(graphs.values()))
+    ex = compile_module(mod, spec, cuda_graph=tuple(cuda_graph))
+    del mod
+    missing = [n for n in first.params if n not in first.param_data]
+    if missing:
+        raise ValueError(f"parameters {missing} have no data; attach it before building")
+    exe = Executable(ex, spec, Signature.of_functions(graphs, spec.lift_params and bool(first.params)),
+                     first.param_data)
+    exe.build_seconds = time.perf_counter() - t0
+    return exe
 
 
 def build(graph: Graph, target: Any = "cpu") -> "Executable":
@@ -150,9 +214,16 @@ class Executable:
         if not self._dev.exist:
             raise RuntimeError(f"target '{spec.name}' needs a {spec.device} device, and none is present")
         self._vm = VirtualMachine(lib, self._dev)
-        self._main = self._vm[MAIN]
-        # the library itself says whether weights go through main_transform_params first
-        signature.lifted = bool(self._vm.module.implements_function(TRANSFORM))
+        self._entries = {}
+        for name in signature.functions:
+            if not self._vm.module.implements_function(name):
+                raise ValueError(f"the library has no function '{name}' (its signature names "
+                                 f"{', '.join(signature.functions)})")
+            self._entries[name] = self._vm[name]
+        self.default_function = next(iter(signature.functions))
+        # the library itself says whether weights go through a transform-params function first
+        self._transform = next((t for t in TRANSFORMS if self._vm.module.implements_function(t)), None)
+        signature.lifted = self._transform is not None
         self._weights = self._upload(params)
 
     # -- weights ---------------------------------------------------------------------------------
@@ -169,8 +240,25 @@ class Executable:
             arrays.append(a)
         if not sig.lifted:
             return arrays
-        out = self._vm[TRANSFORM](arrays)
+        out = self._vm[self._transform](arrays)
         return list(out)
+
+    @property
+    def weights(self) -> list:
+        """The prepared weights on the device: every entry function's trailing arguments."""
+        return self._weights
+
+    @property
+    def functions(self) -> list:
+        return list(self._entries)
+
+    def raw(self, name: str):
+        """The VM function ``name``, to be called as ``fn(*device_inputs, *exe.weights)`` -- no checks, no
+        conversions: the fast path of a decode loop."""
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ValueError(f"no function '{name}'; this library has {', '.join(self._entries)}") from None
 
     # -- calls -----------------------------------------------------------------------------------
     def _to_device(self, x, what: str):
@@ -196,9 +284,14 @@ class Executable:
         return tvm.runtime.tensor(a, self._dev)
 
     def __call__(self, *inputs) -> list:
-        sig = self.signature
+        return self.call(self.default_function, *inputs)
+
+    def call(self, name: str, *inputs) -> list:
+        """Run entry function ``name`` on host or device inputs (checked) and return its outputs."""
+        fn = self.raw(name)
+        sig = self.signature.functions[name]
         if len(inputs) != len(sig.inputs):
-            raise ValueError(f"the graph takes {len(sig.inputs)} inputs "
+            raise ValueError(f"{self._what(name)} takes {len(sig.inputs)} inputs "
                              f"({', '.join('%' + i.name for i in sig.inputs)}), got {len(inputs)}")
         for spec_in, x in zip(sig.inputs, inputs):
             try:
@@ -210,8 +303,11 @@ class Executable:
         bind_symbols(sig, inputs)  # shapes, symbol consistency and compiled symbol bounds
         as_torch = any(_is_torch(x) for x in inputs)
         args = [self._to_device(x, f"input %{i.name}") for i, x in zip(sig.inputs, inputs)]
-        outs = self._main(*args, *self._weights)
+        outs = fn(*args, *self._weights)
         return [self._from_device(o, as_torch) for o in outs]
+
+    def _what(self, name: str) -> str:
+        return "the graph" if len(self._entries) == 1 else f"function '{name}'"
 
     def _from_device(self, t, as_torch: bool):
         if as_torch:

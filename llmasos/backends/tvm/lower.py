@@ -20,9 +20,37 @@ from .lowering import LowerContext, LoweringError, get_lowering, tvm_dtype
 
 
 def lower(graph: Graph, spec=None) -> tvm.IRModule:
-    """The Relax module of ``graph``; ``spec`` (a TargetSpec) lets lowerings pick target-specific forms."""
-    sym_vars = _symbol_vars(graph)
+    """The Relax module of ``graph`` (one function, ``main``); ``spec`` (a TargetSpec) lets lowerings pick
+    target-specific forms."""
+    return lower_functions({"main": graph}, spec)
+
+
+def lower_functions(graphs: dict, spec=None) -> tvm.IRModule:
+    """One Relax module with a function per graph, e.g. an LLM's ``prefill`` and ``decode``.
+
+    The graphs must have the same parameters (names and types, in the same order): each function takes
+    ``(inputs..., params...)``, so one set of uploaded weights serves all of them.
+    """
+    if not graphs:
+        raise LoweringError("lower_functions needs at least one graph")
+    names = list(graphs)
+    first = graphs[names[0]]
+    want = [(n, v.type) for n, v in first.params.items()]
+    for name in names[1:]:
+        got = [(n, v.type) for n, v in graphs[name].params.items()]
+        if got != want:
+            diff = next((f"%{a[0]}: {a[1]} vs %{b[0]}: {b[1]}" for a, b in zip(want, got) if a != b),
+                        f"{len(want)} vs {len(got)} parameters")
+            raise LoweringError(f"functions '{names[0]}' and '{name}' must share their parameters to share "
+                                f"weights; first difference: {diff}")
     bb = relax.BlockBuilder()
+    for name, graph in graphs.items():
+        _lower_function(bb, name, graph, spec)
+    return bb.get()
+
+
+def _lower_function(bb, fname: str, graph: Graph, spec) -> None:
+    sym_vars = _symbol_vars(graph)
     ctx = LowerContext(bb, sym_vars, spec, graph.params.values())
 
     def rvar(v):
@@ -38,7 +66,7 @@ def lower(graph: Graph, spec=None) -> tvm.IRModule:
     if not graph.outputs:
         raise LoweringError(f"graph '{graph.name}' has no outputs")
 
-    with bb.function("main", in_vars, attrs=_func_attrs(graph, sym_vars)):
+    with bb.function(fname, in_vars, attrs=_func_attrs(graph, sym_vars, fname)):
         with bb.dataflow():
             for node in graph.nodes:
                 ctx.node = node
@@ -63,7 +91,6 @@ def lower(graph: Graph, spec=None) -> tvm.IRModule:
                                         f"{type(e).__name__}: {e}") from e
             out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
         bb.emit_func_output(out)
-    return bb.get()
 
 
 def _param_only(node, ctx) -> bool:
@@ -89,8 +116,8 @@ def _symbol_vars(graph: Graph) -> dict:
     return names
 
 
-def _func_attrs(graph: Graph, sym_vars: dict) -> dict:
-    attrs = {"num_input": len(graph.inputs), "global_symbol": "main"}
+def _func_attrs(graph: Graph, sym_vars: dict, fname: str = "main") -> dict:
+    attrs = {"num_input": len(graph.inputs), "global_symbol": fname}
     upper = {n: hi for n, (lo, hi) in graph.symbols.items() if n in sym_vars and hi is not None}
     lower_ = {n: lo for n, (lo, hi) in graph.symbols.items() if n in sym_vars and lo is not None}
     if upper:
