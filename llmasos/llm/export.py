@@ -1,0 +1,58 @@
+"""torch.export of the decoder's prefill and decode steps, with symbolic batch and (prefill) sequence length."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from llmasos.llm.model import Decoder
+
+PHASES = ("prefill", "decode")
+
+
+def example_inputs(decoder: Decoder, phase: str, batch: int, seq: int, max_seq: int) -> tuple:
+    """(ids, pos, last, *caches) for one call; zeros everywhere except last = seq - 1."""
+    dev = decoder.embed.weight.device
+    T = 1 if phase == "decode" else seq
+    ids = torch.zeros(batch, T, dtype=torch.int64, device=dev)
+    pos = torch.zeros(batch, dtype=torch.int32, device=dev)
+    last = torch.full((batch,), T - 1, dtype=torch.int64, device=dev)
+    return (ids, pos, last, *decoder.new_caches(batch, max_seq))
+
+
+def export_decoder(decoder: Decoder, phase: str, batch: Optional[int], max_batch: int,
+                   max_seq: int) -> torch.export.ExportedProgram:
+    """Export ``decoder`` (mode="export") for ``phase``.
+
+    batch=None makes the batch symbolic, Dim("batch", 1..max_batch), on ids, pos, last and every cache;
+    prefill makes ids' length symbolic, Dim("seq", 2..max_seq); decode has T = 1. The cache length is
+    max_seq, static.
+    """
+    if decoder.mode != "export":
+        raise ValueError(f"export_decoder needs Decoder(mode='export'), got mode={decoder.mode!r}")
+    if phase not in PHASES:
+        raise ValueError(f"export_decoder: phase must be one of {PHASES}, got {phase!r}")
+    if max_seq > decoder.cfg.max_positions:
+        raise ValueError(f"export_decoder: max_seq {max_seq} > the model's max_positions "
+                         f"{decoder.cfg.max_positions}")
+    if phase == "prefill" and max_seq < 2:
+        raise ValueError(f"export_decoder: prefill needs max_seq >= 2 (symbolic seq starts at 2), got {max_seq}")
+    if batch is not None and not 1 <= batch <= max_batch:
+        raise ValueError(f"export_decoder: batch {batch} is outside 1..max_batch={max_batch}")
+
+    if batch is None:
+        # export specialises a dynamic dim whose example size is 0 or 1, so the example avoids them
+        bdim = torch.export.Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+        ex_batch = 2 if max_batch > 1 else 1
+    else:
+        bdim, ex_batch = None, batch
+    sdim = torch.export.Dim("seq", min=2, max=max_seq) if phase == "prefill" else None
+    ex_seq = min(max_seq, 3) if phase == "prefill" else 1
+    args = example_inputs(decoder, phase, ex_batch, ex_seq, max_seq)
+
+    ids_spec = {k: v for k, v in ((0, bdim), (1, sdim)) if v is not None} or None
+    vec = {0: bdim} if bdim is not None else None
+    # export groups *caches into one entry of the signature: its spec is a tuple, one per cache
+    dynamic = (ids_spec, vec, vec, (vec,) * (len(args) - 3))
+    with torch.no_grad():
+        return torch.export.export(decoder, args, dynamic_shapes=dynamic, strict=False)

@@ -1,0 +1,402 @@
+"""A gpt-fast-style static-KV-cache decoder (Llama family and GPT-2): what we trace, and the torch baseline.
+
+Two modes share one module tree and one set of weights:
+
+* ``mode="export"``: ``forward(ids, pos, last, *caches) -> (logits, *new_caches)``. The caches go in and
+  come out as tensors, and the cache update and attention are the custom ops of ``llmasos.llm.ops``, so
+  ``torch.export`` keeps each as one node the frontend turns into ``kv.append`` / ``kv.attention``.
+* ``mode="torch"``: ``forward(ids, pos, last) -> logits``. The caches are buffers made by
+  ``setup_caches`` and written in place, attention is ``F.scaled_dot_product_attention`` with the causal
+  cache mask: the eager / ``torch.compile(mode="reduce-overhead")`` baseline we race.
+
+Shapes: ids [B, T] int64; pos [B] int32, the cache position of each row's first token in ids; last [B]
+int64, the index in ``ids`` whose logits are returned (prefill of right-padded prompts: len - 1; decode:
+T = 1, last = 0). Caches [B, Hkv, M, D] in the model dtype, ordered k_0, v_0, k_1, v_1, ...
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmasos.llm import ops as kv_ops  # noqa: F401  (registers torch.ops.llmasos.*)
+from llmasos.llm.ops import causal_cache_mask
+
+ARCHS = ("llama", "gpt2")
+MODES = ("export", "torch")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    arch: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    max_positions: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"DecoderConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"DecoderConfig: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.arch == "gpt2" and (self.kv_heads != self.heads or self.heads * self.head_dim != self.hidden):
+            raise ValueError("DecoderConfig: gpt2 needs kv_heads == heads and heads * head_dim == hidden")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"DecoderConfig: RoPE needs an even head_dim, got {self.head_dim}")
+
+    @staticmethod
+    def from_hf(hf_config) -> "DecoderConfig":
+        """From a transformers LlamaConfig (SmolLM2 included) or GPT2Config; refuses what we do not model."""
+        kind = getattr(hf_config, "model_type", None)
+        if kind == "llama":
+            return _llama_config(hf_config)
+        if kind == "gpt2":
+            return _gpt2_config(hf_config)
+        raise ValueError(f"DecoderConfig.from_hf: model_type {kind!r} is not supported (llama, gpt2)")
+
+
+def _llama_config(c) -> DecoderConfig:
+    if c.hidden_act != "silu":
+        raise ValueError(f"DecoderConfig.from_hf: llama hidden_act {c.hidden_act!r} is not supported (silu)")
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ValueError("DecoderConfig.from_hf: llama attention_bias / mlp_bias are not supported")
+    # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    scaling = getattr(c, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
+    if rope_type != "default":
+        raise ValueError(f"DecoderConfig.from_hf: rope type {rope_type!r} is not implemented (only 'default' RoPE)")
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
+    if theta is None:
+        raise ValueError("DecoderConfig.from_hf: llama config has no rope_theta")
+    return DecoderConfig(
+        arch="llama", vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
+        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads or c.num_attention_heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        ffn=c.intermediate_size, max_positions=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
+        rope_theta=float(theta), tie_embeddings=bool(c.tie_word_embeddings))
+
+
+def _gpt2_config(c) -> DecoderConfig:
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"DecoderConfig.from_hf: gpt2 activation_function {c.activation_function!r} is not "
+                         "supported (gelu_new / gelu_pytorch_tanh)")
+    if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
+        raise ValueError("DecoderConfig.from_hf: gpt2 needs scale_attn_weights=True and "
+                         "scale_attn_by_inverse_layer_idx=False")
+    if c.add_cross_attention:
+        raise ValueError("DecoderConfig.from_hf: gpt2 cross attention is not supported")
+    return DecoderConfig(
+        arch="gpt2", vocab=c.vocab_size, hidden=c.n_embd, layers=c.n_layer, heads=c.n_head,
+        kv_heads=c.n_head, head_dim=c.n_embd // c.n_head, ffn=c.n_inner or 4 * c.n_embd,
+        max_positions=c.n_positions, norm_eps=c.layer_norm_epsilon, tie_embeddings=True)
+
+
+PRESETS = {
+    "gpt2-124m": DecoderConfig("gpt2", vocab=50257, hidden=768, layers=12, heads=12, kv_heads=12, head_dim=64,
+                               ffn=3072, max_positions=1024, norm_eps=1e-5),
+    "llama-1b": DecoderConfig("llama", vocab=32000, hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64,
+                              ffn=8192, max_positions=2048, norm_eps=1e-5, rope_theta=10000.0,
+                              tie_embeddings=False),
+    "llama-135m": DecoderConfig("llama", vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
+                                ffn=1536, max_positions=2048, norm_eps=1e-5, rope_theta=100000.0,
+                                tie_embeddings=True),
+    "llama-tiny": DecoderConfig("llama", vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
+                                ffn=128, max_positions=64, norm_eps=1e-6, rope_theta=10000.0,
+                                tie_embeddings=False),
+    "gpt2-tiny": DecoderConfig("gpt2", vocab=128, hidden=64, layers=2, heads=4, kv_heads=4, head_dim=16,
+                               ffn=256, max_positions=64, norm_eps=1e-5),
+}
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim] f32, HF's convention (frequencies repeated, not interleaved)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        bias = cfg.arch == "gpt2"
+        # one fused q|k|v projection (gpt-fast's wqkv; GPT-2's c_attn): one GEMV per layer for q, k and v
+        self.wqkv = nn.Linear(cfg.hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=bias)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # torch mode only: setup_caches fills these
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def qkv(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]):
+        c = self.cfg
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)
+        qd, kd = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        # slices, not split_with_sizes: the frontend converts aten.slice
+        q = qkv[..., :qd].reshape(B, T, c.heads, c.head_dim).transpose(1, 2)
+        k = qkv[..., qd:qd + kd].reshape(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        v = qkv[..., qd + kd:].reshape(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope                                              # [B, 1, T, D]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = o.shape
+        return self.wo(o.transpose(1, 2).reshape(B, T, self.cfg.heads * self.cfg.head_dim))
+
+    def forward_export(self, x, pos, rope, k_cache, v_cache):
+        q, k, v = self.qkv(x, rope)
+        k_cache = torch.ops.llmasos.kv_append(k_cache, k, pos)
+        v_cache = torch.ops.llmasos.kv_append(v_cache, v, pos)
+        o = torch.ops.llmasos.kv_attention(q, k_cache, v_cache, pos, self.scale)
+        return self.out(o), k_cache, v_cache
+
+    def forward_torch(self, x, pos, rope):
+        if self.k_cache is None:
+            raise RuntimeError("Decoder(mode='torch'): call setup_caches(max_batch, max_seq, ...) before forward")
+        q, k, v = self.qkv(x, rope)
+        B, _, T, _ = q.shape
+        kc, vc = self.k_cache[:B], self.v_cache[:B]
+        rows = torch.arange(B, device=x.device)[:, None]
+        idx = pos.long()[:, None] + torch.arange(T, device=x.device)[None, :]          # [B, T]
+        # advanced indices around a slice put their dims first: the target is [B, T, Hkv, D]
+        kc[rows, :, idx] = k.transpose(1, 2)
+        vc[rows, :, idx] = v.transpose(1, 2)
+        mask = causal_cache_mask(pos, T, kc.shape[2])
+        gqa = self.cfg.heads != self.cfg.kv_heads
+        o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return self.out(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.llama = cfg.arch == "llama"
+        if self.llama:
+            self.w1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)   # gate
+            self.w3 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)   # up
+            self.w2 = nn.Linear(cfg.ffn, cfg.hidden, bias=False)   # down
+        else:
+            self.fc = nn.Linear(cfg.hidden, cfg.ffn)
+            self.proj = nn.Linear(cfg.ffn, cfg.hidden)
+
+    def forward(self, x):
+        if self.llama:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.rms = cfg.arch == "llama"
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.hidden))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.hidden))
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, mode: str = "export"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"Decoder mode must be one of {MODES}, got {mode!r}")
+        self.cfg, self.mode = cfg, mode
+        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.wpe = nn.Embedding(cfg.max_positions, cfg.hidden) if cfg.arch == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = Norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._make_rope()
+
+    def _make_rope(self, device=None):
+        if self.cfg.arch != "llama":
+            return
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_positions, self.cfg.rope_theta)
+        # f32 and not persistent: recomputed, never loaded, and cast to the model dtype after the gather
+        if device is not None:
+            cos, sin = cos.to(device), sin.to(device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # -- caches -------------------------------------------------------------------------------------------
+    def cache_shapes(self, batch: int, max_seq: int) -> list[tuple[int, int, int, int]]:
+        c = self.cfg
+        return [(batch, c.kv_heads, max_seq, c.head_dim)] * (2 * c.layers)
+
+    def new_caches(self, batch: int, max_seq: int, dtype=None, device=None) -> list[torch.Tensor]:
+        dtype = dtype or self.dtype
+        device = device or self.embed.weight.device
+        return [torch.zeros(s, dtype=dtype, device=device) for s in self.cache_shapes(batch, max_seq)]
+
+    def setup_caches(self, max_batch: int, max_seq: int, dtype=None, device=None) -> None:
+        """Torch mode: (re)allocate every layer's k/v cache buffers [max_batch, Hkv, max_seq, D], zeroed."""
+        if self.mode != "torch":
+            raise RuntimeError("Decoder.setup_caches is for mode='torch'; export mode takes caches as inputs")
+        if max_seq > self.cfg.max_positions:
+            raise ValueError(f"Decoder.setup_caches: max_seq {max_seq} > max_positions {self.cfg.max_positions}")
+        caches = self.new_caches(max_batch, max_seq, dtype, device)
+        for i, blk in enumerate(self.blocks):
+            blk.attn.register_buffer("k_cache", caches[2 * i], persistent=False)
+            blk.attn.register_buffer("v_cache", caches[2 * i + 1], persistent=False)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _embed(self, ids, pos):
+        T = ids.shape[1]
+        positions = pos.long()[:, None] + torch.arange(T, device=ids.device)[None, :]   # [B, T]
+        x = self.embed(ids)
+        if self.wpe is not None:
+            return x + self.wpe(positions), None
+        # embedding() on the f32 tables is the gather; HF casts cos/sin to the activation dtype too
+        cos = F.embedding(positions, self.rope_cos).to(x.dtype)[:, None]               # [B, 1, T, D]
+        sin = F.embedding(positions, self.rope_sin).to(x.dtype)[:, None]
+        return x, (cos, sin)
+
+    def _logits(self, x, last):
+        # only each row's `last` token reaches the final norm and the vocab projection
+        idx = last.long().reshape(-1, 1, 1).expand(-1, 1, x.shape[-1])
+        h = torch.gather(x, 1, idx).squeeze(1)                                          # [B, hidden]
+        return self.lm_head(self.norm(h))
+
+    def forward(self, ids, pos, last, *caches):
+        x, rope = self._embed(ids, pos)
+        if self.mode == "torch":
+            if caches:
+                raise TypeError("Decoder(mode='torch').forward(ids, pos, last) takes no caches: they are buffers")
+            for blk in self.blocks:
+                x = x + blk.attn.forward_torch(blk.norm1(x), pos, rope)
+                x = x + blk.mlp(blk.norm2(x))
+            return self._logits(x, last)
+        if len(caches) != 2 * self.cfg.layers:
+            raise TypeError(f"Decoder(mode='export').forward takes {2 * self.cfg.layers} caches "
+                            f"(k_0, v_0, ...), got {len(caches)}")
+        new = []
+        for i, blk in enumerate(self.blocks):
+            a, kc, vc = blk.attn.forward_export(blk.norm1(x), pos, rope, caches[2 * i], caches[2 * i + 1])
+            x = x + a
+            x = x + blk.mlp(blk.norm2(x))
+            new += [kc, vc]
+        return (self._logits(x, last), *new)
+
+    # -- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, cfg: DecoderConfig, mode: str = "export", seed: int = 0, dtype=torch.float32,
+               device=None) -> "Decoder":
+        """Random weights, normal(0, 0.02), made directly on ``device`` (no HF model, no CPU init pass)."""
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            m = cls(cfg, mode)
+        m = m.to_empty(device=device).to(dtype)
+        if cfg.tie_embeddings:      # to_empty gives each module its own new tensor, untying them
+            m.lm_head.weight = m.embed.weight
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+        m._make_rope(device)     # to_empty left the non-persistent tables uninitialised
+        return m.eval()
+
+    @classmethod
+    def from_hf(cls, hf_model, mode: str = "export", dtype=None) -> "Decoder":
+        """Copy the weights of a transformers LlamaForCausalLM or GPT2LMHeadModel."""
+        cfg = DecoderConfig.from_hf(hf_model.config)
+        sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        m = cls(cfg, mode)
+        ours = _llama_weights(sd, cfg) if cfg.arch == "llama" else _gpt2_weights(sd, cfg)
+        if cfg.tie_embeddings:
+            ours.pop("lm_head.weight", None)
+            sd_keys = set(m.state_dict()) - {"lm_head.weight"}
+        else:
+            sd_keys = set(m.state_dict())
+        missing, extra = sd_keys - set(ours), set(ours) - sd_keys
+        if missing or extra:
+            raise ValueError(f"Decoder.from_hf: weight mapping mismatch; missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(extra)[:5]}")
+        m.load_state_dict(ours, strict=False)
+        dtype = dtype or next(hf_model.parameters()).dtype
+        return m.to(dtype=dtype, device=next(hf_model.parameters()).device).eval()
+
+
+def _llama_weights(sd: dict, cfg: DecoderConfig) -> dict:
+    p = "model." if any(k.startswith("model.") for k in sd) else ""
+    out = {"embed.weight": sd[f"{p}embed_tokens.weight"], "norm.weight": sd[f"{p}norm.weight"]}
+    out["lm_head.weight"] = sd.get("lm_head.weight", sd[f"{p}embed_tokens.weight"])
+    for i in range(cfg.layers):
+        h, o = f"{p}layers.{i}.", f"blocks.{i}."
+        out[o + "attn.wqkv.weight"] = torch.cat([sd[h + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0)
+        out[o + "attn.wo.weight"] = sd[h + "self_attn.o_proj.weight"]
+        out[o + "mlp.w1.weight"] = sd[h + "mlp.gate_proj.weight"]
+        out[o + "mlp.w3.weight"] = sd[h + "mlp.up_proj.weight"]
+        out[o + "mlp.w2.weight"] = sd[h + "mlp.down_proj.weight"]
+        out[o + "norm1.weight"] = sd[h + "input_layernorm.weight"]
+        out[o + "norm2.weight"] = sd[h + "post_attention_layernorm.weight"]
+    return out
+
+
+def _gpt2_weights(sd: dict, cfg: DecoderConfig) -> dict:
+    p = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
+    out = {"embed.weight": sd[f"{p}wte.weight"], "wpe.weight": sd[f"{p}wpe.weight"],
+           "norm.weight": sd[f"{p}ln_f.weight"], "norm.bias": sd[f"{p}ln_f.bias"]}
+    for i in range(cfg.layers):
+        h, o = f"{p}h.{i}.", f"blocks.{i}."
+        # HF's Conv1D stores [in, out]; nn.Linear wants [out, in]
+        out[o + "attn.wqkv.weight"] = sd[h + "attn.c_attn.weight"].t().contiguous()
+        out[o + "attn.wqkv.bias"] = sd[h + "attn.c_attn.bias"]
+        out[o + "attn.wo.weight"] = sd[h + "attn.c_proj.weight"].t().contiguous()
+        out[o + "attn.wo.bias"] = sd[h + "attn.c_proj.bias"]
+        out[o + "mlp.fc.weight"] = sd[h + "mlp.c_fc.weight"].t().contiguous()
+        out[o + "mlp.fc.bias"] = sd[h + "mlp.c_fc.bias"]
+        out[o + "mlp.proj.weight"] = sd[h + "mlp.c_proj.weight"].t().contiguous()
+        out[o + "mlp.proj.bias"] = sd[h + "mlp.c_proj.bias"]
+        for a, b in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[o + f"{b}.weight"] = sd[h + f"{a}.weight"]
+            out[o + f"{b}.bias"] = sd[h + f"{a}.bias"]
+    return out
+
+
+def preset(name: str, **overrides) -> DecoderConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown decoder preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return replace(PRESETS[name], **overrides)
