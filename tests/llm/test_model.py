@@ -3,6 +3,7 @@ torch.compile tracing and torch.export of the prefill / decode steps. Tiny rando
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -14,16 +15,22 @@ from tests.models import gpt2, llama
 TOL = 1e-4
 MAX_SEQ = 48
 
-HF_MODELS = {
+_HF_BUILDERS = {
     "llama-gqa": lambda: llama(seed=1, rope_theta=100000.0),           # 4 heads over 2 kv heads, untied
     "llama-tied": lambda: llama(seed=2, num_key_value_heads=1, tie_word_embeddings=True),
     "gpt2": lambda: gpt2(seed=3),
 }
 
 
-@pytest.fixture(scope="module", params=sorted(HF_MODELS))
+@functools.cache
+def hf_model(name: str):
+    # built once per session: nothing below mutates an HF model (generate only reads it)
+    return _HF_BUILDERS[name]()
+
+
+@pytest.fixture(scope="module", params=sorted(_HF_BUILDERS))
 def hf(request):
-    return HF_MODELS[request.param]()
+    return hf_model(request.param)
 
 
 def make(hf_model, mode: str, batch: int):
@@ -81,33 +88,32 @@ def test_prefill_then_decode_matches_full_recompute(hf, mode):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
-@pytest.mark.parametrize("mode", ["export", "torch"])
-def test_greedy_32_tokens_equal_hf_generate(name, mode):
-    hf_model = HF_MODELS[name]()
+def test_greedy_32_tokens_equal_hf_generate(name):
+    hf = hf_model(name)
     prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
-    gen_cfg = copy.deepcopy(hf_model.generation_config)
+    gen_cfg = copy.deepcopy(hf.generation_config)
     gen_cfg.eos_token_id = None                     # a random model may emit EOS: compare all 32 tokens
     gen_cfg.pad_token_id = 0
-    want = hf_model.generate(prompt, generation_config=gen_cfg, max_new_tokens=32, do_sample=False,
-                             use_cache=True)[0, 5:].tolist()
-    _, step = make(hf_model, mode, batch=1)
-    out = []
-    with torch.no_grad():
-        logits = step(prompt, i32(0), i64(4))
-        for t in range(32):
-            tok = int(logits.argmax(-1))
-            out.append(tok)
-            logits = step(i64(tok)[None], i32(5 + t), i64(0))
+    want = hf.generate(prompt, generation_config=gen_cfg, max_new_tokens=32, do_sample=False,
+                       use_cache=True)[0, 5:].tolist()
     assert len(want) == 32
-    assert out == want
+    for mode in ("export", "torch"):
+        _, step = make(hf, mode, batch=1)
+        out = []
+        with torch.no_grad():
+            logits = step(prompt, i32(0), i64(4))
+            for t in range(32):
+                tok = int(logits.argmax(-1))
+                out.append(tok)
+                logits = step(i64(tok)[None], i32(5 + t), i64(0))
+        assert out == want, f"mode={mode}"
 
 
 def test_torch_mode_compiles_fullgraph_for_decode():
     # aot_eager: dynamo must trace the decode step without a graph break (in-place cache writes included)
     # and functionalise it, without paying for inductor's C++ build on the CI machine
-    hf_model = HF_MODELS["llama-gqa"]()
-    d, _ = make(hf_model, "torch", batch=2)
-    ref, _ = make(hf_model, "torch", batch=2)
+    d, _ = make(hf_model("llama-gqa"), "torch", batch=2)
+    ref, _ = make(hf_model("llama-gqa"), "torch", batch=2)
     fn = torch.compile(d, backend="aot_eager", fullgraph=True)
     prompt = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -123,9 +129,8 @@ def test_torch_mode_compiles_fullgraph_for_decode():
 
 @pytest.mark.slow
 def test_torch_mode_reduce_overhead_compile():
-    hf_model = HF_MODELS["llama-gqa"]()
-    d, _ = make(hf_model, "torch", batch=1)
-    ref, _ = make(hf_model, "torch", batch=1)
+    d, _ = make(hf_model("llama-gqa"), "torch", batch=1)
+    ref, _ = make(hf_model("llama-gqa"), "torch", batch=1)
     fn = torch.compile(d, mode="reduce-overhead", fullgraph=True)
     with torch.no_grad():
         for t in range(3):
@@ -135,7 +140,7 @@ def test_torch_mode_reduce_overhead_compile():
 
 @pytest.fixture(scope="module")
 def exported():
-    d = Decoder.from_hf(HF_MODELS["llama-gqa"]())
+    d = Decoder.from_hf(hf_model("llama-gqa"))
     return d, {ph: export_decoder(d, ph, batch=None, max_batch=4, max_seq=MAX_SEQ) for ph in ("prefill", "decode")}
 
 
@@ -193,7 +198,7 @@ def test_export_imports_and_interprets_like_torch(exported, phase):
 
 def test_from_hf_config_and_errors():
     import transformers
-    cfg = DecoderConfig.from_hf(HF_MODELS["llama-tied"]().config)
+    cfg = DecoderConfig.from_hf(hf_model("llama-tied").config)
     assert (cfg.arch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.tie_embeddings) == ("llama", 4, 1, 16, True)
     assert DecoderConfig.from_hf(transformers.GPT2Config()) == PRESETS["gpt2-124m"]
     smol = transformers.LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
