@@ -61,19 +61,23 @@ WINDOW = 256
 # ops whose numpy reference is too slow to score a 135M model with: quant.linear_a8's reference is an
 # int32 matmul, which numpy runs without BLAS (minutes per window batch)
 TVM_OPS = {"quant.linear_a8"}
-# int4 group: issue 4 asks for g128, but SmolLM2's hidden size K=576 is not a multiple of 128 (4.5 groups)
-INT4_GROUP_WANTED = 128
-INT4_GROUP_FALLBACK = 64
-
-# row name -> (pipeline with {G} for the int4 group, module registering its pass)
+# row name -> (pipeline, module registering its pass)
 ROWS = {
     "baseline": (None, None),
     "int8": ("quantize{bits=8}", "llmasos.passes.quantize"),
     "w8a8": ("w8a8", "llmasos.passes.quantize"),
     "w8a8-smooth": ("w8a8{smooth=true}", "llmasos.passes.quantize"),
-    "int4-rtn": ("quantize{bits=4,group={G},method=rtn}", "llmasos.passes.quantize"),
-    "int4-gptq": ("quantize{bits=4,group={G},method=gptq}", "llmasos.passes.quantize"),
-    "int4-awq": ("quantize{bits=4,group={G},method=awq}", "llmasos.passes.quantize"),
+    # issue 4's int4 rows: group 128, which leaves SmolLM2's K=576 a ragged last group of 64 columns
+    "int4-g128-rtn": ("quantize{bits=4,group=128,method=rtn}", "llmasos.passes.quantize"),
+    "int4-g128-gptq": ("quantize{bits=4,group=128,method=gptq}", "llmasos.passes.quantize"),
+    "int4-g128-awq": ("quantize{bits=4,group=128,method=awq}", "llmasos.passes.quantize"),
+    "int4-g128-asym-rtn": ("quantize{bits=4,group=128,sym=false,method=rtn}", "llmasos.passes.quantize"),
+    "int4-g128-asym-gptq": ("quantize{bits=4,group=128,sym=false,method=gptq}", "llmasos.passes.quantize"),
+    "int4-g128-asym-awq": ("quantize{bits=4,group=128,sym=false,method=awq}", "llmasos.passes.quantize"),
+    # group 64 divides every SmolLM2 K: the int4 rows of the earlier tables, kept comparable
+    "int4-g64-rtn": ("quantize{bits=4,group=64,method=rtn}", "llmasos.passes.quantize"),
+    "int4-g64-gptq": ("quantize{bits=4,group=64,method=gptq}", "llmasos.passes.quantize"),
+    "int4-g64-awq": ("quantize{bits=4,group=64,method=awq}", "llmasos.passes.quantize"),
     # SmolLM2 ships as GGUF Q4_1 (asymmetric 4-bit, blocks of 32): its float weights already lie on such a
     # grid, so this row shows how much of int4's loss is a grid mismatch rather than lost information
     "int4-g32-asym-rtn": ("quantize{bits=4,group=32,sym=false,method=rtn}", "llmasos.passes.quantize"),
@@ -100,19 +104,6 @@ def pick_methods(spec: str) -> list:
     if bad or not names:
         raise SystemExit(f"unknown --methods {bad or spec!r}; rows are: {', '.join(ROWS)}")
     return names
-
-
-def int4_group(graph) -> tuple:
-    """(group, note): INT4_GROUP_WANTED when the quantize pass accepts it on this graph, else the fallback."""
-    from llmasos.passes.base import PassError
-    from llmasos.passes.quantize import Quantize, _check_k, gemm_targets
-    q = Quantize(bits=4, group=INT4_GROUP_WANTED)
-    try:
-        _check_k(q, gemm_targets(graph, q.exclude), q.group, q.bits)  # the pass's own pre-check, no work
-    except PassError as e:
-        return INT4_GROUP_FALLBACK, (f"int4 rows use group={INT4_GROUP_FALLBACK}, not {INT4_GROUP_WANTED}: "
-                                     f"the quantize pass refuses {INT4_GROUP_WANTED} here ({e})")
-    return INT4_GROUP_WANTED, None
 
 
 def main(args) -> dict:
@@ -146,17 +137,12 @@ def main(args) -> dict:
         except Exception as e:  # a pass still being written: its rows report the error
             modules[mod] = f"{type(e).__name__}: {e}"
     notes = []
-    group = INT4_GROUP_WANTED
-    if any(n.startswith("int4") for n in methods) and modules["llmasos.passes.quantize"] is None:
-        group, note = int4_group(graph)
-        if note:
-            notes.append(note)
 
     doc = {"model": "SmolLM2-135M-Instruct (llmasos.zoo.load_smollm2, f32)",
            "corpus": "Lee background corpus (gensim), eval_text(): first 80% of the articles",
            "eval_windows": len(windows), "window": WINDOW, "eval_tokens_predicted": int(len(windows) * (WINDOW - 1)),
            "calib_batches": len(calib_ids), "calib_tokens": calib.tokens, "threads": args.threads,
-           "int4_group": group, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
            "evaluator": "per row: torch = perplexity(graph) through GraphModule (numpy reference for quant.linear "
                         "/ quant.dequant); tvm-cpu = perplexity(llmasos.backends.tvm.build(graph, 'cpu'))",
            "notes": notes, "rows": []}
@@ -165,7 +151,6 @@ def main(args) -> dict:
         methods = ["baseline"] + methods
     for name in methods:
         pipeline, mod = ROWS[name]
-        pipeline = pipeline.replace("{G}", str(group)) if pipeline else None
         row = {"name": name, "pipeline": pipeline}
         log(f"{name}: {pipeline or '(no passes)'} ...")
         if mod and modules[mod]:

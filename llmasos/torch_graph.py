@@ -457,16 +457,19 @@ def _q_codes(q, bits: int):
     return q.float()
 
 
-def _q_expand(p, n: int, k: int):
+def _q_expand(p, n: int, k: int, group: int):
+    """[N|1, G|1] -> [N, K], column k reading group k // group (G = ceil(K / group): a ragged last group)."""
     p = p.float()
-    return (p.repeat_interleave(k // p.shape[1], dim=1) if p.shape[1] > 1 else p).expand(n, k)
+    if p.shape[1] == 1:
+        return p.expand(n, k)
+    return p[:, torch.arange(k, device=p.device) // group].expand(n, k)
 
 
 @register_torch_impl("quant.dequant")
 def _q_dequant(qweight, scale, zero, *, bits, group):
     q = _q_codes(qweight, bits)
     n, k = q.shape
-    return ((q - _q_expand(zero, n, k)) * _q_expand(scale, n, k)).to(scale.dtype)
+    return ((q - _q_expand(zero, n, k, group)) * _q_expand(scale, n, k, group)).to(scale.dtype)
 
 
 @register_torch_impl("quant.linear")

@@ -18,7 +18,7 @@ from .gptq import check_bits_group, check_vector, check_weight, dequantize, rtn_
 
 
 def _rtn_roundtrip(w: np.ndarray, bits: int, group: int, sym: bool) -> np.ndarray:
-    return dequantize(*rtn_quantize(w, bits, group, sym))
+    return dequantize(*rtn_quantize(w, bits, group, sym), group=group)
 
 
 def awq_scales(w, act_abs_mean, x_sample, bits: int, group: int, sym: bool, grid: int = 20) -> np.ndarray:

@@ -8,6 +8,8 @@ pending lazy update of the group's columns outside the current block is applied 
 straddles a block boundary sees the same values as one inside a block). With ``act_order`` columns go in
 order of decreasing H_jj and the group parameters are fixed upfront on contiguous groups of the original
 weight (the reference's ``static_groups``), so that ``scale``/``zero`` stay indexed by contiguous groups.
+Groups need not divide K: there are G = ceil(K / group) of them, column k in group k // group, the last one
+shorter (every slice below simply stops at K).
 
 Also holds the plain round-to-nearest quantizer both GPTQ's baseline and AWQ's inner loop use.
 """
@@ -49,13 +51,12 @@ def check_square(h, k: int, fn: str, name: str) -> np.ndarray:
 
 
 def check_bits_group(bits, group, k: int, fn: str) -> int:
-    """Returns the group size actually used (K for per-channel)."""
+    """Returns the group size actually used (K for per-channel); a group that does not divide K leaves a
+    shorter last group."""
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"{fn}: bits must be one of {list(BITS)}, got {bits!r}")
     if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 0:
         raise ValueError(f"{fn}: group must be an int >= 0 (0 = per-channel), got {group!r}")
-    if group and k % group:
-        raise ValueError(f"{fn}: group {group} does not divide the input size K={k}")
     return int(group) or k
 
 
@@ -96,23 +97,35 @@ def rtn_quantize(w, bits: int, group: int, sym: bool):
     w = check_weight(w, "rtn_quantize")
     n, k = w.shape
     gs = check_bits_group(bits, group, k, "rtn_quantize")
-    wg = w.astype(np.float64).reshape(n, k // gs, gs)
-    scale, zero = quant_params(wg.reshape(-1, gs), bits, sym)
-    scale, zero = scale.reshape(n, k // gs), zero.reshape(n, k // gs)
-    q = quant_codes(wg, scale[..., None], zero[..., None], bits, sym).reshape(n, k)
+    w = w.astype(np.float64)
+    ng = -(-k // gs)
+    scale, zero = np.zeros((n, ng)), np.zeros((n, ng))
+    for g in range(ng):  # per group, so a ragged last group needs no padding that would move its range
+        scale[:, g], zero[:, g] = quant_params(w[:, g * gs:(g + 1) * gs], bits, sym)
+    col = np.arange(k) // gs
+    q = quant_codes(w, scale[:, col], zero[:, col], bits, sym)
     return q.astype(_code_dtype(sym)), scale.astype(np.float32), zero.astype(np.float32)
 
 
-def dequantize(q, scale, zero) -> np.ndarray:
-    """(q - zero) * scale with scale/zero [N, G] applied to contiguous groups of K // G columns."""
+def dequantize(q, scale, zero, group: int = None) -> np.ndarray:
+    """(q - zero) * scale with scale/zero [N, G] applied to contiguous groups of ``group`` columns, the
+    last one possibly shorter (G = ceil(K / group)). ``group=None``: K // G, which needs G to divide K --
+    a ragged layout is ambiguous without its group size (K=576, G=5 could be groups of 116 .. 143)."""
     q = np.asarray(q)
     scale, zero = np.asarray(scale), np.asarray(zero)
     n, k = q.shape
     g = scale.shape[1]
-    if scale.shape != (n, g) or zero.shape != (n, g) or k % g:
+    if scale.shape != (n, g) or zero.shape != (n, g):
         raise ValueError(f"dequantize: scale {scale.shape} / zero {zero.shape} do not fit codes {q.shape}")
-    qg = q.astype(np.float64).reshape(n, g, k // g)
-    return ((qg - zero[..., None].astype(np.float64)) * scale[..., None].astype(np.float64)).reshape(n, k)
+    if group is None:
+        if k % g:
+            raise ValueError(f"dequantize: {g} groups do not divide K={k}; pass the group size of a ragged layout")
+        group = k // g
+    gs = int(group) or k
+    if g != -(-k // gs):
+        raise ValueError(f"dequantize: scale has {g} groups, but K={k} in groups of {gs} makes {-(-k // gs)}")
+    col = np.arange(k) // gs
+    return (q.astype(np.float64) - zero[:, col].astype(np.float64)) * scale[:, col].astype(np.float64)
 
 
 def _upper_chol_of_inverse(h: np.ndarray, fn: str) -> np.ndarray:
@@ -154,8 +167,8 @@ def gptq_quantize(w, hessian, bits: int, group: int, sym: bool, damp: float = 0.
     """GPTQ-quantize w [N, K] given the Hessian proxy [K, K] (mean of x^T x over calibration rows).
 
     Returns (q [N, K] int8 codes in [-2^(b-1), 2^(b-1)-1] if sym else uint8 in [0, 2^b-1],
-    scale f32 [N, G], zero f32 [N, G]) with G = K // group (1 if group == 0);
-    dequantized weight = (q - zero) * scale on contiguous groups of K // G columns.
+    scale f32 [N, G], zero f32 [N, G]) with G = ceil(K / group) (1 if group == 0);
+    dequantized weight = (q - zero) * scale on contiguous groups of ``group`` columns, the last one ragged.
     """
     fn = "gptq_quantize"
     w = check_weight(w, fn)
@@ -164,7 +177,7 @@ def gptq_quantize(w, hessian, bits: int, group: int, sym: bool, damp: float = 0.
     block = check_block(block, fn)
     h = check_square(hessian, k, fn, "hessian")
     W, H, _ = prepare_hessian(w, h, damp, fn)
-    ngroups = k // gs
+    ngroups = -(-k // gs)
     scale = np.zeros((n, ngroups))
     zero = np.zeros((n, ngroups))
 
@@ -192,8 +205,9 @@ def gptq_quantize(w, hessian, bits: int, group: int, sym: bool, damp: float = 0.
             g = group_of[col]
             if not act_order and col % gs == 0:
                 cols = W1[:, i:i + gs]
-                if col + gs > i2:   # the group runs past this block: bring those columns up to date
-                    rest = W[:, i2:col + gs] - Err1[:, :i] @ U[i1:col, i2:col + gs]
+                end = min(col + gs, k)   # a ragged last group stops at K
+                if end > i2:   # the group runs past this block: bring those columns up to date
+                    rest = W[:, i2:end] - Err1[:, :i] @ U[i1:col, i2:end]
                     cols = np.concatenate([cols, rest], axis=1)
                 scale[:, g], zero[:, g] = quant_params(cols, bits, sym)
             wc = W1[:, i]

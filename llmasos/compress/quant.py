@@ -1,8 +1,10 @@
 """Round-to-nearest weight quantization and the packed storage every quantizer of ours shares.
 
 Convention (RTN here, GPTQ/AWQ/SmoothQuant in their own files): a weight W [N, K] (rows = output
-features) is cut along K into G groups of ``group`` columns (``group=0``: one group, per channel; per
-tensor: one scale for everything, shape [1, 1]). Each group has a ``scale`` and a ``zero`` (f32, [N, G]) and
+features) is cut along K into G = ceil(K / group) groups of ``group`` columns, the last one shorter when
+``group`` does not divide K (K - (G-1) * group columns: SmolLM2's K = 576 is 4.5 groups of 128, so 4 full
+groups and one of 64); ``group=0``: one group, per channel; per tensor: one scale for everything, shape
+[1, 1]. Column k belongs to group k // group. Each group has a ``scale`` and a ``zero`` (f32, [N, G]) and
 
     W ~= (q - zero) * scale                     (broadcast over the group's columns)
 
@@ -26,10 +28,9 @@ def check_options(bits: int, group: int, k: int = None, per_tensor: bool = False
         raise ValueError(f"group={group} must be 0 (per channel) or a positive group size")
     if per_tensor and group:
         raise ValueError(f"per_tensor quantization has one scale for the whole tensor; group={group} contradicts it")
-    if k is not None and group and k % group:
-        raise ValueError(f"group={group} does not divide the {k} input features")
     if k is not None and bits == 4 and k % 2:
-        raise ValueError(f"bits=4 packs two codes per byte along K, which needs an even K, got {k}")
+        raise ValueError(f"bits=4 packs two codes per byte along K, which needs an even K, got {k} "
+                         f"(a ragged last group is fine, an odd K is not)")
 
 
 def qrange(bits: int, sym: bool) -> tuple[int, int]:
@@ -37,27 +38,30 @@ def qrange(bits: int, sym: bool) -> tuple[int, int]:
 
 
 def num_groups(k: int, group: int) -> int:
-    return 1 if group == 0 else k // group
+    """G = ceil(K / group): the last group is ragged when group does not divide K."""
+    return 1 if group == 0 else -(-k // group)
 
 
-def _grouped(w: np.ndarray, group: int) -> np.ndarray:
-    n, k = w.shape
-    return w.reshape(n, num_groups(k, group), k if group == 0 else group)
+def _group_reduce(ufunc, w: np.ndarray, group: int) -> np.ndarray:
+    """ufunc over each group's columns of w [N, K] -> [N, G]; reduceat takes the ragged last group as is."""
+    starts = np.arange(0, w.shape[1], group) if group else np.zeros(1, np.intp)
+    return ufunc.reduceat(w, starts, axis=1)
 
 
 def quant_params(w: np.ndarray, bits: int, group: int, sym: bool, per_tensor: bool = False):
     """(scale, zero) [N, G] (or [1, 1] per tensor) of round-to-nearest for w [N, K], f32."""
     w = np.asarray(w, np.float32)
     check_options(bits, group, w.shape[1], per_tensor)
-    wg = w.reshape(1, 1, -1) if per_tensor else _grouped(w, group)
+    if per_tensor:
+        w, group = w.reshape(1, -1), 0
     lo, hi = qrange(bits, sym)
     if sym:
-        amax = np.abs(wg).max(axis=-1)
+        amax = _group_reduce(np.maximum, np.abs(w), group)
         scale = amax / hi
         zero = np.zeros_like(scale)
     else:
-        wmin = np.minimum(wg.min(axis=-1), 0.0)
-        wmax = np.maximum(wg.max(axis=-1), 0.0)
+        wmin = np.minimum(_group_reduce(np.minimum, w, group), 0.0)
+        wmax = np.maximum(_group_reduce(np.maximum, w, group), 0.0)
         scale = (wmax - wmin) / (hi - lo)
         zero = np.where(scale > 0, -wmin / np.where(scale > 0, scale, 1.0), 0.0)
     # an all-zero group gets scale 1 (its codes are all zero): no division by zero, exact reconstruction
@@ -82,12 +86,17 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool, per_tensor: bo
 
 
 def expand(p: np.ndarray, shape: tuple, group: int) -> np.ndarray:
-    """A per-group [N|1, G|1] array broadcast to the weight's [N, K]."""
+    """A per-group [N|1, G|1] array broadcast to the weight's [N, K]: column k takes group k // group
+    (G = ceil(K / group), so a ragged last group reads the last column of p)."""
     n, k = shape
     p = np.asarray(p, np.float32)
     g = p.shape[1]
-    cols = np.repeat(p, k // g, axis=1) if g > 1 else p
-    return np.broadcast_to(cols, (n, k))
+    if g == 1:
+        return np.broadcast_to(p, (n, k))
+    if g != num_groups(k, group):
+        raise ValueError(f"per-group parameters of shape {list(p.shape)} do not fit K={k} with group={group}: "
+                         f"expected G = ceil(K / group) = {num_groups(k, group)} columns")
+    return np.broadcast_to(p[:, np.arange(k) // group], (n, k))
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int = 8, group: int = 0) -> np.ndarray:

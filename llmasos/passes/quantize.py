@@ -18,8 +18,9 @@ moves most there), and in small models it is often tied to the embedding table, 
 -- quantizing it would keep both copies.
 
 Options are checked when the pass is built (bits, group, method, dtype combinations) and against the
-graph before any weight is touched (K divisible by the group, for every GEMM), so a bad pipeline fails
-before minutes of GPTQ.
+graph before any weight is touched (int4: an even K, for every GEMM), so a bad pipeline fails before
+minutes of GPTQ. ``group`` need not divide K: a weight gets G = ceil(K / group) groups, the last one
+shorter (SmolLM2's K = 576 at group 128: four groups of 128 and one of 64).
 
 GPTQ / AWQ / SmoothQuant read calibration statistics (require_calibration + gemm_stats); their numerics
 live in llmasos/compress/{gptq,awq,smoothquant}.py. AWQ and SmoothQuant scale W's input columns by s
@@ -188,14 +189,13 @@ def divide_input(g: Graph, group: list, s: np.ndarray) -> None:
 
 
 def _check_k(pass_, nodes, group: int, bits: int) -> None:
+    # a group that does not divide K is fine (G = ceil(K / group), the last group shorter); an odd K is
+    # not for int4, whose codes pack two per byte along K
     for n in nodes:
         k = n.inputs[1].type.shape[1 if _TARGETS[n.op] == "nk" else 0]
-        if group and k % group:
-            raise PassError(str(pass_), f"group={group} does not divide the weight's K={k} input features "
-                                        f"(%{n.inputs[1].name}); use a group that divides it, or exclude it", n)
         if bits == 4 and k % 2:
-            raise PassError(str(pass_), f"bits=4 packs two codes per byte and needs an even K, got K={k} "
-                                        f"(%{n.inputs[1].name})", n)
+            raise PassError(str(pass_), f"bits=4 packs two codes per byte along K and needs an even K, got K={k} "
+                                        f"(%{n.inputs[1].name}); use bits=8 or exclude it", n)
 
 
 @register_pass("quantize")

@@ -106,3 +106,40 @@ def test_cuda_target_compiles_quantized_gemms():
     g.set_outputs([*g.outputs, a8])
     spec = resolve_target("cuda")
     compile_module(lower(g, spec), spec)
+
+
+def test_ragged_last_group_k576_matches_interpreter():
+    """SmolLM2's K=576 at group 128: G = 5 scale columns, the last group 64 wide. CPU panel kernel (f32
+    activations: int4 sym + bias, int4 asym, int8 g128) and the generic dequant+GEMM (f16) in one build."""
+    k, n = 576, 40
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[:, 512:] *= 0.01  # a quiet ragged group: wrong scale columns there would show as a large error
+    bias = rng.standard_normal(n).astype(np.float32)
+    g = Graph("ragged")
+    g.add_symbol("s", 1, 32)
+    x32 = g.add_input("x", TensorType((2, sym("s"), k), DType.f32))
+    x16 = g.add_input("x16", TensorType((sym("s"), k), DType.f16))
+    outs = []
+    for i, (x, bits, symm, has_bias) in enumerate([(x32, 4, True, True), (x32, 4, False, False),
+                                                  (x32, 8, True, False), (x16, 4, False, True)]):
+        q, s, z = quantize_rtn(w, bits, 128, symm)
+        assert s.shape == (n, 5)
+        codes, z = storage(q, z, bits, symm)
+        ins = [x, g.add_param(f"q{i}", codes), g.add_param(f"s{i}", s), g.add_param(f"z{i}", z)]
+        if has_bias:
+            ins.append(g.add_param(f"b{i}", bias.astype(x.type.dtype.numpy)))
+        outs.append(g.add_node("quant.linear", ins, {"bits": bits, "group": 128}))
+    g.set_outputs(outs)
+    exe = build(g, "cpu")
+    xv = rng.standard_normal((2, 5, k)).astype(np.float32)
+    x16v = xv[0].astype(np.float16)
+    got, want = exe(xv, x16v), run(g, [xv, x16v])
+    for i, (o, r) in enumerate(zip(got, want)):
+        o, r = o.astype(np.float32), r.astype(np.float32)
+        tol = 2e-3 if i == 3 else 1e-4
+        np.testing.assert_allclose(o, r, rtol=tol, atol=tol * np.abs(r).max(), err_msg=str(i))
+    # the quiet last group keeps its own small scale (not one shared with a loud full group)
+    s = quantize_rtn(w, 4, 128, True)[1]
+    assert np.all(s[:, 4] < 0.02 * s[:, :4].min(axis=1))
+    assert np.abs(want[1] - xv @ w.T).max() <= 0.25 * np.abs(xv @ w.T).max()

@@ -7,7 +7,9 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 * CPU (``llmasos-cpu`` schedule, f32 activations, parameter weights): the codes, scales and zeros are
   repacked once at load (param-only Relax ops, hoisted into main_transform_params) into NR-column panels
   like lowering._panel_matmul's, still as bytes: codes [P, K, NR] (4-bit: [P, K/2, NR] packed; fp8 codes
-  as fp8), scales and zeros [P, G, NR]. One kernel, panels in parallel: each thread unpacks and
+  as fp8), scales and zeros [P, G, NR] with G = ceil(K / group): the kernels index group k // group, which
+  also covers a ragged last group (K = 576, group 128: G = 5, the last of 64 columns), and panels split
+  N only, never K. One kernel, panels in parallel: each thread unpacks and
   dequantizes its panel once into an f32 [K, NR] scratch buffer (L2-sized: 73 KB at K=576, 196 KB at
   K=1536), then runs cpu_schedule.Matmul's MR x NR register-tiled GEMM over every row tile from it. So
   the dequant costs K*NR operations per panel and call, whatever the row count, and resident weights stay
@@ -40,7 +42,7 @@ def _layout(node):
     n, kq = qt.shape
     k = kq * 2 if bits == 4 else kq
     per_tensor = tuple(st.shape) == (1, 1)
-    g = 1 if group == 0 else k // group
+    g = 1 if group == 0 else -(-k // group)  # ragged last group: G = ceil(K / group), column k in k // group
     return n, k, bits, group, g, per_tensor
 
 
@@ -148,7 +150,7 @@ def _cpu_quant_linear(ctx, node, args):
 
 def _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
     kq = k // 2 if bits == 4 else k
-    gsh = (1, 1) if per_tensor else (p, 1 if group == 0 else k // group, nr)
+    gsh = (1, 1) if per_tensor else (p, 1 if group == 0 else -(-k // group), nr)
     x = te.placeholder((m, k), "float32", name="x")
     codes = te.placeholder((p, kq, nr), code_dtype, name="codes")
     scale = te.placeholder(gsh, "float32", name="scale")

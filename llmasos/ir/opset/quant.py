@@ -4,7 +4,8 @@ GEMM (llmasos/backends/tvm/lowering_quant.py).
 
 * ``quant.dequant(qweight, scale, zero){bits, group}`` -> [N, K] in scale's dtype:
   ``(code - zero) * scale``, scale/zero [N, G] (or [1, 1], one for the whole tensor) broadcast over
-  groups of ``group`` columns (``group=0``: G=1, per channel). Storage of the codes:
+  groups of ``group`` columns: column k reads group k // group, G = ceil(K / group), so when ``group``
+  does not divide K the last group is shorter (``group=0``: G=1, per channel). Storage of the codes:
 
   - ``bits=8``: i8 [N, K] (symmetric, zero = 0), u8 [N, K] (asymmetric) or f8e4m3 [N, K] (fp8
     weight-only: the code is the fp8 value);
@@ -43,20 +44,21 @@ def _check_codes(op: str, qweight: TensorType, bits: int, group: int):
     if group < 0:
         raise ValueError(f"{op}: group={group} must be 0 (per channel) or a positive group size")
     n, k = qweight.shape[0], _k_of(qweight, bits)
-    if group and (not isinstance(k, int) or k % group):
-        raise ValueError(f"{op}: group={group} does not divide K={k}")
+    if group and not isinstance(k, int):  # G = ceil(K / group) sizes the scales: it must be a number
+        raise ValueError(f"{op}: group={group} needs a static K, got K={k}")
     return n, k
 
 
 def _check_scales(op: str, n, k, group: int, scale: TensorType, zero: TensorType) -> None:
-    g = 1 if group == 0 else k // group
+    g = 1 if group == 0 else -(-k // group)  # ceil: a ragged last group has its own scale column
     if not scale.dtype.is_float or scale.dtype is DType.f8e4m3:
         raise ValueError(f"{op}: scale must be f32, f16 or bf16, got {scale}")
     if zero.dtype is not scale.dtype:
         raise ValueError(f"{op}: zero must have scale's dtype {scale.dtype}, got {zero}")
     per_tensor = scale.rank == 2 and scale.shape[0] == 1 and scale.shape[1] == 1
     if not per_tensor and (scale.rank != 2 or not dims_equal(scale.shape[0], n) or not dims_equal(scale.shape[1], g)):
-        raise ValueError(f"{op}: scale must be [N, G] = [{n}, {g}] (K={k}, group={group}) or [1, 1], got {scale}")
+        raise ValueError(f"{op}: scale must be [N, G] = [{n}, {g}] (K={k}, group={group}, G = ceil(K / group)) "
+                         f"or [1, 1], got {scale}")
     if zero.shape != scale.shape:
         raise ValueError(f"{op}: zero must have scale's shape {list(scale.shape)}, got {zero}")
 
