@@ -255,6 +255,19 @@ def _elementwise(*xs, expr):
     return _eval(parse_expr(expr), list(xs), _apply)
 
 
+# -- KV cache ---------------------------------------------------------------------------------------
+def _kv_op(name: str):
+    def run(*xs, **attrs):
+        # registers torch.ops.llmasos; imported on first use so importing this module never pulls in the llm package
+        from .llm import ops  # noqa: F401
+        return getattr(torch.ops.llmasos, name)(*xs, **attrs)
+    return run
+
+
+register_torch_impl("kv.append", _kv_op("kv_append"))
+register_torch_impl("kv.attention", _kv_op("kv_attention"))
+
+
 # -- the module -------------------------------------------------------------------------------------
 def _attr_name(name: str, taken: set) -> str:
     base = "p_" + re.sub(r"[^A-Za-z0-9_]", "_", name)

@@ -570,6 +570,25 @@ class _Builder:
         self.node(op, [x, codes, scale, zero] + ([bias] if bias is not None else []), attrs)
         return True
 
+    # -- KV cache -------------------------------------------------------------------------------
+    def b_kv(self, op: str):
+        """Fresh caches, kept out of the pool: the TVM backend appends into a cache input in place, so a
+        cache input read by anything else would see the append. pos is a constant, in range."""
+        dt = self.choice(FLOATS)
+        b, hkv, t, d = self.integer(1, 3), self.integer(1, 2), self.integer(1, 3), self.integer(1, 4)
+        m = t + self.integer(0, 3)
+        pos = self.const((b,), self.choice((DType.i32, DType.i64)), 0, m - t + 1)
+
+        def cache(kind: str) -> Value:
+            return self.g.add_input(self.unused(kind), TensorType((b, hkv, m, d), dt))
+
+        if op == "kv.append":
+            self.node(op, [cache("k_cache"), self.input((b, hkv, t, d), dt), pos])
+        else:
+            q = self.input((b, hkv * self.choice((1, 2)), t, d), dt)
+            self.node(op, [q, cache("k_cache"), cache("v_cache"), pos], {"scale": self.choice((0.5, 1.0))})
+        return True
+
     def b_add_norm(self, op: str):
         x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= 1)
         if x is None:
@@ -651,6 +670,7 @@ OP_BUILDERS = {
     "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.linear_glu": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
     "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant",
+    "kv.append": "b_kv", "kv.attention": "b_kv",
 }
 OPS = tuple(sorted(OP_BUILDERS))
 

@@ -297,6 +297,13 @@ def _all_ops_cases() -> Cases:
     q16, z16 = storage(q16, z16, 4, True)
     c.node("f16/quant.linear", "quant.linear", [h, c.param("q16", q16), c.param("qs16", s16), c.param("qz16", z16)],
            {"bits": 4, "group": 8})
+    # KV cache: caches are fresh inputs read only by their kv op (kv.append writes into its cache in place)
+    kpos = c.inp("kv_pos", (n,), I32, "int", (0, 6))  # M=8, T=3: positions 0..5 keep all tokens in the cache
+    c.node("kv.append", "kv.append", [c.inp("kv_cache", (n, 2, 8, 4), F32), c.inp("kv_new", (n, 2, 3, 4), F32), kpos])
+    c.node("kv.attention/gqa", "kv.attention", [c.inp("kv_q", (n, 4, 3, 4), F32), c.inp("kv_k", (n, 2, 8, 4), F32),
+                                                c.inp("kv_v", (n, 2, 8, 4), F32), kpos], {"scale": 0.5})
+    c.node("f16/kv.attention", "kv.attention", [c.inp("kv_q16", (n, 2, 1, 4), F16), c.inp("kv_k16", (n, 2, 8, 4), F16),
+                                                c.inp("kv_v16", (n, 2, 8, 4), F16), kpos], {"scale": 0.5})
     c.g.set_outputs(c.outputs)
     return c
 

@@ -760,6 +760,26 @@ def test_fused_elementwise(data):
     check(got, want, tol=None if dt is DType.f32 else 8 * TOL[dt], what=text)
 
 
+# -- KV cache ------------------------------------------------------------------------------------
+@covers("kv.append", "kv.attention")
+@given(data=st.data())
+def test_kv_append_and_attention(data):
+    from llmasos.llm import ops  # noqa: F401  (registers torch.ops.llmasos)
+    dt = data.draw(FLOATS, label="dtype")
+    b, hkv, rep = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 2, 4]))
+    t, d = data.draw(st.integers(1, 4), label="T"), data.draw(st.integers(1, 5), label="D")
+    m = t + data.draw(st.integers(0, 4), label="M - T")
+    rng = np.random.default_rng(data.draw(SEEDS))
+    pos = rng.integers(0, m - t + 1, b).astype(data.draw(st.sampled_from([np.int32, np.int64]), label="pos"))
+    cache, new = rand(rng, (b, hkv, m, d), dt), rand(rng, (b, hkv, t, d), dt)
+    (appended,) = run_op("kv.append", [cache, new, pos])
+    check(appended, torch.ops.llmasos.kv_append(T(cache), T(new), T(pos)), tol=0.0, what="kv.append")
+    q, vc = rand(rng, (b, hkv * rep, t, d), dt), rand(rng, (b, hkv, m, d), dt)
+    scale = data.draw(st.sampled_from([0.125, 0.5, 1.0]), label="scale")
+    (got,) = run_op("kv.attention", [q, appended, vc, pos], {"scale": scale})
+    check(got, torch.ops.llmasos.kv_attention(T(q), T(appended), T(vc), T(pos), scale), what="kv.attention")
+
+
 # -- coverage ------------------------------------------------------------------------------------
 def test_every_op_has_a_torch_test():
     # ops that test modules register for themselves (tests/backends registers 'test_square') are theirs
