@@ -107,6 +107,9 @@ def _walk_back(g: Graph, v, pass_name: str):
         seen.add(id(n))
         if n.op in _FUSED_GEMMS or n.op.startswith("fused."):
             raise _fused_error(pass_name, n)
+        if n.op.startswith("quant."):  # its codes / scales are laid out per output row group: not sliced here
+            raise PassNotApplicable(pass_name, "the attention projections are already quantized: prune-heads must "
+                                               "run before quantize in the pipeline", n)
         if n.op in _GEMMS:
             w = n.inputs[1]
             if w.producer is not None and w.producer.op == "concat" and all(_is_param(g, i) for i in w.producer.inputs):

@@ -216,3 +216,9 @@ def test_head_group_scores_numerics():
     assert list(channel_index(2, 2, 3, [1])) == [2, 3, 6, 7, 10, 11]
     with pytest.raises(ValueError, match="not a multiple of groups=3"):
         head_group_scores(w_out, 3)
+
+
+def test_quantized_graph_is_refused_with_the_reason():
+    g = PassManager("quantize{bits=8}").run(tiny_gpt2_graph())
+    with pytest.raises(PassNotApplicable, match="prune-heads must run before quantize"):
+        PassManager("prune-heads").run(g)
