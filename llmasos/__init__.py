@@ -2,6 +2,9 @@
 
     cm = llmasos.compile(model, target="cpu", example_inputs=(ids,))
     out = cm(ids); print(cm.ir); cm.save("m.llmasos"); cm2 = llmasos.load("m.llmasos")
+
+    lm = llmasos.compile_lm(hf_model, target="cuda", max_seq=512, tokenizer=tok)   # KV-cache generation
+    print(lm.generate("The capital of France is", max_new_tokens=32))
 """
 __version__ = "0.1.0"
 
@@ -9,5 +12,7 @@ from .api import compile, load  # noqa: E402,F401  (shadowing builtins.compile i
 from .compiled import CompiledModel, InputError  # noqa: E402,F401
 from .artifact import ArtifactError  # noqa: E402,F401
 from .distill import distill  # noqa: E402,F401
+from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm  # noqa: E402,F401
 
-__all__ = ["compile", "load", "CompiledModel", "InputError", "ArtifactError", "distill", "__version__"]
+__all__ = ["compile", "load", "CompiledModel", "InputError", "ArtifactError", "distill", "CompiledLM", "Sampling",
+           "compile_lm", "load_lm", "generate", "__version__"]

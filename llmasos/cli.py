@@ -3,6 +3,8 @@
     llmasos compile MODEL [--target cpu] [-o OUT]    compile and save an artifact
     llmasos run ARTIFACT [--prompt TEXT | --ids 1,2]  run a saved artifact
     llmasos demo [--prompt TEXT]                     the main job: SmolLM2-135M on the CPU, checked against torch
+    llmasos generate MODEL|LM_ARTIFACT --prompt TEXT  KV-cache generation (streams tokens; -o saves the compiled LM)
+    llmasos bench [--target cuda] [--models ...]     decode tokens/s against torch eager / torch.compile
     llmasos opt [FILE|-] -p PIPELINE [-o OUT]        run a pass pipeline over IR text (see llmasos/opt.py)
 """
 from __future__ import annotations
@@ -80,44 +82,123 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Compile SmolLM2-135M for the CPU, run a prompt, check logits against PyTorch, time both."""
+    """The main job: compile SmolLM2-135M for KV-cache generation on the CPU, generate a few sentences, check
+    the tokens against transformers' greedy generate, and time both."""
     import torch
 
-    from .compiled import median_seconds
+    import llmasos
     from .zoo import load_smollm2
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, tok = load_smollm2()
     print(f"[1/4] loaded SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params) "
           f"in {time.perf_counter() - t0:.1f} s")
-    ids = tok(args.prompt, return_tensors="pt")["input_ids"]
-    cm, secs = _compile(model, tok, args, ids)
-    print(f"[2/4] compiled for {cm.target.name} in {secs:.1f} s: {len(cm.graph.nodes)} IR nodes, "
-          f"symbols {cm.graph.symbols}")
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    n = args.max_new_tokens
+    t0 = time.perf_counter()
+    lm = llmasos.compile_lm(model, _target_arg(args.target), max_seq=args.max_seq, batch=1, passes=args.passes,
+                            tokenizer=tok)
+    secs = time.perf_counter() - t0
+    print(f"[2/4] compiled prefill + decode for {lm.executable.spec.name} in {secs:.1f} s "
+          f"(max_seq {lm.max_seq}, KV cache {lm.cache_bytes(1) / 2**20:.1f} MiB)")
     # torch is timed first: TVM's worker threads spin for a while after each call and would steal the
     # cores from a torch run that follows, making our comparison unfairly good
+    gen_kw = dict(do_sample=False, use_cache=True, pad_token_id=tok.eos_token_id)
     with torch.no_grad():
-        theirs = median_seconds(lambda: model(ids), args.repeat)
-        ref = _logits(model(ids)).float()
-    got = _logits(cm(ids)).float()
-    err = (got - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    same_top = bool((got[0, -1].argmax() == ref[0, -1].argmax()).item())
-    ok = err <= 1e-4 * max(1.0, scale)
-    print(f"[3/4] prompt {args.prompt!r} ({ids.shape[1]} tokens): max |logits - torch| = {err:.2e} "
-          f"(output scale {scale:.1f}) -> {'MATCH' if ok else 'MISMATCH'}; next token "
-          f"{tok.decode([int(got[0, -1].argmax())])!r} (torch: {tok.decode([int(ref[0, -1].argmax())])!r})")
-    ours = cm.benchmark(ids, repeat=args.repeat)
-    print(f"[4/4] latency for one forward pass over the prompt (median of {args.repeat}): "
-          f"llmasos {ours * 1e3:.1f} ms, torch eager {theirs * 1e3:.1f} ms ({theirs / ours:.2f}x)")
-    print(json.dumps({"model": "SmolLM2-135M-Instruct", "target": cm.target.name, "prompt_tokens": int(ids.shape[1]),
-                      "compile_s": round(secs, 2), "max_abs_err": err, "logits_scale": scale,
-                      "match": ok, "same_next_token": same_top, "llmasos_ms": round(ours * 1e3, 3),
-                      "torch_eager_ms": round(theirs * 1e3, 3)}))
+        model.generate(ids, max_new_tokens=2, **gen_kw)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen_kw)
+        t1 = time.perf_counter()
+        ref = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **gen_kw)[0, ids.shape[1]:].tolist()
+        t2 = time.perf_counter()
+        ref_logits = model(ids).logits[0, -1].float()
+    torch_tok_s = (n - 1) / max(1e-9, (t2 - t1) - (t1 - t0))
+    prompt_ids = ids[0].tolist()
+    lm.generate(prompt_ids, 2)                                   # warm-up
+    buf = lm._buffers_for(1)
+    logits, _ = lm.prefill([prompt_ids], buf)
+    err = float((torch.from_dlpack(logits)[0].float() - ref_logits).abs().max())
+    scale = float(ref_logits.abs().max())
+    print(f"[3/4] prompt {args.prompt!r} ({ids.shape[1]} tokens with the chat template); greedy, {n} new tokens:")
+    print("      ", end="")
+    got = []
+    for piece in lm.stream(prompt_ids, n):
+        got.append(piece)
+        print(tok.decode([piece]), end="", flush=True)
+    print()
+    st = lm.last_stats
+    agree = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    ok = agree >= min(32, n) and err <= 1e-3 * max(1.0, scale)
+    print(f"[4/4] decode: llmasos {st.decode_tokens_per_s:.1f} tokens/s, torch eager (transformers generate, "
+          f"KV cache) {torch_tok_s:.1f} tokens/s ({st.decode_tokens_per_s / torch_tok_s:.2f}x); greedy tokens equal "
+          f"to torch's for the first {agree} of {n}; prefill logits max |diff| {err:.1e} (scale {scale:.1f}) -> "
+          f"{'MATCH' if ok else 'MISMATCH'}")
+    print(json.dumps({"model": "SmolLM2-135M-Instruct", "target": lm.executable.spec.name,
+                      "prompt_tokens": int(ids.shape[1]), "new_tokens": n, "compile_s": round(secs, 2),
+                      "llmasos_decode_tok_s": round(st.decode_tokens_per_s, 2),
+                      "torch_eager_decode_tok_s": round(torch_tok_s, 2),
+                      "llmasos_prefill_ms": round(st.prefill_s * 1e3, 2), "greedy_tokens_equal": agree,
+                      "prefill_logits_max_abs_err": err, "logits_scale": scale, "match": ok}))
     if args.output:
-        cm.save(args.output)
+        lm.save(args.output)
         print(f"saved {args.output}")
     return 0 if ok else 1
+
+
+def _sampling(args):
+    from .llm import Sampling
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    """Compile (or load) an LM and generate from a prompt, streaming the text as it is made."""
+    from pathlib import Path
+
+    import llmasos
+    from .llm.artifact import is_lm_artifact
+    sampling = _sampling(args)
+    t0 = time.perf_counter()
+    if Path(args.model).is_dir() and is_lm_artifact(args.model):
+        lm = llmasos.load_lm(args.model)
+        what = f"loaded {args.model}"
+    else:
+        from .zoo import load_model
+        model, tok, _ = load_model(args.model)
+        lm = llmasos.compile_lm(model, _target_arg(args.target), max_seq=args.max_seq, max_batch=1,
+                                passes=args.passes, tokenizer=tok)
+        what = f"compiled {args.model} for {lm.executable.spec.name}"
+    print(f"[llmasos] {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.output:
+        lm.save(args.output)
+        print(f"[llmasos] saved {args.output}", file=sys.stderr)
+    if lm.tokenizer is None and not args.ids:
+        raise ValueError("this model has no tokenizer; pass token ids with --ids 1,2,3")
+    prompt = [int(t) for t in args.ids.split(",")] if args.ids else args.prompt
+    if args.chat and lm.tokenizer is not None and not args.ids:
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+    stop = [lm.tokenizer.eos_token_id] if lm.tokenizer is not None and lm.tokenizer.eos_token_id is not None else []
+    if not args.ids:
+        print(args.prompt, end="", flush=True)
+    for piece in lm.stream(prompt, args.max_new_tokens, sampling, stop=stop):
+        print(piece if isinstance(piece, str) else f" {piece}", end="", flush=True)
+    print()
+    st = lm.last_stats
+    print(f"[llmasos] {st.new_tokens} tokens; prefill {st.prompt_tokens} tokens in {st.prefill_s * 1e3:.1f} ms; "
+          f"decode {st.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .llm.bench import run
+    doc = run(args.models.split(","), _target_arg(args.target), batches=[int(b) for b in args.batch.split(",")],
+              prompt_len=args.prompt, new=args.new, dtype=args.dtype, passes=args.passes,
+              int4_models=[m for m in args.int4.split(",") if m], compile_baseline=not args.no_compile_baseline,
+              repeat=args.repeat, out=args.out)
+    print(json.dumps(doc, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -137,12 +218,43 @@ def main(argv=None) -> int:
     g.add_argument("--ids", help="comma-separated token ids")
     p.add_argument("--repeat", type=int, default=10)
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("demo", help="the main job: SmolLM2-135M compiled for the CPU, checked against torch")
-    p.add_argument("--prompt", default="The capital of France is Paris. The capital of Germany is")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("-o", "--output", help="also save the artifact here")
+    p = sub.add_parser("demo", help="the main job: SmolLM2-135M generating on the CPU, checked against torch")
+    p.add_argument("--prompt", default="Write a few sentences about Paris.")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=1, help="(unused; kept for old scripts)")
+    p.add_argument("-o", "--output", help="also save the compiled LM here")
     _add_compile_args(p)
-    p.set_defaults(fn=cmd_demo, max_seq=512)
+    p.set_defaults(fn=cmd_demo, max_seq=256)
+    p = sub.add_parser("generate", help="generate text with a KV cache (compiles MODEL, or loads an LM artifact)")
+    p.add_argument("model", help="an LM artifact directory (from -o), smollm2, gpt2-tiny, llama-tiny, llama-135m, "
+                                 "gpt2-small, or a local HF causal-LM directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default="The capital of France is")
+    g.add_argument("--ids", help="comma-separated prompt token ids (models without a tokenizer)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--target", default="cpu")
+    p.add_argument("--max-seq", type=int, default=512, help="cache positions: prompt + new tokens (default 512)")
+    p.add_argument("--passes", default="fuse")
+    p.add_argument("-o", "--output", help="save the compiled LM here (loadable with TVM's runtime alone)")
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("bench", help="decode tokens/s: llmasos vs torch eager vs torch.compile (JSON)")
+    p.add_argument("--target", default="cuda")
+    p.add_argument("--models", default="gpt2-124m,llama-1b", help="llmasos.llm.model presets")
+    p.add_argument("--batch", default="1")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--dtype", default="f16", choices=("f16", "f32", "bf16"))
+    p.add_argument("--int4", default="", help="models also run with quantize{bits=4,group=128}")
+    p.add_argument("--passes", default="fuse")
+    p.add_argument("--no-compile-baseline", action="store_true")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default=None)
+    p.set_defaults(fn=cmd_bench)
     from .opt import add_parser as add_opt_parser
     add_opt_parser(sub)
     args = ap.parse_args(argv)

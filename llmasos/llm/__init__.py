@@ -1,1 +1,25 @@
 """LLM inference: a static-KV-cache decoder, its prefill/decode compilation and generation."""
+
+from .runtime import CompiledLM, GenerationError, GenerationStats  # noqa: E402,F401
+from .sampling import Sampling  # noqa: E402,F401
+
+
+def compile_lm(model, target="cpu", **kwargs) -> CompiledLM:
+    """See llmasos.llm.compile.compile_lm."""
+    from .compile import compile_lm as _compile_lm
+    return _compile_lm(model, target, **kwargs)
+
+
+def load_lm(path, target=None) -> CompiledLM:
+    """Load a CompiledLM saved with ``CompiledLM.save`` (needs only TVM's runtime)."""
+    from .artifact import load
+    return load(path, target)
+
+
+def generate(model, prompts, max_new_tokens: int = 32, **kwargs):
+    """``model.generate(...)`` for a CompiledLM or a saved LM artifact path."""
+    lm = model if isinstance(model, CompiledLM) else load_lm(model)
+    return lm.generate(prompts, max_new_tokens, **kwargs)
+
+
+__all__ = ["CompiledLM", "GenerationError", "GenerationStats", "Sampling", "compile_lm", "load_lm", "generate"]

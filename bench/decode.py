@@ -1,0 +1,39 @@
+"""Decode benchmark (issue 5): tokens/s of KV-cache generation, llmasos against torch eager and
+torch.compile(mode="reduce-overhead") on the same static-KV-cache model, plus the HBM roofline.
+
+    python bench/decode.py [--target cuda] [--models gpt2-124m,llama-1b] [--batch 1,8,32] [--prompt 128]
+                           [--new 128] [--dtype f16] [--int4 llama-1b] [--no-compile-baseline] [--out FILE]
+
+What each figure means: llmasos/llm/bench.py. One JSON document on stdout; progress on stderr.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="cuda")
+    p.add_argument("--models", default="gpt2-124m,llama-1b")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--dtype", default="f16", choices=("f16", "f32", "bf16"))
+    p.add_argument("--int4", default="", help="comma-separated models also run with quantize{bits=4,group=128}")
+    p.add_argument("--passes", default="fuse")
+    p.add_argument("--no-compile-baseline", action="store_true", help="skip torch.compile (slow to compile)")
+    p.add_argument("--repeat", type=int, default=3, help="timed generations per figure (median)")
+    p.add_argument("--out", default=None, help="also write the JSON here, after every model")
+    a = p.parse_args(argv)
+    from llmasos.llm.bench import run
+    doc = run(a.models.split(","), a.target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt,
+              new=a.new, dtype=a.dtype, int4_models=[m for m in a.int4.split(",") if m], passes=a.passes,
+              compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out)
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

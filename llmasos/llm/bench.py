@@ -1,0 +1,196 @@
+"""Decode benchmark: KV-cache generation tokens/s, ours against PyTorch on the same model, in the same run.
+
+Used by ``bench/decode.py`` and ``llmasos bench``. For each model (a llmasos.llm.model preset with random
+weights, seed 0) and batch size:
+  * torch eager: the static-KV-cache Decoder (mode="torch", gpt-fast style: in-place cache writes, SDPA with
+    the causal cache mask), greedy, argmax on the device, no host sync per token;
+  * torch.compile(mode="reduce-overhead", fullgraph=True) of the same decode step (CUDA graphs);
+  * llmasos: compile_lm(same weights, batch=B static, CUDA graph on CUDA), greedy generate();
+  * roofline: decode tokens/s if every step read the weights exactly once at the measured copy bandwidth:
+    batch * bandwidth / weight bytes (a gathered embedding table counts only when it is also the output head).
+Decode tokens/s = batch * (new - 1) / time of the decode steps (the prefill is timed separately).
+Greedy agreement: per row, the length of the common prefix of our tokens and torch eager's (fp16 sums in
+different orders diverge eventually; fp32 must agree), and max |logits diff| after the prefill.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write)."""
+    import torch
+    if device != "cuda":
+        n = 1 << 26
+    else:
+        n = 1 << 28
+    x = torch.empty(n, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _sync(device)
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    _sync(device)
+    return 2 * x.numel() * 4 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device):
+    import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(dec) -> int:
+    """Bytes one decode step must read: every parameter once, except gathered tables (rows only)."""
+    seen, total = set(), 0
+    gathered = {id(dec.embed.weight)} if not dec.cfg.tie_embeddings else set()
+    if dec.wpe is not None:
+        gathered.add(id(dec.wpe.weight))
+    for p in dec.parameters():
+        if id(p) in seen or id(p) in gathered:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def torch_generate(model, prompt, new, step=None):
+    """Greedy: (tokens [B, new], first-step logits, prefill_s, decode_s) with the torch-mode Decoder."""
+    import torch
+    B, P = prompt.shape
+    dev = prompt.device
+    step = step or model
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits0 = model(prompt, torch.zeros(B, dtype=torch.int32, device=dev),
+                        torch.full((B,), P - 1, dtype=torch.int64, device=dev))
+        tok = logits0.argmax(-1)
+        _sync(dev.type)
+        t1 = time.perf_counter()
+        out = [tok]
+        last = torch.zeros(B, dtype=torch.int64, device=dev)
+        for i in range(new - 1):
+            pos = torch.full((B,), P + i, dtype=torch.int32, device=dev)
+            tok = step(tok[:, None], pos, last).argmax(-1)
+            out.append(tok)
+        _sync(dev.type)
+        t2 = time.perf_counter()
+    return torch.stack(out, 1), logits0.float(), t1 - t0, t2 - t1
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype="f16", int4=False,
+              passes="fuse", compile_baseline=True, repeat=3, bandwidth=None) -> list:
+    """One JSON-able row per batch size for preset ``name`` (see the module docstring)."""
+    import torch
+
+    import llmasos
+    from ..backends.tvm import resolve_target
+    from .model import Decoder, preset
+
+    spec = resolve_target(target)
+    device = spec.device
+    tdtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    bw = bandwidth or copy_bandwidth(device)
+    cfg = preset(name)
+    max_seq = prompt_len + new
+    rows = []
+    tmodel = Decoder.random(cfg, mode="torch", seed=0, dtype=tdtype, device=device)
+    wbytes = weight_bytes(tmodel)
+    for B in batches:
+        row = {"model": name, "batch": B, "dtype": dtype, "prompt": prompt_len, "new": new, "weight_bytes": wbytes,
+               "roofline_tok_s": B * bw / wbytes}
+        gen = torch.Generator(device="cpu").manual_seed(B)
+        prompt = torch.randint(0, cfg.vocab, (B, prompt_len), generator=gen).to(device)
+        # -- torch eager
+        tmodel.setup_caches(B, max_seq, tdtype, device)
+        torch_generate(tmodel, prompt, 4)
+        ts = [torch_generate(tmodel, prompt, new) for _ in range(repeat)]
+        ref_tokens, ref_logits0 = ts[0][0], ts[0][1]
+        row["torch_eager_tok_s"] = B * (new - 1) / _median([t[3] for t in ts])
+        log(f"[decode] {name} b{B} torch eager {row['torch_eager_tok_s']:.1f} tok/s")
+        # -- torch.compile reduce-overhead
+        if compile_baseline:
+            try:
+                step = torch.compile(tmodel, mode="reduce-overhead", fullgraph=True)
+                t0 = time.perf_counter()
+                torch_generate(tmodel, prompt, 4, step)
+                torch_generate(tmodel, prompt, 4, step)
+                row["torch_compile_warmup_s"] = time.perf_counter() - t0
+                ts = [torch_generate(tmodel, prompt, new, step) for _ in range(repeat)]
+                row["torch_compile_tok_s"] = B * (new - 1) / _median([t[3] for t in ts])
+                log(f"[decode] {name} b{B} torch.compile {row['torch_compile_tok_s']:.1f} tok/s")
+            except Exception as e:  # noqa: BLE001 -- a baseline failing is reported, not fatal
+                row["torch_compile_error"] = f"{type(e).__name__}: {e}"[:1000]
+            torch._dynamo.reset()
+        # -- ours
+        variants = [("llmasos", passes)]
+        if int4:
+            variants.append(("llmasos_int4_g128", "quantize{bits=4,group=128}," + passes))
+        for key, pipe in variants:
+            try:
+                t0 = time.perf_counter()
+                dec = Decoder.random(cfg, mode="export", seed=0, dtype=tdtype, device="cpu")
+                lm = llmasos.compile_lm(dec, spec, max_seq=max_seq, batch=B, passes=pipe)
+                row[f"{key}_compile_s"] = time.perf_counter() - t0
+                del dec
+                ids = prompt.cpu().tolist()
+                buf = lm._buffers_for(B)
+                logits0, _ = lm.prefill(ids, buf)       # loads the kernels
+                row[f"{key}_prefill_logits_max_diff"] = float(
+                    (torch.from_dlpack(logits0).float().to(ref_logits0.device) - ref_logits0).abs().max())
+                lm.generate(ids, 4)                     # captures the CUDA graph
+                res = []
+                for _ in range(repeat):
+                    toks = lm.generate(ids, new)
+                    res.append((toks, lm.last_stats))
+                row[f"{key}_tok_s"] = _median([st.decode_tokens_per_s for _, st in res])
+                row[f"{key}_prefill_s"] = _median([st.prefill_s for _, st in res])
+                ours = torch.tensor(res[0][0], device=ref_tokens.device)
+                row[f"{key}_greedy_prefix_agree"] = (ours == ref_tokens).int().cumprod(1).sum(1).tolist()
+                row[f"{key}_percent_roofline"] = 100 * row[f"{key}_tok_s"] / row["roofline_tok_s"]
+                if "torch_compile_tok_s" in row:
+                    row[f"{key}_vs_torch_compile"] = row[f"{key}_tok_s"] / row["torch_compile_tok_s"]
+                row[f"{key}_vs_torch_eager"] = row[f"{key}_tok_s"] / row["torch_eager_tok_s"]
+                log(f"[decode] {name} b{B} {key} {row[f'{key}_tok_s']:.1f} tok/s "
+                    f"({row[f'{key}_percent_roofline']:.0f}% of roofline)")
+                del lm
+            except Exception as e:  # noqa: BLE001 -- one failing variant must not lose the others
+                import traceback
+                traceback.print_exc()
+                row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        rows.append(row)
+        log(json.dumps(row))
+    return rows
+
+
+def run(models, target="cuda", **kw) -> dict:
+    import torch
+
+    from ..backends.tvm import resolve_target
+    spec = resolve_target(target)
+    bw = copy_bandwidth(spec.device)
+    doc = {"target": spec.name, "target_dict": spec.target, "copy_bandwidth_GBps": bw / 1e9, "rows": []}
+    if spec.device == "cuda":
+        doc["gpu"] = torch.cuda.get_device_name()
+    log(f"[decode] copy bandwidth {bw / 1e9:.0f} GB/s")
+    out = kw.pop("out", None)
+    int4 = set(kw.pop("int4_models", ()))
+    for name in models:
+        doc["rows"] += run_model(name, spec, int4=name in int4, bandwidth=bw, **kw)
+        if out:
+            with open(out, "w") as f:
+                json.dump(doc, f, indent=1)
+    return doc

@@ -1,0 +1,85 @@
+"""``llmasos.compile_lm``: a decoder-only LM -> prefill + decode functions sharing weights -> CompiledLM.
+
+The model is rebuilt as llmasos.llm.model.Decoder (weights copied from transformers' Llama / GPT-2, or a
+Decoder given directly), exported twice through torch.export (prefill with a symbolic sequence length,
+decode with one token), imported into the IR, optimised by the same pass pipeline as ``llmasos.compile``,
+and built into one library.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from .runtime import DECODE, PREFILL, CompiledLM
+
+
+def as_decoder(model, dtype=None, device=None):
+    """An export-mode Decoder for ``model``: a Decoder, a transformers Llama/GPT-2 causal LM, or the name of
+    a Decoder preset (random weights: for benchmarks)."""
+    import torch
+
+    from .model import PRESETS, Decoder, preset
+
+    if isinstance(model, str):
+        if model not in PRESETS:
+            raise ValueError(f"unknown model {model!r}: pass a Decoder, a transformers causal LM or one of the "
+                             f"presets {', '.join(sorted(PRESETS))}")
+        return Decoder.random(preset(model), mode="export", dtype=dtype or torch.float32, device=device)
+    if isinstance(model, Decoder):
+        if model.mode != "export":
+            m = Decoder(model.cfg, "export")
+            m.load_state_dict(model.state_dict(), strict=False)
+            model = m.to(dtype=model.dtype, device=model.embed.weight.device).eval()
+        return model.to(dtype=dtype) if dtype is not None else model
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        return Decoder.from_hf(model, mode="export", dtype=dtype)
+    raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers Llama/GPT-2 causal LM or a preset name, "
+                    f"got {type(model).__name__}")
+
+
+def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int = 8, batch: Optional[int] = None,
+               dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True) -> CompiledLM:
+    """Compile ``model`` for KV-cache generation on ``target``.
+
+    max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
+    max_batch; an int compiles for exactly that batch (static shapes: the fastest decode, and on CUDA the
+    decode step then runs as one CUDA graph unless cuda_graph=False). dtype: cast the weights (e.g.
+    torch.float16 for GPUs). passes: the pipeline run on both graphs (default "fuse").
+    """
+    from ..backends.tvm import build_functions, resolve_target
+    from ..frontends import torch_export
+    from ..ir.verifier import verify
+    from ..passes import PassManager
+    from .export import export_decoder
+
+    spec = resolve_target(target)
+    pipeline = PassManager(passes) if passes else None
+    if not isinstance(max_seq, int) or max_seq < 2:
+        raise ValueError(f"max_seq must be an int >= 2, got {max_seq!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    if batch is not None:
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
+        max_batch = max(max_batch, batch)
+    timings = {}
+    t0 = time.perf_counter()
+    dec = as_decoder(model, dtype)
+    if max_seq > dec.cfg.max_positions:
+        raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
+    graphs = {}
+    for phase in (PREFILL, DECODE):
+        ep = export_decoder(dec, phase, batch, max_batch, max_seq)
+        graphs[phase] = torch_export.import_exported_program(ep, name=phase).graph
+        verify(graphs[phase])
+    timings["import_s"] = time.perf_counter() - t0
+    if pipeline is not None:
+        t0 = time.perf_counter()
+        graphs = {k: pipeline.run(g) for k, g in graphs.items()}
+        timings["passes_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    use_graph = bool(cuda_graph) and spec.device == "cuda" and batch is not None
+    exe = build_functions(graphs, spec, cuda_graph=(DECODE,) if use_graph else ())
+    timings["build_s"] = time.perf_counter() - t0
+    return CompiledLM(exe, vocab=dec.cfg.vocab, max_seq=max_seq, config=dec.cfg, tokenizer=tokenizer,
+                      graphs=graphs, cuda_graph=use_graph, timings=timings)

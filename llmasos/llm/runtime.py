@@ -1,0 +1,286 @@
+"""CompiledLM: a compiled prefill + decode pair, the KV cache it owns on the device, and generation.
+
+The library has two entry functions sharing one set of weights (backends.tvm.build_functions):
+
+    prefill(ids [B, T], pos [B] i32, last [B] i64, k_0, v_0, k_1, v_1, ...) -> (logits [B, vocab], caches...)
+    decode (ids [B, 1], pos [B] i32, last [B] i64, k_0, v_0, ...)           -> (logits [B, vocab], caches...)
+
+(llmasos.llm.ops describes the cache layout.) The caches are updated in place by the compiled code, so the
+runtime allocates them once per batch size and passes the same buffers on every call; the decode step's
+inputs live in fixed device buffers too, which is what lets a CUDA graph replay the whole step.
+
+Requests are checked before any device work, and every request rewrites the cache from position 0, so a
+rejected or failed request cannot leave state that changes the next one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .sampling import Sampling, make_generator, sample
+
+PREFILL, DECODE = "prefill", "decode"
+N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
+
+
+class GenerationError(ValueError):
+    """A generation request the compiled model cannot serve (empty prompt, too long, bad token ids...)."""
+
+
+@dataclass
+class GenerationStats:
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0          # generated tokens summed over rows
+    steps: int = 0               # decode steps run
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens generated per second during the decode steps (all rows)."""
+        return self.batch * self.steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"batch": self.batch, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "decode_steps": self.steps, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+@dataclass
+class _Buffers:
+    """Device tensors reused across calls for one batch size."""
+    caches: list
+    ids: Any = None      # [B, 1] int64, decode
+    pos: Any = None      # [B] int32
+    last: Any = None     # [B] int64
+
+
+class CompiledLM:
+    """A decoder-only LM compiled for prefill and decode with a device-resident KV cache.
+
+    ``generate(prompts, max_new_tokens, sampling=..., stop=..., on_token=...)`` takes token-id lists (or text,
+    with a tokenizer) and returns the generated ids (or text); ``stream(prompt, ...)`` yields tokens as they
+    are made.
+    """
+
+    def __init__(self, executable, *, vocab: int, max_seq: int, config=None, tokenizer=None, graphs=None,
+                 cuda_graph: bool = False, timings: Optional[dict] = None, meta: Optional[dict] = None):
+        self.executable = executable
+        self.config = config
+        self.tokenizer = tokenizer
+        self.graphs = graphs or {}
+        self.timings = dict(timings or {})
+        self.meta = dict(meta or {})
+        self.vocab = int(vocab)
+        self.max_seq = int(max_seq)
+        self.cuda_graph = cuda_graph
+        sig = executable.signature.functions
+        for name in (PREFILL, DECODE):
+            if name not in sig:
+                raise ValueError(f"a CompiledLM needs '{PREFILL}' and '{DECODE}' functions; the library has "
+                                 f"{', '.join(sig)}")
+        self._cache_types = [i.type for i in sig[DECODE].inputs[N_FIXED_INPUTS:]]
+        b = self._cache_types[0].shape[0]
+        self.static_batch: Optional[int] = b if isinstance(b, int) else None
+        self.max_batch = self.static_batch or int(sig[DECODE].symbols.get(str(b), (1, 1))[1])
+        m = self._cache_types[0].shape[2]
+        if m != self.max_seq:
+            raise ValueError(f"the caches hold {m} positions but max_seq is {self.max_seq}")
+        self._prefill = executable.raw(PREFILL)
+        self._decode = executable.raw(DECODE)
+        self._weights = executable.weights
+        self._dev = executable._dev
+        self._buffers: dict[int, _Buffers] = {}
+        self.last_stats = GenerationStats()
+
+    # -- device buffers ----------------------------------------------------------------------------
+    def _buffers_for(self, batch: int) -> _Buffers:
+        import tvm
+        buf = self._buffers.get(batch)
+        if buf is None:
+            caches = []
+            for t in self._cache_types:
+                shape = (batch, *t.shape[1:])
+                # zeroed, not empty: masked positions get probability 0, and 0 * NaN garbage would be NaN
+                caches.append(tvm.runtime.tensor(np.zeros(shape, t.dtype.numpy), self._dev))
+            buf = _Buffers(caches,
+                           tvm.runtime.empty((batch, 1), "int64", self._dev),
+                           tvm.runtime.empty((batch,), "int32", self._dev),
+                           tvm.runtime.tensor(np.zeros(batch, np.int64), self._dev))
+            self._buffers = {batch: buf}  # one batch size resident at a time: caches can be large
+        return buf
+
+    def cache_bytes(self, batch: int = 1) -> int:
+        return sum(int(np.prod((batch, *t.shape[1:]))) * t.dtype.numpy.itemsize for t in self._cache_types)
+
+    # -- request checks ----------------------------------------------------------------------------
+    def _check(self, prompts: list, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if not prompts:
+            raise GenerationError("no prompts given")
+        limit = self.static_batch or self.max_batch
+        if len(prompts) > limit:
+            raise GenerationError(f"{len(prompts)} prompts, but this model was compiled for batch "
+                                  f"{'of exactly ' if self.static_batch else 'up to '}{limit}")
+        for r, p in enumerate(prompts):
+            if len(p) == 0:
+                raise GenerationError(f"prompt {r} is empty: generation needs at least one token")
+            if len(p) + max_new_tokens > self.max_seq:
+                raise GenerationError(f"prompt {r} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                                      f"needs {len(p) + max_new_tokens} cache positions, but the model was compiled "
+                                      f"with max_seq={self.max_seq}")
+            a = np.asarray(p)
+            if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                raise GenerationError(f"prompt {r} must be a flat list of token ids, got {a.dtype} of shape "
+                                      f"{list(a.shape)}")
+            if a.min() < 0 or a.max() >= self.vocab:
+                bad = int(a[(a < 0) | (a >= self.vocab)][0])
+                raise GenerationError(f"prompt {r}: token id {bad} is outside the vocabulary [0, {self.vocab})")
+
+    def _as_ids(self, prompts) -> tuple[list, bool, bool]:
+        """(list of id lists, single, text)."""
+        text = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                            and all(isinstance(p, str) for p in prompts))
+        if text:
+            if self.tokenizer is None:
+                raise GenerationError("text prompts need a tokenizer (compile_lm(..., tokenizer=...)); "
+                                      "or pass token ids")
+            single = isinstance(prompts, str)
+            items = [prompts] if single else list(prompts)
+            return [list(self.tokenizer(p)["input_ids"]) for p in items], single, True
+        if hasattr(prompts, "tolist"):
+            prompts = prompts.tolist()
+        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+            return [[int(t) for t in prompts]], True, False
+        if isinstance(prompts, (list, tuple)):
+            return [list(p.tolist() if hasattr(p, "tolist") else p) for p in prompts], False, False
+        raise GenerationError(f"prompts must be token ids (a list, or a list of lists) or text, "
+                              f"got {type(prompts).__name__}")
+
+    # -- the two compiled steps --------------------------------------------------------------------
+    def prefill(self, prompts: list, buf: _Buffers):
+        """Write every prompt into the cache (rows right-padded) and return the logits of its last token."""
+        import tvm
+        B = int(buf.caches[0].shape[0])
+        lens = [len(p) for p in prompts] + [1] * (B - len(prompts))   # rows past the prompts are padding
+        T = max(2, max(lens))          # the prefill function's seq is >= 2: pad a one-token prompt
+        ids = np.zeros((B, T), np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, :len(p)] = p
+        last = np.array([n - 1 for n in lens], np.int64)
+        pos = np.zeros(B, np.int32)
+        args = [tvm.runtime.tensor(ids, self._dev), tvm.runtime.tensor(pos, self._dev),
+                tvm.runtime.tensor(last, self._dev)]
+        out = self._prefill(*args, *buf.caches, *self._weights)
+        return out[0], np.array(lens, np.int32)
+
+    def decode_step(self, ids: np.ndarray, pos: np.ndarray, buf: _Buffers):
+        """One token per row at cache position pos[b]; returns logits [B, vocab] on the device."""
+        buf.ids.copyfrom(ids.reshape(-1, 1).astype(np.int64))
+        buf.pos.copyfrom(pos.astype(np.int32))
+        return self._decode(buf.ids, buf.pos, buf.last, *buf.caches, *self._weights)[0]
+
+    # -- generation --------------------------------------------------------------------------------
+    def stream(self, prompt, max_new_tokens: int = 32, sampling=None, stop: Sequence[int] = (),
+               ) -> Iterator[Union[int, str]]:
+        """Yield the tokens of one prompt as they are generated (text pieces when the prompt is text)."""
+        ids, single, text = self._as_ids(prompt)
+        if len(ids) != 1:
+            raise GenerationError(f"stream takes one prompt, got {len(ids)}; use generate(..., on_token=...) for "
+                                  f"a batch")
+        made, shown = [], ""
+        for _row, tok in self._run(ids, max_new_tokens, Sampling.of(sampling), self._stop_ids(stop)):
+            if not text:
+                yield tok
+                continue
+            # decode the whole continuation and yield what is new: a character split over two tokens
+            # (multi-byte UTF-8) appears once it is complete
+            made.append(tok)
+            s = self.tokenizer.decode(made, skip_special_tokens=True)
+            if s.endswith("\ufffd"):
+                continue
+            yield s[len(shown):]
+            shown = s
+
+    def generate(self, prompts, max_new_tokens: int = 32, sampling=None, stop: Sequence[int] = (),
+                 on_token: Optional[Callable[[int, int], None]] = None):
+        """Generate up to ``max_new_tokens`` per prompt; a row ends early at a token in ``stop`` (kept in
+        the output). ``on_token(row, token_id)`` is called as each token is made, in order.
+
+        prompts: a list of token ids, a list of such lists (a batch; lengths may differ), a string or a list
+        of strings (with a tokenizer). Returns the new tokens (a list, or a list per prompt), or text."""
+        ids, single, text = self._as_ids(prompts)
+        out = [[] for _ in ids]
+        for row, tok in self._run(ids, max_new_tokens, Sampling.of(sampling), self._stop_ids(stop)):
+            out[row].append(tok)
+            if on_token is not None:
+                on_token(row, tok)
+        if text:
+            out = [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
+        return out[0] if single else out
+
+    def _stop_ids(self, stop) -> set:
+        if isinstance(stop, (int, np.integer)):
+            stop = [stop]
+        ids = set()
+        for s in stop:
+            if isinstance(s, str):
+                if self.tokenizer is None:
+                    raise GenerationError(f"stop token {s!r} is text but the model has no tokenizer")
+                enc = self.tokenizer.convert_tokens_to_ids(s)
+                if enc is None or enc == self.tokenizer.unk_token_id:
+                    raise GenerationError(f"stop token {s!r} is not in the tokenizer's vocabulary")
+                ids.add(int(enc))
+            else:
+                ids.add(int(s))
+        return ids
+
+    def _run(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
+        import torch
+        self._check(prompts, max_new_tokens)
+        n = len(prompts)
+        B = self.static_batch or n
+        buf = self._buffers_for(B)
+        stats = GenerationStats(batch=n, prompt_tokens=sum(len(p) for p in prompts))
+        self.last_stats = stats
+        device = "cuda" if self.executable.spec.device == "cuda" else "cpu"
+        gen = make_generator(sampling, device)
+        t0 = time.perf_counter()
+        logits, lens = self.prefill(prompts, buf)
+        tok = sample(torch.from_dlpack(logits), sampling, gen)
+        host = tok.tolist()
+        stats.prefill_s = time.perf_counter() - t0
+        done = [False] * B
+        for r in range(n, B):
+            done[r] = True
+        pos = lens.copy()                   # the cache position each row's next token goes to
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            for r in range(n):
+                if not done[r]:
+                    stats.new_tokens += 1
+                    yield r, int(host[r])
+                    if host[r] in stop or step == max_new_tokens - 1:
+                        done[r] = True
+            if all(done):
+                break
+            logits = self.decode_step(np.array(host, np.int64), pos, buf)
+            stats.steps += 1
+            pos = pos + 1
+            host = sample(torch.from_dlpack(logits), sampling, gen).tolist()
+        stats.decode_s = time.perf_counter() - t0
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        from .artifact import save
+        save(self, path)
+
+    def __repr__(self) -> str:
+        b = f"batch={self.static_batch}" if self.static_batch else f"batch<= {self.max_batch}"
+        return (f"CompiledLM(target={self.executable.spec.name!r}, {b}, max_seq={self.max_seq}, "
+                f"vocab={self.vocab}, cuda_graph={self.cuda_graph})")
