@@ -88,7 +88,15 @@ def _graph_of(ctx):
 
 @register_lowering("kv.attention")
 def _kv_attention(ctx, node, args):
+    if _takes_decode_kernel(ctx, node):
+        return _decode_call(ctx, node, args)
     return _generic(ctx, node, args)
+
+
+def _takes_decode_kernel(ctx, node) -> bool:
+    qt = node.inputs[0].type
+    return (ctx.spec is not None and ctx.spec.device == "cuda" and qt.shape[2] == 1
+            and qt.dtype in (DType.f16, DType.f32))
 
 
 def _generic(ctx, node, args):
@@ -130,3 +138,178 @@ def _pv(probs, v):
     vf = (lambda *i: v(*i)) if v.dtype == "float32" else (lambda *i: v(*i).astype("float32"))
     return te.compute((b_, g_, r_, d_), lambda b, g, r, d: te.sum(probs[b, g, r, j] * vf(b, g, j, d), axis=j),
                       name="kv_pv")
+
+
+# ------------------------------------------------------------------------------------------------
+# kv.attention: the CUDA decode kernel (T == 1)
+
+_THREADS = 512  # per block; at D=64 f16: 16 lanes over D x 4 query heads x 8 row groups
+
+
+def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
+    """Thread-block layout: D over threadIdx.x (VEC elements each), query heads of one kv head over
+    threadIdx.y, independent row groups (merged at the end) over threadIdx.z."""
+    group = h // hkv
+    vec = min(max(8 // (2 if dtype == "float16" else 4), d // 32), 4)
+    while d % vec:
+        vec //= 2
+    bdx = d // vec
+    bdy = max(y for y in range(1, group + 1) if group % y == 0 and bdx * y <= max(_THREADS, bdx))
+    bdz = max(_THREADS // (bdx * bdy), 1)
+    return {"group": group, "vec": vec, "bdx": bdx, "bdy": bdy, "gdz": group // bdy, "bdz": bdz,
+            "tile": 2 if group == 1 else 1}
+
+
+def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float):
+    """The decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D].
+
+    Grid (B, Hkv * gdz); each block streams cache rows 0..pos[b] of its kv head through shared memory in
+    tiles of bdz*bdy*tile rows; each thread group keeps a running max / sum / output (online softmax, f32,
+    base-2 exponent) for its query head, and the bdz partial states are merged at the end. Written after
+    TVM's batch_decode_paged_kv (relax/frontend/nn/llm/_decode_kernels.py) for a contiguous cache.
+    """
+    s = _decode_shape(h, hkv, d, dtype)
+    group, VEC, bdx, bdy, bdz, gdz, tile = (s[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "gdz", "tile"))
+    rows = bdz * bdy * tile  # cache rows per iteration of the whole block
+    qk_scale = float(scale) * math.log2(math.e)
+    neg = _NEG_BIG
+
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def kv_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                            var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int32()
+        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
+        K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
+        V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
+        pos = T.match_buffer(var_pos, (B,), pos_dtype)
+        O = T.match_buffer(var_out, (B, h, 1, d), dtype)
+        for bx in T.thread_binding(B, thread="blockIdx.x"):
+            for fused_by_bz in T.thread_binding(hkv * gdz, thread="blockIdx.y"):
+                for ty in T.thread_binding(bdy, thread="threadIdx.y"):
+                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        for tz in T.thread_binding(bdz, thread="threadIdx.z"):
+                            with T.sblock("attn"):
+                                Q_local = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                                kv_len = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                                K_smem = T.sblock_alloc_buffer((rows, d), dtype, scope="shared")
+                                V_smem = T.sblock_alloc_buffer((rows, d), dtype, scope="shared")
+                                O_allreduce = T.sblock_alloc_buffer((bdz, bdy, d), "float32", scope="shared")
+                                md_allreduce = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
+                                S_reduce_local = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                t0 = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                S_local = T.sblock_alloc_buffer((bdy * tile,), "float32", scope="local")
+                                QK_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                V_local = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
+                                m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                d_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                other_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                other_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                exp_mprev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                exp_otherm = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                other_o = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                st_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                O_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+
+                                by: T.let[T.int32] = fused_by_bz % hkv
+                                bz: T.let[T.int32] = fused_by_bz // hkv
+                                qh: T.let[T.int32] = by * group + bz * bdy + ty
+                                # rows 0..pos[b] (query at position pos[b] sees itself), clamped to the cache
+                                kv_len[0] = T.min(T.max(T.Cast("int32", pos[bx]) + 1, 0), m)
+
+                                st_m[0] = T.float32(neg)
+                                st_d[0] = T.float32(1.0)
+                                for vec in T.vectorized(VEC):
+                                    O_local[vec] = T.float32(0)
+                                for vec in T.vectorized(VEC):
+                                    Q_local[vec] = Q[bx, qh, 0, tx * VEC + vec]
+
+                                for iterator in T.serial(T.ceildiv(kv_len[0], rows)):
+                                    tile_start_s: T.let[T.int32] = (tz * bdy + ty) * tile
+                                    tile_start_g: T.let[T.int32] = ((iterator * bdz + tz) * bdy + ty) * tile
+                                    for j in T.serial(tile):
+                                        with T.sblock("KV_load"):
+                                            T.reads()
+                                            T.writes()
+                                            row_g: T.let[T.int32] = tile_start_g + j
+                                            if row_g < kv_len[0]:
+                                                for vec in T.vectorized(VEC):
+                                                    K_smem[tile_start_s + j, tx * VEC + vec] = K[bx, by, row_g, tx * VEC + vec]
+                                                    V_smem[tile_start_s + j, tx * VEC + vec] = V[bx, by, row_g, tx * VEC + vec]
+                                            else:
+                                                for vec in T.vectorized(VEC):
+                                                    K_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
+                                                    V_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
+                                    T.tvm_storage_sync("shared")
+                                    m_prev[0] = st_m[0]
+                                    for j in T.serial(bdy * tile):
+                                        for vec in T.vectorized(VEC):
+                                            QK_local[vec] = T.Cast("float32", Q_local[vec]) * T.Cast("float32", K_smem[tz * bdy * tile + j, tx * VEC + vec]) * T.float32(qk_scale)
+                                        S_reduce_local[0] = T.float32(0)
+                                        for vec in T.unroll(VEC):
+                                            S_reduce_local[0] += QK_local[vec]
+                                        with T.sblock("block_cross_thread"):
+                                            T.reads(S_reduce_local[0])
+                                            T.writes(t0[0])
+                                            T.attr(T.comm_reducer(lambda x0, y0: x0 + y0, [T.float32(0)]), "reduce_scope", T.int32(0))
+                                            T.tvm_thread_allreduce(T.uint32(1), S_reduce_local[0], True, t0[0], tx, dtype="void")
+                                        S_local[j] = T.float32(neg)
+                                        if (iterator * bdz + tz) * bdy * tile + j < kv_len[0]:
+                                            S_local[j] = t0[0]
+                                        st_m[0] = T.max(st_m[0], S_local[j])
+                                    o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])
+                                    st_d[0] *= o_scale
+                                    for j in T.serial(bdy * tile):
+                                        S_local[j] = T.exp2(S_local[j] - st_m[0])
+                                        st_d[0] += S_local[j]
+                                    for j in T.vectorized(VEC):
+                                        O_local[j] *= o_scale
+                                    for j in T.serial(bdy * tile):
+                                        for vec in T.vectorized(VEC):
+                                            V_local[vec] = V_smem[tz * bdy * tile + j, tx * VEC + vec]
+                                        for vec in T.vectorized(VEC):
+                                            O_local[vec] += T.Cast("float32", V_local[vec]) * S_local[j]
+                                    # the next tile's loads overwrite rows other warps may still be reading
+                                    T.tvm_storage_sync("shared")
+
+                                if bdz > 1:
+                                    for vec in T.vectorized(VEC):
+                                        O_allreduce[tz, ty, tx * VEC + vec] = O_local[vec]
+                                    md_allreduce[tz, ty, 0] = st_m[0]
+                                    md_allreduce[tz, ty, 1] = st_d[0]
+                                    T.tvm_storage_sync("shared")
+                                    st_m[0] = T.float32(neg)
+                                    st_d[0] = T.float32(1.0)
+                                    for vec in T.vectorized(VEC):
+                                        O_local[vec] = T.float32(0)
+                                    for j in T.serial(bdz):
+                                        m_prev[0] = st_m[0]
+                                        d_prev[0] = st_d[0]
+                                        other_m[0] = md_allreduce[j, ty, 0]
+                                        other_d[0] = md_allreduce[j, ty, 1]
+                                        for vec in T.vectorized(VEC):
+                                            other_o[vec] = O_allreduce[j, ty, tx * VEC + vec]
+                                        st_m[0] = T.max(st_m[0], other_m[0])
+                                        st_d[0] = d_prev[0] * T.exp2(m_prev[0] - st_m[0]) + other_d[0] * T.exp2(other_m[0] - st_m[0])
+                                        exp_mprev[0] = T.exp2(m_prev[0] - st_m[0])
+                                        exp_otherm[0] = T.exp2(other_m[0] - st_m[0])
+                                        for vec in T.vectorized(VEC):
+                                            O_local[vec] = O_local[vec] * exp_mprev[0] + other_o[vec] * exp_otherm[0]
+                                for vec in T.vectorized(VEC):
+                                    O_local[vec] /= st_d[0]
+                                for vec in T.vectorized(VEC):
+                                    O[bx, qh, 0, tx * VEC + vec] = T.Cast(dtype, O_local[vec])
+    # fmt: on
+    return kv_decode_attention
+
+
+def _decode_call(ctx, node, args):
+    qt, kt = node.inputs[0].type, node.inputs[1].type
+    _, h, _, d = qt.shape
+    hkv, m = kt.shape[1], kt.shape[2]
+    dt = tvm_dtype(qt.dtype)
+    func = decode_attention_func(h, hkv, m, d, dt, tvm_dtype(node.inputs[3].type.dtype), node.attrs["scale"])
+    gv = ctx.bb.add_func(func, "kv_decode_attention")
+    return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType(ctx.shape(qt), dt)), "attn")
