@@ -182,3 +182,16 @@ def test_gptq_dequantize_needs_the_group_of_a_ragged_layout():
     with pytest.raises(ValueError, match="dequantize: scale has 5 groups, but K=576 in groups of 64 makes 9"):
         gptq.dequantize(q, s, z, group=64)
     np.testing.assert_allclose(gptq.dequantize(q, s, z, group=128), 1.0, rtol=1e-6)
+
+
+def test_quant_linear_type_rule_wants_ceil_k_over_group_scales():
+    from llmasos.ir import DType, TensorType
+    from llmasos.ir.ops import get_op
+    op = get_op("quant.linear")
+    x, q = TensorType((3, 576), DType.f32), TensorType((40, 288), DType.u8)  # int4: K = 2 * 288
+    s5 = TensorType((40, 5), DType.f32)
+    assert op.infer_types([x, q, s5, s5], {"bits": 4, "group": 128}) == (TensorType((3, 40), DType.f32),)
+    s4 = TensorType((40, 4), DType.f32)
+    with pytest.raises(ValueError, match=r"quant.linear: scale must be \[N, G\] = \[40, 5\] \(K=576, group=128, "
+                                         r"G = ceil\(K / group\)\) or \[1, 1\], got"):
+        op.infer_types([x, q, s4, s4], {"bits": 4, "group": 128})
