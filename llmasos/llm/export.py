@@ -46,7 +46,8 @@ def export_decoder(decoder: Decoder, phase: str, batch: Optional[int], max_batch
         ex_batch = 2 if max_batch > 1 else 1
     else:
         bdim, ex_batch = None, batch
-    sdim = torch.export.Dim("seq", min=2, max=max_seq) if phase == "prefill" else None
+    # a Dim needs min < max: with max_seq == 2 the prefill length is simply static 2
+    sdim = torch.export.Dim("seq", min=2, max=max_seq) if phase == "prefill" and max_seq > 2 else None
     ex_seq = min(max_seq, 3) if phase == "prefill" else 1
     args = example_inputs(decoder, phase, ex_batch, ex_seq, max_seq)
 

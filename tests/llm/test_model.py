@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 import pytest
 import torch
@@ -259,3 +260,15 @@ def test_smollm2_decode_equals_hf_full_recompute():
         # logits of SmolLM2 reach ~30: 1e-3 absolute is float32 reduction-order noise over 30 layers
         torch.testing.assert_close(torch.stack(logits), ref, atol=1e-3, rtol=1e-4, msg=lambda m: f"{mode}: {m}")
         assert out == ref.argmax(-1).tolist()
+
+
+def test_export_decoder_rejects_bad_arguments():
+    d = Decoder.random(PRESETS["llama-tiny"])
+    for args, msg in [(("prefill", None, 1, 65), "max_seq 65 > the model's max_positions 64"),
+                      (("bogus", None, 1, 8), "phase must be one of ('prefill', 'decode'), got 'bogus'"),
+                      (("decode", 5, 4, 8), "batch 5 is outside 1..max_batch=4"),
+                      (("prefill", None, 2, 1), "prefill needs max_seq >= 2")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            export_decoder(d, *args)
+    with pytest.raises(ValueError, match="needs Decoder\\(mode='export'\\), got mode='torch'"):
+        export_decoder(Decoder.random(PRESETS["llama-tiny"], mode="torch"), "decode", None, 2, 8)
