@@ -64,10 +64,23 @@ def _kv_append(ctx, node, args):
     func = _append_func(hkv, m, d, tvm_dtype(ct.dtype), tvm_dtype(node.inputs[2].type.dtype))
     gv = ctx.bb.add_func(func, "kv_append")
     if _old_cache_read_later(ctx, node):
-        # the IR is functional: a later reader of the old cache must not see the append, so write a copy
-        cache = ctx.emit(R.add(cache, relax.const(0, tvm_dtype(ct.dtype))), "kv_cache_copy")
+        # the IR is functional: a later reader of the old cache must not see the append, so build a new cache.
+        # (Not a copy followed by the in-place kernel: RewriteDataflowReshape turns an identity copy into a
+        # view of its input, and the in-place write would then land in the old cache after all.)
+        return ctx.emit_te(_append_functional, cache, new, pos, name="kv_append_copy")
     out_ty = relax.TensorType(ctx.shape(ct), tvm_dtype(ct.dtype))
     return ctx.emit(relax.call_tir_inplace(gv, [cache, new, pos], [0], out_ty), "kv_appended")
+
+
+def _append_functional(cache, new, pos):
+    """A new cache: row j of batch row b is new[b, :, j - pos[b]] where that is a new token, else the cache's."""
+    L = new.shape[2]
+
+    def at(b, h, j, x):
+        r = j - pos[b].astype("int64")
+        safe = tir.max(tir.min(r, L - 1), tir.const(0, "int64"))  # Select evaluates both sides: stay in bounds
+        return tir.Select(tir.all(r >= 0, r < L), new[b, h, safe, x], cache[b, h, j, x])
+    return te.compute(cache.shape, at, name="kv_append_copy")
 
 
 def _old_cache_read_later(ctx, node) -> bool:
