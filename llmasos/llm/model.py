@@ -172,18 +172,14 @@ class Attention(nn.Module):
         o = torch.ops.llmasos.kv_attention(q, k_cache, v_cache, pos, self.scale)
         return self.out(o), k_cache, v_cache
 
-    def forward_torch(self, x, pos, rope):
-        if self.k_cache is None:
-            raise RuntimeError("Decoder(mode='torch'): call setup_caches(max_batch, max_seq, ...) before forward")
+    def forward_torch(self, x, rope, rows, idx, mask):
+        """rows [B, 1], idx [B, T]: the cache slots of the new tokens; mask [B, 1, T, M]: built once per step."""
         q, k, v = self.qkv(x, rope)
-        B, _, T, _ = q.shape
+        B = q.shape[0]
         kc, vc = self.k_cache[:B], self.v_cache[:B]
-        rows = torch.arange(B, device=x.device)[:, None]
-        idx = pos.long()[:, None] + torch.arange(T, device=x.device)[None, :]          # [B, T]
         # advanced indices around a slice put their dims first: the target is [B, T, Hkv, D]
         kc[rows, :, idx] = k.transpose(1, 2)
         vc[rows, :, idx] = v.transpose(1, 2)
-        mask = causal_cache_mask(pos, T, kc.shape[2])
         gqa = self.cfg.heads != self.cfg.kv_heads
         o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return self.out(o)
@@ -300,8 +296,16 @@ class Decoder(nn.Module):
         if self.mode == "torch":
             if caches:
                 raise TypeError("Decoder(mode='torch').forward(ids, pos, last) takes no caches: they are buffers")
+            first = self.blocks[0].attn.k_cache
+            if first is None:
+                raise RuntimeError("Decoder(mode='torch'): call setup_caches(max_batch, max_seq, ...) before forward")
+            B, T = ids.shape
+            # shared by every layer: eager mode would otherwise rebuild them once per layer
+            rows = torch.arange(B, device=ids.device)[:, None]
+            idx = pos.long()[:, None] + torch.arange(T, device=ids.device)[None, :]
+            mask = causal_cache_mask(pos, T, first.shape[2])
             for blk in self.blocks:
-                x = x + blk.attn.forward_torch(blk.norm1(x), pos, rope)
+                x = x + blk.attn.forward_torch(blk.norm1(x), rope, rows, idx, mask)
                 x = x + blk.mlp(blk.norm2(x))
             return self._logits(x, last)
         if len(caches) != 2 * self.cfg.layers:
