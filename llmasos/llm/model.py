@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmasos.llm import ops as kv_ops  # noqa: F401  (registers torch.ops.llmasos.*)
+# importing llmasos.llm.ops also registers torch.ops.llmasos.kv_append / kv_attention
 from llmasos.llm.ops import causal_cache_mask
 
 ARCHS = ("llama", "gpt2")
