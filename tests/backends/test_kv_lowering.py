@@ -56,6 +56,21 @@ def test_cpu_matches_the_interpreter(step_exe, batch, t):
         np.testing.assert_allclose(o, w, rtol=1e-5, atol=1e-6, err_msg=f"{name} (batch={batch}, T={t})")
 
 
+def test_cpu_decode_kernel_reads_rows_up_to_pos():
+    # T == 1 takes the CPU decode kernel; positions at both ends of the cache, rows past pos hold huge
+    # values that would dominate the softmax if the kernel read them
+    g = step_graph(t=1, outputs=("attn",))
+    assert "kv_decode_attention_cpu" in {gv.name_hint for gv in lower(g, resolve_target("cpu")).functions}
+    inputs = step_inputs(3, 1, seed=11)
+    inputs[5] = np.array([0, 7, M - 1], np.int32)
+    for b, p in enumerate(inputs[5]):
+        inputs[3][b, :, p + 1:] = 1e4
+        inputs[4][b, :, p + 1:] = 1e4
+    want = interpreter.run(g, inputs)[0]
+    got = build(g, "cpu")(*inputs)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_f16_accumulates_in_f32():
     g = step_graph(DType.f16, t=1, outputs=("attn",))
     inputs = step_inputs(3, 1, seed=5, dt=np.float16)
