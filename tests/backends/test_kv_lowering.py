@@ -71,6 +71,17 @@ def test_cpu_decode_kernel_reads_rows_up_to_pos():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_gpu_form_of_the_generic_path_matches_on_cpu(monkeypatch):
+    # the GPU's masked q k^T reading the cache untransposed, checked numerically where it can run: here
+    monkeypatch.setattr(lowering_kv, "_nt_logits", lambda ctx: True)
+    g = step_graph(outputs=("attn",))
+    assert "kv_qk_masked" in {gv.name_hint for gv in lower(g, resolve_target("cpu")).functions}
+    exe = build(g, "cpu")
+    for batch, t in ((2, 3), (1, 16)):
+        inputs = step_inputs(batch, t, seed=t)
+        np.testing.assert_allclose(exe(*inputs)[0], interpreter.run(g, inputs)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_f16_accumulates_in_f32():
     g = step_graph(DType.f16, t=1, outputs=("attn",))
     inputs = step_inputs(3, 1, seed=5, dt=np.float16)

@@ -8,10 +8,11 @@
   other users (or is itself a graph output) the lowering appends into a copy instead. The kernel is one
   unscheduled spatial block (one thread per element on GPU after DLight's fallback rule), writing element
   [b, h, pos[b] + t, d]; positions outside the cache are skipped, never written.
-* ``kv.attention``: the generic path (CPU, and GPU prefill of any T) is the sdpa lowering's form: query
-  heads grouped per kv head by a free reshape ([B, H, T, D] -> [B, Hkv, rep*T, D]) so k/v are read, never
-  repeated or cast (the f16 caches stay f16; the QK^T GEMM and the PV product accumulate in f32), the
-  causal mask j <= pos[b] + t applied by a TE function reading pos, softmax in f32.
+* ``kv.attention``: the generic path (any T: prefill) groups query heads per kv head by a free reshape
+  ([B, H, T, D] -> [B, Hkv, rep*T, D]) so k/v are read, never repeated or cast (f16 caches stay f16; the
+  QK^T and PV products accumulate in f32); the mask j <= pos[b] + t is a TE function reading pos; softmax
+  in f32. On GPU, QK^T reads the cache untransposed with the mask in its epilogue (3 kernels: logits,
+  softmax, PV); on CPU the sdpa lowering's form (a transposed cache feeding the panel GEMM).
   The generic path computes logits for all M cache rows whatever pos is. With T == 1 (decode) a
   hand-written kernel replaces it, reading only rows 0..pos[b] (the loop bound is read from pos, so shapes
   stay static and the CUDA call is CUDA-graph capturable), with an online softmax in f32:
@@ -128,15 +129,23 @@ def _generic(ctx, node, args):
     B, Tq = ctx.dim(qt.shape[0]), ctx.dim(t)
     # [B, H, T, D] -> [B, Hkv, rep*T, D]: query heads of one kv head stacked along rows (contiguous: a view)
     qg = ctx.emit(R.reshape(q, [B, ctx.dim(hkv), Tq * rep, ctx.dim(d)]), "q_grouped") if rep > 1 else q
-    kT = ctx.emit(R.permute_dims(kc, [0, 1, 3, 2]), "k_cache_T")
-    logits = ctx.emit(R.matmul(qg, kT, out_dtype="float32"), "logits")
-    if rep > 1:  # back to [B, H, T, M] (a view), where the mask reads the query position from the index
-        logits = ctx.emit(R.reshape(logits, [B, ctx.dim(h), Tq, ctx.dim(m)]), "logits")
     scale = node.attrs["scale"]
-    masked = ctx.emit_te(lambda lg, p: _cache_mask(lg, p, scale), logits, pos, name="kv_mask")
-    probs = ctx.emit(R.nn.softmax(masked, -1), "probs")
-    if rep > 1:
-        probs = ctx.emit(R.reshape(probs, [B, ctx.dim(hkv), Tq * rep, ctx.dim(m)]), "probs_grouped")
+    if _nt_logits(ctx):
+        # GPU: q k^T reading k as stored (each logit reduces over a contiguous cache row) with the mask in
+        # the GEMM's epilogue; R.matmul on a permuted cache would copy the whole transposed cache per call.
+        # q rides along unread so the PrimFunc can bind T (the grouped rows are rep*T)
+        probs = ctx.emit(R.nn.softmax(ctx.emit_te(lambda a, k, p, q0: _qk_masked(a, k, p, q0, scale), qg, kc, pos,
+                                                  q, name="kv_qk_masked"), -1), "probs")
+    else:
+        # CPU: the transposed cache feeds the panel GEMM (cpu_schedule.Matmul wants N innermost)
+        kT = ctx.emit(R.permute_dims(kc, [0, 1, 3, 2]), "k_cache_T")
+        logits = ctx.emit(R.matmul(qg, kT, out_dtype="float32"), "logits")
+        if rep > 1:  # back to [B, H, T, M] (a view), where the mask reads the query position from the index
+            logits = ctx.emit(R.reshape(logits, [B, ctx.dim(h), Tq, ctx.dim(m)]), "logits")
+        masked = ctx.emit_te(lambda lg, p: _cache_mask(lg, p, scale), logits, pos, name="kv_mask")
+        probs = ctx.emit(R.nn.softmax(masked, -1), "probs")
+        if rep > 1:
+            probs = ctx.emit(R.reshape(probs, [B, ctx.dim(hkv), Tq * rep, ctx.dim(m)]), "probs_grouped")
     out = ctx.emit_te(_pv, probs, vc, name="kv_pv")
     out = ctx.emit(R.astype(out, tvm_dtype(qt.dtype)), "attn") if qt.dtype is not DType.f32 else out
     return ctx.emit(R.reshape(out, ctx.shape(qt)), "attn") if rep > 1 else out
@@ -148,6 +157,26 @@ def _cache_mask(logits, pos, scale):
     s = tir.const(scale, "float32")
     return te.compute(logits.shape, lambda b, h, t, j: tir.Select(
         j <= pos[b].astype("int64") + t, logits[b, h, t, j] * s, neg_inf), name="kv_mask")
+
+
+def _nt_logits(ctx) -> bool:
+    return ctx.spec is not None and ctx.spec.device != "cpu"
+
+
+def _qk_masked(qg, kc, pos, q, scale):
+    """Grouped logits [B, Hkv, rep*T, M] in f32: row r is query r % T of head group r // T, at position
+    pos[b] + r % T; cache rows past it are -inf. T is read from q's shape (q itself is not read)."""
+    b_, g_, rows, d_ = qg.shape
+    m_ = kc.shape[2]
+    t_len = q.shape[2]
+    x = te.reduce_axis((0, d_), name="x")
+    f32 = (lambda e: e) if qg.dtype == "float32" else (lambda e: e.astype("float32"))
+    s = te.compute((b_, g_, rows, m_), lambda b, g, r, j: te.sum(f32(qg[b, g, r, x]) * f32(kc[b, g, j, x]), axis=x),
+                   name="kv_qk")
+    neg_inf = tir.const(float("-inf"), "float32")
+    return te.compute(s.shape, lambda b, g, r, j: tir.Select(
+        j <= pos[b].astype("int64") + tir.floormod(r, t_len), s[b, g, r, j] * tir.const(scale, "float32"), neg_inf),
+        name="kv_qk_masked")
 
 
 def _pv(probs, v):
