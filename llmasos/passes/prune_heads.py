@@ -183,7 +183,7 @@ def _track(g: Graph, b: _Block, pass_name: str) -> None:
     """Find G and follow the group axis from the projections to the output projection, recording how
     each shape attribute and each per-channel parameter on the way shrinks. Raises PassError at the first
     node it cannot follow the axis through."""
-    q, k = b.sdpa.inputs[0].type, b.sdpa.inputs[1].type
+    q = b.sdpa.inputs[0].type
     heads, d = q.shape[-3], q.shape[-1]
     if not (isinstance(heads, int) and isinstance(d, int)):
         raise PassError(pass_name, f"query heads and head size must be static, got {q}", b.sdpa)

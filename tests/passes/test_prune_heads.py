@@ -14,7 +14,6 @@ from llmasos.ir.interpreter import run
 from llmasos.ir.verifier import verify
 from llmasos.passes import PassManager
 from llmasos.passes.base import PassNotApplicable
-from llmasos.passes.calibration import Calibration
 from llmasos.passes.pipeline import parse_pipeline
 from tests.passes.test_prune import llama_calibration, llama_ids, tiny_llama_graph
 
@@ -182,7 +181,6 @@ def test_graph_without_attention_is_not_applicable():
 
 def test_calibrated_scores_pick_the_group_whose_output_matters():
     """Scale one kv group's v rows up by 100: the calibrated (and the weight-norm) score must keep it."""
-    from llmasos.passes.prune_heads import head_counts  # noqa: F401 -- the pass is registered
     g = tiny_llama_graph().clone()
     for layer in range(2):
         v = f"model.layers.{layer}.self_attn.v_proj.weight"
