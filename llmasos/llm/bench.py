@@ -68,7 +68,7 @@ def torch_generate(model, prompt, new, step=None):
     import torch
     B, P = prompt.shape
     dev = prompt.device
-    step = step or model
+    step = model if step is None else step
     t0 = time.perf_counter()
     with torch.no_grad():
         logits0 = model(prompt, torch.zeros(B, dtype=torch.int32, device=dev),
@@ -107,7 +107,8 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
     cfg = preset(name)
     max_seq = prompt_len + new
     rows = []
-    tmodel = Decoder.random(cfg, mode="torch", seed=0, dtype=tdtype, device=device)
+    # weights drawn on the CPU for both models: a CUDA generator gives other numbers for the same seed
+    tmodel = Decoder.random(cfg, mode="torch", seed=0, dtype=tdtype, device="cpu").to(device)
     wbytes = weight_bytes(tmodel)
     for B in batches:
         row = {"model": name, "batch": B, "dtype": dtype, "prompt": prompt_len, "new": new, "weight_bytes": wbytes,

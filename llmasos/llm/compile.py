@@ -42,8 +42,9 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
     """Compile ``model`` for KV-cache generation on ``target``.
 
     max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
-    max_batch; an int compiles for exactly that batch (static shapes: the fastest decode, and on CUDA the
-    decode step then runs as one CUDA graph unless cuda_graph=False). dtype: cast the weights (e.g.
+    max_batch; an int compiles for that batch (batch 1: static shapes, the GEMV kernels; on CUDA a larger
+    batch stays symbolic up to it, which DLight schedules as low-batch GEMVs). On CUDA the decode step runs
+    as a CUDA graph (one per batch size) unless cuda_graph=False. dtype: cast the weights (e.g.
     torch.float16 for GPUs). passes: the pipeline run on both graphs (default "fuse").
     """
     from ..backends.tvm import build_functions, resolve_target
@@ -68,8 +69,14 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
     if max_seq > dec.cfg.max_positions:
         raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
     graphs = {}
+    export_batch = batch
+    if spec.device == "cuda" and batch is not None and batch > 1:
+        # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once
+        # for all rows); a static batch > 1 gets the large-M matmul tiles, ~10x slower. The CUDA graph is
+        # then captured per batch size.
+        export_batch, max_batch = None, batch
     for phase in (PREFILL, DECODE):
-        ep = export_decoder(dec, phase, batch, max_batch, max_seq)
+        ep = export_decoder(dec, phase, export_batch, max_batch, max_seq)
         graphs[phase] = torch_export.import_exported_program(ep, name=phase).graph
         verify(graphs[phase])
     timings["import_s"] = time.perf_counter() - t0
@@ -78,7 +85,7 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
         graphs = {k: pipeline.run(g) for k, g in graphs.items()}
         timings["passes_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    use_graph = bool(cuda_graph) and spec.device == "cuda" and batch is not None
+    use_graph = bool(cuda_graph) and spec.device == "cuda"
     exe = build_functions(graphs, spec, cuda_graph=(DECODE,) if use_graph else ())
     timings["build_s"] = time.perf_counter() - t0
     return CompiledLM(exe, vocab=dec.cfg.vocab, max_seq=max_seq, config=dec.cfg, tokenizer=tokenizer,

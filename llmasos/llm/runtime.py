@@ -111,7 +111,10 @@ class CompiledLM:
                            tvm.runtime.empty((batch, 1), "int64", self._dev),
                            tvm.runtime.empty((batch,), "int32", self._dev),
                            tvm.runtime.tensor(np.zeros(batch, np.int64), self._dev))
-            self._buffers = {batch: buf}  # one batch size resident at a time: caches can be large
+            if not self.cuda_graph:
+                self._buffers = {}  # one batch size resident at a time: caches can be large
+            # (with CUDA graphs every batch size keeps its buffers: its captured graph holds their addresses)
+            self._buffers[batch] = buf
         return buf
 
     def cache_bytes(self, batch: int = 1) -> int:

@@ -35,7 +35,8 @@ _NAME_RE = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.rewrite_pass",
                    "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise",
                    "llmasos.passes.split_heads", "llmasos.passes.fuse",
-                   "llmasos.passes.quantize", "llmasos.passes.prune", "llmasos.passes.lowrank")
+                   "llmasos.passes.quantize", "llmasos.passes.prune", "llmasos.passes.prune_heads",
+                   "llmasos.passes.lowrank")
 
 
 class PassError(Exception):

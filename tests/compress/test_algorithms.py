@@ -240,7 +240,7 @@ W = np.ones((4, 8), np.float32)
 H = np.eye(8)
 BAD = [
     (lambda: gptq_quantize(W, H, 5, 0, True), "gptq_quantize: bits must be one of [2, 3, 4, 8], got 5"),
-    (lambda: gptq_quantize(W, H, 4, 3, True), "gptq_quantize: group 3 does not divide the input size K=8"),
+    (lambda: gptq_quantize(W, H, 4, 1.5, True), "gptq_quantize: group must be an int >= 0 (0 = per-channel), got 1.5"),
     (lambda: gptq_quantize(W, H, 4, -1, True), "gptq_quantize: group must be an int >= 0"),
     (lambda: gptq_quantize(W, np.eye(4), 4, 0, True), "hessian must have shape (8, 8)"),
     (lambda: gptq_quantize(W, H, 4, 0, True, damp=-0.1), "gptq_quantize: damp must be in [0, 1)"),

@@ -18,7 +18,9 @@ from collections import Counter
 from typing import Any
 
 from ...ir.graph import Graph
-from .build import MAIN, TRANSFORM
+from .build import MAIN, TRANSFORMS
+
+TRANSFORM = TRANSFORMS[0]   # one entry function: LiftTransformParams names it main_transform_params
 from .targets import TargetSpec, resolve_target
 
 # Relax ops whose call is one kernel launch (the callee: a PrimFunc GlobalVar or a packed function)

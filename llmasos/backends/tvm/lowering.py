@@ -363,11 +363,31 @@ def _linear(ctx, node, args):
         return _panel_matmul(ctx, node, x, w, bias, transposed=True)
     dt = node.inputs[0].type.dtype
     acc = _acc_dtype(dt)
+    if ctx.spec is not None and ctx.spec.device != "cpu" and w.ty.ndim == 2:
+        return _nt_linear(ctx, node, x, w, bias, dt, acc)
     wt = ctx.emit(R.permute_dims(w, [1, 0]), "wT")  # a param-only expression: LiftTransformParams hoists it
     y = R.matmul(x, wt, out_dtype=tvm_dtype(acc) if acc is not dt else None)
     if bias is not None:
         y = R.add(ctx.emit(y), ctx.cast(bias, acc))
     return y if acc is dt else ctx.cast(ctx.emit(y), dt)
+
+
+def _nt_linear(ctx, node, x, w, bias, dt, acc):
+    """GPU: x @ W^T reading W [N, K] as stored. Each output reduces over a contiguous weight row, the layout
+    DLight's GEMV rule (decode: one row of x) reads at full bandwidth; a transposed copy made at load would
+    turn every decode GEMV into a strided, outer-reduction one. Bias and cast stay separate ops, which
+    TVM's FuseOps folds into the GEMM kernel's epilogue."""
+    n, k = (ctx.dim(d) for d in node.inputs[1].type.shape)
+    acc_t = tvm_dtype(acc)
+
+    def f(xt, wt):
+        r = te.reduce_axis((0, k), name="k")
+        return te.compute((*xt.shape[:-1], n), lambda *i: te.sum(
+            xt(*i[:-1], r).astype(acc_t) * wt[i[-1], r].astype(acc_t), axis=r), name="matmul_nt")
+    y = ctx.emit_te(f, x, w, name="linear_nt")
+    if bias is not None:
+        y = ctx.emit(R.add(y, ctx.cast(bias, acc)))
+    return y if acc is dt else ctx.cast(y, dt)
 
 
 def _weight_panels(ctx, node, i) -> bool:
