@@ -133,10 +133,9 @@ def _gpu_pipeline(target):
 
     @tvm.transform.module_pass(opt_level=0, name="LLMasOSCUDAPipeline")
     def pipeline(mod, _ctx):
-        # the rule pads the batch to a multiple of its bucket and streams the weights once per bucket, so
-        # the bucket covers the largest batch (up to 32 rows of accumulators per thread)
-        bucket = min(32, 1 << max(0, _max_batch(mod) - 1).bit_length())
-        rules = [_OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(bucket)), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+        # bucket 4 (rows of accumulators per thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran
+        # 2422 / 2781 tok/s with it and 1944 / 829 with the bucket = batch (register pressure)
+        rules = [_OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                  dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
         with target:
             legalize = [p for p in cuda.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
@@ -144,16 +143,6 @@ def _gpu_pipeline(target):
                       + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)
     return pipeline
-
-
-def _max_batch(mod) -> int:
-    """The largest upper bound of a symbol named ``batch`` over the module's functions (1 if none)."""
-    best = 1
-    for f in mod.functions.values():
-        bounds = f.attrs.get("tir_var_upper_bound") if getattr(f, "attrs", None) is not None else None
-        if bounds is not None and "batch" in bounds:
-            best = max(best, int(bounds["batch"]))
-    return best
 
 
 class _OnlyBatchSymbolic:
