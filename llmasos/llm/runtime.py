@@ -26,6 +26,12 @@ PREFILL, DECODE = "prefill", "decode"
 N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
 
 
+def _sync(t) -> None:
+    if t.device.type == "cuda":
+        import torch
+        torch.cuda.synchronize(t.device)
+
+
 class GenerationError(ValueError):
     """A generation request the compiled model cannot serve (empty prompt, too long, bad token ids...)."""
 
@@ -219,7 +225,10 @@ class CompiledLM:
         of strings (with a tokenizer). Returns the new tokens (a list, or a list per prompt), or text."""
         ids, single, text = self._as_ids(prompts)
         out = [[] for _ in ids]
-        for row, tok in self._run(ids, max_new_tokens, Sampling.of(sampling), self._stop_ids(stop)):
+        stop_ids = self._stop_ids(stop)
+        # nothing needs a token before the end: every step stays on the device, no host sync per token
+        run = self._run_on_device if not stop_ids and on_token is None else self._run
+        for row, tok in run(ids, max_new_tokens, Sampling.of(sampling), stop_ids):
             out[row].append(tok)
             if on_token is not None:
                 on_token(row, tok)
@@ -243,7 +252,8 @@ class CompiledLM:
                 ids.add(int(s))
         return ids
 
-    def _run(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
+    def _start(self, prompts: list, max_new_tokens: int, sampling: Sampling):
+        """Checks, buffers and the prefill: (n, B, buf, stats, generator, first tokens on the device, lens)."""
         import torch
         self._check(prompts, max_new_tokens)
         n = len(prompts)
@@ -256,6 +266,38 @@ class CompiledLM:
         t0 = time.perf_counter()
         logits, lens = self.prefill(prompts, buf)
         tok = sample(torch.from_dlpack(logits), sampling, gen)
+        return n, B, buf, stats, gen, tok, lens, t0
+
+    def _run_on_device(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
+        """Every row runs max_new_tokens steps; the chosen ids go straight from the sampler into the decode
+        step's id buffer and the positions advance in place, so the host waits only once, at the end."""
+        import torch
+        n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
+        ids_dev, pos_dev = torch.from_dlpack(buf.ids), torch.from_dlpack(buf.pos)
+        if tok.device != ids_dev.device:
+            raise RuntimeError(f"sampled ids on {tok.device}, decode inputs on {ids_dev.device}")
+        pos_dev.copy_(torch.from_numpy(lens).to(pos_dev.device))
+        _sync(tok)
+        stats.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        toks = [tok]
+        for _ in range(max_new_tokens - 1):
+            ids_dev.copy_(tok.view(-1, 1))
+            logits = self._decode(buf.ids, buf.pos, buf.last, *buf.caches, *self._weights)[0]
+            pos_dev.add_(1)
+            tok = sample(torch.from_dlpack(logits), sampling, gen)
+            toks.append(tok)
+            stats.steps += 1
+        host = torch.stack(toks, 1).tolist()
+        stats.decode_s = time.perf_counter() - t0
+        stats.new_tokens = n * max_new_tokens
+        for step in range(max_new_tokens):
+            for r in range(n):
+                yield r, int(host[r][step])
+
+    def _run(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
+        n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
+        import torch
         host = tok.tolist()
         stats.prefill_s = time.perf_counter() - t0
         done = [False] * B
