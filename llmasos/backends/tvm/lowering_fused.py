@@ -16,8 +16,8 @@ from tvm import tirx as tir
 
 from ...ir.graph import Graph
 from ...ir.opset.fused import ACTIVATIONS, parse_expr
-from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, get_lowering, register_lowering,
-                       tvm_dtype)
+from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, get_lowering, pad_single_row,
+                       register_lowering, tvm_dtype)
 
 
 def _fast(ctx) -> bool:
@@ -213,6 +213,9 @@ def _linear_glu(ctx, node, args):
         g = act(y)
         return te.compute([*x.shape[:-1], p, nr], lambda *i: g(*i[:-1], 0, i[-1]) * y(*i[:-1], 1, i[-1]),
                           name="glu")
+    x, one_row = pad_single_row(ctx, node, x)
     out = ctx.emit_te(gemm, x, panels, *([bias] if bias is not None else []), name="panel_glu")
     lead = ctx.shape(node.inputs[0])[:-1]
+    if one_row:
+        out = ctx.emit(R.strided_slice(out, [0], [0], [1], assume_inbound=True))
     return R.reshape(out, [*lead, f])

@@ -94,7 +94,6 @@ def _generic_quant_linear(ctx, node, args):
     dt = tvm_dtype(xt.dtype)
     acc = tvm_dtype(_acc_dtype(xt.dtype))
     deq = _dequant_fn(bits, group, per_tensor)
-    has_bias = len(args) > 4
 
     def f(x, codes, scale, zero, *b):
         # the weight in x's dtype, as the reference casts it, then accumulated in f32
@@ -253,7 +252,6 @@ def _linear_a8(ctx, node, args):
     bias = args[3] if len(args) > 3 else None
     xt = node.inputs[0].type
     n, k = node.inputs[1].type.shape
-    dt = tvm_dtype(xt.dtype)
     lead = ctx.shape(node.inputs[0])[:-1]
     m = lead[0] if lead else tir.IntImm("int64", 1)
     for d in lead[1:]:
