@@ -104,21 +104,25 @@ def save(cm, path) -> Path:
     return path
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path, fmt: str = FORMAT, version: int = VERSION, files=FILES,
+                  what: str = "an LLMasOS artifact") -> dict:
+    """The manifest of the artifact directory ``path``, after checking its format, version and every file's
+    size and sha256 (LM artifacts, llmasos/llm/artifact.py, pass their own format and files)."""
     mf = path / "manifest.json"
     if not path.is_dir():
-        raise ArtifactError(f"{path} is not an LLMasOS artifact directory")
+        raise ArtifactError(f"{path} is not {what} directory")
     if not mf.exists():
         raise ArtifactError(f"{path}: manifest.json is missing")
     try:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mf}: corrupted manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: not an LLMasOS manifest")
-    if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{mf}: format version {manifest.get('version')} is not supported (this is {VERSION})")
-    for f in FILES:
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{mf}: not the manifest of {what} (format {got!r}, expected {fmt!r})")
+    if manifest.get("version") != version:
+        raise ArtifactError(f"{mf}: format version {manifest.get('version')} is not supported (this is {version})")
+    for f in files:
         info = manifest.get("files", {}).get(f)
         p = path / f
         if info is None:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from ..artifact import ArtifactError, _sha256
+from ..artifact import read_manifest as _read_manifest
 
 FORMAT = "llmasos-lm"
 VERSION = 1
@@ -60,31 +61,7 @@ def save(lm, path) -> Path:
 
 
 def read_manifest(path: Path) -> dict:
-    mf = path / "manifest.json"
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is not an LLMasOS LM artifact directory")
-    if not mf.exists():
-        raise ArtifactError(f"{path}: manifest.json is missing")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mf}: corrupted manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: not an LLMasOS LM manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise ArtifactError(f"{mf}: format version {manifest.get('version')} is not supported (this is {VERSION})")
-    for f in FILES:
-        info = manifest.get("files", {}).get(f)
-        p = path / f
-        if info is None:
-            raise ArtifactError(f"{mf}: no entry for {f}")
-        if not p.exists():
-            raise ArtifactError(f"{path}: {f} is missing")
-        if p.stat().st_size != info["bytes"]:
-            raise ArtifactError(f"{p}: truncated or altered ({p.stat().st_size} bytes, manifest says {info['bytes']})")
-        if _sha256(p) != info["sha256"]:
-            raise ArtifactError(f"{p}: corrupted (sha256 differs from the manifest)")
-    return manifest
+    return _read_manifest(path, FORMAT, VERSION, FILES, "an LLMasOS LM artifact")
 
 
 def is_lm_artifact(path) -> bool:

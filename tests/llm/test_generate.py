@@ -157,3 +157,16 @@ def test_save_then_load_with_tvm_runtime_only_gives_the_same_tokens(lm, tmp_path
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == want
+
+
+def test_corrupted_lm_artifacts_are_refused_naming_the_file(lm, tmp_path):
+    path = tmp_path / "lm"
+    lm.save(path)
+    w = path / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(llmasos.ArtifactError, match=r"weights.safetensors: truncated"):
+        llmasos.load_lm(path)
+    with pytest.raises(llmasos.ArtifactError, match=r"not the manifest of an LLMasOS artifact \(format 'llmasos-lm'"):
+        llmasos.load(path)
+    with pytest.raises(llmasos.ArtifactError, match=r"is not an LLMasOS LM artifact directory"):
+        llmasos.load_lm(tmp_path / "nothing")
