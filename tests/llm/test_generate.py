@@ -170,3 +170,14 @@ def test_corrupted_lm_artifacts_are_refused_naming_the_file(lm, tmp_path):
         llmasos.load(path)
     with pytest.raises(llmasos.ArtifactError, match=r"is not an LLMasOS LM artifact directory"):
         llmasos.load_lm(tmp_path / "nothing")
+
+
+def test_cli_generate_compiles_saves_and_reloads(tmp_path, capsys):
+    from llmasos.cli import main
+    art = tmp_path / "tiny.lm"
+    assert main(["generate", "llama-tiny", "--ids", "1,2,3", "-n", "5", "--max-seq", "32", "-o", str(art)]) == 0
+    first = capsys.readouterr().out.split()
+    assert main(["generate", str(art), "--ids", "1,2,3", "-n", "5"]) == 0
+    assert capsys.readouterr().out.split() == first and len(first) == 5
+    assert main(["generate", str(art), "--ids", "1,2,999", "-n", "5"]) == 2
+    assert "token id 999 is outside the vocabulary [0, 128)" in capsys.readouterr().err
