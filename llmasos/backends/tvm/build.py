@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -50,16 +50,20 @@ class FunctionSig:
 class Signature:
     """What running a compiled library needs besides the .so: entry functions, their inputs and symbols, and
     the parameter order they share."""
-    inputs: list                 # the first (default) function's inputs: [_Input]
     param_names: list            # graph.params order: every function's trailing arguments before the transform
     param_types: list            # [TensorType]
-    symbols: dict                # the default function's symbols: name -> (min, max)
     lifted: bool                 # the library has a transform-params function (read from the library at load)
-    functions: dict = field(default_factory=dict)   # name -> FunctionSig, default function first
+    functions: dict              # name -> FunctionSig, the default function first
 
-    def __post_init__(self):
-        if not self.functions:
-            self.functions = {MAIN: FunctionSig(self.inputs, self.symbols)}
+    @property
+    def inputs(self) -> list:
+        """The default function's inputs: [_Input]."""
+        return next(iter(self.functions.values())).inputs
+
+    @property
+    def symbols(self) -> dict:
+        """The default function's symbols: name -> (min, max)."""
+        return next(iter(self.functions.values())).symbols
 
     @staticmethod
     def of(graph: Graph, lifted: bool) -> "Signature":
@@ -69,9 +73,7 @@ class Signature:
     def of_functions(graphs: dict, lifted: bool) -> "Signature":
         fns = {n: FunctionSig([_Input(v.name, v.type) for v in g.inputs], dict(g.symbols)) for n, g in graphs.items()}
         first = next(iter(graphs.values()))
-        main = next(iter(fns.values()))
-        return Signature(main.inputs, list(first.params), [v.type for v in first.params.values()], main.symbols,
-                         lifted, fns)
+        return Signature(list(first.params), [v.type for v in first.params.values()], lifted, fns)
 
     def to_json(self) -> str:
         from ...ir.types import dim_str
@@ -90,9 +92,7 @@ class Signature:
         fns = d.get("functions") or {MAIN: {"inputs": d["inputs"], "symbols": d["symbols"]}}
         fns = {n: FunctionSig([_Input(e["name"], t(e)) for e in f["inputs"]],
                               {k: tuple(v) for k, v in f["symbols"].items()}) for n, f in fns.items()}
-        main = next(iter(fns.values()))
-        return Signature(main.inputs, [e["name"] for e in d["params"]], [t(e) for e in d["params"]],
-                         main.symbols, d["lifted"], fns)
+        return Signature([e["name"] for e in d["params"]], [t(e) for e in d["params"]], d["lifted"], fns)
 
 
 def relax_pipeline(spec: TargetSpec):
@@ -216,7 +216,7 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = ()) -
     mod = lower_functions(graphs, spec)
     first = next(iter(graphs.values()))
     ex = compile_module(mod, spec, cuda_graph=tuple(cuda_graph))
-    del mod
+    del mod  # the executable is all we keep
     missing = [n for n in first.params if n not in first.param_data]
     if missing:
         raise ValueError(f"parameters {missing} have no data; attach it before building")
@@ -227,21 +227,9 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = ()) -
 
 
 def build(graph: Graph, target: Any = "cpu") -> "Executable":
-    """Lower, compile and load ``graph``; its parameter data is uploaded to the device once here."""
-    from .lower import lower
-
-    spec = resolve_target(target)
-    t0 = time.perf_counter()
-    mod = lower(graph, spec)
-    lifted = spec.lift_params and bool(graph.params)
-    ex = compile_module(mod, spec)
-    del mod  # the executable is all we keep
-    missing = [n for n in graph.params if n not in graph.param_data]
-    if missing:
-        raise ValueError(f"parameters {missing} have no data; attach it before building")
-    exe = Executable(ex, spec, Signature.of(graph, lifted), graph.param_data)
-    exe.build_seconds = time.perf_counter() - t0
-    return exe
+    """Lower, compile and load ``graph`` (the library's one function, ``main``); its parameter data is
+    uploaded to the device once here."""
+    return build_functions({MAIN: graph}, target)
 
 
 def _is_torch(x) -> bool:
