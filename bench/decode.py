@@ -2,7 +2,7 @@
 torch.compile(mode="reduce-overhead") on the same static-KV-cache model, plus the HBM roofline.
 
     python bench/decode.py [--target cuda] [--models gpt2-124m,llama-1b] [--batch 1,8,32] [--prompt 128]
-                           [--new 128] [--dtype f16] [--int4 llama-1b] [--no-compile-baseline] [--out FILE]
+                           [--new 128] [--dtype f16] [--int4 llama-1b] [--tune 64] [--no-compile-baseline] [--out FILE]
 
 What each figure means: llmasos/llm/bench.py. One JSON document on stdout; progress on stderr.
 """
@@ -26,12 +26,14 @@ def main(argv=None):
     p.add_argument("--passes", default="fuse")
     p.add_argument("--no-compile-baseline", action="store_true", help="skip torch.compile (slow to compile)")
     p.add_argument("--repeat", type=int, default=3, help="timed generations per figure (median)")
+    p.add_argument("--tune", type=int, default=0, help="also MetaSchedule-tune with this many trials per kernel "
+                                                        "and report a llmasos_tuned variant")
     p.add_argument("--out", default=None, help="also write the JSON here, after every model")
     a = p.parse_args(argv)
     from llmasos.llm.bench import run
     doc = run(a.models.split(","), a.target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt,
               new=a.new, dtype=a.dtype, int4_models=[m for m in a.int4.split(",") if m], passes=a.passes,
-              compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out)
+              compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out, tune_trials=a.tune)
     print(json.dumps(doc, indent=1))
 
 

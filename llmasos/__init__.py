@@ -12,7 +12,7 @@ from .api import compile, load  # noqa: E402,F401  (shadowing builtins.compile i
 from .compiled import CompiledModel, InputError  # noqa: E402,F401
 from .artifact import ArtifactError  # noqa: E402,F401
 from .distill import distill  # noqa: E402,F401
-from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm  # noqa: E402,F401
+from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm, tune_lm  # noqa: E402,F401
 
 __all__ = ["compile", "load", "CompiledModel", "InputError", "ArtifactError", "distill", "CompiledLM", "Sampling",
-           "compile_lm", "load_lm", "generate", "__version__"]
+           "compile_lm", "tune_lm", "load_lm", "generate", "__version__"]

@@ -9,7 +9,7 @@ from .compiled import CompiledModel, Signature
 
 def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
             dynamic_shapes: Any = "auto", max_batch: int = 64, max_seq: Optional[int] = None,
-            name: Optional[str] = None, passes: Any = "fuse", calibration=None) -> CompiledModel:
+            name: Optional[str] = None, passes: Any = "fuse", calibration=None, tuning_db=None) -> CompiledModel:
     """Compile an ``nn.Module`` or ``torch.export.ExportedProgram`` for ``target``.
 
     dynamic_shapes="auto" makes dim 0 of every tensor input the symbol ``batch`` (1..max_batch) and dim 1 of
@@ -22,6 +22,11 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
     None/"" for none. ``calibration`` (a ``Calibration`` or a list of token-id batches) feeds the
     data-driven passes (``quantize{method=gptq}``, ``prune{method=wanda}``, ...); it is checked against the
     imported graph before any pass runs.
+
+    ``tuning_db``: a directory of MetaSchedule records (``tuning.tune_functions({"main": cm.graph}, target,
+    db)`` on a model compiled with the same options, or ``llmasos tune`` for LMs): its kernels replace the
+    default schedules where they measured faster. Only static-shape kernels are tuned, so compile with
+    ``dynamic_shapes=None`` to tune everything.
     """
     import torch
 
@@ -31,6 +36,9 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
     from .passes import PassManager
 
     spec = resolve_target(target)  # fail on a bad target before the slow work
+    if tuning_db is not None:
+        from .backends.tvm.tuning import TuningDatabase
+        tuning_db = TuningDatabase.open(tuning_db, spec)  # ... and on a bad tuning database
     pipeline = PassManager(passes, calibration=calibration) if passes else None  # ... and on a bad pipeline
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
@@ -55,7 +63,7 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
         graph = pipeline.run(graph)
         timings["passes_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exe = build(graph, spec)
+    exe = build(graph, spec, tuning_db=tuning_db)
     timings["build_s"] = time.perf_counter() - t0
     sig = Signature(imported.in_spec, imported.out_spec, list(imported.out_leaves), list(imported.input_names))
     return CompiledModel(graph, exe, sig, spec, timings)

@@ -5,6 +5,7 @@
     llmasos demo [--prompt TEXT]                     the main job: SmolLM2-135M on the CPU, checked against torch
     llmasos generate MODEL|LM_ARTIFACT --prompt TEXT  KV-cache generation (streams tokens; -o saves the compiled LM)
     llmasos bench [--target cuda] [--models ...]     decode tokens/s against torch eager / torch.compile
+    llmasos tune MODEL --db DIR [--target cpu]       MetaSchedule-tune an LM's kernels; generate/demo --tuning-db DIR
     llmasos opt [FILE|-] -p PIPELINE [-o OUT]        run a pass pipeline over IR text (see llmasos/opt.py)
 """
 from __future__ import annotations
@@ -99,9 +100,9 @@ def cmd_demo(args) -> int:
     n = args.max_new_tokens
     t0 = time.perf_counter()
     lm = llmasos.compile_lm(model, _target_arg(args.target), max_seq=args.max_seq, batch=1, passes=args.passes,
-                            tokenizer=tok)
+                            tokenizer=tok, tuning_db=args.tuning_db)
     secs = time.perf_counter() - t0
-    print(f"[2/4] compiled prefill + decode for {lm.executable.spec.name} in {secs:.1f} s "
+    print(f"[2/4] compiled prefill + decode for {lm.executable.spec.name}{_tuned_note(lm)} in {secs:.1f} s "
           f"(max_seq {lm.max_seq}, KV cache {lm.cache_bytes(1) / 2**20:.1f} MiB)")
     # torch is timed first: TVM's worker threads spin for a while after each call and would steal the
     # cores from a torch run that follows, making our comparison unfairly good
@@ -167,8 +168,8 @@ def cmd_generate(args) -> int:
         from .zoo import load_model
         model, tok, _ = load_model(args.model)
         lm = llmasos.compile_lm(model, _target_arg(args.target), max_seq=args.max_seq, max_batch=1,
-                                passes=args.passes, tokenizer=tok)
-        what = f"compiled {args.model} for {lm.executable.spec.name}"
+                                passes=args.passes, tokenizer=tok, tuning_db=args.tuning_db)
+        what = f"compiled {args.model} for {lm.executable.spec.name}" + _tuned_note(lm)
     print(f"[llmasos] {what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.output:
         lm.save(args.output)
@@ -191,12 +192,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _tuned_note(lm) -> str:
+    n = lm.timings.get("tuned_kernels")
+    return "" if n is None else f" ({n} kernels from the tuning database)"
+
+
+def cmd_tune(args) -> int:
+    """MetaSchedule-tune the kernels `generate`/`demo` build for MODEL (batch 1, same --max-seq/--passes)."""
+    import llmasos
+    from .llm.model import PRESETS as DECODERS
+    from .zoo import load_model
+    dtype = None
+    if args.dtype:
+        import torch
+        dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    model = args.model if args.model in DECODERS else load_model(args.model)[0]
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    shape = dict(max_batch=1) if args.batch == 1 else dict(batch=args.batch)  # as generate / bench compile
+    report = llmasos.tune_lm(model, _target_arg(args.target), args.db, max_seq=args.max_seq, **shape, dtype=dtype,
+                             passes=args.passes, trials_per_task=args.trials, ops=args.ops, log=log)
+    print(report.summary(), file=sys.stderr)
+    print(f"[llmasos] tuning database: {args.db} (use it with --tuning-db {args.db})", file=sys.stderr)
+    print(json.dumps(report.to_dict(), indent=1))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .llm.bench import run
     doc = run(args.models.split(","), _target_arg(args.target), batches=[int(b) for b in args.batch.split(",")],
               prompt_len=args.prompt, new=args.new, dtype=args.dtype, passes=args.passes,
               int4_models=[m for m in args.int4.split(",") if m], compile_baseline=not args.no_compile_baseline,
-              repeat=args.repeat, out=args.out)
+              repeat=args.repeat, out=args.out, tune_trials=args.tune)
     print(json.dumps(doc, indent=1))
     return 0
 
@@ -224,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="(unused; kept for old scripts)")
     p.add_argument("-o", "--output", help="also save the compiled LM here")
     _add_compile_args(p)
+    p.add_argument("--tuning-db", default=None, help="a database from `llmasos tune` (same --max-seq)")
     p.set_defaults(fn=cmd_demo, max_seq=256)
     p = sub.add_parser("generate", help="generate text with a KV cache (compiles MODEL, or loads an LM artifact)")
     p.add_argument("model", help="an LM artifact directory (from -o), smollm2, gpt2-tiny, llama-tiny, llama-135m, "
@@ -241,7 +268,21 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq", type=int, default=512, help="cache positions: prompt + new tokens (default 512)")
     p.add_argument("--passes", default="fuse")
     p.add_argument("-o", "--output", help="save the compiled LM here (loadable with TVM's runtime alone)")
+    p.add_argument("--tuning-db", default=None, help="a database from `llmasos tune` (same --max-seq and --passes)")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("tune", help="MetaSchedule-tune an LM's kernels into a database that later compiles reuse")
+    p.add_argument("model", help="smollm2, a model preset, a Decoder preset (llama-1b, gpt2-124m, ...) or a "
+                                 "local HF causal-LM directory")
+    p.add_argument("--db", required=True, help="tuning database directory (created, or extended)")
+    p.add_argument("--target", default="cpu")
+    p.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per kernel (default 64)")
+    p.add_argument("--ops", default="reduce", choices=("reduce", "all"),
+                   help="kernels with a reduction (GEMM/GEMV, norms, softmax; default) or all")
+    p.add_argument("--max-seq", type=int, default=512, help="as generate's --max-seq (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="decode batch to tune for (default 1, as generate)")
+    p.add_argument("--dtype", default=None, choices=("f32", "f16", "bf16"), help="cast the weights")
+    p.add_argument("--passes", default="fuse")
+    p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("bench", help="decode tokens/s: llmasos vs torch eager vs torch.compile (JSON)")
     p.add_argument("--target", default="cuda")
     p.add_argument("--models", default="gpt2-124m,llama-1b", help="llmasos.llm.model presets")
@@ -253,6 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--passes", default="fuse")
     p.add_argument("--no-compile-baseline", action="store_true")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--tune", type=int, default=0, help="also report a MetaSchedule-tuned build (trials per kernel)")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_bench)
     from .opt import add_parser as add_opt_parser

@@ -10,6 +10,12 @@ def compile_lm(model, target="cpu", **kwargs) -> CompiledLM:
     return _compile_lm(model, target, **kwargs)
 
 
+def tune_lm(model, target="cpu", db="llmasos.tune", **kwargs):
+    """See llmasos.llm.compile.tune_lm."""
+    from .compile import tune_lm as _tune_lm
+    return _tune_lm(model, target, db, **kwargs)
+
+
 def load_lm(path, target=None) -> CompiledLM:
     """Load a CompiledLM saved with ``CompiledLM.save`` (needs only TVM's runtime)."""
     from .artifact import load
@@ -22,4 +28,4 @@ def generate(model, prompts, max_new_tokens: int = 32, **kwargs):
     return lm.generate(prompts, max_new_tokens, **kwargs)
 
 
-__all__ = ["CompiledLM", "GenerationError", "GenerationStats", "Sampling", "compile_lm", "load_lm", "generate"]
+__all__ = ["CompiledLM", "GenerationError", "GenerationStats", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate"]

@@ -92,8 +92,10 @@ def _median(xs):
 
 
 def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype="f16", int4=False,
-              passes="fuse", compile_baseline=True, repeat=3, bandwidth=None) -> list:
-    """One JSON-able row per batch size for preset ``name`` (see the module docstring)."""
+              passes="fuse", compile_baseline=True, repeat=3, bandwidth=None, tune_trials=0) -> list:
+    """One JSON-able row per batch size for preset ``name`` (see the module docstring). tune_trials > 0 adds
+    a ``llmasos_tuned`` variant: tune_lm with that many MetaSchedule trials per kernel (same options, a
+    temporary database), then compile_lm with the database."""
     import torch
 
     import llmasos
@@ -137,14 +139,25 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                 row["torch_compile_error"] = f"{type(e).__name__}: {e}"[:1000]
             torch._dynamo.reset()
         # -- ours
-        variants = [("llmasos", passes)]
+        variants = [("llmasos", passes, False)]
+        if tune_trials > 0:
+            variants.append(("llmasos_tuned", passes, True))
         if int4:
-            variants.append(("llmasos_int4_g128", "quantize{bits=4,group=128}," + passes))
-        for key, pipe in variants:
+            variants.append(("llmasos_int4_g128", "quantize{bits=4,group=128}," + passes, False))
+        for key, pipe, tuned in variants:
             try:
                 t0 = time.perf_counter()
                 dec = Decoder.random(cfg, mode="export", seed=0, dtype=tdtype, device="cpu")
-                lm = llmasos.compile_lm(dec, spec, max_seq=max_seq, batch=B, passes=pipe)
+                opts = dict(max_seq=max_seq, batch=B, passes=pipe)
+                db = None
+                if tuned:
+                    import tempfile
+                    db = tempfile.mkdtemp(prefix=f"llmasos-tune-{name}-b{B}-")
+                    report = llmasos.tune_lm(dec, spec, db, trials_per_task=tune_trials, log=log, **opts)
+                    row[f"{key}_tuning"] = report.to_dict()
+                    row[f"{key}_tune_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                lm = llmasos.compile_lm(dec, spec, tuning_db=db, **opts)
                 row[f"{key}_compile_s"] = time.perf_counter() - t0
                 del dec
                 ids = prompt.cpu().tolist()

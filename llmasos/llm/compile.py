@@ -37,23 +37,16 @@ def as_decoder(model, dtype=None, device=None):
                     f"got {type(model).__name__}")
 
 
-def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int = 8, batch: Optional[int] = None,
-               dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True) -> CompiledLM:
-    """Compile ``model`` for KV-cache generation on ``target``.
-
-    max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
-    max_batch; an int compiles for that batch (batch 1: static shapes, the GEMV kernels; on CUDA a larger
-    batch stays symbolic up to it, which DLight schedules as low-batch GEMVs). On CUDA the decode step runs
-    as a CUDA graph (one per batch size) unless cuda_graph=False. dtype: cast the weights (e.g.
-    torch.float16 for GPUs). passes: the pipeline run on both graphs (default "fuse").
-    """
-    from ..backends.tvm import build_functions, resolve_target
+def lm_graphs(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype, passes, timings: dict,
+              tuned: bool = False):
+    """(decoder, {"prefill": graph, "decode": graph}, max_batch) as compile_lm builds them: also what
+    tune_lm tunes, so a tuning database's kernels are the ones a later compile_lm looks up. tuned: the
+    graphs are for a build with a tuning database (or for tuning), which keeps a CUDA batch > 1 static."""
     from ..frontends import torch_export
     from ..ir.verifier import verify
     from ..passes import PassManager
     from .export import export_decoder
 
-    spec = resolve_target(target)
     pipeline = PassManager(passes) if passes else None
     if not isinstance(max_seq, int) or max_seq < 2:
         raise ValueError(f"max_seq must be an int >= 2, got {max_seq!r}")
@@ -63,17 +56,17 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
         if not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
         max_batch = max(max_batch, batch)
-    timings = {}
     t0 = time.perf_counter()
     dec = as_decoder(model, dtype)
     if max_seq > dec.cfg.max_positions:
         raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
     graphs = {}
     export_batch = batch
-    if spec.device == "cuda" and batch is not None and batch > 1:
+    if spec.device == "cuda" and batch is not None and batch > 1 and not tuned:
         # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once
         # for all rows); a static batch > 1 gets the large-M matmul tiles, ~10x slower. The CUDA graph is
-        # then captured per batch size.
+        # then captured per batch size. With tuning the batch stays static: MetaSchedule measures concrete
+        # shapes only, and its small-M GEMMs are what the low-batch GEMV lacks.
         export_batch, max_batch = None, batch
     for phase in (PREFILL, DECODE):
         ep = export_decoder(dec, phase, export_batch, max_batch, max_seq)
@@ -84,9 +77,53 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
         t0 = time.perf_counter()
         graphs = {k: pipeline.run(g) for k, g in graphs.items()}
         timings["passes_s"] = time.perf_counter() - t0
+    return dec, graphs, max_batch
+
+
+def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int = 8, batch: Optional[int] = None,
+               dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True,
+               tuning_db=None) -> CompiledLM:
+    """Compile ``model`` for KV-cache generation on ``target``.
+
+    max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
+    max_batch; an int compiles for that batch (batch 1: static shapes, the GEMV kernels; on CUDA a larger
+    batch stays symbolic up to it, which DLight schedules as low-batch GEMVs). On CUDA the decode step runs
+    as a CUDA graph (one per batch size) unless cuda_graph=False. dtype: cast the weights (e.g.
+    torch.float16 for GPUs). passes: the pipeline run on both graphs (default "fuse"). tuning_db: a
+    directory written by ``tune_lm`` / ``llmasos tune`` with the same model options: its tuned kernels
+    replace the default schedules where they measured faster (``lm.timings["tuned_kernels"]`` counts them).
+    """
+    from ..backends.tvm import build_functions, resolve_target
+
+    spec = resolve_target(target)
+    if tuning_db is not None:
+        from ..backends.tvm.tuning import TuningDatabase
+        tuning_db = TuningDatabase.open(tuning_db, spec)  # a bad database fails before the slow work
+    timings = {}
+    dec, graphs, max_batch = lm_graphs(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch,
+                                       dtype=dtype, passes=passes, timings=timings, tuned=tuning_db is not None)
     t0 = time.perf_counter()
     use_graph = bool(cuda_graph) and spec.device == "cuda"
-    exe = build_functions(graphs, spec, cuda_graph=(DECODE,) if use_graph else ())
+    exe = build_functions(graphs, spec, cuda_graph=(DECODE,) if use_graph else (), tuning_db=tuning_db)
     timings["build_s"] = time.perf_counter() - t0
+    if exe.tuned_kernels is not None:
+        timings["tuned_kernels"] = len(exe.tuned_kernels)
     return CompiledLM(exe, vocab=dec.cfg.vocab, max_seq=max_seq, config=dec.cfg, tokenizer=tokenizer,
                       graphs=graphs, cuda_graph=use_graph, timings=timings)
+
+
+def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: int = 256, max_batch: int = 8,
+            batch: Optional[int] = None, dtype=None, passes: Any = "fuse", trials_per_task: int = 64,
+            ops: str = "reduce", log=None):
+    """MetaSchedule-tune the kernels ``compile_lm(model, target, ...)`` with the same options builds, into
+    the tuning database directory ``db`` (created or extended); returns a ``tuning.TuningReport``.
+    Kernels of static shape only: with an int batch that is the whole decode step (on CUDA too: with a
+    tuning database compile_lm keeps a batch > 1 static); prefill (symbolic length) keeps its default
+    schedules. Pass ``tuning_db=db`` to compile_lm afterwards."""
+    from ..backends.tvm import resolve_target
+    from ..backends.tvm.tuning import tune_functions
+
+    spec = resolve_target(target)
+    _, graphs, _ = lm_graphs(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch, dtype=dtype,
+                             passes=passes, timings={}, tuned=True)
+    return tune_functions(graphs, spec, db, trials_per_task=trials_per_task, ops=ops, log=log)

@@ -32,7 +32,10 @@ class Recognize(ShippedRules):
     rules: ClassVar[str] = "recognize"
     exact: ClassVar[bool] = False
     rtol: ClassVar[float] = 1e-5
-    atol: ClassVar[float] = 1e-6
+    # a norm's output is O(1), and a residual add after it can cancel to a small value while keeping the
+    # absolute rounding difference of the O(1) terms: Hypothesis found 2.1e-6 at a value of 0.08, a few f32
+    # ulps of the addends. 1e-5 absolute is ~40 ulps at 1.0.
+    atol: ClassVar[float] = 1e-5
 
 
 @register_pass("fuse-epilogue")

@@ -29,3 +29,18 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert "not an LLMasOS artifact" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run"])
+
+
+def test_tune_then_generate_with_the_database(tmp_path, capsys):
+    db = tmp_path / "tiny.tune"
+    assert main(["tune", "llama-tiny", "--db", str(db), "--trials", "0", "--max-seq", "32"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout is the JSON report alone
+    n = len(report["tasks"])
+    assert n > 0 and all(t["chosen"] == "default" for t in report["tasks"])
+    assert f"use it with --tuning-db {db}" in captured.err
+    assert main(["generate", "llama-tiny", "--ids", "1,2,3", "-n", "4", "--max-seq", "32",
+                 "--tuning-db", str(db)]) == 0
+    assert f"({n} kernels from the tuning database)" in capsys.readouterr().err
+    assert main(["generate", "llama-tiny", "--ids", "1,2,3", "--tuning-db", str(tmp_path / "none")]) == 2
+    assert "is not a tuning database" in capsys.readouterr().err

@@ -47,3 +47,38 @@ def test_every_reduction_kernel_is_scheduled(make):
     with spec.tvm_target() as target:
         missed = [name for name, f in gemms.items() if Matmul().apply(f, target, False) is None]
     assert not missed, f"panel GEMM kernels the Matmul rule does not schedule: {missed}"
+
+
+def test_single_row_norm_reduces_once_and_matches():
+    """A decode step's rms_norm over one row: DLight's CPU Reduction rule recomputed the row's sum of
+    squares under every output column (576 x 576 work for SmolLM2); SingleRowReduction reduces once."""
+    import numpy as np
+
+    from llmasos.backends.tvm import build
+    from llmasos.backends.tvm.cpu_schedule import SingleRowReduction
+    from llmasos.ir.interpreter import run
+    from llmasos.ir.parser import parse
+
+    graph = parse("""
+graph @norm(%x: f32[1, 576]) {
+  param %g: f32[576]
+  %y: f32[1, 576] = rms_norm(%x, %g) {eps = 1e-05, ndim = 1}
+  return %y
+}
+""")
+    rng = np.random.default_rng(0)
+    graph.param_data["g"] = rng.standard_normal(576).astype(np.float32)
+    spec = resolve_target("cpu")
+    funcs = [f for gv, f in fused_module(graph, spec).functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and _has_reduction(f)]
+    assert len(funcs) == 1
+    with spec.tvm_target() as target:
+        sch = SingleRowReduction().apply(funcs[0], target, False)
+        assert sch is not None
+        assert default_rules()[2].__class__ is SingleRowReduction  # tried before DLight's rules
+    for b in sch.get_child_blocks(get_root_block(sch)):
+        if any(iv.iter_type != tvm.tirx.IterVar.DataPar for iv in sch.get(b).iter_vars):
+            extents = [int(sch.get(lp).extent) for lp in sch.get_loops(b)]
+            assert int(np.prod(extents)) == 576, extents
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    np.testing.assert_allclose(build(graph, "cpu")(x)[0], run(graph, [x])[0], rtol=1e-5, atol=1e-5)

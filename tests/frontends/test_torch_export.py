@@ -326,13 +326,32 @@ def test_duplicate_registration_is_an_error():
         te.register_converter(torch.ops.aten.add, lambda ctx, x: x)
 
 
+def test_no_grad_region_is_converted_in_place():
+    class Rotary(torch.nn.Module):  # the shape of older transformers' rotary embedding
+        def forward(self, x):
+            with torch.no_grad():
+                c = torch.cos(x * 2.0)
+            return x * c
+
+    m = Rotary()
+    ep = torch.export.export(m, (torch.randn(2, 5),))
+    assert any(n.target is torch.ops.higher_order.wrap_with_set_grad_enabled for n in ep.graph.nodes)
+    imp = te.import_exported_program(ep)
+    assert te.missing_converters(ep) == [] and imp.graph.op_counts()["cos"] == 1
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        assert_close(run_imported(imp, {"x": x}), m(x), "no_grad region")
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
 def test_training_ir_is_converted_without_decomposition(request, name):
     m, imp = request.getfixturevalue(name)
     assert imp.decomposed is False and te.missing_converters(imp.exported) == []
-    if name == "llama":  # the rotary embedding runs under no_grad: a sub-graph converted in place
+    if name == "llama":
+        # transformers < 5.24 runs the rotary embedding under no_grad, which torch.export keeps as a
+        # higher-order sub-graph that the importer converts in place; newer releases inline it
         hops = [n for n in imp.exported.graph.nodes if n.target is torch.ops.higher_order.wrap_with_set_grad_enabled]
-        assert len(hops) == 1 and imp.graph.op_counts()["cos"] == 1
+        assert len(hops) <= 1 and imp.graph.op_counts()["cos"] == 1
     slow = te.import_exported_program(imp.exported, decompose=True)
     assert slow.decomposed is True and slow.exported is not imp.exported
     assert slow.input_names == imp.input_names and slow.graph.symbols == imp.graph.symbols

@@ -95,54 +95,76 @@ class Signature:
         return Signature([e["name"] for e in d["params"]], [t(e) for e in d["params"]], d["lifted"], fns)
 
 
-def relax_pipeline(spec: TargetSpec):
+def schedule_rules(spec: TargetSpec) -> list:
+    """The DLight-style rules a build applies to every PrimFunc not already scheduled, in order."""
+    from tvm.s_tir import dlight as dl
+    if spec.schedule == "dlight-gpu":
+        # LowBatchGEMV first, for kernels whose only symbolic extent is ``batch`` -- a decode step's GEMMs
+        # at batch > 1: the default rules give those to the Matmul rule (tiles for large M), which ran
+        # GPT-2's batch-8 decode at a tenth of torch.compile's speed. Bucket 4 (rows of accumulators per
+        # thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran 2422 / 2781 tok/s with it and
+        # 1944 / 829 with the bucket = batch (register pressure)
+        return [_OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    if spec.schedule == "llmasos-cpu":
+        from .cpu_schedule import default_rules
+        return default_rules()
+    if spec.schedule == "none":
+        return []
+    raise ValueError(f"target '{spec.name}': unknown schedule {spec.schedule!r}; "
+                     f"known: 'llmasos-cpu', 'dlight-gpu', 'none'")
+
+
+def pipeline_stages(spec: TargetSpec) -> tuple:
+    """(fusion, lowering) pass lists of the target's pipeline; the schedule rules run between them.
+
+    Tuning (tuning.py) runs the fusion stage alone to see exactly the PrimFuncs a build schedules, and a
+    build with a tuning database applies its records between the two stages, before the default rules.
+    """
+    from tvm import relax
+    target = spec.tvm_target()
+    if spec.device == "cuda":
+        from tvm.relax.backend.cuda import pipeline as base
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as base
+    legalize = [p for p in base.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
+    # exp/tanh/erf/softmax as TVM's polynomial forms on the CPU: vectorisable, where libm calls are scalar
+    fast = ([relax.transform.FastMathTransform()]
+            if spec.device == "cpu" and spec.schedule != "none" and spec.extra.get("fast_math", True) else [])
+    fusion = fast + base.library_dispatch_passes(target) + legalize
+    return fusion, base.dataflow_lower_passes(target) + base.finalize_passes(target)
+
+
+def relax_pipeline(spec: TargetSpec, tuning_db=None):
+    """The whole Relax pipeline for ``spec``: fusion, the tuning database's records (when given: a
+    ``tuning.TuningDatabase``), the default schedule rules, lowering."""
     import tvm
     from tvm import relax
+    from tvm.s_tir import dlight as dl
 
+    rules = schedule_rules(spec)
     target = spec.tvm_target()
-    if spec.schedule == "dlight-gpu":
-        return _gpu_pipeline(target)
-    if spec.schedule == "none":
-        return relax.get_default_pipeline(target)
-    if spec.schedule != "llmasos-cpu":
-        raise ValueError(f"target '{spec.name}': unknown schedule {spec.schedule!r}; "
-                         f"known: 'llmasos-cpu', 'dlight-gpu', 'none'")
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-    from tvm.s_tir import dlight as dl
-    from .cpu_schedule import default_rules
 
-    @tvm.transform.module_pass(opt_level=0, name="LLMasOSCPUPipeline")
+    @tvm.transform.module_pass(opt_level=0, name="LLMasOSPipeline")
     def pipeline(mod, _ctx):
+        fusion, lowering = pipeline_stages(spec)
+        apply_db = [relax.transform.MetaScheduleApplyDatabase()] if tuning_db is not None else []
+        schedule = [dl.ApplyDefaultSchedule(*rules)] if rules else []
         with target:
-            # exp/tanh/erf/softmax as TVM's polynomial forms: vectorisable, where libm calls are scalar
-            fast = [relax.transform.FastMathTransform()] if spec.extra.get("fast_math", True) else []
-            passes = (fast + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
-                      + [dl.ApplyDefaultSchedule(*default_rules())]
-                      + cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target))
-            return tvm.transform.Sequential(passes)(mod)
+            mod = tvm.transform.Sequential(fusion)(mod)
+            if tuning_db is not None:
+                before = _scheduled(mod)
+                with tuning_db.database:
+                    mod = tvm.transform.Sequential(apply_db)(mod)
+                tuning_db.applied = sorted(_scheduled(mod) - before)
+            return tvm.transform.Sequential(schedule + lowering)(mod)
     return pipeline
 
 
-def _gpu_pipeline(target):
-    """TVM's default CUDA pipeline with one more DLight rule, tried first: LowBatchGEMV for kernels whose only
-    symbolic extent is ``batch`` -- a decode step's GEMMs at batch > 1. The default rules give those to the
-    Matmul rule (tiles for large M), which ran GPT-2's batch-8 decode at a tenth of torch.compile's speed."""
-    import tvm
-    from tvm.relax.backend.cuda import pipeline as cuda
-    from tvm.s_tir import dlight as dl
-
-    @tvm.transform.module_pass(opt_level=0, name="LLMasOSCUDAPipeline")
-    def pipeline(mod, _ctx):
-        # bucket 4 (rows of accumulators per thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran
-        # 2422 / 2781 tok/s with it and 1944 / 829 with the bucket = batch (register pressure)
-        rules = [_OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-        with target:
-            legalize = [p for p in cuda.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
-            passes = (cuda.library_dispatch_passes(target) + legalize + [dl.ApplyDefaultSchedule(*rules)]
-                      + cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target))
-            return tvm.transform.Sequential(passes)(mod)
-    return pipeline
+def _scheduled(mod) -> set:
+    from tvm import tirx
+    return {gv.name_hint for gv, f in mod.functions.items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)}
 
 
 class _OnlyBatchSymbolic:
@@ -168,15 +190,9 @@ class _OnlyBatchSymbolic:
         return self.rule.apply_config(func, config)
 
 
-def compile_module(mod, spec: TargetSpec, cuda_graph: tuple = ()):
-    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the spec asks).
-
-    ``cuda_graph``: names of functions to run as CUDA graphs (on CUDA targets). Every argument of such a
-    function is then treated as fixed storage, so the caller must pass the same buffers on every call
-    (updating their contents in place): TVM's RewriteCUDAGraph captures only kernels whose operands are
-    function parameters past ``num_input`` or statically planned memory.
-    """
-    import tvm
+def prepare_module(mod, spec: TargetSpec, cuda_graph: tuple = ()) -> tuple:
+    """(module, PassContext config) as the target pipeline gets them: param transforms lifted when the spec
+    asks, CUDA-graph attributes set. Tuning starts from the same module, so its records match a build's."""
     from tvm import relax
 
     n_entries = sum(1 for gv, f in mod.functions.items() if isinstance(f, relax.Function)
@@ -198,24 +214,61 @@ def compile_module(mod, spec: TargetSpec, cuda_graph: tuple = ()):
                 f = f.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", sym)
             mod[gv] = f
         config["relax.backend.use_cuda_graph"] = True
+    return mod, config
+
+
+def fused_module(graphs: dict, spec: TargetSpec):
+    """The Relax module of ``graphs`` (name -> Graph, as build_functions takes) as the schedule rules of a
+    build see it: lowered, prepared, through the fusion stage. Its PrimFuncs are the kernels a build
+    schedules: what tuning measures and kernel_stats counts."""
+    import tvm
+    from .lower import lower_functions
+
+    mod, config = prepare_module(lower_functions(graphs, spec), spec)
+    fusion, _ = pipeline_stages(spec)
+    with tvm.transform.PassContext(opt_level=3, config=config), spec.tvm_target():
+        return tvm.transform.Sequential(fusion)(mod)
+
+
+def compile_module(mod, spec: TargetSpec, cuda_graph: tuple = (), tuning_db=None):
+    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the spec asks).
+
+    ``cuda_graph``: names of functions to run as CUDA graphs (on CUDA targets). Every argument of such a
+    function is then treated as fixed storage, so the caller must pass the same buffers on every call
+    (updating their contents in place): TVM's RewriteCUDAGraph captures only kernels whose operands are
+    function parameters past ``num_input`` or statically planned memory.
+
+    ``tuning_db``: a directory written by ``llmasos tune`` (or a ``tuning.TuningDatabase``): its best
+    schedules replace the default ones for the kernels it holds.
+    """
+    import tvm
+
+    if tuning_db is not None:
+        from .tuning import TuningDatabase
+        tuning_db = TuningDatabase.open(tuning_db, spec)
+    mod, config = prepare_module(mod, spec, cuda_graph)
     try:
         with tvm.transform.PassContext(opt_level=3, config=config):
-            return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
+            return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec, tuning_db))
     except Exception as e:
         raise BuildError(f"TVM failed to build for target '{spec.name}' {spec.target}: "
                          f"{type(e).__name__}: {e}") from e
 
 
-def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = ()) -> "Executable":
+def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), tuning_db=None) -> "Executable":
     """One library with an entry function per graph (same parameters, uploaded once), e.g. ``prefill``
-    and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph``."""
+    and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph`` and
+    ``tuning_db``."""
     from .lower import lower_functions
 
     spec = resolve_target(target)
+    if tuning_db is not None:
+        from .tuning import TuningDatabase
+        tuning_db = TuningDatabase.open(tuning_db, spec)  # a bad database fails before the slow work
     t0 = time.perf_counter()
     mod = lower_functions(graphs, spec)
     first = next(iter(graphs.values()))
-    ex = compile_module(mod, spec, cuda_graph=tuple(cuda_graph))
+    ex = compile_module(mod, spec, cuda_graph=tuple(cuda_graph), tuning_db=tuning_db)
     del mod  # the executable is all we keep
     missing = [n for n in first.params if n not in first.param_data]
     if missing:
@@ -223,13 +276,19 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = ()) -
     exe = Executable(ex, spec, Signature.of_functions(graphs, spec.lift_params and bool(first.params)),
                      first.param_data)
     exe.build_seconds = time.perf_counter() - t0
+    if tuning_db is not None:
+        exe.tuned_kernels = list(tuning_db.applied)
+        if not exe.tuned_kernels:
+            import warnings
+            warnings.warn(f"tuning database {tuning_db.path} holds none of this library's kernels (tuned for "
+                          f"other shapes or options?): every kernel has its default schedule", stacklevel=2)
     return exe
 
 
-def build(graph: Graph, target: Any = "cpu") -> "Executable":
+def build(graph: Graph, target: Any = "cpu", tuning_db=None) -> "Executable":
     """Lower, compile and load ``graph`` (the library's one function, ``main``); its parameter data is
     uploaded to the device once here."""
-    return build_functions({MAIN: graph}, target)
+    return build_functions({MAIN: graph}, target, tuning_db=tuning_db)
 
 
 def _is_torch(x) -> bool:
@@ -247,6 +306,7 @@ class Executable:
         self.signature = signature
         self.param_names = list(signature.param_names)
         self.build_seconds: Optional[float] = None
+        self.tuned_kernels: Optional[list] = None   # kernels a tuning database scheduled (None: none used)
         self._lib = lib
         _ensure_device_api(spec.device)
         self._dev = spec.tvm_device()

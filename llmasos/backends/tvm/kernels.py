@@ -6,10 +6,9 @@ turned view-only reshapes into ``R.reshape`` (RewriteDataflowReshape): every ``c
 static count is the dynamic one). Weight preparation lifted into ``main_transform_params`` runs once at
 load and is reported on its own.
 
-The pass list replicates build.relax_pipeline up to that point instead of sharing code with it: the
-schedule rules that follow (cpu_schedule / DLight) rewrite loops inside a PrimFunc but never split or merge
-PrimFuncs, so they are left out (they are most of the pipeline's time), and build.py stays untouched.
-Keep the two in step when build.relax_pipeline changes its fusion-relevant passes.
+The module is build.fused_module's (the pipeline's fusion stage) plus RewriteDataflowReshape: the schedule
+rules that come between them in a build (cpu_schedule / DLight) rewrite loops inside a PrimFunc but never
+split or merge PrimFuncs, so they are left out (they are most of the pipeline's time).
 """
 from __future__ import annotations
 
@@ -19,9 +18,10 @@ from typing import Any
 
 from ...ir.graph import Graph
 from .build import MAIN, TRANSFORMS
+from .build import fused_module as build_fused_module
+from .targets import resolve_target
 
 TRANSFORM = TRANSFORMS[0]   # one entry function: LiftTransformParams names it main_transform_params
-from .targets import TargetSpec, resolve_target
 
 # Relax ops whose call is one kernel launch (the callee: a PrimFunc GlobalVar or a packed function)
 _KERNEL_OPS = ("relax.call_tir", "relax.call_tir_inplace", "relax.call_tir_with_grad", "relax.call_dps_packed")
@@ -34,30 +34,10 @@ def fused_module(graph: Graph, target: Any = "cpu"):
     import tvm
     from tvm import relax
 
-    from .lower import lower
-
     spec = resolve_target(target)
-    mod = lower(graph, spec)
-    if spec.lift_params:
-        mod = relax.transform.LiftTransformParams()(mod)
-    config = {"s_tir.LoopPartition": {"partition_const_loop": True}} if spec.device == "cpu" else {}
-    target_obj = spec.tvm_target()
-    with tvm.transform.PassContext(opt_level=3, config=config), target_obj:
-        return tvm.transform.Sequential(_passes(spec, target_obj))(mod)
-
-
-def _passes(spec: TargetSpec, target) -> list:
-    from tvm import relax
-
-    if target.kind.name == "cuda":
-        from tvm.relax.backend.cuda import pipeline as backend
-    else:
-        from tvm.relax.backend.cpu_generic import pipeline as backend
-    fast = []
-    if spec.schedule == "llmasos-cpu" and spec.extra.get("fast_math", True):
-        fast = [relax.transform.FastMathTransform()]
-    return (fast + backend.library_dispatch_passes(target) + backend.legalize_passes(target)
-            + [relax.transform.RewriteDataflowReshape()])
+    mod = build_fused_module({MAIN: graph}, spec)
+    with tvm.transform.PassContext(opt_level=3), spec.tvm_target():
+        return relax.transform.RewriteDataflowReshape()(mod)
 
 
 def kernel_stats(graph: Graph, target: Any = "cpu") -> dict:

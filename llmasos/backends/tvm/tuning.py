@@ -1,0 +1,462 @@
+"""MetaSchedule tuning of a library's kernels, kept in a database that later builds reuse.
+
+    report = tune_functions({"decode": graph}, "cpu", "smollm2.tune", trials_per_task=64)
+    exe = build_functions(graphs, "cpu", tuning_db="smollm2.tune")   # tuned kernels where they are faster
+
+What is tuned: the PrimFuncs a build of the same graphs for the same target schedules (lowering plus the
+fusion stage of the build pipeline: build.fused_module), so the
+database's keys -- structural hashes of those PrimFuncs -- are what MetaScheduleApplyDatabase looks up in
+a later build. Left out: kernels with a symbolic shape (MetaSchedule measures concrete arguments, so a
+prefill with a symbolic length keeps its default schedule), hand-written ones (``tirx.is_scheduled``) and,
+unless ``ops="all"``, kernels without a reduction: copies and elementwise kernels are memory-bound under
+any schedule, the GEMMs, norms and softmaxes are where the time goes.
+
+Never slower than no tuning: before the search, each task's default schedule (our CPU rules, DLight on
+GPUs) is measured by the same runner and committed to the database as a record. A build takes each
+kernel's best record, so a searched schedule replaces the default one only where it measured faster.
+
+Candidates are built and timed in this process: MetaSchedule's popen workers import TVM afresh for every
+batch of candidates (~2 s each on a 2-core machine, more than the builds themselves). On the CPU the
+caches are flushed before each timed run, because a decode step streams its weights from DRAM.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .targets import TargetSpec, resolve_target
+
+MANIFEST = "llmasos-tuning.json"
+FORMAT, VERSION = "llmasos-tuning", 1
+OPS = ("reduce", "all")
+
+
+class TuningError(RuntimeError):
+    """A tuning database that does not exist, is damaged or was tuned for another target."""
+
+
+def _target_key(target: dict) -> dict:
+    """What must agree between the tuned and the building target: kind, CPU model / GPU arch, triple
+    (not the core count: a schedule tuned on 2 cores is still a valid schedule on 16)."""
+    return {k: target[k] for k in ("kind", "mcpu", "mtriple", "arch") if k in target}
+
+
+class TuningDatabase:
+    """A directory holding MetaSchedule's JSON database and our manifest (target, versions, last report).
+
+    ``applied`` lists the kernels the last build that used it took from it."""
+
+    def __init__(self, path: Path, spec: TargetSpec, database):
+        self.path = path
+        self.spec = spec
+        self.database = database
+        self.applied: list = []
+
+    @classmethod
+    def open(cls, path_or_db, spec: TargetSpec) -> "TuningDatabase":
+        """The database in ``path_or_db`` (a directory from ``tune``), checked against ``spec``'s target."""
+        if isinstance(path_or_db, TuningDatabase):
+            cls._check_target(path_or_db.path, path_or_db.spec.target, spec)
+            return path_or_db
+        path = Path(path_or_db)
+        manifest = cls.read_manifest(path)
+        cls._check_target(path, manifest["target"], spec)
+        return cls(path, spec, cls._json_database(path, allow_missing=False))
+
+    @classmethod
+    def create(cls, path, spec: TargetSpec) -> "TuningDatabase":
+        """Open ``path`` for tuning: created if missing; an existing database must be for ``spec``'s target
+        (its records are kept, new ones added)."""
+        path = Path(path)
+        if path.exists() and (path / MANIFEST).exists():
+            manifest = cls.read_manifest(path)
+            cls._check_target(path, manifest["target"], spec)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            cls._write_manifest(path, spec, None)
+        return cls(path, spec, cls._json_database(path, allow_missing=True))
+
+    @staticmethod
+    def read_manifest(path: Path) -> dict:
+        f = path / MANIFEST
+        if not f.is_file():
+            raise TuningError(f"{path} is not a tuning database: {MANIFEST} is missing "
+                              f"(make one with `llmasos tune` or llmasos.tune)")
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise TuningError(f"{f}: unreadable manifest: {e}") from None
+        if m.get("format") != FORMAT or m.get("version") != VERSION or not isinstance(m.get("target"), dict):
+            raise TuningError(f"{f}: not a version-{VERSION} {FORMAT} manifest")
+        return m
+
+    @staticmethod
+    def _write_manifest(path: Path, spec: TargetSpec, report: Optional["TuningReport"]) -> None:
+        import tvm
+        m = {"format": FORMAT, "version": VERSION, "target": spec.target, "tvm": tvm.__version__}
+        if report is not None:
+            m["report"] = report.to_dict()
+        (path / MANIFEST).write_text(json.dumps(m, indent=1))
+
+    @staticmethod
+    def _check_target(path: Path, tuned: dict, spec: TargetSpec) -> None:
+        if _target_key(tuned) != _target_key(spec.target):
+            raise TuningError(f"tuning database {path} was tuned for {_target_key(tuned)}; this build targets "
+                              f"{_target_key(spec.target)} ('{spec.name}'). Tune again for this target or "
+                              f"build without the database")
+
+    @staticmethod
+    def _json_database(path: Path, allow_missing: bool):
+        from tvm.s_tir import meta_schedule as ms
+        wl, rec = path / "database_workload.json", path / "database_tuning_record.json"
+        if not allow_missing and not (wl.is_file() and rec.is_file()):
+            raise TuningError(f"tuning database {path}: {wl.name} or {rec.name} is missing")
+        try:
+            return ms.database.JSONDatabase(str(wl), str(rec), allow_missing=allow_missing)
+        except Exception as e:  # noqa: BLE001 -- TVM raises its own error types for a damaged file
+            raise TuningError(f"tuning database {path}: cannot read it: {type(e).__name__}: {e}") from None
+
+
+@dataclass
+class TaskResult:
+    name: str
+    weight: int                  # calls per run of the library's functions
+    default_us: Optional[float]  # the default schedule's time (None: it could not be built or run)
+    best_us: float               # the database's best: what a build with the database runs
+    chosen: str                  # "tuned" or "default"
+    trials: int = 0
+
+    @property
+    def speedup(self) -> Optional[float]:
+        return self.default_us / self.best_us if self.default_us and self.best_us else None
+
+
+@dataclass
+class TuningReport:
+    target: dict
+    database: str
+    tasks: list = field(default_factory=list)          # [TaskResult]
+    skipped: dict = field(default_factory=dict)        # reason -> number of kernels
+    failed: dict = field(default_factory=dict)         # kernel -> why MetaSchedule's search failed on it
+    trials: int = 0
+    seconds: float = 0.0
+
+    @property
+    def default_us(self) -> float:
+        """Sum over tasks of weight x default time: the tuned kernels' share of a run before tuning."""
+        return sum(t.weight * (t.default_us or t.best_us) for t in self.tasks)
+
+    @property
+    def best_us(self) -> float:
+        return sum(t.weight * t.best_us for t in self.tasks)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kernel_us_default"], d["kernel_us_tuned"] = round(self.default_us, 2), round(self.best_us, 2)
+        d["kernel_speedup"] = round(self.default_us / self.best_us, 3) if self.best_us else None
+        return d
+
+    def summary(self) -> str:
+        lines = [f"{len(self.tasks)} kernels tuned ({self.trials} trials, {self.seconds:.0f} s); "
+                 f"skipped: {', '.join(f'{n} {r}' for r, n in self.skipped.items()) or 'none'}"]
+        lines += [f"  search failed on {k} (default schedule kept): {v}" for k, v in self.failed.items()]
+        for t in sorted(self.tasks, key=lambda t: -t.weight * (t.default_us or t.best_us)):
+            base = f"{t.default_us:9.1f}" if t.default_us is not None else "   failed"
+            lines.append(f"  {t.name:48s} x{t.weight:<3d} default {base} us  best {t.best_us:9.1f} us  "
+                         f"({t.chosen}, {t.trials} trials)")
+        lines.append(f"  weighted kernel time: {self.default_us:.1f} us -> {self.best_us:.1f} us")
+        return "\n".join(lines)
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+# On the CPU a kernel is timed in a loop over enough copies of its arguments to pass any last-level cache,
+# called back to back: in a decode step the weights stream from DRAM and TVM's worker threads are awake.
+# (Timing one warm call hides the first; flushing the caches before each timed call, MetaSchedule's
+# option, also puts the thread pool to sleep, and then a parallel schedule pays ~100 us of wake-up that a
+# real step does not, so single-threaded candidates won.) The Python call adds the same few microseconds
+# to every candidate of a kernel, which leaves their order alone.
+ROTATE_BYTES = 256 << 20
+MAX_SETS, REPEAT, MIN_SECONDS = 64, 5, 0.02
+
+
+def _cpu_timer():
+    import math
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+    cache = {}
+
+    def time_kernel(rt, dev, infos) -> list:
+        key = json.dumps(infos, default=str)
+        if key not in cache:
+            cache.clear()  # one kernel's argument sets at a time (a search measures one task after another)
+            per_set = sum(math.prod(i[2]) * _itemsize(i[1]) for i in infos if i[0] == "TENSOR") or 1
+            cache[key] = default_alloc_argument(dev, infos, max(1, min(MAX_SETS, -(-ROTATE_BYTES // per_set))))
+        sets = cache[key]
+        f = rt[rt.entry_name]
+        for a in sets:  # warm-up: page faults, instruction cache, the thread pool
+            f(*a)
+        t0 = time.perf_counter()
+        f(*sets[0])
+        n = max(len(sets), math.ceil(MIN_SECONDS / max(time.perf_counter() - t0, 1e-7)))
+        out = []
+        for _ in range(REPEAT):
+            t0 = time.perf_counter()
+            for i in range(n):
+                f(*sets[i % len(sets)])
+            dev.sync()
+            out.append((time.perf_counter() - t0) / n)
+        return out
+    return time_kernel
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+def _gpu_timer():
+    # CUDA graphs hide launches in a decode step, so a C++ timing loop (number runs per measurement) is
+    # closer to it than a Python one. The weights of a 1B model's GEMV (up to 32 MB) can stay in an H100's
+    # 50 MB L2 across runs: GPU figures favour cache-friendly schedules (not yet measured on a GPU).
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+    config = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=0, enable_cpu_cache_flush=False)
+
+    def time_kernel(rt, dev, infos) -> list:
+        return run_evaluator_common(rt, dev, config, default_alloc_argument(dev, infos, 1))
+    return time_kernel
+
+
+def _import_tensor_intrinsics() -> None:
+    """``import tvm.s_tir.tensor_intrin`` (MetaSchedule's TuneContext and builder do it), made fast.
+
+    It parses hundreds of TVMScript intrinsics, and the parser calls ``inspect.stack()`` for each, which
+    resolves every frame's module by scanning sys.modules: over a minute in a process that has imported
+    torch. The parser reads only each frame and its source line, so a stack built from the frames and
+    linecache serves it."""
+    import inspect
+    import linecache
+    import sys
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+
+    def fast_stack(context=1):
+        out, f = [], sys._getframe(1)
+        while f is not None:
+            line = linecache.getline(f.f_code.co_filename, f.f_lineno)
+            out.append(inspect.FrameInfo(f, f.f_code.co_filename, f.f_lineno, f.f_code.co_name,
+                                         [line] if line else None, 0))
+            f = f.f_back
+        return out
+
+    real, inspect.stack = inspect.stack, fast_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = real
+
+
+def _in_process_builder():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            out = []
+            for bi in build_inputs:
+                try:
+                    out.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                except Exception as e:  # noqa: BLE001 -- a candidate that does not compile is a failed trial
+                    out.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
+            return out
+    return InProcessBuilder()
+
+
+def _in_process_runner(spec: TargetSpec):
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+
+    time_kernel = _cpu_timer() if spec.device == "cpu" else _gpu_timer()
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        def run(self, runner_inputs):
+            out = []
+            for ri in runner_inputs:
+                try:
+                    dev = tvm.device(str(ri.device_type), 0)
+                    rt = tvm.runtime.load_module(str(ri.artifact_path))
+                    infos = [a.as_json() for a in ri.args_info]
+                    out.append(LocalRunnerFuture(res=time_kernel(rt, dev, infos)))
+                except Exception as e:  # noqa: BLE001 -- a candidate that fails to run is a failed trial
+                    out.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {e}"))
+            return out
+    return InProcessRunner()
+
+
+def _measure(sch_mod, args_info, spec: TargetSpec, builder, runner) -> Optional[list]:
+    from tvm.s_tir import meta_schedule as ms
+    built = builder.build([ms.builder.BuilderInput(sch_mod, spec.tvm_target())])[0]
+    if built.error_msg:
+        return None
+    try:
+        res = runner.run([ms.runner.RunnerInput(built.artifact_path, spec.device, args_info)])[0].result()
+    finally:  # (during a search MetaSchedule's RemoveBuildArtifact callback does this)
+        shutil.rmtree(os.path.dirname(str(built.artifact_path)), ignore_errors=True)
+    return None if res.error_msg else [float(x) for x in res.run_secs]
+
+
+# -- tasks ---------------------------------------------------------------------------------------------
+def _has_reduction(func) -> bool:
+    from tvm import s_tir
+    from tvm.s_tir.dlight.analysis import get_root_block
+    sch = s_tir.Schedule(func)
+    return any(int(iv.iter_type) == 2 for b in sch.get_child_blocks(get_root_block(sch))  # 2: CommReduce
+               for iv in sch.get(b).iter_vars)
+
+
+def _static_args(func):
+    from tvm.s_tir import meta_schedule as ms
+    try:
+        return ms.arg_info.ArgInfo.from_prim_func(func)
+    except (TypeError, ValueError):  # a symbolic dim or a scalar argument: nothing concrete to measure
+        return None
+
+
+def extract_tasks(graphs: dict, spec: TargetSpec, ops: str = "reduce") -> tuple:
+    """([(ExtractedTask, args_info)], {reason: count}) for the kernels tune() would search."""
+    from tvm.s_tir import meta_schedule as ms
+    from .build import fused_module
+    if ops not in OPS:
+        raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
+    tasks, skipped = [], {}
+    for t in ms.relax_integration.extract_tasks(fused_module(graphs, spec), spec.tvm_target()):
+        func = t.dispatched[0]["main"]
+        args = _static_args(func)
+        reason = ("hand-scheduled" if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False)
+                  else "symbolic shape" if args is None
+                  else "no reduction" if ops == "reduce" and not _has_reduction(func) else None)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            tasks.append((t, args))
+    return tasks, skipped
+
+
+def _default_schedule(func, spec: TargetSpec):
+    from .build import schedule_rules
+    target = spec.tvm_target()
+    with target:
+        for rule in schedule_rules(spec):
+            try:
+                sch = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001 -- DLight's own driver treats a failing rule as not applying
+                sch = None
+            if sch is not None:
+                return sch[0] if isinstance(sch, list) else sch
+    return None
+
+
+def tune_functions(graphs: dict, target: Any, db, *, trials_per_task: int = 64, ops: str = "reduce", seed: int = 0,
+                   log=None) -> TuningReport:
+    """Search schedules for the kernels of a library built from ``graphs`` (the dict build_functions
+    takes) for ``target`` and keep them in the tuning database directory ``db``.
+
+    trials_per_task: search budget per kernel (0: only measure the default schedules). ops: "reduce" (kernels with a reduction) or
+    "all". log: a callable for progress lines (default: silent).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    say = log or (lambda *_: None)
+    spec = resolve_target(target)
+    if spec.schedule == "none":
+        raise ValueError(f"target '{spec.name}' has no schedules to tune (schedule='none')")
+    if not isinstance(trials_per_task, int) or trials_per_task < 0:
+        raise ValueError(f"trials_per_task must be an int >= 0, got {trials_per_task!r}")
+    if not spec.tvm_device().exist:
+        raise TuningError(f"tuning for target '{spec.name}' measures kernels on a {spec.device} device, and this "
+                          f"machine has none")
+    t_start = time.perf_counter()
+    _import_tensor_intrinsics()
+    tdb = TuningDatabase.create(db, spec)
+    tasks, skipped = extract_tasks(graphs, spec, ops)
+    report = TuningReport(target=spec.target, database=str(tdb.path), skipped=skipped)
+    say(f"{len(tasks)} kernels to tune; skipped: {skipped}")
+    if not tasks:
+        TuningDatabase._write_manifest(tdb.path, spec, report)
+        return report
+    builder, runner = _in_process_builder(), _in_process_runner(spec)
+    target_t = spec.tvm_target()
+    defaults, searched, failed = {}, {}, {}
+    for t, args in tasks:
+        mod = t.dispatched[0]
+        sch = _default_schedule(mod["main"], spec)
+        secs = _measure(sch.mod, args, spec, builder, runner) if sch is not None else None
+        workload = tdb.database.commit_workload(mod)
+        if secs is not None:
+            tdb.database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, secs, target_t, args))
+        defaults[t.task_name] = (sum(secs) / len(secs) * 1e6) if secs else None
+        say(f"  default {t.task_name}: {defaults[t.task_name]} us")
+    if trials_per_task > 0:
+        # xgboost (the `tune` extra) guides the search; without it candidates are drawn at random
+        cost_model = "xgb" if _has_xgboost() else "random"
+        say(f"searching {trials_per_task} trials per kernel, cost model {cost_model}")
+        # MetaSchedule's console log handler (a table after every batch) writes to the sys.stdout of when
+        # its loggers were made, and stdout must stay ours (JSON reports): they are made here, into a sink.
+        # Its full log is still written under db/logs.
+        sink = io.StringIO()
+        # create_loggers names every handler already on MetaSchedule's logger in a dictConfig, and fails
+        # on an unnamed one (pytest's capture adds those); it makes its own handlers again anyway
+        logging.getLogger("tvm.s_tir.meta_schedule").handlers.clear()
+        with contextlib.redirect_stdout(sink):
+            contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [t for t, _ in tasks], work_dir=str(tdb.path), seed=seed, num_threads=os.cpu_count() or 1)
+        for (t, _), ctx in zip(tasks, contexts):
+            # one search per kernel: MetaSchedule's schedule rules fail outright on some fused kernels
+            # (compute-at of an epilogue that reads a slice), which would end a joint search for all
+            try:
+                with spec.tvm_target(), contextlib.redirect_stdout(sink):
+                    sink.seek(0), sink.truncate()
+                    ms.tune_tasks(tasks=[ctx], task_weights=[float(t.weight)], work_dir=str(tdb.path),
+                                  max_trials_global=trials_per_task, num_trials_per_iter=min(32, trials_per_task),
+                                  builder=builder, runner=runner, database=tdb.database, cost_model=cost_model)
+                searched[t.task_name] = trials_per_task
+                say(f"  searched {t.task_name} ({trials_per_task} trials)")
+            except Exception as e:  # noqa: BLE001
+                failed[t.task_name] = f"{type(e).__name__}: {str(e).splitlines()[-1][:200]}"
+                say(f"  search failed on {t.task_name}: {failed[t.task_name]}")
+    report.trials = sum(searched.values())
+    report.failed = failed
+    for t, _ in tasks:
+        workload = tdb.database.commit_workload(t.dispatched[0])
+        top = tdb.database.get_top_k(workload, 1)
+        if not top:
+            continue  # neither the default schedule nor any candidate ran: the build keeps the default rules
+        best = sum(float(x) for x in top[0].run_secs) / len(top[0].run_secs) * 1e6
+        default = defaults[t.task_name]
+        chosen = "default" if default is not None and best >= default else "tuned"
+        report.tasks.append(TaskResult(t.task_name, int(t.weight), default, best, chosen,
+                                       searched.get(t.task_name, 0)))
+    report.seconds = time.perf_counter() - t_start
+    TuningDatabase._write_manifest(tdb.path, spec, report)
+    return report
+
+
+def _has_xgboost() -> bool:
+    try:
+        import xgboost  # noqa: F401
+        return True
+    except ImportError:
+        return False
