@@ -143,3 +143,30 @@ def test_ragged_last_group_k576_matches_interpreter():
     s = quantize_rtn(w, 4, 128, True)[1]
     assert np.all(s[:, 4] < 0.02 * s[:, :4].min(axis=1))
     assert np.abs(want[1] - xv @ w.T).max() <= 0.25 * np.abs(xv @ w.T).max()
+
+
+@pytest.mark.parametrize("k", [256, 576])
+def test_single_row_takes_the_gemv_kernel_and_matches(k):
+    """A decode step's one row: the GEMV kernel (scale and zero outside the inner loop, group sums of x;
+    a ragged last group -- K=576 at group 128 -- padded with zero codes) against the interpreter."""
+    from llmasos.backends.tvm.kernels import fused_module
+    rng = np.random.default_rng(k)
+    w = rng.standard_normal((N, k)).astype(np.float32)
+    w[:, k - 64:] *= 0.01  # a quiet last group: a wrong group index there shows as a large error
+    bias = rng.standard_normal(N).astype(np.float32)
+    g = Graph("gemv")
+    x = g.add_input("x", TensorType((1, 1, k), DType.f32))
+    outs = []
+    for i, (bits, group, symm, per_tensor, has_bias) in enumerate(VARIANTS + [(8, 128, False, False, True)]):
+        q, s, z = quantize_rtn(w, bits, group, symm, per_tensor)
+        codes, z = storage(q, z, bits, symm)
+        ins = [x, g.add_param(f"q{i}", codes), g.add_param(f"s{i}", s), g.add_param(f"z{i}", z)]
+        if has_bias:
+            ins.append(g.add_param(f"b{i}", bias))
+        outs.append(g.add_node("quant.linear", ins, {"bits": bits, "group": group}))
+    g.set_outputs(outs)
+    kernels = [f for gv, f in fused_module(g, "cpu").functions.items() if gv.name_hint.startswith("quant_linear")]
+    assert len(kernels) == len(outs) and all("qdot" in f.script() for f in kernels)
+    xv = rng.standard_normal((1, 1, k)).astype(np.float32)
+    for i, (o, r) in enumerate(zip(build(g, "cpu")(xv), run(g, [xv]))):
+        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-5 * np.abs(r).max(), err_msg=str(i))
