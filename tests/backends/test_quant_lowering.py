@@ -88,12 +88,18 @@ def test_resident_weight_bytes_shrink():
 
 
 def test_f16_activations_take_the_generic_path():
+    """The generic dequant+GEMM (CUDA's, and f16 activations on the CPU) reads the codes as uint32 words
+    repacked at load -- signed int8, unsigned int8 and 4-bit nibbles, per-tensor and grouped scales."""
+    from llmasos.backends.tvm.kernels import kernel_stats
     w, bias = _weights(2)
-    v = [(4, 32, True, False, True), (8, 0, False, False, False)]
-    g = _quant_graph(v, w, bias, DType.f16)
+    g = _quant_graph(VARIANTS, w, bias, DType.f16)
+    stats = kernel_stats(g, "cpu")  # the repacking runs at load: no pack kernel per call
+    assert "pack_words" not in stats["by_name"] and stats["transform_params_kernels"] == len(VARIANTS)
+    assert stats["by_name"]["quant_linear"] == len(VARIANTS)
     x = np.random.default_rng(0).standard_normal((2, 3, K)).astype(np.float16)
-    for o, r in zip(build(g, "cpu")(x), run(g, [x])):
-        np.testing.assert_allclose(o.astype(np.float32), r.astype(np.float32), rtol=2e-3, atol=2e-3 * np.abs(r).max())
+    for v, o, r in zip(VARIANTS, build(g, "cpu")(x), run(g, [x])):
+        np.testing.assert_allclose(o.astype(np.float32), r.astype(np.float32), rtol=2e-3,
+                                   atol=2e-3 * np.abs(r).max(), err_msg=str(v))
 
 
 def test_cuda_target_compiles_quantized_gemms():
@@ -105,7 +111,18 @@ def test_cuda_target_compiles_quantized_gemms():
     a8 = g.add_node("quant.linear_a8", [x32, g.add_param("qa", q), g.add_param("wa", np.ascontiguousarray(s[:, 0]))])
     g.set_outputs([*g.outputs, a8])
     spec = resolve_target("cuda")
-    compile_module(lower(g, spec), spec)
+    ex = compile_module(lower(g, spec), spec)
+
+    def sources(m):
+        try:
+            text = m.inspect_source("")
+        except Exception:  # noqa: BLE001 -- modules without source (the host code)
+            text = ""
+        return [text] + [t for i in m.imports for t in sources(i)]
+    cuda = next(t for t in sources(ex.mod) if "__global__" in t)
+    # the 4-bit GEMV reads 32-bit words of codes (8 a load), not bytes
+    sig = next(line for line in cuda.splitlines() if "void" in line and "quant_linear" in line)
+    assert "uint* __restrict__" in sig and "uchar*" not in sig, sig
 
 
 def test_ragged_last_group_k576_matches_interpreter():
