@@ -25,15 +25,17 @@ def log(*a):
 
 
 def decode_rates(lms, prompt, new, repeat):
-    """Median decode tokens/s of each LM, measured in turns (A B A B ...): this VM's speed drifts by tens of
-    percent over a minute, which sequential measurement would put on one side."""
+    """Median decode tokens/s of each LM, measured in turns (A B, B A, ...): this VM's speed drifts by tens of
+    percent over a minute, which sequential measurement would put on one side. Even so two builds with the
+    same schedules have measured 14% apart here: read small differences as noise."""
     for lm in lms:
         lm.generate(prompt, 4)  # warm-up
     rates, toks = [[] for _ in lms], [None] * len(lms)
-    for _ in range(repeat):
-        for i, lm in enumerate(lms):
-            toks[i] = lm.generate(prompt, new)
-            rates[i].append(lm.last_stats.decode_tokens_per_s)
+    for turn in range(repeat):
+        order = range(len(lms)) if turn % 2 == 0 else reversed(range(len(lms)))  # A B, B A, ...
+        for i in order:
+            toks[i] = lms[i].generate(prompt, new)
+            rates[i].append(lms[i].last_stats.decode_tokens_per_s)
     return [statistics.median(r) for r in rates], toks
 
 
@@ -84,7 +86,10 @@ def main(argv=None):
            "prompt_tokens": len(prompt), "new_tokens": a.new, "trials_per_kernel": a.trials, "database": db,
            "default_decode_tok_s": round(base_rate, 2), "tuned_decode_tok_s": round(tuned_rate, 2),
            "speedup": round(tuned_rate / base_rate, 3), "kernels_from_database": tuned.timings["tuned_kernels"],
-           "greedy_tokens_equal": same, "report": report.to_dict() if report else None}
+           "greedy_tokens_equal": same,
+           # 0: every kernel kept its default schedule, so any speed difference is measurement noise
+           "kernels_with_searched_schedule": sum(t.chosen == "tuned" for t in report.tasks) if report else None,
+           "report": report.to_dict() if report else None}
     print(json.dumps(doc, indent=1))
 
 

@@ -206,7 +206,14 @@ def cmd_tune(args) -> int:
     if args.dtype:
         import torch
         dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = args.model if args.model in DECODERS else load_model(args.model)[0]
+    # the model exactly as `generate MODEL` loads it (a Decoder preset only where no other model has the
+    # name: the two differ in constants inside kernels, norm eps and RoPE theta, which would not match)
+    try:
+        model = load_model(args.model)[0]
+    except ValueError:
+        if args.model not in DECODERS:
+            raise
+        model = args.model
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     shape = dict(max_batch=1) if args.batch == 1 else dict(batch=args.batch)  # as generate / bench compile
     report = llmasos.tune_lm(model, _target_arg(args.target), args.db, max_seq=args.max_seq, **shape, dtype=dtype,

@@ -37,11 +37,9 @@ def as_decoder(model, dtype=None, device=None):
                     f"got {type(model).__name__}")
 
 
-def lm_graphs(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype, passes, timings: dict,
-              tuned: bool = False):
+def lm_graphs(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype, passes, timings: dict):
     """(decoder, {"prefill": graph, "decode": graph}, max_batch) as compile_lm builds them: also what
-    tune_lm tunes, so a tuning database's kernels are the ones a later compile_lm looks up. tuned: the
-    graphs are for a build with a tuning database (or for tuning), which keeps a CUDA batch > 1 static."""
+    tune_lm tunes, so a tuning database's kernels are the ones a later compile_lm looks up."""
     from ..frontends import torch_export
     from ..ir.verifier import verify
     from ..passes import PassManager
@@ -62,11 +60,11 @@ def lm_graphs(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int]
         raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
     graphs = {}
     export_batch = batch
-    if spec.device == "cuda" and batch is not None and batch > 1 and not tuned:
+    if spec.device == "cuda" and batch is not None and batch > 1:
         # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once
         # for all rows); a static batch > 1 gets the large-M matmul tiles, ~10x slower. The CUDA graph is
-        # then captured per batch size. With tuning the batch stays static: MetaSchedule measures concrete
-        # shapes only, and its small-M GEMMs are what the low-batch GEMV lacks.
+        # then captured per batch size. (So tuning, which measures static shapes only, finds no decode
+        # GEMM to tune at a CUDA batch > 1: a static form would make its default the slow Matmul schedule.)
         export_batch, max_batch = None, batch
     for phase in (PREFILL, DECODE):
         ep = export_decoder(dec, phase, export_batch, max_batch, max_seq)
@@ -101,7 +99,7 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
         tuning_db = TuningDatabase.open(tuning_db, spec)  # a bad database fails before the slow work
     timings = {}
     dec, graphs, max_batch = lm_graphs(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch,
-                                       dtype=dtype, passes=passes, timings=timings, tuned=tuning_db is not None)
+                                       dtype=dtype, passes=passes, timings=timings)
     t0 = time.perf_counter()
     use_graph = bool(cuda_graph) and spec.device == "cuda"
     exe = build_functions(graphs, spec, cuda_graph=(DECODE,) if use_graph else (), tuning_db=tuning_db)
@@ -113,17 +111,17 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
 
 
 def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: int = 256, max_batch: int = 8,
-            batch: Optional[int] = None, dtype=None, passes: Any = "fuse", trials_per_task: int = 64,
+            batch: Optional[int] = 1, dtype=None, passes: Any = "fuse", trials_per_task: int = 64,
             ops: str = "reduce", log=None):
     """MetaSchedule-tune the kernels ``compile_lm(model, target, ...)`` with the same options builds, into
     the tuning database directory ``db`` (created or extended); returns a ``tuning.TuningReport``.
-    Kernels of static shape only: with an int batch that is the whole decode step (on CUDA too: with a
-    tuning database compile_lm keeps a batch > 1 static); prefill (symbolic length) keeps its default
-    schedules. Pass ``tuning_db=db`` to compile_lm afterwards."""
+    Kernels of static shape only: with an int batch (default 1) that is the whole decode step on the CPU
+    and at batch 1 on CUDA (a CUDA batch > 1 stays symbolic, see lm_graphs); the prefill (symbolic
+    length) keeps its default schedules. Pass ``tuning_db=db`` and the same options to compile_lm."""
     from ..backends.tvm import resolve_target
     from ..backends.tvm.tuning import tune_functions
 
     spec = resolve_target(target)
     _, graphs, _ = lm_graphs(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch, dtype=dtype,
-                             passes=passes, timings={}, tuned=True)
+                             passes=passes, timings={})
     return tune_functions(graphs, spec, db, trials_per_task=trials_per_task, ops=ops, log=log)

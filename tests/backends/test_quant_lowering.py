@@ -174,7 +174,9 @@ def test_single_row_takes_the_gemv_kernel_and_matches(k):
     g = Graph("gemv")
     x = g.add_input("x", TensorType((1, 1, k), DType.f32))
     outs = []
-    for i, (bits, group, symm, per_tensor, has_bias) in enumerate(VARIANTS + [(8, 128, False, False, True)]):
+    # + a group of 7: ragged at both K, and the padded length odd (a nibble past the last whole byte)
+    extra = [(8, 128, False, False, True), (4, 7, False, False, False), (4, 7, True, False, True)]
+    for i, (bits, group, symm, per_tensor, has_bias) in enumerate(VARIANTS + extra):
         q, s, z = quantize_rtn(w, bits, group, symm, per_tensor)
         codes, z = storage(q, z, bits, symm)
         ins = [x, g.add_param(f"q{i}", codes), g.add_param(f"s{i}", s), g.add_param(f"z{i}", z)]

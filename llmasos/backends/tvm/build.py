@@ -142,8 +142,12 @@ def relax_pipeline(spec: TargetSpec, tuning_db=None):
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    rules = schedule_rules(spec)
     target = spec.tvm_target()
+    if spec.schedule == "none":
+        if tuning_db is not None:
+            raise ValueError(f"target '{spec.name}' has schedule='none': a tuning database cannot apply")
+        return relax.get_default_pipeline(target)  # (legalised TIR as is on the CPU, DLight defaults on CUDA)
+    rules = schedule_rules(spec)
 
     @tvm.transform.module_pass(opt_level=0, name="LLMasOSPipeline")
     def pipeline(mod, _ctx):

@@ -186,7 +186,8 @@ def _cpu_quant_linear(ctx, node, args):
         # nothing to either sum, and the inner loop needs no bound check
         k_pad = k if (group == 0 or per_tensor) else g * group
         if k_pad != k:
-            pad = (k_pad - k) // 2 if bits == 4 else k_pad - k
+            # (4-bit: K is even; an odd k_pad still needs its last nibble's byte)
+            pad = (k_pad + 1) // 2 - k // 2 if bits == 4 else k_pad - k
             cpanels = ctx.emit(R.concat([cpanels, R.zeros([p, pad, nr], str(codes.ty.dtype))], axis=1),
                                "code_panels_padded")
             x2 = ctx.emit(R.concat([x2, R.zeros([1, k_pad - k], "float32")], axis=1), "x_padded")
@@ -283,7 +284,7 @@ def _build_qgemv(k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
     gk = k if (group == 0 or per_tensor) else group     # the width of a scale group along K
     assert k % gk == 0, "quant GEMV: K must be whole groups (the caller pads it)"
     ng = k // gk
-    kq = k // 2 if bits == 4 else k
+    kq = (k + 1) // 2 if bits == 4 else k
     gsh = (1, 1) if per_tensor else (p, ng, nr)
     x = te.placeholder((1, k), "float32", name="x")
     codes = te.placeholder((p, kq, nr), code_dtype, name="codes")
@@ -315,7 +316,7 @@ def _build_qgemv(k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
     sch.compute_at(dot, gl, preserve_unit_loops=True)
     dj, dr = sch.get_loops(dot)[-2:]
     sch.reorder(dr, dj)
-    if bits == 4 and gk % 2 == 0:
+    if bits == 4 and gk % 2 == 0:  # (an odd group starts every other group on an odd nibble)
         dr, dr2 = sch.split(dr, [None, 2])
         sch.unroll(dr2)  # even and odd nibble: constant shifts
     if has_bias:

@@ -4,30 +4,34 @@
     exe = build_functions(graphs, "cpu", tuning_db="smollm2.tune")   # tuned kernels where they are faster
 
 What is tuned: the PrimFuncs a build of the same graphs for the same target schedules (lowering plus the
-fusion stage of the build pipeline: build.fused_module), so the
-database's keys -- structural hashes of those PrimFuncs -- are what MetaScheduleApplyDatabase looks up in
-a later build. Left out: kernels with a symbolic shape (MetaSchedule measures concrete arguments, so a
+fusion stage of the build pipeline: build.fused_module), so the database's keys -- structural hashes of
+those PrimFuncs -- are what MetaScheduleApplyDatabase looks up in a later build. Left out: kernels with a symbolic shape (MetaSchedule measures concrete arguments, so a
 prefill with a symbolic length keeps its default schedule), hand-written ones (``tirx.is_scheduled``) and,
 unless ``ops="all"``, kernels without a reduction: copies and elementwise kernels are memory-bound under
 any schedule, the GEMMs, norms and softmaxes are where the time goes.
 
-Never slower than no tuning: before the search, each task's default schedule (our CPU rules, DLight on
-GPUs) is measured by the same runner and committed to the database as a record. A build takes each
-kernel's best record, so a searched schedule replaces the default one only where it measured faster.
+Never slower than no tuning, within a margin the measurements can resolve: each kernel's default schedule
+(our CPU rules, DLight on GPUs) is measured and given to the search as a record. After the search the
+default and the best few candidates are measured again, in turns, and a candidate is kept only if it beats
+the default by MARGIN; the database then holds that one record per kernel (records of kernels this run did
+not tune are carried over), which is what a build applies.
 
-Candidates are built and timed in this process: MetaSchedule's popen workers import TVM afresh for every
-batch of candidates (~2 s each on a 2-core machine, more than the builds themselves). On the CPU the
-caches are flushed before each timed run, because a decode step streams its weights from DRAM.
+On the CPU candidates are built and timed in this process: MetaSchedule's popen workers import TVM afresh
+for every batch of candidates (~2 s each on a 2-core machine, more than the builds themselves). The price:
+a candidate that crashed would end the process (none did: candidates are valid schedule transformations).
+On GPUs MetaSchedule's own popen builder and runner are used, so a faulting kernel kills a worker, not the
+CUDA context of the tuning process, and its C++ timing loop (20 runs a measurement: CUDA graphs hide
+launches in a decode step too). Weights of up to 32 MB can stay in an H100's 50 MB L2 between those runs,
+which favours cache-friendly candidates: check the end-to-end figure, not only the report.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +41,8 @@ from .targets import TargetSpec, resolve_target
 MANIFEST = "llmasos-tuning.json"
 FORMAT, VERSION = "llmasos-tuning", 1
 OPS = ("reduce", "all")
+MARGIN = 0.03      # a candidate must beat the default schedule by this fraction to replace it
+RECHECK, ROUNDS = 3, 3   # candidates measured again after the search, and turns of that measurement
 
 
 class TuningError(RuntimeError):
@@ -83,6 +89,36 @@ class TuningDatabase:
             path.mkdir(parents=True, exist_ok=True)
             cls._write_manifest(path, spec, None)
         return cls(path, spec, cls._json_database(path, allow_missing=True))
+
+    def rewrite(self, chosen: list, target) -> None:
+        """Replace the database's records by one per kernel: ``chosen`` [(mod, trace, run_secs, args_info)]
+        for the kernels just tuned, the best earlier record for every other kernel."""
+        import tvm_ffi
+        from tvm.s_tir import meta_schedule as ms
+        new_keys = {tvm_ffi.structural_hash(mod) for mod, *_ in chosen}
+        keep = {}
+        for r in self.database.get_all_tuning_records():
+            key = tvm_ffi.structural_hash(r.workload.mod)
+            secs = [float(x) for x in r.run_secs or []]
+            if key in new_keys or not secs:
+                continue
+            if key not in keep or sum(secs) / len(secs) < keep[key][0]:
+                keep[key] = (sum(secs) / len(secs), r)
+        tmp = self.path / ".rewrite"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        fresh = self._json_database(tmp, allow_missing=True)
+        for _, r in keep.values():
+            fresh.commit_tuning_record(ms.database.TuningRecord(r.trace, fresh.commit_workload(r.workload.mod),
+                                                                r.run_secs, r.target, r.args_info))
+        for mod, trace, secs, args in chosen:
+            fresh.commit_tuning_record(ms.database.TuningRecord(trace, fresh.commit_workload(mod), secs, target,
+                                                                args))
+        del fresh
+        for name in ("database_workload.json", "database_tuning_record.json"):
+            os.replace(tmp / name, self.path / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.database = self._json_database(self.path, allow_missing=False)
 
     @staticmethod
     def read_manifest(path: Path) -> dict:
@@ -132,7 +168,7 @@ class TaskResult:
     default_us: Optional[float]  # the default schedule's time (None: it could not be built or run)
     best_us: float               # the database's best: what a build with the database runs
     chosen: str                  # "tuned" or "default"
-    trials: int = 0
+    trials: int = 0              # candidates the search measured for this kernel
 
     @property
     def speedup(self) -> Optional[float]:
@@ -165,7 +201,8 @@ class TuningReport:
         return d
 
     def summary(self) -> str:
-        lines = [f"{len(self.tasks)} kernels tuned ({self.trials} trials, {self.seconds:.0f} s); "
+        lines = [f"{len(self.tasks)} kernels measured, {sum(t.chosen == 'tuned' for t in self.tasks)} with a "
+                 f"searched schedule ({self.trials} trials, {self.seconds:.0f} s); "
                  f"skipped: {', '.join(f'{n} {r}' for r, n in self.skipped.items()) or 'none'}"]
         lines += [f"  search failed on {k} (default schedule kept): {v}" for k, v in self.failed.items()]
         for t in sorted(self.tasks, key=lambda t: -t.weight * (t.default_us or t.best_us)):
@@ -177,8 +214,8 @@ class TuningReport:
 
 
 # -- measuring ----------------------------------------------------------------------------------------
-# On the CPU a kernel is timed in a loop over enough copies of its arguments to pass any last-level cache,
-# called back to back: in a decode step the weights stream from DRAM and TVM's worker threads are awake.
+# On the CPU a kernel is timed in a loop over copies of its arguments (up to ROTATE_BYTES, at most MAX_SETS
+# copies: past the last-level cache for any kernel with weights of 4 MB or more), called back to back: in a decode step the weights stream from DRAM and TVM's worker threads are awake.
 # (Timing one warm call hides the first; flushing the caches before each timed call, MetaSchedule's
 # option, also puts the thread pool to sleep, and then a parallel schedule pays ~100 us of wake-up that a
 # real step does not, so single-threaded candidates won.) The Python call adds the same few microseconds
@@ -221,20 +258,6 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
-def _gpu_timer():
-    # CUDA graphs hide launches in a decode step, so a C++ timing loop (number runs per measurement) is
-    # closer to it than a Python one. The weights of a 1B model's GEMV (up to 32 MB) can stay in an H100's
-    # 50 MB L2 across runs: GPU figures favour cache-friendly schedules (not yet measured on a GPU).
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
-    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
-    config = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=0, enable_cpu_cache_flush=False)
-
-    def time_kernel(rt, dev, infos) -> list:
-        return run_evaluator_common(rt, dev, config, default_alloc_argument(dev, infos, 1))
-    return time_kernel
-
-
 def _import_tensor_intrinsics() -> None:
     """``import tvm.s_tir.tensor_intrin`` (MetaSchedule's TuneContext and builder do it), made fast.
 
@@ -264,10 +287,15 @@ def _import_tensor_intrinsics() -> None:
         inspect.stack = real
 
 
-def _in_process_builder():
+def _in_process_builder(spec: TargetSpec):
+    import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+
+    from .build import prepare_module
+    # the pass options a build compiles with (loop partitioning on the CPU), so candidates compile alike
+    _, config = prepare_module(tvm.IRModule(), spec)
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -275,7 +303,8 @@ def _in_process_builder():
             out = []
             for bi in build_inputs:
                 try:
-                    out.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
+                    with tvm.transform.PassContext(opt_level=3, config=config):
+                        out.append(BuilderResult(default_export(default_build(bi.mod, bi.target, None)), None))
                 except Exception as e:  # noqa: BLE001 -- a candidate that does not compile is a failed trial
                     out.append(BuilderResult(None, f"{type(e).__name__}: {e}"))
             return out
@@ -288,7 +317,7 @@ def _in_process_runner(spec: TargetSpec):
     from tvm.s_tir.meta_schedule.runner import PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
-    time_kernel = _cpu_timer() if spec.device == "cpu" else _gpu_timer()
+    time_kernel = _cpu_timer()
 
     @derived_object
     class InProcessRunner(PyRunner):
@@ -304,6 +333,14 @@ def _in_process_runner(spec: TargetSpec):
                     out.append(LocalRunnerFuture(error_message=f"{type(e).__name__}: {e}"))
             return out
     return InProcessRunner()
+
+
+def _builder_runner(spec: TargetSpec):
+    from tvm.s_tir import meta_schedule as ms
+    if spec.device == "cpu":
+        return _in_process_builder(spec), _in_process_runner(spec)
+    config = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    return ms.builder.LocalBuilder(), ms.runner.LocalRunner(evaluator_config=config)
 
 
 def _measure(sch_mod, args_info, spec: TargetSpec, builder, runner) -> Optional[list]:
@@ -374,8 +411,10 @@ def tune_functions(graphs: dict, target: Any, db, *, trials_per_task: int = 64, 
     """Search schedules for the kernels of a library built from ``graphs`` (the dict build_functions
     takes) for ``target`` and keep them in the tuning database directory ``db``.
 
-    trials_per_task: search budget per kernel (0: only measure the default schedules). ops: "reduce" (kernels with a reduction) or
-    "all". log: a callable for progress lines (default: silent).
+    trials_per_task: search budget per kernel (0: only measure the default schedules). ops: "reduce"
+    (kernels with a reduction) or "all". log: a callable for progress lines (default: silent). An existing
+    database for the same target is extended: its record for a kernel tuned again competes with the new
+    candidates, its other records are kept. MetaSchedule's own log goes to ``db/logs/tuning.log``.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -395,63 +434,170 @@ def tune_functions(graphs: dict, target: Any, db, *, trials_per_task: int = 64, 
     report = TuningReport(target=spec.target, database=str(tdb.path), skipped=skipped)
     say(f"{len(tasks)} kernels to tune; skipped: {skipped}")
     if not tasks:
+        warnings.warn(f"nothing to tune: no kernel of static shape ({skipped}); a symbolic batch or length "
+                      f"keeps every kernel out (compile with a fixed batch, e.g. batch=1)", stacklevel=2)
         TuningDatabase._write_manifest(tdb.path, spec, report)
         return report
-    builder, runner = _in_process_builder(), _in_process_runner(spec)
+    builder, runner = _builder_runner(spec)
     target_t = spec.tvm_target()
-    defaults, searched, failed = {}, {}, {}
+    search = ms.database.MemoryDatabase()
+    defaults, base_records, searched, failed = {}, {}, {}, {}
     for t, args in tasks:
         mod = t.dispatched[0]
         sch = _default_schedule(mod["main"], spec)
         secs = _measure(sch.mod, args, spec, builder, runner) if sch is not None else None
-        workload = tdb.database.commit_workload(mod)
-        if secs is not None:
-            tdb.database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, secs, target_t, args))
-        defaults[t.task_name] = (sum(secs) / len(secs) * 1e6) if secs else None
-        say(f"  default {t.task_name}: {defaults[t.task_name]} us")
+        if secs is not None:  # the search's first record: its population may start from it
+            search.commit_tuning_record(ms.database.TuningRecord(sch.trace, search.commit_workload(mod), secs,
+                                                                 target_t, args))
+        base_records[t.task_name] = int(secs is not None)
+        defaults[t.task_name] = sch
+        say(f"  default {t.task_name}: {_us(secs)}")
     if trials_per_task > 0:
         # xgboost (the `tune` extra) guides the search; without it candidates are drawn at random
         cost_model = "xgb" if _has_xgboost() else "random"
         say(f"searching {trials_per_task} trials per kernel, cost model {cost_model}")
-        # MetaSchedule's console log handler (a table after every batch) writes to the sys.stdout of when
-        # its loggers were made, and stdout must stay ours (JSON reports): they are made here, into a sink.
-        # Its full log is still written under db/logs.
-        sink = io.StringIO()
-        # create_loggers names every handler already on MetaSchedule's logger in a dictConfig, and fails
-        # on an unnamed one (pytest's capture adds those); it makes its own handlers again anyway
-        logging.getLogger("tvm.s_tir.meta_schedule").handlers.clear()
-        with contextlib.redirect_stdout(sink):
-            contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [t for t, _ in tasks], work_dir=str(tdb.path), seed=seed, num_threads=os.cpu_count() or 1)
-        for (t, _), ctx in zip(tasks, contexts):
-            # one search per kernel: MetaSchedule's schedule rules fail outright on some fused kernels
-            # (compute-at of an epilogue that reads a slice), which would end a joint search for all
-            try:
-                with spec.tvm_target(), contextlib.redirect_stdout(sink):
-                    sink.seek(0), sink.truncate()
-                    ms.tune_tasks(tasks=[ctx], task_weights=[float(t.weight)], work_dir=str(tdb.path),
-                                  max_trials_global=trials_per_task, num_trials_per_iter=min(32, trials_per_task),
-                                  builder=builder, runner=runner, database=tdb.database, cost_model=cost_model)
-                searched[t.task_name] = trials_per_task
-                say(f"  searched {t.task_name} ({trials_per_task} trials)")
-            except Exception as e:  # noqa: BLE001
-                failed[t.task_name] = f"{type(e).__name__}: {str(e).splitlines()[-1][:200]}"
-                say(f"  search failed on {t.task_name}: {failed[t.task_name]}")
-    report.trials = sum(searched.values())
-    report.failed = failed
-    for t, _ in tasks:
-        workload = tdb.database.commit_workload(t.dispatched[0])
-        top = tdb.database.get_top_k(workload, 1)
-        if not top:
-            continue  # neither the default schedule nor any candidate ran: the build keeps the default rules
-        best = sum(float(x) for x in top[0].run_secs) / len(top[0].run_secs) * 1e6
-        default = defaults[t.task_name]
-        chosen = "default" if default is not None and best >= default else "tuned"
-        report.tasks.append(TaskResult(t.task_name, int(t.weight), default, best, chosen,
+        with _search_log(tdb.path / "logs") as logger:
+            for (t, _), rand in zip(tasks, ms.utils.fork_seed(seed, n=len(tasks))):
+                # one search per kernel: MetaSchedule's schedule rules fail outright on some fused kernels
+                # (compute-at of an epilogue that reads a slice), which would end a joint search for all
+                try:
+                    ctx = ms.TuneContext(mod=t.dispatched[0], target=target_t, space_generator="post-order-apply",
+                                         search_strategy="evolutionary", task_name=t.task_name, logger=logger,
+                                         rand_state=rand, num_threads=os.cpu_count() or 1).clone()
+                    with target_t:
+                        ms.tune_tasks(tasks=[ctx], task_weights=[float(t.weight)], work_dir=str(tdb.path),
+                                      max_trials_global=trials_per_task,
+                                      num_trials_per_iter=min(32, trials_per_task), builder=builder, runner=runner,
+                                      database=search, cost_model=cost_model)
+                    searched[t.task_name] = len(search.get_top_k(search.commit_workload(t.dispatched[0]),
+                                                                 1 << 30)) - base_records[t.task_name]
+                    say(f"  searched {t.task_name} ({searched[t.task_name]} candidates measured)")
+                except Exception as e:  # noqa: BLE001
+                    failed[t.task_name] = f"{type(e).__name__}: {str(e).splitlines()[-1][:200]}"
+                    say(f"  search failed on {t.task_name}: {failed[t.task_name]}")
+    report.trials, report.failed = sum(searched.values()), failed
+    chosen = []
+    for t, args in tasks:
+        mod = t.dispatched[0]
+        cands = _candidates(mod, defaults[t.task_name], search, tdb.database)
+        times = _remeasure(mod, cands, args, spec, builder, runner)
+        pick, label = _choose(cands, times)
+        if pick is None:
+            continue  # nothing ran, not even the default: a build keeps the default rules for it
+        chosen.append((mod, cands[pick][1], times[pick], args))
+        default = _median(times[0]) * 1e6 if times[0] else None
+        report.tasks.append(TaskResult(t.task_name, int(t.weight), default, _median(times[pick]) * 1e6, label,
                                        searched.get(t.task_name, 0)))
+        say(f"  {t.task_name}: {label} ({_us(times[pick])} vs default {_us(times[0])})")
+    tdb.rewrite(chosen, target_t)
     report.seconds = time.perf_counter() - t_start
     TuningDatabase._write_manifest(tdb.path, spec, report)
     return report
+
+
+def _us(secs) -> str:
+    return "failed" if not secs else f"{_median(secs) * 1e6:.2f} us"
+
+
+def _median(xs) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _candidates(mod, default_sch, search, previous) -> list:
+    """[(label, trace)]: the default schedule first, then the search's best few and the database's
+    earlier record for this kernel, without repeats."""
+    out, seen = [], set()
+
+    def add(label, trace):
+        key = str(trace)
+        if key not in seen:
+            seen.add(key)
+            out.append((label, trace))
+    if default_sch is not None:
+        add("default", default_sch.trace)
+    else:
+        out.append(("default", None))
+    if search.has_workload(mod):
+        for r in search.get_top_k(search.commit_workload(mod), RECHECK + 1):
+            add("tuned", r.trace)
+    if previous.has_workload(mod):
+        for r in previous.get_top_k(previous.commit_workload(mod), 1):
+            add("tuned", r.trace)  # (kept only if it beats the default again, here and now)
+    return out
+
+
+def _remeasure(mod, cands, args, spec, builder, runner) -> list:
+    """Each candidate's run times, measured in ROUNDS turns (A B C A B C ...) so drift hits all alike."""
+    from tvm import s_tir
+    mods = []
+    for _, trace in cands:
+        if trace is None:
+            mods.append(None)
+            continue
+        try:
+            sch = s_tir.Schedule(mod)
+            trace.apply_to_schedule(sch, remove_postproc=False)
+            mods.append(sch.mod)
+        except Exception:  # noqa: BLE001 -- a trace that no longer replays (an old record) is no candidate
+            mods.append(None)
+    times = [[] for _ in cands]
+    for _ in range(ROUNDS):
+        for i, m in enumerate(mods):
+            secs = _measure(m, args, spec, builder, runner) if m is not None else None
+            if secs:
+                times[i] += secs
+    return times
+
+
+def _choose(cands, times) -> tuple:
+    """(index, "default" | "tuned"): the fastest candidate if it beats the default by MARGIN, else the
+    default; (None, None) when nothing ran."""
+    ran = [i for i, t in enumerate(times) if t]
+    if not ran:
+        return None, None
+    best = min(ran, key=lambda i: _median(times[i]))
+    if 0 in ran and (best == 0 or _median(times[best]) > (1 - MARGIN) * _median(times[0])):
+        return 0, "default"
+    return best, cands[best][0]
+
+
+class _search_log:
+    """MetaSchedule's loggers for one tuning run: a file under db/logs, nothing on the console.
+
+    (MetaSchedule's own setup, create_loggers, calls logging.config.dictConfig, which closes every other
+    logging handler of the process, and prints a table to stdout after every batch.)"""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+
+    def __enter__(self):
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.logger = logging.getLogger("llmasos.tuning.metaschedule")
+        self.handler = logging.FileHandler(self.log_dir / "tuning.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        # the task scheduler logs through its module logger: keep it off the console too
+        self.ms = logging.getLogger("tvm.s_tir.meta_schedule")
+        self.ms_saved = (self.ms.level, self.ms.propagate)
+        self.ms.addHandler(self.handler)
+        self.ms.setLevel(logging.INFO)
+        self.ms.propagate = False
+        return self.logger
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.ms.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+        self.ms.setLevel(self.ms_saved[0])
+        self.ms.propagate = self.ms_saved[1]
+        self.handler.close()
+        return False
 
 
 def _has_xgboost() -> bool:
