@@ -215,7 +215,8 @@ class TuningReport:
 
 # -- measuring ----------------------------------------------------------------------------------------
 # On the CPU a kernel is timed in a loop over copies of its arguments (up to ROTATE_BYTES, at most MAX_SETS
-# copies: past the last-level cache for any kernel with weights of 4 MB or more), called back to back: in a decode step the weights stream from DRAM and TVM's worker threads are awake.
+# copies: past the last-level cache for any kernel with weights of 4 MB or more), called back to back: in
+# a decode step the weights stream from DRAM and TVM's worker threads are awake.
 # (Timing one warm call hides the first; flushing the caches before each timed call, MetaSchedule's
 # option, also puts the thread pool to sleep, and then a parallel schedule pays ~100 us of wake-up that a
 # real step does not, so single-threaded candidates won.) The Python call adds the same few microseconds
