@@ -194,6 +194,18 @@ class _OnlyBatchSymbolic:
         return self.rule.apply_config(func, config)
 
 
+def pass_config(spec: TargetSpec, cuda_graph: bool = False) -> dict:
+    """The PassContext config a build compiles with (tuning builds its candidates with it too)."""
+    config = {}
+    if spec.device == "cpu":
+        # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
+        # main tile loop runs without per-row bound checks
+        config["s_tir.LoopPartition"] = {"partition_const_loop": True}
+    if cuda_graph and spec.device == "cuda":
+        config["relax.backend.use_cuda_graph"] = True
+    return config
+
+
 def prepare_module(mod, spec: TargetSpec, cuda_graph: tuple = ()) -> tuple:
     """(module, PassContext config) as the target pipeline gets them: param transforms lifted when the spec
     asks, CUDA-graph attributes set. Tuning starts from the same module, so its records match a build's."""
@@ -204,11 +216,6 @@ def prepare_module(mod, spec: TargetSpec, cuda_graph: tuple = ()) -> tuple:
     if spec.lift_params:
         # one shared weight preparation when several entries (prefill, decode) use the same weights
         mod = relax.transform.LiftTransformParams(shared_transform=n_entries > 1)(mod)
-    config = {}
-    if spec.device == "cpu":
-        # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
-        # main tile loop runs without per-row bound checks
-        config["s_tir.LoopPartition"] = {"partition_const_loop": True}
     if cuda_graph and spec.device == "cuda":
         for name in cuda_graph:
             gv = mod.get_global_var(name)
@@ -217,8 +224,7 @@ def prepare_module(mod, spec: TargetSpec, cuda_graph: tuple = ()) -> tuple:
             if sym:  # one graph per value of each symbol (a decode step per batch size)
                 f = f.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", sym)
             mod[gv] = f
-        config["relax.backend.use_cuda_graph"] = True
-    return mod, config
+    return mod, pass_config(spec, bool(cuda_graph))
 
 
 def fused_module(graphs: dict, spec: TargetSpec):

@@ -42,6 +42,10 @@ def _fuse(sch, loops):
     return sch.fuse(*loops) if len(loops) > 1 else loops[0]
 
 
+def is_reduction_block(sch, block) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
 def _inline_all(sch, blocks, keep) -> None:
     """Inline every spatial block except ``keep`` (producers into consumers) as far as possible."""
     for b in blocks:
@@ -282,19 +286,16 @@ class SingleRowReduction(ScheduleRule):
         try:
             sch = s_tir.Schedule(func)
             blocks = sch.get_child_blocks(get_root_block(sch))
-            reductions = [b for b in blocks if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars)]
+            reductions = [b for b in blocks if is_reduction_block(sch, b)]
             if not reductions:
                 return None
             for b in reductions:  # one row: every spatial iterator of each reduction has extent 1
                 for iv in sch.get(b).iter_vars:
-                    if int(iv.iter_type) == 0 and not (isinstance(iv.dom.extent, tirx.IntImm)
-                                                      and iv.dom.extent.value == 1):
+                    if iv.iter_type == tirx.IterVar.DataPar and not (isinstance(iv.dom.extent, tirx.IntImm)
+                                                                    and iv.dom.extent.value == 1):
                         return None
-            keep = set()
-            for b in reductions:
-                keep.add(sch.get(b))
             for b in blocks:
-                if sch.get(b) in keep:
+                if is_reduction_block(sch, b):
                     continue
                 try:
                     sch.compute_inline(b)
@@ -305,7 +306,7 @@ class SingleRowReduction(ScheduleRule):
                         pass
             lanes = _lanes(target, 32)
             for b in sch.get_child_blocks(get_root_block(sch)):
-                if any(int(iv.iter_type) == 2 for iv in sch.get(b).iter_vars):
+                if is_reduction_block(sch, b):
                     continue
                 loops = sch.get_loops(b)
                 if not loops:

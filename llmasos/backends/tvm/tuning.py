@@ -294,9 +294,8 @@ def _in_process_builder(spec: TargetSpec):
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
 
-    from .build import prepare_module
-    # the pass options a build compiles with (loop partitioning on the CPU), so candidates compile alike
-    _, config = prepare_module(tvm.IRModule(), spec)
+    from .build import pass_config
+    config = pass_config(spec)  # candidates compile as a build's kernels do (loop partitioning on the CPU)
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -360,9 +359,9 @@ def _measure(sch_mod, args_info, spec: TargetSpec, builder, runner) -> Optional[
 def _has_reduction(func) -> bool:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
+    from .cpu_schedule import is_reduction_block
     sch = s_tir.Schedule(func)
-    return any(int(iv.iter_type) == 2 for b in sch.get_child_blocks(get_root_block(sch))  # 2: CommReduce
-               for iv in sch.get(b).iter_vars)
+    return any(is_reduction_block(sch, b) for b in sch.get_child_blocks(get_root_block(sch)))
 
 
 def _static_args(func):
