@@ -6,7 +6,7 @@
 from .base import (Pass, PassError, PassNotApplicable, PassRegistryError, UnknownPassError, all_passes, get_pass,
                    pass_source, register_pass)
 from .pipeline import PipelineError, format_pipeline, parse_pipeline
-from .manager import NumericDriftError, PassManager, PassRecord, PassVerificationError
+from .manager import NumericDriftError, NumericTieWarning, PassManager, PassRecord, PassVerificationError
 
 
 def run_pipeline(graph, passes, **instruments):
@@ -15,5 +15,5 @@ def run_pipeline(graph, passes, **instruments):
 
 
 __all__ = ["Pass", "PassError", "PassNotApplicable", "PassRegistryError", "UnknownPassError", "all_passes", "get_pass", "pass_source",
-           "register_pass", "PipelineError", "format_pipeline", "parse_pipeline", "NumericDriftError",
+           "register_pass", "PipelineError", "format_pipeline", "parse_pipeline", "NumericDriftError", "NumericTieWarning",
            "PassManager", "PassRecord", "PassVerificationError", "run_pipeline"]
