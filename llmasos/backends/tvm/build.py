@@ -426,6 +426,14 @@ class Executable:
             return np.from_dlpack(t)
         return t.numpy()
 
+    def cuda_source(self) -> str:
+        """The CUDA C the library's kernels were generated as ('' for a library with no CUDA module)."""
+        def modules(m):
+            yield m
+            for i in m.imports:
+                yield from modules(i)
+        return "".join(m.inspect_source() for m in modules(self._lib.mod) if m.kind == "cuda")
+
     # -- export / load ---------------------------------------------------------------------------
     def export_library(self, path: str) -> str:
         """Write the compiled module (a shared library); ``signature.to_json()`` describes its arguments."""
