@@ -342,6 +342,20 @@ class Decoder(nn.Module):
         m._make_rope(device)     # to_empty left the non-persistent tables uninitialised
         return m.eval()
 
+    def copy_as(self, mode: str, device="cpu") -> "Decoder":
+        """A copy of these weights as a Decoder of ``mode`` on ``device`` (e.g. the export-mode twin of a
+        torch-mode model drawn on the GPU: the same numbers without a second, slow CPU draw)."""
+        with torch.device("meta"):
+            m = type(self)(self.cfg, mode)
+        m = m.to_empty(device=device).to(self.dtype)
+        if self.cfg.tie_embeddings:
+            m.lm_head.weight = m.embed.weight
+        with torch.no_grad():
+            for (name, p), (_, q) in zip(m.named_parameters(), self.named_parameters()):
+                p.copy_(q)
+        m._make_rope(device)
+        return m.eval()
+
     @classmethod
     def from_hf(cls, hf_model, mode: str = "export", dtype=None) -> "Decoder":
         """Copy the weights of a transformers LlamaForCausalLM or GPT2LMHeadModel."""

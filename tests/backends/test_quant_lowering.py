@@ -93,8 +93,8 @@ def test_f16_activations_take_the_generic_path():
     from llmasos.backends.tvm.kernels import kernel_stats
     w, bias = _weights(2)
     g = _quant_graph(VARIANTS, w, bias, DType.f16)
-    stats = kernel_stats(g, "cpu")  # the repacking runs at load: no pack kernel per call
-    assert "pack_words" not in stats["by_name"] and stats["transform_params_kernels"] == len(VARIANTS)
+    stats = kernel_stats(g, "cpu")  # the repacking (and -zero * scale) run at load: no kernel per call
+    assert "pack_words" not in stats["by_name"] and stats["transform_params_kernels"] == 2 * len(VARIANTS)
     assert stats["by_name"]["quant_linear"] == len(VARIANTS)
     x = np.random.default_rng(0).standard_normal((2, 3, K)).astype(np.float16)
     for v, o, r in zip(VARIANTS, build(g, "cpu")(x), run(g, [x])):

@@ -104,8 +104,10 @@ def schedule_rules(spec: TargetSpec) -> list:
         # GPT-2's batch-8 decode at a tenth of torch.compile's speed. Bucket 4 (rows of accumulators per
         # thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran 2422 / 2781 tok/s with it and
         # 1944 / 829 with the bucket = batch (register pressure)
-        return [_OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step
+        from .cuda_schedule import DecodeGEMV
+        return [DecodeGEMV(), _OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(),
+                dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     if spec.schedule == "llmasos-cpu":
         from .cpu_schedule import default_rules
         return default_rules()

@@ -106,14 +106,20 @@ def _pack_words(ctx, codes, n: int, kq: int):
     return ctx.emit_te(pack, codes, name="pack_words")
 
 
+_MAGIC = 0x4B000000  # 2^23 as f32 bits: (_MAGIC | c) read as an f32 is exactly 2^23 + c, for c < 2^23
+
+
 def _word_code(words, n, k, bits: int, signed: bool):
-    """The f32 value of code k of row n from _pack_words' uint32 words."""
+    """The f32 value of code k of row n from _pack_words' uint32 words. Converted through the f32 bit
+    pattern (an OR and a subtract, full-rate ALU work) instead of an int->float conversion, which a GPU
+    runs at a quarter of the FMA rate: the int4 decode GEMV, ~5 instructions per weight, was bound by it."""
     per = 32 // bits
     shift = ((k % per) * bits).astype("uint32")
     v = (words[n, k // per] >> shift) & tir.const((1 << bits) - 1, "uint32")
-    if signed:  # int8 codes: the byte's two's complement
-        return ((v.astype("int32") ^ 128) - 128).astype("float32")
-    return v.astype("float32")
+    offset = float(1 << 23)
+    if signed:  # int8 codes: the byte's two's complement, (byte ^ 128) - 128
+        v, offset = v ^ tir.const(128, "uint32"), offset + 128
+    return tir.reinterpret("float32", v | tir.const(_MAGIC, "uint32")) - tir.const(offset, "float32")
 
 
 def _generic_quant_linear(ctx, node, args):
@@ -122,6 +128,7 @@ def _generic_quant_linear(ctx, node, args):
     dt = tvm_dtype(xt.dtype)
     acc = tvm_dtype(_acc_dtype(xt.dtype))
     deq = _dequant_fn(bits, group, per_tensor)
+    w_dt = acc  # the f32 dequantized weight into the f32 accumulation, as the op's reference computes
     code_dt = node.inputs[1].type.dtype
     # codes read as uint32 words (8 4-bit or 4 8-bit codes a load), as MLC-LLM's quantized layouts: DLight's
     # GEMV reads the weight operand at its element width, and with uint8 codes each thread loaded one byte
@@ -129,19 +136,27 @@ def _generic_quant_linear(ctx, node, args):
     kq = k // 2 if bits == 4 else k
     if (bits in (4, 8) and kq % 4 == 0 and code_dt in (DType.i8, DType.u8) and ctx.is_param(node.inputs[1])
             and node.inputs[1].type.is_static):
-        args = [args[0], _pack_words(ctx, args[1], n, kq), *args[2:]]
         signed = code_dt is DType.i8
+        # (c - z) * s as c * s + (-z * s): one FMA per weight, the products -z * s made once at load
+        fold = ctx.is_param(node.inputs[2]) and ctx.is_param(node.inputs[3])
+        offsets = (ctx.emit_te(lambda sc, z: te.compute(z.shape, lambda *i: -(z(*i).astype("float32")
+                                                                            * sc(*i).astype("float32")),
+                                                        name="zero_times_scale"), args[2], args[3],
+                               name="zero_times_scale") if fold else args[3])
+        args = [args[0], _pack_words(ctx, args[1], n, kq), args[2], offsets, *args[4:]]
 
         def deq(words, scale, zero, i, j, out_dtype):
             gi = (j // group) if group else 0
             s = scale[0, 0] if per_tensor else scale[i, gi]
             z = zero[0, 0] if per_tensor else zero[i, gi]
-            return ((_word_code(words, i, j, bits, signed) - z.astype("float32"))
-                    * s.astype("float32")).astype(out_dtype)
+            c = _word_code(words, i, j, bits, signed)
+            if fold:
+                return (c * s.astype("float32") + z).astype(out_dtype)
+            return ((c - z.astype("float32")) * s.astype("float32")).astype(out_dtype)
 
     def f(x, codes, scale, zero, *b):
-        # the weight in x's dtype, as the reference casts it, then accumulated in f32
-        w = te.compute((n, k), lambda i, j: deq(codes, scale, zero, i, j, dt), name="dequant")
+        # (a weight rounded to x's dtype first would cost the GPU's decode GEMV two conversions per weight)
+        w = te.compute((n, k), lambda i, j: deq(codes, scale, zero, i, j, w_dt), name="dequant")
         r = te.reduce_axis((0, k), name="k")
         y = te.compute((*x.shape[:-1], n), lambda *i: te.sum(x(*i[:-1], r).astype(acc) * w[i[-1], r].astype(acc),
                                                              axis=r), name="qmatmul")

@@ -12,8 +12,10 @@ GEMM (llmasos/backends/tvm/lowering_quant.py).
   - ``bits=4``: u8 [N, K/2], two unsigned 4-bit codes per byte, even k in the low nibble, odd k in the
     high one. Symmetric 4-bit codes q in [-8, 7] are stored as q + 8 with zero = 8, so one formula
     serves both.
-* ``quant.linear(x, qweight, scale, zero, bias?){bits, group}`` = linear(x, dequant(...) cast to x's
-  dtype, bias): the reference dequantizes, the backend never materializes the float weight.
+* ``quant.linear(x, qweight, scale, zero, bias?){bits, group}`` = linear(x, dequant(...), bias) computed
+  in f32 (x, the f32 dequantized weight and the bias), the result in x's dtype. The weight is not rounded
+  to x's dtype first: a fused dequantize-GEMV keeps it in f32 registers, and rounding would cost it two
+  conversions per weight. The reference dequantizes; the backend never materializes the float weight.
 * ``quant.linear_a8(x, qweight, wscale, bias?)``: W8A8 with dynamic per-token activation scales:
   s_x = max|x_row| / 127, x_q = clip(round(x / s_x), -127, 127), y = (x_q @ q^T) * s_x * wscale + bias,
   the product accumulated exactly in int32.
@@ -103,13 +105,14 @@ def _linear_infer(x, qweight, scale, zero, bias=None, *, bits, group):
 
 def _linear_ref(x, qweight, scale, zero, bias=None, *, bits, group):
     from .linalg import _linear_ref as linear
-    w = to_dtype(_dequant_ref(qweight, scale, zero, bits=bits, group=group), DType.from_numpy(x.dtype))
-    y = linear(x, w, bias)
+    w = _dequant_ref(qweight, scale, zero, bits=bits, group=group).astype(np.float32)
+    y = linear(x.astype(np.float32), w, None if bias is None else bias.astype(np.float32))
     return to_dtype(y, DType.from_numpy(x.dtype))
 
 
 defop("quant.linear", ("x", "qweight", "scale", "zero", "bias?"), _linear_infer, _linear_ref, _ATTRS,
-      doc="linear(x, dequant(qweight, scale, zero), bias) in x's dtype; the weight stays packed")
+      doc="linear(x, dequant(qweight, scale, zero), bias) computed in f32, the result in x's dtype; the "
+          "weight stays packed")
 
 
 def _a8_infer(x, qweight, wscale, bias=None):

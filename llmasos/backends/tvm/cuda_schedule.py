@@ -1,0 +1,152 @@
+"""GPU schedule rules of our own, applied before DLight's (build.schedule_rules).
+
+``DecodeGEMV``: a single-row GEMV, y[n] = sum_k x[k] * w(n, k) -- a batch-1 decode step's projections,
+with whatever the fusion stage put around them (a dequantize of int4/int8 codes inlined into w, a cast,
+a bias or a residual add after). Decode reads every weight once per step, so these kernels are what the
+step's time is; DLight's GEMV rule loads 4 bytes of weight per thread and step (one uint32 word of 8
+int4 codes, or two halves) and first stages the whole x vector in shared memory behind a barrier, which
+ran the int4 projections of Llama-1B at 0.5-2 TB/s on an H200 and the small fp16 ones at 2.2-2.5 TB/s.
+Here a warp owns two output rows: each lane loads 16 bytes of weight per row and step (8 halves, or 4
+words = 32 int4 codes) straight into registers, x comes from global memory (the block's warps share it through
+L1), the K loop is unrolled so several loads are in flight, and a warp shuffle sums the 32 lanes.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import is_gemv, normalize, normalize_prim_func
+from tvm.s_tir.dlight.base import get_bytes, get_extent, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+
+LANES = 32        # one warp per output row
+LOAD_BYTES = 16   # weight bytes per lane and step: one 128-bit load
+UNROLL = 8        # K steps unrolled, for loads in flight
+WARPS_WANTED = 4096  # warps a grid should have to keep HBM busy (H100/H200: 132 SMs x 32 resident warps)
+
+
+class DecodeGEMV(GPUScheduleRule):
+    """Single-row GEMV (optionally with a dequantized weight and one injective epilogue): see the module
+    docstring. ``warps_per_block`` warps a thread block, ``rows_per_warp`` output rows a warp (its lanes
+    load and convert the x chunk once for them all, and have that many weight loads in flight)."""
+
+    def __init__(self, warps_per_block: int = 4, rows_per_warp: int = 2):
+        self.warps_per_block = warps_per_block
+        self.rows_per_warp = rows_per_warp
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if infos is None or len(infos) not in (1, 2):
+            return None
+        epilogue = infos[1] if len(infos) == 2 else None
+        if epilogue is not None and not epilogue.is_injective():
+            return None
+        info = infos[0]
+        vectors = is_gemv(sch, info) if len(info.iters) in (2, 3) else None
+        if not vectors or len(vectors) != 1:
+            return None
+        block = info.block_rv
+        if normalize(sch, info) is not True:  # inner reduction: k is the weight's contiguous axis
+            return None
+        batch, s, r, c = sch.get_loops(block)
+        extents = [get_extent(sch, loop) for loop in (batch, s, r, c)]
+        if not all(isinstance(e, int) for e in extents):
+            return None
+        rows, k = extents[0] * extents[1], extents[2] * extents[3]
+        stmt = sch.get(block)
+        weight = _weight_read(stmt)
+        if weight is None:
+            return None
+        w_index, w_buf = weight
+        x_index, x_buf = next(((i, reg.source) for i, reg in enumerate(stmt.reads)
+                               if reg.source.same_as(vectors[0])), (None, None))
+        if x_index is None:
+            return None
+        k_per_elem = max(k // int(w_buf.shape[-1]), 1)  # 8 int4 / 4 int8 codes per uint32 word
+        vec = LOAD_BYTES // get_bytes(w_buf.dtype) * k_per_elem  # k values per lane and step
+        while vec > k_per_elem and k % (LANES * vec):
+            vec //= 2
+        if k % (LANES * vec):
+            return None
+        rw = self.rows_per_warp if rows >= 4 * WARPS_WANTED else 1
+        # K split over kw warps of a row (a shared-memory reduction joins them) until the grid has about
+        # WARPS_WANTED warps: with one warp a row, Llama-1B's 2048-row projections kept 2 blocks per SM
+        # and ran at 2 TB/s
+        kw = 1
+        while kw < 8 and rows // rw * kw < WARPS_WANTED and k % (LANES * vec * kw * 2) == 0:
+            kw *= 2
+        ts = max(self.warps_per_block // kw, 1)
+        while ts > 1 and rows % (ts * rw):
+            ts //= 2
+        if rows % (ts * rw):
+            return None
+        lanes = LANES * kw
+
+        s = sch.fuse(batch, s)
+        r = sch.fuse(r, c)
+        bx, ty, ri = sch.split(s, factors=[None, ts, rw], preserve_unit_iters=True)
+        ro, tx, v = sch.split(r, factors=[None, lanes, vec], preserve_unit_iters=True)
+        rf = sch.rfactor(tx, 0)
+        bx, ty, ri, ro, tx, v = sch.get_loops(rf)
+        sch.reorder(bx, ty, tx, ro, ri, v)
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(ty, "threadIdx.y")
+        sch.bind(tx, "threadIdx.x")
+        # each of the lane's rows: one vector load of its weight chunk into registers; the x chunk, shared
+        # by the rows, likewise (L1 hits: the block's warps read the same x)
+        w_cache = sch.cache_read(rf, read_buffer_index=w_index, storage_scope="local")
+        sch.compute_at(w_cache, ro, preserve_unit_loops=True)
+        *outer, inner = sch.get_loops(w_cache)[4:]
+        sch.vectorize(inner)
+        for loop in outer:
+            sch.unroll(loop)
+        x_cache = sch.cache_read(rf, read_buffer_index=x_index, storage_scope="local")
+        sch.compute_at(x_cache, ro, preserve_unit_loops=True)
+        loop = sch.fuse(*sch.get_loops(x_cache)[4:])
+        width = LOAD_BYTES // get_bytes(x_buf.dtype)
+        if get_extent(sch, loop) > width:
+            loop = sch.split(loop, factors=[None, width])[-1]
+        sch.vectorize(loop)
+        sch.unroll(ri)
+        sch.unroll(v)
+        sch.decompose_reduction(rf, ro)
+        steps = get_extent(sch, ro)
+        if steps > 1:
+            inner = sch.split(ro, factors=[None, max(f for f in range(1, UNROLL + 1) if steps % f == 0)])[1]
+            sch.unroll(inner)
+        # the lanes' partial sums: a warp allreduce per row, then the epilogue by the same warp
+        sch.reverse_compute_at(block, bx, preserve_unit_loops=True)
+        red, *spatial = sch.get_loops(block)[1:]  # (red spans the kw warps: TVM joins them in shared memory)
+        ty2, ri2 = sch.split(sch.fuse(*spatial), factors=[ts, rw])
+        sch.reorder(ty2, ri2, red)
+        sch.bind(ty2, "threadIdx.y")
+        sch.bind(red, "threadIdx.x")
+        sch.set_scope(rf, 0, "local")
+        if epilogue is not None:
+            sch.reverse_compute_at(epilogue.block_rv, bx, preserve_unit_loops=True)
+            ty3, _ = sch.split(sch.fuse(*sch.get_loops(epilogue.block_rv)[1:]), factors=[ts, rw])
+            sch.bind(ty3, "threadIdx.y")
+            sch.set_scope(block, 0, "local")
+        return sch
+
+
+def _weight_read(stmt):
+    """(read index, buffer) of the block's weight: the read whose region spans the
+    most elements (x is [.., K], scales [N, K / group]; the weight [N, K], or [N, K / 8] uint32 words)."""
+    best = None
+    for i, region in enumerate(stmt.reads):
+        buf = region.source
+        if len(buf.shape) < 2:
+            continue
+        n = 1
+        for d in buf.shape:
+            if not isinstance(d, tirx.IntImm):
+                return None
+            n *= int(d)
+        size = n * get_bytes(buf.dtype)
+        if best is None or size > best[0]:
+            best = (size, i, buf)
+    if best is None:
+        return None
+    return best[1], best[2]
