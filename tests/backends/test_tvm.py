@@ -25,7 +25,10 @@ F32, F16, I64, I32, BOOL = DType.f32, DType.f16, DType.i64, DType.i32, DType.boo
 n, m = sym("n"), sym("m")
 
 
-def assert_close(out, ref, what, rel=1e-5):
+def assert_close(out, ref, what, rel=1e-5, norm_rel=0.0):
+    """Elementwise within rel * max(1, |ref|), plus norm_rel * max |ref| of the whole tensor: a GEMM's
+    rounding error scales with its terms, and an output that cancels (gelu(a) * b with gelu(a) ~ 0, b ~ 100)
+    keeps the error of its terms, not its own size."""
     out = np.asarray(out)
     assert out.shape == ref.shape, f"{what}: shape {out.shape} != reference {ref.shape}"
     assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != reference {ref.dtype}"
@@ -36,8 +39,11 @@ def assert_close(out, ref, what, rel=1e-5):
         fin = ~np.isnan(r)
         err = np.abs(o[fin] - r[fin])
         tol = rel * np.maximum(1.0, np.abs(r[fin]))
+        finite = np.abs(r[fin])[np.isfinite(r[fin])]
+        if norm_rel and finite.size:
+            tol = tol + norm_rel * finite.max()
         bad = ~((err <= tol) | (o[fin] == r[fin]))  # equal infinities count as equal
-        assert not bad.any(), f"{what}: max error {err[bad].max()} over tolerance (rel {rel})"
+        assert not bad.any(), f"{what}: max error {err[bad].max()} over tolerance (rel {rel}, norm_rel {norm_rel})"
     else:
         np.testing.assert_array_equal(out, ref, err_msg=what)
 
@@ -333,7 +339,9 @@ def _check_all_ops(cases, exe, nv, mv, seed):
         rel = 2e-3 if name.startswith("f16/") or "->f16" in name else 1e-5
         if r.dtype == np.float16:
             o, r = o.astype(np.float32), r.astype(np.float32)
-        assert_close(o, r, f"{name} (n={nv}, m={mv})", rel=rel)
+        # f32 GEMMs sum in another order than numpy (Hypothesis found a cancelled GLU output off by 1.05e-5)
+        gemm = any(t in name for t in ("matmul", "linear", "sdpa", "attention"))
+        assert_close(o, r, f"{name} (n={nv}, m={mv})", rel=rel, norm_rel=1e-6 if gemm else 0.0)
 
 
 def test_all_ops_match_interpreter_at_fixed_sizes(all_ops):

@@ -128,6 +128,25 @@ def test_torch_mode_compiles_fullgraph_for_decode():
     torch.testing.assert_close(d.blocks[1].attn.k_cache, ref.blocks[1].attn.k_cache)
 
 
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_copy_as_keeps_the_weights_in_another_mode(name):
+    """bench draws the torch-mode model once on the GPU and compiles an export-mode copy of it."""
+    to = Decoder.random(PRESETS[name], mode="torch", seed=3, dtype=torch.float16)
+    ex = to.copy_as("export", "cpu")
+    assert ex.mode == "export" and ex.dtype == torch.float16
+    a, b = to.state_dict(), ex.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (ex.lm_head.weight is ex.embed.weight) == PRESETS[name].tie_embeddings
+    ex.embed.weight.data.zero_()  # a copy: the original is untouched
+    assert float(to.embed.weight.abs().sum()) > 0
+    to.setup_caches(1, 16)
+    ids = torch.randint(0, PRESETS[name].vocab, (1, 5), generator=torch.Generator().manual_seed(4))
+    ex2 = to.copy_as("export")
+    with torch.no_grad():
+        torch.testing.assert_close(ex2.float()(ids, i32(0), i64(4), *ex2.float().new_caches(1, 16))[0],
+                                   to.float()(ids, i32(0), i64(4)), atol=TOL, rtol=TOL)
+
 @pytest.mark.slow
 def test_torch_mode_reduce_overhead_compile():
     d, _ = make(hf_model("llama-gqa"), "torch", batch=1)

@@ -104,9 +104,14 @@ def schedule_rules(spec: TargetSpec) -> list:
         # GPT-2's batch-8 decode at a tenth of torch.compile's speed. Bucket 4 (rows of accumulators per
         # thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran 2422 / 2781 tok/s with it and
         # 1944 / 829 with the bucket = batch (register pressure)
-        # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step
+        # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step; the
+        # target option decode_gemv = "all" | "quantized" | "off" narrows it, for A/B runs against DLight's
         from .cuda_schedule import DecodeGEMV
-        return [DecodeGEMV(), _OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(),
+        which = spec.extra.get("decode_gemv", "all")
+        if which not in ("all", "quantized", "off"):
+            raise ValueError(f"target '{spec.name}': decode_gemv must be 'all', 'quantized' or 'off', got {which!r}")
+        own = [] if which == "off" else [DecodeGEMV(quantized_only=which == "quantized")]
+        return [*own, _OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(),
                 dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     if spec.schedule == "llmasos-cpu":
         from .cpu_schedule import default_rules

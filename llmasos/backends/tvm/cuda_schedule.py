@@ -28,9 +28,10 @@ class DecodeGEMV(GPUScheduleRule):
     docstring. ``warps_per_block`` warps a thread block, ``rows_per_warp`` output rows a warp (its lanes
     load and convert the x chunk once for them all, and have that many weight loads in flight)."""
 
-    def __init__(self, warps_per_block: int = 4, rows_per_warp: int = 2):
+    def __init__(self, warps_per_block: int = 4, rows_per_warp: int = 2, quantized_only: bool = False):
         self.warps_per_block = warps_per_block
         self.rows_per_warp = rows_per_warp
+        self.quantized_only = quantized_only  # leave float weights to DLight's GEMV (target decode_gemv)
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -44,7 +45,7 @@ class DecodeGEMV(GPUScheduleRule):
             return None
         info = infos[0]
         vectors = is_gemv(sch, info) if len(info.iters) in (2, 3) else None
-        if not vectors or len(vectors) != 1:
+        if not vectors:
             return None
         block = info.block_rv
         if normalize(sch, info) is not True:  # inner reduction: k is the weight's contiguous axis
@@ -59,17 +60,27 @@ class DecodeGEMV(GPUScheduleRule):
         if weight is None:
             return None
         w_index, w_buf = weight
-        x_index, x_buf = next(((i, reg.source) for i, reg in enumerate(stmt.reads)
-                               if reg.source.same_as(vectors[0])), (None, None))
-        if x_index is None:
+        # x: the vector read along k (per-row scales of int8 weights count as vectors too)
+        xs = [(i, reg.source) for i, reg in enumerate(stmt.reads)
+              if any(reg.source.same_as(v) for v in vectors) and isinstance(reg.source.shape[-1], tirx.IntImm)
+              and int(reg.source.shape[-1]) == k]
+        if len(xs) != 1:
             return None
+        x_index, x_buf = xs[0]
         k_per_elem = max(k // int(w_buf.shape[-1]), 1)  # 8 int4 / 4 int8 codes per uint32 word
+        if self.quantized_only and k_per_elem == 1:
+            return None
         vec = LOAD_BYTES // get_bytes(w_buf.dtype) * k_per_elem  # k values per lane and step
         while vec > k_per_elem and k % (LANES * vec):
             vec //= 2
         if k % (LANES * vec):
             return None
-        rw = self.rows_per_warp if rows >= 4 * WARPS_WANTED else 1
+        # rows a warp: the lane's x chunk is loaded and converted to f32 once for all of them. A GPU converts
+        # at a quarter of its FMA rate, and a packed int4 weight brings 32 x values per 16-byte load, so
+        # with one row a warp the conversions of x, not HBM, bounded the int4 GEMV (0.7-1.9 TB/s, H200)
+        rw = self.rows_per_warp * (2 if k_per_elem > 1 else 1)
+        while rw > 1 and rows % rw:
+            rw //= 2
         # K split over kw warps of a row (a shared-memory reduction joins them) until the grid has about
         # WARPS_WANTED warps: with one warp a row, Llama-1B's 2048-row projections kept 2 blocks per SM
         # and ran at 2 TB/s
