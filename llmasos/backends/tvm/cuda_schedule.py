@@ -6,9 +6,12 @@ a bias or a residual add after). Decode reads every weight once per step, so the
 step's time is; DLight's GEMV rule loads 4 bytes of weight per thread and step (one uint32 word of 8
 int4 codes, or two halves) and first stages the whole x vector in shared memory behind a barrier, which
 ran the int4 projections of Llama-1B at 0.5-2 TB/s on an H200 and the small fp16 ones at 2.2-2.5 TB/s.
-Here a warp owns two output rows: each lane loads 16 bytes of weight per row and step (8 halves, or 4
-words = 32 int4 codes) straight into registers, x comes from global memory (the block's warps share it through
-L1), the K loop is unrolled so several loads are in flight, and a warp shuffle sums the 32 lanes.
+Here a warp owns 2 output rows (4 for packed int4/int8 codes): each lane loads 16 bytes of weight per
+row and step (8 halves, or 4 words = 32 int4 codes) straight into registers and its x chunk once for all
+its rows (from global memory: the block's warps share it through L1), the K loop is unrolled so several
+loads are in flight, and warp shuffles sum the lanes. When a projection has few rows, K is split over up
+to 8 warps (TVM joins them in shared memory) until the grid has ~WARPS_WANTED warps. Static shapes only:
+a symbolic batch stays with DLight's LowBatchGEMV.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from tvm.s_tir.dlight.analysis import is_gemv, normalize, normalize_prim_func
 from tvm.s_tir.dlight.base import get_bytes, get_extent, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
-LANES = 32        # one warp per output row
+LANES = 32        # a warp's lanes along K (times the warps K is split over)
 LOAD_BYTES = 16   # weight bytes per lane and step: one 128-bit load
 UNROLL = 8        # K steps unrolled, for loads in flight
 WARPS_WANTED = 4096  # warps a grid should have to keep HBM busy (H100/H200: 132 SMs x 32 resident warps)
