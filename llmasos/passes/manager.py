@@ -198,12 +198,13 @@ class PassManager:
             return 0
         tol = f"exact: rtol {rtol:g}" if p.exact else f"tolerance rtol {rtol:g}, atol {atol:g}"
         producers_before = {o.name: n for n in before_g.nodes for o in n.outputs}
-        ties: dict[str, str] = {}  # value name -> why it is not compared
+        flipped: list[str] = []   # discrete values flipped at a near-tie
+        skipped: set[str] = set()  # those and every value computed from them: not compared
         for node in after_g.nodes:  # program order: the first diverging value is where the error enters
-            upstream = next((v.name for v in node.inputs if v.name in ties), None)
+            downstream = any(v.name in skipped for v in node.inputs)
             for o in node.outputs:
-                if upstream is not None:
-                    ties[o.name] = upstream
+                if downstream:
+                    skipped.add(o.name)
                     continue
                 if o.name not in vals_before:
                     continue
@@ -212,12 +213,13 @@ class PassManager:
                     continue
                 if not p.exact and self._near_tie(node, producers_before.get(o.name), o.name, vals_before,
                                                   vals_after, rtol, atol):
-                    ties[o.name] = o.name
+                    flipped.append(o.name)
+                    skipped.add(o.name)
                     continue
                 raise NumericDriftError(
                     name, f"numeric drift past the pass's tolerance ({tol}): first diverging value "
                           f"%{o.name}: {d}", node, o.name)
-        bad_outputs = [i for i in bad_outputs if after_g.outputs[i].name not in ties]
+        bad_outputs = [i for i in bad_outputs if after_g.outputs[i].name not in skipped]
         if bad_outputs:
             i = bad_outputs[0]
             v = after_g.outputs[i]
@@ -225,10 +227,9 @@ class PassManager:
             raise NumericDriftError(name, f"numeric drift past the pass's tolerance ({tol}) at graph output {i} "
                                           f"%{v.name} (no value with the same name diverged first): {d}",
                                     v.producer, v.name)
-        flipped = sorted(k for k, why in ties.items() if why == k)
         warnings.warn(NumericTieWarning(
             f"pass '{name}': {len(flipped)} discrete value(s) flipped at near-ties of operands that agree within "
-            f"its tolerance ({tol}): {', '.join('%' + k for k in flipped)}; the values computed from them "
+            f"its tolerance ({tol}): {', '.join('%' + k for k in sorted(flipped))}; the values computed from them "
             f"were not compared"), stacklevel=4)
         return len(flipped)
 

@@ -11,7 +11,7 @@ import pytest
 import tvm
 
 from llmasos.backends.tvm import resolve_target
-from llmasos.backends.tvm.build import pipeline_stages, prepare_module
+from llmasos.backends.tvm.build import cuda_source, pipeline_stages, prepare_module
 from llmasos.backends.tvm.cuda_schedule import DecodeGEMV
 from llmasos.backends.tvm.lower import lower
 from llmasos.compress.quant import quantize_rtn, storage
@@ -55,7 +55,7 @@ def _gemv_kernel(g: Graph):
 def _source(sch) -> str:
     m = tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "k")})
     lib = tvm.compile(m, target=SPEC.tvm_target())
-    return next(x.inspect_source() for x in [lib.mod, *lib.mod.imports] if x.kind == "cuda")
+    return cuda_source(lib)
 
 
 @pytest.mark.parametrize("kind,n,k", [("f16", 2048, 8192), ("f16", 3072, 2048), ("int4", 2048, 2048),

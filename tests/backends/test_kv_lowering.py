@@ -8,6 +8,7 @@ import tvm
 
 from llmasos.backends.tvm import build, compile_module, resolve_target
 from llmasos.backends.tvm import lowering_kv
+from llmasos.backends.tvm.build import cuda_source
 from llmasos.backends.tvm.lower import lower
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym
 
@@ -155,7 +156,7 @@ def test_cuda_decode_kernel_builds(dt):
     prims = {gv.name_hint for gv, f in decode.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert "kv_decode_attention" in prims
     ex = compile_module(decode, spec)
-    src = "".join(m.inspect_source() for m in _modules(ex.mod) if m.kind == "cuda")
+    src = cuda_source(ex)
     assert "kv_decode_attention_kernel" in src and "kv_append_kernel" in src
 
 
@@ -166,8 +167,3 @@ def test_cuda_prefill_takes_the_generic_path():
     assert "kv_decode_attention" not in {gv.name_hint for gv in prefill.functions}
     compile_module(prefill, spec)
 
-
-def _modules(m):
-    yield m
-    for i in m.imports:
-        yield from _modules(i)

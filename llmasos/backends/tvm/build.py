@@ -435,11 +435,7 @@ class Executable:
 
     def cuda_source(self) -> str:
         """The CUDA C the library's kernels were generated as ('' for a library with no CUDA module)."""
-        def modules(m):
-            yield m
-            for i in m.imports:
-                yield from modules(i)
-        return "".join(m.inspect_source() for m in modules(self._lib.mod) if m.kind == "cuda")
+        return cuda_source(self._lib)
 
     # -- export / load ---------------------------------------------------------------------------
     def export_library(self, path: str) -> str:
@@ -474,6 +470,15 @@ class Executable:
 
 # numpy's dtype names are TVM's for every LLMasOS dtype (ml_dtypes: bfloat16, float8_e4m3fn, int4)
 _NP_DLPACK = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+
+
+def cuda_source(lib) -> str:
+    """The CUDA C of a ``tvm.compile`` result's kernels ('' when it has no CUDA module): no GPU needed."""
+    def modules(m):
+        yield m
+        for i in m.imports:
+            yield from modules(i)
+    return "".join(m.inspect_source() for m in modules(lib.mod) if m.kind == "cuda")
 
 
 def _ensure_device_api(device: str) -> None:

@@ -91,10 +91,8 @@ class DecodeGEMV(GPUScheduleRule):
         while kw < 8 and rows // rw * kw < WARPS_WANTED and k % (LANES * vec * kw * 2) == 0:
             kw *= 2
         ts = max(self.warps_per_block // kw, 1)
-        while ts > 1 and rows % (ts * rw):
+        while ts > 1 and rows % (ts * rw):  # (rw divides rows: at ts = 1 the split is whole)
             ts //= 2
-        if rows % (ts * rw):
-            return None
         lanes = LANES * kw
 
         s = sch.fuse(batch, s)
