@@ -4,6 +4,10 @@ An op is declared once: operand names, attribute schema, a type rule (``infer``)
 (``ref``, numpy). Everything else about an op -- TVM lowering, cost, quantisation, sharding -- lives in
 tables keyed by the op name elsewhere, so plugins add entries without touching this file.
 
+The registry never imports its entries: ``llmasos/ir/__init__.py`` imports this module, then ``opset``
+(whose modules call ``defop`` here), before anything that looks ops up, so importing any part of
+``llmasos.ir`` yields the full built-in op set and the import graph has no registry <-> entries cycle.
+
 Operand names: ``"x"`` is required, ``"bias?"`` optional (only trailing), ``"*xs"`` variadic (last).
 ``infer(*types, **attrs)`` returns a TensorType or a tuple of them; ``ref(*arrays, **attrs)`` returns an
 array or a tuple, with symbolic dims in attrs already evaluated to ints.
@@ -164,7 +168,6 @@ def defop(name: str, operands, infer: Callable, ref: Callable, attrs: Optional[d
 
 
 def get_op(name: str, loc: Optional[str] = None) -> OpDef:
-    _ensure_loaded()
     try:
         return OPS[name]
     except KeyError:
@@ -175,15 +178,4 @@ def get_op(name: str, loc: Optional[str] = None) -> OpDef:
 
 
 def all_ops() -> dict[str, OpDef]:
-    _ensure_loaded()
     return dict(OPS)
-
-
-_loaded = False
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import opset  # noqa: F401  (registers the built-in ops)
