@@ -12,10 +12,15 @@ groups and one of 64); ``group=0``: one group, per channel; per tensor: one scal
 * asymmetric: q in [0, 2^b - 1], uint8 storage, zero in [0, 2^b - 1] (may be fractional).
 
 4-bit codes are stored two per byte (``pack_int4``): byte = low nibble (even k) | high nibble (odd k) << 4.
+That storage layout is part of the IR's quant ops, so its numerics (``num_groups``, ``expand``,
+``dequantize``, ``pack_int4``, ``unpack_int4``) live in ``llmasos.ir.quant_numerics``; they are re-exported
+here, where the quantizers use them.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from ..ir.quant_numerics import dequantize, expand, num_groups, pack_int4, unpack_int4  # noqa: F401  (re-exported)
 
 BITS = (4, 8)
 
@@ -35,11 +40,6 @@ def check_options(bits: int, group: int, k: int = None, per_tensor: bool = False
 
 def qrange(bits: int, sym: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if sym else (0, (1 << bits) - 1)
-
-
-def num_groups(k: int, group: int) -> int:
-    """G = ceil(K / group): the last group is ragged when group does not divide K."""
-    return 1 if group == 0 else -(-k // group)
 
 
 def _group_reduce(ufunc, w: np.ndarray, group: int) -> np.ndarray:
@@ -83,47 +83,6 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int, sym: bool, per_tensor: bo
     the representable range (symmetric: always; asymmetric: always, the range covers [min, max])."""
     scale, zero = quant_params(w, bits, group, sym, per_tensor)
     return quantize_with(w, scale, zero, bits, group, sym), scale, zero
-
-
-def expand(p: np.ndarray, shape: tuple, group: int) -> np.ndarray:
-    """A per-group [N|1, G|1] array broadcast to the weight's [N, K]: column k takes group k // group
-    (G = ceil(K / group), so a ragged last group reads the last column of p)."""
-    n, k = shape
-    p = np.asarray(p, np.float32)
-    g = p.shape[1]
-    if g == 1:
-        return np.broadcast_to(p, (n, k))
-    if g != num_groups(k, group):
-        raise ValueError(f"per-group parameters of shape {list(p.shape)} do not fit K={k} with group={group}: "
-                         f"expected G = ceil(K / group) = {num_groups(k, group)} columns")
-    return np.broadcast_to(p[:, np.arange(k) // group], (n, k))
-
-
-def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int = 8, group: int = 0) -> np.ndarray:
-    """(q - zero) * scale as f32 [N, K]; q are integer codes [N, K] (not packed)."""
-    q = np.asarray(q)
-    return ((q.astype(np.float32) - expand(zero, q.shape, group)) * expand(scale, q.shape, group)).astype(np.float32)
-
-
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """uint8 [N, K/2] from 4-bit codes [N, K] in [0, 15]: even k in the low nibble, odd k in the high one."""
-    q = np.asarray(q)
-    if q.ndim != 2 or q.shape[1] % 2:
-        raise ValueError(f"pack_int4 needs codes [N, K] with an even K, got shape {list(q.shape)}")
-    if q.size and (q.min() < 0 or q.max() > 15):
-        raise ValueError(f"pack_int4 packs codes in [0, 15], got [{q.min()}, {q.max()}]; "
-                         "offset symmetric codes by 8 first")
-    q = q.astype(np.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-
-
-def unpack_int4(p: np.ndarray) -> np.ndarray:
-    """uint8 [N, K] codes in [0, 15] from packed bytes [N, K/2] (inverse of pack_int4)."""
-    p = np.asarray(p, np.uint8)
-    out = np.empty((p.shape[0], p.shape[1] * 2), np.uint8)
-    out[:, 0::2] = p & 15
-    out[:, 1::2] = p >> 4
-    return out
 
 
 def storage(q: np.ndarray, zero: np.ndarray, bits: int, sym: bool):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops import defop
 from ..types import TensorType, dims_equal
 from .rules import broadcast_shapes, same_dtype
 
@@ -40,8 +41,6 @@ def _linear_ref(x, w, bias=None):
     y = np.matmul(_acc(x), _acc(w).T)
     return y if bias is None else y + _acc(bias)
 
-
-from ..ops import defop  # noqa: E402
 
 defop("matmul", ("lhs", "rhs"), _matmul_infer, _matmul_ref,
       doc="batched matrix product [..., M, K] x [..., K, N] -> [..., M, N] with broadcast batch dims")

@@ -25,7 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops import Attr, defop
+from ..quant_numerics import act_quant, codes_of, expand
 from ..types import DType, TensorType, dims_equal
+from .linalg import _linear_ref as _float_linear_ref
 from .rules import to_dtype
 
 _ATTRS = {"bits": Attr("int", 8, choices=(4, 8)), "group": Attr("int", 0)}
@@ -71,16 +73,7 @@ def _dequant_infer(qweight, scale, zero, *, bits, group):
     return TensorType((n, k), scale.dtype)
 
 
-def codes_of(qweight: np.ndarray, bits: int) -> np.ndarray:
-    """Codes [N, K] as f32: unpacks 4-bit nibbles, reads fp8 values."""
-    if bits == 4:
-        from ...compress.quant import unpack_int4
-        return unpack_int4(qweight).astype(np.float32)
-    return np.asarray(qweight).astype(np.float32)
-
-
 def _dequant_ref(qweight, scale, zero, *, bits, group):
-    from ...compress.quant import expand
     q = codes_of(qweight, bits)
     s, z = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
     w = (q - expand(z, q.shape, group)) * expand(s, q.shape, group)
@@ -104,9 +97,8 @@ def _linear_infer(x, qweight, scale, zero, bias=None, *, bits, group):
 
 
 def _linear_ref(x, qweight, scale, zero, bias=None, *, bits, group):
-    from .linalg import _linear_ref as linear
     w = _dequant_ref(qweight, scale, zero, bits=bits, group=group).astype(np.float32)
-    y = linear(x.astype(np.float32), w, None if bias is None else bias.astype(np.float32))
+    y = _float_linear_ref(x.astype(np.float32), w, None if bias is None else bias.astype(np.float32))
     return to_dtype(y, DType.from_numpy(x.dtype))
 
 
@@ -128,16 +120,6 @@ def _a8_infer(x, qweight, wscale, bias=None):
     if bias is not None and (bias.rank != 1 or not dims_equal(bias.shape[0], n) or bias.dtype is not x.dtype):
         raise ValueError(f"quant.linear_a8: bias must be [{n}] of x's dtype {x.dtype}, got {bias}")
     return TensorType((*x.shape[:-1], n), x.dtype)
-
-
-def act_quant(x: np.ndarray):
-    """(x_q int8 [..., K], s_x f32 [..., 1]): dynamic per-token symmetric int8 quantization.
-
-    A zero row gets s_x = 0 and codes 0 (the division is by 1 there)."""
-    xf = np.asarray(x).astype(np.float32)
-    s = (np.abs(xf).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    q = np.clip(np.rint(xf / np.where(s > 0, s, np.float32(1))), -127, 127).astype(np.int8)
-    return q, s
 
 
 def _a8_ref(x, qweight, wscale, bias=None):
