@@ -144,7 +144,7 @@ def distill(teacher, student, data, *, alpha: float = 0.5, temperature: float = 
     if not (masks is None or masks == "auto" or isinstance(masks, dict)):
         raise DistillError(f"masks must be 'auto', a dict {{param name: bool tensor}} or None, got {masks!r}")
     if isinstance(student, Graph):
-        from .torch_graph import GraphModule
+        from .backends.torch_graph import GraphModule
         module, graph_student = GraphModule(student, trainable=True), True
     elif isinstance(student, torch.nn.Module):
         module, graph_student = student, False

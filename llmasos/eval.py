@@ -103,7 +103,7 @@ def _logits_fn(model: Any):
     from .ir.graph import Graph
 
     if isinstance(model, Graph):
-        from .torch_graph import GraphModule
+        from .backends.torch_graph import GraphModule
         model = GraphModule(model, trainable=False, reference_fallback=True)
     if not callable(model):
         raise TypeError(f"perplexity takes an nn.Module, a Graph or a CompiledModel, got {type(model).__name__}")

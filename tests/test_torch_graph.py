@@ -11,7 +11,7 @@ from llmasos.ir.interpreter import run
 from llmasos.ir.ops import all_ops
 from llmasos.ir.types import DType, TensorType, sym
 from llmasos.passes import PassManager
-from llmasos.torch_graph import TORCH_IMPLS, GraphModule, register_torch_impl, unsupported_ops
+from llmasos.backends.torch_graph import TORCH_IMPLS, GraphModule, register_torch_impl, unsupported_ops
 from tests.models import bert, gpt2, llama, token_ids
 
 IDS = token_ids(2, 8)

@@ -1,9 +1,9 @@
-"""Converters of the KV-cache torch custom ops (``llmasos.llm.ops``) to the IR's ``kv.append`` /
+"""Converters of the KV-cache torch custom ops (``llmasos.frontends.kv_ops``) to the IR's ``kv.append`` /
 ``kv.attention``. Having converters also keeps the ops whole through torch's decompositions (the frontend
 keeps every op with a converter), though custom ops have no decomposition to begin with."""
 from __future__ import annotations
 
-from llmasos.llm import ops as _kv_ops  # noqa: F401  (registers torch.ops.llmasos before the converters name them)
+from .. import kv_ops  # noqa: F401  (registers torch.ops.llmasos before the converters name them)
 
 from .registry import converter
 

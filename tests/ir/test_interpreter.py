@@ -764,7 +764,7 @@ def test_fused_elementwise(data):
 @covers("kv.append", "kv.attention")
 @given(data=st.data())
 def test_kv_append_and_attention(data):
-    from llmasos.llm import ops  # noqa: F401  (registers torch.ops.llmasos)
+    from llmasos.frontends import kv_ops  # noqa: F401  (registers torch.ops.llmasos)
     dt = data.draw(FLOATS, label="dtype")
     b, hkv, rep = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 2, 4]))
     t, d = data.draw(st.integers(1, 4), label="T"), data.draw(st.integers(1, 5), label="D")

@@ -9,7 +9,7 @@ import torch
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym
 from llmasos.ir.interpreter import InterpreterError
 from llmasos.ir.ops import OpError
-from llmasos.llm import ops  # noqa: F401  (registers torch.ops.llmasos)
+from llmasos.frontends import kv_ops  # noqa: F401  (registers torch.ops.llmasos)
 
 F32, F16, I32, I64 = DType.f32, DType.f16, DType.i32, DType.i64
 B = sym("batch")

@@ -1,6 +1,6 @@
 """KV-cache ops: what a decoder's attention layer does with a static, runtime-owned cache.
 
-The layout is the one of ``llmasos.llm.ops`` (the torch custom ops the frontend converts from):
+The layout is the one of ``llmasos.frontends.kv_ops`` (the torch custom ops the frontend converts from):
 
   cache  [B, Hkv, M, D]   M, the compiled maximum sequence length, is static
   new    [B, Hkv, T, D]   the T new keys (or values) of each row
