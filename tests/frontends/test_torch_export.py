@@ -9,17 +9,12 @@ import pytest
 import torch
 from torch.utils._pytree import tree_unflatten
 
+from llmasos.frontends import torch_export as te
+from llmasos.frontends.aten import unregister_converter
 from llmasos.ir import DType, sym
 from llmasos.ir.interpreter import run
 from llmasos.ir.verifier import verify
 from tests import models
-
-try:  # installed package name; the repo-root path works before `pip install -e .`
-    from llmasos.frontends import torch_export as te
-    from llmasos.frontends.aten import unregister_converter
-except ImportError:
-    from frontends import torch_export as te
-    from frontends.aten import unregister_converter
 
 SIZES = [(1, 5), (2, 8), (3, 17)]
 BATCH, SEQ = sym("batch"), sym("seq")

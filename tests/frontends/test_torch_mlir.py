@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from frontends import torch_mlir as tm_frontend
+from llmasos.frontends import torch_mlir as tm_frontend
 from llmasos.ir import DType, sym
 from llmasos.ir.interpreter import run
 from tests import models
@@ -242,7 +242,7 @@ def test_symbolic_sizes_are_checked_against_torch_and_raw_modules_import():
 # -- differential: torch-mlir vs torch.export -------------------------------------------------------------------
 @pytest.mark.parametrize("name", ("mlp",) + LMS)
 def test_same_outputs_as_torch_export_frontend(zoo, name):
-    from frontends import torch_export
+    from llmasos.frontends import torch_export
 
     model, mlir_graph = zoo[name]
     export_graph = torch_export.import_module(model, *_call(name, 2, 8)).graph
