@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import sympy
+import torch
+import torch.fx
+from torch.export import Dim
+from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+from torch.utils._pytree import tree_map
 
 from llmasos.ir import Graph, TensorType, Value, sym
 from llmasos.ir.torch_dtypes import dtype_from_torch
@@ -61,8 +66,6 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
     maximum positions, else 2048. ``None`` exports static shapes; anything else is passed to torch as a
     dynamic_shapes spec. Example inputs must not have size 1 in a dynamic dim (torch specialises 0 and 1).
     """
-    import torch
-
     args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
     kwargs = dict(kwargs or {})
     if isinstance(dynamic_shapes, str):
@@ -86,8 +89,6 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
 def batch_of_two(args, kwargs):
     """Example inputs with batch 1 repeated to 2: torch.export specialises an example size of 1, and under
     "auto" every dim 0 is the batch, so tracing a batch of two describes the same program."""
-    import torch
-    from torch.utils._pytree import tree_map
 
     def grow(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1:
@@ -113,9 +114,6 @@ def auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int = 64, m
     seq_hint="named" makes dim 1 ``Dim("seq")`` (export fails if the model pins it); "auto" makes it a
     ``Dim.AUTO`` hint that torch may specialise.
     """
-    import torch
-    from torch.export import Dim
-    from torch.utils._pytree import tree_map
 
     max_seq = max_seq if max_seq is not None else default_max_seq(model)
     batch = Dim("batch", min=1, max=max_batch)
@@ -128,7 +126,6 @@ def auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int = 64, m
 
 def tensor_spec(x, batch, seq):
     """The "auto" dims of one input: batch on dim 0, seq on dim 1 of rank >= 2 tensors, nothing otherwise."""
-    import torch
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return None
     return {0: batch, 1: seq} if x.dim() >= 2 else {0: batch}
@@ -136,8 +133,6 @@ def tensor_spec(x, batch, seq):
 
 def decomposition_table() -> dict:
     """torch's default decompositions minus the ops we convert whole."""
-    import torch
-
     table = torch.export.default_decompositions()
     keep = set(KEEP_WHOLE) | set(CONVERTERS)
     for name in keep:
@@ -183,7 +178,6 @@ def import_exported_program(ep, name: Optional[str] = None, decompose: Optional[
 
 def _inlined_hops() -> tuple:
     """Higher-order ops whose sub-graph is converted in place: grad mode does not change inference."""
-    import torch
     return (torch.ops.higher_order.wrap_with_set_grad_enabled,)
 
 
@@ -194,8 +188,6 @@ def missing_converters(ep) -> list:
 
 
 def _missing(gm, hops) -> list:
-    import torch
-
     out = []
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -230,8 +222,6 @@ class _Importer:
         self.hops = _inlined_hops()
 
     def run(self) -> Imported:
-        from torch.export.graph_signature import InputKind
-
         ep, g = self.ep, self.graph
         placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
         specs = ep.graph_signature.input_specs
@@ -331,8 +321,6 @@ class _Importer:
 
     # -- nodes ------------------------------------------------------------------------------------------
     def _convert(self, node):
-        import torch
-
         target = node.target
         if target is operator.getitem:
             seq, i = self.env[node.args[0]], node.args[1]
@@ -391,8 +379,6 @@ class _Importer:
         return _loc(node, self.traces)
 
     def _scalar(self, node, val):
-        import torch
-
         if isinstance(val, (torch.SymBool, bool)):
             return bool(val) if isinstance(val, bool) else None
         if isinstance(val, float):
@@ -417,8 +403,6 @@ class _Importer:
                 raise ctx.error(f"converter for {key} produced {got}, but torch's result is {want}")
 
     def _outputs(self, node):
-        from torch.export.graph_signature import OutputKind, TensorArgument
-
         outputs, leaves, index = [], [], {}
         results = node.args[0]
         for spec, arg in zip(self.ep.graph_signature.output_specs, results):
@@ -439,14 +423,11 @@ class _Importer:
 
 # -- helpers ------------------------------------------------------------------------------------------------
 def _is_tensor(x) -> bool:
-    import torch
     return isinstance(x, torch.Tensor)
 
 
 def _is_tensor_op(target) -> bool:
     """Aten ops returning tensors; sym_size and friends return sizes and are folded into dims."""
-    import torch
-
     if not isinstance(target, torch._ops.OpOverload):
         return False
     return any(isinstance(r.type, torch.TensorType) for r in target._schema.returns)
@@ -459,8 +440,6 @@ def _callable_name(target) -> str:
 
 
 def _map_args(a, env):
-    import torch.fx
-
     if isinstance(a, torch.fx.Node):
         return env[a]
     if isinstance(a, (list, tuple)):
@@ -506,7 +485,6 @@ _FRAME_RE = re.compile(r'File "([^"]+)", line (\d+), in ')
 
 
 def _torch_dir() -> str:
-    import torch
     return os.path.dirname(torch.__file__) + os.sep
 
 
@@ -548,8 +526,6 @@ def _subgraph_traces(ep) -> dict:
     """Stack traces of the nodes inside higher-order-op sub-graphs (torch.no_grad or autocast regions),
     keyed by (module path, node name). Decomposition inlines those regions and leaves their nodes pointing
     at generated code, so their locations are recovered from here."""
-    import torch.fx
-
     out: dict = {}
     for sub_name, gm in ep.graph_module.named_modules():
         if not sub_name or not isinstance(gm, torch.fx.GraphModule):

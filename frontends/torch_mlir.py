@@ -25,9 +25,18 @@ from typing import Optional
 
 import numpy as np
 import sympy
+import torch
+from torch.export import Dim
+from torch.export.graph_signature import InputKind
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
+from torch_mlir import fx as mlir_fx
+from torch_mlir import ir as mlir_ir
+from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+from torch_mlir.extras.fx_importer import FxImporterHooks, create_mlir_tensor_type
 
 from llmasos.ir import Graph, TensorType, Value, sym
 from llmasos.ir.opset.creation import MAX_INLINE_ELEMENTS
+from llmasos.ir.torch_dtypes import torch_to_numpy
 from llmasos.ir.types import dim_str, dims_equal
 
 from .torch_export import batch_of_two, default_max_seq, tensor_spec
@@ -48,7 +57,6 @@ _BLOB_PREFIX = "llmasos_literal_"
 # -- export ----------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _decomposition_table_items():
-    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
     keep = set(KEEP_WHOLE)
     # torch-mlir's table decomposes attention to math that torch then cannot re-trace for GPT-2 (a view of a
     # non-contiguous tensor), so attention and the other fused ops stay whole.
@@ -68,8 +76,6 @@ def _bound_arguments(model, args, kwargs):
 
 def _flat_tensor_inputs(bound: dict):
     """[(name, tensor)] of the tensor leaves of the inputs, in torch.export's order."""
-    import torch
-    from torch.utils._pytree import tree_flatten_with_path, keystr
     out = []
     for name, value in bound.items():
         leaves, _ = tree_flatten_with_path(value)
@@ -81,8 +87,6 @@ def _flat_tensor_inputs(bound: dict):
 
 def _dim_names(bound: dict, spec) -> dict:
     """{flat input index: {dim: (name, min, max)}} for plain named Dims in a dynamic_shapes spec."""
-    import torch
-    from torch.utils._pytree import tree_flatten
 
     if spec is None:
         return {}
@@ -125,7 +129,6 @@ _FIX_STATIC_RE = re.compile(r"^\s*(\w+) = (\d+)\s*$", re.M)
 
 def _suggested_dims(message: str) -> dict:
     """torch's 'Suggested fixes' for automatic Dims: {name: narrower Dim or None (static)}."""
-    from torch.export import Dim
     m = _VIOLATED_RE.search(message)
     if not m:
         return {}
@@ -147,7 +150,6 @@ def _suggested_dims(message: str) -> dict:
 def _export(model, args, kwargs, spec, auto: bool):
     """torch.export.export; in "auto" mode torch's suggested fixes are taken (a feature dim becomes static,
     a range narrows to what the model supports)."""
-    import torch
     for _ in range(4):
         try:
             return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False), spec
@@ -163,8 +165,6 @@ class _LiteralHooks:
     """FX importer hooks: each tensor literal gets a resource named ``llmasos_literal_<n>`` we can map back."""
 
     def __init__(self, names: dict):
-        from torch_mlir.extras.fx_importer import FxImporterHooks
-
         class Hooks(FxImporterHooks):
             def resolve_literal(hook, gni, literal, info):
                 return self.resolve(gni, literal)
@@ -175,11 +175,6 @@ class _LiteralHooks:
         self._attrs: dict = {}      # id(tensor) -> the resource attribute, so a tied tensor is one blob
 
     def resolve(self, gni, literal):
-        import torch
-        from torch_mlir import ir
-        from torch_mlir.extras.fx_importer import create_mlir_tensor_type
-        from llmasos.ir.torch_dtypes import torch_to_numpy
-
         if not isinstance(literal, torch.Tensor) or literal.numel() <= 1:
             return None  # scalars become splat DenseElementsAttr, read back directly
         attr = self._attrs.get(id(literal))
@@ -189,10 +184,10 @@ class _LiteralHooks:
             except Exception:  # no data (fake/meta tensors): let torch-mlir try its own path
                 return None
             blob = f"{_BLOB_PREFIX}{len(self.blobs)}"
-            attr = ir.DenseResourceElementsAttr.get_from_buffer(data, blob, create_mlir_tensor_type(literal))
+            attr = mlir_ir.DenseResourceElementsAttr.get_from_buffer(data, blob, create_mlir_tensor_type(literal))
             self.blobs[blob] = (self.names.get(id(literal)), literal)
             self._attrs[id(literal)] = attr
-        op = ir.Operation.create("torch.vtensor.literal", results=[gni._cc.tensor_to_vtensor_type(literal)],
+        op = mlir_ir.Operation.create("torch.vtensor.literal", results=[gni._cc.tensor_to_vtensor_type(literal)],
                                  attributes={"value": attr})
         return op.result
 
@@ -200,8 +195,6 @@ class _LiteralHooks:
 def export_to_mlir(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 64,
                    max_seq: Optional[int] = None):
     """Export ``model`` through torch-mlir; returns (mlir module, import info for ``import_mlir``)."""
-    import torch
-    from torch_mlir import fx
 
     args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
     kwargs = dict(kwargs or {})
@@ -211,8 +204,6 @@ def export_to_mlir(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch
         if dynamic_shapes != "auto":
             raise ValueError(f"dynamic_shapes must be 'auto', None or a torch.export dynamic_shapes spec, "
                              f"got {dynamic_shapes!r}")
-        from torch.export import Dim
-        from torch.utils._pytree import tree_map
 
         args, kwargs = batch_of_two(args, kwargs)  # torch specialises an example size of 1
         bound = _bound_arguments(model, args, kwargs)
@@ -234,7 +225,7 @@ def export_to_mlir(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch
     symbols, shapes = _ep_symbols(ep, _dim_names(bound, dynamic_shapes))
     hooks = _LiteralHooks(names)
     # torch-mlir cannot write floor/ceil divisions as affine maps; without them we skip the shape cross-check
-    module = fx.export_and_import(ep, output_type="torch", import_symbolic_shape_expressions=_affine_only(ep),
+    module = mlir_fx.export_and_import(ep, output_type="torch", import_symbolic_shape_expressions=_affine_only(ep),
                                   decomposition_table={}, hooks=hooks.hooks,
                                   backend_legal_ops=list(KEEP_WHOLE))
     info = {"input_names": [n for n, _ in inputs], "input_shapes": shapes, "symbols": symbols,
@@ -251,8 +242,6 @@ def _bound(b) -> Optional[int]:
 
 def _ep_symbols(ep, dim_names: dict):
     """({torch symbol: (IR name, min, max)}, [user tensor input shapes over IR symbols]) of ``ep``."""
-    import torch
-    from torch.export.graph_signature import InputKind
 
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     vals = [n.meta.get("val") for n, spec in zip(placeholders, ep.graph_signature.input_specs)
@@ -295,7 +284,6 @@ _AFFINE_TYPES = (sympy.Symbol, sympy.Integer, sympy.Add, sympy.Mul, sympy.Pow, s
 
 def _affine_only(ep) -> bool:
     """Whether every symbolic size in ``ep`` is an expression torch-mlir can write as an affine map."""
-    import torch
     for node in ep.graph.nodes:
         val = node.meta.get("val")
         for t in (val if isinstance(val, (list, tuple)) else [val]):
@@ -314,7 +302,6 @@ _BLOB_RE = re.compile(r"dense_resource<([^>]+)>")
 
 @functools.lru_cache(maxsize=None)
 def _torch_dir() -> str:
-    import torch
     return os.path.dirname(torch.__file__) + os.sep
 
 

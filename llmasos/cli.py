@@ -12,8 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
+
+import llmasos
+
+from .llm import Sampling
+from .llm.artifact import is_lm_artifact
+from .llm.bench import run as run_bench
+from .opt import add_parser as add_opt_parser
+from .zoo import load_model, load_smollm2
 
 
 def _add_compile_args(p):
@@ -25,7 +35,6 @@ def _add_compile_args(p):
 
 
 def _compile(model, tok, args, example):
-    import llmasos
     t0 = time.perf_counter()
     cm = llmasos.compile(model, target=_target_arg(args.target), example_inputs=(example,),
                          max_batch=args.max_batch, max_seq=args.max_seq, passes=args.passes)
@@ -38,7 +47,6 @@ def _target_arg(t: str):
 
 
 def cmd_compile(args) -> int:
-    from .zoo import load_model
     model, tok, example = load_model(args.model)
     cm, secs = _compile(model, tok, args, example)
     # status on stderr, so `llmasos compile M --print-ir > m.llir` writes pure IR text
@@ -53,7 +61,7 @@ def cmd_compile(args) -> int:
 
 
 def _prompt_ids(args, tok):
-    import torch
+    import torch  # deferred: commands that need no torch (opt, ops, --help) start without it
     if args.ids:
         return torch.tensor([[int(t) for t in args.ids.split(",")]], dtype=torch.int64)
     if tok is None:
@@ -69,7 +77,6 @@ def _logits(out):
 
 
 def cmd_run(args) -> int:
-    import llmasos
     cm = llmasos.load(args.artifact)
     ids = _prompt_ids(args, cm.tokenizer)
     out = _logits(cm(ids))
@@ -85,10 +92,8 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     """The main job: compile SmolLM2-135M for KV-cache generation on the CPU, generate a few sentences, check
     the tokens against transformers' greedy generate, and time both."""
-    import torch
+    import torch  # deferred: commands that need no torch (opt, ops, --help) start without it
 
-    import llmasos
-    from .zoo import load_smollm2
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, tok = load_smollm2()
@@ -149,23 +154,17 @@ def cmd_demo(args) -> int:
 
 
 def _sampling(args):
-    from .llm import Sampling
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def cmd_generate(args) -> int:
     """Compile (or load) an LM and generate from a prompt, streaming the text as it is made."""
-    from pathlib import Path
-
-    import llmasos
-    from .llm.artifact import is_lm_artifact
     sampling = _sampling(args)
     t0 = time.perf_counter()
     if Path(args.model).is_dir() and is_lm_artifact(args.model):
         lm = llmasos.load_lm(args.model)
         what = f"loaded {args.model}"
     else:
-        from .zoo import load_model
         model, tok, _ = load_model(args.model)
         lm = llmasos.compile_lm(model, _target_arg(args.target), max_seq=args.max_seq, max_batch=1,
                                 passes=args.passes, tokenizer=tok, tuning_db=args.tuning_db)
@@ -199,12 +198,10 @@ def _tuned_note(lm) -> str:
 
 def cmd_tune(args) -> int:
     """MetaSchedule-tune the kernels `generate`/`demo` build for MODEL (batch 1, same --max-seq/--passes)."""
-    import llmasos
-    from .llm.model import PRESETS as DECODERS
-    from .zoo import load_model
+    from .llm.model import PRESETS as DECODERS  # deferred: imports torch
     dtype = None
     if args.dtype:
-        import torch
+        import torch  # deferred: commands that need no torch (opt, ops, --help) start without it
         dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     # the model exactly as `generate MODEL` loads it (a Decoder preset only where no other model has the
     # name: the two differ in constants inside kernels, norm eps and RoPE theta, which would not match)
@@ -225,8 +222,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .llm.bench import run
-    doc = run(args.models.split(","), _target_arg(args.target), batches=[int(b) for b in args.batch.split(",")],
+    doc = run_bench(args.models.split(","), _target_arg(args.target), batches=[int(b) for b in args.batch.split(",")],
               prompt_len=args.prompt, new=args.new, dtype=args.dtype, passes=args.passes,
               int4_models=[m for m in args.int4.split(",") if m], compile_baseline=not args.no_compile_baseline,
               repeat=args.repeat, out=args.out, tune_trials=args.tune)
@@ -304,14 +300,12 @@ def main(argv=None) -> int:
     p.add_argument("--tune", type=int, default=0, help="also report a MetaSchedule-tuned build (trials per kernel)")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_bench)
-    from .opt import add_parser as add_opt_parser
     add_opt_parser(sub)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         # a CLI user gets the message, not a traceback; LLMASOS_DEBUG=1 shows it
-        import os
         if os.environ.get("LLMASOS_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

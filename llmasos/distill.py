@@ -21,6 +21,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from .eval import _logits_fn
+from .ir.graph import Graph
+
 # a matrix with this fraction of exact zeros counts as pruned: weights dequantized from a low-bit checkpoint
 # hold some exact zeros too (SmolLM2's GGUF embedding: 1.03%, its linears < 0.1%), pruning makes >= 10%
 AUTO_MASK_MIN_ZEROS = 0.10
@@ -43,7 +46,7 @@ class DistillResult:
 
 def distillation_loss(student_logits, teacher_logits, ids, alpha: float = 0.5, temperature: float = 2.0):
     """The distillation loss on next-token logits [B, S, V] of ids [B, S] (positions 0..S-2 predict 1..S-1)."""
-    import torch
+    import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
     import torch.nn.functional as F
 
     s = student_logits[:, :-1].float()
@@ -132,10 +135,8 @@ def distill(teacher, student, data, *, alpha: float = 0.5, temperature: float = 
     The student trains in eval mode (no dropout): this is recovery of a compressed copy, not pre-training.
     """
     data = _check(alpha, temperature, steps, lr, batch_size, checkpoint_every, log_every, data)
-    import torch
+    import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
 
-    from .eval import _logits_fn
-    from .ir.graph import Graph
 
     try:
         dev = torch.device(device)
@@ -144,7 +145,7 @@ def distill(teacher, student, data, *, alpha: float = 0.5, temperature: float = 
     if not (masks is None or masks == "auto" or isinstance(masks, dict)):
         raise DistillError(f"masks must be 'auto', a dict {{param name: bool tensor}} or None, got {masks!r}")
     if isinstance(student, Graph):
-        from .backends.torch_graph import GraphModule
+        from .backends.torch_graph import GraphModule  # deferred: imports torch
         module, graph_student = GraphModule(student, trainable=True), True
     elif isinstance(student, torch.nn.Module):
         module, graph_student = student, False
@@ -262,7 +263,7 @@ def distill(teacher, student, data, *, alpha: float = 0.5, temperature: float = 
 
 def _runs_on_cpu(teacher) -> bool:
     # compiled models and graphs on the interpreter take CPU tensors whatever the training device
-    import torch
+    import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
     return not isinstance(teacher, torch.nn.Module)
 
 

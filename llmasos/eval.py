@@ -13,10 +13,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from .ir.graph import Graph
 
 LEE_FILE = "test/test_data/lee_background.cor"
 EVAL_FRACTION = 0.8
@@ -98,12 +101,11 @@ def calibration_batches(tokenizer, n: int = 8, seq: int = 256, seed: int = 0, ba
 
 def _logits_fn(model: Any):
     """(callable ids -> logits tensor, description) for an nn.Module, a Graph or a CompiledModel."""
-    import torch
+    import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
 
-    from .ir.graph import Graph
 
     if isinstance(model, Graph):
-        from .backends.torch_graph import GraphModule
+        from .backends.torch_graph import GraphModule  # deferred: imports torch
         model = GraphModule(model, trainable=False, reference_fallback=True)
     if not callable(model):
         raise TypeError(f"perplexity takes an nn.Module, a Graph or a CompiledModel, got {type(model).__name__}")
@@ -128,9 +130,7 @@ def perplexity(model: Any, windows, batch: int = 8, progress: bool = False) -> f
     ``model``: an nn.Module returning logits (or an object with ``.logits``), an LLMasOS Graph (run through
     ``GraphModule``), or a ``CompiledModel``.
     """
-    import time
-
-    import torch
+    import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
 
     windows = np.asarray(windows)
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
@@ -165,8 +165,6 @@ def perplexity(model: Any, windows, batch: int = 8, progress: bool = False) -> f
 def model_bytes(model: Any) -> int:
     """Bytes of the parameters as stored: a Graph's param data (packed 4-bit types at 4 bits), or an
     nn.Module's parameters and buffers."""
-    from .ir.graph import Graph
-
     if isinstance(model, Graph):
         n = 0
         for name, v in model.params.items():
@@ -178,7 +176,7 @@ def model_bytes(model: Any) -> int:
             else:
                 n += np.asarray(data).nbytes
         return n
-    import torch
+    import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
     if isinstance(model, torch.nn.Module):
         return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     raise TypeError(f"model_bytes takes a Graph or an nn.Module, got {type(model).__name__}")

@@ -14,6 +14,11 @@ from typing import Optional
 
 import numpy as np
 
+from .ir import DType, ParseError, parse, print_graph
+from .ir.types import eval_dim
+from .ir.verifier import VerificationError
+from .passes import PassError, PassManager, PassRegistryError, PipelineError, all_passes, pass_source
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("opt", help="run a pass pipeline over IR text and print the result",
@@ -34,10 +39,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_opt(args) -> int:
-    from .ir import ParseError, parse, print_graph
-    from .ir.verifier import VerificationError
-    from .passes import PassError, PassManager, PassRegistryError, PipelineError, all_passes, pass_source
-
     try:
         if args.list_passes:
             for name, cls in all_passes().items():
@@ -92,8 +93,6 @@ def fill_params(graph, seed: int = 0) -> None:
 def sample_inputs(graph, seed: int = 0, symbols: Optional[dict] = None) -> list:
     """Random inputs for ``graph``: each symbol at a small value within its bounds, integer inputs 0 (a
     valid index into any non-empty dim), floats standard normal."""
-    from .ir.types import eval_dim
-
     rng = np.random.default_rng(seed)
     env = dict(symbols or {})
     for name, (lo, hi) in graph.symbols.items():
@@ -108,7 +107,6 @@ def sample_inputs(graph, seed: int = 0, symbols: Optional[dict] = None) -> list:
 
 
 def _random(rng, shape, dtype):
-    from .ir import DType
     if dtype is DType.bool:
         return rng.random(shape) < 0.5
     if dtype.is_int:

@@ -5,6 +5,7 @@ GGUF through transformers takes ~30 s, so the converted model is cached (safeten
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -29,8 +30,8 @@ def smollm2_package_dir() -> Path:
 
 def load_smollm2(dtype=None, verbose: bool = True):
     """(model, tokenizer) for SmolLM2-135M-Instruct, from the cache or converted from the shipped GGUF."""
-    import torch
-    import transformers
+    import torch  # deferred, as transformers: the CLI imports this module for every command
+    import transformers  # deferred: heavy, optional (the llm extra)
 
     target = cache_dir() / "smollm2-135m-instruct"
     if not (target / "config.json").exists():
@@ -71,8 +72,8 @@ PRESETS = {
 
 
 def from_preset(name: str, seed: int = 0, **overrides):
-    import torch
-    import transformers
+    import torch  # deferred, as transformers: the CLI imports this module for every command
+    import transformers  # deferred: heavy, optional (the llm extra)
 
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
@@ -88,9 +89,7 @@ def from_preset(name: str, seed: int = 0, **overrides):
 
 def load_model(spec: str):
     """(model, tokenizer or None, example input ids) for a CLI model argument."""
-    import importlib
-
-    import torch
+    import torch  # deferred, as transformers: the CLI imports this module for every command
 
     tok = None
     if spec == "smollm2":
@@ -98,7 +97,7 @@ def load_model(spec: str):
     elif spec in PRESETS:
         model = from_preset(spec)
     elif Path(spec).is_dir():
-        import transformers
+        import transformers  # deferred: heavy, optional (the llm extra)
         model = transformers.AutoModelForCausalLM.from_pretrained(spec).eval()
         model.config.use_cache = False
         try:

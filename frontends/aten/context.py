@@ -5,6 +5,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import sympy
+import torch
+from torch.utils._sympy import functions as torch_sympy
 
 from llmasos.ir import DType, Graph, TensorType, Value
 from llmasos.ir.torch_dtypes import dtype_from_torch, dtype_to_torch
@@ -21,8 +23,6 @@ class SymbolTable:
 
     def dim(self, d, what: str = "dim"):
         """An IR dim (int or sympy expression over IR symbols) from an int, SymInt or torch sympy expr."""
-        import torch
-
         if isinstance(d, (bool, np.bool_)):
             return int(d)
         if isinstance(d, (int, np.integer)):
@@ -54,30 +54,28 @@ class SymbolTable:
 
 def _translate(expr):
     """torch's integer sympy functions (FloorDiv, Mod, Max...) as plain sympy, which the IR understands."""
-    from torch.utils._sympy import functions as F
-
     if not expr.args:
         return expr
     args = [_translate(a) for a in expr.args]
-    if isinstance(expr, F.FloorDiv):  # includes CleanDiv
+    if isinstance(expr, torch_sympy.FloorDiv):  # includes CleanDiv
         return sympy.floor(args[0] / args[1])
-    if isinstance(expr, F.CeilDiv):
+    if isinstance(expr, torch_sympy.CeilDiv):
         return sympy.ceiling(args[0] / args[1])
-    if isinstance(expr, (F.Mod, F.PythonMod)):
+    if isinstance(expr, (torch_sympy.Mod, torch_sympy.PythonMod)):
         return sympy.Mod(args[0], args[1])
-    if isinstance(expr, F.Max):
+    if isinstance(expr, torch_sympy.Max):
         return sympy.Max(*args)
-    if isinstance(expr, F.Min):
+    if isinstance(expr, torch_sympy.Min):
         return sympy.Min(*args)
-    if isinstance(expr, F.PowByNatural):
+    if isinstance(expr, torch_sympy.PowByNatural):
         return args[0] ** args[1]
-    if isinstance(expr, (F.CeilToInt,)):
+    if isinstance(expr, (torch_sympy.CeilToInt,)):
         return sympy.ceiling(args[0])
-    if isinstance(expr, (F.FloorToInt,)):
+    if isinstance(expr, (torch_sympy.FloorToInt,)):
         return sympy.floor(args[0])
-    if isinstance(expr, (F.IntTrueDiv, F.FloatTrueDiv)):
+    if isinstance(expr, (torch_sympy.IntTrueDiv, torch_sympy.FloatTrueDiv)):
         return args[0] / args[1]
-    if isinstance(expr, (F.ToFloat, F.Identity)):
+    if isinstance(expr, (torch_sympy.ToFloat, torch_sympy.Identity)):
         return args[0]
     return expr.func(*args)
 
@@ -183,8 +181,6 @@ class ConvertContext:
 
     def promote(self, a, b) -> DType:
         """torch's type promotion of two operands (Values or python scalars; 0-d tensors rank below others)."""
-        import torch
-
         def proxy(x):
             if isinstance(x, Value):
                 return torch.empty(() if x.type.rank == 0 else (1,), dtype=dtype_to_torch(x.type.dtype))

@@ -2,7 +2,10 @@
 attention), so backends can pick fused kernels for them."""
 from __future__ import annotations
 
+import torch
+
 from llmasos.ir import DType
+from llmasos.ir.torch_dtypes import dtype_to_torch
 
 from .registry import converter
 
@@ -62,9 +65,6 @@ def layer_norm(ctx, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn
 
 @converter("aten.rms_norm.default")
 def rms_norm(ctx, x, normalized_shape, weight=None, eps=None):
-    import torch
-    from llmasos.ir.torch_dtypes import dtype_to_torch
-
     if eps is None:  # torch's default: machine epsilon of the input dtype
         eps = torch.finfo(dtype_to_torch(x.type.dtype)).eps
     ops = [x] + ([weight] if weight is not None else [])

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
+
 CONVERTERS: dict[str, Callable] = {}
 
 
 def op_key(target) -> str:
     """The registry key of a torch op overload, or of its name written as a string."""
-    import torch
-
     if isinstance(target, torch._ops.OpOverloadPacket):
         overloads = ", ".join(f"{target._qualified_op_name.replace('::', '.')}.{o}" for o in target.overloads())
         raise TypeError(f"register a converter for one overload, not the packet {target}; "
@@ -25,8 +25,6 @@ def op_key(target) -> str:
 
 def _resolve(name: str):
     """The OpOverload named ``ns.op.overload``; a typo is an error at registration, not a silent miss."""
-    import torch
-
     parts = name.split(".")
     if len(parts) != 3:
         raise ValueError(f"op name {name!r} must be 'namespace.op.overload', e.g. 'aten.add.Tensor' "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
+import sympy
 
 from .graph import Graph, Value, param_array
 from .ops import get_op
@@ -87,7 +88,6 @@ def evaluate_attrs(attrs: dict, env: dict) -> dict:
 
 
 def _is_sym(v) -> bool:
-    import sympy
     return isinstance(v, sympy.Expr)
 
 

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import ml_dtypes
 import numpy as np
 import sympy
 from lark import Lark, Token, Tree
@@ -513,5 +514,4 @@ class _Reader:
 
 
 def _iinfo(dt: DType):
-    import ml_dtypes
     return ml_dtypes.iinfo(dt.numpy) if dt.is_packed else np.iinfo(dt.numpy)

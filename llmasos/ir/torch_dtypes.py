@@ -7,6 +7,8 @@ from .types import DType
 
 
 def _table():
+    # torch deferred here and below: torch-free modules (the TVM backend, LM artifacts) import this one and
+    # call it only when torch tensors are at hand
     import torch
     return {torch.float32: DType.f32, torch.float16: DType.f16, torch.bfloat16: DType.bf16,
             torch.float8_e4m3fn: DType.f8e4m3, torch.int64: DType.i64, torch.int32: DType.i32,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -104,7 +106,6 @@ def _simplify(d: sympy.Expr) -> Dim:
 
 
 def _names_in(text: str) -> list[str]:
-    import re
     return re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text)
 
 
@@ -130,7 +131,6 @@ def _sym_equal(a: Dim, b: Dim) -> bool:
     # sympy cannot prove floor/ceiling identities such as (seq+1)//2 == ceil(seq/2): decide by
     # evaluating at every point of a small grid, which separates the integer forms our dims take
     syms = sorted(diff.free_symbols, key=lambda s: s.name)
-    import itertools
     grid = range(1, 13) if len(syms) <= 2 else range(1, 6)
     return all(diff.subs(dict(zip(syms, vals))) == 0 for vals in itertools.product(grid, repeat=len(syms)))
 

@@ -36,7 +36,7 @@ def _float_unary(x: TensorType, **_) -> TensorType:
 
 
 def _erf(x):
-    import torch
+    import torch  # deferred: the IR imports without torch; numpy has no erf, so only gelu's reference needs it
     # np.ascontiguousarray would turn a 0-d array into shape (1,)
     return torch.special.erf(torch.from_numpy(np.array(x, dtype=np.float32))).numpy().reshape(np.shape(x))
 

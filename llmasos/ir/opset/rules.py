@@ -1,6 +1,8 @@
 """Shared type rules: broadcasting, dtype agreement, axis handling."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..types import DType, TensorType, dims_equal, normalize_axis
 
 
@@ -67,8 +69,6 @@ def to_dtype(a, dt: DType):
     float -> int truncates toward zero, anything -> bool is ``!= 0``, and f8e4m3 saturates to +-448
     (torch maps out-of-range values and infinities to the largest finite value; ml_dtypes would give NaN).
     """
-    import numpy as np
-
     a = np.asarray(a)
     if a.dtype == dt.numpy:
         return a
