@@ -7,6 +7,7 @@
     llmasos bench [--target cuda] [--models ...]     decode tokens/s against torch eager / torch.compile
     llmasos tune MODEL --db DIR [--target cpu]       MetaSchedule-tune an LM's kernels; generate/demo --tuning-db DIR
     llmasos opt [FILE|-] -p PIPELINE [-o OUT]        run a pass pipeline over IR text (see llmasos/opt.py)
+    llmasos ops [--missing] [--json]                 which layers (frontend, reference, lowerings, torch) know each op
 """
 from __future__ import annotations
 
@@ -230,6 +231,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_ops(args) -> int:
+    """Per registered op: the ATen ops converted to it, its reference, a TVM lowering per target, a torch
+    implementation (llmasos/op_coverage.py). Exit status 0 whatever is missing: this is a report."""
+    from .op_coverage import format_table, op_coverage  # deferred: imports torch and TVM
+    rows = op_coverage(args.target or None)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows if r.missing or not args.missing], indent=1))
+    else:
+        print(format_table(rows, missing_only=args.missing))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmasos", description="LLMasOS: compile PyTorch LLMs with TVM")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -301,6 +314,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_bench)
     add_opt_parser(sub)
+    p = sub.add_parser("ops", help="which layers know each registered op: frontend, reference, lowerings, torch")
+    p.add_argument("--missing", action="store_true", help="only the ops some layer lacks")
+    p.add_argument("--json", action="store_true", help="JSON: one object per op")
+    p.add_argument("--target", action="append", help="TVM target(s) to ask about (default: every registered one)")
+    p.set_defaults(fn=cmd_ops)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
