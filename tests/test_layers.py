@@ -1,7 +1,8 @@
 """The import structure of llmasos, beyond what ``lint-imports`` checks (pyproject's [tool.importlinter]
 contracts: the layers, TVM only in the backends and above, torch-free passes): no import cycles, at the
-module level and between the sibling modules of any package, and device-string dispatch (``== "cuda"``)
-only in target classes. The graph is grimp's, the one lint-imports builds, function-local imports included."""
+module level and between the sibling modules of any package; device-string dispatch (``== "cuda"``) only
+in target classes; function-local imports only where they defer a heavy one. The graph is grimp's, the one
+lint-imports builds, function-local imports included."""
 from __future__ import annotations
 
 import ast
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # one strongly connected set of modules (module to module, or between the siblings of one package). A
 # cycle not listed here fails, and so does a listed one that is gone (delete its line).
 ALLOWED_CYCLES = {
-    frozenset({"llmasos.ir.graph", "llmasos.ir.printer"}),                    # Graph.__str__ <-> printer: ir/graph.py's owner
+    frozenset({"llmasos.ir.graph", "llmasos.ir.printer"}),                    # ir/graph.py's owner
     frozenset({"llmasos.backends.tvm.build", "llmasos.backends.tvm.tuning"}),  # build <-> tuning: the backends' owner
     frozenset({"llmasos.artifact", "llmasos.compiled"}),                      # being merged into one driver artifact
     frozenset({"llmasos.llm.artifact", "llmasos.llm.runtime"}),               # being merged into one driver artifact
@@ -157,8 +158,72 @@ def test_device_string_dispatch_only_in_target_classes():
 
 def test_the_dispatch_check_can_fail(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text('def f(spec, t):\n    if spec.device == x:\n        pass\n    return t.device.type in ("cuda", "rocm")\n'
+    src.write_text('def f(spec, t):\n    if spec.device == x:\n        pass\n'
+                   '    return t.device.type in ("cuda", "rocm")\n'
                    'class CudaTarget:\n    def g(self):\n        return self.kind == "cuda"\n'
                    'def h(name):\n    return name == "cpu_count"\n')
     assert device_dispatch(src) == [2, 4]
     assert device_dispatch(src.rename(tmp_path / "targets.py")) == []  # a targets module may dispatch anywhere
+
+
+# Function-local imports only defer a heavy import (torch where the module imports without it, TVM,
+# transformers, torch-mlir) -- checked in the files audited for it; the lead adds the others' files here as
+# they are audited on their branches.
+HEAVY = {"torch", "transformers", "tvm", "tvm_ffi", "torch_mlir"}
+HEAVY_LLMASOS = {"llmasos.backends.torch_graph", "llmasos.llm.model", "llmasos.op_coverage"}  # import torch/TVM
+AUDITED = ["llmasos/ir", "llmasos/compress", "frontends", "llmasos/backends/torch_graph.py", "llmasos/eval.py",
+           "llmasos/distill.py", "llmasos/opt.py", "llmasos/zoo.py", "llmasos/cli.py", "llmasos/op_coverage.py",
+           "llmasos/__main__.py", "llmasos/torch_graph.py"]
+NOT_AUDITED = {"llmasos/ir/graph.py"}  # its owner's branch
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = ("llmasos",) + rel.parts if rel.parts[0] == "frontends" else rel.parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def local_imports(path: Path) -> list:
+    """(line, imported module) of the imports inside functions of ``path``."""
+    name = _module_name(path)
+    return _local_imports(path.read_text(), name if path.name == "__init__.py" else name.rpartition(".")[0])
+
+
+def _local_imports(text: str, package: str) -> list:
+    found = []
+
+    def visit(node, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, ast.Import):
+                found.extend((child.lineno, a.name) for a in child.names)
+            elif in_function and isinstance(child, ast.ImportFrom):
+                parts = package.split(".")
+                base = parts[:len(parts) - child.level + 1] if child.level else []
+                found.append((child.lineno, ".".join(base + ([child.module] if child.module else []))))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+    visit(ast.parse(text), False)
+    return found
+
+
+def _heavy(module: str) -> bool:
+    return module.split(".")[0] in HEAVY or any(module == h or module.startswith(h + ".") for h in HEAVY_LLMASOS)
+
+
+def test_function_local_imports_only_defer_heavy_ones():
+    files = sorted({p for a in AUDITED for p in ([ROOT / a] if a.endswith(".py") else (ROOT / a).rglob("*.py"))})
+    light = {}
+    for p in files:
+        rel = str(p.relative_to(ROOT))
+        bad = [f"{line}: {mod}" for line, mod in local_imports(p)
+               if rel not in NOT_AUDITED and not _heavy(mod)]
+        if bad:
+            light[rel] = bad
+    assert not light, f"import these at the top of the module (nothing heavy to defer): {light}"
+
+
+def test_local_imports_are_found_with_relative_names_resolved():
+    src = ("import os\ndef f():\n    import torch.nn\n    from ..ops import defop\n    from . import rules\n"
+           "    class C:\n        def g(self):\n            from ...backends.torch_graph import GraphModule\n")
+    assert _local_imports(src, "llmasos.ir.opset") == [(3, "torch.nn"), (4, "llmasos.ir.ops"), (5, "llmasos.ir.opset"),
+                                                       (8, "llmasos.backends.torch_graph")]
