@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
-from llmasos.backends.tvm import Target, tvm_dtype
+from llmasos.backends.tvm import Target
 
 __all__ = ["CTarget", "FlatElementwise", "rms_norm", "silu", "HEADER"]
 
@@ -53,9 +53,9 @@ class CTarget(Target):
     host_memory: ClassVar[bool] = True
     source_kind: ClassVar[Optional[str]] = "c"
 
-    def __post_init__(self):
-        super().__post_init__()
-        _register_intrinsics()
+    def pipeline_stages(self) -> tuple:
+        _register_intrinsics()  # at build time: a library loads where only TVM's runtime is installed
+        return super().pipeline_stages()
 
     def schedule_rules(self) -> list:
         if self.schedule not in ("c-simple", "none"):
@@ -134,6 +134,8 @@ def _acc(dtype: str) -> str:
 def rms_norm(ctx, node, args):
     """x / sqrt(mean(x^2 over the last ``ndim`` dims) + eps) (* weight): one kernel, f32 accumulation."""
     from tvm import te, tirx
+
+    from llmasos.backends.tvm import tvm_dtype  # (the compiler's half of the API: imported when building)
     x_t = node.inputs[0].type
     nd, eps = node.attrs["ndim"], node.attrs["eps"]
     out_dt = tvm_dtype(x_t.dtype)
@@ -160,6 +162,8 @@ def rms_norm(ctx, node, args):
 def silu(ctx, node, args):
     """x / (1 + exp(-x)), in f32 for low-precision floats: one TE function."""
     from tvm import te, tirx
+
+    from llmasos.backends.tvm import tvm_dtype
     out_dt = tvm_dtype(node.inputs[0].type.dtype)
     acc = _acc(out_dt)
 

@@ -222,10 +222,13 @@ def copy_bandwidth(torch_device: str, elements: int) -> float:
 
 
 def host_cpu_target() -> dict:
+    """This host's CPU as an LLVM target (with TVM's runtime alone, which has no LLVM to ask: the kind only)."""
     import tvm
-    mcpu = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
-    triple = tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple")()
-    return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "num-cores": _num_threads()}
+    cpu_name = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName", allow_missing=True)
+    triple = tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple", allow_missing=True)
+    if cpu_name is None or triple is None:
+        return {"kind": "llvm", "num-cores": _num_threads()}
+    return {"kind": "llvm", "mtriple": triple(), "mcpu": cpu_name(), "num-cores": _num_threads()}
 
 
 def _num_threads() -> int:
