@@ -18,7 +18,8 @@ or a Target):
   * bad inputs and requests are refused with an error (wrong dtype, count, out-of-range sizes and ids).
 
 Everything is built once per module, on first use; on 2 CPU cores the kit takes about a minute for the
-CPU. Hypothesis runs ``LLMASOS_CONFORMANCE_EXAMPLES`` examples (default 10). Options of
+CPU. Hypothesis uses the profile ``LLMASOS_CONFORMANCE_PROFILE`` (``llmasos-conformance-ci``, 10 examples, by
+default; ``llmasos-conformance-thorough``, 300) or ``LLMASOS_CONFORMANCE_EXAMPLES`` examples. Options of
 ``conformance_tests``: tolerances (``rel``, ``low_rel`` for f16, ``model_rel``), ``models`` /
 ``lm_models`` (which of "gpt2", "llama", "bert" to compile), ``extra_cases`` (a function adding cases for
 ops the plugin registers: see llmasos.testing.allops), ``skip`` ({test name suffix: reason}).
@@ -42,11 +43,24 @@ OP_SIZES = ((1, 1), (3, 7), (16, 16))
 LM_MAX_SEQ, LM_NEW = 40, 16
 
 
+PROFILES = {"llmasos-conformance-ci": 10, "llmasos-conformance-thorough": 300}
+
+
 def _hypothesis_settings():
+    """The Hypothesis profile ``LLMASOS_CONFORMANCE_PROFILE`` names (default ``llmasos-conformance-ci``: 10
+    examples, what CI's 2 cores afford; ``llmasos-conformance-thorough``: 300); ``LLMASOS_CONFORMANCE_EXAMPLES``
+    overrides its example count. No deadline: one example runs every op, a second or more on slow
+    machines."""
     from hypothesis import HealthCheck, settings
-    n = int(os.environ.get("LLMASOS_CONFORMANCE_EXAMPLES", "10"))
-    return settings(max_examples=n, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    for name, n in PROFILES.items():
+        settings.register_profile(name, max_examples=n, deadline=None, database=None,
+                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    profile = os.environ.get("LLMASOS_CONFORMANCE_PROFILE", "llmasos-conformance-ci")
+    if profile not in PROFILES:
+        raise ValueError(f"LLMASOS_CONFORMANCE_PROFILE={profile!r}: known profiles {sorted(PROFILES)}")
+    chosen = settings.get_profile(profile)
+    n = os.environ.get("LLMASOS_CONFORMANCE_EXAMPLES")
+    return settings(chosen, max_examples=int(n)) if n else chosen
 
 
 class _Kit:

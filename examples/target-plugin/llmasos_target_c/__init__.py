@@ -58,8 +58,7 @@ class CTarget(Target):
         return super().pipeline_stages()
 
     def schedule_rules(self) -> list:
-        if self.schedule not in ("c-simple", "none"):
-            raise ValueError(f"target '{self.name}': unknown schedule {self.schedule!r}; known: 'c-simple', 'none'")
+        self.check_schedule(("c-simple",))
         return [] if self.schedule == "none" else [FlatElementwise(self.extra.get("chunk", 64))]
 
     def lowerings(self) -> dict:

@@ -128,7 +128,7 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     """One library with an entry function per graph (same parameters, uploaded once), e.g. ``prefill``
     and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph`` and
     ``tuning_db``."""
-    from .lower import lower_functions
+    from .lower import lower_functions  # the TVM compiler: this module also loads where only its runtime is
 
     spec = resolve_target(target)
     if tuning_db is not None:

@@ -154,10 +154,11 @@ class Target:
     def schedule_rules(self) -> list:
         """DLight-style rules (``apply(func, target, tunable)``) a build applies, in order, to every PrimFunc
         not already scheduled; a PrimFunc no rule takes keeps its legalised loops. None here."""
-        self._check_schedule(("default",))
+        self.check_schedule(("default",))
         return []
 
-    def _check_schedule(self, known: tuple) -> None:
+    def check_schedule(self, known: tuple) -> None:
+        """Raise unless ``schedule`` is one of ``known`` or "none" (for ``schedule_rules`` overrides)."""
         if self.schedule not in (*known, "none"):
             raise ValueError(f"target '{self.name}': unknown schedule {self.schedule!r}; "
                              f"known: {', '.join(repr(k) for k in (*known, 'none'))}")
@@ -269,7 +270,7 @@ class CPUTarget(Target):
         return [relax.transform.FastMathTransform()]
 
     def schedule_rules(self) -> list:
-        self._check_schedule(("llmasos-cpu",))
+        self.check_schedule(("llmasos-cpu",))
         if self.schedule == "none":
             return []
         from .cpu_schedule import default_rules
@@ -353,7 +354,7 @@ class CUDATarget(Target):
         return pipeline
 
     def schedule_rules(self) -> list:
-        self._check_schedule(("dlight-gpu",))
+        self.check_schedule(("dlight-gpu",))
         from tvm.s_tir import dlight as dl
         if self.schedule == "none":
             return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
