@@ -455,6 +455,7 @@ _REGISTRY: dict[str, TargetEntry] = {}
 _SOURCES: dict[str, str] = {}
 _loaded = False
 _load_errors: list[str] = []
+_loading_from: Optional[str] = None   # the entry point being loaded: what register_target records as source
 
 
 class UnknownTargetError(ValueError):
@@ -466,9 +467,6 @@ def register_target(name: str, target: TargetEntry, *, replace: bool = False) ->
     no arguments at each resolve) or a callable returning a Target (called at each resolve: for host
     detection)."""
     _register(name, target, replace, source=_loading_from or "register_target")
-
-
-_loading_from: Optional[str] = None
 
 
 def _register(name: str, target: TargetEntry, replace: bool, source: str) -> None:
