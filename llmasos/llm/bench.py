@@ -23,30 +23,18 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes/s of a large device-to-device copy (read + write)."""
-    import torch
-    if device != "cuda":
-        n = 1 << 26
-    else:
-        n = 1 << 28
-    x = torch.empty(n, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    _sync(device)
-    reps = 20
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        y.copy_(x)
-    _sync(device)
-    return 2 * x.numel() * 4 * reps / (time.perf_counter() - t0)
+def copy_bandwidth(spec) -> float:
+    """Bytes/s of the target's memory (Target.measure_bandwidth: a large device-to-device copy, read +
+    write, on the CPU and CUDA), nan when the target cannot tell."""
+    bw = spec.measure_bandwidth()
+    return float("nan") if bw is None else bw
 
 
 def _sync(device):
     import torch
-    if device == "cuda":
-        torch.cuda.synchronize()
+    backend = getattr(torch, torch.device(device).type, None)  # torch.cuda, torch.cpu, ...
+    if hasattr(backend, "synchronize"):
+        backend.synchronize()
 
 
 def weight_bytes(dec) -> int:
@@ -103,9 +91,9 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
     from .model import Decoder, preset
 
     spec = resolve_target(target)
-    device = spec.device
+    device = spec.torch_device
     tdtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    bw = bandwidth or copy_bandwidth(device)
+    bw = bandwidth or copy_bandwidth(spec)
     cfg = preset(name)
     max_seq = prompt_len + new
     rows = []
@@ -195,10 +183,10 @@ def run(models, target="cuda", **kw) -> dict:
 
     from ..backends.tvm import resolve_target
     spec = resolve_target(target)
-    bw = copy_bandwidth(spec.device)
+    bw = copy_bandwidth(spec)
     doc = {"target": spec.name, "target_dict": spec.target, "copy_bandwidth_GBps": bw / 1e9, "rows": []}
-    if spec.device == "cuda":
-        doc["gpu"] = torch.cuda.get_device_name()
+    if spec.device_name():
+        doc["gpu"] = spec.device_name()
     log(f"[decode] copy bandwidth {bw / 1e9:.0f} GB/s")
     out = kw.pop("out", None)
     int4 = set(kw.pop("int4_models", ()))

@@ -60,7 +60,7 @@ def lm_graphs(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int]
         raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
     graphs = {}
     export_batch = batch
-    if spec.device == "cuda" and batch is not None and batch > 1:
+    if spec.symbolic_decode_batch and batch is not None and batch > 1:
         # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once
         # for all rows); a static batch > 1 gets the large-M matmul tiles, ~10x slower. The CUDA graph is
         # then captured per batch size. (So tuning, which measures static shapes only, finds no decode
@@ -101,7 +101,7 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
     dec, graphs, max_batch = lm_graphs(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch,
                                        dtype=dtype, passes=passes, timings=timings)
     t0 = time.perf_counter()
-    use_graph = bool(cuda_graph) and spec.device == "cuda"
+    use_graph = bool(cuda_graph) and spec.graph_capture
     exe = build_functions(graphs, spec, cuda_graph=(DECODE,) if use_graph else (), tuning_db=tuning_db)
     timings["build_s"] = time.perf_counter() - t0
     if exe.tuned_kernels is not None:

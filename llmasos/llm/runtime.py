@@ -26,12 +26,6 @@ PREFILL, DECODE = "prefill", "decode"
 N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
 
 
-def _sync(t) -> None:
-    if t.device.type == "cuda":
-        import torch
-        torch.cuda.synchronize(t.device)
-
-
 class GenerationError(ValueError):
     """A generation request the compiled model cannot serve (empty prompt, too long, bad token ids...)."""
 
@@ -261,7 +255,7 @@ class CompiledLM:
         buf = self._buffers_for(B)
         stats = GenerationStats(batch=n, prompt_tokens=sum(len(p) for p in prompts))
         self.last_stats = stats
-        device = "cuda" if self.executable.spec.device == "cuda" else "cpu"
+        device = self.executable.spec.torch_device
         gen = make_generator(sampling, device)
         t0 = time.perf_counter()
         logits, lens = self.prefill(prompts, buf)
@@ -274,10 +268,10 @@ class CompiledLM:
         import torch
         n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
         ids_dev, pos_dev = torch.from_dlpack(buf.ids), torch.from_dlpack(buf.pos)
-        if tok.device != ids_dev.device:
+        if not self.executable.spec.on_device(tok):
             raise RuntimeError(f"sampled ids on {tok.device}, decode inputs on {ids_dev.device}")
         pos_dev.copy_(torch.from_numpy(lens).to(pos_dev.device))
-        _sync(tok)
+        self.executable.spec.synchronize()
         stats.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         toks = [tok]

@@ -1,7 +1,7 @@
 """The Apache TVM backend: Graph -> Relax IRModule -> compiled library run by the Relax VM.
 
     from llmasos.backends.tvm import build
-    exe = build(graph, "cpu")        # or "cuda", "cuda:sm_80", a TVM target dict, a TargetSpec
+    exe = build(graph, "cpu")        # or "cuda", "cuda:sm_80", a TVM target dict, a Target
     outs = exe(x)                    # numpy in -> numpy out, torch in -> torch out
     exe.export_library("model.so"); Executable.load("model.so", graph, graph.param_data, "cpu")
 
@@ -18,7 +18,8 @@ if "TVM_NUM_THREADS" not in _os.environ and "OMP_NUM_THREADS" not in _os.environ
     except AttributeError:  # no sched_getaffinity (macOS)
         _os.environ["TVM_NUM_THREADS"] = str(_os.cpu_count() or 1)
 
-from .targets import TargetSpec, register_target, resolve_target, known_targets  # noqa: E402
+from .targets import (CPUTarget, CUDATarget, Target, TargetSpec, UnknownTargetError, known_targets,  # noqa: E402
+                      register_target, resolve_target, target_source)
 from .build import (BuildError, Executable, Signature, build, build_functions, compile_module,  # noqa: E402
                     relax_pipeline)
 
@@ -33,5 +34,6 @@ except (ImportError, AttributeError):
 
 
 __all__ = ["LoweringError", "LowerContext", "register_lowering", "get_lowering", "missing_lowerings", "tvm_dtype",
-           "lower", "lower_functions", "TargetSpec", "register_target", "resolve_target", "known_targets", "BuildError", "Executable",
+           "lower", "lower_functions", "Target", "CPUTarget", "CUDATarget", "TargetSpec", "UnknownTargetError",
+           "register_target", "resolve_target", "known_targets", "target_source", "BuildError", "Executable",
            "Signature", "build", "build_functions", "compile_module", "relax_pipeline"]

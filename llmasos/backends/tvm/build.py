@@ -3,11 +3,12 @@
 ``Executable`` needs only TVM's runtime, so a library exported here loads where the TVM compiler is absent
 (``TVM_USE_RUNTIME_LIB=1``); building needs the compiler.
 
-Pipelines: CUDA uses TVM's default (``relax.get_default_pipeline``: legalize, fuse, DLight GPU schedules).
-llvm uses the same passes plus ``FastMathTransform`` (vectorisable exp/tanh/erf/softmax) and our CPU schedule
-rules (cpu_schedule.py) after fusion. Before either, ``LiftTransformParams`` moves param-only work (weight
-transposes, CPU weight panels) into ``main_transform_params``, which the Executable runs once when it
-uploads the weights; each call then passes inputs + prepared weights to main.
+The pipeline is the Target's (targets.py, pipeline.py): its fusion stage (for CUDA TVM's CUDA passes; for
+the CPU TVM's cpu_generic ones after ``FastMathTransform``), its schedule rules (DLight's GPU rules after
+our DecodeGEMV; our CPU rules, cpu_schedule.py), its lowering stage. Before it, ``LiftTransformParams``
+moves param-only work (weight transposes, CPU weight panels) into ``main_transform_params``, which the
+Executable runs once when it uploads the weights; each call then passes inputs + prepared weights to main.
+The Executable asks the Target how to reach the device (runtime library, torch tensors, host memory).
 """
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ import numpy as np
 from ...ir.graph import Graph, param_array
 from ...ir.interpreter import bind_symbols
 from ...ir.types import DType, TensorType
-from .targets import TargetSpec, resolve_target
+from .pipeline import (fused_module, pass_config, pipeline_stages, prepare_module, relax_pipeline,  # noqa: F401
+                       schedule_rules)
+from .targets import Target, resolve_target
+from .tuning import TuningDatabase
 
 MAIN = "main"
 # LiftTransformParams names the weight-preparation function after the function (one entry) or shares one
@@ -95,165 +99,14 @@ class Signature:
         return Signature([e["name"] for e in d["params"]], [t(e) for e in d["params"]], d["lifted"], fns)
 
 
-def schedule_rules(spec: TargetSpec) -> list:
-    """The DLight-style rules a build applies to every PrimFunc not already scheduled, in order."""
-    from tvm.s_tir import dlight as dl
-    if spec.schedule == "dlight-gpu":
-        # LowBatchGEMV first, for kernels whose only symbolic extent is ``batch`` -- a decode step's GEMMs
-        # at batch > 1: the default rules give those to the Matmul rule (tiles for large M), which ran
-        # GPT-2's batch-8 decode at a tenth of torch.compile's speed. Bucket 4 (rows of accumulators per
-        # thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran 2422 / 2781 tok/s with it and
-        # 1944 / 829 with the bucket = batch (register pressure)
-        # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step; the
-        # target option decode_gemv = "all" | "quantized" | "off" narrows it, for A/B runs against DLight's
-        from .cuda_schedule import DecodeGEMV
-        which = spec.extra.get("decode_gemv", "all")
-        if which not in ("all", "quantized", "off"):
-            raise ValueError(f"target '{spec.name}': decode_gemv must be 'all', 'quantized' or 'off', got {which!r}")
-        own = [] if which == "off" else [DecodeGEMV(quantized_only=which == "quantized")]
-        return [*own, _OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(),
-                dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-    if spec.schedule == "llmasos-cpu":
-        from .cpu_schedule import default_rules
-        return default_rules()
-    if spec.schedule == "none":
-        return []
-    raise ValueError(f"target '{spec.name}': unknown schedule {spec.schedule!r}; "
-                     f"known: 'llmasos-cpu', 'dlight-gpu', 'none'")
+def compile_module(mod, spec: Target, cuda_graph: tuple = (), tuning_db=None):
+    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the target asks).
 
-
-def pipeline_stages(spec: TargetSpec) -> tuple:
-    """(fusion, lowering) pass lists of the target's pipeline; the schedule rules run between them.
-
-    Tuning (tuning.py) runs the fusion stage alone to see exactly the PrimFuncs a build schedules, and a
-    build with a tuning database applies its records between the two stages, before the default rules.
-    """
-    from tvm import relax
-    target = spec.tvm_target()
-    if spec.device == "cuda":
-        from tvm.relax.backend.cuda import pipeline as base
-    else:
-        from tvm.relax.backend.cpu_generic import pipeline as base
-    legalize = [p for p in base.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
-    # exp/tanh/erf/softmax as TVM's polynomial forms on the CPU: vectorisable, where libm calls are scalar
-    fast = ([relax.transform.FastMathTransform()]
-            if spec.device == "cpu" and spec.schedule != "none" and spec.extra.get("fast_math", True) else [])
-    fusion = fast + base.library_dispatch_passes(target) + legalize
-    return fusion, base.dataflow_lower_passes(target) + base.finalize_passes(target)
-
-
-def relax_pipeline(spec: TargetSpec, tuning_db=None):
-    """The whole Relax pipeline for ``spec``: fusion, the tuning database's records (when given: a
-    ``tuning.TuningDatabase``), the default schedule rules, lowering."""
-    import tvm
-    from tvm import relax
-    from tvm.s_tir import dlight as dl
-
-    target = spec.tvm_target()
-    if spec.schedule == "none":
-        if tuning_db is not None:
-            raise ValueError(f"target '{spec.name}' has schedule='none': a tuning database cannot apply")
-        return relax.get_default_pipeline(target)  # (legalised TIR as is on the CPU, DLight defaults on CUDA)
-    rules = schedule_rules(spec)
-
-    @tvm.transform.module_pass(opt_level=0, name="LLMasOSPipeline")
-    def pipeline(mod, _ctx):
-        fusion, lowering = pipeline_stages(spec)
-        apply_db = [relax.transform.MetaScheduleApplyDatabase()] if tuning_db is not None else []
-        schedule = [dl.ApplyDefaultSchedule(*rules)] if rules else []
-        with target:
-            mod = tvm.transform.Sequential(fusion)(mod)
-            if tuning_db is not None:
-                before = _scheduled(mod)
-                with tuning_db.database:
-                    mod = tvm.transform.Sequential(apply_db)(mod)
-                tuning_db.applied = sorted(_scheduled(mod) - before)
-            return tvm.transform.Sequential(schedule + lowering)(mod)
-    return pipeline
-
-
-def _scheduled(mod) -> set:
-    from tvm import tirx
-    return {gv.name_hint for gv, f in mod.functions.items()
-            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)}
-
-
-class _OnlyBatchSymbolic:
-    """A DLight rule applied only to PrimFuncs whose sole symbolic shape variable is named ``batch``."""
-
-    def __init__(self, rule):
-        self.rule = rule
-
-    def apply(self, func, target, tunable):
-        from tvm import tirx
-        # shape variables are bound by the buffer map, so the body sees them as undefined integer vars
-        # (as it does block iterators, which TVM names v_*)
-        names = {v.name for v in tirx.analysis.undefined_vars(func.body, list(func.params))
-                 if "int" in str(v.ty).lower() and not v.name.startswith("v_")}
-        if names != {"batch"}:
-            return None
-        return self.rule.apply(func, target, tunable)
-
-    def is_target_available(self, target) -> bool:
-        return self.rule.is_target_available(target)
-
-    def apply_config(self, func, config):
-        return self.rule.apply_config(func, config)
-
-
-def pass_config(spec: TargetSpec, cuda_graph: bool = False) -> dict:
-    """The PassContext config a build compiles with (tuning builds its candidates with it too)."""
-    config = {}
-    if spec.device == "cpu":
-        # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
-        # main tile loop runs without per-row bound checks
-        config["s_tir.LoopPartition"] = {"partition_const_loop": True}
-    if cuda_graph and spec.device == "cuda":
-        config["relax.backend.use_cuda_graph"] = True
-    return config
-
-
-def prepare_module(mod, spec: TargetSpec, cuda_graph: tuple = ()) -> tuple:
-    """(module, PassContext config) as the target pipeline gets them: param transforms lifted when the spec
-    asks, CUDA-graph attributes set. Tuning starts from the same module, so its records match a build's."""
-    from tvm import relax
-
-    n_entries = sum(1 for gv, f in mod.functions.items() if isinstance(f, relax.Function)
-                    and f.attrs is not None and "num_input" in f.attrs)
-    if spec.lift_params:
-        # one shared weight preparation when several entries (prefill, decode) use the same weights
-        mod = relax.transform.LiftTransformParams(shared_transform=n_entries > 1)(mod)
-    if cuda_graph and spec.device == "cuda":
-        for name in cuda_graph:
-            gv = mod.get_global_var(name)
-            f = mod[gv].with_attr("num_input", 0)
-            sym = sorted({str(v) for p in f.params for v in relax.analysis.definable_tir_vars_in_type(p.ty)})
-            if sym:  # one graph per value of each symbol (a decode step per batch size)
-                f = f.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", sym)
-            mod[gv] = f
-    return mod, pass_config(spec, bool(cuda_graph))
-
-
-def fused_module(graphs: dict, spec: TargetSpec):
-    """The Relax module of ``graphs`` (name -> Graph, as build_functions takes) as the schedule rules of a
-    build see it: lowered, prepared, through the fusion stage. Its PrimFuncs are the kernels a build
-    schedules: what tuning measures and kernel_stats counts."""
-    import tvm
-    from .lower import lower_functions
-
-    mod, config = prepare_module(lower_functions(graphs, spec), spec)
-    fusion, _ = pipeline_stages(spec)
-    with tvm.transform.PassContext(opt_level=3, config=config), spec.tvm_target():
-        return tvm.transform.Sequential(fusion)(mod)
-
-
-def compile_module(mod, spec: TargetSpec, cuda_graph: tuple = (), tuning_db=None):
-    """Relax IRModule -> TVM executable for ``spec`` (lifting param transforms when the spec asks).
-
-    ``cuda_graph``: names of functions to run as CUDA graphs (on CUDA targets). Every argument of such a
-    function is then treated as fixed storage, so the caller must pass the same buffers on every call
-    (updating their contents in place): TVM's RewriteCUDAGraph captures only kernels whose operands are
-    function parameters past ``num_input`` or statically planned memory.
+    ``cuda_graph``: names of functions to run as captured device graphs (on targets with
+    ``graph_capture``: CUDA graphs). Every argument of such a function is then treated as fixed storage, so
+    the caller must pass the same buffers on every call (updating their contents in place): TVM's
+    RewriteCUDAGraph captures only kernels whose operands are function parameters past ``num_input`` or
+    statically planned memory.
 
     ``tuning_db``: a directory written by ``llmasos tune`` (or a ``tuning.TuningDatabase``): its best
     schedules replace the default ones for the kernels it holds.
@@ -261,7 +114,6 @@ def compile_module(mod, spec: TargetSpec, cuda_graph: tuple = (), tuning_db=None
     import tvm
 
     if tuning_db is not None:
-        from .tuning import TuningDatabase
         tuning_db = TuningDatabase.open(tuning_db, spec)
     mod, config = prepare_module(mod, spec, cuda_graph)
     try:
@@ -276,11 +128,10 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     """One library with an entry function per graph (same parameters, uploaded once), e.g. ``prefill``
     and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph`` and
     ``tuning_db``."""
-    from .lower import lower_functions
+    from .lower import lower_functions  # the TVM compiler: this module also loads where only its runtime is
 
     spec = resolve_target(target)
     if tuning_db is not None:
-        from .tuning import TuningDatabase
         tuning_db = TuningDatabase.open(tuning_db, spec)  # a bad database fails before the slow work
     t0 = time.perf_counter()
     mod = lower_functions(graphs, spec)
@@ -315,8 +166,9 @@ def _is_torch(x) -> bool:
 class Executable:
     """A compiled graph on one device, with its weights resident there. Call it with the graph inputs."""
 
-    def __init__(self, lib, spec: TargetSpec, signature: Signature, params: Mapping[str, Any]):
+    def __init__(self, lib, spec: Target, signature: Signature, params: Mapping[str, Any]):
         # the runtime VM alone: an exported library runs with TVM_USE_RUNTIME_LIB=1 (no compiler)
+        import tvm
         from tvm.runtime.vm import VirtualMachine
 
         self.spec = spec
@@ -325,11 +177,14 @@ class Executable:
         self.build_seconds: Optional[float] = None
         self.tuned_kernels: Optional[list] = None   # kernels a tuning database scheduled (None: none used)
         self._lib = lib
-        _ensure_device_api(spec.device)
+        spec.ensure_runtime()
         self._dev = spec.tvm_device()
         if not self._dev.exist:
             raise RuntimeError(f"target '{spec.name}' needs a {spec.device} device, and none is present")
-        self._vm = VirtualMachine(lib, self._dev)
+        # a tvm.compile result with modules that are source until compiled (C, CUDA) is linked here, with
+        # the target's compiler options
+        runnable = lib.jit(**spec.export_options()) if isinstance(lib, tvm.runtime.Executable) else lib
+        self._vm = VirtualMachine(runnable, self._dev)
         self._entries = {}
         for name in signature.functions:
             if not self._vm.module.implements_function(name):
@@ -380,14 +235,12 @@ class Executable:
     def _to_device(self, x, what: str):
         import tvm
         if isinstance(x, tvm.runtime.Tensor):
-            return x if x.device == self._dev else x.copyto(self._dev)
+            return x if self.spec.on_device(x) else x.copyto(self._dev)
         if _is_torch(x):
             import torch
             t = x.detach()
-            if self.spec.device == "cuda" and t.device.type != "cuda":
-                t = t.cuda()
-            elif self.spec.device == "cpu" and t.device.type != "cpu":
-                t = t.cpu()
+            if not self.spec.on_device(t):
+                t = t.to(self.spec.torch_device)
             if t.dtype == torch.bool or not t.is_contiguous():
                 t = t.contiguous()
             try:
@@ -429,7 +282,7 @@ class Executable:
         if as_torch:
             import torch
             return torch.from_dlpack(t)
-        if self.spec.device == "cpu" and str(t.dtype) in _NP_DLPACK:
+        if self.spec.host_memory and str(t.dtype) in _NP_DLPACK:
             return np.from_dlpack(t)
         return t.numpy()
 
@@ -437,10 +290,15 @@ class Executable:
         """The CUDA C the library's kernels were generated as ('' for a library with no CUDA module)."""
         return cuda_source(self._lib)
 
+    def source(self) -> str:
+        """The code the target generated for the library's kernels (``Target.source_kind`` modules: CUDA C,
+        LLVM IR, C ...; '' when the target names none or the library was loaded from a file)."""
+        return generated_source(self._lib, self.spec.source_kind) if self.spec.source_kind else ""
+
     # -- export / load ---------------------------------------------------------------------------
     def export_library(self, path: str) -> str:
         """Write the compiled module (a shared library); ``signature.to_json()`` describes its arguments."""
-        self._lib.export_library(str(path))
+        self._lib.export_library(str(path), **self.spec.export_options())
         return str(path)
 
     @classmethod
@@ -472,39 +330,24 @@ class Executable:
 _NP_DLPACK = {"float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"}
 
 
-def cuda_source(lib) -> str:
-    """The CUDA C of a ``tvm.compile`` result's kernels ('' when it has no CUDA module): no GPU needed."""
+def generated_source(lib, kind: str) -> str:
+    """The source of a ``tvm.compile`` result's modules of runtime kind ``kind`` ("cuda", "c", "llvm")."""
     def modules(m):
         yield m
         for i in m.imports:
             yield from modules(i)
-    return "".join(m.inspect_source() for m in modules(lib.mod) if m.kind == "cuda")
+    return "".join(m.inspect_source() for m in modules(lib.mod) if m.kind == kind)
 
 
-def _ensure_device_api(device: str) -> None:
-    """With TVM's runtime alone, load its CUDA device library (the compiler build loads it at import)."""
-    import tvm
-    if device != "cuda" or not getattr(tvm.base, "_RUNTIME_ONLY", False):
-        return
-    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
-        return
-    from pathlib import Path
-    from tvm_ffi.libinfo import load_lib_ctypes
-    lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-    try:
-        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_GLOBAL")
-    except (OSError, RuntimeError) as e:
-        raise RuntimeError(f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda): {e}") from e
-    # the library's kernels are CUDA source compiled (NVRTC) when it loads; TVM's callback reads the arch
-    # from the compiler's current Target, which the runtime alone lacks, so name the device's arch here
-    import tvm_ffi
-    from tvm.support import nvcc
-    arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+def cuda_source(lib) -> str:
+    """The CUDA C of a ``tvm.compile`` result's kernels ('' when it has no CUDA module): no GPU needed."""
+    return generated_source(lib, "cuda")
 
-    def compile_at_load(code):
-        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_at_load, override=True)
+
+def _ensure_device_api(target) -> None:
+    """Kept for callers of the earlier helper: ``resolve_target(target).ensure_runtime()`` (a Target, or a
+    registered target name such as the device names "cpu" / "cuda")."""
+    resolve_target(target).ensure_runtime()
 
 
 def _dtype_of(x) -> DType:

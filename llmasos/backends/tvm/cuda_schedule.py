@@ -1,4 +1,4 @@
-"""GPU schedule rules of our own, applied before DLight's (build.schedule_rules).
+"""GPU schedule rules of our own, applied before DLight's (CUDATarget.schedule_rules).
 
 ``DecodeGEMV``: a single-row GEMV, y[n] = sum_k x[k] * w(n, k) -- a batch-1 decode step's projections,
 with whatever the fusion stage put around them (a dequantize of int4/int8 codes inlined into w, a cast,
@@ -162,3 +162,25 @@ def _weight_read(stmt):
     if best is None:
         return None
     return best[1], best[2]
+
+
+class OnlyBatchSymbolic:
+    """A DLight rule applied only to PrimFuncs whose sole symbolic shape variable is named ``batch``."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        # shape variables are bound by the buffer map, so the body sees them as undefined integer vars
+        # (as it does block iterators, which TVM names v_*)
+        names = {v.name for v in tirx.analysis.undefined_vars(func.body, list(func.params))
+                 if "int" in str(v.ty).lower() and not v.name.startswith("v_")}
+        if names != {"batch"}:
+            return None
+        return self.rule.apply(func, target, tunable)
+
+    def is_target_available(self, target) -> bool:
+        return self.rule.is_target_available(target)
+
+    def apply_config(self, func, config):
+        return self.rule.apply_config(func, config)

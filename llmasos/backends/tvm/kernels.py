@@ -6,7 +6,7 @@ turned view-only reshapes into ``R.reshape`` (RewriteDataflowReshape): every ``c
 static count is the dynamic one). Weight preparation lifted into ``main_transform_params`` runs once at
 load and is reported on its own.
 
-The module is build.fused_module's (the pipeline's fusion stage) plus RewriteDataflowReshape: the schedule
+The module is pipeline.fused_module's (the pipeline's fusion stage) plus RewriteDataflowReshape: the schedule
 rules that come between them in a build (cpu_schedule / DLight) rewrite loops inside a PrimFunc but never
 split or merge PrimFuncs, so they are left out (they are most of the pipeline's time).
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from ...ir.graph import Graph
 from .build import MAIN, TRANSFORMS
-from .build import fused_module as build_fused_module
+from .pipeline import fused_module as build_fused_module
 from .targets import resolve_target
 
 TRANSFORM = TRANSFORMS[0]   # one entry function: LiftTransformParams names it main_transform_params

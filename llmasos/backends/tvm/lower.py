@@ -17,12 +17,12 @@ from ...ir.types import TensorType, dim_str
 from . import lowering_fused  # noqa: F401  (registers the fused ops' lowerings)
 from . import lowering_quant  # noqa: F401  (registers the quantized GEMMs' lowerings)
 from . import lowering_kv  # noqa: F401  (registers the KV-cache ops' lowerings)
-from .lowering import LowerContext, LoweringError, get_lowering, tvm_dtype
+from .lowering import LowerContext, LoweringError, tvm_dtype
 
 
 def lower(graph: Graph, spec=None) -> tvm.IRModule:
-    """The Relax module of ``graph`` (one function, ``main``); ``spec`` (a TargetSpec) lets lowerings pick
-    target-specific forms."""
+    """The Relax module of ``graph`` (one function, ``main``); ``spec`` (a Target) lets lowerings pick
+    target-specific forms and supplies per-op overrides (``Target.lowerings``)."""
     return lower_functions({"main": graph}, spec)
 
 
@@ -71,7 +71,7 @@ def _lower_function(bb, fname: str, graph: Graph, spec) -> None:
         with bb.dataflow():
             for node in graph.nodes:
                 ctx.node = node
-                fn = get_lowering(node.op)
+                fn = ctx.lowering(node.op)  # the target's override (Target.lowerings), else the core table's
                 try:
                     res = fn(ctx, node, [env[i] for i in node.inputs])
                     res = list(res) if isinstance(res, (list, tuple)) else [res]

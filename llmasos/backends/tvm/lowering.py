@@ -70,21 +70,27 @@ class LowerContext:
     def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None, params=()):
         self.bb = bb
         self.sym_vars = sym_vars  # symbol name -> tir.Var (int64), one per symbol for the whole graph
-        self.spec = spec          # TargetSpec or None: lowerings may pick target-specific forms
+        self.spec = spec          # Target or None: lowerings may pick target-specific forms
         self.params = set(params)  # graph parameter Values (weights: work on them alone is done once)
         self.node: Optional[Node] = None
+        self._overrides = dict(spec.lowerings()) if spec is not None else {}
+
+    def lowering(self, op_name: str) -> LoweringFn:
+        """The lowering of ``op_name`` for this build: the target's override (``Target.lowerings``), else
+        the core table's."""
+        fn = self._overrides.get(op_name)
+        return fn if fn is not None else get_lowering(op_name)
 
     def is_param(self, v: Value) -> bool:
         return v in self.params
 
     def panel_width(self) -> Optional[int]:
-        """Columns per weight panel for our CPU GEMM (two SIMD vectors of f32), None for other targets."""
-        if self.spec is None or self.spec.schedule != "llmasos-cpu":
+        """Columns per weight panel for our CPU GEMM (``Target.panel_width``), None for other targets."""
+        if self.spec is None:
             return None
-        from tvm.target.codegen import llvm_get_vector_width
-        with self.spec.tvm_target() as t:
-            bits = llvm_get_vector_width(t)
-        return self.spec.extra.get("panel_vectors", 2) * max(bits if bits > 0 else 128, 128) // 32
+        if not hasattr(self, "_panel_width"):
+            self._panel_width = self.spec.panel_width()
+        return self._panel_width
 
     # -- dims --------------------------------------------------------------------------------
     def dim(self, d) -> tir.PrimExpr:
@@ -363,7 +369,7 @@ def _linear(ctx, node, args):
         return _panel_matmul(ctx, node, x, w, bias, transposed=True)
     dt = node.inputs[0].type.dtype
     acc = _acc_dtype(dt)
-    if ctx.spec is not None and ctx.spec.device != "cpu" and w.ty.ndim == 2:
+    if ctx.spec is not None and ctx.spec.gemm_nt and w.ty.ndim == 2:
         return _nt_linear(ctx, node, x, w, bias, dt, acc)
     wt = ctx.emit(R.permute_dims(w, [1, 0]), "wT")  # a param-only expression: LiftTransformParams hoists it
     y = R.matmul(x, wt, out_dtype=tvm_dtype(acc) if acc is not dt else None)
@@ -373,7 +379,7 @@ def _linear(ctx, node, args):
 
 
 def _nt_linear(ctx, node, x, w, bias, dt, acc):
-    """GPU: x @ W^T reading W [N, K] as stored. Each output reduces over a contiguous weight row, the layout
+    """Targets with ``gemm_nt`` (GPUs): x @ W^T reading W [N, K] as stored. Each output reduces over a contiguous weight row, the layout
     DLight's GEMV rule (decode: one row of x) reads at full bandwidth; a transposed copy made at load would
     turn every decode GEMV into a strided, outer-reduction one. Bias and cast stay separate ops, which
     TVM's FuseOps folds into the GEMM kernel's epilogue."""

@@ -16,13 +16,12 @@ from tvm import tirx as tir
 
 from ...ir.graph import Graph
 from ...ir.opset.fused import ACTIVATIONS, parse_expr
-from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, get_lowering, pad_single_row,
+from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, pad_single_row,
                        register_lowering, tvm_dtype)
 
 
 def _fast(ctx) -> bool:
-    spec = ctx.spec
-    return spec is not None and spec.device == "cpu" and spec.extra.get("fast_math", True)
+    return ctx.spec is not None and ctx.spec.fast_math
 
 
 def te_activation(ctx, act: str):
@@ -72,7 +71,7 @@ def _emit_op(ctx, op: str, attrs: dict, in_types: list, args: list):
     ctx.params.update(s for s, v in zip(node.inputs, in_types) if hasattr(v, "type") and ctx.is_param(v))
     saved, ctx.node = ctx.node, node
     try:
-        r = get_lowering(op)(ctx, node, args)
+        r = ctx.lowering(op)(ctx, node, args)  # a target's override of the op applies inside fused ops too
     finally:
         ctx.node = saved
     return (r if isinstance(r, relax.Var) else ctx.emit(r)), node.outputs[0].type
@@ -106,12 +105,11 @@ register_lowering("fused.matmul_act", _gemm("matmul"))
 def _add_norm(norm: str):
     def lower(ctx, node, args):
         x_t = node.inputs[0].type
-        # two kernels through the ops' own lowerings: for ndim > 1 (rare), and on GPUs, where DLight has
-        # no rule for a two-output function with row reductions and its fallback schedule is slow: for
-        # LayerNorm it made GPT-2 slower than unfused (bench/fusion.py), for RMSNorm one Llama-1B decode
-        # step spent 0.94 ms of its 2.1 ms in it (30 us a call against ~1.5 us for add + rms_norm; H100)
-        gpu = ctx.spec is not None and ctx.spec.device != "cpu"
-        if node.attrs["ndim"] != 1 or gpu:
+        # two kernels through the ops' own lowerings: for ndim > 1 (rare), and on targets without
+        # ``fused_add_norm`` (GPUs, where DLight has no rule for a two-output function with row reductions
+        # and its fallback schedule is slow: see CUDATarget)
+        two = ctx.spec is not None and not ctx.spec.fused_add_norm
+        if node.attrs["ndim"] != 1 or two:
             s, st = _emit_op(ctx, "add", {}, [x_t, node.inputs[1].type], args[:2])
             y, _ = _emit_op(ctx, norm, dict(node.attrs), [st, *[v.type for v in node.inputs[2:]]], [s, *args[2:]])
             return s, y

@@ -11,10 +11,11 @@
 * ``kv.attention``: the generic path (any T: prefill) groups query heads per kv head by a free reshape
   ([B, H, T, D] -> [B, Hkv, rep*T, D]) so k/v are read, never repeated or cast (f16 caches stay f16; the
   QK^T and PV products accumulate in f32); the mask j <= pos[b] + t is a TE function reading pos; softmax
-  in f32. On GPU, QK^T reads the cache untransposed with the mask in its epilogue (3 kernels: logits,
-  softmax, PV); on CPU the sdpa lowering's form (a transposed cache feeding the panel GEMM).
-  The generic path computes logits for all M cache rows whatever pos is. With T == 1 (decode) a
-  hand-written kernel replaces it, reading only rows 0..pos[b] (the loop bound is read from pos, so shapes
+  in f32. On targets with ``gemm_nt`` (GPU), QK^T reads the cache untransposed with the mask in its
+  epilogue (3 kernels: logits, softmax, PV); elsewhere the sdpa lowering's form (a transposed cache
+  feeding the panel GEMM on the CPU). The generic path computes logits for all M cache rows whatever pos
+  is. With T == 1 (decode) the target's hand-written kernel (``Target.kv_decode_attention``), if it has
+  one, replaces it, reading only rows 0..pos[b] (the loop bound is read from pos, so shapes
   stay static and the CUDA call is CUDA-graph capturable), with an online softmax in f32:
   - CUDA (``decode_attention_func``): one thread block per (row, kv head), the kv head's query heads on
     threadIdx.y, D over threadIdx.x, rows streamed through shared memory in tiles;
@@ -106,18 +107,22 @@ def _graph_of(ctx):
 
 @register_lowering("kv.attention")
 def _kv_attention(ctx, node, args):
-    device = _decode_device(ctx, node)
-    if device is not None:
-        return _decode_call(ctx, node, args, device)
+    kernel = _decode_kernel(ctx, node)
+    if kernel is not None:
+        return _decode_call(ctx, node, args, kernel)
     return _generic(ctx, node, args)
 
 
-def _decode_device(ctx, node):
-    """"cuda" / "cpu" when the node takes that target's decode kernel (one query per row), else None."""
-    qt = node.inputs[0].type
+def _decode_kernel(ctx, node):
+    """(name, PrimFunc) of the target's decode kernel (``Target.kv_decode_attention``) when the node has
+    one query per row, else None."""
+    qt, kt = node.inputs[0].type, node.inputs[1].type
     if ctx.spec is None or qt.shape[2] != 1 or qt.dtype not in (DType.f16, DType.f32):
         return None
-    return ctx.spec.device if ctx.spec.device in ("cuda", "cpu") else None
+    _, h, _, d = qt.shape
+    hkv, m = kt.shape[1], kt.shape[2]
+    return ctx.spec.kv_decode_attention(h, hkv, m, d, tvm_dtype(qt.dtype), tvm_dtype(node.inputs[3].type.dtype),
+                                        node.attrs["scale"])
 
 
 def _generic(ctx, node, args):
@@ -160,7 +165,7 @@ def _cache_mask(logits, pos, scale):
 
 
 def _nt_logits(ctx) -> bool:
-    return ctx.spec is not None and ctx.spec.device != "cpu"
+    return ctx.spec is not None and ctx.spec.gemm_nt
 
 
 def _qk_masked(qg, kc, pos, q, scale):
@@ -356,15 +361,11 @@ def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
     return kv_decode_attention
 
 
-def _decode_call(ctx, node, args, device: str):
-    qt, kt = node.inputs[0].type, node.inputs[1].type
-    _, h, _, d = qt.shape
-    hkv, m = kt.shape[1], kt.shape[2]
-    dt = tvm_dtype(qt.dtype)
-    make = decode_attention_func if device == "cuda" else decode_attention_cpu_func
-    func = make(h, hkv, m, d, dt, tvm_dtype(node.inputs[3].type.dtype), node.attrs["scale"])
-    gv = ctx.bb.add_func(func, "kv_decode_attention" if device == "cuda" else "kv_decode_attention_cpu")
-    return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType(ctx.shape(qt), dt)), "attn")
+def _decode_call(ctx, node, args, kernel: tuple):
+    name, func = kernel
+    qt = node.inputs[0].type
+    gv = ctx.bb.add_func(func, name)
+    return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType(ctx.shape(qt), tvm_dtype(qt.dtype))), "attn")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,98 +1,235 @@
-"""The target registry: names -> TargetSpec (a TVM target dict, the runtime device, pipeline options).
+"""Targets: everything the backend does differently for one kind of hardware lives in a ``Target`` subclass.
+
+A Target is a frozen dataclass (its fields are the options a user may change: the TVM target dict, the
+schedule rule set, extra options) plus methods and class attributes the backend asks instead of comparing
+device names: the Relax pipeline, the schedule rules, the PassContext config, per-op lowering overrides,
+the KV-attention decode kernel, CUDA graphs, how tensors reach the device. The base class is a working
+generic host target (TVM's cpu_generic pipeline, no schedule rules); ``CPUTarget`` (``cpu``, alias
+``llvm``; ``cpu-generic``) and ``CUDATarget`` (``cuda``) are written only against the public API, as a
+plugin's target is.
 
 Accepted by ``resolve_target``:
-  * a registered name: ``"cpu"`` (alias ``"llvm"``: this host's CPU, -mcpu detected), ``"cpu-generic"``
-    (portable x86-64, for libraries exported to other machines), ``"cuda"`` (arch of the visible GPU,
-    else sm_90a -- the H100/H200 class);
-  * ``"name:variant"``: a registered name with its arch replaced -- ``"cuda:sm_80"`` sets the CUDA arch,
-    ``"cpu:skylake-avx512"`` sets the LLVM -mcpu;
-  * a full TVM target dict (``{"kind": "llvm", ...}`` or ``{"kind": "cuda", ...}``);
-  * a TargetSpec, returned as is.
+  * a registered name: ``"cpu"`` / ``"llvm"`` (this host's CPU, -mcpu detected), ``"cpu-generic"`` (portable
+    x86-64, for libraries exported to other machines), ``"cuda"`` (the visible GPU's arch, else sm_90a),
+    and whatever plugins register (the ``llmasos.targets`` entry-point group, loaded at the first lookup,
+    or ``register_target`` in code);
+  * ``"name:variant"``: a registered name with its arch replaced (``Target.with_variant``) --
+    ``"cuda:sm_80"`` sets the CUDA arch, ``"cpu:skylake-avx512"`` the LLVM -mcpu;
+  * a full TVM target dict (``{"kind": "llvm", ...}``): the first registered target whose class accepts
+    that kind (``Target.tvm_kinds``), built-in targets before plugins;
+  * a Target, returned as is.
+
+This module imports no TVM compiler code at import time: an exported library loads and runs with TVM's
+runtime alone (``TVM_USE_RUNTIME_LIB=1``), and the Executable asks its Target how to reach the device.
+The methods that build (pipeline, schedule rules, lowering hooks) import the compiler when called.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
+import types
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
-_DEVICES = {"llvm": "cpu", "cuda": "cuda"}
+PLUGIN_GROUP = "llmasos.targets"
 
 
 @dataclass(frozen=True)
-class TargetSpec:
-    name: str
-    target: dict            # the TVM target dict, e.g. {"kind": "cuda", "arch": "sm_90a"}
-    device: str             # runtime device: "cpu" | "cuda"
-    # how weights are prepared: param-only expressions (weight transposes) are hoisted into a function the
-    # Executable runs once at load, so the per-call graph reads weights in the layout its kernels want
-    lift_params: bool = True
-    # TIR schedules applied after fusion: "llmasos-cpu" (our CPU rules: tiled/vectorised/parallel matmul,
-    # dlight CPU GEMV/reduction, parallel+vectorised elementwise), "dlight-gpu" (TVM's default CUDA rules)
-    # or "none" (legalised TIR as is: slow, for debugging schedule bugs)
-    schedule: str = "llmasos-cpu"
-    extra: dict = field(default_factory=dict)  # room for plugin options
+class Target:
+    """One compilation target. Subclass it for new hardware; override what differs from the generic host.
 
+    Fields (options; change them with ``dataclasses.replace``):
+      name        -- what reports, errors and artifacts call the target
+      target      -- the TVM target dict, e.g. ``{"kind": "cuda", "arch": "sm_90a"}``
+      device      -- TVM's runtime device kind (``tvm.runtime.device(device, 0)``): "cpu", "cuda", ...
+      lift_params -- hoist param-only work (weight transposes, panels) into a function run once at load
+      schedule    -- the rule set ``schedule_rules`` returns; "none" everywhere means no schedules of ours
+      extra       -- target-specific options (e.g. ``fast_math``, CUDA's ``decode_gemv``)
+    """
+    name: str
+    target: dict
+    device: str = "cpu"
+    lift_params: bool = True
+    schedule: str = "default"
+    extra: dict = field(default_factory=dict)
+
+    # -- what the class is ------------------------------------------------------------------------
+    tvm_kinds: ClassVar[tuple] = ()           # TVM target kinds a target dict may name to resolve to this class
+    variant_key: ClassVar[Optional[str]] = None  # the target dict key ``"name:variant"`` sets ("arch", "mcpu")
+    host_memory: ClassVar[bool] = False       # device tensors are host memory: numpy reads them without a copy
+    source_kind: ClassVar[Optional[str]] = None  # runtime module kind whose source ``Executable.source()`` shows
+    # lowering choices
+    gemm_nt: ClassVar[bool] = False           # GEMMs read weights [N, K] as stored (a GPU GEMV's layout);
+    #                                           False: a transposed [K, N] copy made once at load
+    fused_add_norm: ClassVar[bool] = True     # residual add + norm as one two-output kernel (False: two)
+    # LLM runtime choices
+    graph_capture: ClassVar[bool] = False     # functions can run as captured device graphs (CUDA graphs)
+    symbolic_decode_batch: ClassVar[bool] = False  # a static decode batch > 1 compiles with a symbolic batch
+    # tuning: build and time MetaSchedule candidates in this process (False: TVM's popen builder/runner,
+    # so a faulting kernel ends a worker, not the tuning process)
+    measure_in_process: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not isinstance(self.target, dict) or "kind" not in self.target:
+            raise ValueError(f"target '{self.name}': target must be a TVM target dict with a 'kind', "
+                             f"got {self.target!r}")
+
+    @classmethod
+    def accepts(cls, tvm_target: dict) -> bool:
+        """Whether a TVM target dict resolves to this class (its kind is one of ``tvm_kinds``)."""
+        return tvm_target.get("kind") in cls.tvm_kinds
+
+    # -- the target and the device ----------------------------------------------------------------
     def tvm_target(self):
         import tvm
         return tvm.target.Target(dict(self.target))
 
     def tvm_device(self):
         import tvm
-        return tvm.cpu(0) if self.device == "cpu" else tvm.cuda(0)
+        return tvm.runtime.device(self.device, 0)
 
-    def with_variant(self, variant: str) -> "TargetSpec":
-        key = "arch" if self.target["kind"] == "cuda" else "mcpu"
-        return dataclasses.replace(self, name=f"{self.name}:{variant}", target={**self.target, key: variant})
+    @property
+    def torch_device(self) -> str:
+        """The torch device that shares memory with ``tvm_device()`` through DLPack."""
+        return self.device
+
+    def on_device(self, tensor) -> bool:
+        """Whether a torch or TVM tensor lives where the compiled code reads it (else it is moved there)."""
+        if type(tensor).__module__.startswith("torch"):
+            return tensor.device.type == self.torch_device
+        return tensor.device == self.tvm_device()
+
+    def device_name(self) -> Optional[str]:
+        """The hardware's name for reports (a GPU's model), None when there is nothing better than ``name``."""
+        return None
+
+    def ensure_runtime(self) -> None:
+        """Make the device usable in this process (e.g. load TVM's device library when only TVM's runtime
+        is installed). Called before a library is loaded for this target."""
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device (timing)."""
+        self.tvm_device().sync()
+
+    def export_options(self) -> dict:
+        """Keyword arguments of ``export_library`` / ``jit`` for this target's libraries (e.g. ``fcompile``
+        or ``options`` for a cross compiler, extra headers)."""
+        return {}
+
+    def with_variant(self, variant: str) -> "Target":
+        """``name:variant``: the same target with ``target[variant_key]`` replaced (a CUDA arch, a CPU model)."""
+        if self.variant_key is None:
+            raise ValueError(f"target '{self.name}' has no variants")
+        return dataclasses.replace(self, name=f"{self.name}:{variant}",
+                                   target={**self.target, self.variant_key: variant})
+
+    def with_target(self, tvm_target: dict) -> "Target":
+        """The same target with another TVM target dict (what resolving a dict gives)."""
+        return dataclasses.replace(self, target=dict(tvm_target))
+
+    # -- building ---------------------------------------------------------------------------------
+    def base_pipeline(self):
+        """A module with TVM's four Relax pipeline stages for this target (``library_dispatch_passes``,
+        ``legalize_passes``, ``dataflow_lower_passes``, ``finalize_passes``): TVM's cpu_generic here."""
+        from tvm.relax.backend.cpu_generic import pipeline
+        return pipeline
+
+    def pipeline_stages(self) -> tuple:
+        """(fusion, lowering) pass lists of the target's pipeline; the schedule rules run between them.
+
+        Tuning runs the fusion stage alone to see exactly the PrimFuncs a build schedules, and a build with
+        a tuning database applies its records between the two stages, before the schedule rules."""
+        base = self.base_pipeline()
+        target = self.tvm_target()
+        legalize = [p for p in base.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
+        fusion = self.fusion_prologue() + base.library_dispatch_passes(target) + legalize
+        return fusion, base.dataflow_lower_passes(target) + base.finalize_passes(target)
+
+    def fusion_prologue(self) -> list:
+        """Relax passes run first, before library dispatch and legalization (none here)."""
+        return []
+
+    def schedule_rules(self) -> list:
+        """DLight-style rules (``apply(func, target, tunable)``) a build applies, in order, to every PrimFunc
+        not already scheduled; a PrimFunc no rule takes keeps its legalised loops. None here."""
+        self.check_schedule(("default",))
+        return []
+
+    def check_schedule(self, known: tuple) -> None:
+        """Raise unless ``schedule`` is one of ``known`` or "none" (for ``schedule_rules`` overrides)."""
+        if self.schedule not in (*known, "none"):
+            raise ValueError(f"target '{self.name}': unknown schedule {self.schedule!r}; "
+                             f"known: {', '.join(repr(k) for k in (*known, 'none'))}")
+
+    def pass_config(self, graph_capture: bool = False) -> dict:
+        """The PassContext config a build compiles with (tuning builds its candidates with it too)."""
+        return {}
+
+    def lowerings(self) -> Mapping[str, Callable]:
+        """Per-op lowering overrides, op name -> ``fn(ctx, node, args)`` (see lowering.py): consulted before
+        the core lowering table, for this target's builds only."""
+        return {}
+
+    @property
+    def fast_math(self) -> bool:
+        """Polynomial exp/tanh/erf (vectorisable) instead of libm calls; option ``fast_math``."""
+        return bool(self.extra.get("fast_math", False))
+
+    def panel_width(self) -> Optional[int]:
+        """Columns per weight panel of the CPU panel GEMM (lowering.py), None when the target does not use it."""
+        return None
+
+    def kv_decode_attention(self, heads: int, kv_heads: int, max_seq: int, head_dim: int, dtype: str,
+                            pos_dtype: str, scale: float) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written kv.attention kernel for one query per row (a decode step), or
+        None for the generic lowering (softmax of masked q k^T, then p v)."""
+        return None
+
+    def prepare_graph_capture(self, mod, functions: tuple):
+        """The Relax module with ``functions`` marked for capture as device graphs (``graph_capture``)."""
+        return mod
+
+    # -- measuring --------------------------------------------------------------------------------
+    def measure_bandwidth(self) -> Optional[float]:
+        """Bytes/s of the device's memory (a roofline's denominator), None when the target cannot tell."""
+        return None
+
+    def energy_counter(self) -> Optional[float]:
+        """Joules the device has used since some fixed point (read twice and subtract), None if unknown."""
+        return None
 
 
-SpecOrFactory = Union[TargetSpec, Callable[[], TargetSpec]]
-_REGISTRY: dict[str, SpecOrFactory] = {}
+def copy_bandwidth(torch_device: str, elements: int) -> float:
+    """Bytes/s of a copy of ``elements`` f32 values on a torch device (read + write): a measure_bandwidth."""
+    import torch
+    x = torch.empty(elements, dtype=torch.float32, device=torch_device)
+    y = torch.empty_like(x)
+    sync = getattr(getattr(torch, torch.device(torch_device).type, None), "synchronize", lambda: None)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    sync()
+    return 2 * x.numel() * 4 * reps / (time.perf_counter() - t0)
 
 
-def register_target(name: str, spec_or_factory: SpecOrFactory, *, replace: bool = False) -> None:
-    """Register a target name; a factory (no arguments) is called at each resolve (for host detection)."""
-    if ":" in name:
-        raise ValueError(f"target name {name!r} must not contain ':' (it separates the arch variant)")
-    if name in _REGISTRY and not replace:
-        raise ValueError(f"target '{name}' is already registered; pass replace=True to override it")
-    _REGISTRY[name] = spec_or_factory
-
-
-def known_targets() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def resolve_target(t) -> TargetSpec:
-    if isinstance(t, TargetSpec):
-        return t
-    if isinstance(t, dict):
-        return _from_dict(t)
-    if not isinstance(t, str):
-        raise TypeError(f"a target is a name, a TVM target dict or a TargetSpec, got {type(t).__name__}")
-    name, _, variant = t.partition(":")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown target {t!r}; known targets: {', '.join(known_targets())} "
-                         f"(or 'name:arch', or a TVM target dict)")
-    entry = _REGISTRY[name]
-    spec = entry if isinstance(entry, TargetSpec) else entry()
-    return spec.with_variant(variant) if variant else spec
-
-
-def _from_dict(d: dict) -> TargetSpec:
-    kind = d.get("kind")
-    if kind not in _DEVICES:
-        raise ValueError(f"unsupported TVM target kind {kind!r} in {d}; supported kinds: {sorted(_DEVICES)}")
-    if kind == "cuda":
-        return TargetSpec(name="cuda", target=dict(d), device="cuda", schedule="dlight-gpu")
-    return TargetSpec(name="cpu", target=dict(d), device="cpu", schedule="llmasos-cpu")
+# ------------------------------------------------------------------------------------------------
+# the built-in targets
 
 
 def host_cpu_target() -> dict:
+    """This host's CPU as an LLVM target (with TVM's runtime alone, which has no LLVM to ask: the kind only)."""
     import tvm
-    mcpu = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
-    triple = tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple")()
-    return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "num-cores": _num_threads()}
+    cpu_name = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName", allow_missing=True)
+    triple = tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple", allow_missing=True)
+    if cpu_name is None or triple is None:
+        return {"kind": "llvm", "num-cores": _num_threads()}
+    return {"kind": "llvm", "mtriple": triple(), "mcpu": cpu_name(), "num-cores": _num_threads()}
 
 
 def _num_threads() -> int:
@@ -105,32 +242,368 @@ def _num_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu() -> TargetSpec:
-    return TargetSpec(name="cpu", target=host_cpu_target(), device="cpu")
+@dataclass(frozen=True)
+class CPUTarget(Target):
+    """LLVM on the host CPU: our CPU schedule rules (cpu_schedule.py: register-tiled panel GEMMs, DLight's
+    CPU GEMV/reduction, parallel + vectorised elementwise), FastMath, weights in column panels."""
+    name: str = "cpu"
+    target: dict = field(default_factory=host_cpu_target)
+    device: str = "cpu"
+    # "llmasos-cpu": our rules; "none": legalised TIR as is (slow, for debugging schedule bugs)
+    schedule: str = "llmasos-cpu"
+
+    tvm_kinds: ClassVar[tuple] = ("llvm",)
+    variant_key: ClassVar[Optional[str]] = "mcpu"
+    host_memory: ClassVar[bool] = True
+    source_kind: ClassVar[Optional[str]] = "llvm"
+    measure_in_process: ClassVar[bool] = True  # MetaSchedule's popen workers import TVM afresh per batch
+
+    @property
+    def fast_math(self) -> bool:
+        return bool(self.extra.get("fast_math", True))
+
+    def fusion_prologue(self) -> list:
+        # exp/tanh/erf/softmax as TVM's polynomial forms: vectorisable, where libm calls are scalar
+        if self.schedule == "none" or not self.fast_math:
+            return []
+        from tvm import relax
+        return [relax.transform.FastMathTransform()]
+
+    def schedule_rules(self) -> list:
+        self.check_schedule(("llmasos-cpu",))
+        if self.schedule == "none":
+            return []
+        from .cpu_schedule import default_rules
+        return default_rules()
+
+    def pass_config(self, graph_capture: bool = False) -> dict:
+        # loop partitioning peels the tail of dynamic-size loops (a seq not divisible by the tile) so the
+        # main tile loop runs without per-row bound checks
+        return {"s_tir.LoopPartition": {"partition_const_loop": True}}
+
+    def panel_width(self) -> Optional[int]:
+        """Two SIMD vectors of f32 (option ``panel_vectors``)."""
+        if self.schedule != "llmasos-cpu":
+            return None
+        from tvm.target.codegen import llvm_get_vector_width
+        with self.tvm_target() as t:
+            bits = llvm_get_vector_width(t)
+        return self.extra.get("panel_vectors", 2) * max(bits if bits > 0 else 128, 128) // 32
+
+    def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
+        from .lowering_kv import decode_attention_cpu_func
+        return ("kv_decode_attention_cpu",
+                decode_attention_cpu_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale))
+
+    def synchronize(self) -> None:
+        pass  # the CPU kernels return when their work is done
+
+    def measure_bandwidth(self) -> Optional[float]:
+        return copy_bandwidth("cpu", 1 << 26)
 
 
-def _cpu_generic() -> TargetSpec:
-    return TargetSpec(name="cpu-generic", target={"kind": "llvm", "mcpu": "x86-64", "num-cores": _num_threads()},
-                      device="cpu")
+def generic_cpu() -> CPUTarget:
+    """``cpu-generic``: portable x86-64, for libraries exported to other machines."""
+    return CPUTarget(name="cpu-generic", target={"kind": "llvm", "mcpu": "x86-64", "num-cores": _num_threads()})
 
 
-def _cuda() -> TargetSpec:
+def _cuda_target() -> dict:
     # the limits every CUDA GPU since sm_50 guarantees without opt-in (TVM warns when they are missing)
-    return TargetSpec(name="cuda", target={"kind": "cuda", "arch": _cuda_arch(), "max_shared_memory_per_block": 49152,
-                                           "max_threads_per_block": 1024, "thread_warp_size": 32},
-                      device="cuda", schedule="dlight-gpu")
+    return {"kind": "cuda", "arch": _cuda_arch(), "max_shared_memory_per_block": 49152,
+            "max_threads_per_block": 1024, "thread_warp_size": 32}
 
 
 def _cuda_arch() -> str:
     import tvm
-    dev = tvm.cuda(0)
-    if dev.exist:
-        major, minor = dev.compute_version.split(".")
-        return f"sm_{major}{minor}a" if major == "9" else f"sm_{major}{minor}"
+    try:
+        dev = tvm.cuda(0)
+        if dev.exist:
+            major, minor = dev.compute_version.split(".")
+            return f"sm_{major}{minor}a" if major == "9" else f"sm_{major}{minor}"
+    except Exception:  # noqa: BLE001 -- TVM's runtime alone before its CUDA library is loaded
+        pass
     return "sm_90a"
 
 
-register_target("cpu", _cpu)
-register_target("llvm", _cpu)
-register_target("cpu-generic", _cpu_generic)
-register_target("cuda", _cuda)
+@dataclass(frozen=True)
+class CUDATarget(Target):
+    """CUDA GPUs: TVM's CUDA pipeline with DLight's GPU rules after our DecodeGEMV (cuda_schedule.py),
+    weights read as stored, the hand-written decode attention kernel, CUDA graphs."""
+    name: str = "cuda"
+    target: dict = field(default_factory=_cuda_target)
+    device: str = "cuda"
+    # "dlight-gpu": DecodeGEMV + DLight's rules; "none": DLight's default rules alone (a GPU kernel needs
+    # thread bindings to compile at all)
+    schedule: str = "dlight-gpu"
+
+    tvm_kinds: ClassVar[tuple] = ("cuda",)
+    variant_key: ClassVar[Optional[str]] = "arch"
+    source_kind: ClassVar[Optional[str]] = "cuda"
+    gemm_nt: ClassVar[bool] = True
+    # DLight has no rule for a two-output row reduction, and its fallback schedule is slow: for LayerNorm
+    # it made GPT-2 slower than unfused, for RMSNorm one Llama-1B decode step spent 0.94 ms of its 2.1 ms in
+    # it (30 us a call against ~1.5 us for add + rms_norm; H100)
+    fused_add_norm: ClassVar[bool] = False
+    graph_capture: ClassVar[bool] = True
+    # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once for
+    # all rows); a static batch > 1 gets the large-M matmul tiles, ~10x slower
+    symbolic_decode_batch: ClassVar[bool] = True
+
+    def base_pipeline(self):
+        from tvm.relax.backend.cuda import pipeline
+        return pipeline
+
+    def schedule_rules(self) -> list:
+        self.check_schedule(("dlight-gpu",))
+        from tvm.s_tir import dlight as dl
+        if self.schedule == "none":
+            return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        # LowBatchGEMV first, for kernels whose only symbolic extent is ``batch`` -- a decode step's GEMMs
+        # at batch > 1: the default rules give those to the Matmul rule (tiles for large M), which ran
+        # GPT-2's batch-8 decode at a tenth of torch.compile's speed. Bucket 4 (rows of accumulators per
+        # thread): measured on an H100, Llama-1B decode at batch 8 / 32 ran 2422 / 2781 tok/s with it and
+        # 1944 / 829 with the bucket = batch (register pressure)
+        # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step; the
+        # target option decode_gemv = "all" | "quantized" | "off" narrows it, for A/B runs against DLight's
+        from .cuda_schedule import DecodeGEMV, OnlyBatchSymbolic
+        which = self.extra.get("decode_gemv", "all")
+        if which not in ("all", "quantized", "off"):
+            raise ValueError(f"target '{self.name}': decode_gemv must be 'all', 'quantized' or 'off', got {which!r}")
+        own = [] if which == "off" else [DecodeGEMV(quantized_only=which == "quantized")]
+        return [*own, OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(),
+                dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+    def pass_config(self, graph_capture: bool = False) -> dict:
+        return {"relax.backend.use_cuda_graph": True} if graph_capture else {}
+
+    def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
+        from .lowering_kv import decode_attention_func
+        return "kv_decode_attention", decode_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype,
+                                                            scale)
+
+    def prepare_graph_capture(self, mod, functions: tuple):
+        """Every argument of a captured function is then fixed storage: TVM's RewriteCUDAGraph captures only
+        kernels whose operands are parameters past ``num_input`` or statically planned memory."""
+        from tvm import relax
+        for name in functions:
+            gv = mod.get_global_var(name)
+            f = mod[gv].with_attr("num_input", 0)
+            sym = sorted({str(v) for p in f.params for v in relax.analysis.definable_tir_vars_in_type(p.ty)})
+            if sym:  # one graph per value of each symbol (a decode step per batch size)
+                f = f.with_attr("relax.rewrite_cuda_graph.capture_symbolic_vars", sym)
+            mod[gv] = f
+        return mod
+
+    def device_name(self) -> Optional[str]:
+        dev = self.tvm_device()
+        return dev.device_name if dev.exist else None
+
+    def synchronize(self) -> None:
+        # torch's queue too: the runtime samples tokens with torch on the device
+        import sys
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.tvm_device().sync()
+
+    def measure_bandwidth(self) -> Optional[float]:
+        return copy_bandwidth("cuda", 1 << 28)
+
+    def energy_counter(self) -> Optional[float]:
+        try:
+            import pynvml
+        except ImportError:
+            return None
+        try:
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3  # mJ
+        except pynvml.NVMLError:
+            return None
+
+    def ensure_runtime(self) -> None:
+        """With TVM's runtime alone, load its CUDA device library (the compiler build loads it at import)."""
+        import tvm
+        if not getattr(tvm.base, "_RUNTIME_ONLY", False):
+            return
+        if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+            return
+        from pathlib import Path
+        from tvm_ffi.libinfo import load_lib_ctypes
+        lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        try:
+            tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[lib_dir], mode="RTLD_GLOBAL")
+        except (OSError, RuntimeError) as e:
+            raise RuntimeError(f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda): {e}") from e
+        # the library's kernels are CUDA source compiled (NVRTC) when it loads; TVM's callback reads the arch
+        # from the compiler's current Target, which the runtime alone lacks, so name the device's arch here
+        import tvm_ffi
+        from tvm.support import nvcc
+        arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+
+        def compile_at_load(code):
+            return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler="nvrtc")
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_at_load, override=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry
+
+TargetEntry = Union[Target, type, Callable[[], Target]]
+_REGISTRY: dict[str, TargetEntry] = {}
+_SOURCES: dict[str, str] = {}
+_loaded = False
+_load_errors: list[str] = []
+_loading_from: Optional[str] = None   # the entry point being loaded: what register_target records as source
+
+
+class UnknownTargetError(ValueError):
+    """A target name or TVM target kind no registered Target accepts."""
+
+
+def register_target(name: str, target: TargetEntry, *, replace: bool = False) -> None:
+    """Register ``target`` under ``name``: a Target (returned as is), a Target subclass (instantiated with
+    no arguments at each resolve) or a callable returning a Target (called at each resolve: for host
+    detection)."""
+    _register(name, target, replace, source=_loading_from or "register_target")
+
+
+def _register(name: str, target: TargetEntry, replace: bool, source: str) -> None:
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"target name {name!r} must be a non-empty string without ':' (it separates the "
+                         f"arch variant)")
+    if not (isinstance(target, Target) or (isinstance(target, type) and issubclass(target, Target))
+            or callable(target)):
+        raise TypeError(f"target '{name}': expected a Target, a Target subclass or a factory, got {target!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"target '{name}' is already registered (by {_SOURCES.get(name, '?')}); pass "
+                         f"replace=True to override it")
+    _REGISTRY[name] = target
+    _SOURCES[name] = source
+
+
+def _ensure_loaded() -> None:
+    """Import the ``llmasos.targets`` entry points once. Each names a Target subclass or instance, or a
+    factory, registered under the entry point's name, or a module whose import calls register_target. A
+    plugin that fails to load is reported (a warning, and in the unknown-target message) without taking
+    the other targets down."""
+    global _loaded, _loading_from
+    if _loaded:
+        return
+    _loaded = True  # first: a plugin module calls register_target, which must not load plugins again
+    from importlib import metadata
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        dist = getattr(ep, "dist", None)
+        source = (f"entry point '{ep.name} = {ep.value}'"
+                  + (f" of distribution {dist.metadata['Name']}" if dist is not None else ""))
+        _loading_from = source
+        try:
+            obj = ep.load()
+            if isinstance(obj, types.ModuleType):
+                continue  # a module: its import registered what it has
+            if ep.name in _REGISTRY and _REGISTRY[ep.name] is obj:
+                continue  # its module registered it already
+            _register(ep.name, obj, False, source)
+        except Exception as e:  # noqa: BLE001 -- one broken plugin must not hide the others
+            msg = f"cannot load target plugin {source}: {type(e).__name__}: {e}"
+            _load_errors.append(msg)
+            warnings.warn(msg, stacklevel=3)
+        finally:
+            _loading_from = None
+
+
+def known_targets() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def target_source(name: str) -> str:
+    """Who registered ``name`` (``register_target``, an entry point and its distribution, or llmasos)."""
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    return _SOURCES[name]
+
+
+def _unknown(t) -> UnknownTargetError:
+    errors = "".join(f"\n  ({e})" for e in _load_errors)
+    return UnknownTargetError(f"unknown target {t!r}; known targets: {', '.join(known_targets())} "
+                              f"(or 'name:arch', or a TVM target dict){errors}")
+
+
+def _instance(name: str, entry: TargetEntry) -> Target:
+    t = entry if isinstance(entry, Target) else entry()
+    if not isinstance(t, Target):
+        raise TypeError(f"target '{name}' ({_SOURCES.get(name, '?')}): its factory returned {t!r}, not a Target")
+    return t
+
+
+def _entry_class(name: str, entry: TargetEntry) -> type:
+    if isinstance(entry, Target):
+        return type(entry)
+    if isinstance(entry, type):
+        return entry
+    return type(_instance(name, entry))
+
+
+def _from_dict(d: dict) -> Target:
+    _ensure_loaded()
+    kinds = set()
+    for name, entry in _REGISTRY.items():
+        cls = _entry_class(name, entry)
+        kinds.update(cls.tvm_kinds)
+        if cls.accepts(d):
+            if isinstance(entry, type):
+                return entry(target=dict(d))
+            return _instance(name, entry).with_target(d)
+    errors = "".join(f"\n  ({e})" for e in _load_errors)
+    raise UnknownTargetError(f"unsupported TVM target kind {d.get('kind')!r} in {d}; supported kinds: "
+                             f"{sorted(kinds)} (registered targets: {', '.join(known_targets())}){errors}")
+
+
+def target_class(tvm_target: dict) -> type:
+    """The Target class a TVM target dict resolves to."""
+    return type(_from_dict(tvm_target))
+
+
+def resolve_target(t: Any) -> Target:
+    """A Target for a registered name (``"cpu"``, ``"cuda:sm_80"``), a TVM target dict or a Target."""
+    if isinstance(t, Target):
+        return t
+    if isinstance(t, dict):
+        return _from_dict(t)
+    if not isinstance(t, str):
+        raise TypeError(f"a target is a name, a TVM target dict or a Target, got {type(t).__name__}")
+    _ensure_loaded()
+    name, _, variant = t.partition(":")
+    if name not in _REGISTRY:
+        raise _unknown(t)
+    spec = _instance(name, _REGISTRY[name])
+    return spec.with_variant(variant) if variant else spec
+
+
+class _TargetSpecMeta(type):
+    def __instancecheck__(cls, obj) -> bool:
+        return isinstance(obj, Target)
+
+    def __subclasscheck__(cls, sub) -> bool:
+        return isinstance(sub, type) and issubclass(sub, Target)
+
+    def __call__(cls, name: str, target: dict, device: Optional[str] = None, **fields) -> Target:
+        kind = type(_from_dict(dict(target)))
+        return kind(name=name, target=dict(target), **({"device": device} if device else {}), **fields)
+
+
+class TargetSpec(metaclass=_TargetSpecMeta):
+    """The earlier name of Target, kept for code that built or annotated targets with it:
+    ``TargetSpec(name, tvm_target_dict, device, ...)`` builds the registered Target class that accepts the
+    dict's kind, and every Target is an instance of TargetSpec."""
+
+
+_loading_from = "llmasos"
+register_target("cpu", CPUTarget)
+register_target("llvm", CPUTarget)
+register_target("cpu-generic", generic_cpu)
+register_target("cuda", CUDATarget)
+_loading_from = None

@@ -4,7 +4,7 @@
     exe = build_functions(graphs, "cpu", tuning_db="smollm2.tune")   # tuned kernels where they are faster
 
 What is tuned: the PrimFuncs a build of the same graphs for the same target schedules (lowering plus the
-fusion stage of the build pipeline: build.fused_module), so the database's keys -- structural hashes of
+fusion stage of the build pipeline: pipeline.fused_module), so the database's keys -- structural hashes of
 those PrimFuncs -- are what MetaScheduleApplyDatabase looks up in a later build. Left out: kernels with a symbolic shape (MetaSchedule measures concrete arguments, so a
 prefill with a symbolic length keeps its default schedule), hand-written ones (``tirx.is_scheduled``) and,
 unless ``ops="all"``, kernels without a reduction: copies and elementwise kernels are memory-bound under
@@ -16,13 +16,16 @@ default and the best few candidates are measured again, in turns, and a candidat
 the default by MARGIN; the database then holds that one record per kernel (records of kernels this run did
 not tune are carried over), which is what a build applies.
 
-On the CPU candidates are built and timed in this process: MetaSchedule's popen workers import TVM afresh
+On targets with ``measure_in_process`` (the CPU) candidates are built and timed in this process: MetaSchedule's popen workers import TVM afresh
 for every batch of candidates (~2 s each on a 2-core machine, more than the builds themselves). The price:
 a candidate that crashed would end the process (none did: candidates are valid schedule transformations).
 On GPUs MetaSchedule's own popen builder and runner are used, so a faulting kernel kills a worker, not the
 CUDA context of the tuning process, and its C++ timing loop (20 runs a measurement: CUDA graphs hide
 launches in a decode step too). Weights of up to 32 MB can stay in an H100's 50 MB L2 between those runs,
 which favours cache-friendly candidates: check the end-to-end figure, not only the report.
+
+TVM's compiler (MetaSchedule, s_tir) is imported inside the functions that use it: build.py imports this
+module for TuningDatabase where an exported library runs with TVM's runtime alone.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .targets import TargetSpec, resolve_target
+from .pipeline import fused_module
+from .targets import Target, resolve_target
 
 MANIFEST = "llmasos-tuning.json"
 FORMAT, VERSION = "llmasos-tuning", 1
@@ -60,14 +64,14 @@ class TuningDatabase:
 
     ``applied`` lists the kernels the last build that used it took from it."""
 
-    def __init__(self, path: Path, spec: TargetSpec, database):
+    def __init__(self, path: Path, spec: Target, database):
         self.path = path
         self.spec = spec
         self.database = database
         self.applied: list = []
 
     @classmethod
-    def open(cls, path_or_db, spec: TargetSpec) -> "TuningDatabase":
+    def open(cls, path_or_db, spec: Target) -> "TuningDatabase":
         """The database in ``path_or_db`` (a directory from ``tune``), checked against ``spec``'s target."""
         if isinstance(path_or_db, TuningDatabase):
             cls._check_target(path_or_db.path, path_or_db.spec.target, spec)
@@ -78,7 +82,7 @@ class TuningDatabase:
         return cls(path, spec, cls._json_database(path, allow_missing=False))
 
     @classmethod
-    def create(cls, path, spec: TargetSpec) -> "TuningDatabase":
+    def create(cls, path, spec: Target) -> "TuningDatabase":
         """Open ``path`` for tuning: created if missing; an existing database must be for ``spec``'s target
         (its records are kept, new ones added)."""
         path = Path(path)
@@ -135,7 +139,7 @@ class TuningDatabase:
         return m
 
     @staticmethod
-    def _write_manifest(path: Path, spec: TargetSpec, report: Optional["TuningReport"]) -> None:
+    def _write_manifest(path: Path, spec: Target, report: Optional["TuningReport"]) -> None:
         import tvm
         m = {"format": FORMAT, "version": VERSION, "target": spec.target, "tvm": tvm.__version__}
         if report is not None:
@@ -143,7 +147,7 @@ class TuningDatabase:
         (path / MANIFEST).write_text(json.dumps(m, indent=1))
 
     @staticmethod
-    def _check_target(path: Path, tuned: dict, spec: TargetSpec) -> None:
+    def _check_target(path: Path, tuned: dict, spec: Target) -> None:
         if _target_key(tuned) != _target_key(spec.target):
             raise TuningError(f"tuning database {path} was tuned for {_target_key(tuned)}; this build targets "
                               f"{_target_key(spec.target)} ('{spec.name}'). Tune again for this target or "
@@ -288,14 +292,13 @@ def _import_tensor_intrinsics() -> None:
         inspect.stack = real
 
 
-def _in_process_builder(spec: TargetSpec):
+def _in_process_builder(spec: Target):
     import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
 
-    from .build import pass_config
-    config = pass_config(spec)  # candidates compile as a build's kernels do (loop partitioning on the CPU)
+    config = spec.pass_config()  # candidates compile as a build's kernels do (loop partitioning on the CPU)
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -311,7 +314,7 @@ def _in_process_builder(spec: TargetSpec):
     return InProcessBuilder()
 
 
-def _in_process_runner(spec: TargetSpec):
+def _in_process_runner(spec: Target):
     import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.runner import PyRunner
@@ -335,15 +338,15 @@ def _in_process_runner(spec: TargetSpec):
     return InProcessRunner()
 
 
-def _builder_runner(spec: TargetSpec):
+def _builder_runner(spec: Target):
     from tvm.s_tir import meta_schedule as ms
-    if spec.device == "cpu":
+    if spec.measure_in_process:
         return _in_process_builder(spec), _in_process_runner(spec)
     config = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=0, enable_cpu_cache_flush=False)
     return ms.builder.LocalBuilder(), ms.runner.LocalRunner(evaluator_config=config)
 
 
-def _measure(sch_mod, args_info, spec: TargetSpec, builder, runner) -> Optional[list]:
+def _measure(sch_mod, args_info, spec: Target, builder, runner) -> Optional[list]:
     from tvm.s_tir import meta_schedule as ms
     built = builder.build([ms.builder.BuilderInput(sch_mod, spec.tvm_target())])[0]
     if built.error_msg:
@@ -359,7 +362,8 @@ def _measure(sch_mod, args_info, spec: TargetSpec, builder, runner) -> Optional[
 def _has_reduction(func) -> bool:
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import get_root_block
-    from .cpu_schedule import is_reduction_block
+
+    from .cpu_schedule import is_reduction_block  # (imports the TVM compiler: see the module docstring)
     sch = s_tir.Schedule(func)
     return any(is_reduction_block(sch, b) for b in sch.get_child_blocks(get_root_block(sch)))
 
@@ -372,10 +376,9 @@ def _static_args(func):
         return None
 
 
-def extract_tasks(graphs: dict, spec: TargetSpec, ops: str = "reduce") -> tuple:
+def extract_tasks(graphs: dict, spec: Target, ops: str = "reduce") -> tuple:
     """([(ExtractedTask, args_info)], {reason: count}) for the kernels tune() would search."""
     from tvm.s_tir import meta_schedule as ms
-    from .build import fused_module
     if ops not in OPS:
         raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
     tasks, skipped = [], {}
@@ -392,11 +395,10 @@ def extract_tasks(graphs: dict, spec: TargetSpec, ops: str = "reduce") -> tuple:
     return tasks, skipped
 
 
-def _default_schedule(func, spec: TargetSpec):
-    from .build import schedule_rules
+def _default_schedule(func, spec: Target):
     target = spec.tvm_target()
     with target:
-        for rule in schedule_rules(spec):
+        for rule in spec.schedule_rules():
             try:
                 sch = rule.apply(func, target, False)
             except Exception:  # noqa: BLE001 -- DLight's own driver treats a failing rule as not applying
