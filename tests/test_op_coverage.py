@@ -58,7 +58,7 @@ def test_a_new_op_is_missing_everywhere_until_each_layer_gets_an_entry():
 
 
 def test_unknown_targets_are_refused():
-    with pytest.raises(ValueError, match=r"unknown target\(s\) nope; registered: cpu, "):
+    with pytest.raises(ValueError, match=r"unknown target\(s\) nope; registered: .*cpu, "):
         op_coverage(["nope"])
 
 
