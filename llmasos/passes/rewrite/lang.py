@@ -379,7 +379,7 @@ def count_users(g, v) -> int:
     """Uses of ``v``: node operands referring to it plus graph outputs."""
     if g is None:
         raise RuleError("users(v) needs the graph (bindings have no '$graph'; use first_match(rule, v, graph))")
-    return sum(1 for n in g.nodes for i in n.inputs if i is v) + sum(1 for o in g.outputs if o is v)
+    return sum(1 for u in v.uses if u.node.graph is g) + sum(1 for o in g.outputs if o is v)
 
 
 def _attr_names(p) -> set:
