@@ -244,10 +244,13 @@ class NodeList(list):
 
     def _settle(self, gone: list, came: list) -> None:
         g = self._graph
-        if gone:
-            present = set(self) if len(gone) > 1 or came else None
+        if len(gone) == 1 and not came:
+            if not list.__contains__(self, gone[0]):  # still there: the node was listed twice
+                g._detach(gone[0])
+        elif gone:
+            present = set(self)
             for n in gone:
-                if (n not in present) if present is not None else not any(x is n for x in self):
+                if n not in present:
                     g._detach(n)
         for n in came:
             g._attach(n)
@@ -585,7 +588,9 @@ class Graph:
         for n in doomed:
             self._refuse_used(n, gone)
         if doomed:
-            self.nodes = [n for n in self._nodes if n not in gone]
+            for n in doomed:
+                self._detach(n)
+            list.__setitem__(self._nodes, slice(None), [n for n in self._nodes if n not in gone])
 
     def dead_nodes(self) -> list:
         """Nodes none of whose results reaches a graph output, in program order."""
