@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from llmasos.ir import Graph
-from llmasos.passes import Pass, register_pass
+from llmasos.passes import Pass, PassContext, register_pass
 from llmasos.passes.rewrite import apply_rules, load_rules
 
 RULES = load_rules(Path(__file__).with_name("my_rules.rw"))
@@ -21,7 +21,7 @@ class StrengthReduce(Pass):
     rtol: ClassVar[float] = 1e-6
     atol: ClassVar[float] = 1e-7
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext) -> Graph:
         stats: dict = {}
         out = apply_rules(graph, RULES, max_rewrites=self.max_rewrites, stats=stats)
         return out if stats else graph  # unchanged: return the input itself

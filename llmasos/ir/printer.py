@@ -10,13 +10,15 @@ from __future__ import annotations
 import functools
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sympy
 
-from .graph import Graph, Node, Value
 from .types import DType, TensorType, dim_str
+
+if TYPE_CHECKING:  # annotations only: graph.py imports this module (Graph.__str__ prints)
+    from .graph import Graph, Node, Value
 
 INDENT = "  "
 

@@ -20,6 +20,9 @@ tests and tools can match on:
   result-type           a declared result type differs from the inferred one
   no-outputs            the graph has no outputs
   output-undefined      a graph output is not a value defined in the graph
+  use-list              a value's use-list disagrees with the operands of the graph's nodes (a node in the
+                        list that is not attached to the graph, an operand not listed, a listed use that is
+                        not an operand of a node of this graph); checked last, in one pass over the operands
 """
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ from typing import Optional
 
 import numpy as np
 
-from .graph import Graph, Node, Value, type_of_data
+from .graph import Graph, Node, Use, Value, type_of_data
 from .ops import REQUIRED, OpError, _normalize_attr, get_op
 from .types import TensorType, dim_symbols
 
 RULES = ("bad-symbol-bounds", "undeclared-symbol", "duplicate-definition", "param-data", "producer-link",
          "undefined-value", "unknown-op", "arity", "attr-unknown", "attr-missing", "attr-kind", "operand-type",
-         "result-count", "result-type", "no-outputs", "output-undefined")
+         "result-count", "result-type", "no-outputs", "output-undefined", "use-list")
 
 
 class VerificationError(ValueError):
@@ -66,9 +69,9 @@ class _Checker:
         self.g = graph
         self.stop_early = stop_early
         self.problems: list[VerificationError] = []
-        self.defined: set[int] = set()  # id() of defined Values: the interpreter keys values by identity
+        self.defined: dict[Value, None] = {}  # in definition order; Values hash by identity, as the interpreter keys them
         self.names: dict[str, str] = {}  # value name -> where it was defined
-        self.later: dict[int, Node] = {}  # id() of every node result -> its node, to tell "later" from "never"
+        self.later: dict[Value, Node] = {}  # every node result -> its node, to tell "later" from "never"
 
     def report(self, rule: str, node: Optional[Node], message: str, where: Optional[str] = None) -> None:
         self.problems.append(VerificationError(rule, node, message, where))
@@ -86,10 +89,12 @@ class _Checker:
                 self.check_param(name, v)
             for n in self.g.nodes:
                 for o in n.outputs:
-                    self.later.setdefault(id(o), n)
+                    if isinstance(o, Value):
+                        self.later.setdefault(o, n)
             for n in self.g.nodes:
                 self.check_node(n)
             self.check_outputs()
+            self.check_uses()
         except _Stop:
             pass
         return self.problems
@@ -121,13 +126,13 @@ class _Checker:
             self.report("undefined-value", node, f"{what} is not a Value: {v!r}", where)
             return
         head = f"{what}: " if node is not None else ""  # graph-level subjects already name the value
-        if id(v) in self.defined:
+        if v in self.defined:
             self.report("duplicate-definition", node, f"{head}this Value is already defined as "
                         f"{self.names.get(v.name, '?')}", where)
         elif v.name in self.names:
             self.report("duplicate-definition", node, f"{head}value name %{v.name} is already defined as "
                         f"{self.names[v.name]}", where)
-        self.defined.add(id(v))
+        self.defined[v] = None
         self.names.setdefault(v.name, what + (f" of {node.describe()}" if node is not None else ""))
         if isinstance(v.type, TensorType):
             self.check_type_symbols(v.type, node, f"%{v.name}", where)
@@ -172,7 +177,7 @@ class _Checker:
         for i, v in enumerate(n.inputs):
             if not isinstance(v, Value):
                 self.report("undefined-value", n, f"operand {i} is not a Value: {v!r}")
-            elif id(v) not in self.defined:
+            elif v not in self.defined:
                 self.report("undefined-value", n, self._undefined_why(v, i))
         self.check_op(n)
         for o in n.outputs:
@@ -180,7 +185,7 @@ class _Checker:
 
     def _undefined_why(self, v: Value, i: int) -> str:
         head = f"operand {i} %{v.name}"
-        later = self.later.get(id(v))
+        later = self.later.get(v)
         if later is not None:
             return f"{head} is used before its definition by {later.describe()} (SSA values must dominate uses)"
         if v.name in self.names:
@@ -254,10 +259,39 @@ class _Checker:
         if not self.g.outputs:
             self.report("no-outputs", None, "the graph has no outputs", f"graph '{self.g.name}'")
         for i, v in enumerate(self.g.outputs):
-            if not isinstance(v, Value) or id(v) not in self.defined:
+            if not isinstance(v, Value) or v not in self.defined:
                 name = f"%{v.name}" if isinstance(v, Value) else repr(v)
                 self.report("output-undefined", None, f"output {i} {name} is not defined in the graph "
                             f"(not an input, a parameter or a node result of this graph)", f"graph '{self.g.name}'")
+
+
+    # -- use-lists ---------------------------------------------------------------------------------
+    def check_uses(self) -> None:
+        """Each operand slot of each node is in its value's use-list, and each use listed by a value of this
+        graph is such a slot: O(operands)."""
+        g = self.g
+        for n in g.nodes:
+            if not isinstance(n, Node):
+                continue
+            if n.graph is not g:
+                where = "no graph" if n.graph is None else f"graph @{n.graph.name}"
+                self.report("use-list", n, f"the node is in this graph's node list but attached to {where}, so "
+                            f"its operands do not list it as a user")
+                continue
+            for i, v in enumerate(n.inputs):
+                if isinstance(v, Value) and Use(n, i) not in v._uses:
+                    self.report("use-list", n, f"operand {i} %{v.name} does not list this node as a user "
+                                f"(a stale use-list)")
+        for v in self.defined:
+            for u in v._uses:
+                node = u.node
+                if node.graph is not g:
+                    where = "is in no graph" if node.graph is None else f"is in graph @{node.graph.name}"
+                    self.report("use-list", node, f"%{v.name} (of graph @{g.name}) lists this node, which {where}, "
+                                f"as a user (operand {u.index})")
+                elif u.index >= len(node.inputs) or node.inputs[u.index] is not v:
+                    self.report("use-list", node, f"%{v.name} lists operand {u.index} of this node as a use, but the "
+                                f"node does not read it there (a stale use-list)")
 
 
 def _show_attrs(attrs: dict) -> str:

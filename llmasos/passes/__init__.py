@@ -3,8 +3,8 @@
     from llmasos.passes import PassManager
     g2 = PassManager("dce,cse", verify_each=True, numeric_check=inputs).run(g)
 """
-from .base import (Pass, PassError, PassNotApplicable, PassRegistryError, UnknownPassError, all_passes, get_pass,
-                   pass_source, register_pass)
+from .base import (NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, PassRegistryError, UnknownPassError,
+                   all_passes, get_pass, pass_source, register_pass)
 from .pipeline import PipelineError, format_pipeline, parse_pipeline
 from .manager import NumericDriftError, NumericTieWarning, PassManager, PassRecord, PassVerificationError
 
@@ -14,6 +14,6 @@ def run_pipeline(graph, passes, **instruments):
     return PassManager(passes, **instruments).run(graph)
 
 
-__all__ = ["Pass", "PassError", "PassNotApplicable", "PassRegistryError", "UnknownPassError", "all_passes", "get_pass", "pass_source",
+__all__ = ["NO_CONTEXT", "Pass", "PassContext", "PassError", "PassNotApplicable", "PassRegistryError", "UnknownPassError", "all_passes", "get_pass", "pass_source",
            "register_pass", "PipelineError", "format_pipeline", "parse_pipeline", "NumericDriftError", "NumericTieWarning",
            "PassManager", "PassRecord", "PassVerificationError", "run_pipeline"]

@@ -6,11 +6,16 @@ A pass is a small frozen dataclass whose fields are its options, registered unde
     @dataclass(frozen=True)
     class DeadCodeElimination(Pass):
         exact: ClassVar[bool] = True
-        def run(self, graph: Graph) -> Graph: ...
+        def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph: ...
 
 ``run`` is pure: it never mutates its input (work on ``graph.clone()``) and returns the input graph
 object itself when it changed nothing. An exact pass preserves numerics (the numeric check allows
 1e-6 relative); an inexact one sets ``exact = False`` and declares ``rtol``/``atol``.
+
+``ctx`` is the explicit ``PassContext`` of the pipeline run (``PassManager(..., calibration=, target=)``):
+calibration data for data-driven passes, the target name as a hint. Options say what a pass does, the
+context what the run knows. A pass whose ``run`` takes the graph only (older plugins) is still called
+that way (``Pass.apply``).
 
 Passes from other packages register through the ``llmasos.passes`` entry-point group; each entry point
 names a Pass subclass (registered under the entry point's name) or a module (imported, so that its
@@ -21,12 +26,15 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import functools
 import importlib
+import inspect
 import re
 import typing
 from typing import Any, ClassVar, Optional
 
 from ..ir import Graph, Node
+from .calibration import Calibration
 
 PLUGIN_GROUP = "llmasos.passes"
 EXACT_RTOL = 1e-6
@@ -72,6 +80,33 @@ class UnknownPassError(PassRegistryError, KeyError):
         return self.args[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What a pass may know besides the graph and its own options, handed to ``run(graph, ctx)``.
+
+    ``calibration``: a ``Calibration`` (a list of input batches is wrapped in one) for the data-driven
+    passes (GPTQ, AWQ, SmoothQuant, Wanda, SparseGPT, ASVD / SVD-LLM), None when the run has none.
+    ``target``: the name of the target the graph is being compiled for ("cpu", "cuda", ...) when the caller
+    knows it -- a hint (a pass must stay correct for every target)."""
+
+    calibration: Optional[Calibration] = None
+    target: Optional[str] = None
+
+    def __post_init__(self):
+        if self.calibration is not None and not isinstance(self.calibration, Calibration):
+            object.__setattr__(self, "calibration", Calibration(self.calibration))
+
+    def require_calibration(self, pass_) -> Calibration:
+        """The calibration data, or a PassError naming the pass that needs it."""
+        if self.calibration is None:
+            raise PassError(str(pass_), "needs calibration data: PassManager(..., calibration=Calibration(batches)) "
+                                        "or llmasos.compile(..., calibration=batches)")
+        return self.calibration
+
+
+NO_CONTEXT = PassContext()
+
+
 class Pass:
     """Base of every pass. Subclasses are frozen dataclasses; ``name`` is set by ``register_pass``."""
 
@@ -80,11 +115,16 @@ class Pass:
     rtol: ClassVar[float] = 0.0  # for inexact passes; exact ones are held to EXACT_RTOL
     atol: ClassVar[float] = 0.0
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         raise NotImplementedError(f"pass {type(self).__name__} does not implement run()")
 
-    def __call__(self, graph: Graph) -> Graph:
-        return self.run(graph)
+    def apply(self, graph: Graph, ctx: Optional[PassContext] = None) -> Graph:
+        """``run(graph, ctx)``, or ``run(graph)`` for a pass written without the context parameter."""
+        ctx = NO_CONTEXT if ctx is None else ctx
+        return self.run(graph, ctx) if _takes_context(type(self)) else self.run(graph)
+
+    def __call__(self, graph: Graph, ctx: Optional[PassContext] = None) -> Graph:
+        return self.apply(graph, ctx)
 
     def __post_init__(self):
         # Fields are options; a pass built in Python gets the same type checks as one from a pipeline.
@@ -112,6 +152,13 @@ class Pass:
             if f.default is dataclasses.MISSING or v != f.default:
                 opts.append(f"{f.name}={_format_value(v)}")
         return self.pass_name + (f"{{{','.join(opts)}}}" if opts else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_context(cls: type) -> bool:
+    params = list(inspect.signature(cls.run).parameters.values())[1:]  # after self
+    return any(p.kind is p.VAR_POSITIONAL for p in params) or \
+        sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
 
 
 def _format_value(v: Any) -> str:

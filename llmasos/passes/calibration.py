@@ -4,8 +4,8 @@
     g2 = PassManager("quantize{bits=4,method=gptq}", calibration=calib).run(g)
     cm = llmasos.compile(model, ..., passes="prune{method=wanda}", calibration=calib)
 
-A pass asks for it with ``require_calibration(self)`` and for per-GEMM input statistics with
-``calib.gemm_stats(graph)``: the graph (as the pass received it -- after earlier passes of the pipeline)
+A pass gets it from its explicit context -- ``ctx.require_calibration(self)`` in ``run(graph, ctx)``
+(``PassContext``, llmasos/passes/base.py) -- and per-GEMM input statistics with ``calib.gemm_stats(graph)``: the graph (as the pass received it -- after earlier passes of the pipeline)
 runs on the reference interpreter over every batch, and each GEMM-like node's input rows are accumulated
 into ``GemmStats`` (X^T X for the second-order methods, per-channel |x| mean/max and mean square for the
 activation-aware ones). Results are cached per graph, so several passes over one graph run it once.
@@ -15,8 +15,6 @@ vocabulary) is a ``CalibrationError`` raised before any pass does work.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import sys
 import time
 from dataclasses import dataclass, field
@@ -120,22 +118,22 @@ class Calibration:
         """Input statistics of every GEMM-like node of ``graph`` (or of ``nodes``), keyed by the name of the
         node's first result."""
         want = [n for n in (graph.nodes if nodes is None else nodes) if n.op in GEMM_OPS]
-        key = (id(graph), tuple(n.outputs[0].name for n in want))
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is graph:
-            return hit[1]
+        names = {n: n.outputs[0].name for n in want}  # nodes hash by identity
+        key = tuple(names.values())
+        hit = self._cache.get("last")
+        if hit is not None and hit[0] is graph and hit[1] == key:
+            return hit[2]
         self.check(graph)
-        stats = {n.outputs[0].name: GemmStats() for n in want}
-        ids = {id(n): n.outputs[0].name for n in want}
+        stats = {name: GemmStats() for name in key}
 
         def observe(node, args, _results):
-            name = ids.get(id(node))
+            name = names.get(node)
             if name is not None:
                 stats[name].add(args[GEMM_OPS[node.op][0]])
 
         for i in self._progress(range(len(self.batches)), f"calibrating {graph.name}"):
             run(graph, list(self.batches[i]), observe=observe)
-        self._cache = {key: (graph, stats)}  # one graph at a time: stats are large (K x K per GEMM)
+        self._cache = {"last": (graph, key, stats)}  # one graph at a time: stats are large (K x K per GEMM)
         return stats
 
     def _progress(self, it, what: str) -> Iterator:
@@ -164,30 +162,3 @@ def _vocab(graph: Graph, v: Value) -> Optional[int]:
             d = n.inputs[0].type.shape[0]
             return d if isinstance(d, int) else None
     return None
-
-
-_CURRENT: contextvars.ContextVar[Optional[Calibration]] = contextvars.ContextVar("llmasos_calibration", default=None)
-
-
-def current_calibration() -> Optional[Calibration]:
-    return _CURRENT.get()
-
-
-@contextlib.contextmanager
-def use_calibration(calib: Optional[Calibration]):
-    """Make ``calib`` what data-driven passes see (PassManager(calibration=...) does this around run)."""
-    token = _CURRENT.set(calib)
-    try:
-        yield calib
-    finally:
-        _CURRENT.reset(token)
-
-
-def require_calibration(pass_) -> Calibration:
-    """The current calibration data, or a PassError naming the pass that needs it."""
-    from .base import PassError
-    calib = _CURRENT.get()
-    if calib is None:
-        raise PassError(str(pass_), "needs calibration data: PassManager(..., calibration=Calibration(batches)) "
-                                    "or llmasos.compile(..., calibration=batches)")
-    return calib

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..ir import Graph, Node
 from ..ir.graph import attrs_equal
-from .base import Pass, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, register_pass
 
 
 def attrs_identical(a: dict, b: dict) -> bool:
@@ -37,24 +37,19 @@ class CommonSubexpressionElimination(Pass):
 
     exact: ClassVar[bool] = True
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         g = graph.clone()
-        replace: dict[int, Any] = {}  # id(duplicate's result) -> the kept node's result
         seen: dict[tuple, list[Node]] = {}
-        kept: list[Node] = []
-        for node in g.nodes:
-            node.inputs = [replace.get(id(v), v) for v in node.inputs]
-            key = (node.op, tuple(id(v) for v in node.inputs), tuple(str(o.type) for o in node.outputs),
-                   tuple(sorted(node.attrs)))
+        twins = []  # the duplicates; in program order, a node's operands already read the kept nodes when keyed
+        for node in list(g.nodes):
+            key = (node.op, tuple(node.inputs), tuple(str(o.type) for o in node.outputs), tuple(sorted(node.attrs)))
             twin = next((n for n in seen.get(key, ()) if attrs_identical(n.attrs, node.attrs)), None)
             if twin is None:
                 seen.setdefault(key, []).append(node)
-                kept.append(node)
             else:
-                for o, t in zip(node.outputs, twin.outputs):
-                    replace[id(o)] = t
-        if not replace:
+                g.replace_uses(dict(zip(node.outputs, twin.outputs)))  # later nodes now read the twin
+                twins.append(node)
+        if not twins:
             return graph
-        g.nodes = kept
-        g.outputs = [replace.get(id(v), v) for v in g.outputs]
+        g.erase_nodes(twins)
         return g

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ir import Graph
-from .base import Pass, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, register_pass
 
 
 @register_pass("dce")
@@ -15,20 +15,16 @@ class DeadCodeElimination(Pass):
 
     exact: ClassVar[bool] = True
 
-    def run(self, graph: Graph) -> Graph:
-        live: set[int] = {id(v) for v in graph.outputs}
-        keep = [False] * len(graph.nodes)
-        for i in range(len(graph.nodes) - 1, -1, -1):  # reverse program order: users before producers
-            node = graph.nodes[i]
-            if any(id(o) in live for o in node.outputs):
-                keep[i] = True
-                live.update(id(v) for v in node.inputs)
-        dead_params = [name for name, v in graph.params.items() if id(v) not in live]
-        if all(keep) and not dead_params:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
+        dead = set(graph.dead_nodes())
+        outs = set(graph.outputs)
+        dead_params = [name for name, v in graph.params.items()
+                       if v not in outs and all(u.node in dead for u in v.uses)]
+        if not dead and not dead_params:
             return graph
-        g = graph.clone()
-        g.nodes = [n for n, k in zip(g.nodes, keep) if k]
+        m: dict = {}
+        g = graph.clone(mapping=m)
+        g.erase_nodes(m[n] for n in graph.nodes if n in dead)
         for name in dead_params:
-            del g.params[name]
-            g.param_data.pop(name, None)
+            g.remove_param(name)
         return g

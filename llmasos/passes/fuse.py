@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ir import Graph
-from .base import Pass, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, register_pass
 from .dce import DeadCodeElimination
 from .fuse_elementwise import FuseElementwise
 from .merge_linears import MergeLinears
@@ -72,7 +72,7 @@ class Fuse(Pass):
               (self.norm, FuseNorm()), (self.elementwise, FuseElementwise())]
         return [p for keep, p in on if keep] + [DeadCodeElimination()]
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         for p in self.parts():
-            graph = p.run(graph)
+            graph = p.apply(graph, ctx)
         return graph

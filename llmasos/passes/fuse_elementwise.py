@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from ..ir import Graph
 from ..ir.opset.fused import ELEMENTWISE, format_expr
-from .base import Pass, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, register_pass
 
 
 @register_pass("fuse-elementwise")
@@ -24,21 +24,20 @@ class FuseElementwise(Pass):
 
     exact: ClassVar[bool] = True
 
-    def run(self, graph: Graph) -> Graph:
-        users = graph.users()
-        outputs = set(map(id, graph.outputs))
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
+        outputs = set(graph.outputs)
 
         def joins(v) -> bool:
             n = v.producer
-            return (n is not None and n.op in ELEMENTWISE and len(n.outputs) == 1 and id(v) not in outputs
-                    and len(users.get(v, ())) == 1)
+            return (n is not None and n.op in ELEMENTWISE and len(n.outputs) == 1 and v not in outputs
+                    and len(v.uses) == 1)
 
         plans = []
         for node in graph.nodes:
             if node.op not in ELEMENTWISE or len(node.outputs) != 1:
                 continue
             out = node.outputs[0]
-            if joins(out) and users[out][0].op in ELEMENTWISE:
+            if joins(out) and out.uses[0].node.op in ELEMENTWISE:
                 continue  # not a root: its single user is elementwise and will take it in
             leaves: list = []
             members: list = []
@@ -59,22 +58,15 @@ class FuseElementwise(Pass):
                 plans.append((node, members, leaves, format_expr(expr)))
         if not plans:
             return graph
-        g = graph.clone()
-        by_name = {v.name: v for v in g.values()}
-        node_by_out = {n.outputs[0].name: n for n in g.nodes if len(n.outputs) == 1}
+        m: dict = {}
+        g = graph.clone(mapping=m)
         for root, members, leaves, expr in plans:
-            new_root = node_by_out[root.outputs[0].name]
-            start = len(g.nodes)
-            # a leaf may be the root of a group fused before this one: by_name has its fused value by now
-            fused = g.add_node("fused.elementwise", [by_name[v.name] for v in leaves], {"expr": expr},
-                               loc=root.loc, name=root.outputs[0].name + "_fused")
-            by_name[root.outputs[0].name] = fused
-            g.nodes.pop(start)
-            g.nodes[g.nodes.index(new_root)] = fused.producer
-            old = new_root.outputs[0]
-            for n in g.nodes:
-                n.inputs = [fused if v is old else v for v in n.inputs]
-            g.outputs = [fused if v is old else v for v in g.outputs]
-            gone = {m.outputs[0].name for m in members if m is not root}
-            g.nodes = [n for n in g.nodes if not (len(n.outputs) == 1 and n.outputs[0].name in gone)]
+            new_root = m[root]
+            # a leaf may be the root of a group fused before this one: m maps it to its fused value by now
+            with g.insert_before(new_root):
+                fused = g.add_node("fused.elementwise", [m[v] for v in leaves], {"expr": expr}, loc=root.loc,
+                                   name=root.outputs[0].name + "_fused")
+            m[root.outputs[0]] = fused
+            g.replace_all_uses_with(new_root.outputs[0], fused)
+            g.erase_nodes(m[n] for n in members)
         return g

@@ -2,7 +2,7 @@
 
     lowrank{method=svd|asvd|svdllm, ratio=0.2, energy=0.0, exclude="lm_head"}
 
-Every GEMM with a static rank-2 float parameter weight (quantize.gemm_targets) is factored W ~= A B
+Every GEMM with a static rank-2 float parameter weight (surgery.gemm_targets) is factored W ~= A B
 (A [N, r], B [r, K]; llmasos/compress/lowrank.py) and rewritten as two GEMMs, the original op (its
 activation / GLU epilogue and bias included) running on the rank-r intermediate:
 
@@ -26,8 +26,8 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from ..ir import Graph
-from .base import Pass, PassNotApplicable, register_pass
-from .quantize import _TARGETS, _drop_unused_params, _new_param, _replace, gemm_targets, weight_nk
+from .base import NO_CONTEXT, Pass, PassContext, PassNotApplicable, register_pass
+from .surgery import drop_unused_params, gemm_targets, new_param, replace_node, weight_layout, weight_nk
 
 log = logging.getLogger(__name__)
 # what the last run did: {"factored": {weight name: rank}, "skipped": {weight name: rank}}
@@ -67,7 +67,7 @@ class LowRank(Pass):
         if bad:  # a ValueError, so the pipeline parser points at the pass in the text
             raise ValueError(bad)
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         global last_report
         nodes = gemm_targets(graph, self.exclude)
         if not nodes:
@@ -75,8 +75,7 @@ class LowRank(Pass):
                                        f"exclude={self.exclude!r} to factor")
         stats = None
         if self.method != "svd":
-            from .calibration import require_calibration
-            stats = require_calibration(self).gemm_stats(graph, nodes)
+            stats = ctx.require_calibration(self).gemm_stats(graph, nodes)
         from ..compress import lowrank as lr
         plan, skipped = [], {}
         for node in nodes:
@@ -98,8 +97,8 @@ class LowRank(Pass):
             raise PassNotApplicable(str(self), f"no layer qualifies: factoring saves FLOPs only where r (N + K) < N K, "
                                        f"and none of the {len(nodes)} candidate GEMMs' ranks does ({shapes}"
                                        f"{', ...' if len(nodes) > 4 else ''})")
-        g = graph.clone()
-        by_name = {n.outputs[0].name: n for n in g.nodes}
+        m: dict = {}
+        g = graph.clone(mapping=m)
         dropped, factored = [], {}
         for orig, w, st, r in plan:
             if self.method == "svd":
@@ -108,12 +107,12 @@ class LowRank(Pass):
                 a, b = lr.asvd_factor(w, st.abs_mean, r)
             else:
                 a, b = lr.svdllm_factor(w, st.xtx, r)
-            node = by_name[orig.outputs[0].name]
+            node = m[orig]
             wname = node.inputs[1].name
             self._emit(g, node, a, b)
             dropped.append(wname)
             factored[wname] = r
-        _drop_unused_params(g, dropped)
+        drop_unused_params(g, dropped)
         last_report = {"factored": factored, "skipped": skipped}
         log.info("%s: factored %d GEMM(s), skipped %d where the rank saves no FLOPs", self, len(factored),
                  len(skipped))
@@ -123,12 +122,12 @@ class LowRank(Pass):
     def _emit(g: Graph, node, a: np.ndarray, b: np.ndarray) -> None:
         old = node.inputs[1]
         dt = old.type.dtype.numpy
-        kn = _TARGETS[node.op] == "kn"
+        kn = weight_layout(node) == "kn"
 
         def build(g):
             x = node.inputs[0]
-            bp = _new_param(g, f"{old.name}.lr_b", np.ascontiguousarray(b.T if kn else b).astype(dt))
-            ap = _new_param(g, f"{old.name}.lr_a", np.ascontiguousarray(a.T if kn else a).astype(dt))
+            bp = new_param(g, f"{old.name}.lr_b", np.ascontiguousarray(b.T if kn else b).astype(dt))
+            ap = new_param(g, f"{old.name}.lr_a", np.ascontiguousarray(a.T if kn else a).astype(dt))
             y = g.add_node("matmul" if kn else "linear", [x, bp], loc=node.loc)
             return g.add_node(node.op, [y, ap, *node.inputs[2:]], dict(node.attrs), loc=node.loc)
-        _replace(g, node, build)
+        replace_node(g, node, build)

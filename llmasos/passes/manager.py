@@ -1,6 +1,10 @@
 """The pass manager: runs a pipeline over a graph, with instruments.
 
     PassManager("dce,cse", print_after_all=True, timing=True, numeric_check=inputs).run(graph)
+    PassManager("quantize{method=gptq}", calibration=batches, target="cuda").run(graph)
+
+Every pass gets the run's ``PassContext`` (``calibration``, ``target``; or ``context=PassContext(...)``)
+as ``run(graph, ctx)``.
 
 - ``print_after_all``: ``// ----- IR after <pass> -----`` and the IR, after every pass.
 - ``timing``: a table of seconds per pass (and per instrument) once the pipeline is done.
@@ -29,7 +33,7 @@ import numpy as np
 from ..ir import Graph, graph_diff, print_graph
 from ..ir.interpreter import run as interpret
 from ..ir.verifier import VerificationError, verify
-from .base import Pass, PassError
+from .base import Pass, PassContext, PassError
 from .pipeline import PipelineSpec, parse_pipeline
 
 
@@ -69,12 +73,12 @@ NumericInputs = Union[Sequence[Any], Callable[..., Sequence[Any]]]
 class PassManager:
     def __init__(self, passes: PipelineSpec, print_after_all: bool = False, timing: bool = False,
                  verify_each: bool = True, numeric_check: Optional[NumericInputs] = None, out: TextIO = None,
-                 calibration=None):
-        from .calibration import Calibration
+                 calibration=None, *, target: Optional[str] = None, context: Optional[PassContext] = None):
         self.passes: list[Pass] = parse_pipeline(passes)
-        # data-driven passes read it through calibration.current_calibration() while run() runs
-        self.calibration = calibration if calibration is None or isinstance(calibration, Calibration) \
-            else Calibration(calibration)
+        if context is not None and (calibration is not None or target is not None):
+            raise TypeError("PassManager takes calibration=/target= or context=, not both")
+        # every pass receives it: run(graph, ctx)
+        self.context = context if context is not None else PassContext(calibration, target)
         self.print_after_all = print_after_all
         self.timing = timing
         self.verify_each = verify_each
@@ -83,14 +87,13 @@ class PassManager:
         self.records: list[PassRecord] = []
         self.instrument_seconds: dict[str, float] = {}
 
+    @property
+    def calibration(self):
+        return self.context.calibration
+
     def run(self, graph: Graph) -> Graph:
-        from .calibration import use_calibration
         if self.calibration is not None:
             self.calibration.check(graph)  # bad calibration data fails before any pass runs
-        with use_calibration(self.calibration):
-            return self._run(graph)
-
-    def _run(self, graph: Graph) -> Graph:
         self.records = []
         self.instrument_seconds = {"verify": 0.0, "numeric check": 0.0}
         if self.verify_each:
@@ -110,7 +113,7 @@ class PassManager:
             snapshot = _fingerprint(graph) if self.verify_each else None
             t0 = time.perf_counter()
             try:
-                result = p.run(graph)
+                result = p.apply(graph, self.context)
             except PassError:
                 raise
             except Exception as e:  # a crash inside a pass still says which pass

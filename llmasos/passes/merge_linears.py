@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ir import Graph
-from .base import Pass, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, register_pass
+from .surgery import is_param
 
 # op -> weight axis that holds the output features (linear: W [out, in]; matmul: W [in, out])
 _OUT_AXIS = {"linear": 0, "matmul": 1}
@@ -31,20 +32,16 @@ class MergeLinears(Pass):
     rtol: ClassVar[float] = 1e-5
     atol: ClassVar[float] = 1e-6
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         groups = _groups(graph)
         groups = [g for g in groups if len(g) >= max(self.min_group, 2)]
         if not groups:
             return graph
-        g = graph.clone()
-        by_name = {n.outputs[0].name: n for n in g.nodes if len(n.outputs) == 1}
+        m: dict = {}
+        g = graph.clone(mapping=m)
         for group in groups:
-            _merge(g, [by_name[n.outputs[0].name] for n in group])
+            _merge(g, [m[n] for n in group])
         return g
-
-
-def _is_param(graph: Graph, v) -> bool:
-    return v.producer is None and graph.params.get(v.name) is v
 
 
 def _groups(graph: Graph) -> list:
@@ -54,39 +51,32 @@ def _groups(graph: Graph) -> list:
         if n.op not in _OUT_AXIS or len(n.outputs) != 1:
             continue
         w = n.inputs[1]
-        if not _is_param(graph, w) or w.type.rank != 2 or not w.type.is_static:
+        if not is_param(graph, w) or w.type.rank != 2 or not w.type.is_static:
             continue
         if n.op == "matmul" and len(n.inputs) != 2:
             continue
         bias = n.inputs[2] if len(n.inputs) > 2 else None
-        if bias is not None and not _is_param(graph, bias):
+        if bias is not None and not is_param(graph, bias):
             continue
-        key = (n.op, id(n.inputs[0]), w.type.dtype, bias is not None)
+        key = (n.op, n.inputs[0], w.type.dtype, bias is not None)
         found.setdefault(key, []).append(n)
     return list(found.values())
 
 
 def _merge(g: Graph, nodes: list) -> None:
+    """One GEMM + split where ``nodes`` (program order) were; their users read the split's pieces."""
     op = nodes[0].op
     axis = _OUT_AXIS[op]
     x = nodes[0].inputs[0]
     sizes = [n.inputs[1].type.shape[axis] for n in nodes]
     loc = nodes[0].loc
-    start = len(g.nodes)
-    w = g.add_node("concat", [n.inputs[1] for n in nodes], {"axis": axis}, loc=loc, name="merged_weight")
-    ins = [x, w]
-    if len(nodes[0].inputs) > 2:
-        ins.append(g.add_node("concat", [n.inputs[2] for n in nodes], {"axis": 0}, loc=loc, name="merged_bias"))
-    y = g.add_node(op, ins, loc=loc, name="merged")
-    parts = g.add_node("split", [y], {"axis": -1, "sizes": sizes}, loc=loc)
+    with g.insert_before(nodes[0]):  # x and the parameters are defined before the first of them
+        w = g.add_node("concat", [n.inputs[1] for n in nodes], {"axis": axis}, loc=loc, name="merged_weight")
+        ins = [x, w]
+        if len(nodes[0].inputs) > 2:
+            ins.append(g.add_node("concat", [n.inputs[2] for n in nodes], {"axis": 0}, loc=loc, name="merged_bias"))
+        y = g.add_node(op, ins, loc=loc, name="merged")
+        parts = g.add_node("split", [y], {"axis": -1, "sizes": sizes}, loc=loc)
     parts = parts if isinstance(parts, tuple) else (parts,)
-    old = {n.outputs[0]: p for n, p in zip(nodes, parts)}
-    gone = set(map(id, nodes))
-    added = g.nodes[start:]
-    del g.nodes[start:]
-    first = min(g.nodes.index(n) for n in nodes)
-    g.nodes[first:first] = added
-    for n in g.nodes:
-        n.inputs = [old.get(v, v) for v in n.inputs]
-    g.outputs = [old.get(v, v) for v in g.outputs]
-    g.nodes = [n for n in g.nodes if id(n) not in gone]
+    for n, p in zip(nodes, parts):
+        g.replace_node(n, p)

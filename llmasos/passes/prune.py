@@ -5,12 +5,12 @@ channel pruning that shrinks tensor shapes).
     prune-channels{ratio=0.25, exclude=""}
 
 ``prune`` rewrites the weight of every GEMM with a static rank-2 float parameter weight (linear, matmul
-[K, N], fused.linear_act / matmul_act / linear_glu -- quantize.gemm_targets) to a pruned copy under a new
+[K, N], fused.linear_act / matmul_act / linear_glu -- surgery.gemm_targets) to a pruned copy under a new
 parameter name (``<weight>.pruned``): shapes are unchanged, the input graph's arrays are never written, and
 a weight shared with a non-GEMM use (a tied embedding) keeps its original data there. With n > 0 every
 group of m consecutive input weights keeps exactly n (2:4); otherwise ``sparsity`` is the fraction zeroed
 (per layer for magnitude and per block of columns for SparseGPT, per output row for Wanda). Wanda and
-SparseGPT read calibration statistics (require_calibration + gemm_stats). The numerics live in
+SparseGPT read calibration statistics (ctx.require_calibration + gemm_stats). The numerics live in
 llmasos/compress/prune.py.
 
 ``prune-channels`` finds Llama-style MLPs as imported -- ``down(act(gate(x)) * up(x))`` with three linears
@@ -32,16 +32,9 @@ import numpy as np
 
 from ..ir import Graph
 from ..ir.graph import param_array
-from ..ir.ops import get_op
-from .base import Pass, PassError, PassNotApplicable, register_pass
-from .quantize import _TARGETS, _drop_unused_params, _excluded, _new_param, gemm_targets, weight_nk
-
-
-def _store(g: Graph, node, w_nk: np.ndarray, suffix: str) -> None:
-    """Point ``node`` at a new parameter holding ``w_nk`` in the node's layout and the old dtype."""
-    old = node.inputs[1]
-    w = w_nk.T if _TARGETS[node.op] == "kn" else w_nk
-    node.inputs[1] = _new_param(g, f"{old.name}.{suffix}", np.ascontiguousarray(w).astype(old.type.dtype.numpy))
+from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
+from .surgery import (drop_unused_params, gemm_targets, in_features, is_param, node_excluded, set_weight_nk,
+                      swap_param, weight_nk)
 
 
 @register_pass("prune")
@@ -75,27 +68,26 @@ class Prune(Pass):
         if bad:  # a ValueError, so the pipeline parser points at the pass in the text
             raise ValueError(bad)
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         nodes = gemm_targets(graph, self.exclude)
         if not nodes:
             return graph
         if self.m:
             for node in nodes:
-                k = node.inputs[1].type.shape[1 if _TARGETS[node.op] == "nk" else 0]
+                k = in_features(node)
                 if k % self.m:
                     raise PassError(str(self), f"m={self.m} does not divide the weight's K={k} input features "
                                                f"(%{node.inputs[1].name}); exclude it or pick another m", node)
         stats = None
         if self.method != "magnitude":
-            from .calibration import require_calibration
-            stats = require_calibration(self).gemm_stats(graph, nodes)
+            stats = ctx.require_calibration(self).gemm_stats(graph, nodes)
         from ..compress import prune as cp
-        g = graph.clone()
-        by_name = {n.outputs[0].name: n for n in g.nodes}
+        m: dict = {}
+        g = graph.clone(mapping=m)
         dropped = []
         for orig in nodes:
             key = orig.outputs[0].name
-            node = by_name[key]
+            node = m[orig]
             w = weight_nk(g, node)
             if self.method == "magnitude":
                 keep = cp.nm_mask(w, self.n, self.m) if self.n else cp.magnitude_mask(w, self.sparsity)
@@ -105,9 +97,8 @@ class Prune(Pass):
                 w = np.where(keep, w, np.float32(0))
             else:
                 w, _ = cp.sparsegpt(w, stats[key].hessian, self.sparsity, self.n, self.m)
-            dropped.append(node.inputs[1].name)
-            _store(g, node, w, "pruned")
-        _drop_unused_params(g, dropped)
+            dropped.append(set_weight_nk(g, node, w, "pruned").name)
+        drop_unused_params(g, dropped)
         return g
 
 
@@ -124,15 +115,18 @@ class _Mlp:
 
 def _param_weight(g: Graph, node) -> bool:
     w = node.inputs[1]
-    return (g.params.get(w.name) is w and w.type.rank == 2 and w.type.is_static
-            and all(g.params.get(v.name) is v for v in node.inputs[2:]))
+    return (is_param(g, w) and w.type.rank == 2 and w.type.is_static
+            and all(is_param(g, v) for v in node.inputs[2:]))
+
+
+def _only_use(g: Graph, v, n) -> bool:
+    """``n`` reads ``v`` once, and nothing else does (graph outputs included)."""
+    return len(v.uses) == 1 and v.uses[0].node is n and not any(o is v for o in g.outputs)
 
 
 def find_mlps(g: Graph) -> list:
     """Unfused gate/up/down MLPs whose intermediate values are used only inside the MLP."""
-    users = g.users()
-    outs = set(g.outputs)
-    only = lambda v, n: users.get(v, []) == [n] and v not in outs  # noqa: E731
+    only = lambda v, n: _only_use(g, v, n)  # noqa: E731
     found = []
     for down in g.nodes:
         if down.op != "linear" or not _param_weight(g, down):
@@ -179,7 +173,7 @@ class PruneChannels(Pass):
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio={self.ratio} must be in [0, 1)")
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         mlps = find_mlps(graph)
         if not mlps:
             fused = [n for n in graph.nodes if n.op == "fused.linear_glu"]
@@ -190,22 +184,19 @@ class PruneChannels(Pass):
                                        "weights) to prune")
 
         def skip(mlp):
-            return any(_excluded(n.inputs[1].name, self.exclude) or _excluded((n.loc or "").split(" (")[0],
-                                                                              self.exclude)
-                       for n in (mlp.gate, mlp.up, mlp.down))
+            return any(node_excluded(n, self.exclude) for n in (mlp.gate, mlp.up, mlp.down))
         mlps = [m for m in mlps if not skip(m)
                 and kept_channels(m.down.inputs[1].type.shape[1], self.ratio) < m.down.inputs[1].type.shape[1]]
         if not mlps:
             return graph
-        from .calibration import current_calibration
-        calib = current_calibration()
+        calib = ctx.calibration  # optional: weight norms alone without it
         stats = calib.gemm_stats(graph, [m.down for m in mlps]) if calib is not None else None
         from ..compress.prune import channel_scores
-        g = graph.clone()
-        by_name = {n.outputs[0].name: n for n in g.nodes}
+        nmap: dict = {}
+        g = graph.clone(mapping=nmap)
         dropped = []
         for orig in mlps:
-            mlp = _Mlp(*(by_name[n.outputs[0].name] for n in (orig.gate, orig.act, orig.up, orig.mul, orig.down)))
+            mlp = _Mlp(*(nmap[n] for n in (orig.gate, orig.act, orig.up, orig.mul, orig.down)))
             arr = lambda v: param_array(g.param_data[v.name])  # noqa: E731
             wg, wu, wd = arr(mlp.gate.inputs[1]), arr(mlp.up.inputs[1]), arr(mlp.down.inputs[1])
             f = wd.shape[1]
@@ -215,17 +206,11 @@ class PruneChannels(Pass):
             idx = np.sort(np.argsort(-score, kind="stable")[:kept_channels(f, self.ratio)])
             for node, w, take in ((mlp.gate, wg, lambda a: a[idx]), (mlp.up, wu, lambda a: a[idx]),
                                   (mlp.down, wd, lambda a: a[:, idx])):
-                old = node.inputs[1]
-                dropped.append(old.name)
-                node.inputs[1] = _new_param(g, f"{old.name}.channels", np.ascontiguousarray(take(w)))
+                dropped.append(swap_param(g, node, 1, np.ascontiguousarray(take(w)), "channels").name)
                 if node is not mlp.down and len(node.inputs) > 2:
-                    b = node.inputs[2]
-                    dropped.append(b.name)
-                    node.inputs[2] = _new_param(g, f"{b.name}.channels",
-                                                np.ascontiguousarray(param_array(g.param_data[b.name])[idx]))
+                    b = param_array(g.param_data[node.inputs[2].name])
+                    dropped.append(swap_param(g, node, 2, np.ascontiguousarray(b[idx]), "channels").name)
             for node in (mlp.gate, mlp.up, mlp.act, mlp.mul):  # intermediate size F -> len(idx)
-                types = get_op(node.op).infer_types([v.type for v in node.inputs], node.attrs)
-                for o, t in zip(node.outputs, types):
-                    o.type = t
-        _drop_unused_params(g, dropped)
+                node.retype()
+        drop_unused_params(g, dropped)
         return g

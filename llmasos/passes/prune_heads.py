@@ -35,10 +35,9 @@ import sympy
 
 from ..ir import Graph
 from ..ir.graph import param_array
-from ..ir.ops import get_op
 from ..ir.types import as_dim, normalize_axis
-from .base import Pass, PassError, PassNotApplicable, register_pass
-from .quantize import _drop_unused_params, _excluded, _new_param
+from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
+from .surgery import drop_unused_params, is_param, node_excluded, swap_param
 
 # op -> weight layout: "nk" weight [out, in] (linear), "kn" weight [in, out] (matmul)
 _GEMMS = {"linear": "nk", "matmul": "kn"}
@@ -74,10 +73,6 @@ class _Block:
         return (self.out_proj.loc or self.sdpa.loc or self.sdpa.outputs[0].name).split(" (")[0]
 
 
-def _is_param(g: Graph, v) -> bool:
-    return g.params.get(v.name) is v
-
-
 def _numel(dims) -> sympy.Expr:
     n = sympy.Integer(1)
     for d in dims:
@@ -102,9 +97,9 @@ def _walk_back(g: Graph, v, pass_name: str):
     while stack:
         x = stack.pop()
         n = x.producer
-        if n is None or id(n) in seen:
+        if n is None or n in seen:
             continue
-        seen.add(id(n))
+        seen.add(n)
         if n.op in _FUSED_GEMMS or n.op.startswith("fused."):
             raise _fused_error(pass_name, n)
         if n.op.startswith("quant."):  # its codes / scales are laid out per output row group: not sliced here
@@ -112,7 +107,7 @@ def _walk_back(g: Graph, v, pass_name: str):
                                                "run before quantize in the pipeline", n)
         if n.op in _GEMMS:
             w = n.inputs[1]
-            if w.producer is not None and w.producer.op == "concat" and all(_is_param(g, i) for i in w.producer.inputs):
+            if w.producer is not None and w.producer.op == "concat" and all(is_param(g, i) for i in w.producer.inputs):
                 raise _fused_error(pass_name, n)
             gemms.append(n)
             continue
@@ -123,22 +118,20 @@ def _walk_back(g: Graph, v, pass_name: str):
 
 def _gemm_ok(g: Graph, n) -> bool:
     w = n.inputs[1]
-    return (_is_param(g, w) and w.type.rank == 2 and w.type.is_static and w.type.dtype.is_float
-            and all(_is_param(g, b) for b in n.inputs[2:]))
+    return (is_param(g, w) and w.type.rank == 2 and w.type.is_static and w.type.dtype.is_float
+            and all(is_param(g, b) for b in n.inputs[2:]))
 
 
 def find_blocks(g: Graph, pass_name: str = "prune-heads"):
     """(attention blocks found, reasons an sdpa was not one)."""
-    users = g.users()
     outs = set(g.outputs)
     blocks, reasons = [], []
     for sdpa in [n for n in g.nodes if n.op == "sdpa"]:
         where = sdpa.describe()
-        projections, visited = [], {}
+        projections, visited = [], set()
         for role, v in zip("qkv", sdpa.inputs[:3]):
             gemms, seen = _walk_back(g, v, pass_name)
-            for n in seen:
-                visited[id(n)] = n
+            visited.update(seen)
             if len(gemms) != 1 or not _gemm_ok(g, gemms[0]):
                 reasons.append(f"{where}: its {role} operand does not come from exactly one GEMM with a parameter "
                                f"weight (found {len(gemms)})")
@@ -150,10 +143,9 @@ def find_blocks(g: Graph, pass_name: str = "prune-heads"):
             chain, v = [], sdpa.outputs[0]
             out_proj = None
             while True:
-                us = users.get(v, [])
-                if v in outs or len(us) != 1:
+                if v in outs or len(v.uses) != 1:
                     break
-                u = us[0]
+                u = v.uses[0].node
                 if u.op in _GEMMS and u.inputs[0] is v and _gemm_ok(g, u):
                     out_proj = u
                     break
@@ -166,13 +158,12 @@ def find_blocks(g: Graph, pass_name: str = "prune-heads"):
                                f"permute / reshape only")
                 continue
             # the region: visited ancestors of q/k/v that depend on a projection, sdpa, the out chain
-            proj_outs = {id(p.outputs[0]) for p in projections}
+            proj_outs = {p.outputs[0] for p in projections}
             tainted: set = set()
             region = []
             for n in g.nodes:
-                if id(n) in visited and any(id(i) in proj_outs or id(i.producer) in tainted
-                                            for i in n.inputs):
-                    tainted.add(id(n))
+                if n in visited and any(i in proj_outs or i.producer in tainted for i in n.inputs):
+                    tainted.add(n)
                     region.append(n)
             region += [sdpa] + chain
             blocks.append(_Block(sdpa, projections, out_proj, region))
@@ -292,7 +283,7 @@ def _track(g: Graph, b: _Block, pass_name: str) -> None:
                 ax = na.axis - (r - v.type.rank)
                 if ax < 0 or v.type.shape[ax] == 1:
                     continue  # broadcast along the heads: the same for every head
-                if _is_param(g, v) and v.type.is_static and v.type.shape[ax] == na.segments * G * na.unit:
+                if is_param(g, v) and v.type.is_static and v.type.shape[ax] == na.segments * G * na.unit:
                     b.ext_params.append((n, i, ax, na))
                     continue
                 fail(n, f"operand %{v.name} varies along the heads axis and is not a parameter")
@@ -305,11 +296,11 @@ def _track(g: Graph, b: _Block, pass_name: str) -> None:
     if a is None or a.axis != x.type.rank - 1 or a.segments != 1:
         raise PassError(pass_name, "the output projection's input features are not the heads", b.out_proj)
     # a region value used outside the block would change shape under its other user
-    inside = {id(n) for n in b.region} | {id(b.out_proj)}
-    users = g.users()
+    inside = set(b.region) | {b.out_proj}
+    order = {n: i for i, n in enumerate(g.nodes)}
     for n in b.region + b.projections:
         for o in n.outputs:
-            other = [u for u in users.get(o, []) if id(u) not in inside]
+            other = sorted((u.node for u in o.uses if u.node not in inside), key=order.get)  # name the first
             if other or o in g.outputs:
                 what = other[0].describe() if other else "the graph outputs"
                 raise PassError(pass_name, f"%{o.name} of the attention block is also used by {what}", n)
@@ -345,34 +336,29 @@ class PruneHeads(Pass):
             _track(graph, b, str(self))
         return blocks
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         from ..compress.heads import channel_index, groups_to_keep, head_group_scores, kept_groups
 
         def skip(b):
-            return any(_excluded(n.inputs[1].name, self.exclude) or
-                       _excluded((n.loc or "").split(" (")[0], self.exclude)
-                       for n in b.projections + [b.out_proj])
+            return any(node_excluded(n, self.exclude) for n in b.projections + [b.out_proj])
         blocks = [b for b in self.plan(graph)
                   if not skip(b) and groups_to_keep(b.groups, self.ratio) < b.groups]
         if not blocks:
             return graph
-        from .calibration import current_calibration
-        calib = current_calibration()
+        calib = ctx.calibration  # optional: weight norms alone without it
         stats = calib.gemm_stats(graph, [b.out_proj for b in blocks]) if calib is not None else None
 
-        g = graph.clone()
-        by_name = {n.outputs[0].name: n for n in g.nodes}
+        nmap: dict = {}
+        g = graph.clone(mapping=nmap)
         arr = lambda v: param_array(g.param_data[v.name])  # noqa: E731
         dropped = []
 
-        def replace(node, i, data, suffix="heads"):
-            old = node.inputs[i]
-            dropped.append(old.name)
-            node.inputs[i] = _new_param(g, f"{old.name}.{suffix}", data)
+        def replace(node, i, data):
+            dropped.append(swap_param(g, node, i, data, "heads").name)
 
         for b in blocks:
             G = b.groups
-            o = by_name[b.out_proj.outputs[0].name]
+            o = nmap[b.out_proj]
             o_layout = _GEMMS[o.op]
             w_o = arr(o.inputs[1])
             w_o_nk = w_o if o_layout == "nk" else w_o.T
@@ -391,17 +377,17 @@ class PruneHeads(Pass):
             for p in b.projections:
                 a = b.ann[p.outputs[0]]
                 idx = channel_index(G, a.unit, a.segments, kept)
-                node = by_name[p.outputs[0].name]
+                node = nmap[p]
                 replace(node, 1, _slice(arr(node.inputs[1]), 0 if _GEMMS[node.op] == "nk" else 1, idx))
                 if len(node.inputs) > 2:
                     replace(node, 2, _slice(arr(node.inputs[2]), 0, idx))
             for n0, i, ax, a in b.ext_params:
-                node = by_name[n0.outputs[0].name]
+                node = nmap[n0]
                 replace(node, i, _slice(arr(node.inputs[i]), ax, channel_index(G, a.unit, a.segments, kept)))
             a = b.ann[b.out_proj.inputs[0]]
             replace(o, 1, _slice(w_o, 1 if o_layout == "nk" else 0, channel_index(G, a.unit, 1, kept)))
             for n0 in b.projections + b.region:  # graph order: each node sees its inputs' new types
-                node = by_name[n0.outputs[0].name]
+                node = nmap[n0]
                 for attr, (ax, na) in b.attrs.get(n0, {}).items():
                     if attr == "sizes":
                         node.attrs["sizes"] = [Gk * na.unit] * len(node.attrs["sizes"])
@@ -409,10 +395,8 @@ class PruneHeads(Pass):
                         shape = list(node.attrs["shape"])
                         shape[ax] = na.segments * Gk * na.unit
                         node.attrs["shape"] = [as_dim(s) for s in shape]
-                types = get_op(node.op).infer_types([v.type for v in node.inputs], node.attrs)
-                for out, t in zip(node.outputs, types):
-                    out.type = t
-        _drop_unused_params(g, dropped)
+                node.retype()
+        drop_unused_params(g, dropped)
         return g
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..ir import Graph
-from .base import Pass, PassError, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, PassError, register_pass
 from .rewrite import RewriteError, RuleError, RuleSet, load_rules, rewrite
 
 RULES_DIR = Path(__file__).parent / "rules"
@@ -70,7 +70,7 @@ class Rewrite(Pass):
     rtol: ClassVar[float] = 1e-5
     atol: ClassVar[float] = 1e-6
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         return apply_rule_set(self.pass_name, graph, self.rules, self.max_rewrites)
 
 
@@ -82,7 +82,7 @@ class ShippedRules(Pass):
 
     rules: ClassVar[str] = ""
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         return apply_rule_set(self.pass_name, graph, self.rules, self.max_rewrites)
 
 

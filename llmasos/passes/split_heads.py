@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..ir import Graph
-from .base import Pass, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, register_pass
 
 
 @register_pass("split-heads")
@@ -22,21 +22,18 @@ from .base import Pass, register_pass
 class SplitHeads(Pass):
     exact: ClassVar[bool] = True
 
-    def run(self, graph: Graph) -> Graph:
-        users = graph.users()
-        todo = [n for n in graph.nodes if n.op == "split" and _heads(graph, n, users) is not None]
-        if not todo:
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
+        if not any(n.op == "split" and _heads(graph, n) is not None for n in graph.nodes):
             return graph
         g = graph.clone()
-        users = g.users()
         for n in [m for m in g.nodes if m.op == "split"]:
-            heads = _heads(g, n, users)
+            heads = _heads(g, n)
             if heads is not None:
-                _rewrite(g, n, users, *heads)
+                _rewrite(g, n, *heads)
         return g
 
 
-def _heads(g: Graph, node, users):
+def _heads(g: Graph, node):
     """(lead dims, d) when the split is on the last axis and each result's one use is a reshape to
     [*lead, heads_i, d] with d dividing every piece."""
     x = node.inputs[0]
@@ -44,10 +41,9 @@ def _heads(g: Graph, node, users):
         return None
     lead = d = None
     for out in node.outputs:
-        us = users.get(out, [])
-        if len(us) != 1 or us[0].op != "reshape" or out in g.outputs:
+        if len(out.uses) != 1 or out.uses[0].node.op != "reshape" or out in g.outputs:
             return None
-        shape = tuple(us[0].outputs[0].type.shape)
+        shape = tuple(out.uses[0].node.outputs[0].type.shape)
         if len(shape) != x.type.rank + 1 or shape[:-2] != tuple(x.type.shape[:-1]):
             return None
         if lead is None:
@@ -59,23 +55,19 @@ def _heads(g: Graph, node, users):
     return lead, d
 
 
-def _rewrite(g: Graph, node, users, lead, d) -> None:
+def _rewrite(g: Graph, node, lead, d) -> None:
+    """One reshape of the split's input to heads, and a slice of it for each piece's reshape, where the split
+    was; the reshapes' users read the slices."""
     x = node.inputs[0]
-    start = len(g.nodes)
-    x4 = g.add_node("reshape", [x], {"shape": [*lead, x.type.shape[-1] // d, d]}, loc=node.loc,
-                    name=x.name + "_heads")
-    old, off = {}, 0
-    for out, size in zip(node.outputs, node.attrs["sizes"]):
-        reshape = users[out][0]
-        old[reshape.outputs[0]] = g.add_node("slice", [x4], {"axis": -2, "start": off // d,
-                                                            "end": (off + size) // d}, loc=reshape.loc)
-        off += size
-    added = g.nodes[start:]
-    del g.nodes[start:]
-    i = g.nodes.index(node)
-    g.nodes[i:i + 1] = added
-    gone = {id(users[o][0]) for o in node.outputs}
-    g.nodes = [n for n in g.nodes if id(n) not in gone]
-    for n in g.nodes:
-        n.inputs = [old.get(v, v) for v in n.inputs]
-    g.outputs = [old.get(v, v) for v in g.outputs]
+    reshapes = [out.uses[0].node for out in node.outputs]
+    slices, off = [], 0
+    with g.insert_before(node):
+        x4 = g.add_node("reshape", [x], {"shape": [*lead, x.type.shape[-1] // d, d]}, loc=node.loc,
+                        name=x.name + "_heads")
+        for reshape, size in zip(reshapes, node.attrs["sizes"]):
+            slices.append(g.add_node("slice", [x4], {"axis": -2, "start": off // d, "end": (off + size) // d},
+                                     loc=reshape.loc))
+            off += size
+    for reshape, sl in zip(reshapes, slices):
+        g.replace_node(reshape, sl)
+    g.erase(node)

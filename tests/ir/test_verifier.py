@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 
 from llmasos.ir import DType, Graph, Node, TensorType, Value, sym
+from llmasos.ir.graph import Use
 from llmasos.ir.verifier import RULES, VerificationError, verify
 from tests.graph_strategies import graphs
 
@@ -305,6 +306,32 @@ def test_producer_link():
     split.outputs[1].index = 0
     e = only_error(g)
     assert (e.rule, e.node) == ("producer-link", split)
+
+
+def test_use_list():
+    # the structures keep use-lists (tests/ir/test_mutation.py); a stale one needs private fields
+    g, v = block()
+    node = v["qkv"].producer
+    del v["h"]._uses[Use(node, 0)]
+    e = only_error(g)
+    assert (e.rule, e.node) == ("use-list", node)
+    assert str(e).endswith(f"rule 'use-list': operand 0 %{v['h'].name} does not list this node as a user "
+                           f"(a stale use-list)")
+
+    g, v = block()
+    y = v["y"].producer
+    v["x"]._uses[Use(y, 1)] = None  # y reads x as operand 0 only
+    e = only_error(g)
+    assert (e.rule, e.node) == ("use-list", y)
+    assert "%x lists operand 1 of this node as a use, but the node does not read it there" in str(e)
+
+    g, v = block()
+    node = v["qkv"].producer
+    node._graph = None
+    errs = verify(g, collect=True)
+    assert [(e.rule, e.node) for e in errs][:1] == [("use-list", node)]
+    assert "in this graph's node list but attached to no graph" in str(errs[0])
+    assert any(f"%{v['h'].name} (of graph @block) lists this node, which is in no graph" in str(e) for e in errs)
 
 
 def test_collect_returns_every_problem_in_graph_order():

@@ -337,7 +337,7 @@ def test_syntax_error_has_line_column_and_caret():
     assert (e.value.line, e.value.column) == (3, 20)
     assert str(e.value).startswith("bad.rw:3:20: unexpected '=>'")
     assert str(e.value).endswith("  rule bad: add(x, y => x\n" + " " * (2 + 19) + "^")
-    with pytest.raises(RuleSyntaxError, match=r"<rules>:1:18: unexpected end of input; expected a name or a number"):
+    with pytest.raises(RuleSyntaxError, match=r"<rules>:1:18: unexpected end of input; expected '\(' or a name or a number"):
         parse_rules("rule r: neg(x) =>")
     with pytest.raises(RuleSyntaxError, match=r"<rules>:1:1: unexpected 'rul'; expected 'rule'"):
         parse_rules("rul r: neg(x) => x")

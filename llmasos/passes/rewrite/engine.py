@@ -77,10 +77,12 @@ def rewrite(graph: Graph, rules, *, max_iterations: int = 100, max_rewrites: int
                                f"{_firing(stats)}")
         it += 1
         fired = Counter()
-        used = {id(v) for n in g.nodes for v in n.inputs} | {id(v) for v in g.outputs}
+        # as the sweep starts: nodes a rewrite leaves dead stay until the sweep's end, and still count
+        outs = set(g.outputs)
+        used = {o for n in g.nodes if len(n.outputs) > 1 for o in n.outputs if o.uses or o in outs}
         for node in list(g.nodes):
             for root in list(node.outputs):
-                if len(node.outputs) > 1 and id(root) not in used:
+                if len(node.outputs) > 1 and root not in used:
                     continue  # an unused result of a live node: DCE cannot remove it, rewriting it never settles
                 for rule in rules:
                     if _try(g, rule, node, root):
@@ -92,7 +94,7 @@ def rewrite(graph: Graph, rules, *, max_iterations: int = 100, max_rewrites: int
                                                f"rules that kept firing: {_firing(stats)}")
                         break
         stats.update(fired)
-        _dce(g)
+        g.erase_nodes(g.dead_nodes())
         if not fired:
             return RewriteResult(g, stats, it)
 
@@ -121,27 +123,33 @@ def first_match(rule: Rule, root: Value, graph: Optional[Graph] = None) -> Optio
     return None
 
 
-def build(g: Graph, rule: Rule, m: dict, loc: Optional[str] = None):
-    """Build the replacement into ``g``; returns (what it returned, the added nodes) with the nodes taken out
-    of ``g`` again, or (None, reason) if the rule declines or the match is rejected (it would form a cycle).
-    Raises RewriteError if the replacement fails or has the wrong types."""
-    start = len(g.nodes)
-    try:
-        new = rule.replacement(Builder(g, loc=loc), m)
-    except Decline as e:
-        del g.nodes[start:]
-        return None, f"replacement declined: {e}"
-    except Exception as e:
-        del g.nodes[start:]
-        raise RewriteError(f"{rule.where()} failed to build its replacement at {_at(m)}: {e}") from e
-    added = g.nodes[start:]
-    del g.nodes[start:]
+def build(g: Graph, rule: Rule, m: dict, node=None):
+    """Build the replacement into ``g`` right before ``node`` (the root's node when None), with its loc.
+
+    Returns (what the replacement returned, the nodes it added) -- the nodes stay in ``g``, unused, for the
+    caller to apply or erase -- or (None, reason) with nothing left behind if the rule declines or the
+    match is rejected (it would form a cycle). Raises RewriteError if the replacement fails or has the
+    wrong types."""
+    node = node if node is not None else m["$root"].producer
+    at = g.insert_before(node) if node is not None else g.insert_at_end()
+    with at as ip:
+        try:
+            new = rule.replacement(Builder(g, loc=node.loc if node is not None else None), m)
+        except Decline as e:
+            g.erase_nodes(ip.inserted)
+            return None, f"replacement declined: {e}"
+        except Exception as e:
+            g.erase_nodes(ip.inserted)
+            raise RewriteError(f"{rule.where()} failed to build its replacement at {_at(m)}: {e}") from e
+    added = ip.inserted
     olds = rule.replaced(m)
     problem = rule.check_outputs(new, olds)
     if problem:
+        g.erase_nodes(added)
         raise RewriteError(f"{rule.where()} at {_at(m)}: {problem}")
     cycle = _cycle(added, new if rule.results is not None else (new,), olds)
     if cycle:
+        g.erase_nodes(added)
         return None, cycle
     return new, added
 
@@ -154,10 +162,10 @@ def _at(m: dict) -> str:
 def _cycle(added: list, news, olds: list) -> Optional[str]:
     """Why replacing ``olds`` by ``news`` would make a cycle (an input of the new nodes depends on a replaced
     value), else None."""
-    made = {id(n) for n in added}
-    inputs = [v for n in added for v in n.inputs if v.producer is None or id(v.producer) not in made]
-    inputs += [v for v in news if v.producer is None or id(v.producer) not in made]  # passed through as is
-    replaced = {id(v): v for v in olds}
+    made = set(added)
+    inputs = [v for n in added for v in n.inputs if v.producer not in made]
+    inputs += [v for v in news if v.producer not in made]  # passed through as is
+    replaced = set(olds)
     if len(replaced) != len(olds):
         return "match rejected: the result list names one value twice"
     seen: set = set()
@@ -165,15 +173,15 @@ def _cycle(added: list, news, olds: list) -> Optional[str]:
         todo = [start]
         while todo:
             v = todo.pop()
-            if id(v) in replaced:
+            if v in replaced:
                 return (f"match rejected: replacement input %{start.name} "
                         f"{'is' if v is start else 'depends on'} %{v.name}, which the rule replaces; "
                         f"rewriting would create a cycle")
             if len(olds) == 1:
                 break  # single result: inputs are bound below the root, only the root itself can be one
-            if id(v) in seen or v.producer is None:
+            if v in seen or v.producer is None:
                 continue
-            seen.add(id(v))
+            seen.add(v)
             todo.extend(v.producer.inputs)
     return None
 
@@ -182,63 +190,22 @@ def _try(g: Graph, rule: Rule, node, root: Value) -> bool:
     m = first_match(rule, root, g)
     if m is None:
         return False
-    new, added = build(g, rule, m, node.loc)
+    # replacement nodes use only bound values (which dominate the root) and each other: before the root
+    new, added = build(g, rule, m, node)
     if new is None:
         return False
     olds = rule.replaced(m)
     news = list(new) if rule.results is not None else [new]
     if all(n is o or (n.producer is not None and o.producer is not None and n.index == o.index
                       and _same_node(n.producer, o.producer)) for n, o in zip(news, olds)):
+        g.erase_nodes(added)
         return False  # rebuilding the replaced values as they were is no rewrite (and would never settle)
-    # replacement nodes use only bound values (which dominate the root) and each other
-    i = g.nodes.index(node)
-    g.nodes[i:i] = added
-    subst = {id(o): n for o, n in zip(olds, news)}
-    for n in g.nodes:
-        n.inputs = [subst.get(id(v), v) for v in n.inputs]
-    g.outputs = [subst.get(id(v), v) for v in g.outputs]
+    g.replace_uses(dict(zip(olds, news)))
     if len(olds) > 1:  # a replaced interior value may have users before the root
-        g.nodes = _toposort(g.nodes)
+        g.sort_topologically()
     return True
-
-
-def _toposort(nodes: list) -> list:
-    """``nodes`` in an order where producers come first, keeping the given order wherever it already is."""
-    pos = {id(n): i for i, n in enumerate(nodes)}
-    done: set = set()
-    entered: set = set()
-    out = []
-    for n in nodes:
-        stack = [(n, False)]
-        while stack:
-            cur, ready = stack.pop()
-            if id(cur) in done:
-                continue
-            if ready:
-                done.add(id(cur))
-                out.append(cur)
-                continue
-            if id(cur) in entered:
-                continue  # only on a cycle, which build() rejects; never loop
-            entered.add(id(cur))
-            stack.append((cur, True))
-            deps = [v.producer for v in cur.inputs if v.producer is not None and id(v.producer) in pos
-                    and id(v.producer) not in done]
-            for d in sorted(deps, key=lambda d: -pos[id(d)]):
-                stack.append((d, False))
-    return out
 
 
 def _same_node(a, b) -> bool:
     return (a is not None and a.op == b.op and len(a.inputs) == len(b.inputs)
             and all(x is y for x, y in zip(a.inputs, b.inputs)) and attrs_equal(a.attrs, b.attrs))
-
-
-def _dce(g: Graph) -> None:
-    used = {id(v) for v in g.outputs}
-    keep = []
-    for n in reversed(g.nodes):
-        if any(id(o) in used for o in n.outputs):
-            keep.append(n)
-            used.update(id(v) for v in n.inputs)
-    g.nodes = keep[::-1]

@@ -45,11 +45,14 @@ def _trial(graph: Graph, rule: Rule, m: dict):
     names, counter = set(graph._names), graph._counter
     try:
         new, why = build(graph, rule, m)
+        if new is not None:
+            graph.erase_nodes(why)  # the nodes it added, unused
+            why = None
     except RewriteError as e:
         return f"applying it fails: {e}"
     finally:
         graph._names, graph._counter = names, counter
-    return why if new is None else None
+    return why
 
 
 def _root(graph: Graph, node) -> Value:

@@ -10,6 +10,13 @@
     rule add-rms: rms_norm(s@add(x, r), w){eps=e} => fused.add_rms_norm(x, r, w){eps=e} -> (root, s)
     rule second: neg(split(x){axis=a}[1]) => ...
 
+    # alternation: of whole patterns (|), of ops ((silu|relu)) and of attribute values (("none"|"tanh"));
+    # NAME:(...) names the alternative that matched, for the replacement: f(...) is that op, {act=f} that
+    # value, g:(a|b) maps it by position (the i-th alternative of the pattern's g gives the i-th here)
+    rule bias: add(y@g:(linear|matmul)(x, w), b) | add(b, y@g:(linear|matmul)(x, w)) => g:(fused.linear_act|fused.matmul_act)(x, w, b)
+    rule act: f:(silu|relu)(y@linear(x, w)) => fused.linear_act(x, w){act=f}
+    rule gelu: gelu(y@linear(x, w)){approximate=a:("none"|"tanh")} => fused.linear_act(x, w){act=a:("gelu"|"gelu_tanh")}
+
 In patterns a bare name is a variable (``_`` matches anything), a number is an inline constant whose every
 element equals it (the number rounded to the constant's dtype), ``op(a, b){k=v}`` / ``op(a, b, k=v)`` an op
 with attributes, ``op(...)[i]`` result ``i`` of a multi-result op, ``s@op(...)`` also binds the op's value
@@ -19,6 +26,7 @@ operand's dtype and ``op(...)[i]`` picks a result. ``-> (root, s)`` makes the re
 results replace root and s. Constraints use ``rank(v)``, ``dtype(v)``, ``shape(v)``, ``shape(v)[i]``,
 ``numel(v)``, ``value(v)`` (an all-equal constant's scalar, else none), ``users(v)``, bound attribute names,
 numbers, lists, dtypes, ``+ -``, ``== != < <= > >=``, ``and``/``or``/``not``; ``root`` is the matched value.
+An alternation name is usable in constraints like a bound attribute (``where g == "linear"``).
 Replacement attributes may apply a function from ``ATTR_FUNCTIONS`` (``compose(p, q)``: two permutations as
 one; ``value(v)``: an all-equal constant's scalar, declining the rewrite for anything else).
 
@@ -27,8 +35,10 @@ file:line:column for unknown ops, unbound names, bad arity/attrs and replacement
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,8 +48,8 @@ from lark.exceptions import UnexpectedInput
 from llmasos.ir import DType, OpError, get_op
 
 from .engine import RuleSet
-from .pattern import AttrVar, Const, Op, Var, const_scalar
-from .rule import ATTR_FUNCTIONS, AttrCall, Rule, RuleError, Template, TConst, TOp, TVar, check_ops
+from .pattern import Alt, AttrVar, Choice, Const, Op, Var, const_scalar
+from .rule import ATTR_FUNCTIONS, AttrCall, Pick, Rule, RuleError, Template, TConst, TOp, TVar, check_ops
 
 
 def _caret(text: str, line: int, column: int) -> str:
@@ -105,7 +115,7 @@ _TERMINALS = {"IDENT": "a name", "SIGNED_NUMBER": "a number", "SIGNED_INT": "an 
               "ADDOP": "'+' or '-'", "AND": "'and'", "OR": "'or'",
               "NOT": "'not'", "WHERE": "'where'", "ASSIGN": "'='", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
               "RSQB": "']'", "AT": "'@'", "RESULTS": "'->'", "INT": "an integer",
-              "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'",
+              "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "VBAR": "'|'",
               "__ANON_0": "'=>'", "$END": "end of input"}
 
 
@@ -119,6 +129,7 @@ class _Loader:
         self.text, self.filename = text, filename
         self.rule_name = "?"
         self.attr_names: set = set()
+        self.choices: dict = {}  # name -> (Choice, "op" | "attr") named in the current rule's pattern
 
     def err(self, msg: str, tok) -> RuleError:
         line, col = _pos(tok)
@@ -128,10 +139,19 @@ class _Loader:
     def rule(self, t: Tree) -> Rule:
         name_tok, pat_t, rep_t, *rest = t.children
         self.rule_name = str(name_tok)
+        self.choices = {}
         source = f"{self.filename}:{name_tok.line}:{name_tok.column}"
-        pattern = self.pattern(pat_t)
-        if not isinstance(pattern, Op):
-            raise self.err(f"the pattern root must be an op, got `{pattern}`", pat_t)
+        alternatives = []
+        for p_t in pat_t.children:
+            p = self.pattern(p_t)
+            if not isinstance(p, Op):
+                raise self.err(f"the pattern root must be an op, got `{p}`", p_t)
+            alternatives.append(p)
+        pattern = alternatives[0] if len(alternatives) == 1 else Alt(tuple(alternatives))
+        clash = sorted(set(self.choices) & _value_names(pattern))
+        if clash:
+            raise self.err(f"{clash[0]!r} names an alternation and is bound as a value or attribute too; "
+                           f"use another name", pat_t)
         bound = pattern.var_names()
         self.attr_names = _attr_names(pattern)
         results_t = next((r for r in rest if isinstance(r, Tree) and r.data == "results"), None)
@@ -167,18 +187,78 @@ class _Loader:
             if str(name_tok) in ("_", "root"):
                 raise self.err(f"cannot bind {str(name_tok)!r} with @; pick another name", name_tok)
             inner = self.pattern(call)
-            return Op(inner.op, inner.args, inner.attrs, inner.commutative, str(name_tok), inner.result)
-        op_tok, args, attrs, index = self.call_parts(t)
+            return dataclasses.replace(inner, name=str(name_tok))
+        op_t, args, attrs, index = self.call_parts(t)
+        op_tok = _op_token(op_t)
+        if op_t.data == "op_name":
+            ops = [self.known_op(op_tok)]
+            op = ops[0].name
+        else:
+            op = self.choice(op_t, [self.known_op(tok) for tok in op_t.children[1:]], "op")
+            ops = [get_op(o) for o in op.options]
+        for d in ops:
+            self.check_attr_names(d, attrs, op_tok)
+            problem = d.arity_error(len(args))
+            if problem:
+                raise self.err(f"pattern op {d.name} {problem}", op_tok)
+        values = {k: self.attr_value(v, bind=True) for k, v in attrs.items()}
+        for k, v in values.items():
+            for d in ops if isinstance(v, Choice) else ():
+                for i, o in enumerate(v.options):  # one the attribute can never take would silently never match
+                    problem = d.attrs[k].check(o)
+                    if problem:
+                        raise self.err(f"attribute {k} of {d.name}: alternative {_shown_literal(o)} {problem}",
+                                       attrs[k].children[1 + i])
+        return Op(op, tuple(self.pattern(a) for a in args), values, result=index)
+
+    def known_op(self, tok):
         try:
-            d = get_op(str(op_tok))
+            return get_op(str(tok))
         except OpError as e:
-            raise self.err(str(e), op_tok) from None
-        self.check_attr_names(d, attrs, op_tok)
-        problem = d.arity_error(len(args))
-        if problem:
-            raise self.err(f"pattern op {d.name} {problem}", op_tok)
-        return Op(str(op_tok), tuple(self.pattern(a) for a in args),
-                  {k: self.attr_value(v, bind=True) for k, v in attrs.items()}, result=index)
+            raise self.err(str(e), tok) from None
+
+    def choice(self, t: Tree, options: list, kind: str) -> Choice:
+        """A pattern alternation ``[name:](a|b|...)`` over ``options`` (op names or attribute values)."""
+        name_tok, *opt_ts = t.children
+        values = [d.name for d in options] if kind == "op" else options
+        for i, v in enumerate(values):
+            if any(_same_literal(v, w) for w in values[:i]):
+                raise self.err(f"the alternation lists {v if kind == 'op' else _shown_literal(v)} twice", opt_ts[i])
+        c = Choice(tuple(values), str(name_tok) if name_tok is not None else None)
+        if c.name is not None:
+            if c.name in ("_", "root"):
+                raise self.err(f"cannot name an alternation {c.name!r}; pick another name", name_tok)
+            if kind == "op" and _is_op(c.name):
+                raise self.err(f"cannot name an op alternation {c.name!r}: that is an op, and a replacement "
+                               f"{c.name}(...) would be ambiguous", name_tok)
+            seen = self.choices.get(c.name)
+            if seen is not None and (seen[1] != kind or len(seen[0].options) != len(values) or not all(
+                    _same_literal(a, b) for a, b in zip(seen[0].options, values))):
+                raise self.err(f"{c.name} names two different alternations ({seen[0].text(seen[1] == 'op')} and "
+                               f"{c.text(kind == 'op')}); one name, one alternation", name_tok)
+            self.choices[c.name] = (c, kind)
+        return c
+
+    def pick(self, t: Tree, values: list, kind: str, bound) -> Pick:
+        """A replacement ``name:(a|b|...)``: the alternative at the position of the one ``name`` matched."""
+        name_tok, *opt_ts = t.children
+        shown = "(" + "|".join(str(v) if kind == "op" else _shown_literal(v) for v in values) + ")"
+        if name_tok is None:
+            raise self.err(f"a replacement cannot choose on its own: write NAME:{shown}, NAME an alternation "
+                           f"of the pattern, to take the alternative at the position of the one NAME matched",
+                           opt_ts[0])
+        source = self.choices.get(str(name_tok))
+        if source is not None and str(name_tok) not in bound:
+            raise self.err(f"{str(name_tok)!r} is not bound by the pattern (not by every alternative)", name_tok)
+        if source is None:
+            raise self.err(f"{str(name_tok)}:{shown} picks by the alternative {str(name_tok)!r} matched, but the "
+                           f"pattern names no alternation {str(name_tok)!r}"
+                           f"{_hint(str(name_tok), self.choices) if self.choices else ' (it names none)'}", name_tok)
+        if len(source[0].options) != len(values):
+            raise self.err(f"{str(name_tok)}:{shown} has {len(values)} alternatives but the pattern's "
+                           f"{source[0].text(source[1] == 'op')} has {len(source[0].options)}; they pair up by "
+                           f"position", name_tok)
+        return Pick(str(name_tok), source[0].options, tuple(values), ops=kind == "op")
 
     def call_parts(self, t: Tree):
         op_tok, *items = t.children
@@ -205,20 +285,25 @@ class _Loader:
         if unknown:
             raise self.err(f"op {d.name} has no attribute(s) {unknown}; it takes {sorted(d.attrs) or 'none'}", tok)
 
-    def attr_value(self, t, bind: bool, bound: frozenset = frozenset()):
+    def attr_value(self, t, bind: bool, bound: frozenset = frozenset(), whole: bool = True):
         if t.data == "a_num":
             return _num(t.children[0])
         if t.data == "a_str":
             return _string(t.children[0])
         if t.data == "a_list":
-            return [self.attr_value(c, bind, bound) for c in t.children if c is not None]
+            return [self.attr_value(c, bind, bound, False) for c in t.children if c is not None]
         if t.data == "a_call":
             fn, *args = t.children
             if bind:
                 raise self.err("attribute functions are for replacements; a pattern binds a name", fn)
             if str(fn) not in ATTR_FUNCTIONS:
                 raise self.err(f"unknown attribute function {str(fn)!r}; known: {', '.join(ATTR_FUNCTIONS)}", fn)
-            return AttrCall(str(fn), tuple(self.attr_value(a, bind, bound) for a in args if a is not None))
+            return AttrCall(str(fn), tuple(self.attr_value(a, bind, bound, False) for a in args if a is not None))
+        if t.data == "a_choice":
+            if not whole:
+                raise self.err("an alternation is a whole attribute value, not part of a list or call", t)
+            values = [self.literal(c) for c in t.children[1:]]
+            return self.choice(t, values, "attr") if bind else self.pick(t, values, "attr", bound)
         name = str(t.children[0])
         if name in LITERAL_NAMES:
             return LITERAL_NAMES[name]
@@ -228,6 +313,18 @@ class _Loader:
             raise self.err(f"attribute value {name!r} is not bound by the pattern"
                            f"{_hint(name, bound)}", t.children[0])
         return AttrVar(name)
+
+    def literal(self, t):
+        """An alternative of an attribute alternation: a number, a string, a dtype, true/false/none."""
+        if t.data in ("a_num", "a_str"):
+            return self.attr_value(t, bind=True)
+        tok = t.children[0] if t.children and t.children[0] is not None else t
+        if t.data == "a_name" and str(tok) in LITERAL_NAMES:
+            return LITERAL_NAMES[str(tok)]
+        if t.data == "a_name" and str(tok) in DTYPE_NAMES:
+            return DTYPE_NAMES[str(tok)]
+        raise self.err(f"alternatives are literals (numbers, strings, dtypes, true/false/none), got `"
+                       f"{_src(self.text, t) if isinstance(t, Tree) else tok}`", tok)
 
     # -- replacements ----------------------------------------------------------------------------
     def replacement(self, t, bound: set):
@@ -240,12 +337,22 @@ class _Loader:
             return TConst(_num(t.children[0]), _pos(t))
         if t.data == "bind":
             raise self.err("'@' binds values in patterns; a replacement refers to them by name", t.children[0])
-        op_tok, args, attrs, index = self.call_parts(t)
-        try:
-            get_op(str(op_tok))
-        except OpError as e:
-            raise self.err(str(e), op_tok) from None
-        return TOp(str(op_tok), tuple(self.replacement(a, bound) for a in args),
+        op_t, args, attrs, index = self.call_parts(t)
+        op_tok = _op_token(op_t)
+        if op_t.data == "op_choice":
+            op = self.pick(op_t, [self.known_op(tok).name for tok in op_t.children[1:]], "op", bound)
+        elif str(op_tok) in self.choices:  # f(...): the op the pattern's alternation f matched
+            c, kind = self.choices[str(op_tok)]
+            if str(op_tok) not in bound:
+                raise self.err(f"{str(op_tok)!r} is not bound by the pattern (not by every alternative)", op_tok)
+            if kind != "op":
+                raise self.err(f"{str(op_tok)}(...): {str(op_tok)} names an alternation of attribute values "
+                               f"{c.text()}, not of ops; map it to ops with {str(op_tok)}:(op1|op2|...)(...)",
+                               op_tok)
+            op = Pick(str(op_tok), c.options, None, ops=True)
+        else:
+            op = self.known_op(op_tok).name
+        return TOp(op, tuple(self.replacement(a, bound) for a in args),
                    {k: self.attr_value(v, bind=False, bound=frozenset(bound)) for k, v in attrs.items()},
                    _pos(op_tok), index)
 
@@ -379,17 +486,65 @@ def count_users(g, v) -> int:
     """Uses of ``v``: node operands referring to it plus graph outputs."""
     if g is None:
         raise RuleError("users(v) needs the graph (bindings have no '$graph'; use first_match(rule, v, graph))")
-    return sum(1 for n in g.nodes for i in n.inputs if i is v) + sum(1 for o in g.outputs if o is v)
+    return sum(1 for u in v.uses if u.node.graph is g) + sum(1 for o in g.outputs if o is v)
 
 
 def _attr_names(p) -> set:
-    """Names the pattern binds to attribute values (usable bare in constraints)."""
+    """Names the pattern binds to attribute values or alternatives (usable bare in constraints); with
+    alternatives, those every one binds."""
+    if isinstance(p, Alt):
+        return set.intersection(*(_attr_names(o) for o in p.options))
     if isinstance(p, Op):
-        out = {a.name for a in p.attrs.values() if isinstance(a, AttrVar)}
+        out = {a.name for a in p.attrs.values() if isinstance(a, (AttrVar, Choice)) and a.name}
+        if isinstance(p.op, Choice) and p.op.name:
+            out.add(p.op.name)
         for a in p.args:
             out |= _attr_names(a)
         return out
     return set()
+
+
+def _value_names(p) -> set:
+    """Names bound to values (variables, @) or to attributes (not alternations)."""
+    if isinstance(p, Alt):
+        return set().union(*(_value_names(o) for o in p.options))
+    if isinstance(p, Var):
+        return p.var_names()
+    if isinstance(p, Const):
+        return {p.name} if p.name else set()
+    if isinstance(p, Op):
+        out = {a.name for a in p.attrs.values() if isinstance(a, AttrVar)} | ({p.name} if p.name else set())
+        for a in p.args:
+            out |= _value_names(a)
+        return out
+    return set()
+
+
+def _op_token(op_t: Tree):
+    """The token an op position's errors point at: the op name, or the alternation's name (else first op)."""
+    return next(c for c in op_t.children if c is not None)
+
+
+def _is_op(name: str) -> bool:
+    try:
+        get_op(name)
+        return True
+    except OpError:
+        return False
+
+
+def _same_literal(a, b) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _shown_literal(v) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
 
 
 def _fn_str(t) -> str:
@@ -422,7 +577,6 @@ def _num(tok):
 
 
 def _string(tok) -> str:
-    import json
     return json.loads(str(tok))
 
 

@@ -5,15 +5,18 @@ result ``i`` of a multi-result node; ``bind("s", op(...))``: also binds that val
 value (one name binds one value: ``op("add", x, x)`` needs both operands to be the same value), ``Const``
 matches an inline ``const`` node (all elements equal to ``value`` when given), ``Alt`` (``p1 | p2``) tries
 alternatives in order. Attribute patterns are literals (must be equal) or ``AttrVar`` (bind the value, so a
-replacement can reuse it).
+replacement can reuse it). ``Choice`` (``one_of("silu", "relu", name="f")``) is an alternation over literals:
+as an ``Op``'s op it matches any of those ops, as an attribute pattern any of those values; with a name it
+binds the alternative that matched (the op name, or the attribute value).
 
 Matching is a backtracking generator of bindings; every failure is reported to an optional ``trace`` list
 so ``explain`` can say which sub-pattern failed and why.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -60,6 +63,47 @@ class AttrVar:
 
 
 @dataclass(frozen=True, eq=False)
+class Choice:
+    """One of several literals: ops (an ``Op``'s op, text ``(add|mul)``) or attribute values (text
+    ``("none"|"tanh")``). ``name`` binds the alternative that matched (text ``f:(silu|relu)``), which a
+    replacement reuses (``f(...)``, ``{act=f}``) or maps by position (``f:(a|b)``, ``Pick``)."""
+    options: tuple
+    name: Optional[str] = None
+
+    def index(self, value) -> Optional[int]:
+        """The position of ``value`` among the alternatives (compared as attributes are), else None."""
+        for i, o in enumerate(self.options):
+            if _attr_eq(o, value):
+                return i
+        return None
+
+    def text(self, bare: bool = False) -> str:
+        """``name:(a|b)``; ``bare`` writes strings without quotes (op names)."""
+        show = (lambda o: str(o)) if bare else _literal
+        body = "(" + "|".join(show(o) for o in self.options) + ")"
+        return f"{self.name}:{body}" if self.name else body
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def one_of(*options, name: Optional[str] = None) -> Choice:
+    """``op(one_of("silu", "relu", name="f"), x)``; ``op("gelu", x, approximate=one_of("none", "tanh"))``."""
+    if len(options) < 2:
+        raise ValueError(f"one_of needs at least two alternatives, got {list(options)}")
+    return Choice(tuple(options), name)
+
+
+def _literal(v) -> str:
+    return json.dumps(v) if isinstance(v, str) else str(v)
+
+
+def op_text(o) -> str:
+    """An Op's op as the rule text writes it: a name or an alternation of names."""
+    return o.text(bare=True) if isinstance(o, Choice) else o
+
+
+@dataclass(frozen=True, eq=False)
 class Const(Pattern):
     """An inline ``const`` node; with ``value`` every element must equal it. ``name`` binds the value."""
     value: Any = None
@@ -75,8 +119,9 @@ class Const(Pattern):
 @dataclass(frozen=True, eq=False)
 class Op(Pattern):
     """``name`` binds the matched value (as-pattern ``s@op(...)``); ``result`` picks a multi-result node's
-    result (``op(...)[i]``); without it only single-result nodes match."""
-    op: str
+    result (``op(...)[i]``); without it only single-result nodes match. ``op`` is an op name or a ``Choice``
+    of them."""
+    op: Union[str, Choice]
     args: tuple
     attrs: dict = field(default_factory=dict)
     commutative: bool = False
@@ -89,21 +134,23 @@ class Op(Pattern):
         return replace(self, result=i)
 
     def ops(self) -> set:
-        out = {self.op}
+        out = set(self.op.options) if isinstance(self.op, Choice) else {self.op}
         for a in self.args:
             out |= a.ops()
         return out
 
     def var_names(self) -> set:
-        out = {v.name for v in self.attrs.values() if isinstance(v, AttrVar)}
+        out = {v.name for v in self.attrs.values() if isinstance(v, (AttrVar, Choice)) and v.name}
         if self.name:
             out.add(self.name)
+        if isinstance(self.op, Choice) and self.op.name:
+            out.add(self.op.name)
         for a in self.args:
             out |= a.var_names()
         return out
 
     def __str__(self) -> str:
-        s = f"{self.op}({', '.join(str(a) for a in self.args)})"
+        s = f"{op_text(self.op)}({', '.join(str(a) for a in self.args)})"
         if self.attrs:
             s += "{" + ", ".join(f"{k}={v}" for k, v in self.attrs.items()) + "}"
         if self.result is not None:
@@ -129,7 +176,8 @@ class Alt(Pattern):
 
 # -- constructors (the Python combinator form) -------------------------------------------------------
 
-def op(name: str, *args, commutative: bool = False, **attrs) -> Op:
+def op(name: Union[str, Choice], *args, commutative: bool = False, **attrs) -> Op:
+    """``name``: an op, or ``one_of(...)`` ops; attrs: literals, ``attr(name)`` or ``one_of(...)`` values."""
     return Op(name, tuple(_as_pattern(a) for a in args), dict(attrs), commutative)
 
 
@@ -238,17 +286,26 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
         yield bindings
         return
     assert isinstance(p, Op), p
+    want_op = p.op.text(bare=True).split(":", 1)[-1] if isinstance(p.op, Choice) else p.op
     if node is None:
-        return fail(f"expected op {p.op}, %{v.name} is a graph input or parameter")
-    if node.op != p.op:
-        return fail(f"expected op {p.op}, %{v.name} is produced by {node.op}")
+        return fail(f"expected op {want_op}, %{v.name} is a graph input or parameter")
+    if isinstance(p.op, Choice):
+        if node.op not in p.op.options:
+            return fail(f"expected op {want_op}, %{v.name} is produced by {node.op}")
+        if p.op.name:
+            if p.op.name in bindings and bindings[p.op.name] != node.op:
+                return fail(f"op choice {p.op.name} is already bound to {bindings[p.op.name]!r}, here it is "
+                            f"{node.op!r}")
+            bindings = {**bindings, p.op.name: node.op}
+    elif node.op != p.op:
+        return fail(f"expected op {want_op}, %{v.name} is produced by {node.op}")
     if p.result is None:
         if len(node.outputs) != 1:
             return fail(f"{node.op} has {len(node.outputs)} results; patterns match single-result nodes")
     elif p.result >= len(node.outputs):
-        return fail(f"expected result #{p.result} of {p.op}, %{v.name}'s node has {len(node.outputs)} result(s)")
+        return fail(f"expected result #{p.result} of {want_op}, %{v.name}'s node has {len(node.outputs)} result(s)")
     elif v.index != p.result:
-        return fail(f"expected result #{p.result} of {p.op}, %{v.name} is result #{v.index}")
+        return fail(f"expected result #{p.result} of {want_op}, %{v.name} is result #{v.index}")
     if len(node.inputs) != len(p.args):
         return fail(f"arity: pattern has {len(p.args)} operands, %{v.name} = {node.op} has {len(node.inputs)}")
     for k, want in p.attrs.items():
@@ -260,6 +317,14 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
                 return fail(f"attribute {k}: {want.name} is already bound to {bindings[want.name]!r}, "
                             f"here it is {have!r}")
             bindings = {**bindings, want.name: have}
+        elif isinstance(want, Choice):
+            if want.index(have) is None:
+                return fail(f"attribute {k}: expected one of {Choice(want.options).text()}, %{v.name} has {have!r}")
+            if want.name:
+                if want.name in bindings and not _attr_eq(bindings[want.name], have):
+                    return fail(f"attribute {k}: {want.name} is already bound to {bindings[want.name]!r}, "
+                                f"here it is {have!r}")
+                bindings = {**bindings, want.name: have}
         elif not _attr_eq(want, have):
             return fail(f"attribute {k}: expected {want!r}, %{v.name} has {have!r}")
     if p.name:

@@ -8,15 +8,16 @@ has one) says what the constraint's parts evaluated to, for ``explain``.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from llmasos.ir import DType, Graph, OpError, TensorType, Value, get_op
 from llmasos.ir.ops import REQUIRED
 
-from .pattern import Alt, AttrVar, Const, Op, Pattern, Var, as_names, const_scalar
+from .pattern import Alt, AttrVar, Choice, Const, Op, Pattern, Var, _attr_eq, _literal, as_names, const_scalar
 
 
 class RuleError(ValueError):
@@ -83,12 +84,42 @@ class TConst:
 
 
 @dataclass(frozen=True, eq=False)
+class Pick:
+    """In a replacement: what a pattern ``Choice`` named ``name`` matched, mapped by position -- alternative
+    i of ``source`` (the pattern's) gives ``options[i]`` (text ``act:("gelu"|"gelu_tanh")``); with
+    ``options`` None the matched alternative itself (an op choice's name used as an op: ``f(x)``)."""
+    name: str
+    source: tuple
+    options: Optional[tuple] = None
+    ops: bool = False  # alternatives are op names (printed bare)
+
+    def possible(self) -> tuple:
+        return self.source if self.options is None else self.options
+
+    def resolve(self, m: dict):
+        v = m[self.name]
+        for s, o in zip(self.source, self.possible()):
+            if _attr_eq(s, v):
+                return o
+        raise Decline(f"{self.name} = {v!r} is none of its alternatives {list(self.source)}")
+
+    def __str__(self):
+        if self.options is None:
+            return self.name
+        show = str if self.ops else _literal
+        return f"{self.name}:({'|'.join(show(o) for o in self.options)})"
+
+
+@dataclass(frozen=True, eq=False)
 class TOp:
-    op: str
+    op: Union[str, Pick]
     args: tuple
     attrs: dict = field(default_factory=dict)  # values: literals or AttrVar (bound in the pattern)
     pos: Optional[tuple] = None
     result: Optional[int] = None  # `split(x){...}[i]`: result i of a multi-result op
+
+    def possible_ops(self) -> tuple:
+        return (self.op,) if isinstance(self.op, str) else self.op.possible()
 
     def __str__(self):
         s = f"{self.op}({', '.join(str(a) for a in self.args)})"
@@ -127,6 +158,8 @@ class AttrCall:
 def _attr(v, m: dict):
     if isinstance(v, AttrVar):
         return m[v.name]
+    if isinstance(v, Pick):
+        return v.resolve(m)
     if isinstance(v, AttrCall):
         return ATTR_FUNCTIONS[v.fn](*(_attr(a, m) for a in v.args))
     if isinstance(v, list):
@@ -160,16 +193,17 @@ class Template:
             if isinstance(a, TConst):
                 built[i] = self._build(a, b, m, sib)
         attrs = {k: _attr(v, m) for k, v in t.attrs.items()}
+        name = _attr(t.op, m)
         if multi:
-            return b.results(t.op, *built, **attrs)
-        return b.op(t.op, *built, _result=t.result, **attrs)
+            return b.results(name, *built, **attrs)
+        return b.op(name, *built, _result=t.result, **attrs)
 
     def ops(self) -> set:
         out, todo = set(), [self.root]
         while todo:
             t = todo.pop()
             if isinstance(t, TOp):
-                out.add(t.op)
+                out.update(t.possible_ops())
                 todo.extend(t.args)
         return out
 
@@ -256,13 +290,19 @@ class Rule:
 
         The vars are given one common probe type after another, bound attributes their op's default; the
         first typing under which the pattern builds (and the constraint holds) decides. No typing builds
-        (e.g. an attribute without default is bound) -> nothing to check ("where possible").
+        (e.g. an attribute without default is bound) -> nothing to check ("where possible"). A pattern with
+        alternatives (``|``, choices) is checked for each combination of them (up to 64; beyond, the i-th
+        alternative of every one together).
         """
+        for sel in _selections(self.pattern):
+            self._check_typing(sel)
+
+    def _check_typing(self, sel: dict) -> None:
         for t in PROBES:
             g = Graph("probe")
             m: dict = {}
             try:
-                root = _instantiate(self.pattern, g, m, t)
+                root = _instantiate(self.pattern, g, m, t, sel=sel)
             except Exception:
                 continue
             m["$root"] = root
@@ -279,16 +319,16 @@ class Rule:
                 continue
             except Exception as e:
                 raise RuleError(f"{self.where()}: replacement `{self.replacement}` does not build for "
-                                f"operands of type {t}: {e}") from None
+                                f"operands of type {t}{_shown(sel, m)}: {e}") from None
             if self.results is None:
                 if not isinstance(out, Value) or out.type != root.type:
                     got = out.type if isinstance(out, Value) else repr(out)
                     raise RuleError(f"{self.where()}: replacement produces {got} but the pattern root is "
-                                    f"{root.type} (for operands of type {t})")
+                                    f"{root.type} (for operands of type {t}{_shown(sel, m)})")
                 return
             problem = self.check_outputs(out, self.replaced(m))
             if problem:
-                raise RuleError(f"{self.where()}: {problem} (for operands of type {t})")
+                raise RuleError(f"{self.where()}: {problem} (for operands of type {t}{_shown(sel, m)})")
             return
 
 
@@ -297,10 +337,55 @@ PROBES = tuple(TensorType(s, d) for d, s in [
     (DType.i64, (3, 3)), (DType.bool, (3, 3))])
 
 
-def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = None) -> Value:
-    """Build one graph the pattern matches, vars typed ``t`` (a probe for the type check)."""
+_MAX_SELECTIONS = 64
+
+
+def _choice_points(p) -> list:
+    """The pattern's alternations (Alt nodes and Choices), in pattern order."""
     if isinstance(p, Alt):
-        return _instantiate(p.options[0], g, m, t, dtype)
+        return [p] + [c for o in p.options for c in _choice_points(o)]
+    if isinstance(p, Op):
+        out = [p.op] if isinstance(p.op, Choice) else []
+        out += [a for a in p.attrs.values() if isinstance(a, Choice)]
+        return out + [c for a in p.args for c in _choice_points(a)]
+    return []
+
+
+def _selections(p) -> list:
+    """Dicts alternation -> index of the alternative a probe instantiates: every combination, or (past
+    _MAX_SELECTIONS) the i-th alternative of each together."""
+    points = _choice_points(p)
+    sizes = [len(c.options) for c in points]
+    total = 1
+    for n in sizes:
+        total *= n
+    if total <= _MAX_SELECTIONS:
+        return [dict(zip(points, idx)) for idx in itertools.product(*(range(n) for n in sizes))]
+    return [{c: min(i, n - 1) for c, n in zip(points, sizes)} for i in range(max(sizes))]
+
+
+def _shown(sel: dict, m: dict) -> str:
+    """Which alternatives a probe took, for messages: ", with f = 'silu', a = 'tanh'"."""
+    names = [c.name for c in sel if isinstance(c, Choice) and c.name and c.name in m]
+    return (", with " + ", ".join(f"{n} = {m[n]!r}" for n in dict.fromkeys(names))) if names else ""
+
+
+def _chosen(c: Choice, sel: dict, m: dict):
+    v = c.options[sel.get(c, 0)]
+    if c.name:
+        if c.name in m and not _attr_eq(m[c.name], v):
+            raise RuleError(f"{c.name} takes two alternatives in one probe")  # an inconsistent combination
+        m[c.name] = v
+    return v
+
+
+def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = None, *,
+                 sel: Optional[dict] = None) -> Value:
+    """Build one graph the pattern matches, vars typed ``t`` (a probe for the type check); ``sel`` picks the
+    alternative of each alternation (the first by default)."""
+    sel = {} if sel is None else sel
+    if isinstance(p, Alt):
+        return _instantiate(p.options[sel.get(p, 0)], g, m, t, dtype, sel=sel)
     if isinstance(p, Var):
         want = TensorType(p.shape if p.shape and None not in p.shape else t.shape, p.dtype or t.dtype)
         if p.name == "_":
@@ -315,52 +400,57 @@ def _instantiate(p, g: Graph, m: dict, t: TensorType, dtype: Optional[DType] = N
         if p.name:
             m[p.name] = v
         return v
+    op_name = _chosen(p.op, sel, m) if isinstance(p.op, Choice) else p.op
     attrs = {}
     for k, a in p.attrs.items():
         if isinstance(a, AttrVar):  # a bound attribute: probe with the op's default (none -> no probe)
             if a.name not in m:
-                spec = get_op(p.op).attrs[k]
+                spec = get_op(op_name).attrs[k]
                 if spec.default is REQUIRED:
-                    raise RuleError(f"attribute {k} of {p.op} has no default to probe with")
+                    raise RuleError(f"attribute {k} of {op_name} has no default to probe with")
                 m[a.name] = spec.default
             a = m[a.name]
+        elif isinstance(a, Choice):
+            a = _chosen(a, sel, m)
         attrs[k] = a
     args: list = [None] * len(p.args)
     for i, a in enumerate(p.args):
         if not isinstance(a, Const):
-            args[i] = _instantiate(a, g, m, t)
+            args[i] = _instantiate(a, g, m, t, sel=sel)
     sib = next((v.type.dtype for v in args if v is not None), t.dtype)
     for i, a in enumerate(p.args):
         if isinstance(a, Const):
-            args[i] = _instantiate(a, g, m, t, sib)
-    out = g.add_node(p.op, args, attrs, name=p.name)
+            args[i] = _instantiate(a, g, m, t, sib, sel=sel)
+    out = g.add_node(op_name, args, attrs, name=p.name)
     if isinstance(out, tuple):
         if p.result is None:
-            raise RuleError(f"{p.op} has {len(out)} results")
+            raise RuleError(f"{op_name} has {len(out)} results")
         out = out[p.result]
     elif p.result not in (None, 0):
-        raise RuleError(f"{p.op} has 1 result")
+        raise RuleError(f"{op_name} has 1 result")
     if p.name:
         m[p.name] = out
     return out
 
 
 def check_ops(rule_name: str, tmpl: Template) -> None:
-    """Every replacement op exists, takes that many operands and those attrs (raises RuleError)."""
+    """Every replacement op (each alternative a Pick may give) exists, takes that many operands and those
+    attrs (raises RuleError)."""
     todo = [tmpl.root]
     while todo:
         t = todo.pop()
         if not isinstance(t, TOp):
             continue
-        try:
-            d = get_op(t.op)
-        except OpError as e:
-            raise RuleError(f"rule '{rule_name}': {e}") from None
-        problem = d.arity_error(len(t.args))
-        if problem:
-            raise RuleError(f"rule '{rule_name}': replacement op {t.op} {problem}")
-        unknown = set(t.attrs) - set(d.attrs)
-        if unknown:
-            raise RuleError(f"rule '{rule_name}': replacement op {t.op} has no attribute(s) {sorted(unknown)}; "
-                            f"it takes {sorted(d.attrs) or 'none'}")
+        for name in t.possible_ops():
+            try:
+                d = get_op(name)
+            except OpError as e:
+                raise RuleError(f"rule '{rule_name}': {e}") from None
+            problem = d.arity_error(len(t.args))
+            if problem:
+                raise RuleError(f"rule '{rule_name}': replacement op {name} {problem}")
+            unknown = set(t.attrs) - set(d.attrs)
+            if unknown:
+                raise RuleError(f"rule '{rule_name}': replacement op {name} has no attribute(s) "
+                                f"{sorted(unknown)}; it takes {sorted(d.attrs) or 'none'}")
         todo.extend(t.args)
