@@ -670,7 +670,7 @@ def test_fused_linear_glu(act, data):
     (got,) = run_op("fused.linear_glu", [x, w] + ([b] if b is not None else []), {"act": act})
     gate, up = F.linear(T(x), T(w), None if b is None else T(b)).chunk(2, dim=-1)
     # two roundings meet in the product (activation of the gate, then the multiply)
-    check(got, TORCH_ACT[act](gate) * up, tol=None if dt is DType.f32 else 3 * TOL[dt],
+    check(got, TORCH_ACT[act](gate) * up, tol=3 * TOL[dt],
           what=f"fused.linear_glu{{act={act}}}")
 
 
