@@ -1,5 +1,6 @@
 """LLM inference: a static-KV-cache decoder, its prefill/decode compilation and generation."""
 
+from . import adapters  # noqa: F401  (registers the built-in model families: llama, gpt2, qwen2, mistral)
 from .runtime import CompiledLM, GenerationError, GenerationStats  # noqa: E402,F401
 from .sampling import Sampling  # noqa: E402,F401
 

@@ -14,17 +14,19 @@ from .runtime import DECODE, PREFILL, CompiledLM
 
 
 def as_decoder(model, dtype=None, device=None):
-    """An export-mode Decoder for ``model``: a Decoder, a transformers Llama/GPT-2 causal LM, or the name of
-    a Decoder preset (random weights: for benchmarks)."""
+    """An export-mode Decoder for ``model``: a Decoder, a transformers causal LM of a registered family, or the
+    name of a decoder preset (random weights: for benchmarks)."""
     import torch
 
-    from .model import PRESETS, Decoder, preset
+    from .. import presets
+    from .model import Decoder
 
     if isinstance(model, str):
-        if model not in PRESETS:
+        if model not in presets.names(decoders_only=True):
             raise ValueError(f"unknown model {model!r}: pass a Decoder, a transformers causal LM or one of the "
-                             f"presets {', '.join(sorted(PRESETS))}")
-        return Decoder.random(preset(model), mode="export", dtype=dtype or torch.float32, device=device)
+                             f"presets {', '.join(presets.names(decoders_only=True))}")
+        return Decoder.random(presets.decoder_config(model), mode="export", dtype=dtype or torch.float32,
+                              device=device)
     if isinstance(model, Decoder):
         if model.mode != "export":
             m = Decoder(model.cfg, "export")
@@ -33,8 +35,8 @@ def as_decoder(model, dtype=None, device=None):
         return model.to(dtype=dtype) if dtype is not None else model
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
         return Decoder.from_hf(model, mode="export", dtype=dtype)
-    raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers Llama/GPT-2 causal LM or a preset name, "
-                    f"got {type(model).__name__}")
+    raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers causal LM (Llama, GPT-2, Qwen2, Mistral...) "
+                    f"or a preset name, got {type(model).__name__}")
 
 
 def lm_graphs(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype, passes, timings: dict):

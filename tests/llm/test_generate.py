@@ -12,14 +12,14 @@ import torch
 import llmasos
 from llmasos.llm import GenerationError, Sampling
 from llmasos.llm.sampling import filter_logits
-from llmasos.zoo import from_preset
+from llmasos.presets import hf_model
 
 MAX_SEQ = 48
 
 
 @pytest.fixture(scope="session")
 def hf_llama():
-    return from_preset("llama-tiny", seed=3)
+    return hf_model("llama-tiny", seed=3)
 
 
 @pytest.fixture(scope="session")
