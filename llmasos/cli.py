@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import presets
+from .artifact import kind_of
 
 
 def _add_compile_args(p):
@@ -160,10 +161,9 @@ def cmd_generate(args) -> int:
     from pathlib import Path
 
     import llmasos
-    from .llm.artifact import is_lm_artifact
     sampling = _sampling(args)
     t0 = time.perf_counter()
-    if Path(args.model).is_dir() and is_lm_artifact(args.model):
+    if Path(args.model).is_dir() and kind_of(args.model) == "lm":
         lm = llmasos.load_lm(args.model)
         what = f"loaded {args.model}"
     else:
