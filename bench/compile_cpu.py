@@ -3,7 +3,7 @@
     python bench/compile_cpu.py [--models gpt2-small,llama-135m] [--batch 1] [--seq 128] [--repeat 10]
 
 Prints one JSON object per model and a summary list at the end. Models are random-weight presets from
-llmasos.zoo with real shapes: gpt2-small (GPT-2 124M) and llama-135m (SmolLM2-135M's Llama shape).
+llmasos/llm/presets.py with real shapes: gpt2-small (GPT-2 124M) and llama-135m (SmolLM2-135M's Llama shape).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import torch
 import llmasos
 import llmasos.backends.tvm  # noqa: F401  (sizes the TVM thread pool; recorded in env below)
 from llmasos.compiled import median_seconds
-from llmasos.zoo import from_preset
+from llmasos.llm.presets import hf_model
 
 
 def bench(name: str, batch: int, seq: int, repeat: int) -> dict:
-    model = from_preset(name)
+    model = hf_model(name)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()

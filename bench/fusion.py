@@ -4,7 +4,7 @@ fusion pipeline, against torch eager, measured in the same run.
     python bench/fusion.py [--models gpt2-small,llama-135m] [--seq 32,128] [--pipeline fuse] [--repeat 10]
                            [--target cpu|cuda]
 
-Models are random-weight presets from llmasos.zoo (batch 1). Each model is imported once; the "unfused"
+Models are random-weight presets from llmasos/llm/presets.py (batch 1). Each model is imported once; the "unfused"
 variant builds that graph as is, "fused" builds PassManager(pipeline).run(graph); the graph has a symbolic
 seq, so one build per variant serves every --seq. Prints one JSON document on stdout (progress on stderr).
 """
@@ -25,7 +25,7 @@ from llmasos.frontends.torch_export import import_module
 from llmasos.passes.base import PassError
 from llmasos.passes.pipeline import PipelineError
 from llmasos.passes.manager import PassManager
-from llmasos.zoo import from_preset
+from llmasos.llm.presets import hf_model
 
 REL_TOL = 1e-3  # max |logits - torch| / max |torch logits|
 
@@ -79,8 +79,8 @@ def bench_model(name: str, seqs: list, pipeline: str, target: str, repeat: int) 
     device = "cuda" if target.split(":")[0] == "cuda" else "cpu"
     # the graph is imported from a CPU copy (same seed, same weights), so its parameter data is host memory
     # whatever the target; build() uploads it
-    cpu_model = from_preset(name)
-    model = cpu_model if device == "cpu" else from_preset(name).to(device)
+    cpu_model = hf_model(name)
+    model = cpu_model if device == "cpu" else hf_model(name).to(device)
     gen = torch.Generator().manual_seed(0)
     cpu_ids = {s: torch.randint(0, model.config.vocab_size, (1, s), generator=gen) for s in seqs}
     ids = {s: x.to(device) for s, x in cpu_ids.items()}

@@ -34,10 +34,11 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     import llmasos
-    from llmasos.llm.model import Decoder, preset
+    from llmasos.llm.model import Decoder
+    from llmasos.llm.presets import decoder_config
 
     tdtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    cfg = preset(a.model)
+    cfg = decoder_config(a.model)
     if a.layers:
         cfg = dataclasses.replace(cfg, layers=a.layers)
     # drawn on the GPU (a CPU draw of 1B weights takes a minute), compiled from a CPU copy

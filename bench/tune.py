@@ -3,9 +3,9 @@ database made by ``llmasos.tune_lm``, in the same run, plus the per-kernel repor
 
     python bench/tune.py [--model smollm2] [--target cpu] [--trials 64] [--db DIR] [--new 64] [--repeat 3]
 
---model: smollm2 (the real SmolLM2-135M-Instruct, converted once into ~/.cache/llmasos) or a Decoder preset
-(llama-135m, llama-1b, gpt2-124m: random weights). Batch 1 (every decode kernel has a static shape, so the
-whole decode step is tuned; the prefill keeps its default schedules). The two builds generate greedily from
+--model: smollm2 (the real SmolLM2-135M-Instruct, converted once into ~/.cache/llmasos) or a decoder preset
+(llmasos/llm/presets.py: llama-135m, llama-1b, gpt2-124m, ...: random weights). Batch 1 (every decode kernel has
+a static shape, so the whole decode step is tuned; the prefill keeps its default schedules). The two builds generate greedily from
 the same prompt, in turns; their tokens must agree (tuned kernels change summation orders only). An existing --db is
 extended, not replaced; --trials 0 reuses it as it is. One JSON document on stdout, progress on stderr.
 """

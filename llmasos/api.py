@@ -1,10 +1,11 @@
-"""``llmasos.compile``: torch model -> IR (torch.export frontend) -> verified -> TVM executable."""
+"""``llmasos.compile`` / ``llmasos.load``: the front door for one module (torch.export) onto the compile
+driver (llmasos/driver.py), and the loader of its artifacts."""
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
-from .compiled import CompiledModel, Signature
+from .compiled import CompiledModel
+from .driver import MAIN, CallConvention, Source, compile_program, load_program
 
 
 def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwargs: Optional[dict] = None, *,
@@ -28,48 +29,33 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
     default schedules where they measured faster. Only static-shape kernels are tuned, so compile with
     ``dynamic_shapes=None`` to tune everything.
     """
-    import torch
-
-    from .backends.tvm import build, resolve_target
-    from .frontends import torch_export
-    from .ir.verifier import verify
-    from .passes import PassManager
-
-    spec = resolve_target(target)  # fail on a bad target before the slow work
-    if tuning_db is not None:
-        from .backends.tvm.tuning import TuningDatabase
-        tuning_db = TuningDatabase.open(tuning_db, spec)  # ... and on a bad tuning database
-    pipeline = PassManager(passes, calibration=calibration) if passes else None  # ... and on a bad pipeline
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    timings = {}
-    t0 = time.perf_counter()
-    if isinstance(model, torch.export.ExportedProgram):
-        imported = torch_export.import_exported_program(model, name=name)
-    elif isinstance(model, torch.nn.Module):
-        if not example_inputs and not example_kwargs:
-            raise ValueError("llmasos.compile needs example_inputs (or example_kwargs) to trace an nn.Module")
-        imported = torch_export.import_module(model, tuple(example_inputs), example_kwargs,
-                                              dynamic_shapes=dynamic_shapes, max_batch=max_batch,
-                                              max_seq=max_seq, name=name or type(model).__name__)
-    else:
-        raise TypeError(f"llmasos.compile takes a torch.nn.Module or torch.export.ExportedProgram, "
-                        f"got {type(model).__name__}")
-    timings["import_s"] = time.perf_counter() - t0
-    graph = imported.graph
-    verify(graph)
-    if pipeline is not None:
-        t0 = time.perf_counter()
-        graph = pipeline.run(graph)
-        timings["passes_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exe = build(graph, spec, tuning_db=tuning_db)
-    timings["build_s"] = time.perf_counter() - t0
-    sig = Signature(imported.in_spec, imported.out_spec, list(imported.out_leaves), list(imported.input_names))
-    return CompiledModel(graph, exe, sig, spec, timings)
+
+    def frontend(_spec) -> Source:
+        # deferred: torch and the torch.export frontend (importing llmasos does not load torch)
+        import torch
+
+        from .frontends import torch_export
+        if isinstance(model, torch.export.ExportedProgram):
+            imported = torch_export.import_exported_program(model, name=name)
+        elif isinstance(model, torch.nn.Module):
+            if not example_inputs and not example_kwargs:
+                raise ValueError("llmasos.compile needs example_inputs (or example_kwargs) to trace an nn.Module")
+            imported = torch_export.import_module(model, tuple(example_inputs), example_kwargs,
+                                                  dynamic_shapes=dynamic_shapes, max_batch=max_batch,
+                                                  max_seq=max_seq, name=name or type(model).__name__)
+        else:
+            raise TypeError(f"llmasos.compile takes a torch.nn.Module or torch.export.ExportedProgram, "
+                            f"got {type(model).__name__}")
+        convention = CallConvention(imported.in_spec, imported.out_spec, list(imported.out_leaves),
+                                    list(imported.input_names))
+        return Source({MAIN: imported.graph}, {MAIN: convention})
+
+    return CompiledModel(compile_program("model", frontend, target, passes=passes, calibration=calibration,
+                                         tuning_db=tuning_db))
 
 
 def load(path) -> CompiledModel:
-    """Load a compiled artifact written by ``CompiledModel.save``."""
-    from .artifact import load as _load
-    return _load(path)
+    """Load a compiled model artifact written by ``CompiledModel.save`` (llmasos/artifact.py)."""
+    return CompiledModel(load_program(path, kind="model"))

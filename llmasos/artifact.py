@@ -1,12 +1,40 @@
-"""The compiled artifact on disk: a directory, no pickle anywhere.
+"""The one on-disk form of a compiled program: a directory, no pickle anywhere.
 
-    manifest.json        format version, target, input names, output structure, file sizes and sha256
-    module.so            the TVM-compiled library
-    weights.safetensors  parameters, stored once
-    graph.llir           the IR text (input types, symbol ranges; parsed back on load)
+    manifest.json          {"format": "llmasos", "version": 2, "kind": "model" | "lm", ...} (below)
+    module.so              the TVM-compiled library: one entry function per graph (main; prefill, decode)
+    weights.safetensors    the parameters, stored once for every entry function
+    graph.<entry>.llir     the IR text of each entry function (llmasos/ir's canonical text form, one graph
+                           a file: ``llmasos opt graph.decode.llir`` reads it back)
+    tokenizer/             when the program has a tokenizer (transformers' save_pretrained files)
+
+manifest.json (version 2):
+
+    format, version        "llmasos", 2
+    kind                   "model" (llmasos.compile: CompiledModel) or "lm" (llmasos.compile_lm: CompiledLM)
+    llmasos_version        the writer's package version (informational)
+    target, target_dict    the target's name and TVM target dict
+    signature              the library's entry functions, their inputs and symbol ranges, and the order of
+                           the parameters they share (backends.tvm.Signature.to_json()): enough to run the
+                           library with TVM's runtime alone
+    entries                {name: {"ir": "graph.<name>.llir", "convention": ...}} in the library's order;
+                           "convention" (model kind) maps a Python call onto the entry's inputs and its
+                           outputs back onto the model's output structure: input_names, in_spec and out_spec
+                           (torch pytree TreeSpecs as JSON text), out_leaves (an output index, or
+                           {"const": value})
+    meta                   per kind: for "lm" vocab, max_seq, cuda_graph and the DecoderConfig
+    tokenizer              whether tokenizer/ is present
+    files                  {relative path: {"bytes", "sha256"}} for every other file, tokenizer/ included
 
 Every file is checked against the manifest on load, so a truncated or corrupted artifact fails with a
-message naming the file instead of crashing inside TVM.
+message naming the file instead of crashing inside TVM. Reading an artifact never imports or runs anything
+its data names (only module.so is loaded, as a library): the pytree node types of the output structure
+must already be registered in this process, except the ModelOutput classes of transformers.modeling_outputs,
+which are resolved from that one module; anything else is refused with a message saying what to import.
+
+Older artifacts: "llmasos-artifact" v1 (llmasos.compile: graph.llir, no signature) and "llmasos-lm" v1
+(llmasos.compile_lm: no IR) are read as version 2 in memory. A newer version is refused naming both.
+
+This module knows the files and the manifest; llmasos.driver turns what it reads into a CompiledProgram.
 """
 from __future__ import annotations
 
@@ -14,15 +42,223 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any, Callable, Optional
 
-FORMAT = "llmasos-artifact"
-VERSION = 1
-FILES = ("module.so", "weights.safetensors", "graph.llir")
+FORMAT = "llmasos"
+VERSION = 2
+KINDS = ("model", "lm")
+LIBRARY, WEIGHTS, MANIFEST, TOKENIZER = "module.so", "weights.safetensors", "manifest.json", "tokenizer"
+# the formats version 2 replaced, and what each holds
+V1_FORMATS = {"llmasos-artifact": ("model", (LIBRARY, WEIGHTS, "graph.llir")),
+              "llmasos-lm": ("lm", (LIBRARY, WEIGHTS))}
+WHAT = {None: "an LLMasOS artifact", "model": "an LLMasOS artifact", "lm": "an LLMasOS LM artifact"}
+NOUN = {"model": "a compiled model", "lm": "a compiled LM"}
+LOADER = {"model": "llmasos.load", "lm": "llmasos.load_lm"}
 
 
 class ArtifactError(RuntimeError):
     pass
+
+
+def ir_file(entry: str) -> str:
+    return f"graph.{entry}.llir"
+
+
+@dataclass
+class Contents:
+    """A checked artifact directory, whatever its version, as version 2 describes it."""
+    path: Path
+    format: str
+    version: int
+    kind: str
+    target: Any                       # the TVM target dict
+    signature: Optional[dict]         # Signature JSON; None for v1 model artifacts (derived from the IR)
+    entries: dict                     # name -> {"ir": file or None, "convention": dict or None}
+    meta: dict = field(default_factory=dict)
+    tokenizer: bool = False
+
+    @property
+    def library(self) -> Path:
+        return self.path / LIBRARY
+
+    def weights(self) -> dict:
+        """{parameter name: torch tensor}."""
+        from safetensors.torch import load_file  # deferred: torch
+        return load_file(str(self.path / WEIGHTS))
+
+    def ir(self, entry: str) -> Optional[str]:
+        f = self.entries[entry].get("ir")
+        return None if f is None else (self.path / f).read_text()
+
+    def tokenizer_dir(self) -> Optional[Path]:
+        return self.path / TOKENIZER if self.tokenizer else None
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def write(path, *, kind: str, target_name: str, target_dict, signature: dict, entries: dict,
+          export_library: Callable[[str], Any], weights: dict, meta: Optional[dict] = None, tokenizer=None) -> Path:
+    """Write an artifact directory (atomically: a ``.partial`` sibling renamed at the end).
+
+    entries: {name: (ir text, convention dict or None)} in the library's order. export_library(file) writes
+    module.so. weights: {name: CPU torch tensor}. tokenizer: anything with ``save_pretrained(dir)``."""
+    from safetensors.torch import save_file  # deferred: torch
+
+    if kind not in KINDS:
+        raise ArtifactError(f"artifact kind must be one of {KINDS}, got {kind!r}")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    export_library(str(tmp / LIBRARY))
+    save_file(weights, str(tmp / WEIGHTS))
+    listed = {}
+    for name, (text, convention) in entries.items():
+        (tmp / ir_file(name)).write_text(text)
+        listed[name] = {"ir": ir_file(name), **({"convention": convention} if convention is not None else {})}
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    manifest = {
+        "format": FORMAT, "version": VERSION, "kind": kind, "llmasos_version": _package_version(),
+        "target": target_name, "target_dict": target_dict,
+        "signature": signature, "entries": listed, "meta": dict(meta or {}),
+        "tokenizer": tokenizer is not None,
+        "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+def read(path, kind: Optional[str] = None) -> Contents:
+    """Check the artifact directory ``path`` (format, version, every file's size and sha256) and describe it.
+    ``kind``: the kind the caller needs ("model" or "lm"); another kind is refused naming the loader to use."""
+    path = Path(path)
+    what = WHAT[kind]
+    manifest = _manifest(path, what)
+    fmt, version = manifest.get("format"), manifest.get("version")
+    if fmt == FORMAT:
+        if not isinstance(version, int) or version < 2:
+            raise ArtifactError(f"{path / MANIFEST}: format version {version!r} is not one this LLMasOS reads "
+                                f"(format {FORMAT!r} starts at version 2)")
+        if version > VERSION:
+            raise ArtifactError(f"{path / MANIFEST}: format version {version} is newer than this LLMasOS reads "
+                                f"({VERSION}); upgrade llmasos to load it")
+        found = manifest.get("kind")
+        if found not in KINDS:
+            raise ArtifactError(f"{path / MANIFEST}: kind {found!r} is not one of {KINDS}")
+    elif fmt in V1_FORMATS:
+        if version != 1:
+            raise ArtifactError(f"{path / MANIFEST}: format {fmt!r} version {version!r} is not supported (only 1; "
+                                f"this LLMasOS writes {FORMAT!r} version {VERSION})")
+        found = V1_FORMATS[fmt][0]
+    else:
+        raise ArtifactError(f"{path / MANIFEST}: not the manifest of {what} (format {fmt!r}, expected {FORMAT!r})")
+    if kind is not None and found != kind:   # before the file checks: the wrong loader is the first thing to say
+        raise ArtifactError(f"{path}: holds {NOUN[found]} (kind {found!r}), not {NOUN[kind]}; load it with "
+                            f"{LOADER[found]}")
+    try:
+        return _read_v2(path, manifest) if fmt == FORMAT else _read_v1(path, manifest)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{path / MANIFEST}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def kind_of(path) -> Optional[str]:
+    """The kind ("model", "lm") of the artifact directory ``path``, or None when it is not one. Reads only
+    the manifest (no checks): for dispatching, e.g. the CLI's ``generate MODEL|ARTIFACT``."""
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    if m.get("format") == FORMAT:
+        return m.get("kind") if m.get("kind") in KINDS else None
+    return V1_FORMATS.get(m.get("format"), (None,))[0]
+
+
+def _manifest(path: Path, what: str) -> dict:
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not {what} directory")
+    if not mf.exists():
+        raise ArtifactError(f"{path}: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mf}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mf}: not the manifest of {what} (a JSON {type(manifest).__name__}, not an object)")
+    return manifest
+
+
+def _check_files(path: Path, manifest: dict, required) -> None:
+    """Every file the manifest lists (and every required one) is present with its size and sha256."""
+    mf = path / MANIFEST
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{mf}: no file list")
+    for f in required:
+        if f not in files:
+            raise ArtifactError(f"{mf}: no entry for {f}")
+    for f, info in files.items():
+        p = path / f
+        if not _inside(path, p):
+            raise ArtifactError(f"{mf}: file {f!r} lies outside the artifact")
+        if not p.exists():
+            raise ArtifactError(f"{path}: {f} is missing")
+        size = p.stat().st_size
+        if size != info.get("bytes"):
+            raise ArtifactError(f"{p}: truncated or altered ({size} bytes, manifest says {info.get('bytes')})")
+        if _sha256(p) != info.get("sha256"):
+            raise ArtifactError(f"{p}: corrupted (sha256 differs from the manifest)")
+
+
+def _read_v2(path: Path, m: dict) -> Contents:
+    mf = path / MANIFEST
+    kind, entries = m["kind"], m.get("entries")
+    if not isinstance(entries, dict) or not entries:
+        raise ArtifactError(f"{mf}: no entry functions")
+    if not isinstance(m.get("signature"), dict):
+        raise ArtifactError(f"{mf}: no library signature")
+    _check_files(path, m, [LIBRARY, WEIGHTS] + [e["ir"] for e in entries.values() if e.get("ir")])
+    return Contents(path, FORMAT, m["version"], kind, m.get("target_dict"), m["signature"],
+                    {n: dict(e) for n, e in entries.items()}, dict(m.get("meta") or {}), bool(m.get("tokenizer")))
+
+
+def _read_v1(path: Path, m: dict) -> Contents:
+    kind, files = V1_FORMATS[m["format"]]
+    _check_files(path, m, files)
+    if kind == "model":
+        convention = {k: m[k] for k in ("input_names", "in_spec", "out_spec", "out_leaves")}
+        return Contents(path, m["format"], 1, kind, m.get("target_dict"), None,
+                        {"main": {"ir": "graph.llir", "convention": convention}}, {}, bool(m.get("tokenizer")))
+    sig = m["signature"]
+    entries = {n: {"ir": None} for n in (sig.get("functions") or {"main": None})}
+    meta = {"vocab": m["vocab"], "max_seq": m["max_seq"], "cuda_graph": m.get("cuda_graph", False),
+            "config": m.get("config")}
+    return Contents(path, m["format"], 1, kind, m.get("target_dict"), sig, entries, meta, bool(m.get("tokenizer")))
+
+
+def _package_version() -> Optional[str]:
+    try:
+        return metadata.version("llmasos")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _inside(root: Path, p: Path) -> bool:
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _sha256(path: Path) -> str:
@@ -33,133 +269,95 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _spec_dumps(spec) -> str:
-    from torch.utils import _pytree as pytree
+# -- pytree specs: written by torch, read without importing what they name ---------------------------------
+# the one module a spec may name that is imported on its behalf: transformers' ModelOutput classes register
+# themselves as pytree nodes when their module is imported, and this module is fixed, not taken from the data
+MODEL_OUTPUTS = "transformers.modeling_outputs"
+SAFE_FACTORIES = ("list", "dict", "set", "tuple", "int", "float", "str", "bool")   # a defaultdict's, from builtins
+
+
+def spec_dumps(spec) -> str:
+    from torch.utils import _pytree as pytree  # deferred: torch
     return pytree.treespec_dumps(spec)
 
 
-def _spec_loads(text: str):
-    import importlib
+def spec_loads(text: str, where: str):
+    """A torch pytree TreeSpec from ``treespec_dumps`` text, refusing anything whose loading would import or
+    run code the text names: node types must be registered already (or be a ModelOutput of
+    transformers.modeling_outputs), contexts must be plain JSON (torch would import an enum's module), and a
+    defaultdict's factory must be a builtin (torch would import its module)."""
+    from torch.utils import _pytree as pytree  # deferred: torch
 
-    from torch.utils import _pytree as pytree
-    # a ModelOutput's pytree registration happens when its module is imported
-    for name in set(_type_names(json.loads(text))):
-        mod = name.rsplit(".", 1)[0]
-        if mod and mod != "builtins":
-            try:
-                importlib.import_module(mod)
-            except ImportError as e:
-                raise ArtifactError(f"the output structure uses {name}, whose module cannot be imported: {e}")
-    return pytree.treespec_loads(text)
-
-
-def _type_names(obj):
-    if isinstance(obj, dict):
-        if isinstance(obj.get("type"), str):
-            yield obj["type"]
-        for v in obj.values():
-            yield from _type_names(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _type_names(v)
-
-
-def save(cm, path) -> Path:
-    from safetensors.torch import save_file
-
-    from .ir.printer import print_graph
-    from .ir.torch_dtypes import numpy_to_torch
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cm.executable.export_library(str(tmp / "module.so"))
-    tensors = {}
-    for name in cm.graph.params:
-        data = cm.graph.param_data[name]
-        t = data if hasattr(data, "detach") else numpy_to_torch(data)
-        tensors[name] = t.detach().cpu().contiguous()
-    save_file(tensors, str(tmp / "weights.safetensors"))
-    (tmp / "graph.llir").write_text(print_graph(cm.graph))
-    if cm.tokenizer is not None:
-        cm.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    sig = cm.signature
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "target": cm.target.name,
-        "target_dict": cm.target.target,
-        "input_names": list(sig.input_names),
-        "in_spec": _spec_dumps(sig.in_spec),
-        "out_spec": _spec_dumps(sig.out_spec),
-        "out_leaves": [leaf if isinstance(leaf, int) else {"const": leaf[1]} for leaf in sig.out_leaves],
-        "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in FILES},
-        "tokenizer": cm.tokenizer is not None,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
-
-
-def read_manifest(path: Path, fmt: str = FORMAT, version: int = VERSION, files=FILES,
-                  what: str = "an LLMasOS artifact") -> dict:
-    """The manifest of the artifact directory ``path``, after checking its format, version and every file's
-    size and sha256 (LM artifacts, llmasos/llm/artifact.py, pass their own format and files)."""
-    mf = path / "manifest.json"
-    if not path.is_dir():
-        raise ArtifactError(f"{path} is not {what} directory")
-    if not mf.exists():
-        raise ArtifactError(f"{path}: manifest.json is missing")
     try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mf}: corrupted manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ArtifactError(f"{mf}: not the manifest of {what} (format {got!r}, expected {fmt!r})")
-    if manifest.get("version") != version:
-        raise ArtifactError(f"{mf}: format version {manifest.get('version')} is not supported (this is {version})")
-    for f in files:
-        info = manifest.get("files", {}).get(f)
-        p = path / f
-        if info is None:
-            raise ArtifactError(f"{mf}: no entry for {f}")
-        if not p.exists():
-            raise ArtifactError(f"{path}: {f} is missing")
-        size = p.stat().st_size
-        if size != info["bytes"]:
-            raise ArtifactError(f"{p}: truncated or altered ({size} bytes, manifest says {info['bytes']})")
-        if _sha256(p) != info["sha256"]:
-            raise ArtifactError(f"{p}: corrupted (sha256 differs from the manifest)")
-    return manifest
+        protocol, schema = json.loads(text)
+    except (ValueError, TypeError):
+        raise ArtifactError(f"{where}: not a serialized pytree spec") from None
+    if protocol != 1:
+        raise ArtifactError(f"{where}: pytree spec protocol {protocol!r} is not supported (1)")
+    _check_spec_node(schema, where, pytree)
+    try:
+        return pytree.treespec_loads(text)
+    except Exception as e:  # noqa: BLE001 -- any malformed spec is the artifact's fault
+        raise ArtifactError(f"{where}: cannot read the pytree spec: {type(e).__name__}: {e}") from None
 
 
-def load(path):
-    from safetensors.torch import load_file
+def _check_spec_node(node, where: str, pytree) -> None:
+    if not isinstance(node, dict) or set(node) != {"type", "context", "children_spec"}:
+        raise ArtifactError(f"{where}: malformed pytree spec node {str(node)[:80]}")
+    name, context, children = node["type"], node["context"], node["children_spec"]
+    if not isinstance(children, list):
+        raise ArtifactError(f"{where}: malformed pytree spec node {str(node)[:80]}")
+    if name is None:  # a leaf
+        if context is not None or children:
+            raise ArtifactError(f"{where}: malformed pytree leaf {str(node)[:80]}")
+        return
+    typ = _registered_type(name, where, pytree)
+    custom = pytree.SUPPORTED_SERIALIZED_TYPES[typ].from_dumpable_context
+    if name == "collections.namedtuple":
+        if not isinstance(context, str):
+            raise ArtifactError(f"{where}: malformed namedtuple context {context!r}")
+        _registered_type(context, where, pytree)
+    elif name == "collections.defaultdict":
+        ctx = context if isinstance(context, dict) else {}
+        module, factory = ctx.get("default_factory_module"), ctx.get("default_factory_name")
+        if module != "builtins" or factory not in SAFE_FACTORIES:
+            raise ArtifactError(f"{where}: a defaultdict whose factory is not one of the builtins "
+                                f"{', '.join(SAFE_FACTORIES)} is refused (got {module}.{factory}; loading it would "
+                                f"import {module!r})")
+    elif custom is not None:
+        raise ArtifactError(f"{where}: pytree node type {name!r} has its own context deserializer, which reading an "
+                            f"artifact does not run")
+    else:
+        try:
+            ctx = json.loads(context) if isinstance(context, str) else context
+        except ValueError:
+            raise ArtifactError(f"{where}: malformed context of pytree node {name!r}") from None
+        if _has_enum(ctx):
+            raise ArtifactError(f"{where}: pytree node {name!r} has an enum in its context; loading it would import "
+                                f"the enum's module, which reading an artifact never does")
+    for child in children:
+        _check_spec_node(child, where, pytree)
 
-    from .backends.tvm import Executable, resolve_target
-    from .compiled import CompiledModel, Signature
-    from .ir.parser import parse
-    from .ir.verifier import verify
 
-    path = Path(path)
-    manifest = read_manifest(path)
-    weights = load_file(str(path / "weights.safetensors"))
-    graph = parse((path / "graph.llir").read_text(), params=weights)
-    missing = set(graph.params) - set(weights)
-    if missing:
-        raise ArtifactError(f"{path}: weights.safetensors lacks parameters {sorted(missing)[:5]}")
-    verify(graph)
-    spec = resolve_target(manifest["target_dict"])
-    exe = Executable.load(str(path / "module.so"), graph, weights, spec)
-    leaves = [leaf if isinstance(leaf, int) else ("const", leaf["const"]) for leaf in manifest["out_leaves"]]
-    sig = Signature(_spec_loads(manifest["in_spec"]), _spec_loads(manifest["out_spec"]), leaves,
-                    manifest["input_names"])
-    tok = None
-    if manifest.get("tokenizer"):
-        import transformers
-        tok = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-    return CompiledModel(graph, exe, sig, spec, {}, tok)
+def _registered_type(name, where: str, pytree):
+    table = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
+    if not isinstance(name, str) or name == "NO_SERIALIZED_TYPE_NAME_FOUND":
+        raise ArtifactError(f"{where}: malformed pytree node type {name!r}")
+    if name not in table and name.startswith(MODEL_OUTPUTS + ".") and "." not in name[len(MODEL_OUTPUTS) + 1:]:
+        try:
+            import transformers.modeling_outputs  # noqa: F401 -- deferred: transformers; a fixed module (see above)
+        except ImportError:
+            pass
+    if name not in table:
+        raise ArtifactError(f"{where}: the output structure uses {name!r}, which is not a registered pytree node "
+                            f"type in this process. Loading an artifact never imports modules it names: import the "
+                            f"module that defines {name.rsplit('.', 1)[-1]} (registering it) before loading")
+    return table[name]
+
+
+def _has_enum(obj) -> bool:
+    if isinstance(obj, dict):
+        return "__enum__" in obj or any(_has_enum(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_enum(v) for v in obj)
+    return False

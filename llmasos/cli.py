@@ -20,8 +20,9 @@ from pathlib import Path
 
 import llmasos
 
+from .llm import presets
+from .artifact import kind_of
 from .llm import Sampling
-from .llm.artifact import is_lm_artifact
 from .llm.bench import run as run_bench
 from .opt import add_parser as add_opt_parser
 from .zoo import load_model, load_smollm2
@@ -162,7 +163,7 @@ def cmd_generate(args) -> int:
     """Compile (or load) an LM and generate from a prompt, streaming the text as it is made."""
     sampling = _sampling(args)
     t0 = time.perf_counter()
-    if Path(args.model).is_dir() and is_lm_artifact(args.model):
+    if Path(args.model).is_dir() and kind_of(args.model) == "lm":
         lm = llmasos.load_lm(args.model)
         what = f"loaded {args.model}"
     else:
@@ -199,19 +200,11 @@ def _tuned_note(lm) -> str:
 
 def cmd_tune(args) -> int:
     """MetaSchedule-tune the kernels `generate`/`demo` build for MODEL (batch 1, same --max-seq/--passes)."""
-    from .llm.model import PRESETS as DECODERS  # deferred: imports torch
     dtype = None
     if args.dtype:
         import torch  # deferred: commands that need no torch (opt, ops, --help) start without it
         dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    # the model exactly as `generate MODEL` loads it (a Decoder preset only where no other model has the
-    # name: the two differ in constants inside kernels, norm eps and RoPE theta, which would not match)
-    try:
-        model = load_model(args.model)[0]
-    except ValueError:
-        if args.model not in DECODERS:
-            raise
-        model = args.model
+    model = load_model(args.model)[0]   # the model exactly as `generate MODEL` loads it
     log = (lambda *a: print(*a, file=sys.stderr, flush=True))
     shape = dict(max_batch=1) if args.batch == 1 else dict(batch=args.batch)  # as generate / bench compile
     report = llmasos.tune_lm(model, _target_arg(args.target), args.db, max_seq=args.max_seq, **shape, dtype=dtype,
@@ -247,8 +240,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmasos", description="LLMasOS: compile PyTorch LLMs with TVM")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("compile", help="compile a model and save an artifact")
-    p.add_argument("model", help="smollm2 | gpt2-tiny | llama-tiny | bert-tiny | a local HF model directory | "
-                                 "module:factory")
+    p.add_argument("model", help=f"smollm2 | a preset ({', '.join(presets.names())}) | a local HF model "
+                                 f"directory | module:factory")
     p.add_argument("-o", "--output", help="artifact directory to write (e.g. model.llmasos)")
     p.add_argument("--print-ir", action="store_true")
     _add_compile_args(p)
@@ -269,8 +262,8 @@ def main(argv=None) -> int:
     p.add_argument("--tuning-db", default=None, help="a database from `llmasos tune` (same --max-seq)")
     p.set_defaults(fn=cmd_demo, max_seq=256)
     p = sub.add_parser("generate", help="generate text with a KV cache (compiles MODEL, or loads an LM artifact)")
-    p.add_argument("model", help="an LM artifact directory (from -o), smollm2, gpt2-tiny, llama-tiny, llama-135m, "
-                                 "gpt2-small, or a local HF causal-LM directory")
+    p.add_argument("model", help=f"an LM artifact directory (from -o), smollm2, a decoder preset "
+                                 f"({', '.join(presets.names(decoders_only=True))}) or a local HF causal-LM directory")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", default="The capital of France is")
     g.add_argument("--ids", help="comma-separated prompt token ids (models without a tokenizer)")
@@ -287,8 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--tuning-db", default=None, help="a database from `llmasos tune` (same --max-seq and --passes)")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("tune", help="MetaSchedule-tune an LM's kernels into a database that later compiles reuse")
-    p.add_argument("model", help="smollm2, a model preset, a Decoder preset (llama-1b, gpt2-124m, ...) or a "
-                                 "local HF causal-LM directory")
+    p.add_argument("model", help="smollm2, a decoder preset (as generate) or a local HF causal-LM directory")
     p.add_argument("--db", required=True, help="tuning database directory (created, or extended)")
     p.add_argument("--target", default="cpu")
     p.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per kernel (default 64)")
@@ -301,7 +293,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("bench", help="decode tokens/s: llmasos vs torch eager vs torch.compile (JSON)")
     p.add_argument("--target", default="cuda")
-    p.add_argument("--models", default="gpt2-124m,llama-1b", help="llmasos.llm.model presets")
+    p.add_argument("--models", default="gpt2-124m,llama-1b",
+                   help=f"decoder presets ({', '.join(presets.names(decoders_only=True))})")
     p.add_argument("--batch", default="1")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)

@@ -1,55 +1,28 @@
-"""CompiledModel: what ``llmasos.compile`` returns -- a callable with the model's calling convention."""
+"""CompiledModel: what ``llmasos.compile`` returns -- a view over a CompiledProgram of kind "model" that is
+callable with the model's own calling convention (torch tensors in, the model's output structure out)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
 
-from .ir.graph import Graph
+from .driver import MAIN, CompiledProgram
+from .ir.interpreter import bind_symbols
+from .ir.torch_dtypes import dtype_from_torch, dtype_to_torch
 
 
 class InputError(ValueError):
     """A call with inputs the compiled model cannot take (count, dtype, shape, range)."""
 
 
-@dataclass
-class Signature:
-    """How user calls map to graph inputs and graph outputs back to the model's output structure."""
-    in_spec: Any                  # torch pytree TreeSpec of (args, kwargs)
-    out_spec: Any                 # TreeSpec of the model's output
-    out_leaves: list              # per output leaf: index into graph.outputs, or ("const", value)
-    input_names: list
-
-
-@dataclass
 class CompiledModel:
-    graph: Graph
-    executable: Any
-    signature: Signature
-    target: Any
-    timings: dict = field(default_factory=dict)
-    tokenizer: Any = None
+    """``cm(*args, **kwargs)`` runs the library's ``main``; ``cm.ir``, ``cm.save(path)``, ``cm.benchmark(...)``.
+    ``cm.program`` is the CompiledProgram it views (graphs, executable, target, timings, tokenizer)."""
 
-    @property
-    def ir(self) -> str:
-        from .ir.printer import print_graph
-        return print_graph(self.graph)
-
-    def __call__(self, *args, **kwargs):
-        import torch
-        from torch.utils import _pytree as pytree
-
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        if len(tensors) != len(self.graph.inputs):
-            raise InputError(f"the compiled model takes {len(self.graph.inputs)} tensor input(s) "
-                             f"({', '.join(self.signature.input_names)}), got {len(tensors)}")
-        self.check_inputs(tensors)
-        outs = self.executable(*tensors)
-        flat = [outs[leaf] if isinstance(leaf, int) else leaf[1] for leaf in self.signature.out_leaves]
-        return pytree.tree_unflatten(flat, self.signature.out_spec)
-
-    def __post_init__(self):
+    def __init__(self, program: CompiledProgram, entry: str = MAIN):
+        if entry not in program.conventions or entry not in program.graphs:
+            raise ValueError(f"a CompiledModel needs entry '{entry}' with its graph and calling convention; the "
+                             f"program has {', '.join(program.entries)}")
+        self.program = program
+        self.entry = entry
         # input index -> table size for inputs used directly as embedding ids: compiled code clamps
         # out-of-range gathers instead of raising, so ids are checked before the call
         pos = {v: i for i, v in enumerate(self.graph.inputs)}
@@ -60,11 +33,56 @@ class CompiledModel:
                 i = pos[n.inputs[1]]
                 self.id_ranges[i] = min(self.id_ranges.get(i, rows), rows)
 
+    # -- the program, seen as one model --------------------------------------------------------------
+    @property
+    def graph(self):
+        return self.program.graphs[self.entry]
+
+    @property
+    def convention(self):
+        return self.program.conventions[self.entry]
+
+    @property
+    def executable(self):
+        return self.program.executable
+
+    @property
+    def target(self):
+        return self.program.target
+
+    @property
+    def timings(self) -> dict:
+        return self.program.timings
+
+    @property
+    def tokenizer(self):
+        return self.program.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self.program.tokenizer = tok
+
+    @property
+    def ir(self) -> str:
+        return self.program.ir(self.entry)
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        import torch  # deferred: torch (importing llmasos does not load it)
+        from torch.utils import _pytree as pytree
+
+        leaves, _ = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if len(tensors) != len(self.graph.inputs):
+            raise InputError(f"the compiled model takes {len(self.graph.inputs)} tensor input(s) "
+                             f"({', '.join(self.convention.input_names)}), got {len(tensors)}")
+        self.check_inputs(tensors)
+        outs = self.executable.call(self.entry, *tensors)
+        flat = [outs[leaf] if isinstance(leaf, int) else leaf[1] for leaf in self.convention.out_leaves]
+        return pytree.tree_unflatten(flat, self.convention.out_spec)
+
     def check_inputs(self, tensors) -> None:
         """Dtype, rank, fixed dims, symbol ranges and embedding-id ranges, checked before anything runs."""
-        from .ir.interpreter import bind_symbols
-        from .ir.torch_dtypes import dtype_from_torch
-
         for i, (v, t) in enumerate(zip(self.graph.inputs, tensors)):
             try:
                 got = dtype_from_torch(t.dtype)
@@ -89,12 +107,14 @@ class CompiledModel:
         return f"({ins})" + (f" with {bounds}" if bounds else "")
 
     def save(self, path) -> None:
-        from .artifact import save
-        save(self, path)
+        self.program.save(path)
 
     def benchmark(self, *args, warmup: int = 2, repeat: int = 10) -> float:
         """Median seconds per call."""
         return median_seconds(lambda: self(*args), repeat, warmup)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(target={self.target.name!r}, {self._describe_inputs()})"
 
 
 def median_seconds(fn, repeat: int = 10, warmup: int = 2) -> float:
@@ -109,6 +129,4 @@ def median_seconds(fn, repeat: int = 10, warmup: int = 2) -> float:
 
 
 def _torch_name(dt) -> str:
-    from .ir.torch_dtypes import dtype_to_torch
     return str(dtype_to_torch(dt)).replace("torch.", "")
-

@@ -10,6 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from .llm import presets
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -56,35 +58,8 @@ def load_smollm2(dtype=None, verbose: bool = True):
     return model.eval(), tok
 
 
-# Random-weight models from configs: shapes for tests and benchmarks, nothing downloaded.
-PRESETS = {
-    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)),
-    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
-    "llama-tiny": ("llama", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=128, vocab_size=128, max_position_embeddings=64)),
-    # SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 kv heads, ffn 1536, vocab 49152)
-    "llama-135m": ("llama", dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
-                                 num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
-                                 max_position_embeddings=2048, tie_word_embeddings=True)),
-    "bert-tiny": ("bert", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                               vocab_size=128, max_position_embeddings=64)),
-}
-
-
-def from_preset(name: str, seed: int = 0, **overrides):
-    import torch  # deferred, as transformers: the CLI imports this module for every command
-    import transformers  # deferred: heavy, optional (the llm extra)
-
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    arch, cfg = PRESETS[name]
-    cfg = {**cfg, **overrides}
-    torch.manual_seed(seed)
-    if arch == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(use_cache=False, **cfg)).eval()
-    if arch == "llama":
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(use_cache=False, **cfg)).eval()
-    return transformers.BertModel(transformers.BertConfig(**cfg)).eval()
+# kept for existing callers: the preset table is llmasos/llm/presets.py
+from_preset = presets.hf_model
 
 
 def load_model(spec: str):
@@ -94,8 +69,8 @@ def load_model(spec: str):
     tok = None
     if spec == "smollm2":
         model, tok = load_smollm2()
-    elif spec in PRESETS:
-        model = from_preset(spec)
+    elif spec in presets.names():
+        model = presets.hf_model(spec)
     elif Path(spec).is_dir():
         import transformers  # deferred: heavy, optional (the llm extra)
         model = transformers.AutoModelForCausalLM.from_pretrained(spec).eval()
@@ -108,7 +83,7 @@ def load_model(spec: str):
         mod, fn = spec.split(":", 1)
         model = getattr(importlib.import_module(mod), fn)()
     else:
-        raise ValueError(f"unknown model {spec!r}: use smollm2, one of {', '.join(sorted(PRESETS))}, "
+        raise ValueError(f"unknown model {spec!r}: use smollm2, one of the presets {', '.join(presets.names())}, "
                          f"a local Hugging Face model directory, or module:factory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", 128)
     example = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))

@@ -1,25 +1,27 @@
 """LLM inference: a static-KV-cache decoder, its prefill/decode compilation and generation."""
 
-from .runtime import CompiledLM, GenerationError, GenerationStats  # noqa: E402,F401
-from .sampling import Sampling  # noqa: E402,F401
+from . import adapters  # noqa: F401  (registers the built-in model families: llama, gpt2, qwen2, mistral)
+from ..driver import load_program
+from .runtime import CompiledLM, GenerationError, GenerationStats
+from .sampling import Sampling
 
 
 def compile_lm(model, target="cpu", **kwargs) -> CompiledLM:
     """See llmasos.llm.compile.compile_lm."""
-    from .compile import compile_lm as _compile_lm
+    from .compile import compile_lm as _compile_lm  # deferred: torch (the Decoder, torch.export)
     return _compile_lm(model, target, **kwargs)
 
 
 def tune_lm(model, target="cpu", db="llmasos.tune", **kwargs):
     """See llmasos.llm.compile.tune_lm."""
-    from .compile import tune_lm as _tune_lm
+    from .compile import tune_lm as _tune_lm  # deferred: torch (the Decoder, torch.export)
     return _tune_lm(model, target, db, **kwargs)
 
 
 def load_lm(path, target=None) -> CompiledLM:
-    """Load a CompiledLM saved with ``CompiledLM.save`` (needs only TVM's runtime)."""
-    from .artifact import load
-    return load(path, target)
+    """Load a CompiledLM saved with ``CompiledLM.save`` (needs only TVM's runtime; ``target`` overrides the
+    saved one, e.g. another CUDA arch)."""
+    return CompiledLM(load_program(path, target, kind="lm"))
 
 
 def generate(model, prompts, max_new_tokens: int = 32, **kwargs):

@@ -1,7 +1,7 @@
 """Decode benchmark: KV-cache generation tokens/s, ours against PyTorch on the same model, in the same run.
 
-Used by ``bench/decode.py`` and ``llmasos bench``. For each model (a llmasos.llm.model preset with random
-weights, seed 0) and batch size:
+Used by ``bench/decode.py`` and ``llmasos bench``. For each model (a decoder preset of llmasos/llm/presets.py with
+random weights, seed 0) and batch size:
   * torch eager: the static-KV-cache Decoder (mode="torch", gpt-fast style: in-place cache writes, SDPA with
     the causal cache mask), greedy, argmax on the device, no host sync per token;
   * torch.compile(mode="reduce-overhead", fullgraph=True) of the same decode step (CUDA graphs);
@@ -88,13 +88,14 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
 
     import llmasos
     from ..backends.tvm import resolve_target
-    from .model import Decoder, preset
+    from .presets import decoder_config
+    from .model import Decoder
 
     spec = resolve_target(target)
     device = spec.torch_device
     tdtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[dtype]
     bw = bandwidth or copy_bandwidth(spec)
-    cfg = preset(name)
+    cfg = decoder_config(name)
     max_seq = prompt_len + new
     rows = []
     # drawn once, on the device (a CPU draw of 1B weights takes a minute); ours compiles a CPU copy of them

@@ -1,4 +1,5 @@
-"""A gpt-fast-style static-KV-cache decoder (Llama family and GPT-2): what we trace, and the torch baseline.
+"""A gpt-fast-style static-KV-cache decoder (Llama family, GPT-2; transformers models of the registered families,
+llmasos/llm/adapters/, map onto it): what we trace, and the torch baseline.
 
 Two modes share one module tree and one set of weights:
 
@@ -16,7 +17,6 @@ T = 1, last = 0). Caches [B, Hkv, M, D] in the model dtype, ordered k_0, v_0, k_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -26,98 +26,10 @@ from torch import nn
 # importing llmasos.llm.ops also registers torch.ops.llmasos.kv_append / kv_attention
 from llmasos.llm.ops import causal_cache_mask
 
-ARCHS = ("llama", "gpt2")
+from .adapter import adapter_for
+from .config import ARCHS, DecoderConfig  # noqa: F401  (re-exported: the Decoder's config)
+
 MODES = ("export", "torch")
-
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    arch: str
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    max_positions: int
-    norm_eps: float
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-
-    def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"DecoderConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.heads % self.kv_heads:
-            raise ValueError(f"DecoderConfig: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        if self.arch == "gpt2" and (self.kv_heads != self.heads or self.heads * self.head_dim != self.hidden):
-            raise ValueError("DecoderConfig: gpt2 needs kv_heads == heads and heads * head_dim == hidden")
-        if self.arch == "llama" and self.head_dim % 2:
-            raise ValueError(f"DecoderConfig: RoPE needs an even head_dim, got {self.head_dim}")
-
-    @staticmethod
-    def from_hf(hf_config) -> "DecoderConfig":
-        """From a transformers LlamaConfig (SmolLM2 included) or GPT2Config; refuses what we do not model."""
-        kind = getattr(hf_config, "model_type", None)
-        if kind == "llama":
-            return _llama_config(hf_config)
-        if kind == "gpt2":
-            return _gpt2_config(hf_config)
-        raise ValueError(f"DecoderConfig.from_hf: model_type {kind!r} is not supported (llama, gpt2)")
-
-
-def _llama_config(c) -> DecoderConfig:
-    if c.hidden_act != "silu":
-        raise ValueError(f"DecoderConfig.from_hf: llama hidden_act {c.hidden_act!r} is not supported (silu)")
-    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
-        raise ValueError("DecoderConfig.from_hf: llama attention_bias / mlp_bias are not supported")
-    # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
-    rope = dict(getattr(c, "rope_parameters", None) or {})
-    scaling = getattr(c, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
-    if rope_type != "default":
-        raise ValueError(f"DecoderConfig.from_hf: rope type {rope_type!r} is not implemented (only 'default' RoPE)")
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
-    if theta is None:
-        raise ValueError("DecoderConfig.from_hf: llama config has no rope_theta")
-    return DecoderConfig(
-        arch="llama", vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
-        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads or c.num_attention_heads,
-        head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-        ffn=c.intermediate_size, max_positions=c.max_position_embeddings, norm_eps=c.rms_norm_eps,
-        rope_theta=float(theta), tie_embeddings=bool(c.tie_word_embeddings))
-
-
-def _gpt2_config(c) -> DecoderConfig:
-    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"DecoderConfig.from_hf: gpt2 activation_function {c.activation_function!r} is not "
-                         "supported (gelu_new / gelu_pytorch_tanh)")
-    if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
-        raise ValueError("DecoderConfig.from_hf: gpt2 needs scale_attn_weights=True and "
-                         "scale_attn_by_inverse_layer_idx=False")
-    if c.add_cross_attention:
-        raise ValueError("DecoderConfig.from_hf: gpt2 cross attention is not supported")
-    return DecoderConfig(
-        arch="gpt2", vocab=c.vocab_size, hidden=c.n_embd, layers=c.n_layer, heads=c.n_head,
-        kv_heads=c.n_head, head_dim=c.n_embd // c.n_head, ffn=c.n_inner or 4 * c.n_embd,
-        max_positions=c.n_positions, norm_eps=c.layer_norm_epsilon, tie_embeddings=True)
-
-
-PRESETS = {
-    "gpt2-124m": DecoderConfig("gpt2", vocab=50257, hidden=768, layers=12, heads=12, kv_heads=12, head_dim=64,
-                               ffn=3072, max_positions=1024, norm_eps=1e-5),
-    "llama-1b": DecoderConfig("llama", vocab=32000, hidden=2048, layers=16, heads=32, kv_heads=8, head_dim=64,
-                              ffn=8192, max_positions=2048, norm_eps=1e-5, rope_theta=10000.0,
-                              tie_embeddings=False),
-    "llama-135m": DecoderConfig("llama", vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
-                                ffn=1536, max_positions=2048, norm_eps=1e-5, rope_theta=100000.0,
-                                tie_embeddings=True),
-    "llama-tiny": DecoderConfig("llama", vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
-                                ffn=128, max_positions=64, norm_eps=1e-6, rope_theta=10000.0,
-                                tie_embeddings=False),
-    "gpt2-tiny": DecoderConfig("gpt2", vocab=128, hidden=64, layers=2, heads=4, kv_heads=4, head_dim=16,
-                               ffn=256, max_positions=64, norm_eps=1e-5),
-}
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,10 +49,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        bias = cfg.arch == "gpt2"
         # one fused q|k|v projection (gpt-fast's wqkv; GPT-2's c_attn): one GEMV per layer for q, k and v
-        self.wqkv = nn.Linear(cfg.hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=bias)
-        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=bias)
+        self.wqkv = nn.Linear(cfg.hidden, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim,
+                              bias=cfg.linear_bias or cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.heads * cfg.head_dim, cfg.hidden, bias=cfg.linear_bias)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         # torch mode only: setup_caches fills these
         self.register_buffer("k_cache", None, persistent=False)
@@ -358,63 +270,33 @@ class Decoder(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, mode: str = "export", dtype=None) -> "Decoder":
-        """Copy the weights of a transformers LlamaForCausalLM or GPT2LMHeadModel."""
-        cfg = DecoderConfig.from_hf(hf_model.config)
+        """Copy the weights of a transformers causal LM of a registered family (llmasos/llm/adapters/: Llama,
+        GPT-2, Qwen2, Mistral), through its adapter's config and weight-name maps."""
+        adapter = adapter_for(hf_model.config, "Decoder.from_hf")
+        cfg = adapter.config(hf_model.config)
         sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        prefix = adapter.prefix if any(k.startswith(adapter.prefix) for k in sd) else ""
         m = cls(cfg, mode)
-        ours = _llama_weights(sd, cfg) if cfg.arch == "llama" else _gpt2_weights(sd, cfg)
-        if cfg.tie_embeddings:
-            ours.pop("lm_head.weight", None)
-            sd_keys = set(m.state_dict()) - {"lm_head.weight"}
-        else:
-            sd_keys = set(m.state_dict())
-        missing, extra = sd_keys - set(ours), set(ours) - sd_keys
+        ours_keys = set(m.state_dict())
+        needed = ours_keys - ({"lm_head.weight"} if cfg.tie_embeddings else set())   # a tied head is the embedding
+        wmap = adapter.weights(cfg)
+        missing, extra = needed - set(wmap), set(wmap) - ours_keys
         if missing or extra:
-            raise ValueError(f"Decoder.from_hf: weight mapping mismatch; missing {sorted(missing)[:5]}, "
+            raise ValueError(f"Decoder.from_hf: {adapter.name} weight map mismatch; missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(extra)[:5]}")
+        ours = {name: _gather(sd, wmap[name], prefix, adapter.name) for name in needed}
         m.load_state_dict(ours, strict=False)
         dtype = dtype or next(hf_model.parameters()).dtype
         return m.to(dtype=dtype, device=next(hf_model.parameters()).device).eval()
 
 
-def _llama_weights(sd: dict, cfg: DecoderConfig) -> dict:
-    p = "model." if any(k.startswith("model.") for k in sd) else ""
-    out = {"embed.weight": sd[f"{p}embed_tokens.weight"], "norm.weight": sd[f"{p}norm.weight"]}
-    out["lm_head.weight"] = sd.get("lm_head.weight", sd[f"{p}embed_tokens.weight"])
-    for i in range(cfg.layers):
-        h, o = f"{p}layers.{i}.", f"blocks.{i}."
-        out[o + "attn.wqkv.weight"] = torch.cat([sd[h + f"self_attn.{n}_proj.weight"] for n in "qkv"], 0)
-        out[o + "attn.wo.weight"] = sd[h + "self_attn.o_proj.weight"]
-        out[o + "mlp.w1.weight"] = sd[h + "mlp.gate_proj.weight"]
-        out[o + "mlp.w3.weight"] = sd[h + "mlp.up_proj.weight"]
-        out[o + "mlp.w2.weight"] = sd[h + "mlp.down_proj.weight"]
-        out[o + "norm1.weight"] = sd[h + "input_layernorm.weight"]
-        out[o + "norm2.weight"] = sd[h + "post_attention_layernorm.weight"]
-    return out
-
-
-def _gpt2_weights(sd: dict, cfg: DecoderConfig) -> dict:
-    p = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
-    out = {"embed.weight": sd[f"{p}wte.weight"], "wpe.weight": sd[f"{p}wpe.weight"],
-           "norm.weight": sd[f"{p}ln_f.weight"], "norm.bias": sd[f"{p}ln_f.bias"]}
-    for i in range(cfg.layers):
-        h, o = f"{p}h.{i}.", f"blocks.{i}."
-        # HF's Conv1D stores [in, out]; nn.Linear wants [out, in]
-        out[o + "attn.wqkv.weight"] = sd[h + "attn.c_attn.weight"].t().contiguous()
-        out[o + "attn.wqkv.bias"] = sd[h + "attn.c_attn.bias"]
-        out[o + "attn.wo.weight"] = sd[h + "attn.c_proj.weight"].t().contiguous()
-        out[o + "attn.wo.bias"] = sd[h + "attn.c_proj.bias"]
-        out[o + "mlp.fc.weight"] = sd[h + "mlp.c_fc.weight"].t().contiguous()
-        out[o + "mlp.fc.bias"] = sd[h + "mlp.c_fc.bias"]
-        out[o + "mlp.proj.weight"] = sd[h + "mlp.c_proj.weight"].t().contiguous()
-        out[o + "mlp.proj.bias"] = sd[h + "mlp.c_proj.bias"]
-        for a, b in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            out[o + f"{b}.weight"] = sd[h + f"{a}.weight"]
-            out[o + f"{b}.bias"] = sd[h + f"{a}.bias"]
-    return out
-
-
-def preset(name: str, **overrides) -> DecoderConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown decoder preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return replace(PRESETS[name], **overrides)
+def _gather(sd: dict, src, prefix: str, family: str) -> torch.Tensor:
+    """One Decoder parameter from the transformers state dict, as the adapter's W says."""
+    keys = [n.format(p=prefix) for n in src.names]
+    if src.fallback is not None and keys[0] not in sd:
+        keys = [src.fallback.format(p=prefix)]
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise ValueError(f"Decoder.from_hf: the {family} state dict has no {missing[0]!r}")
+    t = sd[keys[0]] if len(keys) == 1 else torch.cat([sd[k] for k in keys], 0)
+    return t.t().contiguous() if src.transpose else t

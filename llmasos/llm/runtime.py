@@ -1,6 +1,8 @@
 """CompiledLM: a compiled prefill + decode pair, the KV cache it owns on the device, and generation.
 
-The library has two entry functions sharing one set of weights (backends.tvm.build_functions):
+A CompiledLM is a view over a CompiledProgram of kind "lm" (llmasos/driver.py; ``lm.program``), whose meta
+holds vocab, max_seq, cuda_graph and the DecoderConfig. The library has two entry functions sharing one set
+of weights (backends.tvm.build_functions):
 
     prefill(ids [B, T], pos [B] i32, last [B] i64, k_0, v_0, k_1, v_1, ...) -> (logits [B, vocab], caches...)
     decode (ids [B, 1], pos [B] i32, last [B] i64, k_0, v_0, ...)           -> (logits [B, vocab], caches...)
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from .config import DecoderConfig
 from .sampling import Sampling, make_generator, sample
 
 PREFILL, DECODE = "prefill", "decode"
@@ -67,17 +70,14 @@ class CompiledLM:
     are made.
     """
 
-    def __init__(self, executable, *, vocab: int, max_seq: int, config=None, tokenizer=None, graphs=None,
-                 cuda_graph: bool = False, timings: Optional[dict] = None, meta: Optional[dict] = None):
-        self.executable = executable
-        self.config = config
-        self.tokenizer = tokenizer
-        self.graphs = graphs or {}
-        self.timings = dict(timings or {})
-        self.meta = dict(meta or {})
-        self.vocab = int(vocab)
-        self.max_seq = int(max_seq)
-        self.cuda_graph = cuda_graph
+    def __init__(self, program):
+        self.program = program
+        meta = program.meta
+        self.config = DecoderConfig(**meta["config"]) if meta.get("config") else None
+        self.vocab = int(meta["vocab"])
+        self.max_seq = int(meta["max_seq"])
+        self.cuda_graph = bool(meta.get("cuda_graph", False))
+        executable = program.executable
         sig = executable.signature.functions
         for name in (PREFILL, DECODE):
             if name not in sig:
@@ -96,6 +96,31 @@ class CompiledLM:
         self._dev = executable._dev
         self._buffers: dict[int, _Buffers] = {}
         self.last_stats = GenerationStats()
+
+    # -- the program, seen as an LM ----------------------------------------------------------------
+    @property
+    def executable(self):
+        return self.program.executable
+
+    @property
+    def graphs(self) -> dict:
+        return self.program.graphs
+
+    @property
+    def timings(self) -> dict:
+        return self.program.timings
+
+    @property
+    def meta(self) -> dict:
+        return self.program.meta
+
+    @property
+    def tokenizer(self):
+        return self.program.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self.program.tokenizer = tok
 
     # -- device buffers ----------------------------------------------------------------------------
     def _buffers_for(self, batch: int) -> _Buffers:
@@ -316,8 +341,8 @@ class CompiledLM:
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path) -> None:
-        from .artifact import save
-        save(self, path)
+        """The one artifact format (llmasos/artifact.py), kind "lm": loads with TVM's runtime alone."""
+        self.program.save(path)
 
     def __repr__(self) -> str:
         b = f"batch={self.static_batch}" if self.static_batch else f"batch<= {self.max_batch}"

@@ -13,7 +13,8 @@ def test_compile_then_run(tmp_path, capsys):
     assert "compiled llama-tiny for cpu" in captured.err and f"saved {out}" in captured.err
     assert captured.out.startswith("graph @LlamaForCausalLM(%input_ids: i64[batch, seq])")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["target"] == "cpu" and manifest["input_names"] == ["input_ids"]
+    assert (manifest["format"], manifest["version"], manifest["kind"]) == ("llmasos", 2, "model")
+    assert manifest["target"] == "cpu" and manifest["entries"]["main"]["convention"]["input_names"] == ["input_ids"]
     assert main(["run", str(out), "--ids", "1,2,3,4,5", "--repeat", "2"]) == 0
     text = capsys.readouterr().out
     assert "input: [1, 5] tokens; output [1, 5, 128]" in text

@@ -14,7 +14,7 @@ from llmasos.backends.tvm.tuning import (MANIFEST, MARGIN, TuningDatabase, Tunin
 from llmasos.ir.interpreter import run
 from llmasos.ir.parser import parse
 from llmasos.passes import PassManager
-from llmasos.zoo import from_preset
+from llmasos.llm.presets import hf_model
 
 # a decode-shaped block: one row through a GEMM with a fused epilogue, a norm and a second GEMM, plus a
 # symbolic-length twin that tuning must leave alone
@@ -148,7 +148,7 @@ def test_database_for_another_target_or_missing_is_refused(graph, tuned, tmp_pat
 
 
 def test_tuned_lm_generates_the_same_tokens(tmp_path):
-    model = from_preset("llama-tiny", seed=5)
+    model = hf_model("llama-tiny", seed=5)
     opts = dict(max_seq=32, batch=1)
     report = llmasos.tune_lm(model, "cpu", tmp_path / "lmdb", trials_per_task=2, **opts)
     assert report.tasks and report.skipped.get("symbolic shape", 0) > 0  # the prefill's kernels

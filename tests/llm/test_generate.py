@@ -12,14 +12,14 @@ import torch
 import llmasos
 from llmasos.llm import GenerationError, Sampling
 from llmasos.llm.sampling import filter_logits
-from llmasos.zoo import from_preset
+from llmasos.llm.presets import hf_model
 
 MAX_SEQ = 48
 
 
 @pytest.fixture(scope="session")
 def hf_llama():
-    return from_preset("llama-tiny", seed=3)
+    return hf_model("llama-tiny", seed=3)
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +166,8 @@ def test_corrupted_lm_artifacts_are_refused_naming_the_file(lm, tmp_path):
     w.write_bytes(w.read_bytes()[:-10])
     with pytest.raises(llmasos.ArtifactError, match=r"weights.safetensors: truncated"):
         llmasos.load_lm(path)
-    with pytest.raises(llmasos.ArtifactError, match=r"not the manifest of an LLMasOS artifact \(format 'llmasos-lm'"):
+    with pytest.raises(llmasos.ArtifactError, match=r"holds a compiled LM \(kind 'lm'\), not a compiled model; load it "
+                                                     r"with llmasos.load_lm"):
         llmasos.load(path)
     with pytest.raises(llmasos.ArtifactError, match=r"is not an LLMasOS LM artifact directory"):
         llmasos.load_lm(tmp_path / "nothing")

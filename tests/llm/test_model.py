@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llmasos.llm.export import export_decoder
-from llmasos.llm.model import PRESETS, Decoder, DecoderConfig
+from llmasos.llm.model import Decoder, DecoderConfig
+from llmasos.llm.presets import decoder_config
 from tests.models import gpt2, llama
 
 TOL = 1e-4
@@ -132,16 +133,16 @@ def test_torch_mode_compiles_fullgraph_for_decode():
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_copy_as_keeps_the_weights_in_another_mode(name):
     """bench draws the torch-mode model once on the GPU and compiles an export-mode copy of it."""
-    to = Decoder.random(PRESETS[name], mode="torch", seed=3, dtype=torch.float16)
+    to = Decoder.random(decoder_config(name), mode="torch", seed=3, dtype=torch.float16)
     ex = to.copy_as("export", "cpu")
     assert ex.mode == "export" and ex.dtype == torch.float16
     a, b = to.state_dict(), ex.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (ex.lm_head.weight is ex.embed.weight) == PRESETS[name].tie_embeddings
+    assert (ex.lm_head.weight is ex.embed.weight) == decoder_config(name).tie_embeddings
     ex.embed.weight.data.zero_()  # a copy: the original is untouched
     assert float(to.embed.weight.abs().sum()) > 0
     to.setup_caches(1, 16)
-    ids = torch.randint(0, PRESETS[name].vocab, (1, 5), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, decoder_config(name).vocab, (1, 5), generator=torch.Generator().manual_seed(4))
     ex2 = to.copy_as("export")
     with torch.no_grad():
         torch.testing.assert_close(ex2.float()(ids, i32(0), i64(4), *ex2.float().new_caches(1, 16))[0],
@@ -220,12 +221,12 @@ def test_from_hf_config_and_errors():
     import transformers
     cfg = DecoderConfig.from_hf(hf_model("llama-tied").config)
     assert (cfg.arch, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.tie_embeddings) == ("llama", 4, 1, 16, True)
-    assert DecoderConfig.from_hf(transformers.GPT2Config()) == PRESETS["gpt2-124m"]
+    assert DecoderConfig.from_hf(transformers.GPT2Config()) == decoder_config("gpt2-124m")
     smol = transformers.LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9,
                                     num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
                                     max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0,
                                     rms_norm_eps=1e-5)
-    assert DecoderConfig.from_hf(smol) == PRESETS["llama-135m"]
+    assert DecoderConfig.from_hf(smol) == decoder_config("llama-135m")
     scaled = transformers.LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                        "original_max_position_embeddings": 8192})
@@ -235,16 +236,16 @@ def test_from_hf_config_and_errors():
         DecoderConfig.from_hf(transformers.GPT2Config(activation_function="relu"))
     with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
         DecoderConfig.from_hf(transformers.BertConfig())
-    d = Decoder.random(PRESETS["llama-tiny"], mode="torch")
+    d = Decoder.random(decoder_config("llama-tiny"), mode="torch")
     with pytest.raises(RuntimeError, match="call setup_caches"):
         d(i64(1, 2)[None], i32(0), i64(1))
     with pytest.raises(TypeError, match="takes 4 caches"):
-        Decoder.random(PRESETS["llama-tiny"])(i64(1, 2)[None], i32(0), i64(1))
+        Decoder.random(decoder_config("llama-tiny"))(i64(1, 2)[None], i32(0), i64(1))
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_random_init_export_and_torch_modes_agree(name):
-    cfg = PRESETS[name]
+    cfg = decoder_config(name)
     ex = Decoder.random(cfg, mode="export", seed=7)
     to = Decoder.random(cfg, mode="torch", seed=7)
     w = dict(ex.named_parameters())["blocks.0.attn.wqkv.weight"]
@@ -282,7 +283,7 @@ def test_smollm2_decode_equals_hf_full_recompute():
 
 
 def test_export_decoder_rejects_bad_arguments():
-    d = Decoder.random(PRESETS["llama-tiny"])
+    d = Decoder.random(decoder_config("llama-tiny"))
     for args, msg in [(("prefill", None, 1, 65), "max_seq 65 > the model's max_positions 64"),
                       (("bogus", None, 1, 8), "phase must be one of ('prefill', 'decode'), got 'bogus'"),
                       (("decode", 5, 4, 8), "batch 5 is outside 1..max_batch=4"),
@@ -290,4 +291,4 @@ def test_export_decoder_rejects_bad_arguments():
         with pytest.raises(ValueError, match=re.escape(msg)):
             export_decoder(d, *args)
     with pytest.raises(ValueError, match="needs Decoder\\(mode='export'\\), got mode='torch'"):
-        export_decoder(Decoder.random(PRESETS["llama-tiny"], mode="torch"), "decode", None, 2, 8)
+        export_decoder(Decoder.random(decoder_config("llama-tiny"), mode="torch"), "decode", None, 2, 8)

@@ -344,12 +344,6 @@ def cuda_source(lib) -> str:
     return generated_source(lib, "cuda")
 
 
-def _ensure_device_api(target) -> None:
-    """Kept for callers of the earlier helper: ``resolve_target(target).ensure_runtime()`` (a Target, or a
-    registered target name such as the device names "cpu" / "cuda")."""
-    resolve_target(target).ensure_runtime()
-
-
 def _dtype_of(x) -> DType:
     if _is_torch(x):
         from ...ir.torch_dtypes import dtype_from_torch

@@ -1,0 +1,225 @@
+"""The compile driver: one pipeline from named graphs to one library, shared by every front door.
+
+    llmasos.compile(model, ...)     torch.export of one module          -> {"main": graph}
+    llmasos.compile_lm(model, ...)  the decoder's prefill and decode    -> {"prefill": graph, "decode": graph}
+        |  both call compile_program(kind, frontend, target, passes=..., calibration=..., tuning_db=...):
+        v
+    prepare(target, passes, calibration, tuning_db) -> Plan     resolve the target, open the tuning database,
+                                                                parse the pipeline: fail before the slow work
+    lower(plan, frontend) -> Source     frontend(spec) imports the graphs (import_s); each is verified, then
+                                        the pass pipeline runs on each (passes_s)
+    build_library(plan, source)         backends.tvm.build_functions: ONE library with an entry function per
+                                        graph sharing one copy of the weights (build_s, tuned_kernels)
+        v
+    CompiledProgram                     graphs, executable, target, per-entry calling conventions, timings,
+                                        tokenizer, meta; save(path) / load_program(path) (llmasos/artifact.py)
+
+``CompiledModel`` (llmasos/compiled.py: a callable with the model's pytree calling convention) and
+``CompiledLM`` (llmasos/llm/runtime.py: generation with a device-resident KV cache) are views over a
+CompiledProgram of kind "model" and "lm". What a tuning run tunes is ``lower``'s output, so a tuning
+database's kernels are the ones a later build with the same options looks up.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from . import artifact
+from .artifact import ArtifactError
+from .ir.graph import param_array
+from .ir.parser import parse
+from .ir.printer import print_graph
+from .ir.torch_dtypes import numpy_to_torch
+from .ir.verifier import verify
+from .passes import PassManager
+
+MAIN = "main"   # the entry function of a one-graph program (backends.tvm.build.MAIN)
+
+
+@dataclass
+class CallConvention:
+    """How a Python call maps onto an entry function's inputs, and its outputs back onto the model's output
+    structure (the pytree convention ``llmasos.compile`` keeps from torch.export)."""
+    in_spec: Any                  # torch pytree TreeSpec of (args, kwargs)
+    out_spec: Any                 # TreeSpec of the model's output
+    out_leaves: list              # per output leaf: index into the graph's outputs, or ("const", value)
+    input_names: list
+
+    def to_json(self) -> dict:
+        return {"input_names": list(self.input_names), "in_spec": artifact.spec_dumps(self.in_spec),
+                "out_spec": artifact.spec_dumps(self.out_spec),
+                "out_leaves": [leaf if isinstance(leaf, int) else {"const": leaf[1]} for leaf in self.out_leaves]}
+
+    @staticmethod
+    def from_json(d: dict, where: str) -> "CallConvention":
+        leaves = [leaf if isinstance(leaf, int) else ("const", leaf["const"]) for leaf in d["out_leaves"]]
+        return CallConvention(artifact.spec_loads(d["in_spec"], f"{where}: in_spec"),
+                              artifact.spec_loads(d["out_spec"], f"{where}: out_spec"), leaves,
+                              list(d["input_names"]))
+
+
+@dataclass
+class Source:
+    """What a front door hands the driver: the imported graphs and what the program needs besides them."""
+    graphs: dict                                    # entry name -> Graph, in the library's order
+    conventions: dict = field(default_factory=dict)  # entry name -> CallConvention (callable entries)
+    cuda_graph: tuple = ()                          # entries run as CUDA graphs (on CUDA targets)
+    meta: dict = field(default_factory=dict)        # JSON-able, kept in the artifact (e.g. an LM's max_seq)
+
+
+@dataclass
+class Plan:
+    """The checked options of one compilation, and its timings as they accrue."""
+    spec: Any                        # backends.tvm.TargetSpec
+    pipeline: Optional[PassManager]
+    tuning_db: Any = None            # backends.tvm.tuning.TuningDatabase
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompiledProgram:
+    """One compiled library and everything needed to run, save and inspect it."""
+    kind: str                        # "model" (llmasos.compile) or "lm" (llmasos.compile_lm)
+    graphs: dict                     # entry -> Graph after the passes ({} for an LM loaded from an artifact)
+    executable: Any                  # backends.tvm.Executable: the library on its device, weights uploaded
+    target: Any                      # backends.tvm.TargetSpec
+    conventions: dict = field(default_factory=dict)   # entry -> CallConvention
+    timings: dict = field(default_factory=dict)
+    tokenizer: Any = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def entries(self) -> list:
+        """The library's entry functions, in order."""
+        return list(self.executable.signature.functions)
+
+    def ir(self, entry: Optional[str] = None) -> str:
+        """The IR text of ``entry`` (default: the first)."""
+        name = entry or self.entries[0]
+        if name not in self.graphs:
+            raise ValueError(f"no IR for entry '{name}' (this program was loaded from an artifact without parsing "
+                             f"its IR; it is in the artifact's {artifact.ir_file(name)})")
+        return print_graph(self.graphs[name])
+
+    def save(self, path):
+        """Write the one artifact format (llmasos/artifact.py)."""
+        if set(self.graphs) != set(self.entries):
+            raise ArtifactError(f"this compiled {'LM' if self.kind == 'lm' else 'model'} was loaded from an "
+                                f"artifact; copy that directory instead")
+        exe = self.executable
+        first = self.graphs[self.entries[0]]
+        weights = {}
+        for name in exe.signature.param_names:
+            data = first.param_data[name]
+            t = data if hasattr(data, "detach") else numpy_to_torch(param_array(data))
+            weights[name] = t.detach().cpu().contiguous()
+        entries = {n: (print_graph(self.graphs[n]), self.conventions[n].to_json() if n in self.conventions else None)
+                   for n in self.entries}
+        return artifact.write(path, kind=self.kind, target_name=self.target.name, target_dict=self.target.target,
+                              signature=json.loads(exe.signature.to_json()), entries=entries,
+                              export_library=exe.export_library, weights=weights, meta=self.meta,
+                              tokenizer=self.tokenizer)
+
+
+# -- the pipeline -----------------------------------------------------------------------------------------
+def prepare(target: Any = "cpu", passes: Any = "fuse", calibration=None, tuning_db=None) -> Plan:
+    """Resolve the target, open the tuning database and parse the pass pipeline: every option fails here,
+    before any import or build."""
+    from .backends.tvm import resolve_target  # deferred: the TVM compiler
+    spec = resolve_target(target)
+    if tuning_db is not None:
+        from .backends.tvm.tuning import TuningDatabase  # deferred: the TVM compiler (MetaSchedule)
+        tuning_db = TuningDatabase.open(tuning_db, spec)
+    pipeline = PassManager(passes, calibration=calibration, target=spec.name) if passes else None
+    return Plan(spec, pipeline, tuning_db)
+
+
+def lower(plan: Plan, frontend: Callable[[Any], Source]) -> Source:
+    """``frontend(spec)`` -> Source (timed as import_s), every graph verified, then the pass pipeline run on
+    each (passes_s). Returns the Source with the optimised graphs."""
+    t0 = time.perf_counter()
+    source = frontend(plan.spec)
+    if not source.graphs:
+        raise ValueError("the front door produced no graphs")
+    for g in source.graphs.values():
+        verify(g)
+    plan.timings["import_s"] = time.perf_counter() - t0
+    if plan.pipeline is not None:
+        t0 = time.perf_counter()
+        source.graphs = {name: plan.pipeline.run(g) for name, g in source.graphs.items()}
+        plan.timings["passes_s"] = time.perf_counter() - t0
+    return source
+
+
+def build_library(plan: Plan, source: Source):
+    """One library with an entry function per graph, weights uploaded once (backends.tvm.Executable)."""
+    from .backends.tvm import build_functions  # deferred: the TVM compiler
+    t0 = time.perf_counter()
+    exe = build_functions(source.graphs, plan.spec, cuda_graph=source.cuda_graph, tuning_db=plan.tuning_db)
+    plan.timings["build_s"] = time.perf_counter() - t0
+    if exe.tuned_kernels is not None:
+        plan.timings["tuned_kernels"] = len(exe.tuned_kernels)
+    return exe
+
+
+def compile_program(kind: str, frontend: Callable[[Any], Source], target: Any = "cpu", *, passes: Any = "fuse",
+                    calibration=None, tuning_db=None, tokenizer=None) -> CompiledProgram:
+    """prepare -> lower -> build_library: the one compile pipeline of every front door."""
+    if kind not in artifact.KINDS:
+        raise ValueError(f"kind must be one of {artifact.KINDS}, got {kind!r}")
+    plan = prepare(target, passes, calibration, tuning_db)
+    source = lower(plan, frontend)
+    exe = build_library(plan, source)
+    return CompiledProgram(kind, source.graphs, exe, plan.spec, source.conventions, plan.timings, tokenizer,
+                           source.meta)
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+def load_program(path, target: Any = None, kind: Optional[str] = None) -> CompiledProgram:
+    """A CompiledProgram from an artifact directory (any version llmasos/artifact.py reads).
+
+    ``kind``: the kind the caller needs (another is refused naming its loader). ``target`` overrides the
+    saved one (e.g. another CUDA arch). A model's IR is parsed (its view checks calls against the graph's
+    inputs and prints it); an LM runs from the library's signature alone, with TVM's runtime only."""
+    from .backends.tvm import Executable, Signature, resolve_target  # deferred: TVM (its runtime suffices here)
+
+    c = artifact.read(path, kind)
+    where = c.path / artifact.MANIFEST
+    try:
+        conventions = {n: CallConvention.from_json(e["convention"], f"{where}: entry '{n}'")
+                       for n, e in c.entries.items() if e.get("convention") is not None}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{where}: malformed calling convention ({type(e).__name__}: {e})") from None
+    spec = resolve_target(target if target is not None else c.target)
+    weights = c.weights()
+    graphs = {}
+    if c.kind == "model":
+        for name in c.entries:
+            g = parse(c.ir(name), params=weights)
+            missing = set(g.params) - set(weights)
+            if missing:
+                raise ArtifactError(f"{c.path}: {artifact.WEIGHTS} lacks parameters {sorted(missing)[:5]}")
+            verify(g)
+            graphs[name] = g
+    if c.signature is not None:
+        try:
+            sig = Signature.from_json(json.dumps(c.signature))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: malformed library signature ({type(e).__name__}: {e})") from None
+    else:  # a v1 model artifact: the library's signature is its graph's
+        sig = Signature.of_functions(graphs, lifted=False)
+    spec.ensure_runtime()   # e.g. with TVM's runtime alone, CUDA's device API before the library loads
+    import tvm  # deferred: TVM
+    exe = Executable(tvm.runtime.load_module(str(c.library)), spec, sig, weights)
+    tok = None
+    if c.tokenizer:
+        import transformers  # deferred: transformers (optional)
+        tok = transformers.AutoTokenizer.from_pretrained(str(c.tokenizer_dir()), trust_remote_code=False)
+    meta = dict(c.meta, artifact=str(c.path))
+    return CompiledProgram(c.kind, graphs, exe, spec, conventions, {}, tok, meta)
+
+
+__all__ = ["CallConvention", "CompiledProgram", "Plan", "Source", "prepare", "lower", "build_library",
+           "compile_program", "load_program", "MAIN"]
