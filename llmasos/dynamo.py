@@ -176,9 +176,8 @@ def backend(gm, example_inputs, options: Optional[dict] = None, *, mode: Optiona
     def fw_compiler(fw_gm, fw_inputs):
         return _compile_aten(fw_gm, inputs, opts, _record())
 
-    cia, table = _decompositions()
-    from torch.export.exported_program import _override_composite_implicit_decomp
-    with _override_composite_implicit_decomp(cia):
+    keep_whole, table = _decompositions()
+    with keep_whole:
         return aot_autograd(fw_compiler=fw_compiler, decompositions=table)(gm, example_inputs)
 
 
@@ -207,17 +206,26 @@ def _describe(node, x) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _decomposition_tables(keys: frozenset) -> tuple:
-    from torch.export.exported_program import _split_decomp_table_to_cia_and_python_decomp
-
     from .frontends.torch_export import decomposition_table
+    try:
+        from torch.export.exported_program import _split_decomp_table_to_cia_and_python_decomp
+    except ImportError:  # a torch without torch.export's (private) split: composite ops decompose
+        return None, decomposition_table()
     return _split_decomp_table_to_cia_and_python_decomp(decomposition_table())
 
 
 def _decompositions() -> tuple:
-    """(composite ops to keep whole, python decompositions): torch.export's default decompositions minus
-    the ops with a converter, split as torch.export splits them. Cached per set of registered converters."""
+    """(a context keeping composite ops with a converter whole while AOTAutograd traces, the python
+    decompositions): torch.export's default decompositions minus the ops with a converter, split as
+    torch.export's run_decompositions splits them. Cached per set of registered converters."""
+    import contextlib
+
     from .frontends.aten import CONVERTERS
-    return _decomposition_tables(frozenset(CONVERTERS))
+    cia, table = _decomposition_tables(frozenset(CONVERTERS))
+    if cia is None:
+        return contextlib.nullcontext(), table
+    from torch.export.exported_program import _override_composite_implicit_decomp
+    return _override_composite_implicit_decomp(cia), table
 
 
 # -- which nodes LLMasOS takes ----------------------------------------------------------------------------------

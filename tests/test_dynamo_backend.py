@@ -203,3 +203,14 @@ def test_import_fx_symbolic_sizes_and_size_outputs():
     y, n = part(x, w)
     _close(y, torch.relu(x @ w), 1e-5)
     assert n == 18
+
+
+def test_min_ops_leaves_small_partitions_to_torch():
+    m = _glue()
+    x = torch.randn(4, 16)
+    before = len(D.records)
+    with torch.no_grad(), pytest.warns(D.FallbackWarning, match="aten.erfinv.default"):
+        got = torch.compile(m, backend="llmasos", options={"min_ops": 100})(x)
+    _close(got, m(x), 1e-6)
+    (rec,) = _new_records(before)
+    assert rec.partitions == 0 and not rec.graphs  # no partition has 100 ops: nothing was built
