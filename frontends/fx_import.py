@@ -9,6 +9,7 @@ fake tensors' ShapeEnv. ``import_fx`` takes what the signature would have said a
     imp.graph                 # tensor placeholders not in ``constants`` are graph inputs, in order
     imp.input_positions       # the placeholder index of each graph input
     imp.outputs               # per FX output: ("tensor", graph output index) | ("dim", IR dim) | ("const", v)
+    imp.param_positions       # {"wte.weight": [1]}: which placeholders each parameter was made from
 
 Nodes are converted by the same converter registry (``frontends/aten``) as torch.export's graphs, one FX
 node at a time; placeholders and nodes need ``meta["val"]`` (fake tensors / SymInts), as AOTAutograd and
@@ -41,6 +42,7 @@ class FxImported:
     outputs: list                     # per FX output: ("tensor", i) | ("dim", IR dim) | ("const", value)
     single: bool                      # the FX graph returns one value rather than a tuple of them
     symbols: dict = field(default_factory=dict)  # torch sympy symbol -> IR symbol
+    param_positions: dict = field(default_factory=dict)  # parameter name -> the placeholder indices it holds
 
 
 def import_fx(gm, constants: Optional[Mapping[int, Any]] = None, *, name: str = "main",
@@ -87,12 +89,13 @@ class _FxImporter(_Importer):
                                     f"with fake tensors (AOTAutograd, make_fx)")
         self.symbols = self._symbol_table(placeholders)
         seen_data: dict = {}
-        positions = []
+        positions, param_positions = [], {}
         for i, node in enumerate(placeholders):
             val = node.meta["val"]
             label = self.names.get(i, node.name)
             if i in self.constants:
                 self.env[node] = self._constant(label, self.constants[i], val, seen_data)
+                param_positions.setdefault(self.env[node].name, []).append(i)
             elif _is_tensor(val):
                 self.env[node] = g.add_input(label, self._type(val, f"input {label}"))
                 positions.append(i)
@@ -115,7 +118,8 @@ class _FxImporter(_Importer):
                                          reason="only call_function nodes of an ATen graph are converted")
         g.set_outputs(outputs)
         self._drop_unused_params()
-        return FxImported(g, positions, leaves, single, dict(self.symbols.mapping))
+        param_positions = {k: v for k, v in param_positions.items() if k in g.params}
+        return FxImported(g, positions, leaves, single, dict(self.symbols.mapping), param_positions)
 
     # -- symbols ----------------------------------------------------------------------------------------
     def _symbol_table(self, placeholders) -> SymbolTable:

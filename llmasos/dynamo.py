@@ -24,8 +24,10 @@ parameter or input requiring grad) run eagerly, with a warning: the backend is i
 
 Weights. Parameters and buffers of the module (``freeze=True``, the default) become IR parameters: baked
 into the compiled library once, prepared by its weight transform (layouts, merged Q/K/V), like inductor's
-freezing. The compiled graph then does not see later in-place updates of those weights -- recompile (or
-``torch._dynamo.reset()``), or pass ``freeze=False`` to feed them as inputs on every call.
+freezing. As there, dynamo is made to guard on their identity, so another instance of the same module class
+compiles anew instead of reusing these weights; and each call checks the baked tensors' in-place version
+counters, uploading them again after ``load_state_dict`` or an in-place update (an error where a pass such
+as ``quantize`` derived other weights from them). ``freeze=False`` feeds them as inputs on every call.
 
 Dynamic shapes. Dynamo's shape symbols (sizes it marked dynamic: ``dynamic=True``, ``mark_dynamic`` or
 its automatic re-compile after a size changed) become IR symbols bounded by the ShapeEnv's ranges (a
@@ -166,12 +168,12 @@ def backend(gm, example_inputs, options: Optional[dict] = None, *, mode: Optiona
     # AOTAutograd's forward inputs are the module's own parameters and buffers (when dynamo did not lift
     # them to inputs), then dynamo's inputs; real tensors, names and whether they are weights, by position
     own = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
-    inputs = [_Input(t, name, True) for name, t in own]
+    inputs = [_Input(t, name, True, None) for name, t in own]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, x in enumerate(example_inputs):
         node = placeholders[i] if i < len(placeholders) else None
-        name, weight = _describe(node, x)
-        inputs.append(_Input(x, name, weight))
+        name, weight, source = _describe(node, x)
+        inputs.append(_Input(x, name, weight, source))
 
     def fw_compiler(fw_gm, fw_inputs):
         return _compile_aten(fw_gm, inputs, opts, _record())
@@ -186,10 +188,11 @@ class _Input:
     value: Any      # the real tensor (or int) dynamo passed
     name: str
     weight: bool    # a parameter or buffer of the module
+    source: Any     # dynamo's Source for it (None for the graph module's own attributes)
 
 
 def _describe(node, x) -> tuple:
-    """(readable name, is a module parameter/buffer) of one dynamo input, from its source."""
+    """(readable name, is a module parameter/buffer, dynamo Source) of one dynamo input."""
     src = getattr(node.meta.get("grapharg"), "source", None) if node is not None else None
     text = ""
     if src is not None:
@@ -201,7 +204,7 @@ def _describe(node, x) -> tuple:
     name = re.sub(r"\[(\d+)\]", r"_\1", name).replace("'", "").strip(".")
     if not name and node is not None:
         name = node.name
-    return name or "input", weight
+    return name or "input", weight, src
 
 
 @functools.lru_cache(maxsize=4)
@@ -284,6 +287,7 @@ def _compile_aten(gm, inputs: list, opts: _Options, record: CompileRecord):
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     constants, names = _weights(gm, placeholders, inputs, opts)
+    _guard_identity([inputs[i].source for i in constants])
     with unset_fake_temporarily(), torch.no_grad():
         reasons: dict = {}  # reason -> {op: count}
         unsupported = []
@@ -325,6 +329,18 @@ def _weights(gm, placeholders, inputs: list, opts: _Options) -> tuple:
                 and tuple(fake.shape) == tuple(inp.value.shape) and fake.dtype == inp.value.dtype:
             constants[i] = inp.value
     return constants, names
+
+
+def _guard_identity(sources) -> None:
+    """Make dynamo guard on the identity of the weights baked in: it lifts parameters to inputs without
+    guards (one compiled graph serves every instance of a module class), which frozen weights would make
+    wrong for the next instance. As inductor's freezing does; the calling-time check in CompiledPartition
+    stays, for when this is not possible."""
+    try:
+        from torch._dynamo.guards import GuardBuilder, install_guard
+        install_guard(*(s.make_guard(GuardBuilder.ID_MATCH) for s in sources if s is not None))
+    except Exception:  # noqa: BLE001 -- a torch without these internals: the runtime check rebinds instead
+        pass
 
 
 def _compile_partitions(gm, placeholders, constants: dict, names: dict, opts: _Options, record: CompileRecord):
@@ -394,11 +410,17 @@ def _build(gm, constants: dict, names: dict, opts: _Options, label: str) -> "Com
 
     imp = import_fx(gm, constants, name=label, names=names)
     graph = imp.graph
+    imported = dict(graph.param_data)
     verify(graph)
     if opts.passes:
         graph = PassManager(opts.passes).run(graph)
     exe = build(graph, opts.spec, tuning_db=opts.tuning_db)
-    return CompiledPartition(exe, graph, imp.input_positions, imp.outputs, imp.single)
+    # weights can be rebound at call time when every parameter is still the tensor it was imported from
+    # (fuse keeps them; quantize or prune derive new data from them)
+    rebindable = all(graph.param_data.get(n) is imported.get(n) for n in graph.params)
+    baked = {p: constants[p] for ps in imp.param_positions.values() for p in ps}
+    return CompiledPartition(exe, graph, imp.input_positions, imp.outputs, imp.single, imp.param_positions,
+                             rebindable, baked)
 
 
 def _fallback(opts: _Options, message: str) -> None:
@@ -409,18 +431,53 @@ def _fallback(opts: _Options, message: str) -> None:
 
 class CompiledPartition(torch.nn.Module):
     """A partition's TVM executable with the calling convention of the FX sub-module it replaces: all of its
-    arguments in (weights baked in and SymInts read off the shapes are dropped), its outputs out."""
+    arguments in (weights baked in and SymInts read off the shapes are dropped), its outputs out.
 
-    def __init__(self, executable, graph, positions: list, outputs: list, single: bool):
+    ``weights``: parameter name -> the argument positions it was baked from; ``baked``: position -> the
+    tensor passed there at compile time. Each call checks that those arguments are the same tensor objects,
+    unchanged (same in-place version counter). When not -- an in-place update such as ``load_state_dict``,
+    or another module instance -- the new tensors are uploaded (and prepared) again if ``rebindable``, else
+    the call raises."""
+
+    def __init__(self, executable, graph, positions: list, outputs: list, single: bool,
+                 weights: Optional[dict] = None, rebindable: bool = True, baked: Optional[dict] = None):
         super().__init__()
         self.executable = executable
         self.graph = graph
         self.positions = list(positions)
         self.outputs = list(outputs)
         self.single = single
+        self.weights = dict(weights or {})
+        self.rebindable = rebindable
         self._dims = any(kind == "dim" for kind, _ in outputs)
+        self._baked = [(p, t, t._version) for p, t in (baked or {}).items()]
+
+    def _check_weights(self, args) -> None:
+        for p, t, version in self._baked:
+            if args[p] is not t or t._version != version:
+                return self._rebind(args)
+
+    def _rebind(self, args) -> None:
+        if not self.rebindable:
+            raise RuntimeError(f"llmasos: the weights baked into {self.graph.name} changed (an in-place update or "
+                               f"another module instance), and its passes derived new weights from them; call "
+                               f"torch._dynamo.reset() and compile again, or compile with options={{'freeze': False}}")
+        new = {}
+        for n, ps in self.weights.items():
+            if n not in self.graph.params:
+                continue  # a pass dropped it (unused)
+            ts = [args[p] for p in ps]
+            if any(t is not ts[0] for t in ts[1:]):
+                raise RuntimeError(f"llmasos: parameter {n} of {self.graph.name} was one tensor at compile time "
+                                   f"and is several now (untied weights); call torch._dynamo.reset() and compile again")
+            new[n] = ts[0].detach()
+        self.graph.param_data.update(new)
+        self.executable._weights = self.executable._upload(self.graph.param_data)  # (prepared again)
+        self._baked = [(p, args[p], args[p]._version) for ps in self.weights.values() for p in ps]
 
     def forward(self, *args):
+        if self._baked:
+            self._check_weights(args)
         tensors = [args[i] for i in self.positions]
         outs = self.executable(*tensors)
         env = None

@@ -214,3 +214,31 @@ def test_min_ops_leaves_small_partitions_to_torch():
     _close(got, m(x), 1e-6)
     (rec,) = _new_records(before)
     assert rec.partitions == 0 and not rec.graphs  # no partition has 100 ops: nothing was built
+
+
+# -- frozen weights ----------------------------------------------------------------------------------------------
+def test_frozen_weights_follow_instances_and_in_place_updates():
+    a, b = models.mlp(seed=0), models.mlp(seed=1)
+    x = torch.randn(3, 16)
+    fa, fb = torch.compile(a, backend="llmasos"), torch.compile(b, backend="llmasos")
+    before = len(D.records)
+    with torch.no_grad():
+        _close(fa(x), a(x), 1e-5)
+        _close(fb(x), b(x), 1e-5)  # same class, same code: dynamo guards on the baked weights' identity
+        assert len(_new_records(before)) == 2
+        a.fc1.weight.mul_(2)       # in place: the next call uploads the weights again
+        _close(fa(x), a(x), 1e-5)
+        a.load_state_dict(b.state_dict())
+        _close(fa(x), b(x), 1e-5)
+    assert len(_new_records(before)) == 2
+
+
+def test_in_place_update_of_weights_a_pass_derived_from_is_an_error():
+    m = models.mlp()
+    x = torch.randn(3, 16)
+    fast = torch.compile(m, backend="llmasos", options={"passes": "quantize{bits=8}"})
+    with torch.no_grad():
+        _close(fast(x), m(x), 0.05)
+        m.fc2.weight.mul_(2)
+        with pytest.raises(RuntimeError, match=r"weights baked into .* changed .*passes derived new weights"):
+            fast(x)
