@@ -3,7 +3,7 @@ torch eager, in the same run, on random-weight GPT-2-small and Llama (SmolLM2-13
 
     python bench/torch_compile_backend.py [--device cpu|cuda] [--models gpt2-small,llama-135m] [--batch 1]
                                           [--seq 128] [--dtype f32|f16|bf16] [--repeat 20] [--warmup 3]
-                                          [--passes fuse] [--no-inductor] [--out FILE]
+                                          [--passes fuse] [--threads N] [--no-inductor] [--out FILE]
 
 One forward of the whole sequence (use_cache=False) under torch.no_grad(). Per model, in this order: eager,
 inductor, ours -- TVM's worker threads spin after each call and would steal cores from a torch run after
@@ -11,6 +11,11 @@ them, and each model runs in a fresh subprocess for the same reason (and so no c
 Latency is the median of --repeat calls after --warmup calls (CUDA: synchronized per call); the compile
 time is the first call's wall time (dynamo tracing + the backend), reported separately. max_abs_err is
 against eager's logits. One JSON document on stdout; progress on stderr.
+
+--threads N gives torch (set_num_threads) and TVM (TVM_NUM_THREADS) the same N CPU threads; default: each
+its own default (on a 2-core machine both use 2). On a loaded machine prefer --threads 1: a thread pool
+that waits for a core another process holds stalls every GEMM (torch eager GPT-2-small, 128 tokens, on
+this project's 2-core VM under load: 2.4 s with 2 threads, 0.5 s with 1).
 """
 from __future__ import annotations
 
@@ -66,6 +71,8 @@ def bench_model(name: str, a) -> dict:
     from llmasos.zoo import from_preset
 
     device = a.device
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = getattr(torch, DTYPES[a.dtype])
     model = from_preset(name).to(device=device, dtype=dtype)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
@@ -138,6 +145,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--passes", default="fuse")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and TVM alike (0: defaults)")
     p.add_argument("--no-inductor", dest="inductor", action="store_false", help="skip inductor (slow to compile)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: bench one model in this process
@@ -153,13 +161,18 @@ def main(argv=None) -> None:
     results = []
     for name in a.models.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, *(argv if argv is not None else sys.argv[1:])]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ, **({"TVM_NUM_THREADS": str(a.threads)} if a.threads else {}))
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             results.append({"model": name, "error": f"exit code {proc.returncode}"})
         else:
             results.append(json.loads(lines[-1]))
         _log(json.dumps(results[-1]))
+    if a.threads:
+        os.environ["TVM_NUM_THREADS"] = str(a.threads)
+        import torch
+        torch.set_num_threads(a.threads)
     doc = {"bench": "torch_compile_backend", "env": environment(a.device), "results": results,
            "summary": [{k: r.get(k) for k in ("model", "eager_ms", "inductor_ms", "llmasos_ms", "speedup_vs_eager",
                                                "speedup_vs_inductor", "inductor_compile_s", "llmasos_compile_s")}
