@@ -583,6 +583,20 @@ def resolve_target(t: Any) -> Target:
     return spec.with_variant(variant) if variant else spec
 
 
+def target_for_torch_device(torch_device: str) -> Target:
+    """The registered target whose compiled code reads torch tensors of ``torch_device`` ("cpu", "cuda", a
+    plugin's device type) in place: the first registered name that does, built-in targets first."""
+    _ensure_loaded()
+    for name in _REGISTRY:   # registration order: the built-in targets, then plugins
+        try:
+            spec = _instance(name, _REGISTRY[name])
+        except Exception:  # noqa: BLE001 -- a plugin that cannot be built here is not a candidate
+            continue
+        if spec.torch_device == torch_device:
+            return spec
+    raise _unknown(f"<a target for torch device {torch_device!r}>")
+
+
 class _TargetSpecMeta(type):
     def __instancecheck__(cls, obj) -> bool:
         return isinstance(obj, Target)
