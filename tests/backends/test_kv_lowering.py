@@ -167,3 +167,15 @@ def test_cuda_prefill_takes_the_generic_path():
     assert "kv_decode_attention" not in {gv.name_hint for gv in prefill.functions}
     compile_module(prefill, spec)
 
+
+
+@pytest.mark.parametrize("d", [4, 8, 16, 64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cuda_decode_block_respects_cuda_limits(d, dtype):
+    """blockDim.z <= 64 and x*y*z <= 1024 (a head dim of 4 once asked for 512 threads on z: a launch error
+    the CUDA conformance kit found)."""
+    from llmasos.backends.tvm.lowering_kv import _decode_shape
+    s = _decode_shape(8, 2, d, dtype)
+    assert s["bdz"] <= 64 and s["bdx"] <= 1024 and s["bdy"] <= 1024
+    assert s["bdx"] * s["bdy"] * s["bdz"] <= 1024
+    assert s["bdx"] * s["vec"] == d

@@ -198,6 +198,7 @@ def _pv(probs, v):
 # kv.attention: the CUDA decode kernel (T == 1)
 
 _THREADS = 512  # per block; at D=64 f16: 16 lanes over D x 4 query heads x 8 row groups
+_MAX_BLOCK_Z = 64  # CUDA's limit on blockDim.z (x and y allow 1024)
 
 
 def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
@@ -211,7 +212,8 @@ def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
     # one query head per block (bdy = 1): a decode step has only B * Hkv (kv head) blocks otherwise -- 8 of an
     # H100's 132 SMs for Llama-1B at batch 1, 6.7 us a layer; the other heads' re-reads of K/V hit in L2
     bdy = 1
-    bdz = max(_THREADS // (bdx * bdy), 1)
+    # CUDA caps blockDim.z at 64: a small head dim (bdx < 8) would otherwise ask for up to 512 row groups
+    bdz = max(min(_THREADS // (bdx * bdy), _MAX_BLOCK_Z), 1)
     return {"group": group, "vec": vec, "bdx": bdx, "bdy": bdy, "gdz": group // bdy, "bdz": bdz,
             "tile": 2 if group == 1 else 1}
 
