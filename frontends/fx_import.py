@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import sympy
+import torch
+import torch.fx
 
 from llmasos.ir import Graph, Value, sym
 
@@ -59,8 +61,6 @@ def import_fx(gm, constants: Optional[Mapping[int, Any]] = None, *, name: str = 
 
 def node_symbols(vals) -> set:
     """The torch shape symbols free in fake tensors' sizes and SymInts (``vals`` an iterable of them)."""
-    import torch
-
     out: set = set()
     for v in vals:
         dims = [v] if isinstance(v, (torch.SymInt, torch.SymFloat)) else list(getattr(v, "shape", ()))
@@ -79,8 +79,6 @@ class _FxImporter(_Importer):
         self.names = names
 
     def run(self) -> FxImported:
-        import torch
-
         g = self.graph
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for n in placeholders:
@@ -123,8 +121,6 @@ class _FxImporter(_Importer):
 
     # -- symbols ----------------------------------------------------------------------------------------
     def _symbol_table(self, placeholders) -> SymbolTable:
-        import torch
-
         # a symbol that is a whole dim of a constant is that constant's size (make_fx traces weights with
         # symbolic sizes too): it is fixed, not an IR symbol
         fixed: dict = {}
@@ -160,8 +156,6 @@ class _FxImporter(_Importer):
 
     # -- parameters -------------------------------------------------------------------------------------
     def _constant(self, label: str, data, val, seen: dict) -> Value:
-        import torch
-
         if not isinstance(data, torch.Tensor):
             raise FrontendError(f"constant for placeholder {label} must be a tensor, got {type(data).__name__}")
         if _is_tensor(val) and (val.dtype != data.dtype or val.dim() != data.dim() or
@@ -177,8 +171,6 @@ class _FxImporter(_Importer):
         return v
 
     def _get_attr(self, node, seen: dict):
-        import torch
-
         obj = operator.attrgetter(node.target)(self.gm)
         if isinstance(obj, torch.fx.GraphModule) and node.users and all(u.target in self.hops for u in node.users):
             return obj
@@ -190,8 +182,6 @@ class _FxImporter(_Importer):
 
     # -- outputs ----------------------------------------------------------------------------------------
     def _fx_outputs(self, node):
-        import torch.fx
-
         result = node.args[0]
         single = not isinstance(result, (tuple, list))
         items = [result] if single else list(result)
@@ -216,8 +206,6 @@ class _FxImporter(_Importer):
 
 def _value_ranges(vals) -> dict:
     """torch symbol -> ValueRanges from the ShapeEnv of the first symbolic value in ``vals``."""
-    import torch
-
     for v in vals:
         dims = [v] if isinstance(v, (torch.SymInt, torch.SymFloat)) else list(getattr(v, "shape", ()))
         for d in dims:
