@@ -18,7 +18,8 @@ from tvm import relax, te
 from tvm import tirx as tir
 
 from ...ir.graph import Node, Value
-from ...ir.types import DType, TensorType
+from ...ir.ops import all_ops
+from ...ir.types import DType, TensorType, dims_equal
 
 R = relax.op
 
@@ -51,7 +52,6 @@ def get_lowering(op_name: str) -> LoweringFn:
 
 def missing_lowerings() -> list[str]:
     """Registered ops that have no lowering (the test suite keeps this empty)."""
-    from ...ir.ops import all_ops
     return sorted(set(all_ops()) - set(LOWERINGS))
 
 
@@ -528,7 +528,7 @@ def _sdpa(ctx, node, args):
     f32 = DType.f32
     q, k, v = (ctx.cast(t, f32) for t in (q, k, v))
     hq, hk = qt.shape[-3], kt.shape[-3]
-    rep = 1 if _same_dim(hq, hk) else hq // hk
+    rep = 1 if dims_equal(hq, hk) else hq // hk
     L, S, D, Dv = qt.shape[-2], kt.shape[-2], qt.shape[-1], vt.shape[-1]
     out_t = _out_type(node)
     batch = [ctx.dim(d) for d in out_t.shape[:-3]]
@@ -559,11 +559,6 @@ def _sdpa(ctx, node, args):
     if rep > 1:
         out = ctx.emit(R.reshape(out, [*batch, ctx.dim(hq), ctx.dim(L), ctx.dim(Dv)]), "attn")
     return ctx.cast(out, dt)
-
-
-def _same_dim(a, b) -> bool:
-    from ...ir.types import dims_equal
-    return dims_equal(a, b)
 
 
 def _causal_mask(logits):

@@ -16,6 +16,7 @@ from tvm import tirx as tir
 
 from ...ir.graph import Graph
 from ...ir.opset.fused import ACTIVATIONS, parse_expr
+from ...ir.types import TensorType
 from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, pad_single_row,
                        register_lowering, tvm_dtype)
 
@@ -191,7 +192,6 @@ def _linear_glu(ctx, node, args):
         if ACTIVATIONS[node.attrs["act"]] is not None:
             op, attrs = ACTIVATIONS[node.attrs["act"]]
             gate, gt = _emit_op(ctx, op, attrs, [gt], [gate])
-        from ...ir.types import TensorType
         return _emit_op(ctx, "mul", {}, [gt, TensorType(tuple(half), t.dtype)], [gate, up])[0]
     R = relax.op
     p = f // nr

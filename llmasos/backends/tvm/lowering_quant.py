@@ -27,8 +27,9 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 """
 from __future__ import annotations
 
-from tvm import relax, te
+from tvm import relax, s_tir, te
 from tvm import tirx as tir
+from tvm.s_tir.dlight.analysis import get_root_block
 
 from ...ir.types import DType
 from .lowering import _acc_dtype, register_lowering, tvm_dtype
@@ -250,8 +251,6 @@ def _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
 
 def _schedule_qgemm(func, nr, has_bias, dynamic):
     """cpu_schedule.Matmul's tiling, plus the dequant of each k row computed once per register tile."""
-    from tvm import s_tir
-    from tvm.s_tir.dlight.analysis import get_root_block
     sch = s_tir.Schedule(func)
     main = sch.get_sblock("qgemm")
     if dynamic:
@@ -322,8 +321,6 @@ def _build_qgemv(k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
         y = te.compute((1, p, nr), lambda i, pi, j: y[i, pi, j] + b[pi, j], name="qgemv_bias")
         outs.append(b)
     func = te.create_prim_func([*outs, y])
-
-    from tvm import s_tir
     sch = s_tir.Schedule(func)
     main, dot = sch.get_sblock("qgemv"), sch.get_sblock("qdot")
     i, pi, j, gl = sch.get_loops(main)
