@@ -124,7 +124,7 @@ class CompiledLM:
 
     # -- device buffers ----------------------------------------------------------------------------
     def _buffers_for(self, batch: int) -> _Buffers:
-        import tvm
+        import tvm  # deferred: TVM (`import llmasos` imports this module)
         buf = self._buffers.get(batch)
         if buf is None:
             caches = []
@@ -193,7 +193,7 @@ class CompiledLM:
     # -- the two compiled steps --------------------------------------------------------------------
     def prefill(self, prompts: list, buf: _Buffers):
         """Write every prompt into the cache (rows right-padded) and return the logits of its last token."""
-        import tvm
+        import tvm  # deferred: TVM (`import llmasos` imports this module)
         B = int(buf.caches[0].shape[0])
         lens = [len(p) for p in prompts] + [1] * (B - len(prompts))   # rows past the prompts are padding
         T = max(2, max(lens))          # the prefill function's seq is >= 2: pad a one-token prompt
@@ -273,7 +273,7 @@ class CompiledLM:
 
     def _start(self, prompts: list, max_new_tokens: int, sampling: Sampling):
         """Checks, buffers and the prefill: (n, B, buf, stats, generator, first tokens on the device, lens)."""
-        import torch
+        import torch  # deferred: torch (`import llmasos` imports this module)
         self._check(prompts, max_new_tokens)
         n = len(prompts)
         B = self.static_batch or n
@@ -290,7 +290,7 @@ class CompiledLM:
     def _run_on_device(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
         """Every row runs max_new_tokens steps; the chosen ids go straight from the sampler into the decode
         step's id buffer and the positions advance in place, so the host waits only once, at the end."""
-        import torch
+        import torch  # deferred: torch (`import llmasos` imports this module)
         n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
         ids_dev, pos_dev = torch.from_dlpack(buf.ids), torch.from_dlpack(buf.pos)
         if not self.executable.spec.on_device(tok):
@@ -316,7 +316,7 @@ class CompiledLM:
 
     def _run(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
         n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
-        import torch
+        import torch  # deferred: torch (`import llmasos` imports this module)
         host = tok.tolist()
         stats.prefill_s = time.perf_counter() - t0
         done = [False] * B
