@@ -31,6 +31,7 @@ import importlib
 import inspect
 import re
 import typing
+from importlib import metadata
 from typing import Any, ClassVar, Optional
 
 from ..ir import Graph, Node
@@ -267,8 +268,6 @@ def _ensure_loaded() -> None:
 
 
 def _load_plugins() -> None:
-    from importlib import metadata
-
     for ep in metadata.entry_points(group=PLUGIN_GROUP):
         dist = getattr(ep, "dist", None)
         source = (f"entry point '{ep.name} = {ep.value}'"
