@@ -32,7 +32,7 @@ from llmasos.ir import Graph, Value, sym
 
 from .aten.context import SymbolTable
 from .errors import FrontendError, UnsupportedOpError
-from .torch_export import _bound, _ident, _Importer, _is_tensor, _map_args, _module_path, _storage_key
+from .fx_common import GraphImporter, int_bound, ir_ident, is_tensor, map_args, module_path, storage_key
 
 __all__ = ["FxImported", "import_fx", "node_symbols"]
 
@@ -71,9 +71,9 @@ def node_symbols(vals) -> set:
     return out
 
 
-class _FxImporter(_Importer):
+class _FxImporter(GraphImporter):
     def __init__(self, gm, constants: dict, name: str, names: dict):
-        super().__init__(None, name)
+        super().__init__(name)
         self.gm = gm
         self.constants = constants
         self.names = names
@@ -94,7 +94,7 @@ class _FxImporter(_Importer):
             if i in self.constants:
                 self.env[node] = self._constant(label, self.constants[i], val, seen_data)
                 param_positions.setdefault(self.env[node].name, []).append(i)
-            elif _is_tensor(val):
+            elif is_tensor(val):
                 self.env[node] = g.add_input(label, self._type(val, f"input {label}"))
                 positions.append(i)
             elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -112,7 +112,7 @@ class _FxImporter(_Importer):
                 outputs, leaves, single = self._fx_outputs(node)
             elif node.op != "placeholder":
                 raise UnsupportedOpError(f"{node.op} {node.target}", node_name=node.name, loc=self._loc(node),
-                                         module_path=_module_path(node),
+                                         module_path=module_path(node),
                                          reason="only call_function nodes of an ATen graph are converted")
         g.set_outputs(outputs)
         self._drop_unused_params()
@@ -143,27 +143,27 @@ class _FxImporter(_Importer):
         ranges = _value_ranges(vals)
         mapping, taken = dict(fixed), set()
         for s in sorted(free, key=str):
-            base = _ident(names.get(s, str(s)))
+            base = ir_ident(names.get(s, str(s)))
             label, k = base, 1
             while label in taken:
                 label, k = f"{base}_{k}", k + 1
             taken.add(label)
             mapping[s] = sym(label)
             vr = ranges.get(s)
-            self.graph.add_symbol(label, _bound(vr.lower) if vr is not None else None,
-                                  _bound(vr.upper) if vr is not None else None)
+            self.graph.add_symbol(label, int_bound(vr.lower) if vr is not None else None,
+                                  int_bound(vr.upper) if vr is not None else None)
         return SymbolTable(mapping)
 
     # -- parameters -------------------------------------------------------------------------------------
     def _constant(self, label: str, data, val, seen: dict) -> Value:
         if not isinstance(data, torch.Tensor):
             raise FrontendError(f"constant for placeholder {label} must be a tensor, got {type(data).__name__}")
-        if _is_tensor(val) and (val.dtype != data.dtype or val.dim() != data.dim() or
+        if is_tensor(val) and (val.dtype != data.dtype or val.dim() != data.dim() or
                                 any(self.symbols.dim(d) != n for d, n in zip(val.shape, data.shape))):
             raise FrontendError(f"constant for placeholder {label} is {data.dtype}{list(data.shape)}, but the "
                                 f"graph traced it as {val.dtype}{list(val.shape)}")
         data = data.detach()
-        key = _storage_key(data)
+        key = storage_key(data)
         if key in seen:  # tied weights: one parameter under its first name
             return seen[key]
         v = self.graph.add_param(label, data)
@@ -177,7 +177,7 @@ class _FxImporter(_Importer):
         if isinstance(obj, torch.Tensor):
             return self._constant(node.target, obj, node.meta.get("val"), seen)
         raise UnsupportedOpError(f"get_attr {node.target}", node_name=node.name, loc=self._loc(node),
-                                 module_path=_module_path(node),
+                                 module_path=module_path(node),
                                  reason=f"a {type(obj).__name__} attribute, not a tensor")
 
     # -- outputs ----------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class _FxImporter(_Importer):
         items = [result] if single else list(result)
         outputs, leaves, index = [], [], {}
         for item in items:
-            value = self.env[item] if isinstance(item, torch.fx.Node) else _map_args(item, self.env)
+            value = self.env[item] if isinstance(item, torch.fx.Node) else map_args(item, self.env)
             if isinstance(value, Value):
                 if value not in index:
                     index[value] = len(outputs)

@@ -54,7 +54,8 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 
 from .frontends.aten import CONVERTERS
 from .frontends.fx_import import import_fx
-from .frontends.torch_export import _is_tensor_op, decomposition_table
+from .frontends.fx_common import is_tensor_op
+from .frontends.torch_export import decomposition_table
 from .ir.interpreter import bind_symbols
 from .ir.torch_dtypes import dtype_from_torch
 from .ir.types import eval_dim
@@ -262,7 +263,7 @@ def unsupported_reason(node) -> Optional[str]:
     val = node.meta.get("val")
     if target is operator.getitem:
         return None
-    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) and not _is_tensor_op(target):
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) and not is_tensor_op(target):
         return None  # size arithmetic, folded into IR dims
     if not isinstance(target, torch._ops.OpOverload) or str(target) not in CONVERTERS:
         return "no converter"
