@@ -210,13 +210,18 @@ def _is_module(name: str) -> bool:
     return spec is not None
 
 
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The full name of the module a ``from ... import`` statement names (relative names resolved)."""
+    parts = package.split(".")
+    base = parts[:len(parts) - node.level + 1] if node.level else []
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imported(node, package: str) -> list[str]:
     """The modules an import statement names, in full (``from m import x`` names m.x where x is a module)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
-    parts = package.split(".")
-    base = parts[:len(parts) - node.level + 1] if node.level else []
-    mod = ".".join(base + ([node.module] if node.module else []))
+    mod = _from_module(node, package)
     subs = [f"{mod}.{a.name}" for a in node.names if _is_module(f"{mod}.{a.name}")]
     return subs if len(subs) == len(node.names) else [mod, *subs]
 
@@ -389,3 +394,48 @@ def test_what_a_module_loads_is_read_from_its_source():
     assert "tvm.relax" in _closure("llmasos.backends.tvm.lower")
     assert "torch" in _closure("llmasos.frontends.fx_import")          # through torch_export
     assert not {m for m in _closure("llmasos") if _heavy_external(m)}  # `import llmasos` loads none
+
+
+# No module takes another's private names (a leading underscore): shared machinery gets a public name in a
+# module of its own or its home module. Tests may import private names; the code may not.
+def private_imports(text: str, package: str) -> list[str]:
+    """'line: module._name' for each private name of another llmasos module this source imports or reads
+    (``from m import _x``, ``m._x`` where m is an imported llmasos module)."""
+    tree = ast.parse(text)
+    modules, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = _from_module(node, package)
+            if mod.split(".")[0] != "llmasos":
+                continue
+            for a in node.names:
+                if _is_module(f"{mod}.{a.name}"):
+                    modules[a.asname or a.name] = f"{mod}.{a.name}"
+                elif a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append((node.lineno, f"{mod}.{a.name}"))
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "llmasos":
+                    modules[a.asname or "llmasos"] = a.name if a.asname else "llmasos"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            found.append((node.lineno, f"{modules[node.value.id]}.{node.attr}"))
+    return [f"{line}: {name}" for line, name in sorted(found)]
+
+
+def test_no_module_uses_another_modules_private_names():
+    bad = {}
+    for p in _sources():
+        module = _module_name(p)
+        if found := private_imports(p.read_text(), _package(module, p)):
+            bad[str(p.relative_to(ROOT))] = found
+    assert not bad, f"private names of other modules (give them a public name, or a module of their own): {bad}"
+
+
+def test_the_private_name_check_can_fail():
+    src = ("from .ops import _normalize_attr, defop\nfrom . import types as T\nimport llmasos.ir.graph\n"
+           "from __future__ import annotations\nfrom numpy import _NoValue\n"
+           "def f():\n    from ..passes.base import _fits\n    return T._helper(llmasos._x, T.dim_str)\n")
+    assert private_imports(src, "llmasos.ir") == ["1: llmasos.ir.ops._normalize_attr", "7: llmasos.passes.base._fits",
+                                                  "8: llmasos._x", "8: llmasos.ir.types._helper"]

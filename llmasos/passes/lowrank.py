@@ -40,7 +40,7 @@ def _energy_singular_values(method: str, w: np.ndarray, st) -> np.ndarray:
         s = st.abs_mean ** 0.5            # asvd_factor's default alpha, and its floor for dead channels
         w = w * np.maximum(s, max(s.max(), 1.0) * 1e-6)[None, :]
     elif method == "svdllm":
-        w = w.astype(np.float64) @ lr._whitening_factor(st.xtx)
+        w = w.astype(np.float64) @ lr.whitening_factor(st.xtx)
     return np.linalg.svd(w, compute_uv=False)
 
 
