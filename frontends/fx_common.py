@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from llmasos.ir import Graph, TensorType, Value
+from llmasos.ir import Graph, TensorType, Value, sym
 from llmasos.ir.torch_dtypes import dtype_from_torch
 from llmasos.ir.types import dims_equal
 
@@ -40,6 +40,18 @@ class GraphImporter:
     def _type(self, fake, what: str) -> TensorType:
         return TensorType(tuple(self.symbols.dim(d, what=f"a size of {what}") for d in fake.shape),
                           dtype_from_torch(fake.dtype))
+
+    def _add_symbol(self, name: str, taken: set, ranges=None):
+        """The IR symbol for a torch shape symbol: ``name`` made an identifier and unique among ``taken`` (which
+        it joins), declared in the graph with the bounds of ``ranges`` (torch's ValueRanges; None: none)."""
+        base = ir_ident(name)
+        label, k = base, 1
+        while label in taken:
+            label, k = f"{base}_{k}", k + 1
+        taken.add(label)
+        self.graph.add_symbol(label, int_bound(ranges.lower) if ranges is not None else None,
+                              int_bound(ranges.upper) if ranges is not None else None)
+        return sym(label)
 
     def _drop_unused_params(self) -> None:
         used = {v for n in self.graph.nodes for v in n.inputs} | set(self.graph.outputs)

@@ -28,11 +28,11 @@ import sympy
 import torch
 import torch.fx
 
-from llmasos.ir import Graph, Value, sym
+from llmasos.ir import Graph, Value
 
 from .aten.context import SymbolTable
 from .errors import FrontendError, UnsupportedOpError
-from .fx_common import GraphImporter, int_bound, ir_ident, is_tensor, map_args, module_path, storage_key
+from .fx_common import GraphImporter, is_tensor, map_args, module_path, storage_key
 
 __all__ = ["FxImported", "import_fx", "node_symbols"]
 
@@ -143,15 +143,7 @@ class _FxImporter(GraphImporter):
         ranges = _value_ranges(vals)
         mapping, taken = dict(fixed), set()
         for s in sorted(free, key=str):
-            base = ir_ident(names.get(s, str(s)))
-            label, k = base, 1
-            while label in taken:
-                label, k = f"{base}_{k}", k + 1
-            taken.add(label)
-            mapping[s] = sym(label)
-            vr = ranges.get(s)
-            self.graph.add_symbol(label, int_bound(vr.lower) if vr is not None else None,
-                                  int_bound(vr.upper) if vr is not None else None)
+            mapping[s] = self._add_symbol(names.get(s, str(s)), taken, ranges.get(s))
         return SymbolTable(mapping)
 
     # -- parameters -------------------------------------------------------------------------------------

@@ -21,14 +21,14 @@ from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.utils._pytree import tree_map
 
-from llmasos.ir import Graph, Value, sym
+from llmasos.ir import Graph, Value
 
 from .aten import CONVERTERS, ConvertContext, register_converter  # noqa: F401  (re-exported)
 from .aten.context import SymbolTable
 from .aten.registry import resolve_op
 from .errors import FrontendError, UnsupportedOpError
-from .fx_common import (GraphImporter, callable_name, inlined_hops, int_bound, ir_ident, is_tensor, is_tensor_op,
-                        module_path, storage_key, subgraph_traces)
+from .fx_common import (GraphImporter, callable_name, inlined_hops, is_tensor, is_tensor_op, module_path, storage_key,
+                        subgraph_traces)
 
 __all__ = ["Imported", "export", "import_exported_program", "import_module", "register_converter",
            "UnsupportedOpError", "FrontendError", "decomposition_table", "missing_converters", "KEEP_WHOLE"]
@@ -273,15 +273,8 @@ class _Importer(GraphImporter):
                         names[e] = guess
         mapping, taken = {}, set()
         for s, vr in self.ep.range_constraints.items():
-            if not isinstance(s, sympy.Symbol):
-                continue
-            base = ir_ident(names.get(s, str(s)))
-            name, k = base, 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            taken.add(name)
-            mapping[s] = sym(name)
-            self.graph.add_symbol(name, int_bound(vr.lower), int_bound(vr.upper))
+            if isinstance(s, sympy.Symbol):
+                mapping[s] = self._add_symbol(names.get(s, str(s)), taken, vr)
         return SymbolTable(mapping)
 
     # -- parameters -------------------------------------------------------------------------------------
