@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ..driver import ProgramView
 from .config import DecoderConfig
 from .sampling import Sampling, make_generator, sample
 
@@ -62,7 +63,7 @@ class _Buffers:
     last: Any = None     # [B] int64
 
 
-class CompiledLM:
+class CompiledLM(ProgramView):
     """A decoder-only LM compiled for prefill and decode with a device-resident KV cache.
 
     ``generate(prompts, max_new_tokens, sampling=..., stop=..., on_token=...)`` takes token-id lists (or text,
@@ -99,28 +100,12 @@ class CompiledLM:
 
     # -- the program, seen as an LM ----------------------------------------------------------------
     @property
-    def executable(self):
-        return self.program.executable
-
-    @property
     def graphs(self) -> dict:
         return self.program.graphs
 
     @property
-    def timings(self) -> dict:
-        return self.program.timings
-
-    @property
     def meta(self) -> dict:
         return self.program.meta
-
-    @property
-    def tokenizer(self):
-        return self.program.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tok) -> None:
-        self.program.tokenizer = tok
 
     # -- device buffers ----------------------------------------------------------------------------
     def _buffers_for(self, batch: int) -> _Buffers:
@@ -339,10 +324,6 @@ class CompiledLM:
             host = sample(torch.from_dlpack(logits), sampling, gen).tolist()
         stats.decode_s = time.perf_counter() - t0
 
-    # -- persistence -------------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """The one artifact format (llmasos/artifact.py), kind "lm": loads with TVM's runtime alone."""
-        self.program.save(path)
 
     def __repr__(self) -> str:
         b = f"batch={self.static_batch}" if self.static_batch else f"batch<= {self.max_batch}"
