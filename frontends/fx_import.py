@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import sympy
+import torch
+import torch.fx
 
-from llmasos.ir import Graph, Value, sym
+from llmasos.ir import Graph, Value
 
 from .aten.context import SymbolTable
 from .errors import FrontendError, UnsupportedOpError
-from .torch_export import _bound, _ident, _Importer, _is_tensor, _map_args, _module_path, _storage_key
+from .fx_common import GraphImporter, is_tensor, map_args, module_path, storage_key
 
 __all__ = ["FxImported", "import_fx", "node_symbols"]
 
@@ -59,8 +61,6 @@ def import_fx(gm, constants: Optional[Mapping[int, Any]] = None, *, name: str = 
 
 def node_symbols(vals) -> set:
     """The torch shape symbols free in fake tensors' sizes and SymInts (``vals`` an iterable of them)."""
-    import torch
-
     out: set = set()
     for v in vals:
         dims = [v] if isinstance(v, (torch.SymInt, torch.SymFloat)) else list(getattr(v, "shape", ()))
@@ -71,16 +71,14 @@ def node_symbols(vals) -> set:
     return out
 
 
-class _FxImporter(_Importer):
+class _FxImporter(GraphImporter):
     def __init__(self, gm, constants: dict, name: str, names: dict):
-        super().__init__(None, name)
+        super().__init__(name)
         self.gm = gm
         self.constants = constants
         self.names = names
 
     def run(self) -> FxImported:
-        import torch
-
         g = self.graph
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         for n in placeholders:
@@ -96,7 +94,7 @@ class _FxImporter(_Importer):
             if i in self.constants:
                 self.env[node] = self._constant(label, self.constants[i], val, seen_data)
                 param_positions.setdefault(self.env[node].name, []).append(i)
-            elif _is_tensor(val):
+            elif is_tensor(val):
                 self.env[node] = g.add_input(label, self._type(val, f"input {label}"))
                 positions.append(i)
             elif isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -114,7 +112,7 @@ class _FxImporter(_Importer):
                 outputs, leaves, single = self._fx_outputs(node)
             elif node.op != "placeholder":
                 raise UnsupportedOpError(f"{node.op} {node.target}", node_name=node.name, loc=self._loc(node),
-                                         module_path=_module_path(node),
+                                         module_path=module_path(node),
                                          reason="only call_function nodes of an ATen graph are converted")
         g.set_outputs(outputs)
         self._drop_unused_params()
@@ -123,8 +121,6 @@ class _FxImporter(_Importer):
 
     # -- symbols ----------------------------------------------------------------------------------------
     def _symbol_table(self, placeholders) -> SymbolTable:
-        import torch
-
         # a symbol that is a whole dim of a constant is that constant's size (make_fx traces weights with
         # symbolic sizes too): it is fixed, not an IR symbol
         fixed: dict = {}
@@ -147,29 +143,19 @@ class _FxImporter(_Importer):
         ranges = _value_ranges(vals)
         mapping, taken = dict(fixed), set()
         for s in sorted(free, key=str):
-            base = _ident(names.get(s, str(s)))
-            label, k = base, 1
-            while label in taken:
-                label, k = f"{base}_{k}", k + 1
-            taken.add(label)
-            mapping[s] = sym(label)
-            vr = ranges.get(s)
-            self.graph.add_symbol(label, _bound(vr.lower) if vr is not None else None,
-                                  _bound(vr.upper) if vr is not None else None)
+            mapping[s] = self._add_symbol(names.get(s, str(s)), taken, ranges.get(s))
         return SymbolTable(mapping)
 
     # -- parameters -------------------------------------------------------------------------------------
     def _constant(self, label: str, data, val, seen: dict) -> Value:
-        import torch
-
         if not isinstance(data, torch.Tensor):
             raise FrontendError(f"constant for placeholder {label} must be a tensor, got {type(data).__name__}")
-        if _is_tensor(val) and (val.dtype != data.dtype or val.dim() != data.dim() or
+        if is_tensor(val) and (val.dtype != data.dtype or val.dim() != data.dim() or
                                 any(self.symbols.dim(d) != n for d, n in zip(val.shape, data.shape))):
             raise FrontendError(f"constant for placeholder {label} is {data.dtype}{list(data.shape)}, but the "
                                 f"graph traced it as {val.dtype}{list(val.shape)}")
         data = data.detach()
-        key = _storage_key(data)
+        key = storage_key(data)
         if key in seen:  # tied weights: one parameter under its first name
             return seen[key]
         v = self.graph.add_param(label, data)
@@ -177,27 +163,23 @@ class _FxImporter(_Importer):
         return v
 
     def _get_attr(self, node, seen: dict):
-        import torch
-
         obj = operator.attrgetter(node.target)(self.gm)
         if isinstance(obj, torch.fx.GraphModule) and node.users and all(u.target in self.hops for u in node.users):
             return obj
         if isinstance(obj, torch.Tensor):
             return self._constant(node.target, obj, node.meta.get("val"), seen)
         raise UnsupportedOpError(f"get_attr {node.target}", node_name=node.name, loc=self._loc(node),
-                                 module_path=_module_path(node),
+                                 module_path=module_path(node),
                                  reason=f"a {type(obj).__name__} attribute, not a tensor")
 
     # -- outputs ----------------------------------------------------------------------------------------
     def _fx_outputs(self, node):
-        import torch.fx
-
         result = node.args[0]
         single = not isinstance(result, (tuple, list))
         items = [result] if single else list(result)
         outputs, leaves, index = [], [], {}
         for item in items:
-            value = self.env[item] if isinstance(item, torch.fx.Node) else _map_args(item, self.env)
+            value = self.env[item] if isinstance(item, torch.fx.Node) else map_args(item, self.env)
             if isinstance(value, Value):
                 if value not in index:
                     index[value] = len(outputs)
@@ -216,8 +198,6 @@ class _FxImporter(_Importer):
 
 def _value_ranges(vals) -> dict:
     """torch symbol -> ValueRanges from the ShapeEnv of the first symbolic value in ``vals``."""
-    import torch
-
     for v in vals:
         dims = [v] if isinstance(v, (torch.SymInt, torch.SymFloat)) else list(getattr(v, "shape", ()))
         for d in dims:

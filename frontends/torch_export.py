@@ -12,26 +12,23 @@ from __future__ import annotations
 
 import inspect
 import operator
-import os
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import sympy
 import torch
-import torch.fx
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.utils._pytree import tree_map
 
-from llmasos.ir import Graph, TensorType, Value, sym
-from llmasos.ir.torch_dtypes import dtype_from_torch
-from llmasos.ir.types import dims_equal
+from llmasos.ir import Graph, Value
 
 from .aten import CONVERTERS, ConvertContext, register_converter  # noqa: F401  (re-exported)
 from .aten.context import SymbolTable
-from .aten.registry import _resolve
+from .aten.registry import resolve_op
 from .errors import FrontendError, UnsupportedOpError
+from .fx_common import (GraphImporter, callable_name, inlined_hops, is_tensor, is_tensor_op, module_path, storage_key,
+                        subgraph_traces)
 
 __all__ = ["Imported", "export", "import_exported_program", "import_module", "register_converter",
            "UnsupportedOpError", "FrontendError", "decomposition_table", "missing_converters", "KEEP_WHOLE"]
@@ -137,7 +134,7 @@ def decomposition_table() -> dict:
     keep = set(KEEP_WHOLE) | set(CONVERTERS)
     for name in keep:
         try:
-            table.pop(_resolve(name), None)
+            table.pop(resolve_op(name), None)
         except ValueError:
             pass
     return table
@@ -169,22 +166,17 @@ def import_exported_program(ep, name: Optional[str] = None, decompose: Optional[
                 decompose = True
     if not decompose:
         return _Importer(ep, name or "main").run()
-    traces = _subgraph_traces(ep)
+    traces = subgraph_traces(ep)
     ep = ep.run_decompositions(decomposition_table())
     imp = _Importer(ep, name or "main", traces).run()
     imp.decomposed = True
     return imp
 
 
-def _inlined_hops() -> tuple:
-    """Higher-order ops whose sub-graph is converted in place: grad mode does not change inference."""
-    return (torch.ops.higher_order.wrap_with_set_grad_enabled,)
-
-
 def missing_converters(ep) -> list:
     """The ops of ``ep`` (sub-graphs of inlined higher-order ops included) the importer cannot convert as they
     stand, by registry key; in-place ops count as missing, since converters assume value semantics."""
-    return sorted(set(_missing(ep.graph_module, _inlined_hops())))
+    return sorted(set(_missing(ep.graph_module, inlined_hops())))
 
 
 def _missing(gm, hops) -> list:
@@ -204,22 +196,22 @@ def _missing(gm, hops) -> list:
             continue
         val = node.meta.get("val")
         if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat, int, float, bool)) \
-                and not _is_tensor_op(target):
-            continue  # folded into dims by _Importer._scalar
+                and not is_tensor_op(target):
+            continue  # folded into dims by GraphImporter._scalar
         is_op = isinstance(target, torch._ops.OpOverload)
-        key = str(target) if is_op else _callable_name(target)
+        key = str(target) if is_op else callable_name(target)
         if key not in CONVERTERS or (is_op and target._schema.is_mutable):
             out.append(key)
     return out
 
 
-class _Importer:
+class _Importer(GraphImporter):
+    """An ExportedProgram -> Imported: its signature says which placeholders are inputs and parameters, its
+    range constraints bound the symbols."""
+
     def __init__(self, ep, name: str, traces: Optional[dict] = None):
+        super().__init__(name, traces)
         self.ep = ep
-        self.traces = traces or {}
-        self.graph = Graph(name)
-        self.env: dict = {}  # fx.Node -> Value | tuple of Values | dim | python constant | sub-GraphModule
-        self.hops = _inlined_hops()
 
     def run(self) -> Imported:
         ep, g = self.ep, self.graph
@@ -232,7 +224,7 @@ class _Importer:
         for node, spec in zip(placeholders, specs):
             val = node.meta.get("val")
             if spec.kind == InputKind.USER_INPUT:
-                if _is_tensor(val):
+                if is_tensor(val):
                     self.env[node] = g.add_input(node.name, self._type(val, f"input {node.name}"))
                     input_names.append(self.env[node].name)
                 else:  # non-tensor inputs are baked into the program by torch.export
@@ -249,7 +241,7 @@ class _Importer:
                 self.env[node] = ep.graph_module.get_submodule(node.target)
             elif node.op == "get_attr":
                 raise UnsupportedOpError(f"get_attr {node.target}", node_name=node.name, loc=self._loc(node),
-                                         module_path=_module_path(node),
+                                         module_path=module_path(node),
                                          reason="sub-programs (higher-order ops) are not supported")
             elif node.op == "output":
                 outputs, out_leaves = self._outputs(node)
@@ -281,20 +273,9 @@ class _Importer:
                         names[e] = guess
         mapping, taken = {}, set()
         for s, vr in self.ep.range_constraints.items():
-            if not isinstance(s, sympy.Symbol):
-                continue
-            base = _ident(names.get(s, str(s)))
-            name, k = base, 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            taken.add(name)
-            mapping[s] = sym(name)
-            self.graph.add_symbol(name, _bound(vr.lower), _bound(vr.upper))
+            if isinstance(s, sympy.Symbol):
+                mapping[s] = self._add_symbol(names.get(s, str(s)), taken, vr)
         return SymbolTable(mapping)
-
-    def _type(self, fake, what: str) -> TensorType:
-        return TensorType(tuple(self.symbols.dim(d, what=f"a size of {what}") for d in fake.shape),
-                          dtype_from_torch(fake.dtype))
 
     # -- parameters -------------------------------------------------------------------------------------
     def _param(self, target: str, seen: dict) -> Value:
@@ -305,102 +286,13 @@ class _Importer:
             data = ep.constants[target]
         else:
             raise FrontendError(f"no data for parameter/buffer/constant '{target}' in the ExportedProgram")
-        key = _storage_key(data)
+        key = storage_key(data)
         if key in seen:  # tied weights (GPT-2's lm_head and wte): one param under its first name
             return seen[key]
         v = self.graph.add_param(target, data)
         seen[key] = v
         return v
 
-    def _drop_unused_params(self) -> None:
-        used = {v for n in self.graph.nodes for v in n.inputs} | set(self.graph.outputs)
-        for name, v in list(self.graph.params.items()):
-            if v not in used:
-                del self.graph.params[name]
-                self.graph.param_data.pop(name, None)
-
-    # -- nodes ------------------------------------------------------------------------------------------
-    def _convert(self, node):
-        target = node.target
-        if target is operator.getitem:
-            seq, i = self.env[node.args[0]], node.args[1]
-            return seq[i]
-        if target in self.hops:
-            return self._inline(node)
-        val = node.meta.get("val")
-        if isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat, int, float, bool)) \
-                and not _is_tensor_op(target):
-            return self._scalar(node, val)  # size arithmetic: a dim expression, not an IR node
-        key = str(target) if isinstance(target, torch._ops.OpOverload) else _callable_name(target)
-        fn = CONVERTERS.get(key)
-        if fn is None:
-            raise UnsupportedOpError(key, node_name=node.name, loc=self._loc(node), module_path=_module_path(node))
-        ctx = ConvertContext(self.graph, self.symbols, node, self._loc(node), _module_path(node))
-        args = _map_args(node.args, self.env)
-        kwargs = _map_args(node.kwargs, self.env)
-        try:
-            out = fn(ctx, *args, **kwargs)
-        except FrontendError:
-            raise
-        except Exception as e:
-            where = f" at {ctx.loc}" if ctx.loc else ""
-            raise FrontendError(f"cannot convert %{node.name} = {key}{where}: {type(e).__name__}: {e}") from e
-        self._check(ctx, key, out, val)
-        if isinstance(out, Value) and out.producer is not None and out.producer in ctx.emitted:
-            out.name = self.graph.fresh_name(node.name)  # the IR value reads like the torch node it replaces
-        return out
-
-    def _inline(self, node) -> tuple:
-        """A higher-order op's sub-graph converted in place: its placeholders take the op's operands, its
-        outputs are the op's results (read by getitem nodes)."""
-        sub = self.env[node.args[1]]
-        operands = _map_args(tuple(node.args[2:]), self.env)
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(operands):
-            raise FrontendError(f"%{node.name} = {_callable_name(node.target)} passes {len(operands)} operands "
-                                f"to a sub-graph of {len(placeholders)} inputs")
-        out = ()
-        for n in sub.graph.nodes:
-            if n.op == "placeholder":
-                self.env[n] = operands[placeholders.index(n)]
-            elif n.op == "call_function":
-                self.env[n] = self._convert(n)
-            elif n.op == "get_attr" and n.users and all(u.target in self.hops for u in n.users):
-                self.env[n] = sub.get_submodule(n.target)
-            elif n.op == "output":
-                out = tuple(_map_args(tuple(n.args[0]), self.env))
-            else:
-                raise UnsupportedOpError(f"{n.op} {n.target}", node_name=n.name, loc=self._loc(n),
-                                         module_path=_module_path(n),
-                                         reason="inside a higher-order op's sub-graph, this is not supported")
-        return out
-
-    def _loc(self, node) -> Optional[str]:
-        return _loc(node, self.traces)
-
-    def _scalar(self, node, val):
-        if isinstance(val, (torch.SymBool, bool)):
-            return bool(val) if isinstance(val, bool) else None
-        if isinstance(val, float):
-            return val
-        return self.symbols.dim(val, what=f"%{node.name} = {_callable_name(node.target)}")
-
-    def _check(self, ctx, key, out, val) -> None:
-        """A converter's result must have the type torch computed: catches converter bugs at their source."""
-        if val is None:
-            return
-        fakes = val if isinstance(val, (list, tuple)) else [val]
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        if len(fakes) != len(outs):
-            raise ctx.error(f"converter for {key} returned {len(outs)} results, torch has {len(fakes)}")
-        for f, o in zip(fakes, outs):
-            if not _is_tensor(f):
-                continue
-            want = ctx.out_type() if f is val else ctx.type_of(f)
-            if not isinstance(o, Value) or o.type.dtype != want.dtype or o.type.rank != want.rank or \
-                    not all(a == b or dims_equal(a, b) for a, b in zip(o.type.shape, want.shape)):
-                got = o.type if isinstance(o, Value) else repr(o)
-                raise ctx.error(f"converter for {key} produced {got}, but torch's result is {want}")
 
     def _outputs(self, node):
         outputs, leaves, index = [], [], {}
@@ -422,33 +314,6 @@ class _Importer:
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-def _is_tensor(x) -> bool:
-    return isinstance(x, torch.Tensor)
-
-
-def _is_tensor_op(target) -> bool:
-    """Aten ops returning tensors; sym_size and friends return sizes and are folded into dims."""
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    return any(isinstance(r.type, torch.TensorType) for r in target._schema.returns)
-
-
-def _callable_name(target) -> str:
-    mod = getattr(target, "__module__", None) or ""
-    name = getattr(target, "__name__", None) or repr(target)
-    return f"{mod}.{name}" if mod and mod != "builtins" else name
-
-
-def _map_args(a, env):
-    if isinstance(a, torch.fx.Node):
-        return env[a]
-    if isinstance(a, (list, tuple)):
-        return type(a)(_map_args(x, env) for x in a)
-    if isinstance(a, dict):
-        return {k: _map_args(v, env) for k, v in a.items()}
-    return a
-
-
 def _shape_env(nodes):
     for n in nodes:
         for d in getattr(n.meta.get("val"), "shape", ()):
@@ -456,96 +321,3 @@ def _shape_env(nodes):
             if se is not None:
                 return se
     return None
-
-
-def _bound(b) -> Optional[int]:
-    try:
-        if not b.is_finite:
-            return None
-        return int(b)
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
-def _ident(name: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9_]", "_", name)
-    return name if name and (name[0].isalpha() or name[0] == "_") else f"d_{name}"
-
-
-def _storage_key(t):
-    try:
-        if t.numel() > 0:
-            return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-    except Exception:  # tensors without storage (fake, meta)
-        pass
-    return ("id", id(t))
-
-
-_FRAME_RE = re.compile(r'File "([^"]+)", line (\d+), in ')
-
-
-def _torch_dir() -> str:
-    return os.path.dirname(torch.__file__) + os.sep
-
-
-def _user_frame(trace: Optional[str]) -> Optional[str]:
-    """'file.py:line' of the innermost frame outside torch itself (the model code that made the op)."""
-    if not trace:
-        return None
-    tdir = _torch_dir()
-    frames = [(f, int(line)) for f, line in _FRAME_RE.findall(trace)
-              if not f.startswith("<") and not f.startswith(tdir) and not f.startswith("torch/")]
-    if not frames:
-        return None
-    f, line = frames[-1]
-    return f"{os.path.basename(f)}:{line}"
-
-
-def _module_path(node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    if path.startswith("_empty_nn_module_stack"):
-        return None
-    return _clean_path(path)
-
-
-def _clean_path(path: str) -> str:
-    # torch sometimes writes submodules of ModuleLists as getattr(L['self'].layers, '0'); use the dotted name
-    path = re.sub(r"getattr\((.*?), '([^']*)'\)", r"\1.\2", path)
-    path = re.sub(r"L\['self'\]\.?|L__self___?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".")
-
-
-_GENERATED_RE = re.compile(r'File "<eval_with_key>[^"]*", line \d+, in \w+\n\s*(\w+) = ')
-
-
-def _subgraph_traces(ep) -> dict:
-    """Stack traces of the nodes inside higher-order-op sub-graphs (torch.no_grad or autocast regions),
-    keyed by (module path, node name). Decomposition inlines those regions and leaves their nodes pointing
-    at generated code, so their locations are recovered from here."""
-    out: dict = {}
-    for sub_name, gm in ep.graph_module.named_modules():
-        if not sub_name or not isinstance(gm, torch.fx.GraphModule):
-            continue
-        for n in gm.graph.nodes:
-            trace = n.meta.get("stack_trace")
-            if trace and _user_frame(trace):
-                out.setdefault((_module_path(n), n.name), trace)
-    return out
-
-
-def _loc(node, traces: Optional[dict] = None) -> Optional[str]:
-    """'module.path (file.py:line)': the module that made the op and the model-code line that called it."""
-    path = _module_path(node)
-    trace = node.meta.get("stack_trace")
-    frame = _user_frame(trace)
-    if frame is None and trace and traces:
-        m = _GENERATED_RE.search(trace)
-        if m and (path, m.group(1)) in traces:
-            frame = _user_frame(traces[(path, m.group(1))])
-    if path and frame:
-        return f"{path} ({frame})"
-    return path or frame

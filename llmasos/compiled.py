@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .driver import MAIN, CompiledProgram
+from .driver import MAIN, CompiledProgram, ProgramView
 from .ir.interpreter import bind_symbols
 from .ir.torch_dtypes import dtype_from_torch, dtype_to_torch
 
@@ -13,7 +13,7 @@ class InputError(ValueError):
     """A call with inputs the compiled model cannot take (count, dtype, shape, range)."""
 
 
-class CompiledModel:
+class CompiledModel(ProgramView):
     """``cm(*args, **kwargs)`` runs the library's ``main``; ``cm.ir``, ``cm.save(path)``, ``cm.benchmark(...)``.
     ``cm.program`` is the CompiledProgram it views (graphs, executable, target, timings, tokenizer)."""
 
@@ -43,24 +43,8 @@ class CompiledModel:
         return self.program.conventions[self.entry]
 
     @property
-    def executable(self):
-        return self.program.executable
-
-    @property
     def target(self):
         return self.program.target
-
-    @property
-    def timings(self) -> dict:
-        return self.program.timings
-
-    @property
-    def tokenizer(self):
-        return self.program.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tok) -> None:
-        self.program.tokenizer = tok
 
     @property
     def ir(self) -> str:
@@ -105,9 +89,6 @@ class CompiledModel:
         ins = ", ".join(f"%{v.name}: {v.type}" for v in self.graph.inputs)
         bounds = ", ".join(f"{s} in [{lo}, {hi}]" for s, (lo, hi) in self.graph.symbols.items())
         return f"({ins})" + (f" with {bounds}" if bounds else "")
-
-    def save(self, path) -> None:
-        self.program.save(path)
 
     def benchmark(self, *args, warmup: int = 2, repeat: int = 10) -> float:
         """Median seconds per call."""

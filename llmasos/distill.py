@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .eval import _logits_fn
+from .eval import logits_fn
 from .ir.graph import Graph
 
 # a matrix with this fraction of exact zeros counts as pruned: weights dequantized from a low-bit checkpoint
@@ -157,7 +157,7 @@ def distill(teacher, student, data, *, alpha: float = 0.5, temperature: float = 
                                f"{type(teacher).__name__}")
     if isinstance(teacher, torch.nn.Module):
         teacher.eval().to(dev)  # frozen by no_grad below; its requires_grad flags are left as they are
-    teacher_fn = _logits_fn(teacher)
+    teacher_fn = logits_fn(teacher)
 
     module.to(dev).eval()
     trainable = [p for p in module.parameters() if p.requires_grad]

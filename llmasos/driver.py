@@ -123,6 +123,33 @@ class CompiledProgram:
                               tokenizer=self.tokenizer)
 
 
+class ProgramView:
+    """What the views over a CompiledProgram (CompiledModel, CompiledLM) take from it as it is: its executable,
+    timings and tokenizer, and saving it."""
+    program: CompiledProgram
+
+    @property
+    def executable(self):
+        return self.program.executable
+
+    @property
+    def timings(self) -> dict:
+        return self.program.timings
+
+    @property
+    def tokenizer(self):
+        return self.program.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self.program.tokenizer = tok
+
+    def save(self, path) -> None:
+        """Write the one artifact format (llmasos/artifact.py); a compiled LM's (kind "lm") loads with TVM's
+        runtime alone."""
+        self.program.save(path)
+
+
 # -- the pipeline -----------------------------------------------------------------------------------------
 def prepare(target: Any = "cpu", passes: Any = "fuse", calibration=None, tuning_db=None) -> Plan:
     """Resolve the target, open the tuning database and parse the pass pipeline: every option fails here,

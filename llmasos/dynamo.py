@@ -37,6 +37,7 @@ shapes, so one compiled library serves every size dynamo's guards let through. S
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import re
@@ -46,6 +47,30 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.operator_support import OperatorSupportBase
+
+from .frontends.aten import CONVERTERS
+from .frontends.fx_import import import_fx
+from .frontends.fx_common import is_tensor_op
+from .frontends.torch_export import decomposition_table
+from .ir.interpreter import bind_symbols
+from .ir.torch_dtypes import dtype_from_torch
+from .ir.types import eval_dim
+from .ir.verifier import verify
+from .passes import PassManager
+
+try:  # torch.export's (private) split of its decomposition table; a torch without it decomposes composite ops
+    from torch.export.exported_program import (_override_composite_implicit_decomp,
+                                                _split_decomp_table_to_cia_and_python_decomp)
+except ImportError:
+    _override_composite_implicit_decomp = _split_decomp_table_to_cia_and_python_decomp = None
+try:  # dynamo's guards (internals); without them the calling-time check in CompiledPartition rebinds weights
+    from torch._dynamo.guards import GuardBuilder, install_guard
+except ImportError:
+    GuardBuilder = install_guard = None
 
 __all__ = ["backend", "FallbackWarning", "OPTIONS", "CompileRecord", "records", "supported_node",
            "unsupported_reason", "CompiledPartition"]
@@ -117,6 +142,7 @@ def _parse_options(options, kwargs: dict, mode, example_inputs) -> _Options:
                          f"{', '.join(map(repr, unknown))}. Options: {_allowed()}")
     opts = {k: given.get(k, default) for k, (default, _) in OPTIONS.items()}
 
+    # deferred: TVM -- torch imports this module at torch.compile(), before any graph is compiled
     from .backends.tvm.targets import resolve_target, target_for_torch_device
     devices = {x.device.type for x in example_inputs if isinstance(x, torch.Tensor)}
     target = opts["target"]
@@ -139,14 +165,13 @@ def _parse_options(options, kwargs: dict, mode, example_inputs) -> _Options:
     if not isinstance(opts["min_ops"], int) or isinstance(opts["min_ops"], bool) or opts["min_ops"] < 1:
         raise ValueError(f"llmasos backend: option min_ops must be an int >= 1, got {opts['min_ops']!r}")
     if opts["passes"]:
-        from .passes import PassManager
         try:
             PassManager(opts["passes"])  # a bad pipeline fails here, before any tracing
         except Exception as e:
             raise ValueError(f"llmasos backend: option passes={opts['passes']!r}: {e}") from e
     db = opts["tuning_db"]
     if db is not None:
-        from .backends.tvm.tuning import TuningDatabase
+        from .backends.tvm.tuning import TuningDatabase  # deferred: TVM (see _parse_options)
         db = TuningDatabase.open(db, spec)
     return _Options(spec, opts["passes"], opts["freeze"], opts["fallback"], opts["min_ops"], db)
 
@@ -164,8 +189,6 @@ def backend(gm, example_inputs, options: Optional[dict] = None, *, mode: Optiona
         _fallback(opts, "this graph runs eagerly: the llmasos backend is inference only and gradients are "
                         "enabled (call the compiled model under torch.no_grad() or torch.inference_mode())")
         return gm.forward
-
-    from torch._dynamo.backends.common import aot_autograd
 
     # AOTAutograd's forward inputs are the module's own parameters and buffers (when dynamo did not lift
     # them to inputs), then dynamo's inputs; real tensors, names and whether they are weights, by position
@@ -211,10 +234,7 @@ def _describe(node, x) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _decomposition_tables(keys: frozenset) -> tuple:
-    from .frontends.torch_export import decomposition_table
-    try:
-        from torch.export.exported_program import _split_decomp_table_to_cia_and_python_decomp
-    except ImportError:  # a torch without torch.export's (private) split: composite ops decompose
+    if _split_decomp_table_to_cia_and_python_decomp is None:  # composite ops decompose
         return None, decomposition_table()
     return _split_decomp_table_to_cia_and_python_decomp(decomposition_table())
 
@@ -223,13 +243,9 @@ def _decompositions() -> tuple:
     """(a context keeping composite ops with a converter whole while AOTAutograd traces, the python
     decompositions): torch.export's default decompositions minus the ops with a converter, split as
     torch.export's run_decompositions splits them. Cached per set of registered converters."""
-    import contextlib
-
-    from .frontends.aten import CONVERTERS
     cia, table = _decomposition_tables(frozenset(CONVERTERS))
     if cia is None:
         return contextlib.nullcontext(), table
-    from torch.export.exported_program import _override_composite_implicit_decomp
     return _override_composite_implicit_decomp(cia), table
 
 
@@ -243,14 +259,11 @@ def supported_node(node) -> bool:
 def unsupported_reason(node) -> Optional[str]:
     """None for a call_function node LLMasOS converts, else why not: "no converter", "in-place" or
     "dtype <torch dtype>" (a tensor of a dtype the IR lacks, float64 say)."""
-    from .frontends.aten import CONVERTERS
-    from .frontends.torch_export import _is_tensor_op
-
     target = node.target
     val = node.meta.get("val")
     if target is operator.getitem:
         return None
-    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) and not _is_tensor_op(target):
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) and not is_tensor_op(target):
         return None  # size arithmetic, folded into IR dims
     if not isinstance(target, torch._ops.OpOverload) or str(target) not in CONVERTERS:
         return "no converter"
@@ -260,7 +273,6 @@ def unsupported_reason(node) -> Optional[str]:
 
 
 def _dtype_problem(val) -> Optional[str]:
-    from .ir.torch_dtypes import dtype_from_torch
     for v in (val if isinstance(val, (tuple, list)) else [val]):
         if isinstance(v, torch.Tensor):
             try:
@@ -285,8 +297,6 @@ def _is_compute(node) -> bool:
 # -- compiling an ATen graph ------------------------------------------------------------------------------------
 def _compile_aten(gm, inputs: list, opts: _Options, record: CompileRecord):
     """The forward graph AOTAutograd traced -> a callable: partitions compiled, the rest left to torch."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     constants, names = _weights(gm, placeholders, inputs, opts)
     _guard_identity([inputs[i].source for i in constants])
@@ -338,17 +348,15 @@ def _guard_identity(sources) -> None:
     guards (one compiled graph serves every instance of a module class), which frozen weights would make
     wrong for the next instance. As inductor's freezing does; the calling-time check in CompiledPartition
     stays, for when this is not possible."""
+    if install_guard is None:
+        return
     try:
-        from torch._dynamo.guards import GuardBuilder, install_guard
         install_guard(*(s.make_guard(GuardBuilder.ID_MATCH) for s in sources if s is not None))
     except Exception:  # noqa: BLE001 -- a torch without these internals: the runtime check rebinds instead
         pass
 
 
 def _compile_partitions(gm, placeholders, constants: dict, names: dict, opts: _Options, record: CompileRecord):
-    from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
-    from torch.fx.passes.operator_support import OperatorSupportBase
-
     class Support(OperatorSupportBase):
         def is_node_supported(self, submodules, node) -> bool:
             return supported_node(node)
@@ -405,10 +413,7 @@ def _try_build(gm, constants: dict, names: dict, opts: _Options, record: Compile
 
 
 def _build(gm, constants: dict, names: dict, opts: _Options, label: str) -> "CompiledPartition":
-    from .backends.tvm import build
-    from .frontends.fx_import import import_fx
-    from .ir.verifier import verify
-    from .passes import PassManager
+    from .backends.tvm import build  # deferred: TVM (see _parse_options)
 
     imp = import_fx(gm, constants, name=label, names=names)
     graph = imp.graph
@@ -484,14 +489,12 @@ class CompiledPartition(torch.nn.Module):
         outs = self.executable(*tensors)
         env = None
         if self._dims:
-            from .ir.interpreter import bind_symbols
             env = bind_symbols(self.graph, tensors)
         result = []
         for kind, v in self.outputs:
             if kind == "tensor":
                 result.append(outs[v])
             elif kind == "dim":
-                from .ir.types import eval_dim
                 result.append(eval_dim(v, env))
             else:
                 result.append(v)

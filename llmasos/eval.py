@@ -99,7 +99,7 @@ def calibration_batches(tokenizer, n: int = 8, seq: int = 256, seed: int = 0, ba
     return [wins[pick[i * batch:(i + 1) * batch]] for i in range(n)]
 
 
-def _logits_fn(model: Any):
+def logits_fn(model: Any):
     """(callable ids -> logits tensor, description) for an nn.Module, a Graph or a CompiledModel."""
     import torch  # deferred: `import llmasos` (which imports this module) stays torch-free
 
@@ -139,7 +139,7 @@ def perplexity(model: Any, windows, batch: int = 8, progress: bool = False) -> f
         raise ValueError(f"windows must be integer token ids, got {windows.dtype}")
     if not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    fn = _logits_fn(model)
+    fn = logits_fn(model)
     total, count = 0.0, 0
     t0 = time.perf_counter()
     with torch.no_grad():

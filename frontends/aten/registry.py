@@ -17,13 +17,13 @@ def op_key(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return str(target)
     if isinstance(target, str):
-        _resolve(target)
+        resolve_op(target)
         return target
     raise TypeError(f"a converter target is a torch op overload such as torch.ops.aten.add.Tensor or its name "
                     f"'aten.add.Tensor', got {target!r}")
 
 
-def _resolve(name: str):
+def resolve_op(name: str):
     """The OpOverload named ``ns.op.overload``; a typo is an error at registration, not a silent miss."""
     parts = name.split(".")
     if len(parts) != 3:

@@ -23,7 +23,7 @@ from ..frontends import kv_ops  # the torch custom ops that are kv.append / kv.a
 from ..ir.graph import Graph, param_array
 from ..ir.interpreter import bind_symbols, evaluate_attrs
 from ..ir.ops import all_ops, get_op
-from ..ir.opset.fused import ACTIVATIONS, _eval, parse_expr
+from ..ir.opset.fused import ACTIVATIONS, eval_expr, parse_expr
 from ..ir.opset.rules import to_dtype
 from ..ir.torch_dtypes import dtype_to_torch, numpy_to_torch
 from ..ir.types import DType
@@ -252,7 +252,7 @@ register_torch_impl("fused.add_layer_norm", _add_norm("layer_norm"))
 
 @register_torch_impl("fused.elementwise")
 def _elementwise(*xs, expr):
-    return _eval(parse_expr(expr), list(xs), _apply)
+    return eval_expr(parse_expr(expr), list(xs), _apply)
 
 
 # -- KV cache ---------------------------------------------------------------------------------------

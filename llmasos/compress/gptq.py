@@ -128,7 +128,7 @@ def dequantize(q, scale, zero, group: int = None) -> np.ndarray:
     return (q.astype(np.float64) - zero[:, col].astype(np.float64)) * scale[:, col].astype(np.float64)
 
 
-def _upper_chol_of_inverse(h: np.ndarray, fn: str) -> np.ndarray:
+def upper_chol_of_inverse(h: np.ndarray, fn: str) -> np.ndarray:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), what the reference gets from
     cholesky(cholesky_inverse(cholesky(H)), upper=True), with one factorization: the lower Cholesky
     factor M of H with rows and columns reversed gives H = R R^T with R = rev(M) upper triangular, so
@@ -192,7 +192,7 @@ def gptq_quantize(w, hessian, bits: int, group: int, sym: bool, damp: float = 0.
     group_of = perm // gs
 
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    U = _upper_chol_of_inverse(H, fn)
+    U = upper_chol_of_inverse(H, fn)
 
     Q = np.zeros((n, k))
     for i1 in range(0, k, block):

@@ -91,7 +91,7 @@ def asvd_factor(w, act_abs_mean, rank: int, alpha: float = 0.5):
     return a.astype(np.float32), (b / s[None, :]).astype(np.float32)
 
 
-def _whitening_factor(xtx: np.ndarray) -> np.ndarray:
+def whitening_factor(xtx: np.ndarray) -> np.ndarray:
     """Lower Cholesky factor L of X^T X (+ the smallest damping lambda I, lambda = 1e-8 .. 1e-1 times the
     mean diagonal, that makes it positive definite)."""
     xtx = (xtx + xtx.T) / 2
@@ -118,7 +118,7 @@ def svdllm_factor(w, xtx, rank: int):
     w = check_weight(w, fn)
     rank = _check_rank(rank, w.shape, fn)
     h = check_square(xtx, w.shape[1], fn, "xtx")
-    lower = _whitening_factor(h)
+    lower = whitening_factor(h)
     a, bl = _truncate(w.astype(np.float64) @ lower, rank)
     # b = bl L^-1  <=>  L^T b^T = bl^T
     b = np.linalg.solve(lower.T, bl.T).T

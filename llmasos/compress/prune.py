@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gptq import (_upper_chol_of_inverse, check_block, check_square, check_vector, check_weight,
+from .gptq import (upper_chol_of_inverse, check_block, check_square, check_vector, check_weight,
                    prepare_hessian)
 
 
@@ -104,7 +104,7 @@ def sparsegpt(w, hessian, sparsity: float, n: int = 0, m: int = 0, damp: float =
     h = check_square(hessian, k, fn, "hessian")
     W, H, _ = prepare_hessian(w, h, damp, fn)
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    U = _upper_chol_of_inverse(H, fn)
+    U = upper_chol_of_inverse(H, fn)
     dinv = np.diag(U)
 
     keep = np.ones((rows, k), dtype=bool)

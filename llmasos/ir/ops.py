@@ -121,7 +121,7 @@ class OpDef:
             problem = spec.check(v)
             if problem:
                 raise OpError(f"op '{self.name}'{where}: attribute '{k}' {problem}")
-            out[k] = _normalize_attr(spec.kind, v)
+            out[k] = normalize_attr(spec.kind, v)
         return out
 
     def infer_types(self, types: list, attrs: dict) -> tuple:
@@ -132,7 +132,7 @@ class OpDef:
         return (out,) if isinstance(out, TensorType) else tuple(out)
 
 
-def _normalize_attr(kind: str, v: Any) -> Any:
+def normalize_attr(kind: str, v: Any) -> Any:
     if v is None:
         return None
     if kind == "int":

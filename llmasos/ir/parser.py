@@ -20,7 +20,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .graph import Graph, Node, Value, type_of_data
-from .ops import REQUIRED, OpDef, OpError, _normalize_attr, get_op
+from .ops import REQUIRED, OpDef, OpError, normalize_attr, get_op
 from .types import DType, TensorType, as_dim, sym
 
 
@@ -373,7 +373,7 @@ class _Reader:
             problem = spec.check(v)
             if problem:
                 raise self.error(f"{where} {problem}", _first_token(value) or key)
-            given[k] = _normalize_attr(spec.kind, v)
+            given[k] = normalize_attr(spec.kind, v)
         # Defaults the way OpDef.complete_attrs fills them (not calling it: it re-simplifies every
         # symbolic dim, which costs milliseconds per node on a 2000-node graph).
         out = {}
@@ -383,7 +383,7 @@ class _Reader:
             elif spec.default is REQUIRED:
                 raise self.error(f"op '{opdef.name}' needs attribute '{k}'", op_tok)
             else:
-                out[k] = _normalize_attr(spec.kind, spec.default)
+                out[k] = normalize_attr(spec.kind, spec.default)
         return out
 
     def _attr_value(self, kind: str, optional: bool, t, where: str, key: Token):

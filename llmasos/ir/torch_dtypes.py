@@ -7,8 +7,8 @@ from .types import DType
 
 
 def _table():
-    # torch deferred here and below: torch-free modules (the TVM backend, LM artifacts) import this one and
-    # call it only when torch tensors are at hand
+    # deferred, here and below: torch-free modules (the IR, `import llmasos`) import this one and call it
+    # only when torch tensors are at hand
     import torch
     return {torch.float32: DType.f32, torch.float16: DType.f16, torch.bfloat16: DType.bf16,
             torch.float8_e4m3fn: DType.f8e4m3, torch.int64: DType.i64, torch.int32: DType.i32,
@@ -30,7 +30,7 @@ def dtype_to_torch(dt: DType):
 
 
 def torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # deferred: torch (see _table)
     t = t.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn):
         # numpy has no such dtypes; reinterpret the bits as ml_dtypes
@@ -40,7 +40,7 @@ def torch_to_numpy(t) -> np.ndarray:
 
 
 def numpy_to_torch(a: np.ndarray):
-    import torch
+    import torch  # deferred: torch (see _table)
     a = np.ascontiguousarray(a).reshape(np.shape(a))  # ascontiguousarray makes 0-d arrays 1-d
     dt = DType.from_numpy(a.dtype)
     if dt is DType.bf16:

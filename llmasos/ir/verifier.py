@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 from .graph import Graph, Node, Use, Value, type_of_data
-from .ops import REQUIRED, OpError, _normalize_attr, get_op
+from .ops import REQUIRED, OpError, normalize_attr, get_op
 from .types import TensorType, dim_symbols
 
 RULES = ("bad-symbol-bounds", "undeclared-symbol", "duplicate-definition", "param-data", "producer-link",
@@ -224,7 +224,7 @@ class _Checker:
                 self.report("attr-kind", n, f"op '{n.op}' attribute '{k}' {problem}")
                 ok = False
                 continue
-            attrs[k] = value = _normalize_attr(spec.kind, value)
+            attrs[k] = value = normalize_attr(spec.kind, value)
             if spec.kind in ("dim", "dims") and value is not None:
                 used = set()
                 for d in (value if spec.kind == "dims" else [value]):

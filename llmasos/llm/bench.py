@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
+import traceback
+
+import llmasos
+
+from .presets import decoder_config
 
 
 def log(*a):
@@ -31,7 +37,7 @@ def copy_bandwidth(spec) -> float:
 
 
 def _sync(device):
-    import torch
+    import torch  # deferred: torch (the CLI imports this module for every command)
     backend = getattr(torch, torch.device(device).type, None)  # torch.cuda, torch.cpu, ...
     if hasattr(backend, "synchronize"):
         backend.synchronize()
@@ -53,7 +59,7 @@ def weight_bytes(dec) -> int:
 
 def torch_generate(model, prompt, new, step=None):
     """Greedy: (tokens [B, new], first-step logits, prefill_s, decode_s) with the torch-mode Decoder."""
-    import torch
+    import torch  # deferred: torch (the CLI imports this module for every command)
     B, P = prompt.shape
     dev = prompt.device
     step = model if step is None else step
@@ -84,11 +90,10 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
     """One JSON-able row per batch size for preset ``name`` (see the module docstring). tune_trials > 0 adds
     a ``llmasos_tuned`` variant: tune_lm with that many MetaSchedule trials per kernel (same options, a
     temporary database), then compile_lm with the database."""
+    # deferred: torch, TVM and the Decoder (torch) -- the CLI imports this module for every command
     import torch
 
-    import llmasos
     from ..backends.tvm import resolve_target
-    from .presets import decoder_config
     from .model import Decoder
 
     spec = resolve_target(target)
@@ -140,7 +145,6 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                 opts = dict(max_seq=max_seq, batch=B, passes=pipe)
                 db = None
                 if tuned:
-                    import tempfile
                     db = tempfile.mkdtemp(prefix=f"llmasos-tune-{name}-b{B}-")
                     report = llmasos.tune_lm(dec, spec, db, trials_per_task=tune_trials, log=log, **opts)
                     row[f"{key}_tuning"] = report.to_dict()
@@ -171,7 +175,6 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                     f"({row[f'{key}_percent_roofline']:.0f}% of roofline)")
                 del lm
             except Exception as e:  # noqa: BLE001 -- one failing variant must not lose the others
-                import traceback
                 traceback.print_exc()
                 row[f"{key}_error"] = f"{type(e).__name__}: {e}"[:2000]
         rows.append(row)
@@ -180,9 +183,7 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
 
 
 def run(models, target="cuda", **kw) -> dict:
-    import torch
-
-    from ..backends.tvm import resolve_target
+    from ..backends.tvm import resolve_target  # deferred: TVM (the CLI imports this module for every command)
     spec = resolve_target(target)
     bw = copy_bandwidth(spec)
     doc = {"target": spec.name, "target_dict": spec.target, "copy_bandwidth_GBps": bw / 1e9, "rows": []}

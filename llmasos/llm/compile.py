@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from . import presets
+from ..backends.tvm.tuning import tune_functions
 from ..driver import Source, compile_program, lower, prepare
 from ..frontends import torch_export
 from .export import export_decoder
@@ -103,8 +104,6 @@ def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: int = 256
     Kernels of static shape only: with an int batch (default 1) that is the whole decode step on the CPU
     and at batch 1 on CUDA (a CUDA batch > 1 stays symbolic, see lm_source); the prefill (symbolic
     length) keeps its default schedules. Pass ``tuning_db=db`` and the same options to compile_lm."""
-    from ..backends.tvm.tuning import tune_functions  # deferred: the TVM compiler (MetaSchedule)
-
     plan = prepare(target, passes)
     source = lower(plan, lambda spec: lm_source(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch,
                                                 dtype=dtype))

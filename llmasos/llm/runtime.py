@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ..driver import ProgramView
 from .config import DecoderConfig
 from .sampling import Sampling, make_generator, sample
 
@@ -62,7 +63,7 @@ class _Buffers:
     last: Any = None     # [B] int64
 
 
-class CompiledLM:
+class CompiledLM(ProgramView):
     """A decoder-only LM compiled for prefill and decode with a device-resident KV cache.
 
     ``generate(prompts, max_new_tokens, sampling=..., stop=..., on_token=...)`` takes token-id lists (or text,
@@ -99,32 +100,16 @@ class CompiledLM:
 
     # -- the program, seen as an LM ----------------------------------------------------------------
     @property
-    def executable(self):
-        return self.program.executable
-
-    @property
     def graphs(self) -> dict:
         return self.program.graphs
-
-    @property
-    def timings(self) -> dict:
-        return self.program.timings
 
     @property
     def meta(self) -> dict:
         return self.program.meta
 
-    @property
-    def tokenizer(self):
-        return self.program.tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tok) -> None:
-        self.program.tokenizer = tok
-
     # -- device buffers ----------------------------------------------------------------------------
     def _buffers_for(self, batch: int) -> _Buffers:
-        import tvm
+        import tvm  # deferred: TVM (`import llmasos` imports this module)
         buf = self._buffers.get(batch)
         if buf is None:
             caches = []
@@ -193,7 +178,7 @@ class CompiledLM:
     # -- the two compiled steps --------------------------------------------------------------------
     def prefill(self, prompts: list, buf: _Buffers):
         """Write every prompt into the cache (rows right-padded) and return the logits of its last token."""
-        import tvm
+        import tvm  # deferred: TVM (`import llmasos` imports this module)
         B = int(buf.caches[0].shape[0])
         lens = [len(p) for p in prompts] + [1] * (B - len(prompts))   # rows past the prompts are padding
         T = max(2, max(lens))          # the prefill function's seq is >= 2: pad a one-token prompt
@@ -273,7 +258,7 @@ class CompiledLM:
 
     def _start(self, prompts: list, max_new_tokens: int, sampling: Sampling):
         """Checks, buffers and the prefill: (n, B, buf, stats, generator, first tokens on the device, lens)."""
-        import torch
+        import torch  # deferred: torch (`import llmasos` imports this module)
         self._check(prompts, max_new_tokens)
         n = len(prompts)
         B = self.static_batch or n
@@ -290,7 +275,7 @@ class CompiledLM:
     def _run_on_device(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
         """Every row runs max_new_tokens steps; the chosen ids go straight from the sampler into the decode
         step's id buffer and the positions advance in place, so the host waits only once, at the end."""
-        import torch
+        import torch  # deferred: torch (`import llmasos` imports this module)
         n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
         ids_dev, pos_dev = torch.from_dlpack(buf.ids), torch.from_dlpack(buf.pos)
         if not self.executable.spec.on_device(tok):
@@ -316,7 +301,7 @@ class CompiledLM:
 
     def _run(self, prompts: list, max_new_tokens: int, sampling: Sampling, stop: set):
         n, B, buf, stats, gen, tok, lens, t0 = self._start(prompts, max_new_tokens, sampling)
-        import torch
+        import torch  # deferred: torch (`import llmasos` imports this module)
         host = tok.tolist()
         stats.prefill_s = time.perf_counter() - t0
         done = [False] * B
@@ -339,10 +324,6 @@ class CompiledLM:
             host = sample(torch.from_dlpack(logits), sampling, gen).tolist()
         stats.decode_s = time.perf_counter() - t0
 
-    # -- persistence -------------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """The one artifact format (llmasos/artifact.py), kind "lm": loads with TVM's runtime alone."""
-        self.program.save(path)
 
     def __repr__(self) -> str:
         b = f"batch={self.static_batch}" if self.static_batch else f"batch<= {self.max_batch}"

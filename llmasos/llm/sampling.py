@@ -51,7 +51,7 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 
     top-p keeps the smallest set of most likely tokens whose probability reaches top_p (the most likely
     token always survives)."""
-    import torch
+    import torch  # deferred: torch (`import llmasos` imports this module)
 
     x = logits.float()
     if top_k and top_k < x.shape[-1]:
@@ -70,7 +70,7 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 
 def sample(logits, sampling: Sampling, generator=None):
     """Next ids [B] (int64, on the logits' device) from logits [B, V]."""
-    import torch
+    import torch  # deferred: torch (`import llmasos` imports this module)
 
     if sampling.greedy:
         return torch.argmax(logits, dim=-1)
@@ -80,7 +80,7 @@ def sample(logits, sampling: Sampling, generator=None):
 
 
 def make_generator(sampling: Sampling, device):
-    import torch
+    import torch  # deferred: torch (`import llmasos` imports this module)
 
     if sampling.greedy or sampling.seed is None:
         return None

@@ -31,6 +31,7 @@ import importlib
 import inspect
 import re
 import typing
+from importlib import metadata
 from typing import Any, ClassVar, Optional
 
 from ..ir import Graph, Node
@@ -130,8 +131,8 @@ class Pass:
         # Fields are options; a pass built in Python gets the same type checks as one from a pipeline.
         for f, kind in option_types(type(self)).items():
             v = getattr(self, f)
-            if not _fits(v, kind):
-                raise TypeError(f"pass '{self.pass_name}': option '{f}' takes {_kind_name(kind)}, got {v!r}")
+            if not fits_kind(v, kind):
+                raise TypeError(f"pass '{self.pass_name}': option '{f}' takes {kind_name(kind)}, got {v!r}")
 
     @property
     def pass_name(self) -> str:
@@ -177,7 +178,7 @@ def option_types(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
-def _unwrap_optional(kind):
+def unwrap_optional(kind):
     args = typing.get_args(kind)
     if typing.get_origin(kind) is typing.Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -185,8 +186,8 @@ def _unwrap_optional(kind):
     return kind, False
 
 
-def _fits(v: Any, kind) -> bool:
-    kind, optional = _unwrap_optional(kind)
+def fits_kind(v: Any, kind) -> bool:
+    kind, optional = unwrap_optional(kind)
     if v is None:
         return optional
     if kind is Any:
@@ -202,8 +203,8 @@ def _fits(v: Any, kind) -> bool:
     return isinstance(v, kind) if isinstance(kind, type) else True
 
 
-def _kind_name(kind) -> str:
-    kind, optional = _unwrap_optional(kind)
+def kind_name(kind) -> str:
+    kind, optional = unwrap_optional(kind)
     if typing.get_origin(kind) is typing.Literal:
         name = "one of " + ", ".join(repr(a) for a in typing.get_args(kind))
     else:
@@ -239,9 +240,9 @@ def _register(name: str, cls: type, source: str) -> None:
     if not cls.exact and cls.rtol == 0.0 and cls.atol == 0.0:
         raise PassRegistryError(f"pass '{name}' ({source}): an inexact pass must declare rtol and/or atol")
     for f, kind in option_types(cls).items():
-        base_kind, _ = _unwrap_optional(kind)
+        base_kind, _ = unwrap_optional(kind)
         if base_kind not in (int, float, bool, str, Any) and typing.get_origin(base_kind) is not typing.Literal:
-            raise PassRegistryError(f"pass '{name}' ({source}): option '{f}' has type {_kind_name(kind)}; "
+            raise PassRegistryError(f"pass '{name}' ({source}): option '{f}' has type {kind_name(kind)}; "
                                     f"options are int, float, bool, str, a Literal or Optional of one")
     if name in _REGISTRY:
         raise PassRegistryError(f"duplicate pass name '{name}': registered by {_SOURCES[name]} and again by {source}")
@@ -267,8 +268,6 @@ def _ensure_loaded() -> None:
 
 
 def _load_plugins() -> None:
-    from importlib import metadata
-
     for ep in metadata.entry_points(group=PLUGIN_GROUP):
         dist = getattr(ep, "dist", None)
         source = (f"entry point '{ep.name} = {ep.value}'"

@@ -25,6 +25,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from ..compress import lowrank as lr
 from ..ir import Graph
 from .base import NO_CONTEXT, Pass, PassContext, PassNotApplicable, register_pass
 from .surgery import drop_unused_params, gemm_targets, new_param, replace_node, weight_layout, weight_nk
@@ -35,12 +36,11 @@ last_report: dict = {}
 
 
 def _energy_singular_values(method: str, w: np.ndarray, st) -> np.ndarray:
-    from ..compress import lowrank as lr
     if method == "asvd":
         s = st.abs_mean ** 0.5            # asvd_factor's default alpha, and its floor for dead channels
         w = w * np.maximum(s, max(s.max(), 1.0) * 1e-6)[None, :]
     elif method == "svdllm":
-        w = w.astype(np.float64) @ lr._whitening_factor(st.xtx)
+        w = w.astype(np.float64) @ lr.whitening_factor(st.xtx)
     return np.linalg.svd(w, compute_uv=False)
 
 
@@ -76,7 +76,6 @@ class LowRank(Pass):
         stats = None
         if self.method != "svd":
             stats = ctx.require_calibration(self).gemm_stats(graph, nodes)
-        from ..compress import lowrank as lr
         plan, skipped = [], {}
         for node in nodes:
             w = weight_nk(graph, node)

@@ -14,7 +14,7 @@ import dataclasses
 import re
 from typing import Any, Iterable, Union
 
-from .base import Pass, UnknownPassError, _fits, _kind_name, _unwrap_optional, get_pass, option_types
+from .base import Pass, UnknownPassError, fits_kind, kind_name, unwrap_optional, get_pass, option_types
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _NUMBER = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?(?![A-Za-z0-9_.\-])")
@@ -151,13 +151,13 @@ class _Scanner:
         value_at = self.i
         value, word = self.value()
         kind = kinds[key]
-        base, _ = _unwrap_optional(kind)
+        base, _ = unwrap_optional(kind)
         if base is str and word is not None and word != "none":
             value = word  # a str option reads bare words literally: mode=inf is the string 'inf'
         if base is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not _fits(value, kind):
-            raise self.error(f"option '{key}' of pass '{pass_name}' takes {_kind_name(kind)}, "
+        if not fits_kind(value, kind):
+            raise self.error(f"option '{key}' of pass '{pass_name}' takes {kind_name(kind)}, "
                              f"got {self.text[value_at:self.i]}", value_at)
         opts[key] = value
 

@@ -30,6 +30,8 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from ..compress import prune as cp
+from ..compress.prune import channel_scores
 from ..ir import Graph
 from ..ir.graph import param_array
 from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
@@ -81,7 +83,6 @@ class Prune(Pass):
         stats = None
         if self.method != "magnitude":
             stats = ctx.require_calibration(self).gemm_stats(graph, nodes)
-        from ..compress import prune as cp
         m: dict = {}
         g = graph.clone(mapping=m)
         dropped = []
@@ -191,7 +192,6 @@ class PruneChannels(Pass):
             return graph
         calib = ctx.calibration  # optional: weight norms alone without it
         stats = calib.gemm_stats(graph, [m.down for m in mlps]) if calib is not None else None
-        from ..compress.prune import channel_scores
         nmap: dict = {}
         g = graph.clone(mapping=nmap)
         dropped = []

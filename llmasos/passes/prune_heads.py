@@ -33,6 +33,7 @@ from typing import ClassVar
 import numpy as np
 import sympy
 
+from ..compress.heads import channel_index, groups_to_keep, head_group_scores, kept_groups
 from ..ir import Graph
 from ..ir.graph import param_array
 from ..ir.types import as_dim, normalize_axis
@@ -337,8 +338,6 @@ class PruneHeads(Pass):
         return blocks
 
     def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
-        from ..compress.heads import channel_index, groups_to_keep, head_group_scores, kept_groups
-
         def skip(b):
             return any(node_excluded(n, self.exclude) for n in b.projections + [b.out_proj])
         blocks = [b for b in self.plan(graph)

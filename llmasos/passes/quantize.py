@@ -40,8 +40,11 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from ..compress import awq, gptq, quant, smoothquant
+from ..compress.quant import quantize_rtn
 from ..ir import Graph
 from ..ir.opset.fused import ACTIVATIONS
+from ..ir.opset.rules import to_dtype
 from ..ir.types import DType
 from .base import NO_CONTEXT, Pass, PassContext, PassError, register_pass
 from .surgery import (drop_unused_params, gemm_targets, in_features, input_groups, new_param, replace_node,
@@ -119,7 +122,6 @@ class Quantize(Pass):
         g = graph.clone(mapping=m)
         weights = {}
         if self.method == "awq":
-            from ..compress import awq
             for grp in input_groups([m[n] for n in nodes]):
                 ws = [weight_nk(g, n) for n in grp]
                 st = stats[grp[0].outputs[0].name]
@@ -140,14 +142,11 @@ class Quantize(Pass):
         return g
 
     def _quantize(self, w: np.ndarray, st):
-        from ..compress import quant
         if self.dtype == "f8e4m3":
-            from ..ir.opset.rules import to_dtype
             amax = np.abs(w).max(axis=1, keepdims=True)
             scale = np.where(amax > 0, amax / _F8_MAX, 1.0).astype(np.float32)
             return to_dtype(w / scale, DType.f8e4m3), scale, np.zeros_like(scale)
         if self.method == "gptq":
-            from ..compress import gptq
             q, scale, zero = gptq.gptq_quantize(w, st.hessian, self.bits, self.group, self.sym)
         else:
             q, scale, zero = quant.quantize_rtn(w, self.bits, self.group, self.sym, self.per_tensor)
@@ -195,12 +194,10 @@ class W8A8(Pass):
         stats = None
         if self.smooth:
             stats = ctx.require_calibration(self).gemm_stats(graph, nodes)
-        from ..compress.quant import quantize_rtn
         m: dict = {}
         g = graph.clone(mapping=m)
         weights = {}
         if self.smooth:
-            from ..compress import smoothquant
             for grp in input_groups([m[n] for n in nodes]):
                 ws = [weight_nk(g, n) for n in grp]
                 s = np.asarray(smoothquant.smooth_scales(stats[grp[0].outputs[0].name].abs_max, np.concatenate(ws),

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..compress.quant import quantize_rtn, storage
 from ..ir import DType, Graph, TensorType, sym
 from ..ir.interpreter import run
 
@@ -291,7 +292,6 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
            {"act": "gelu"})
     # quantized GEMMs (lowering_quant): f32 x takes the CPU kernel on byte panels with the dequant inside,
     # f16 x the generic dequant + GEMM function; W8A8 the int8 panel GEMM after per-token quantization
-    from llmasos.compress.quant import quantize_rtn, storage
     wq = rng.standard_normal((24, 8)).astype(np.float32)
     q8, s8, z8 = quantize_rtn(wq, 8, 0, True)
     q8p, s8p = c.param("q8", q8), c.param("qs8", s8)

@@ -33,6 +33,21 @@ import os
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import llmasos
+
+from ..backends.tvm import Target, build, known_targets, resolve_target
+from ..backends.tvm.lowering import LOWERINGS
+from ..compiled import InputError
+from ..ir import all_ops
+from ..ir.interpreter import run
+from ..llm import GenerationError
+from ..zoo import from_preset
+from .allops import all_ops_cases, assert_close, check_all_ops, make_inputs
 
 MODELS = ("gpt2", "llama", "bert")
 LM_MODELS = ("llama", "gpt2")
@@ -51,7 +66,6 @@ def _hypothesis_settings():
     examples, what CI's 2 cores afford; ``llmasos-conformance-thorough``: 300); ``LLMASOS_CONFORMANCE_EXAMPLES``
     overrides its example count. No deadline: one example runs every op, a second or more on slow
     machines."""
-    from hypothesis import HealthCheck, settings
     for name, n in PROFILES.items():
         settings.register_profile(name, max_examples=n, deadline=None, database=None,
                                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -73,36 +87,29 @@ class _Kit:
 
     @functools.cached_property
     def target(self):
-        from ..backends.tvm import resolve_target
         return resolve_target(self.target_arg)
 
     @functools.cached_property
     def all_ops(self):
-        from ..backends.tvm import build
-        from .allops import all_ops_cases
         cases = all_ops_cases(self.extra_cases)
         return cases, build(cases.g, self.target)
 
     def hf_model(self, name: str, seed: int = 0):
-        from ..zoo import from_preset
         preset, overrides = _PRESETS[name]
         return from_preset(preset, seed=seed, **overrides)
 
     @functools.lru_cache(maxsize=None)
     def compiled(self, name: str):
-        import llmasos
         m = self.hf_model(name)
         return m, llmasos.compile(m, target=self.target, example_inputs=(_ids(2, 8),), max_batch=4, max_seq=32)
 
     @functools.lru_cache(maxsize=None)
     def lm(self, name: str):
-        import llmasos
         m = self.hf_model(name, seed=3)
         return m, llmasos.compile_lm(m, self.target, max_seq=LM_MAX_SEQ, max_batch=4)
 
 
 def _ids(batch: int, seq: int, vocab: int = 128, seed: int = 0):
-    import torch
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
@@ -122,7 +129,6 @@ def _close(got, ref, rel: float, what: str) -> None:
 
 
 def _greedy_reference(model, prompt: list, n: int) -> list:
-    import torch
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              use_cache=True, pad_token_id=0)
@@ -133,9 +139,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
                       model_rel: float = 1e-4, models: tuple = MODELS, lm_models: tuple = LM_MODELS,
                       extra_cases: Optional[Callable] = None, skip: Optional[dict] = None) -> None:
     """Add the conformance tests for ``target`` to ``namespace`` (a test module's ``globals()``)."""
-    import pytest
-    from hypothesis import given
-    from hypothesis import strategies as st
 
     kit = _Kit(target, rel, low_rel, model_rel, extra_cases)
     skip = dict(skip or {})
@@ -152,7 +155,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
     # -- the target itself ------------------------------------------------------------------------
     @test
     def target_resolves():
-        from ..backends.tvm import Target, known_targets, resolve_target
         t = kit.target
         assert isinstance(t, Target)
         if isinstance(kit.target_arg, str):
@@ -169,15 +171,12 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
     # -- every op against the interpreter ---------------------------------------------------------
     @test
     def every_op_has_a_lowering():
-        from ..backends.tvm.lowering import LOWERINGS
-        from ..ir import all_ops
         overrides = set(kit.target.lowerings())
         assert overrides <= set(all_ops()), f"lowerings for unregistered ops: {sorted(overrides - set(all_ops()))}"
         assert sorted(set(all_ops()) - set(LOWERINGS) - overrides) == []
 
     @test
     def all_ops_graph_covers_every_op():
-        from ..ir import all_ops
         cases, _ = kit.all_ops
         missing = set(all_ops()) - set(cases.g.op_counts())
         assert not missing, (f"ops without a case in the all-ops graph: {sorted(missing)}; add cases with "
@@ -185,7 +184,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
 
     @test
     def ops_match_interpreter_at_fixed_sizes():
-        from .allops import check_all_ops
         cases, exe = kit.all_ops
         for nv, mv in OP_SIZES:
             check_all_ops(cases, exe, nv, mv, seed=nv * 31 + mv, rel=kit.rel, low_rel=kit.low_rel)
@@ -194,14 +192,11 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
     @_hypothesis_settings()
     @given(nv=st.integers(1, 16), mv=st.integers(1, 16), seed=st.integers(0, 2**31 - 1))
     def ops_match_interpreter_hypothesis(nv, mv, seed):
-        from .allops import check_all_ops
         cases, exe = kit.all_ops
         check_all_ops(cases, exe, nv, mv, seed, rel=kit.rel, low_rel=kit.low_rel)
 
     @test
     def quantized_fused_model_matches_interpreter():
-        import llmasos
-        from ..ir.interpreter import run
         m = kit.hf_model("llama")
         cm = llmasos.compile(m, target=kit.target, example_inputs=(_ids(2, 8),), max_batch=2, max_seq=16,
                              passes="quantize{bits=4,group=32},fuse")
@@ -210,14 +205,12 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
         ids = _ids(2, 11, seed=5).numpy()
         got = cm.executable(ids)[0]
         got = got.float().cpu().numpy() if hasattr(got, "cpu") else np.asarray(got)
-        from .allops import assert_close
         assert_close(got, run(cm.graph, [ids])[0], "quantized llama logits", rel=kit.model_rel)
 
     # -- models against torch ---------------------------------------------------------------------
     @test
     @pytest.mark.parametrize("model", models)
     def compile_matches_torch(model):
-        import torch
         m, cm = kit.compiled(model)
         for b, s in SIZES:
             ids = _ids(b, s, seed=b * 7 + s)
@@ -239,8 +232,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
     # -- artifacts --------------------------------------------------------------------------------
     @test
     def save_load_roundtrip(tmp_path):
-        import llmasos
-        import torch
         _, cm = kit.compiled(models[0])
         cm.save(tmp_path / "model.llmasos")
         cm2 = llmasos.load(tmp_path / "model.llmasos")
@@ -256,8 +247,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
     # -- bad inputs -------------------------------------------------------------------------------
     @test
     def bad_inputs_are_refused():
-        import torch
-        from .allops import make_inputs
         cases, exe = kit.all_ops
         inputs = make_inputs(cases, 2, 17, 0)
         with pytest.raises(ValueError, match="'m' = 17 is outside"):
@@ -269,7 +258,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
         bad[0] = bad[0].astype(np.float64)
         with pytest.raises(ValueError, match="input %x: expected dtype f32"):
             exe(*bad)
-        from ..compiled import InputError
         _, cm = kit.compiled(models[0])
         with pytest.raises(InputError, match="expected dtype"):
             cm(_ids(1, 4).float())
@@ -282,7 +270,6 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
     def lm_bad_requests_are_refused():
         if not lm_models:
             pytest.skip("no LM compiled (lm_models=())")
-        from ..llm import GenerationError
         _, lm = kit.lm(lm_models[0])
         with pytest.raises(GenerationError, match="outside the vocabulary"):
             lm.generate([1, 2, 500], 4)

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
+import torch
+import tvm
+from tvm.runtime.vm import VirtualMachine  # the runtime VM alone: exported libraries run without the compiler
 
 from ...ir.graph import Graph, param_array
 from ...ir.interpreter import bind_symbols
-from ...ir.types import DType, TensorType
+from ...ir.torch_dtypes import dtype_from_torch
+from ...ir.types import DType, TensorType, dim_str
 from .pipeline import (fused_module, pass_config, pipeline_stages, prepare_module, relax_pipeline,  # noqa: F401
                        schedule_rules)
 from .targets import Target, resolve_target
@@ -80,7 +85,6 @@ class Signature:
         return Signature(list(first.params), [v.type for v in first.params.values()], lifted, fns)
 
     def to_json(self) -> str:
-        from ...ir.types import dim_str
         t = lambda ty: {"shape": [dim_str(d) for d in ty.shape], "dtype": str(ty.dtype)}  # noqa: E731
         fns = {n: {"inputs": [{"name": i.name, **t(i.type)} for i in f.inputs],
                    "symbols": {k: list(v) for k, v in f.symbols.items()}} for n, f in self.functions.items()}
@@ -111,8 +115,6 @@ def compile_module(mod, spec: Target, cuda_graph: tuple = (), tuning_db=None):
     ``tuning_db``: a directory written by ``llmasos tune`` (or a ``tuning.TuningDatabase``): its best
     schedules replace the default ones for the kernels it holds.
     """
-    import tvm
-
     if tuning_db is not None:
         tuning_db = TuningDatabase.open(tuning_db, spec)
     mod, config = prepare_module(mod, spec, cuda_graph)
@@ -128,7 +130,7 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     """One library with an entry function per graph (same parameters, uploaded once), e.g. ``prefill``
     and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph`` and
     ``tuning_db``."""
-    from .lower import lower_functions  # the TVM compiler: this module also loads where only its runtime is
+    from .lower import lower_functions  # deferred: the TVM compiler (this module loads with its runtime alone)
 
     spec = resolve_target(target)
     if tuning_db is not None:
@@ -147,7 +149,6 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     if tuning_db is not None:
         exe.tuned_kernels = list(tuning_db.applied)
         if not exe.tuned_kernels:
-            import warnings
             warnings.warn(f"tuning database {tuning_db.path} holds none of this library's kernels (tuned for "
                           f"other shapes or options?): every kernel has its default schedule", stacklevel=2)
     return exe
@@ -167,10 +168,6 @@ class Executable:
     """A compiled graph on one device, with its weights resident there. Call it with the graph inputs."""
 
     def __init__(self, lib, spec: Target, signature: Signature, params: Mapping[str, Any]):
-        # the runtime VM alone: an exported library runs with TVM_USE_RUNTIME_LIB=1 (no compiler)
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
         self.spec = spec
         self.signature = signature
         self.param_names = list(signature.param_names)
@@ -233,11 +230,9 @@ class Executable:
 
     # -- calls -----------------------------------------------------------------------------------
     def _to_device(self, x, what: str):
-        import tvm
         if isinstance(x, tvm.runtime.Tensor):
             return x if self.spec.on_device(x) else x.copyto(self._dev)
         if _is_torch(x):
-            import torch
             t = x.detach()
             if not self.spec.on_device(t):
                 t = t.to(self.spec.torch_device)
@@ -280,7 +275,6 @@ class Executable:
 
     def _from_device(self, t, as_torch: bool):
         if as_torch:
-            import torch
             return torch.from_dlpack(t)
         if self.spec.host_memory and str(t.dtype) in _NP_DLPACK:
             return np.from_dlpack(t)
@@ -306,7 +300,6 @@ class Executable:
              params: Mapping[str, Any], target: Any = "cpu") -> "Executable":
         """Load an exported library. ``graph_or_param_info``: the Graph it was built from, its Signature,
         or ``Signature.to_json()`` text / parsed dict."""
-        import tvm
         spec = resolve_target(target)
         info = graph_or_param_info
         if isinstance(info, Graph):
@@ -346,9 +339,7 @@ def cuda_source(lib) -> str:
 
 def _dtype_of(x) -> DType:
     if _is_torch(x):
-        from ...ir.torch_dtypes import dtype_from_torch
         return dtype_from_torch(x.dtype)
-    import tvm
     if isinstance(x, tvm.runtime.Tensor):
         return DType.from_numpy(np.dtype(str(x.dtype)) if str(x.dtype) != "bfloat16" else DType.bf16.numpy)
     return DType.from_numpy(np.asarray(x).dtype)

@@ -9,12 +9,19 @@ load and is reported on its own.
 The module is pipeline.fused_module's (the pipeline's fusion stage) plus RewriteDataflowReshape: the schedule
 rules that come between them in a build (cpu_schedule / DLight) rewrite loops inside a PrimFunc but never
 split or merge PrimFuncs, so they are left out (they are most of the pipeline's time).
+
+Unlike build.py this module imports TVM's compiler at its top: it inspects what the compiler makes, and
+nothing on an exported library's runtime path imports it.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 from typing import Any
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir.dlight.analysis import get_root_block
 
 from ...ir.graph import Graph
 from .build import MAIN, TRANSFORMS
@@ -31,9 +38,6 @@ _PACKED_OPS = ("relax.call_pure_packed", "relax.call_packed")
 
 def fused_module(graph: Graph, target: Any = "cpu"):
     """The Relax IRModule of ``graph`` as build() has it right after fusion and reshape-to-view rewriting."""
-    import tvm
-    from tvm import relax
-
     spec = resolve_target(target)
     mod = build_fused_module({MAIN: graph}, spec)
     with tvm.transform.PassContext(opt_level=3), spec.tvm_target():
@@ -62,15 +66,11 @@ def _has_func(mod, name: str) -> bool:
 
 
 def _prim_funcs(mod) -> dict:
-    from tvm import tirx
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
 
 
 def _kernel_calls(mod, func_name: str) -> list:
     """Callee names of the kernel launches in ``func_name``, in binding order."""
-    import tvm
-    from tvm import relax
-
     prim = set(_prim_funcs(mod))
     names = []
 
@@ -96,8 +96,6 @@ def _kernel_calls(mod, func_name: str) -> list:
 
 
 def _callee_name(expr) -> str:
-    import tvm
-    from tvm import relax
     if isinstance(expr, relax.GlobalVar):
         return expr.name_hint
     if isinstance(expr, relax.ExternFunc):
@@ -113,9 +111,6 @@ def _strip_digits(name: str) -> str:
 
 
 def _has_matmul_reduction(func) -> bool:
-    from tvm import s_tir, tirx
-    from tvm.s_tir.dlight.analysis import get_root_block
-
     # TIR's statement visitors are not exposed to Python in TVM 0.27; the schedule's block tree is
     sch = s_tir.Schedule(func)
     todo = list(sch.get_child_blocks(get_root_block(sch)))

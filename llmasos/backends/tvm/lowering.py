@@ -18,7 +18,8 @@ from tvm import relax, te
 from tvm import tirx as tir
 
 from ...ir.graph import Node, Value
-from ...ir.types import DType, TensorType
+from ...ir.ops import all_ops
+from ...ir.types import DType, TensorType, dims_equal
 
 R = relax.op
 
@@ -51,7 +52,6 @@ def get_lowering(op_name: str) -> LoweringFn:
 
 def missing_lowerings() -> list[str]:
     """Registered ops that have no lowering (the test suite keeps this empty)."""
-    from ...ir.ops import all_ops
     return sorted(set(all_ops()) - set(LOWERINGS))
 
 
@@ -171,7 +171,7 @@ def _sympy_to_tir(e: sympy.Expr, sym_vars: dict) -> tir.PrimExpr:
 # ------------------------------------------------------------------------------------------------
 # helpers
 
-def _acc_dtype(dt: DType) -> DType:
+def acc_dtype(dt: DType) -> DType:
     """Where the reference accumulates: f32 for low-precision floats."""
     return DType.f32 if dt in (DType.f16, DType.bf16, DType.f8e4m3) else dt
 
@@ -179,7 +179,7 @@ def _acc_dtype(dt: DType) -> DType:
 def _in_f32(ctx, node, x, fn):
     """Run ``fn`` on x in f32 when x is a low-precision float, casting the result back."""
     dt = node.inputs[0].type.dtype
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     if acc is dt:
         return fn(x)
     return ctx.cast(ctx.emit(fn(ctx.emit(ctx.cast(x, acc)))), dt)  # emitted: fn may read the dtype
@@ -208,7 +208,7 @@ for _name, _fn in {"add": R.add, "sub": R.subtract, "mul": R.multiply, "maximum"
 def _div(ctx, node, args):
     a, b = args
     dt = node.inputs[0].type.dtype
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     if acc is dt:
         return R.divide(a, b)
     return ctx.cast(ctx.emit(R.divide(ctx.cast(a, acc), ctx.cast(b, acc))), dt)
@@ -226,7 +226,7 @@ def _pow(ctx, node, args):
             y = ctx.emit(R.multiply(y, a))
         return y
     if dt.is_float:
-        acc = _acc_dtype(dt)
+        acc = acc_dtype(dt)
         return ctx.cast(ctx.emit(R.power(ctx.cast(a, acc), ctx.cast(b, acc))), dt)
     # integer power: TIR has no integer pow intrinsic, so go through exact repeated squaring in te
     def ipow(x, y):
@@ -353,9 +353,9 @@ def _cast(ctx, node, args):
 def _matmul(ctx, node, args):
     a, b = args
     dt = node.inputs[0].type.dtype
-    if node.inputs[1].type.rank == 2 and _weight_panels(ctx, node, 1):
-        return _panel_matmul(ctx, node, a, b, None, transposed=False)
-    acc = _acc_dtype(dt)
+    if node.inputs[1].type.rank == 2 and weight_panels(ctx, node, 1):
+        return panel_matmul(ctx, node, a, b, None, transposed=False)
+    acc = acc_dtype(dt)
     if acc is dt:
         return R.matmul(a, b)
     return ctx.cast(ctx.emit(R.matmul(a, b, out_dtype=tvm_dtype(acc))), dt)
@@ -365,10 +365,10 @@ def _matmul(ctx, node, args):
 def _linear(ctx, node, args):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else None
-    if _weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
-        return _panel_matmul(ctx, node, x, w, bias, transposed=True)
+    if weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
+        return panel_matmul(ctx, node, x, w, bias, transposed=True)
     dt = node.inputs[0].type.dtype
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     if ctx.spec is not None and ctx.spec.gemm_nt and w.ty.ndim == 2:
         return _nt_linear(ctx, node, x, w, bias, dt, acc)
     wt = ctx.emit(R.permute_dims(w, [1, 0]), "wT")  # a param-only expression: LiftTransformParams hoists it
@@ -414,14 +414,14 @@ def pad_single_row(ctx, node, x):
     return ctx.emit(R.concat([row, R.zeros([PANEL_ROWS - 1, k], dt)], axis=0), "rows_padded"), True
 
 
-def _weight_panels(ctx, node, i) -> bool:
+def weight_panels(ctx, node, i) -> bool:
     """Whether this matmul's weight (operand i) is repacked into column panels for the CPU GEMM."""
     w = node.inputs[i].type
     return (ctx.panel_width() is not None and ctx.is_param(node.inputs[i]) and w.is_static
             and w.dtype is DType.f32 and node.inputs[0].type.dtype is DType.f32)
 
 
-def _panel_matmul(ctx, node, x, w, bias, transposed: bool, act=None):
+def panel_matmul(ctx, node, x, w, bias, transposed: bool, act=None):
     """x @ W (+ bias) with W repacked once, at load, into NR-column panels [ceil(N/NR), K, NR].
 
     Each register tile of the CPU GEMM (cpu_schedule.Matmul) then streams one contiguous panel instead of
@@ -493,7 +493,7 @@ def _tail_shape(ctx, node):
 @register_lowering("layer_norm")
 def _layer_norm(ctx, node, args):
     dt = node.inputs[0].type.dtype
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     x = ctx.cast(args[0], acc)
     tail = _tail_shape(ctx, node)
     w = ctx.cast(args[1], acc) if len(args) > 1 else R.ones(tail, tvm_dtype(acc))
@@ -505,7 +505,7 @@ def _layer_norm(ctx, node, args):
 @register_lowering("rms_norm")
 def _rms_norm(ctx, node, args):
     dt = node.inputs[0].type.dtype
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     x = ctx.cast(args[0], acc)
     w = ctx.cast(args[1], acc) if len(args) > 1 else R.ones(_tail_shape(ctx, node), tvm_dtype(acc))
     y = R.nn.rms_norm(x, ctx.emit(w), _norm_axes(node), node.attrs["eps"])
@@ -528,7 +528,7 @@ def _sdpa(ctx, node, args):
     f32 = DType.f32
     q, k, v = (ctx.cast(t, f32) for t in (q, k, v))
     hq, hk = qt.shape[-3], kt.shape[-3]
-    rep = 1 if _same_dim(hq, hk) else hq // hk
+    rep = 1 if dims_equal(hq, hk) else hq // hk
     L, S, D, Dv = qt.shape[-2], kt.shape[-2], qt.shape[-1], vt.shape[-1]
     out_t = _out_type(node)
     batch = [ctx.dim(d) for d in out_t.shape[:-3]]
@@ -561,11 +561,6 @@ def _sdpa(ctx, node, args):
     return ctx.cast(out, dt)
 
 
-def _same_dim(a, b) -> bool:
-    from ...ir.types import dims_equal
-    return dims_equal(a, b)
-
-
 def _causal_mask(logits):
     """Top-left aligned causal mask: query i sees keys j <= i."""
     neg_inf = tir.const(float("-inf"), logits.dtype)
@@ -584,7 +579,7 @@ def _reduction(relax_fn, acc_float: bool):
             return args[0]
         dt = node.inputs[0].type.dtype
         x = args[0]
-        if acc_float and _acc_dtype(dt) is not dt:
+        if acc_float and acc_dtype(dt) is not dt:
             return ctx.cast(ctx.emit(relax_fn(ctx.cast(x, DType.f32), axes, node.attrs["keepdims"])), dt)
         return relax_fn(x, axes, node.attrs["keepdims"])
     return lower

@@ -16,7 +16,8 @@ from tvm import tirx as tir
 
 from ...ir.graph import Graph
 from ...ir.opset.fused import ACTIVATIONS, parse_expr
-from .lowering import (LoweringError, _acc_dtype, _panel_matmul, _weight_panels, pad_single_row,
+from ...ir.types import TensorType
+from .lowering import (LoweringError, acc_dtype, panel_matmul, weight_panels, pad_single_row,
                        register_lowering, tvm_dtype)
 
 
@@ -82,8 +83,8 @@ def _gemm(base: str):
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else None
         act = node.attrs["act"]
-        if _weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
-            return _panel_matmul(ctx, node, x, w, bias, transposed=(base == "linear"), act=te_activation(ctx, act))
+        if weight_panels(ctx, node, 1) and (bias is None or ctx.is_param(node.inputs[2])):
+            return panel_matmul(ctx, node, x, w, bias, transposed=(base == "linear"), act=te_activation(ctx, act))
         ins = list(node.inputs)
         if base == "linear":
             y, t = _emit_op(ctx, "linear", {}, ins, list(args))
@@ -113,7 +114,7 @@ def _add_norm(norm: str):
             s, st = _emit_op(ctx, "add", {}, [x_t, node.inputs[1].type], args[:2])
             y, _ = _emit_op(ctx, norm, dict(node.attrs), [st, *[v.type for v in node.inputs[2:]]], [s, *args[2:]])
             return s, y
-        dt, acc = tvm_dtype(x_t.dtype), tvm_dtype(_acc_dtype(x_t.dtype))
+        dt, acc = tvm_dtype(x_t.dtype), tvm_dtype(acc_dtype(x_t.dtype))
         eps = node.attrs["eps"]
         has_w, has_b = len(args) > 2, len(args) > 3
 
@@ -180,7 +181,7 @@ def _linear_glu(ctx, node, args):
     nr = ctx.panel_width()
     n2, k = node.inputs[1].type.shape
     f = n2 // 2
-    if (nr is None or not _weight_panels(ctx, node, 1) or f % nr or act is None
+    if (nr is None or not weight_panels(ctx, node, 1) or f % nr or act is None
             or (bias is not None and not ctx.is_param(node.inputs[2]))):
         # generic: the GEMM, then act(gate) * up through the ops' own lowerings (TVM fuses the tail)
         y, t = _emit_op(ctx, "linear", {}, list(node.inputs), list(args))
@@ -191,7 +192,6 @@ def _linear_glu(ctx, node, args):
         if ACTIVATIONS[node.attrs["act"]] is not None:
             op, attrs = ACTIVATIONS[node.attrs["act"]]
             gate, gt = _emit_op(ctx, op, attrs, [gt], [gate])
-        from ...ir.types import TensorType
         return _emit_op(ctx, "mul", {}, [gt, TensorType(tuple(half), t.dtype)], [gate, up])[0]
     R = relax.op
     p = f // nr

@@ -6,7 +6,7 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 
 * CPU (``llmasos-cpu`` schedule, f32 activations, parameter weights): the codes, scales and zeros are
   repacked once at load (param-only Relax ops, hoisted into main_transform_params) into NR-column panels
-  like lowering._panel_matmul's, still as bytes: codes [P, K, NR] (4-bit: [P, K/2, NR] packed; fp8 codes
+  like lowering.panel_matmul's, still as bytes: codes [P, K, NR] (4-bit: [P, K/2, NR] packed; fp8 codes
   as fp8), scales and zeros [P, G, NR] with G = ceil(K / group): the kernels index group k // group, which
   also covers a ragged last group (K = 576, group 128: G = 5, the last of 64 columns), and panels split
   N only, never K. One kernel, panels in parallel: each thread unpacks and
@@ -27,11 +27,12 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 """
 from __future__ import annotations
 
-from tvm import relax, te
+from tvm import relax, s_tir, te
 from tvm import tirx as tir
+from tvm.s_tir.dlight.analysis import get_root_block
 
 from ...ir.types import DType
-from .lowering import _acc_dtype, register_lowering, tvm_dtype
+from .lowering import acc_dtype, register_lowering, tvm_dtype
 
 R = relax.op
 MR = 4  # rows per register tile of the CPU kernel
@@ -127,7 +128,7 @@ def _generic_quant_linear(ctx, node, args):
     n, k, bits, group, _, per_tensor = _layout(node)
     xt = node.inputs[0].type
     dt = tvm_dtype(xt.dtype)
-    acc = tvm_dtype(_acc_dtype(xt.dtype))
+    acc = tvm_dtype(acc_dtype(xt.dtype))
     deq = _dequant_fn(bits, group, per_tensor)
     w_dt = acc  # the f32 dequantized weight into the f32 accumulation, as the op's reference computes
     code_dt = node.inputs[1].type.dtype
@@ -250,8 +251,6 @@ def _build_qgemm(m, k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
 
 def _schedule_qgemm(func, nr, has_bias, dynamic):
     """cpu_schedule.Matmul's tiling, plus the dequant of each k row computed once per register tile."""
-    from tvm import s_tir
-    from tvm.s_tir.dlight.analysis import get_root_block
     sch = s_tir.Schedule(func)
     main = sch.get_sblock("qgemm")
     if dynamic:
@@ -322,8 +321,6 @@ def _build_qgemv(k, p, nr, bits, group, per_tensor, has_bias, code_dtype):
         y = te.compute((1, p, nr), lambda i, pi, j: y[i, pi, j] + b[pi, j], name="qgemv_bias")
         outs.append(b)
     func = te.create_prim_func([*outs, y])
-
-    from tvm import s_tir
     sch = s_tir.Schedule(func)
     main, dot = sch.get_sblock("qgemv"), sch.get_sblock("qdot")
     i, pi, j, gl = sch.get_loops(main)

@@ -11,6 +11,9 @@ exported library runs with TVM's runtime alone.
 """
 from __future__ import annotations
 
+import tvm
+from tvm import tirx
+
 from .targets import Target
 
 
@@ -33,8 +36,7 @@ def relax_pipeline(spec: Target, tuning_db=None):
     """The whole Relax pipeline for ``spec``: fusion, the tuning database's records (when given: a
     ``tuning.TuningDatabase``, of which this reads ``database`` and writes ``applied``), the target's
     schedule rules, lowering."""
-    import tvm
-    from tvm import relax
+    from tvm import relax  # deferred: the TVM compiler (module docstring)
     from tvm.s_tir import dlight as dl
 
     target = spec.tvm_target()
@@ -59,7 +61,6 @@ def relax_pipeline(spec: Target, tuning_db=None):
 
 
 def _scheduled(mod) -> set:
-    from tvm import tirx
     return {gv.name_hint for gv, f in mod.functions.items()
             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)}
 
@@ -68,7 +69,7 @@ def prepare_module(mod, spec: Target, cuda_graph: tuple = ()) -> tuple:
     """(module, PassContext config) as the target pipeline gets them: param transforms lifted when the
     target asks, functions marked for graph capture (``cuda_graph``: their names, on targets with
     ``graph_capture``). Tuning starts from the same module, so its records match a build's."""
-    from tvm import relax
+    from tvm import relax  # deferred: the TVM compiler (module docstring)
 
     n_entries = sum(1 for gv, f in mod.functions.items() if isinstance(f, relax.Function)
                     and f.attrs is not None and "num_input" in f.attrs)
@@ -85,9 +86,7 @@ def fused_module(graphs: dict, spec: Target):
     """The Relax module of ``graphs`` (name -> Graph, as build_functions takes) as the schedule rules of a
     build see it: lowered, prepared, through the fusion stage. Its PrimFuncs are the kernels a build
     schedules: what tuning measures and kernel_stats counts."""
-    import tvm
-
-    from .lower import lower_functions
+    from .lower import lower_functions  # deferred: the TVM compiler (module docstring)
 
     mod, config = prepare_module(lower_functions(graphs, spec), spec)
     fusion, _ = spec.pipeline_stages()

@@ -19,9 +19,9 @@ Accepted by ``resolve_target``:
     that kind (``Target.tvm_kinds``), built-in targets before plugins;
   * a Target, returned as is.
 
-This module imports no TVM compiler code at import time: an exported library loads and runs with TVM's
-runtime alone (``TVM_USE_RUNTIME_LIB=1``), and the Executable asks its Target how to reach the device.
-The methods that build (pipeline, schedule rules, lowering hooks) import the compiler when called.
+This module imports TVM's runtime only: an exported library loads and runs with TVM's runtime alone
+(``TVM_USE_RUNTIME_LIB=1``), and the Executable asks its Target how to reach the device. The methods that
+build (pipeline, schedule rules, lowering hooks) import the compiler when called.
 """
 from __future__ import annotations
 
@@ -31,7 +31,21 @@ import time
 import types
 import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Union
+
+import torch
+import tvm
+import tvm_ffi
+from tvm.support import nvcc
+from tvm.target.codegen import llvm_get_vector_width
+from tvm_ffi.libinfo import load_lib_ctypes
+
+try:  # NVIDIA's management library, for the GPU's energy counter (optional)
+    import pynvml
+except ImportError:
+    pynvml = None
 
 PLUGIN_GROUP = "llmasos.targets"
 
@@ -83,11 +97,9 @@ class Target:
 
     # -- the target and the device ----------------------------------------------------------------
     def tvm_target(self):
-        import tvm
         return tvm.target.Target(dict(self.target))
 
     def tvm_device(self):
-        import tvm
         return tvm.runtime.device(self.device, 0)
 
     @property
@@ -133,7 +145,7 @@ class Target:
     def base_pipeline(self):
         """A module with TVM's four Relax pipeline stages for this target (``library_dispatch_passes``,
         ``legalize_passes``, ``dataflow_lower_passes``, ``finalize_passes``): TVM's cpu_generic here."""
-        from tvm.relax.backend.cpu_generic import pipeline
+        from tvm.relax.backend.cpu_generic import pipeline  # deferred: the TVM compiler (module docstring)
         return pipeline
 
     def pipeline_stages(self) -> tuple:
@@ -203,7 +215,6 @@ class Target:
 
 def copy_bandwidth(torch_device: str, elements: int) -> float:
     """Bytes/s of a copy of ``elements`` f32 values on a torch device (read + write): a measure_bandwidth."""
-    import torch
     x = torch.empty(elements, dtype=torch.float32, device=torch_device)
     y = torch.empty_like(x)
     sync = getattr(getattr(torch, torch.device(torch_device).type, None), "synchronize", lambda: None)
@@ -224,7 +235,6 @@ def copy_bandwidth(torch_device: str, elements: int) -> float:
 
 def host_cpu_target() -> dict:
     """This host's CPU as an LLVM target (with TVM's runtime alone, which has no LLVM to ask: the kind only)."""
-    import tvm
     cpu_name = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName", allow_missing=True)
     triple = tvm.get_global_func("tvm.codegen.llvm.GetDefaultTargetTriple", allow_missing=True)
     if cpu_name is None or triple is None:
@@ -266,14 +276,14 @@ class CPUTarget(Target):
         # exp/tanh/erf/softmax as TVM's polynomial forms: vectorisable, where libm calls are scalar
         if self.schedule == "none" or not self.fast_math:
             return []
-        from tvm import relax
+        from tvm import relax  # deferred: the TVM compiler (module docstring)
         return [relax.transform.FastMathTransform()]
 
     def schedule_rules(self) -> list:
         self.check_schedule(("llmasos-cpu",))
         if self.schedule == "none":
             return []
-        from .cpu_schedule import default_rules
+        from .cpu_schedule import default_rules  # deferred: the TVM compiler (module docstring)
         return default_rules()
 
     def pass_config(self, graph_capture: bool = False) -> dict:
@@ -285,13 +295,12 @@ class CPUTarget(Target):
         """Two SIMD vectors of f32 (option ``panel_vectors``)."""
         if self.schedule != "llmasos-cpu":
             return None
-        from tvm.target.codegen import llvm_get_vector_width
         with self.tvm_target() as t:
             bits = llvm_get_vector_width(t)
         return self.extra.get("panel_vectors", 2) * max(bits if bits > 0 else 128, 128) // 32
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
-        from .lowering_kv import decode_attention_cpu_func
+        from .lowering_kv import decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
         return ("kv_decode_attention_cpu",
                 decode_attention_cpu_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale))
 
@@ -314,7 +323,6 @@ def _cuda_target() -> dict:
 
 
 def _cuda_arch() -> str:
-    import tvm
     try:
         dev = tvm.cuda(0)
         if dev.exist:
@@ -350,12 +358,12 @@ class CUDATarget(Target):
     symbolic_decode_batch: ClassVar[bool] = True
 
     def base_pipeline(self):
-        from tvm.relax.backend.cuda import pipeline
+        from tvm.relax.backend.cuda import pipeline  # deferred: the TVM compiler (module docstring)
         return pipeline
 
     def schedule_rules(self) -> list:
         self.check_schedule(("dlight-gpu",))
-        from tvm.s_tir import dlight as dl
+        from tvm.s_tir import dlight as dl  # deferred: the TVM compiler (module docstring)
         if self.schedule == "none":
             return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
         # LowBatchGEMV first, for kernels whose only symbolic extent is ``batch`` -- a decode step's GEMMs
@@ -365,7 +373,7 @@ class CUDATarget(Target):
         # 1944 / 829 with the bucket = batch (register pressure)
         # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step; the
         # target option decode_gemv = "all" | "quantized" | "off" narrows it, for A/B runs against DLight's
-        from .cuda_schedule import DecodeGEMV, OnlyBatchSymbolic
+        from .cuda_schedule import DecodeGEMV, OnlyBatchSymbolic  # deferred: the TVM compiler (module docstring)
         which = self.extra.get("decode_gemv", "all")
         if which not in ("all", "quantized", "off"):
             raise ValueError(f"target '{self.name}': decode_gemv must be 'all', 'quantized' or 'off', got {which!r}")
@@ -377,14 +385,14 @@ class CUDATarget(Target):
         return {"relax.backend.use_cuda_graph": True} if graph_capture else {}
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
-        from .lowering_kv import decode_attention_func
+        from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
         return "kv_decode_attention", decode_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype,
                                                             scale)
 
     def prepare_graph_capture(self, mod, functions: tuple):
         """Every argument of a captured function is then fixed storage: TVM's RewriteCUDAGraph captures only
         kernels whose operands are parameters past ``num_input`` or statically planned memory."""
-        from tvm import relax
+        from tvm import relax  # deferred: the TVM compiler (module docstring)
         for name in functions:
             gv = mod.get_global_var(name)
             f = mod[gv].with_attr("num_input", 0)
@@ -400,9 +408,7 @@ class CUDATarget(Target):
 
     def synchronize(self) -> None:
         # torch's queue too: the runtime samples tokens with torch on the device
-        import sys
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         self.tvm_device().sync()
 
@@ -410,9 +416,7 @@ class CUDATarget(Target):
         return copy_bandwidth("cuda", 1 << 28)
 
     def energy_counter(self) -> Optional[float]:
-        try:
-            import pynvml
-        except ImportError:
+        if pynvml is None:
             return None
         try:
             pynvml.nvmlInit()
@@ -423,13 +427,10 @@ class CUDATarget(Target):
 
     def ensure_runtime(self) -> None:
         """With TVM's runtime alone, load its CUDA device library (the compiler build loads it at import)."""
-        import tvm
         if not getattr(tvm.base, "_RUNTIME_ONLY", False):
             return
         if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
             return
-        from pathlib import Path
-        from tvm_ffi.libinfo import load_lib_ctypes
         lib_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
         try:
             tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
@@ -438,8 +439,6 @@ class CUDATarget(Target):
             raise RuntimeError(f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda): {e}") from e
         # the library's kernels are CUDA source compiled (NVRTC) when it loads; TVM's callback reads the arch
         # from the compiler's current Target, which the runtime alone lacks, so name the device's arch here
-        import tvm_ffi
-        from tvm.support import nvcc
         arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
 
         def compile_at_load(code):
@@ -492,7 +491,6 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True  # first: a plugin module calls register_target, which must not load plugins again
-    from importlib import metadata
     for ep in metadata.entry_points(group=PLUGIN_GROUP):
         dist = getattr(ep, "dist", None)
         source = (f"entry point '{ep.name} = {ep.value}'"

@@ -29,15 +29,24 @@ module for TuningDatabase where an exported library runs with TVM's runtime alon
 """
 from __future__ import annotations
 
+import inspect
 import json
+import linecache
 import logging
+import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm.ir.utils import derived_object
 
 from .pipeline import fused_module
 from .targets import Target, resolve_target
@@ -97,8 +106,7 @@ class TuningDatabase:
     def rewrite(self, chosen: list, target) -> None:
         """Replace the database's records by one per kernel: ``chosen`` [(mod, trace, run_secs, args_info)]
         for the kernels just tuned, the best earlier record for every other kernel."""
-        import tvm_ffi
-        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
         new_keys = {tvm_ffi.structural_hash(mod) for mod, *_ in chosen}
         keep = {}
         for r in self.database.get_all_tuning_records():
@@ -140,7 +148,6 @@ class TuningDatabase:
 
     @staticmethod
     def _write_manifest(path: Path, spec: Target, report: Optional["TuningReport"]) -> None:
-        import tvm
         m = {"format": FORMAT, "version": VERSION, "target": spec.target, "tvm": tvm.__version__}
         if report is not None:
             m["report"] = report.to_dict()
@@ -155,7 +162,7 @@ class TuningDatabase:
 
     @staticmethod
     def _json_database(path: Path, allow_missing: bool):
-        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
         wl, rec = path / "database_workload.json", path / "database_tuning_record.json"
         if not allow_missing and not (wl.is_file() and rec.is_file()):
             raise TuningError(f"tuning database {path}: {wl.name} or {rec.name} is missing")
@@ -230,7 +237,7 @@ MAX_SETS, REPEAT, MIN_SECONDS = 64, 5, 0.02
 
 
 def _cpu_timer():
-    import math
+    # deferred: the TVM compiler (module docstring)
     from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
     cache = {}
 
@@ -259,7 +266,6 @@ def _cpu_timer():
 
 
 def _itemsize(dtype: str) -> int:
-    import numpy as np
     return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
@@ -270,9 +276,6 @@ def _import_tensor_intrinsics() -> None:
     resolves every frame's module by scanning sys.modules: over a minute in a process that has imported
     torch. The parser reads only each frame and its source line, so a stack built from the frames and
     linecache serves it."""
-    import inspect
-    import linecache
-    import sys
     if "tvm.s_tir.tensor_intrin" in sys.modules:
         return
 
@@ -287,14 +290,13 @@ def _import_tensor_intrinsics() -> None:
 
     real, inspect.stack = inspect.stack, fast_stack
     try:
-        import tvm.s_tir.tensor_intrin  # noqa: F401
+        import tvm.s_tir.tensor_intrin  # noqa: F401 -- deferred: the slow import this function exists for
     finally:
         inspect.stack = real
 
 
 def _in_process_builder(spec: Target):
-    import tvm
-    from tvm.ir.utils import derived_object
+    # deferred: the TVM compiler (module docstring)
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
 
@@ -315,9 +317,7 @@ def _in_process_builder(spec: Target):
 
 
 def _in_process_runner(spec: Target):
-    import tvm
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner import PyRunner  # deferred: the TVM compiler (module docstring)
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
     time_kernel = _cpu_timer()
@@ -339,7 +339,7 @@ def _in_process_runner(spec: Target):
 
 
 def _builder_runner(spec: Target):
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
     if spec.measure_in_process:
         return _in_process_builder(spec), _in_process_runner(spec)
     config = ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=0, enable_cpu_cache_flush=False)
@@ -347,7 +347,7 @@ def _builder_runner(spec: Target):
 
 
 def _measure(sch_mod, args_info, spec: Target, builder, runner) -> Optional[list]:
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
     built = builder.build([ms.builder.BuilderInput(sch_mod, spec.tvm_target())])[0]
     if built.error_msg:
         return None
@@ -360,16 +360,16 @@ def _measure(sch_mod, args_info, spec: Target, builder, runner) -> Optional[list
 
 # -- tasks ---------------------------------------------------------------------------------------------
 def _has_reduction(func) -> bool:
-    from tvm import s_tir
+    from tvm import s_tir  # deferred: the TVM compiler (module docstring)
     from tvm.s_tir.dlight.analysis import get_root_block
 
-    from .cpu_schedule import is_reduction_block  # (imports the TVM compiler: see the module docstring)
+    from .cpu_schedule import is_reduction_block
     sch = s_tir.Schedule(func)
     return any(is_reduction_block(sch, b) for b in sch.get_child_blocks(get_root_block(sch)))
 
 
 def _static_args(func):
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
     try:
         return ms.arg_info.ArgInfo.from_prim_func(func)
     except (TypeError, ValueError):  # a symbolic dim or a scalar argument: nothing concrete to measure
@@ -378,7 +378,7 @@ def _static_args(func):
 
 def extract_tasks(graphs: dict, spec: Target, ops: str = "reduce") -> tuple:
     """([(ExtractedTask, args_info)], {reason: count}) for the kernels tune() would search."""
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
     if ops not in OPS:
         raise ValueError(f"ops must be one of {OPS}, got {ops!r}")
     tasks, skipped = [], {}
@@ -418,7 +418,7 @@ def tune_functions(graphs: dict, target: Any, db, *, trials_per_task: int = 64, 
     database for the same target is extended: its record for a kernel tuned again competes with the new
     candidates, its other records are kept. MetaSchedule's own log goes to ``db/logs/tuning.log``.
     """
-    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir import meta_schedule as ms  # deferred: the TVM compiler (module docstring)
 
     say = log or (lambda *_: None)
     spec = resolve_target(target)
@@ -532,7 +532,7 @@ def _candidates(mod, default_sch, search, previous) -> list:
 
 def _remeasure(mod, cands, args, spec, builder, runner) -> list:
     """Each candidate's run times, measured in ROUNDS turns (A B C A B C ...) so drift hits all alike."""
-    from tvm import s_tir
+    from tvm import s_tir  # deferred: the TVM compiler (module docstring)
     mods = []
     for _, trace in cands:
         if trace is None:
@@ -604,7 +604,7 @@ class _search_log:
 
 def _has_xgboost() -> bool:
     try:
-        import xgboost  # noqa: F401
+        import xgboost  # noqa: F401 -- deferred: optional (the `tune` extra), and slow to import
         return True
     except ImportError:
         return False

@@ -254,7 +254,7 @@ def expr_operands(e: Expr) -> set:
     return set().union(*(expr_operands(a) for a in e[2]))
 
 
-def _eval(e: Expr, leaves: list, apply):
+def eval_expr(e: Expr, leaves: list, apply):
     if isinstance(e, int):
         if e >= len(leaves):
             raise ValueError(f"expr uses %{e} but the node has {len(leaves)} operands")
@@ -263,7 +263,7 @@ def _eval(e: Expr, leaves: list, apply):
     if name not in ELEMENTWISE:
         raise ValueError(f"op '{name}' in a fused.elementwise expr is not elementwise "
                          f"(known: {', '.join(sorted(ELEMENTWISE))})")
-    return apply(name, dict(attrs), *(_eval(a, leaves, apply) for a in args))
+    return apply(name, dict(attrs), *(eval_expr(a, leaves, apply) for a in args))
 
 
 def _ew_infer(*xs, expr):
@@ -271,11 +271,11 @@ def _ew_infer(*xs, expr):
     missing = set(range(len(xs))) - expr_operands(e)
     if missing:
         raise ValueError(f"operand(s) {sorted(missing)} unused by expr {expr!r}")
-    return _eval(e, list(xs), _apply_infer)
+    return eval_expr(e, list(xs), _apply_infer)
 
 
 def _ew_ref(*xs, expr):
-    return _eval(parse_expr(expr), list(xs), _apply_ref)
+    return eval_expr(parse_expr(expr), list(xs), _apply_ref)
 
 
 # the ops a fused.elementwise expr may use (and the elementwise fusion pass groups); plugins add theirs

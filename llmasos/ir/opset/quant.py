@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops import Attr, defop
+from ..ops import Attr, defop, get_op
 from ..quant_numerics import act_quant, codes_of, expand
 from ..types import DType, TensorType, dims_equal
-from .linalg import _linear_ref as _float_linear_ref
 from .rules import to_dtype
 
 _ATTRS = {"bits": Attr("int", 8, choices=(4, 8)), "group": Attr("int", 0)}
@@ -98,7 +97,7 @@ def _linear_infer(x, qweight, scale, zero, bias=None, *, bits, group):
 
 def _linear_ref(x, qweight, scale, zero, bias=None, *, bits, group):
     w = _dequant_ref(qweight, scale, zero, bits=bits, group=group).astype(np.float32)
-    y = _float_linear_ref(x.astype(np.float32), w, None if bias is None else bias.astype(np.float32))
+    y = get_op("linear").ref(x.astype(np.float32), w, None if bias is None else bias.astype(np.float32))
     return to_dtype(y, DType.from_numpy(x.dtype))
 
 

@@ -73,13 +73,13 @@ class Choice:
     def index(self, value) -> Optional[int]:
         """The position of ``value`` among the alternatives (compared as attributes are), else None."""
         for i, o in enumerate(self.options):
-            if _attr_eq(o, value):
+            if attr_eq(o, value):
                 return i
         return None
 
     def text(self, bare: bool = False) -> str:
         """``name:(a|b)``; ``bare`` writes strings without quotes (op names)."""
-        show = (lambda o: str(o)) if bare else _literal
+        show = (lambda o: str(o)) if bare else attr_literal
         body = "(" + "|".join(show(o) for o in self.options) + ")"
         return f"{self.name}:{body}" if self.name else body
 
@@ -94,7 +94,7 @@ def one_of(*options, name: Optional[str] = None) -> Choice:
     return Choice(tuple(options), name)
 
 
-def _literal(v) -> str:
+def attr_literal(v) -> str:
     return json.dumps(v) if isinstance(v, str) else str(v)
 
 
@@ -313,7 +313,7 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
             return fail(f"{node.op} has no attribute {k!r}")
         have = node.attrs[k]
         if isinstance(want, AttrVar):
-            if want.name in bindings and not _attr_eq(bindings[want.name], have):
+            if want.name in bindings and not attr_eq(bindings[want.name], have):
                 return fail(f"attribute {k}: {want.name} is already bound to {bindings[want.name]!r}, "
                             f"here it is {have!r}")
             bindings = {**bindings, want.name: have}
@@ -321,11 +321,11 @@ def match(p: Pattern, v: Value, bindings: dict, trace: Optional[list] = None, pa
             if want.index(have) is None:
                 return fail(f"attribute {k}: expected one of {Choice(want.options).text()}, %{v.name} has {have!r}")
             if want.name:
-                if want.name in bindings and not _attr_eq(bindings[want.name], have):
+                if want.name in bindings and not attr_eq(bindings[want.name], have):
                     return fail(f"attribute {k}: {want.name} is already bound to {bindings[want.name]!r}, "
                                 f"here it is {have!r}")
                 bindings = {**bindings, want.name: have}
-        elif not _attr_eq(want, have):
+        elif not attr_eq(want, have):
             return fail(f"attribute {k}: expected {want!r}, %{v.name} has {have!r}")
     if p.name:
         if p.name in bindings and bindings[p.name] is not v:
@@ -393,5 +393,5 @@ def const_scalar(v: Value):
         return float(f[0])
 
 
-def _attr_eq(a, b) -> bool:
+def attr_eq(a, b) -> bool:
     return attrs_equal({"a": a}, {"a": b})

@@ -17,7 +17,7 @@ import numpy as np
 from llmasos.ir import DType, Graph, OpError, TensorType, Value, get_op
 from llmasos.ir.ops import REQUIRED
 
-from .pattern import Alt, AttrVar, Choice, Const, Op, Pattern, Var, _attr_eq, _literal, as_names, const_scalar
+from .pattern import Alt, AttrVar, Choice, Const, Op, Pattern, Var, attr_eq, attr_literal, as_names, const_scalar
 
 
 class RuleError(ValueError):
@@ -99,14 +99,14 @@ class Pick:
     def resolve(self, m: dict):
         v = m[self.name]
         for s, o in zip(self.source, self.possible()):
-            if _attr_eq(s, v):
+            if attr_eq(s, v):
                 return o
         raise Decline(f"{self.name} = {v!r} is none of its alternatives {list(self.source)}")
 
     def __str__(self):
         if self.options is None:
             return self.name
-        show = str if self.ops else _literal
+        show = str if self.ops else attr_literal
         return f"{self.name}:({'|'.join(show(o) for o in self.options)})"
 
 
@@ -373,7 +373,7 @@ def _shown(sel: dict, m: dict) -> str:
 def _chosen(c: Choice, sel: dict, m: dict):
     v = c.options[sel.get(c, 0)]
     if c.name:
-        if c.name in m and not _attr_eq(m[c.name], v):
+        if c.name in m and not attr_eq(m[c.name], v):
             raise RuleError(f"{c.name} takes two alternatives in one probe")  # an inconsistent combination
         m[c.name] = v
     return v
