@@ -79,6 +79,7 @@ class Contents:
     entries: dict                     # name -> {"ir": file or None, "convention": dict or None}
     meta: dict = field(default_factory=dict)
     tokenizer: bool = False
+    target_name: Optional[str] = None  # the registered target it was built for (a plugin's name, say)
 
     @property
     def library(self) -> Path:
@@ -229,7 +230,8 @@ def _read_v2(path: Path, m: dict) -> Contents:
         raise ArtifactError(f"{mf}: no library signature")
     _check_files(path, m, [LIBRARY, WEIGHTS] + [e["ir"] for e in entries.values() if e.get("ir")])
     return Contents(path, FORMAT, m["version"], kind, m.get("target_dict"), m["signature"],
-                    {n: dict(e) for n, e in entries.items()}, dict(m.get("meta") or {}), bool(m.get("tokenizer")))
+                    {n: dict(e) for n, e in entries.items()}, dict(m.get("meta") or {}), bool(m.get("tokenizer")),
+                    m.get("target") if isinstance(m.get("target"), str) else None)
 
 
 def _read_v1(path: Path, m: dict) -> Contents:
@@ -238,12 +240,14 @@ def _read_v1(path: Path, m: dict) -> Contents:
     if kind == "model":
         convention = {k: m[k] for k in ("input_names", "in_spec", "out_spec", "out_leaves")}
         return Contents(path, m["format"], 1, kind, m.get("target_dict"), None,
-                        {"main": {"ir": "graph.llir", "convention": convention}}, {}, bool(m.get("tokenizer")))
+                        {"main": {"ir": "graph.llir", "convention": convention}}, {}, bool(m.get("tokenizer")),
+                    m.get("target") if isinstance(m.get("target"), str) else None)
     sig = m["signature"]
     entries = {n: {"ir": None} for n in (sig.get("functions") or {"main": None})}
     meta = {"vocab": m["vocab"], "max_seq": m["max_seq"], "cuda_graph": m.get("cuda_graph", False),
             "config": m.get("config")}
-    return Contents(path, m["format"], 1, kind, m.get("target_dict"), sig, entries, meta, bool(m.get("tokenizer")))
+    return Contents(path, m["format"], 1, kind, m.get("target_dict"), sig, entries, meta, bool(m.get("tokenizer")),
+                    m.get("target") if isinstance(m.get("target"), str) else None)
 
 
 def _package_version() -> Optional[str]:

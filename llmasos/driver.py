@@ -204,6 +204,19 @@ def compile_program(kind: str, frontend: Callable[[Any], Source], target: Any = 
 
 
 # -- loading ----------------------------------------------------------------------------------------------
+def saved_target(c) -> Any:
+    """What an artifact was built for: its registered target by name, with the saved TVM dict (a plugin that
+    shares a TVM kind with a built-in target reloads as itself), else the dict alone (which resolves to the
+    first registered target accepting its kind)."""
+    from .backends.tvm import known_targets, resolve_target  # deferred: TVM (its runtime suffices here)
+    name = (c.target_name or "").partition(":")[0]
+    if name in known_targets():
+        spec = resolve_target(name)
+        if c.target is not None and spec.accepts(c.target):
+            return spec.with_target(c.target)
+    return c.target
+
+
 def load_program(path, target: Any = None, kind: Optional[str] = None) -> CompiledProgram:
     """A CompiledProgram from an artifact directory (any version llmasos/artifact.py reads).
 
@@ -219,7 +232,7 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
                        for n, e in c.entries.items() if e.get("convention") is not None}
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: malformed calling convention ({type(e).__name__}: {e})") from None
-    spec = resolve_target(target if target is not None else c.target)
+    spec = resolve_target(target if target is not None else saved_target(c))
     weights = c.weights()
     graphs = {}
     if c.kind == "model":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -43,6 +44,7 @@ import llmasos
 from ..backends.tvm import Target, build, known_targets, resolve_target
 from ..backends.tvm.lowering import LOWERINGS
 from ..compiled import InputError
+from ..driver import saved_target
 from ..ir import all_ops
 from ..ir.interpreter import run
 from ..llm import GenerationError
@@ -159,9 +161,10 @@ def conformance_tests(namespace: dict, target: Any, *, rel: float = 1e-5, low_re
         assert isinstance(t, Target)
         if isinstance(kit.target_arg, str):
             assert kit.target_arg.partition(":")[0] in known_targets()
-        again = resolve_target(dict(t.target))      # how a saved artifact finds its target again
+        # how a saved artifact finds its target again: by the name it was saved under, with its TVM dict
+        again = resolve_target(saved_target(SimpleNamespace(target_name=t.name, target=dict(t.target))))
         assert type(again) is type(t) and again.target == t.target, \
-            f"the TVM target dict {t.target} resolves to {again!r}, not to a {type(t).__name__}"
+            f"an artifact saved for {t.name!r} ({t.target}) reloads as {again!r}, not as a {type(t).__name__}"
         assert t.tvm_device().exist, f"target '{t.name}': no {t.device} device here"
         assert isinstance(t.schedule_rules(), list) and isinstance(t.pass_config(), dict)
         if t.variant_key is not None:

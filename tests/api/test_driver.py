@@ -380,3 +380,32 @@ def test_driver_layer_imports_flow_one_way_without_cycles():
     assert upward - KNOWN_UPWARD == set(), "lower layers import the driver layer"
     assert [c for c in _cycles(graph) if any(m.startswith(DRIVER_LAYER) for m in c)] == []
     assert not (ROOT / "llmasos" / "llm" / "artifact.py").exists()   # one artifact module
+
+
+def test_an_artifact_reloads_as_the_target_it_was_saved_for(tmp_path):
+    """A plugin target sharing a TVM kind with a built-in one (here a CPUTarget subclass) comes back as
+    itself, by its saved name, not as the built-in class its TVM dict alone would resolve to."""
+    import dataclasses
+
+    import torch
+
+    from llmasos.backends.tvm import register_target, resolve_target
+    from llmasos.backends.tvm.targets import CPUTarget, _REGISTRY
+
+    class MyCPU(CPUTarget):
+        pass
+
+    cpu = resolve_target("cpu")
+    register_target("my-cpu", MyCPU(**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)} | {"name": "my-cpu"}))
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).eval()
+        x = torch.randn(2, 8)
+        cm = llmasos.compile(model, "my-cpu", example_inputs=(x,), dynamic_shapes=None)
+        cm.save(tmp_path / "m")
+        back = llmasos.load(tmp_path / "m")
+        assert type(back.target) is MyCPU and back.target.name == "my-cpu"
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
+    finally:
+        _REGISTRY.pop("my-cpu", None)
+    # once the name is gone, the TVM dict still finds a target that runs it
+    assert type(llmasos.load(tmp_path / "m").target) is CPUTarget
