@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -18,6 +17,7 @@ from llmasos.backends.tvm import (CPUTarget, CUDATarget, Target, TargetSpec, Unk
                                   lower, register_target, resolve_target, target_source, targets)
 from llmasos.ir import DType, Graph, TensorType, sym
 from llmasos.ir.interpreter import run
+from tests.fake_dist import install_fake_dist
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,15 +111,7 @@ def test_target_spec_is_the_earlier_name():
 # -- the llmasos.targets entry-point group ---------------------------------------------------------------
 
 def _fake_dist(tmp_path, monkeypatch, dist: str, module: str, code: str, entry_points: dict) -> None:
-    """A real installed distribution (dist-info with entry_points.txt) on sys.path."""
-    (tmp_path / f"{module}.py").write_text(textwrap.dedent(code))
-    info = tmp_path / f"{dist}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[llmasos.targets]\n{eps}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, module, raising=False)
+    install_fake_dist(tmp_path, monkeypatch, "llmasos.targets", dist, module, code, entry_points)
     monkeypatch.setattr(targets, "_loaded", False)  # plugins load again on the next lookup
 
 

@@ -1,8 +1,6 @@
 """Pipeline strings and the pass registry: parsing, option checking, located errors, plugins."""
 from __future__ import annotations
 
-import sys
-import textwrap
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -13,6 +11,7 @@ from llmasos.passes import (Pass, PassRegistryError, PipelineError, UnknownPassE
 from llmasos.passes import base
 from llmasos.passes.cse import CommonSubexpressionElimination
 from llmasos.passes.dce import DeadCodeElimination
+from tests.fake_dist import install_fake_dist
 
 
 @pytest.fixture
@@ -190,15 +189,7 @@ def test_bad_registrations(registry):
 # -- plugins through the llmasos.passes entry-point group ------------------------------------------------
 
 def _fake_dist(tmp_path, monkeypatch, dist: str, module: str, code: str, entry_points: dict) -> None:
-    """A real installed distribution (dist-info with entry_points.txt) on sys.path."""
-    (tmp_path / f"{module}.py").write_text(textwrap.dedent(code))
-    info = tmp_path / f"{dist}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[llmasos.passes]\n{eps}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, module, raising=False)
+    install_fake_dist(tmp_path, monkeypatch, "llmasos.passes", dist, module, code, entry_points)
     monkeypatch.setattr(base, "_loaded", False)  # plugins load again on the next lookup
     monkeypatch.setattr(base, "_load_error", None)
 
