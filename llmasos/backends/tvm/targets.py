@@ -560,11 +560,6 @@ def _from_dict(d: dict) -> Target:
                              f"{sorted(kinds)} (registered targets: {', '.join(known_targets())}){errors}")
 
 
-def target_class(tvm_target: dict) -> type:
-    """The Target class a TVM target dict resolves to."""
-    return type(_from_dict(tvm_target))
-
-
 def resolve_target(t: Any) -> Target:
     """A Target for a registered name (``"cpu"``, ``"cuda:sm_80"``), a TVM target dict or a Target."""
     if isinstance(t, Target):
