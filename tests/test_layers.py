@@ -163,7 +163,10 @@ def test_the_dispatch_check_can_fail(tmp_path):
 # the modules imported there, defers nothing. What a module loads is read from the source: its module-level
 # imports (not those under `if TYPE_CHECKING:`, nor optional ones in a `try:` that catches ImportError), the
 # packages above it, and theirs, transitively. Checked in every module of llmasos and frontends.
-HEAVY = {"torch", "transformers", "tvm", "tvm_ffi", "torch_mlir", "safetensors.torch", "xgboost"}
+HEAVY = {"torch", "transformers", "tvm", "tvm_ffi", "torch_mlir", "safetensors.torch", "xgboost",
+         # the optional extras (serve, energy, distributed): absent from a core install, slow to import
+         "fastapi", "uvicorn", "prometheus_client", "httpx", "openai", "zeus", "codecarbon", "pynvml",
+         "psutil", "matplotlib", "plotly", "ray"}
 
 
 def _module_name(path: Path) -> str:
