@@ -3,6 +3,7 @@ torch.compile(mode="reduce-overhead") on the same static-KV-cache model, plus th
 
     python bench/decode.py [--target cuda] [--models gpt2-124m,llama-1b] [--batch 1,8,32] [--prompt 128]
                            [--new 128] [--dtype f16] [--int4 llama-1b] [--tune 64] [--no-compile-baseline] [--out FILE]
+                           [--target-option KEY=VALUE ...]
 
 What each figure means: llmasos/llm/bench.py. One JSON document on stdout; progress on stderr.
 """
@@ -29,9 +30,20 @@ def main(argv=None):
     p.add_argument("--tune", type=int, default=0, help="also MetaSchedule-tune with this many trials per kernel "
                                                         "and report a llmasos_tuned variant")
     p.add_argument("--out", default=None, help="also write the JSON here, after every model")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target option (Target.extra), e.g. small_m_gemm=off, for A/B runs; repeatable")
     a = p.parse_args(argv)
+    import dataclasses
+
+    from llmasos.backends.tvm import resolve_target
     from llmasos.llm.bench import run
-    doc = run(a.models.split(","), a.target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt,
+    target = resolve_target(a.target)
+    if a.target_option:
+        bad = [o for o in a.target_option if "=" not in o]
+        if bad:
+            p.error(f"--target-option takes KEY=VALUE, got {bad}")
+        target = dataclasses.replace(target, extra={**target.extra, **dict(o.split("=", 1) for o in a.target_option)})
+    doc = run(a.models.split(","), target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt,
               new=a.new, dtype=a.dtype, int4_models=[m for m in a.int4.split(",") if m], passes=a.passes,
               compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out, tune_trials=a.tune)
     print(json.dumps(doc, indent=1))

@@ -112,3 +112,83 @@ def test_decode_gemv_target_option_narrows_or_removes_it():
     assert not any(isinstance(r, DecodeGEMV) for r in off)
     with pytest.raises(ValueError, match=r"decode_gemv must be 'all', 'quantized' or 'off', got 'some'"):
         schedule_rules(dataclasses.replace(SPEC, extra={"decode_gemv": "some"}))
+
+
+def _prefill_linear_kernel(spec, n=1024, k=512):
+    """The fused prefill projection: x [seq, k] f16 (seq symbolic) times w [n, k] f16, plus a residual."""
+    g = Graph("g")
+    g.add_symbol("seq", 1, 1024)
+    x = g.add_input("x", TensorType((sym("seq"), k), DType.f16))
+    res = g.add_input("r", TensorType((sym("seq"), n), DType.f16))
+    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float16)
+    g.set_outputs([g.add_node("add", [g.add_node("linear", [x, g.add_param("w", w)]), res])])
+    mod, config = prepare_module(lower(g, spec), spec)
+    fusion, _ = pipeline_stages(spec)
+    with tvm.transform.PassContext(opt_level=3, config=config), spec.tvm_target():
+        mod = tvm.transform.Sequential(fusion)(mod)
+    return next(f for gv, f in mod.functions.items()
+                if isinstance(f, tvm.tirx.PrimFunc) and "linear" in gv.name_hint)
+
+
+def test_sm_version_reads_the_hopper_a_variants():
+    from llmasos.backends.tvm.cuda_schedule import sm_version
+    assert [sm_version(a) for a in ("sm_90a", "sm_90", "sm_80", "sm_100a", "", "gfx90a")] == [90, 90, 80, 100, -1, -1]
+
+
+def test_prefill_gemm_runs_on_the_tensor_cores_on_sm_90a():
+    """DLight's Matmul reads "sm_90a" as no tensor cores; TensorCoreMatmul emits wmma (mma.sync) for it, and
+    tensor_cores = "off" gives the CUDA-core schedule back (A/B runs)."""
+    import dataclasses
+
+    from llmasos.backends.tvm.build import schedule_rules
+    from llmasos.backends.tvm.cuda_schedule import TensorCoreMatmul
+    func = _prefill_linear_kernel(SPEC)
+    sch = TensorCoreMatmul().apply(func, SPEC.tvm_target(), False)
+    assert sch is not None
+    src = _source(sch)
+    assert "wmma::mma_sync" in src and "wmma::load_matrix_sync" in src
+    rules = schedule_rules(SPEC)
+    assert any(isinstance(r, TensorCoreMatmul) for r in rules)
+    assert [type(r).__name__ for r in rules].index("TensorCoreMatmul") < [type(r).__name__ for r in rules].index("Matmul")
+    off = schedule_rules(dataclasses.replace(SPEC, extra={"tensor_cores": "off"}))
+    assert not any(isinstance(r, TensorCoreMatmul) for r in off)
+    with pytest.raises(ValueError, match=r"tensor_cores must be 'on' or 'off', got 'yes'"):
+        schedule_rules(dataclasses.replace(SPEC, extra={"tensor_cores": "yes"}))
+
+
+def test_tensor_core_rule_leaves_gemvs_and_small_static_gemms_alone():
+    from llmasos.backends.tvm.cuda_schedule import TensorCoreMatmul
+    f16, _ = _gemv_kernel(_gemv_graph("f16", 2048, 2048))      # one row: a GEMV
+    assert TensorCoreMatmul().apply(f16, SPEC.tvm_target(), False) is None
+    small, _ = _gemv_kernel(_gemv_graph("f16", 2048, 2048, rows=32))   # static M = 32 <= 64
+    assert TensorCoreMatmul().apply(small, SPEC.tvm_target(), False) is None
+
+
+def test_decode_gemm_at_a_symbolic_batch_runs_the_small_m_tensor_core_kernel():
+    """x [batch, K] @ W^T with batch symbolic (a decode step at batch > 1): the hand-written small-M kernel
+    (cuda_gemm.py), mma.sync m16n8k16 with 16-byte operand loads; its numerics are checked on a GPU by
+    bench/small_m_gemm_check.py. A shape it does not take (K not a multiple of its K step) keeps the generic
+    lowering, and small_m_gemm = "off" removes it."""
+    import dataclasses
+
+    from llmasos.backends.tvm.build import compile_module
+    from llmasos.backends.tvm.cuda_gemm import small_m_gemm_supported
+
+    def graph(n, k):
+        g = Graph("g")
+        g.add_symbol("batch", 1, 32)
+        x = g.add_input("x", TensorType((sym("batch"), 1, k), DType.f16))
+        w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float16)
+        g.set_outputs([g.add_node("linear", [x, g.add_param("w", w)])])
+        return g
+
+    def source(g, spec=SPEC):
+        return cuda_source(compile_module(lower(g, spec), spec))
+
+    assert small_m_gemm_supported(1024, 1024, "float16") and not small_m_gemm_supported(1024, 1000, "float16")
+    src = source(graph(1024, 1024))
+    assert "small_m_gemm" in src and "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    assert re.search(r"\*\(uint4\*\)\(w_reg_ptr", src)           # 16-byte weight loads into registers
+    assert "small_m_gemm" not in source(graph(1024, 1000))
+    off = dataclasses.replace(SPEC, extra={"small_m_gemm": "off"})
+    assert "small_m_gemm" not in source(graph(1024, 1024), off)

@@ -20,6 +20,8 @@ from tvm.s_tir.dlight.analysis import is_gemv, normalize, normalize_prim_func
 from tvm.s_tir.dlight.base import get_bytes, get_extent, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
+from .targets import sm_version
+
 LANES = 32        # a warp's lanes along K (times the warps K is split over)
 LOAD_BYTES = 16   # weight bytes per lane and step: one 128-bit load
 UNROLL = 8        # K steps unrolled, for loads in flight
@@ -184,3 +186,43 @@ class OnlyBatchSymbolic:
 
     def apply_config(self, func, config):
         return self.rule.apply_config(func, config)
+
+
+class TensorCoreMatmul(GPUScheduleRule):
+    """fp16 GEMMs on the tensor cores: DLight's ``MatmulTensorization`` (wmma 16x16x16, 128x128 block tiles,
+    f32 accumulation where the block accumulates in f32), applied on sm_70+ including the "a" variants, under
+    the condition DLight's ``Matmul`` uses: no static M/N/K extent of 64 or less (those are GEMVs and
+    small-M decode GEMMs, which other rules take). Placed before ``dl.gpu.Matmul``, whose CUDA-core
+    schedule then takes what this declines."""
+
+    MIN_EXTENT = 64
+
+    def apply(self, func, target, tunable):
+        # deferred: DLight's matmul helpers are internal to its module; import them where they are used
+        from tvm.s_tir.dlight.gpu.matmul import (MatmulTensorization, get_in_out_dtypes, get_index_map,
+                                                 get_reduction_blocks)
+        from tvm.s_tir.dlight.analysis import get_root_block
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+            return None
+        if sm_version(str(target.attrs.get("arch", ""))) < 70 or "dlight.do_not_tensorize" in func.attrs.keys():
+            return None
+        sch = s_tir.Schedule(func)
+        reduction = get_reduction_blocks(sch, sch.get_child_blocks(get_root_block(sch)))
+        if reduction is None or len(reduction) != 1:
+            return None
+        main = reduction[0]
+        maps = get_index_map(sch.get(main))
+        if not maps:
+            return None
+        sch.reindex(main, ("read", 0))
+        sch.reindex(main, ("read", 1))
+        sch.reindex(main, ("write", 0))
+        sch.transform_block_layout(main, get_index_map(sch.get(main))[0])
+        stmt = sch.get(main)
+        for iv in stmt.iter_vars[1:]:    # S, I, J, K: the batch dim is not considered
+            if isinstance(iv.dom.extent, tirx.IntImm) and iv.dom.extent.value <= self.MIN_EXTENT:
+                return None
+        in_dtype, out_dtype = get_in_out_dtypes(stmt)
+        if in_dtype != "float16" or out_dtype not in ("float16", "float32"):
+            return None
+        return MatmulTensorization().apply(func, target, tunable)

@@ -383,6 +383,11 @@ def _nt_linear(ctx, node, x, w, bias, dt, acc):
     DLight's GEMV rule (decode: one row of x) reads at full bandwidth; a transposed copy made at load would
     turn every decode GEMV into a strided, outer-reduction one. Bias and cast stay separate ops, which
     TVM's FuseOps folds into the GEMM kernel's epilogue."""
+    y = _small_m_linear(ctx, node, x, w, dt)
+    if y is not None:
+        if bias is not None:
+            y = ctx.emit(R.add(y, ctx.cast(bias, dt)))
+        return y
     n, k = (ctx.dim(d) for d in node.inputs[1].type.shape)
     acc_t = tvm_dtype(acc)
 
@@ -394,6 +399,27 @@ def _nt_linear(ctx, node, x, w, bias, dt, acc):
     if bias is not None:
         y = ctx.emit(R.add(y, ctx.cast(bias, acc)))
     return y if acc is dt else ctx.cast(y, dt)
+
+
+def _small_m_linear(ctx, node, x, w, dt):
+    """A decode step's GEMM at a symbolic batch (x [batch, K] or [batch, 1, K], W a static [N, K]) through
+    the target's hand-written small-M kernel (``Target.small_m_gemm``: tensor cores on CUDA), or None. The
+    kernel writes ``dt`` itself (f32 accumulation inside); a bias is added after it."""
+    xt, wt = node.inputs[0].type, node.inputs[1].type
+    lead = xt.shape[:-1]
+    if (ctx.spec is None or not wt.is_static or not lead or isinstance(lead[0], int)
+            or any(d != 1 for d in lead[1:]) or not isinstance(xt.shape[-1], int)):
+        return None
+    n, k = (int(d) for d in wt.shape)
+    kernel = ctx.spec.small_m_gemm(n, k, tvm_dtype(dt))
+    if kernel is None:
+        return None
+    name, func = kernel
+    rows = ctx.dim(lead[0])
+    x2 = ctx.emit(R.reshape(x, [rows, k])) if len(lead) > 1 else x
+    gv = ctx.bb.add_func(func, name)
+    y = ctx.emit(relax.call_tir(gv, [x2, w], relax.TensorType([rows, n], tvm_dtype(dt))), "small_m_gemm")
+    return ctx.emit(R.reshape(y, [*ctx.shape(xt)[:-1], n])) if len(lead) > 1 else y
 
 
 PANEL_ROWS = 4  # cpu_schedule.Matmul's register-tile height (MR)

@@ -199,6 +199,11 @@ class Target:
         None for the generic lowering (softmax of masked q k^T, then p v)."""
         return None
 
+    def small_m_gemm(self, n: int, k: int, dtype: str) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written GEMM y [M, N] = x [M, K] @ w [N, K]^T for a decode step's few
+        rows (M symbolic: the batch), or None for the generic lowering."""
+        return None
+
     def prepare_graph_capture(self, mod, functions: tuple):
         """The Relax module with ``functions`` marked for capture as device graphs (``graph_capture``)."""
         return mod
@@ -333,6 +338,14 @@ def _cuda_arch() -> str:
     return "sm_90a"
 
 
+def sm_version(arch: str) -> int:
+    """The compute capability of a CUDA ``arch`` string as an integer: "sm_90a" -> 90, "sm_80" -> 80; -1 when
+    it names none. (DLight's own check reads "sm_90a" as -1 -- "90a" is not all digits -- so on Hopper its
+    Matmul rule never tried tensor cores and every prefill GEMM ran on the CUDA cores.)"""
+    digits = str(arch).replace("sm_", "").rstrip("abcdefghijklmnopqrstuvwxyz")
+    return int(digits) if digits.isdigit() else -1
+
+
 @dataclass(frozen=True)
 class CUDATarget(Target):
     """CUDA GPUs: TVM's CUDA pipeline with DLight's GPU rules after our DecodeGEMV (cuda_schedule.py),
@@ -373,16 +386,34 @@ class CUDATarget(Target):
         # 1944 / 829 with the bucket = batch (register pressure)
         # DecodeGEMV (cuda_schedule.py) takes the static single-row GEMVs of a batch-1 decode step; the
         # target option decode_gemv = "all" | "quantized" | "off" narrows it, for A/B runs against DLight's
-        from .cuda_schedule import DecodeGEMV, OnlyBatchSymbolic  # deferred: the TVM compiler (module docstring)
+        # TensorCoreMatmul: the prefill GEMMs on the tensor cores (DLight's Matmul skips them on sm_90a);
+        # target option tensor_cores = "on" | "off", for A/B runs
+        from .cuda_schedule import (DecodeGEMV, OnlyBatchSymbolic,  # deferred: the TVM compiler (module docstring)
+                                    TensorCoreMatmul)
         which = self.extra.get("decode_gemv", "all")
         if which not in ("all", "quantized", "off"):
             raise ValueError(f"target '{self.name}': decode_gemv must be 'all', 'quantized' or 'off', got {which!r}")
+        tc = self.extra.get("tensor_cores", "on")
+        if tc not in ("on", "off"):
+            raise ValueError(f"target '{self.name}': tensor_cores must be 'on' or 'off', got {tc!r}")
         own = [] if which == "off" else [DecodeGEMV(quantized_only=which == "quantized")]
-        return [*own, OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), dl.gpu.Matmul(), dl.gpu.GEMV(),
+        mma = [TensorCoreMatmul()] if tc == "on" else []
+        return [*own, OnlyBatchSymbolic(dl.gpu.LowBatchGEMV(4)), *mma, dl.gpu.Matmul(), dl.gpu.GEMV(),
                 dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
     def pass_config(self, graph_capture: bool = False) -> dict:
         return {"relax.backend.use_cuda_graph": True} if graph_capture else {}
+
+    def small_m_gemm(self, n, k, dtype):
+        """The tensor-core small-M GEMM of cuda_gemm.py (target option small_m_gemm = "on" | "off")."""
+        which = self.extra.get("small_m_gemm", "on")
+        if which not in ("on", "off"):
+            raise ValueError(f"target '{self.name}': small_m_gemm must be 'on' or 'off', got {which!r}")
+        from .cuda_gemm import (small_m_gemm_func,  # deferred: the TVM compiler (module docstring)
+                                small_m_gemm_supported)
+        if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
+            return None
+        return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
