@@ -16,9 +16,11 @@ block table [B, MB] i32 per call; row b's position p lives at pool[table[b, p //
   - CUDA (``paged_decode_attention_func``): the contiguous decode kernel's layout (lowering_kv.py), its
     shared-memory tiles filled through the block table; positions in unallocated blocks score -inf.
 * ``kv.paged_attention`` with T > 1 (prefill chunks, or a step that mixes prefill chunks and padded decode
-  rows) gathers each row's MB blocks into a [B, Hkv, MB*BS, D] view (only blocks of the row's table:
-  ``if_then_else`` does not read an unallocated entry's block) and runs kv.attention's generic path
-  (lowering_kv._generic) with the mask ``j <= pos[b] + t and table[b, j // BS] is allocated``.
+  rows) gathers each row's positions 0..pos[b]+T-1 through its table into a [B, Hkv, MB*BS, D] buffer
+  (``if_then_else``: an unallocated entry's block and the positions past the last query are not read but
+  zero) and runs kv.attention's generic path (lowering_kv._generic) with the mask ``j <= pos[b] + t and
+  table[b, j // BS] is allocated``. Like the contiguous generic path it then computes logits for all
+  MB*BS positions of a row (masked), which a dedicated paged prefill kernel would avoid.
 """
 from __future__ import annotations
 
@@ -71,8 +73,8 @@ def _kv_paged_append(ctx, node, args):
         v = node.inputs[0]
         if v in graph.outputs or any(u is not node for u in graph.users().get(v, [])):
             raise NotImplementedError(
-                f"kv.paged_append {node.name}: the pool {v.name} is read again after the append; the TVM backend "
-                f"updates pools in place only (read the appended pool instead)")
+                f"its pool %{v.name} is read again after the append; the TVM backend updates pools in place only "
+                f"(read the appended pool instead)")
     func = _paged_append_func(hkv, bs, d, tt.shape[1], tvm_dtype(pt.dtype), tvm_dtype(node.inputs[2].type.dtype))
     gv = ctx.bb.add_func(func, "kv_paged_append")
     out_ty = relax.TensorType(ctx.shape(pt), tvm_dtype(pt.dtype))
@@ -97,19 +99,22 @@ def _kv_paged_attention(ctx, node, args):
             gv = ctx.bb.add_func(func, name)
             return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType(ctx.shape(qt), tvm_dtype(qt.dtype))),
                             "attn")
-    kc = ctx.emit_te(_gather, kp, table, name="kv_paged_gather")
-    vc = ctx.emit_te(_gather, vp, table, name="kv_paged_gather")
+    kc = ctx.emit_te(_gather, kp, table, pos, q, name="kv_paged_gather")
+    vc = ctx.emit_te(_gather, vp, table, pos, q, name="kv_paged_gather")
     return _generic(ctx, node, [q, kc, vc, pos], m=mb * bs, table=(table, bs))
 
 
-def _gather(pool, table):
-    """[B, Hkv, MB*BS, D]: each row's blocks end to end; an unallocated block reads as zeros (not read)."""
+def _gather(pool, table, pos, q):
+    """[B, Hkv, MB*BS, D]: each row's blocks end to end, positions 0..pos[b]+T-1 only; the others (past the
+    last query, or in an unallocated block) are zeros, not read -- so stale data in a block's unused tail
+    (even inf/nan) cannot reach the masked p @ v. T is read from q's shape (q itself is not read)."""
     nb, hkv, bs, d = pool.shape
     b_, mb = table.shape
+    t_len = q.shape[2]
 
     def at(b, h, j, x):
         blk = table[b, j // bs].astype("int64")
-        ok = tir.all(blk >= 0, blk < nb)
+        ok = tir.all(blk >= 0, blk < nb, j < pos[b].astype("int64") + t_len)
         return tir.if_then_else(ok, pool[tir.max(blk, tir.const(0, "int64")), h, j % bs, x],
                                 tir.const(0, pool.dtype))
     return te.compute((b_, hkv, mb * bs, d), at, name="kv_paged_gather")
