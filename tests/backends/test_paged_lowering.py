@@ -9,7 +9,7 @@ import tvm
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmasos.backends.tvm import build, compile_module, lowering_paged, resolve_target
+from llmasos.backends.tvm import build, compile_module, lowering_kv, resolve_target
 from llmasos.backends.tvm.build import cuda_source
 from llmasos.backends.tvm.lower import lower
 from llmasos.backends.tvm.lowering import LoweringError
@@ -177,7 +177,7 @@ def test_a_pool_read_after_its_append_is_refused(monkeypatch):
     table = g.add_input("table", TensorType((1, 2), DType.i32))
     g.set_outputs([g.add_node("kv.paged_append", [kp, k, pos, table]), kp])
     # LowerContext does not carry the graph yet (see lowering_kv._graph_of): hand it over here
-    monkeypatch.setattr(lowering_paged, "_graph_of", lambda ctx: g)
+    monkeypatch.setattr(lowering_kv, "_graph_of", lambda ctx: g)
     with pytest.raises(LoweringError, match="kv.paged_append.*read again after the append.*in place only"):
         lower(g, resolve_target("cpu"))
 
