@@ -316,3 +316,14 @@ def test_a_saved_paged_model_loads_and_steps_the_same(paged_lm, tmp_path):
     assert (loaded.kv, loaded.block_size) == ("paged", BS)
     prompts = [[5, 6, 7, 8, 9], [1, 2]]
     assert paged_generate(loaded.paged_runner(12), prompts, 5) == paged_generate(paged_lm.paged_runner(12), prompts, 5)
+
+
+def test_torch_runner_takes_a_config_or_a_preset_name():
+    for model in (decoder_config("llama-tiny"), "gpt2-tiny"):
+        r = TorchPagedRunner(model, 6, 8, max_seq=32, max_batch=2)
+        assert (r.vocab, r.max_seq, r.block_size, r.num_blocks, r.max_blocks_per_seq) == (128, 32, 8, 6, 4)
+        assert paged_generate(r, [[1, 2, 3]], 4) == paged_generate(r, [[1, 2, 3]], 4, first_block=2)
+    with pytest.raises(GenerationError, match="block_size must be an int >= 1"):
+        TorchPagedRunner("llama-tiny", 6, 0)
+    with pytest.raises(GenerationError, match="max_seq must be an int in 2..64"):
+        TorchPagedRunner("llama-tiny", 6, 4, max_seq=100)
