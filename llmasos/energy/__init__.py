@@ -10,12 +10,24 @@ Nothing imported here loads zeus, codecarbon, nvidia-ml-py, psutil or matplotlib
 the function that needs them, so ``import llmasos`` works without the ``energy`` extra. docs/energy.md says how
 each number is measured or estimated.
 """
+import os
+
 from .carbon import CarbonReport, Contract, Embodied, Intensity, cloud_regions, countries, emissions, grid_intensity
 from .errors import EnergyError, LedgerError
 from .ledger import Ledger
 from .meters import ESTIMATED, CounterMeter, Meter, discover
-from .window import Window, calibrate_idle, measure
+from .window import GenerationProbe, Window, calibrate_idle, measure
 
-__all__ = ["measure", "Window", "calibrate_idle", "discover", "Meter", "CounterMeter", "ESTIMATED",
+
+def instrument(on: bool = True) -> None:
+    """Measure every CompiledLM generation (``lm.last_stats.energy``): on by default when llmasos.energy is
+    imported (``import llmasos`` does), unless the environment sets LLMASOS_ENERGY=0."""
+    from ..llm import runtime
+    runtime.ENERGY_PROBE = GenerationProbe if on else None
+
+
+instrument(os.environ.get("LLMASOS_ENERGY", "1") != "0")
+
+__all__ = ["measure", "instrument", "Window", "calibrate_idle", "discover", "Meter", "CounterMeter", "ESTIMATED",
            "emissions", "grid_intensity", "countries", "cloud_regions", "Intensity", "Contract", "Embodied",
            "CarbonReport", "Ledger", "EnergyError", "LedgerError"]

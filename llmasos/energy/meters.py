@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -147,13 +148,19 @@ class CpuEstimateMeter(Meter):
         self._proc = psutil.Process() if scope == "process" else None
         self._psutil = psutil
         self.name = "cpu"
+        # a process that runs nothing uses no CPU time: its idle power is 0 W by construction (the machine's
+        # idle draw is not this process's to report); the system scope has a real idle share
+        self.idle_by_construction = (0.0, "0 W by construction: the process-scope estimate counts only this "
+                                          "process's CPU time") if scope == "process" else None
         self.method = (f"{ESTIMATED}: TDP {self.tdp.watts:g} W [{self.tdp.source}] x {scope} CPU utilisation "
                        f"(psutil, {self._n} logical CPUs)")
 
     def busy_seconds(self) -> float:
         if self._proc is not None:
+            # time.process_time: this process's CPU time (all threads) at clock_gettime resolution (psutil's
+            # cpu_times tick at 10 ms, too coarse for short windows); children from psutil
             t = self._proc.cpu_times()
-            return t.user + t.system + t.children_user + t.children_system
+            return time.process_time() + t.children_user + t.children_system
         t = self._psutil.cpu_times()
         return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 

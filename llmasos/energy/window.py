@@ -40,19 +40,25 @@ def _open_windows() -> list:
 
 def calibrate_idle(meters: Optional[list] = None, seconds: float = IDLE_CALIBRATION_S) -> dict:
     """Measure each meter's idle power (W) over ``seconds`` of sleep and cache it for this process."""
-    if seconds <= 0:
+    if not seconds > 0:
         raise EnergyError(f"idle calibration needs seconds > 0, got {seconds}")
     meters = discover().meters if meters is None else meters
+    if meters and all(getattr(m, "idle_by_construction", None) is not None for m in meters):
+        seconds = 0.0    # nothing to measure: no sleep
     t0 = time.perf_counter()
     e0 = [m.read() for m in meters]
-    time.sleep(seconds)
+    if seconds:
+        time.sleep(seconds)
     e1 = [m.read() for m in meters]
     dt = time.perf_counter() - t0
     out = {}
     with _idle_lock:
         for m, a, b in zip(meters, e0, e1):
-            w = max(0.0, (b - a) / dt)
+            w = max(0.0, (b - a) / dt) if dt > 0 else 0.0
             how = f"measured over {dt:.2f} s idle" + (f" ({ESTIMATED})" if m.estimated else "")
+            fixed = getattr(m, "idle_by_construction", None)
+            if fixed is not None:
+                w, how = fixed
             _idle_cache[m.name] = (w, how)
             out[m.name] = w
     return out
@@ -176,13 +182,16 @@ IdleSpec = Union[str, None, dict]
 class measure:
     """Context manager measuring the energy of its block; see the module docstring.
 
-    measure(label="", tokens=None, idle="auto", meters=None, sync=None)
+    measure(label="", tokens=None, idle="auto", meters=None, sync=None, nest=True)
       meters: a list of llmasos.energy.meters.Meter (default: this machine's, ``discover()``)
       sync: called before each counter read (e.g. torch.cuda.synchronize) so queued device work is counted
+      nest: False keeps the window off the thread's stack of open windows (neither a child nor a parent):
+        for windows opened and closed by library code across generator yields (CompiledLM.generate)
     """
 
     def __init__(self, label: str = "", tokens: Optional[int] = None, idle: IdleSpec = "auto",
-                 meters: Optional[list] = None, sync: Optional[Callable[[], None]] = None):
+                 meters: Optional[list] = None, sync: Optional[Callable[[], None]] = None, nest: bool = True):
+        self.nest = nest
         if tokens is not None and (not isinstance(tokens, int) or tokens < 0):
             raise EnergyError(f"tokens must be an int >= 0 or None, got {tokens!r}")
         if not (idle is None or idle in ("auto", "cached") or isinstance(idle, dict)):
@@ -224,10 +233,11 @@ class measure:
         for m in self.meters:
             watts, how = idle[m.name]
             w.devices[m.name] = DeviceEnergy(m.name, m.method, m.estimated, idle_watts=watts, idle_source=how)
-        stack = _open_windows()
-        if stack:
-            stack[-1].children.append(w)
-        stack.append(w)
+        if self.nest:
+            stack = _open_windows()
+            if stack:
+                stack[-1].children.append(w)
+            stack.append(w)
         if self.sync is not None:
             self.sync()
         w.started_at = time.time()
@@ -245,10 +255,29 @@ class measure:
         for m, a, b in zip(self.meters, self._start, end):
             d = w.devices[m.name]
             d.joules, d.seconds = b - a, w.seconds
-        stack = _open_windows()
-        if stack and stack[-1] is w:
-            stack.pop()
-        elif w in stack:
-            raise EnergyError(f"energy window {w.label!r} closed while an inner window was still open")
+        if self.nest:
+            stack = _open_windows()
+            if stack and stack[-1] is w:
+                stack.pop()
+            elif w in stack:
+                stack.remove(w)
+                w.closed = True
+                raise EnergyError(f"energy window {w.label!r} closed while an inner window was still open "
+                                  f"(close windows innermost first)")
         w.closed = True
         return None
+
+
+class GenerationProbe:
+    """The energy of one CompiledLM generation (installed into llmasos.llm.runtime by ``instrument()``):
+    a non-nesting window opened at the prefill and closed after the last token; idle from the cache only
+    (``calibrate_idle()`` first to have it subtracted, else it is reported as not measured)."""
+
+    def __init__(self, label: str):
+        self._m = measure(label, idle="cached", nest=False)
+        self._m.__enter__()
+
+    def stop(self, tokens: int) -> dict:
+        self._m.window.tokens = int(tokens)
+        self._m.__exit__(None, None, None)
+        return self._m.window.as_dict()
