@@ -218,7 +218,8 @@ def emissions(energy_j: float, region: Union[str, float, int, Intensity], *, pue
                           f"can be claimed once, for energy actually used (split it across periods)")
     market = sum(c.kwh * c.g_per_kwh for c in contracts) + (fac - covered) * inten.g_per_kwh
     est = " -- estimated energy" if estimated else ""
-    lines = [Line("energy (IT)", kwh, "kWh", energy_source, None, ("estimated" if estimated else "measured")),
+    how = "estimated" if estimated else ("measured" if energy_source.startswith("llmasos.energy") else "given")
+    lines = [Line("energy (IT)", kwh, "kWh", energy_source, None, how),
              Line("PUE", pue, "", pue_source, None),
              Line("energy (facility)", fac, "kWh", "energy x PUE", None, "estimated" if estimated else ""),
              Line("grid intensity", inten.g_per_kwh, "gCO2e/kWh", inten.source, inten.year, inten.region),

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .carbon import emissions as _emissions, grid_intensity
 from .errors import LedgerError
 
 G_PER_T = 1_000_000
@@ -46,11 +47,17 @@ CREATE TABLE IF NOT EXISTS retirements (
 CREATE TABLE IF NOT EXISTS emissions (
   id INTEGER PRIMARY KEY, period TEXT NOT NULL, grams INTEGER NOT NULL CHECK (grams >= 0), source TEXT NOT NULL,
   estimated INTEGER NOT NULL DEFAULT 0, recorded_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+  id INTEGER PRIMARY KEY, at TEXT NOT NULL, model TEXT NOT NULL, variant TEXT NOT NULL, target TEXT NOT NULL,
+  tokens INTEGER NOT NULL CHECK (tokens >= 0), seconds REAL NOT NULL CHECK (seconds > 0),
+  joules REAL NOT NULL CHECK (joules >= 0), idle_joules REAL NOT NULL, estimated INTEGER NOT NULL,
+  method TEXT NOT NULL, region TEXT NOT NULL, g_per_kwh REAL NOT NULL, intensity_source TEXT NOT NULL,
+  intensity_year INTEGER, pue REAL NOT NULL, grams REAL NOT NULL, emissions_id INTEGER REFERENCES emissions(id));
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY, at TEXT NOT NULL, action TEXT NOT NULL, payload TEXT NOT NULL,
   prev TEXT NOT NULL, hash TEXT NOT NULL);
 """
-_APPEND_ONLY = ("purchases", "retirements", "emissions", "audit")
+_APPEND_ONLY = ("purchases", "retirements", "emissions", "runs", "audit")
 
 
 def default_path() -> Path:
@@ -176,6 +183,69 @@ class Ledger:
                                            "estimated": bool(estimated)})
         return cur.lastrowid
 
+    def record_run(self, window, *, model: str, variant: str = "default", target: str = "cpu",
+                   region="USA", pue: float = 1.0, at: Optional[str] = None) -> int:
+        """Record a measured window (a closed ``measure()`` window, or its ``as_dict()``) of ``model`` /
+        ``variant`` run in ``region`` (see carbon.grid_intensity) with ``pue``; its location-based emissions
+        are added to the day's gross emissions in the same transaction. ``at``: when it ran (ISO 8601, UTC;
+        default now, or the window's start)."""
+        d = window.as_dict() if hasattr(window, "as_dict") else dict(window)
+        for k in ("joules", "seconds", "estimated"):
+            if k not in d:
+                raise LedgerError(f"record_run needs a measurement window (with {k!r}); got keys {sorted(d)}")
+        if not d["seconds"] > 0:
+            raise LedgerError(f"record_run: the window lasted {d['seconds']!r} s; a run must take time")
+        for name, v in (("model", model), ("variant", variant), ("target", target)):
+            if not isinstance(v, str) or not v.strip():
+                raise LedgerError(f"record_run: {name} must be a non-empty string, got {v!r}")
+        if at is None:
+            started = getattr(window, "started_at", None)
+            when = (_dt.datetime.fromtimestamp(started, _dt.timezone.utc) if started else
+                    _dt.datetime.now(_dt.timezone.utc))
+        else:
+            try:
+                when = _dt.datetime.fromisoformat(at)
+            except (TypeError, ValueError):
+                raise LedgerError(f"record_run: at must be an ISO 8601 time, got {at!r}") from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=_dt.timezone.utc)
+            when = when.astimezone(_dt.timezone.utc)
+        inten = grid_intensity(region)
+        rep = _emissions(float(d["joules"]), inten, pue=pue, estimated=bool(d["estimated"]))
+        stamp = when.isoformat(timespec="microseconds")
+        tokens = int(d.get("tokens") or 0)
+        method = "; ".join(sorted({v.get("method", "") for v in d.get("devices", {}).values()})) or "none"
+        with self._write("run") as con:
+            eid = con.execute("INSERT INTO emissions (period, grams, source, estimated, recorded_at) VALUES "
+                              "(?, ?, ?, ?, ?)", (stamp[:10], round(rep.location_g), f"run {model}/{variant}",
+                                                  int(bool(d["estimated"])), _now())).lastrowid
+            self._audit(con, "emissions", {"id": eid, "period": stamp[:10], "grams": round(rep.location_g),
+                                           "source": f"run {model}/{variant}", "estimated": bool(d["estimated"])})
+            cur = con.execute(
+                "INSERT INTO runs (at, model, variant, target, tokens, seconds, joules, idle_joules, estimated, "
+                "method, region, g_per_kwh, intensity_source, intensity_year, pue, grams, emissions_id) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (stamp, model, variant, target, tokens, float(d["seconds"]), float(d["joules"]),
+                 float(d.get("idle_joules") or 0.0), int(bool(d["estimated"])), method, inten.region,
+                 inten.g_per_kwh, inten.source, inten.year, float(pue), rep.location_g, eid))
+            self._audit(con, "run", {"id": cur.lastrowid, "at": stamp, "model": model, "variant": variant,
+                                     "joules": float(d["joules"]), "tokens": tokens, "grams": rep.location_g})
+        return cur.lastrowid
+
+    def runs(self, since: Optional[str] = None, until: Optional[str] = None) -> list:
+        """The recorded runs (dicts), oldest first, with ``at`` in [since, until] (ISO dates or times)."""
+        cols = ("id", "at", "model", "variant", "target", "tokens", "seconds", "joules", "idle_joules", "estimated",
+                "method", "region", "g_per_kwh", "intensity_source", "intensity_year", "pue", "grams")
+        q, args = f"SELECT {', '.join(cols)} FROM runs WHERE 1=1", []
+        if since:
+            q, args = q + " AND at >= ?", args + [since]
+        if until:
+            q, args = q + " AND at < ?", args + [until + ("~" if len(until) <= 10 else "")]
+        out = [dict(zip(cols, r)) for r in self._con.execute(q + " ORDER BY at, id", args)]
+        for r in out:
+            r["estimated"] = bool(r["estimated"])
+        return out
+
     def retire(self, registry: str, serial: str, tonnes: float, period: str, beneficiary: str = "",
                claim: Optional[str] = None, allow_over_offset: bool = False) -> int:
         """Retire ``tonnes`` of a held credit against the emissions of ``period``. ``claim``: the retirement's
@@ -245,14 +315,15 @@ class Ledger:
         """Re-check the audit hash chain and that every purchase/retirement/emission row has its audit entry;
         raises LedgerError on the first inconsistency."""
         prev = "genesis"
-        seen = {"purchase": set(), "retire": set(), "emissions": set()}
+        seen = {"purchase": set(), "retire": set(), "emissions": set(), "run": set()}
         for i, at, action, body, p, h in self._con.execute("SELECT id, at, action, payload, prev, hash FROM audit "
                                                             "ORDER BY id"):
             if p != prev or hashlib.sha256(f"{p}|{at}|{action}|{body}".encode()).hexdigest() != h:
                 raise LedgerError(f"audit log entry {i} ({action}) breaks the hash chain")
             prev = h
             seen.setdefault(action, set()).add(json.loads(body)["id"])
-        for table, action in (("purchases", "purchase"), ("retirements", "retire"), ("emissions", "emissions")):
+        for table, action in (("purchases", "purchase"), ("retirements", "retire"), ("emissions", "emissions"),
+                              ("runs", "run")):
             ids = {r[0] for r in self._con.execute(f"SELECT id FROM {table}")}
             if ids != seen[action]:
                 raise LedgerError(f"{table} rows {sorted(ids ^ seen[action])} have no matching audit entry")
