@@ -12,6 +12,7 @@ each number is measured or estimated.
 """
 import os
 
+from ..llm import runtime as _runtime
 from .carbon import CarbonReport, Contract, Embodied, Intensity, cloud_regions, countries, emissions, grid_intensity
 from .errors import EnergyError, LedgerError
 from .ledger import Ledger
@@ -22,8 +23,7 @@ from .window import GenerationProbe, Window, calibrate_idle, measure
 def instrument(on: bool = True) -> None:
     """Measure every CompiledLM generation (``lm.last_stats.energy``): on by default when llmasos.energy is
     imported (``import llmasos`` does), unless the environment sets LLMASOS_ENERGY=0."""
-    from ..llm import runtime
-    runtime.ENERGY_PROBE = GenerationProbe if on else None
+    _runtime.ENERGY_PROBE = GenerationProbe if on else None
 
 
 instrument(os.environ.get("LLMASOS_ENERGY", "1") != "0")

@@ -17,6 +17,8 @@ import sys
 from .carbon import Contract, Embodied, cloud_regions, countries, emissions
 from .errors import EnergyError
 from .ledger import Ledger
+from .power import SimulatedGPU, optimize_power_limit, real_gpu
+from .report import build_report, write_report
 
 
 def _split(spec: str, what: str, n_min: int, n_max: int) -> list:
@@ -67,7 +69,6 @@ def cmd_carbon(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report, write_report
     led = Ledger(args.db)
     try:
         doc = build_report(led, args.since, args.until, by=args.by)
@@ -101,7 +102,6 @@ def cmd_offsets(args) -> int:
 
 
 def cmd_power(args) -> int:
-    from .power import SimulatedGPU, optimize_power_limit, real_gpu
     if args.simulate:
         gpu = SimulatedGPU()
         plan = optimize_power_limit(gpu, lambda: gpu.run(args.steps), eta=args.eta, step_w=args.step,

@@ -18,6 +18,7 @@ Nothing here changes a device setting: meters only read counters.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -103,7 +104,6 @@ def cpu_tdp() -> CpuTdp:
         if w <= 0:
             raise EnergyError(f"LLMASOS_CPU_TDP_W must be > 0 W, got {w}")
         return CpuTdp(w, "LLMASOS_CPU_TDP_W")
-    import logging
     try:
         # deferred: codecarbon (optional extra); it warns through its logger when the CPU is unknown
         from codecarbon.core.cpu import DEFAULT_POWER_PER_CORE, TDP

@@ -33,6 +33,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..eval import eval_text, perplexity, token_windows
+from ..llm import compile_lm, presets
+from ..passes.manager import PassManager
+from ..zoo import load_smollm2
 from .errors import EnergyError
 from .window import measure
 
@@ -121,10 +125,8 @@ def _load(model, tokenizer):
     Hugging Face model: llmasos.llm.presets.hf_model), or a model as given."""
     if isinstance(model, str):
         if model.lower() in ("smollm2", "smollm2-135m"):
-            from ..zoo import load_smollm2
             m, tok = load_smollm2(verbose=False)
             return m, tokenizer or tok, "SmolLM2-135M-Instruct"
-        from ..llm import presets
         if model not in presets.names(decoders_only=True):
             raise EnergyError(f"plan_energy: model {model!r} is neither 'smollm2' nor a decoder preset "
                               f"({', '.join(presets.names(decoders_only=True))})")
@@ -137,9 +139,7 @@ def _perplexities(model, pipelines: dict, windows: np.ndarray, notes: list) -> d
     GraphModule, the numpy reference for quantized ops)."""
     import torch  # deferred: torch
 
-    from ..eval import perplexity
-    from ..frontends.torch_export import import_module
-    from ..passes.manager import PassManager
+    from ..frontends.torch_export import import_module  # deferred: torch (torch.export)
     t0 = time.perf_counter()
     graph = import_module(model, (torch.from_numpy(windows[:1]),), max_batch=8, max_seq=windows.shape[1],
                           name="plan").graph
@@ -161,7 +161,6 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
     """Sweep compression pipeline x batch (x CUDA graph on CUDA), measure tok/s, TTFT, TPOT, J/token and
     perplexity, and return the Pareto front and the greenest configuration meeting ``slo`` and ``accuracy``
     (module docstring). ``save``: write the chosen configuration's compiled LM there (``llmasos.load_lm``)."""
-    import llmasos  # deferred: the package root (compile_lm) imports this module
     slo, accuracy = _check_budget(slo, accuracy)
     unknown = [p for p in pipelines if p not in PIPELINES]
     if unknown or not pipelines:
@@ -179,7 +178,6 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
     if windows is None:
         if tok is None:
             raise EnergyError("plan_energy needs a tokenizer (for held-out text) or explicit token-id windows")
-        from ..eval import eval_text, token_windows
         allw = token_windows(tok, eval_text(), window=eval_window)
         windows = allw[:eval_windows]
         prompt_pool = allw[-1]
@@ -200,7 +198,7 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
         for cg in cuda_graphs:
             t0 = time.perf_counter()
             passes = f"{pipe},fuse" if pipe else "fuse"
-            lm = llmasos.compile_lm(m, target, max_seq=max_seq, max_batch=max(batches), passes=passes,
+            lm = compile_lm(m, target, max_seq=max_seq, max_batch=max(batches), passes=passes,
                                     tokenizer=tok, cuda_graph=cg)
             say(f"[plan] {pname}{'' if cg else ' (no CUDA graph)'}: compiled in {time.perf_counter() - t0:.1f} s")
             lms[(pname, cg)] = lm

@@ -113,7 +113,7 @@ def plots(doc: dict) -> dict:
     try:
         import matplotlib  # deferred: matplotlib (optional extra)
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: matplotlib
     except ImportError:
         raise EnergyError("the report's plots need matplotlib: pip install 'llmasos[energy]'") from None
     est = " (estimated)" if doc["estimated"] else ""
@@ -225,6 +225,10 @@ figure{{display:inline-block;margin:.5em}}</style></head>
 <h2>How the figures were obtained</h2><ul>{methods}</ul>
 <p>Emissions = energy x PUE x grid intensity (location-based, GHG Protocol scope 2); each row names its
 intensity source and year. See docs/energy.md.</p>
+<script>/* for checks in a headless browser: how many plots decoded */
+window.addEventListener("load", () => {{ const im = [...document.querySelectorAll("img.plot")];
+  document.body.dataset.plotsLoaded = im.filter(x => x.complete && x.naturalWidth > 0).length + "/" + im.length; }});
+</script>
 </body></html>
 """
 
