@@ -38,6 +38,7 @@ from ..llm import compile_lm, presets
 from ..passes.manager import PassManager
 from ..zoo import load_smollm2
 from .errors import EnergyError
+from .ledger import Ledger
 from .window import measure
 
 # name -> pipeline run before compile_lm's fusion ("" = none)
@@ -157,10 +158,12 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
                 cuda_graphs: Sequence[bool] = (True,), prompt_len: int = 32, new_tokens: int = 16,
                 tokenizer=None, windows: Optional[np.ndarray] = None, eval_windows: int = 2,
                 eval_window: int = 128, repeat: int = 1, save: Optional[str] = None,
-                log=None) -> PlanResult:
+                record: Optional[Ledger] = None, region: Any = "USA", pue: float = 1.0, log=None) -> PlanResult:
     """Sweep compression pipeline x batch (x CUDA graph on CUDA), measure tok/s, TTFT, TPOT, J/token and
     perplexity, and return the Pareto front and the greenest configuration meeting ``slo`` and ``accuracy``
-    (module docstring). ``save``: write the chosen configuration's compiled LM there (``llmasos.load_lm``)."""
+    (module docstring). ``save``: write the chosen configuration's compiled LM there (``llmasos.load_lm``).
+    ``record``: a Ledger to record each configuration's measured window in (model, variant = its key, grid
+    ``region`` and ``pue``), for ``llmasos report``."""
     slo, accuracy = _check_budget(slo, accuracy)
     unknown = [p for p in pipelines if p not in PIPELINES]
     if unknown or not pipelines:
@@ -227,6 +230,9 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
                        "perplexity": ppl.get(pname),
                        "ppl_increase": (ppl[pname] / base_ppl - 1) if pname in ppl and base_ppl else None}
                 rows.append(row)
+                if record is not None:
+                    record.record_run(w, model=label, variant=_key(row), target=str(getattr(target, "name", target)),
+                                      region=region, pue=pue)
                 say(f"[plan] {_key(row)}: {row['tokens_per_s']:.1f} tok/s, TPOT {row['tpot_ms']:.1f} ms, "
                     f"{row['joules_per_token']:.4g} J/token{' (estimated)' if w.estimated else ''}, "
                     f"ppl {row['perplexity']}")
