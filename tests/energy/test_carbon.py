@@ -74,3 +74,34 @@ def test_bad_input_is_explained():
         emissions(3.6e6, 100, contracts=[Contract(2.0)])
     with pytest.raises(EnergyError, match="seconds"):
         emissions(3.6e6, 100, embodied=Embodied(1, 1, "x"))
+
+
+def test_carbon_cli(capsys):
+    from llmasos.cli import main
+    assert main(["carbon", "--kwh", "2", "--region", "FRA", "--pue", "1.5", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["location_g"] == pytest.approx(3.0 * _mix("FRA")["carbon_intensity"])
+    assert all(line["source"] for line in doc["lines"])
+    assert main(["carbon", "--kwh", "1", "--region", "gcp:europe-west4"]) == 0
+    out = capsys.readouterr().out
+    assert "impact.csv" in out and "2023" in out
+    assert main(["carbon", "--kwh", "1", "--region", "FR"]) == 2
+    assert "alpha-3" in capsys.readouterr().err
+
+
+def test_offsets_and_power_cli(tmp_path, capsys):
+    from llmasos.cli import main
+    db = str(tmp_path / "o.db")
+    assert main(["offsets", "purchase", "--db", db, "--registry", "GS", "--serial", "S1", "--tonnes", "1",
+                 "--vintage", "2024"]) == 0
+    assert main(["offsets", "retire", "--db", db, "--registry", "GS", "--serial", "S1", "--tonnes", "0.5",
+                 "--period", "2026", "--allow-over-offset", "--claim", "C1"]) == 0
+    assert main(["offsets", "retire", "--db", db, "--registry", "GS", "--serial", "S1", "--tonnes", "0.1",
+                 "--period", "2026", "--allow-over-offset", "--claim", "C1"]) == 2
+    assert "double retirement" in capsys.readouterr().err
+    assert main(["offsets", "retire", "--db", db, "--registry", "GS"]) == 2
+    assert "--serial" in capsys.readouterr().err
+    assert main(["offsets", "verify", "--db", db]) == 0
+    capsys.readouterr()
+    assert main(["power", "--simulate", "--eta", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["best_w"] == 375.0
