@@ -118,7 +118,7 @@ def plots(doc: dict) -> dict:
         raise EnergyError("the report's plots need matplotlib: pip install 'llmasos[energy]'") from None
     est = " (estimated)" if doc["estimated"] else ""
     out = {}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
     pts = doc["variants"]
     if pts:
         xs = [p["tokens_per_s"] for p in pts]
@@ -137,7 +137,7 @@ def plots(doc: dict) -> dict:
     ax.grid(alpha=0.3)
     out["pareto"] = _png(fig)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
     tl = doc["timeline"]
     by = doc["by"]
     if tl:
@@ -148,7 +148,7 @@ def plots(doc: dict) -> dict:
     ax.grid(alpha=0.3, axis="y")
     out["emissions"] = _png(fig)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(5.4, 3.8))
     offs = doc["offsets"]
     if offs:
         xs = range(len(offs))
