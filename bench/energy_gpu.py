@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--target", default="cuda")
+    p.add_argument("--dtype", default="f16", choices=("f16", "f32", "bf16"), help="f32 for a CPU smoke run")
     p.add_argument("--no-compile-baseline", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--db", default=None, help="also record every figure in this energy database")
@@ -70,7 +71,7 @@ def main(argv=None):
         limit = {"error": f"{type(e).__name__}: {e}"}
     t0 = time.perf_counter()
     doc = run([a.model], a.target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt, new=a.new,
-              dtype="f16", int4_models=[a.model], int8_models=[a.model], compile_baseline=not a.no_compile_baseline,
+              dtype=a.dtype, int4_models=[a.model], int8_models=[a.model], compile_baseline=not a.no_compile_baseline,
               repeat=a.repeat, meter=meter)
     table = {}
     for row in doc["rows"]:
