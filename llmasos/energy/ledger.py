@@ -15,7 +15,8 @@ be updated or deleted (SQL triggers refuse it). Every write is one ``BEGIN IMMED
 serialise; readers see the last commit, WAL), so a writer killed mid-transaction leaves the last committed
 state; ``verify()`` re-checks the audit chain and the balances.
 
-Quantities are stored as integer grams CO2e, so sums and comparisons are exact.
+Quantities are stored as integer milligrams CO2e, so sums and comparisons are exact (and a small run's
+emissions do not round to nothing).
 """
 from __future__ import annotations
 
@@ -32,20 +33,20 @@ from typing import Callable, Optional, Union
 from .carbon import emissions as _emissions, grid_intensity
 from .errors import LedgerError
 
-G_PER_T = 1_000_000
+MG_PER_T = 1_000_000_000
 _PERIOD = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS purchases (
   id INTEGER PRIMARY KEY, registry TEXT NOT NULL, serial TEXT NOT NULL, project TEXT NOT NULL DEFAULT '',
-  grams INTEGER NOT NULL CHECK (grams > 0), vintage INTEGER NOT NULL, kind TEXT NOT NULL,
+  mg INTEGER NOT NULL CHECK (mg > 0), vintage INTEGER NOT NULL, kind TEXT NOT NULL,
   recorded_at TEXT NOT NULL, UNIQUE (registry, serial));
 CREATE TABLE IF NOT EXISTS retirements (
   id INTEGER PRIMARY KEY, purchase_id INTEGER NOT NULL REFERENCES purchases(id), claim TEXT NOT NULL UNIQUE,
-  grams INTEGER NOT NULL CHECK (grams > 0), period TEXT NOT NULL, beneficiary TEXT NOT NULL DEFAULT '',
+  mg INTEGER NOT NULL CHECK (mg > 0), period TEXT NOT NULL, beneficiary TEXT NOT NULL DEFAULT '',
   recorded_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS emissions (
-  id INTEGER PRIMARY KEY, period TEXT NOT NULL, grams INTEGER NOT NULL CHECK (grams >= 0), source TEXT NOT NULL,
+  id INTEGER PRIMARY KEY, period TEXT NOT NULL, mg INTEGER NOT NULL CHECK (mg >= 0), source TEXT NOT NULL,
   estimated INTEGER NOT NULL DEFAULT 0, recorded_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
   id INTEGER PRIMARY KEY, at TEXT NOT NULL, model TEXT NOT NULL, variant TEXT NOT NULL, target TEXT NOT NULL,
@@ -84,12 +85,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
-def _grams(tonnes, what: str) -> int:
+def _mg(tonnes, what: str) -> int:
     if isinstance(tonnes, bool) or not isinstance(tonnes, (int, float)) or not tonnes > 0 or tonnes == float("inf"):
         raise LedgerError(f"{what} must be a positive number of tonnes CO2e, got {tonnes!r}")
-    g = round(tonnes * G_PER_T)
+    g = round(tonnes * MG_PER_T)
     if g < 1:
-        raise LedgerError(f"{what} of {tonnes!r} t is below the ledger's resolution of 1 gram")
+        raise LedgerError(f"{what} of {tonnes!r} t is below the ledger's resolution of 1 milligram")
     return g
 
 
@@ -157,15 +158,15 @@ class Ledger:
                 raise LedgerError(f"purchase: {name} must be a non-empty string, got {v!r}")
         if isinstance(vintage, bool) or not isinstance(vintage, int) or not 1990 <= vintage <= 2100:
             raise LedgerError(f"purchase: vintage must be a year (int), got {vintage!r}")
-        g = _grams(tonnes, "purchase tonnes")
+        g = _mg(tonnes, "purchase tonnes")
         with self._write("purchase") as con:
             if con.execute("SELECT 1 FROM purchases WHERE registry = ? AND serial = ?", (registry, serial)).fetchone():
                 raise LedgerError(f"credit {registry} {serial} is already recorded: a serial is bought once")
-            cur = con.execute("INSERT INTO purchases (registry, serial, project, grams, vintage, kind, recorded_at) "
+            cur = con.execute("INSERT INTO purchases (registry, serial, project, mg, vintage, kind, recorded_at) "
                               "VALUES (?, ?, ?, ?, ?, ?, ?)", (registry, serial, project, g, vintage, kind, _now()))
             pid = cur.lastrowid
             self._audit(con, "purchase", {"id": pid, "registry": registry, "serial": serial, "project": project,
-                                          "grams": g, "vintage": vintage, "kind": kind})
+                                          "mg": g, "vintage": vintage, "kind": kind})
         return pid
 
     def record_emissions(self, period: str, grams: float, source: str, estimated: bool = False) -> int:
@@ -175,11 +176,11 @@ class Ledger:
             raise LedgerError(f"emissions must be a finite number of grams >= 0, got {grams!r}")
         if not isinstance(source, str) or not source.strip():
             raise LedgerError("emissions need a source (what measured them)")
-        g = round(grams)
+        g = round(grams * 1000)
         with self._write("emissions") as con:
-            cur = con.execute("INSERT INTO emissions (period, grams, source, estimated, recorded_at) VALUES "
+            cur = con.execute("INSERT INTO emissions (period, mg, source, estimated, recorded_at) VALUES "
                               "(?, ?, ?, ?, ?)", (period, g, source, int(bool(estimated)), _now()))
-            self._audit(con, "emissions", {"id": cur.lastrowid, "period": period, "grams": g, "source": source,
+            self._audit(con, "emissions", {"id": cur.lastrowid, "period": period, "mg": g, "source": source,
                                            "estimated": bool(estimated)})
         return cur.lastrowid
 
@@ -216,10 +217,10 @@ class Ledger:
         tokens = int(d.get("tokens") or 0)
         method = "; ".join(sorted({v.get("method", "") for v in d.get("devices", {}).values()})) or "none"
         with self._write("run") as con:
-            eid = con.execute("INSERT INTO emissions (period, grams, source, estimated, recorded_at) VALUES "
-                              "(?, ?, ?, ?, ?)", (stamp[:10], round(rep.location_g), f"run {model}/{variant}",
+            eid = con.execute("INSERT INTO emissions (period, mg, source, estimated, recorded_at) VALUES "
+                              "(?, ?, ?, ?, ?)", (stamp[:10], round(rep.location_g * 1000), f"run {model}/{variant}",
                                                   int(bool(d["estimated"])), _now())).lastrowid
-            self._audit(con, "emissions", {"id": eid, "period": stamp[:10], "grams": round(rep.location_g),
+            self._audit(con, "emissions", {"id": eid, "period": stamp[:10], "mg": round(rep.location_g * 1000),
                                            "source": f"run {model}/{variant}", "estimated": bool(d["estimated"])})
             cur = con.execute(
                 "INSERT INTO runs (at, model, variant, target, tokens, seconds, joules, idle_joules, estimated, "
@@ -251,36 +252,36 @@ class Ledger:
         """Retire ``tonnes`` of a held credit against the emissions of ``period``. ``claim``: the retirement's
         id (the registry's retirement serial; a fresh one when not given) -- retiring a claim twice is refused."""
         period = _period(period)
-        g = _grams(tonnes, "retired tonnes")
+        g = _mg(tonnes, "retired tonnes")
         claim = claim or f"llmasos-{uuid.uuid4()}"
         with self._write("retire") as con:
-            row = con.execute("SELECT id, grams FROM purchases WHERE registry = ? AND serial = ?",
+            row = con.execute("SELECT id, mg FROM purchases WHERE registry = ? AND serial = ?",
                               (registry, serial)).fetchone()
             if row is None:
                 raise LedgerError(f"cannot retire {registry} {serial}: no such credit was purchased")
             pid, held = row
             if con.execute("SELECT 1 FROM retirements WHERE claim = ?", (claim,)).fetchone():
                 raise LedgerError(f"double retirement refused: claim {claim!r} was already retired")
-            retired = con.execute("SELECT COALESCE(SUM(grams), 0) FROM retirements WHERE purchase_id = ?",
+            retired = con.execute("SELECT COALESCE(SUM(mg), 0) FROM retirements WHERE purchase_id = ?",
                                   (pid,)).fetchone()[0]
             if retired >= held:
                 raise LedgerError(f"double retirement refused: credit {registry} {serial} is already fully retired "
-                                  f"({held / G_PER_T:g} t)")
+                                  f"({held / MG_PER_T:g} t)")
             if retired + g > held:
-                raise LedgerError(f"cannot retire {g / G_PER_T:g} t of {registry} {serial}: only "
-                                  f"{(held - retired) / G_PER_T:g} t of its {held / G_PER_T:g} t remain unretired")
+                raise LedgerError(f"cannot retire {g / MG_PER_T:g} t of {registry} {serial}: only "
+                                  f"{(held - retired) / MG_PER_T:g} t of its {held / MG_PER_T:g} t remain unretired")
             if not allow_over_offset:
-                gross = con.execute("SELECT COALESCE(SUM(grams), 0) FROM emissions WHERE period = ?",
+                gross = con.execute("SELECT COALESCE(SUM(mg), 0) FROM emissions WHERE period = ?",
                                     (period,)).fetchone()[0]
-                done = con.execute("SELECT COALESCE(SUM(grams), 0) FROM retirements WHERE period = ?",
+                done = con.execute("SELECT COALESCE(SUM(mg), 0) FROM retirements WHERE period = ?",
                                    (period,)).fetchone()[0]
                 if done + g > gross:
-                    raise LedgerError(f"retiring {g / G_PER_T:g} t against period {period} would offset more than "
-                                      f"its {(gross - done) / G_PER_T:g} t of not-yet-offset emissions "
+                    raise LedgerError(f"retiring {g / MG_PER_T:g} t against period {period} would offset more than "
+                                      f"its {(gross - done) / MG_PER_T:g} t of not-yet-offset emissions "
                                       f"(pass allow_over_offset=True to retire anyway)")
-            cur = con.execute("INSERT INTO retirements (purchase_id, claim, grams, period, beneficiary, recorded_at) "
+            cur = con.execute("INSERT INTO retirements (purchase_id, claim, mg, period, beneficiary, recorded_at) "
                               "VALUES (?, ?, ?, ?, ?, ?)", (pid, claim, g, period, beneficiary, _now()))
-            self._audit(con, "retire", {"id": cur.lastrowid, "purchase_id": pid, "claim": claim, "grams": g,
+            self._audit(con, "retire", {"id": cur.lastrowid, "purchase_id": pid, "claim": claim, "mg": g,
                                         "period": period, "beneficiary": beneficiary})
         return cur.lastrowid
 
@@ -288,22 +289,22 @@ class Ledger:
     def holdings(self) -> list:
         """[{registry, serial, vintage, kind, tonnes, retired_t, held_t}] per credit."""
         rows = self._con.execute(
-            "SELECT p.registry, p.serial, p.vintage, p.kind, p.grams, COALESCE(SUM(r.grams), 0) FROM purchases p "
+            "SELECT p.registry, p.serial, p.vintage, p.kind, p.mg, COALESCE(SUM(r.mg), 0) FROM purchases p "
             "LEFT JOIN retirements r ON r.purchase_id = p.id GROUP BY p.id ORDER BY p.id").fetchall()
-        return [{"registry": a, "serial": b, "vintage": v, "kind": k, "tonnes": g / G_PER_T,
-                 "retired_t": r / G_PER_T, "held_t": (g - r) / G_PER_T} for a, b, v, k, g, r in rows]
+        return [{"registry": a, "serial": b, "vintage": v, "kind": k, "tonnes": g / MG_PER_T,
+                 "retired_t": r / MG_PER_T, "held_t": (g - r) / MG_PER_T} for a, b, v, k, g, r in rows]
 
     def summary(self, since: Optional[str] = None, until: Optional[str] = None) -> list:
         """Per period (sorted): gross emissions, offsets retired against it, net (all tonnes CO2e)."""
-        gross = dict(self._con.execute("SELECT period, SUM(grams) FROM emissions GROUP BY period").fetchall())
+        gross = dict(self._con.execute("SELECT period, SUM(mg) FROM emissions GROUP BY period").fetchall())
         est = {p for (p,) in self._con.execute("SELECT DISTINCT period FROM emissions WHERE estimated = 1")}
-        off = dict(self._con.execute("SELECT period, SUM(grams) FROM retirements GROUP BY period").fetchall())
+        off = dict(self._con.execute("SELECT period, SUM(mg) FROM retirements GROUP BY period").fetchall())
         out = []
         for p in sorted(set(gross) | set(off)):
             if (since and p < since) or (until and p > until):
                 continue
             g, o = gross.get(p, 0), off.get(p, 0)
-            out.append({"period": p, "gross_t": g / G_PER_T, "offset_t": o / G_PER_T, "net_t": (g - o) / G_PER_T,
+            out.append({"period": p, "gross_t": g / MG_PER_T, "offset_t": o / MG_PER_T, "net_t": (g - o) / MG_PER_T,
                         "estimated": p in est})
         return out
 

@@ -65,7 +65,7 @@ def test_refusals(led):
 
 def test_append_only(led):
     led.purchase("GS", "A", tonnes=1.0, vintage=2021, kind="removal")
-    for sql in ("UPDATE purchases SET grams = 5", "DELETE FROM purchases", "DELETE FROM audit",
+    for sql in ("UPDATE purchases SET mg = 5", "DELETE FROM purchases", "DELETE FROM audit",
                 "UPDATE audit SET action = 'x'"):
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             led._con.execute(sql)
@@ -143,3 +143,15 @@ def test_a_killed_writer_leaves_the_ledger_consistent(tmp_path):
     assert led.holdings()[0]["retired_t"] == 0.5
     led.verify()
     led.close()
+
+
+def test_small_runs_do_not_round_to_nothing(led):
+    # emissions are booked in integer milligrams: sub-gram runs count (integer grams would book 0 g)
+    for _ in range(3):
+        led.record_emissions("2026-12-07", grams=0.0004, source="tiny run")
+    assert led.summary()[0]["gross_t"] == pytest.approx(0.0, abs=1e-12)   # 0.4 mg rounds to 0 mg ...
+    for _ in range(5):
+        led.record_emissions("2026-12-08", grams=0.0016, source="small run")
+    assert led.summary()[1]["gross_t"] == pytest.approx(5 * 2e-9)          # ... 1.6 mg books 2 mg each
+    led.record_emissions("2026-12-09", grams=1.234, source="run")
+    assert led.summary()[2]["gross_t"] == pytest.approx(1.234e-6)
