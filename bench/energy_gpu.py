@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-VARIANTS = {"torch_eager": "torch eager fp16", "torch_compile": "torch.compile reduce-overhead fp16",
-            "llmasos": "llmasos fp16", "llmasos_int8": "llmasos int8 (quantize{bits=8})",
-            "llmasos_int4_g128": "llmasos int4-g128 (quantize{bits=4,group=128})"}
+VARIANTS = {"torch_eager": "torch eager {dtype}", "torch_compile": "torch.compile reduce-overhead {dtype}",
+            "llmasos": "llmasos {dtype}", "llmasos_int8": "llmasos int8 (quantize{{bits=8}})",
+            "llmasos_int4_g128": "llmasos int4-g128 (quantize{{bits=4,group=128}})"}
 
 
 def main(argv=None):
@@ -76,6 +76,7 @@ def main(argv=None):
     table = {}
     for row in doc["rows"]:
         for key, what in VARIANTS.items():
+            what = what.format(dtype=a.dtype)
             if f"{key}_j_per_token" in row:
                 tok_s = row.get(f"{key}_tok_s")
                 table.setdefault(what, {})[row["batch"]] = {
@@ -98,7 +99,8 @@ def main(argv=None):
                     tokens = b * a.new * a.repeat
                     joules = r["j_per_token"] * tokens
                     led.record_run({"joules": joules, "seconds": tokens / r["decode_tok_s"], "tokens": tokens,
-                                    "estimated": bool(r["estimated"]), "idle_joules": 0.0},
+                                    "estimated": bool(r["estimated"]), "idle_joules": 0.0,
+                                    "devices": {m.name: {"method": m.method} for m in disc.meters}},
                                    model=a.model, variant=f"{what} b{b}", target=a.target, region=a.region,
                                    pue=a.pue)
         led.close()

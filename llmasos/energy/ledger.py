@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS runs (
   tokens INTEGER NOT NULL CHECK (tokens >= 0), seconds REAL NOT NULL CHECK (seconds > 0),
   joules REAL NOT NULL CHECK (joules >= 0), idle_joules REAL NOT NULL, estimated INTEGER NOT NULL,
   method TEXT NOT NULL, region TEXT NOT NULL, g_per_kwh REAL NOT NULL, intensity_source TEXT NOT NULL,
-  intensity_year INTEGER, pue REAL NOT NULL, grams REAL NOT NULL, emissions_id INTEGER REFERENCES emissions(id));
+  intensity_year INTEGER, pue REAL NOT NULL, grams REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY, at TEXT NOT NULL, action TEXT NOT NULL, payload TEXT NOT NULL,
   prev TEXT NOT NULL, hash TEXT NOT NULL);
@@ -188,7 +188,8 @@ class Ledger:
                    region="USA", pue: float = 1.0, at: Optional[str] = None) -> int:
         """Record a measured window (a closed ``measure()`` window, or its ``as_dict()``) of ``model`` /
         ``variant`` run in ``region`` (see carbon.grid_intensity) with ``pue``; its location-based emissions
-        are added to the day's gross emissions in the same transaction. ``at``: when it ran (ISO 8601, UTC;
+        count towards the gross emissions of its UTC day (summed per day, then rounded to the milligram, so
+        sub-milligram runs add up). ``at``: when it ran (ISO 8601, UTC;
         default now, or the window's start)."""
         d = window.as_dict() if hasattr(window, "as_dict") else dict(window)
         for k in ("joules", "seconds", "estimated"):
@@ -217,18 +218,13 @@ class Ledger:
         tokens = int(d.get("tokens") or 0)
         method = "; ".join(sorted({v.get("method", "") for v in d.get("devices", {}).values()})) or "none"
         with self._write("run") as con:
-            eid = con.execute("INSERT INTO emissions (period, mg, source, estimated, recorded_at) VALUES "
-                              "(?, ?, ?, ?, ?)", (stamp[:10], round(rep.location_g * 1000), f"run {model}/{variant}",
-                                                  int(bool(d["estimated"])), _now())).lastrowid
-            self._audit(con, "emissions", {"id": eid, "period": stamp[:10], "mg": round(rep.location_g * 1000),
-                                           "source": f"run {model}/{variant}", "estimated": bool(d["estimated"])})
             cur = con.execute(
                 "INSERT INTO runs (at, model, variant, target, tokens, seconds, joules, idle_joules, estimated, "
-                "method, region, g_per_kwh, intensity_source, intensity_year, pue, grams, emissions_id) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "method, region, g_per_kwh, intensity_source, intensity_year, pue, grams) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (stamp, model, variant, target, tokens, float(d["seconds"]), float(d["joules"]),
                  float(d.get("idle_joules") or 0.0), int(bool(d["estimated"])), method, inten.region,
-                 inten.g_per_kwh, inten.source, inten.year, float(pue), rep.location_g, eid))
+                 inten.g_per_kwh, inten.source, inten.year, float(pue), rep.location_g))
             self._audit(con, "run", {"id": cur.lastrowid, "at": stamp, "model": model, "variant": variant,
                                      "joules": float(d["joules"]), "tokens": tokens, "grams": rep.location_g})
         return cur.lastrowid
@@ -246,6 +242,14 @@ class Ledger:
         for r in out:
             r["estimated"] = bool(r["estimated"])
         return out
+
+    @staticmethod
+    def _gross_mg(con, period: str) -> int:
+        """A period's gross emissions (mg): emissions recorded for it, plus the runs of that UTC day."""
+        rec = con.execute("SELECT COALESCE(SUM(mg), 0) FROM emissions WHERE period = ?", (period,)).fetchone()[0]
+        runs = con.execute("SELECT COALESCE(SUM(grams), 0.0) FROM runs WHERE substr(at, 1, 10) = ?",
+                           (period,)).fetchone()[0]
+        return rec + round(runs * 1000)
 
     def retire(self, registry: str, serial: str, tonnes: float, period: str, beneficiary: str = "",
                claim: Optional[str] = None, allow_over_offset: bool = False) -> int:
@@ -271,8 +275,7 @@ class Ledger:
                 raise LedgerError(f"cannot retire {g / MG_PER_T:g} t of {registry} {serial}: only "
                                   f"{(held - retired) / MG_PER_T:g} t of its {held / MG_PER_T:g} t remain unretired")
             if not allow_over_offset:
-                gross = con.execute("SELECT COALESCE(SUM(mg), 0) FROM emissions WHERE period = ?",
-                                    (period,)).fetchone()[0]
+                gross = self._gross_mg(con, period)
                 done = con.execute("SELECT COALESCE(SUM(mg), 0) FROM retirements WHERE period = ?",
                                    (period,)).fetchone()[0]
                 if done + g > gross:
@@ -297,7 +300,10 @@ class Ledger:
     def summary(self, since: Optional[str] = None, until: Optional[str] = None) -> list:
         """Per period (sorted): gross emissions, offsets retired against it, net (all tonnes CO2e)."""
         gross = dict(self._con.execute("SELECT period, SUM(mg) FROM emissions GROUP BY period").fetchall())
+        for day, g in self._con.execute("SELECT substr(at, 1, 10), SUM(grams) FROM runs GROUP BY substr(at, 1, 10)"):
+            gross[day] = gross.get(day, 0) + round(g * 1000)
         est = {p for (p,) in self._con.execute("SELECT DISTINCT period FROM emissions WHERE estimated = 1")}
+        est |= {p for (p,) in self._con.execute("SELECT DISTINCT substr(at, 1, 10) FROM runs WHERE estimated = 1")}
         off = dict(self._con.execute("SELECT period, SUM(mg) FROM retirements GROUP BY period").fetchall())
         out = []
         for p in sorted(set(gross) | set(off)):

@@ -131,6 +131,11 @@ def plots(doc: dict) -> dict:
             ax.annotate(f"{p['model']}/{p['variant']}", (p["tokens_per_s"], p["joules_per_token"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.legend()
+        # figures spanning orders of magnitude (several models) read better on log axes
+        if max(xs) > 20 * min(xs) > 0:
+            ax.set_xscale("log")
+        if max(ys) > 20 * min(ys) > 0:
+            ax.set_yscale("log")
     ax.set_xlabel("throughput (tokens/s)")
     ax.set_ylabel(f"energy per token (J){est}")
     ax.set_title("Throughput vs J/token")

@@ -155,3 +155,19 @@ def test_small_runs_do_not_round_to_nothing(led):
     assert led.summary()[1]["gross_t"] == pytest.approx(5 * 2e-9)          # ... 1.6 mg books 2 mg each
     led.record_emissions("2026-12-09", grams=1.234, source="run")
     assert led.summary()[2]["gross_t"] == pytest.approx(1.234e-6)
+
+
+def test_runs_count_towards_their_day(led):
+    # 5 runs of 0.4 mg on one day: each alone would round to 0 mg, together they book 2 mg
+    for i in range(5):
+        led.record_run({"joules": 0.4e-3 / 500 * 3.6e6, "seconds": 1.0, "tokens": 10, "estimated": True},
+                       model="m", variant="v", region=500, at=f"2026-12-07T10:0{i}:00")
+    s = led.summary()
+    assert s == [{"period": "2026-12-07", "gross_t": pytest.approx(2e-9), "offset_t": 0.0,
+                  "net_t": pytest.approx(2e-9), "estimated": True}]
+    assert sum(r["grams"] for r in led.runs()) == pytest.approx(2e-3)
+    led.purchase("GS", "R", tonnes=1e-6, vintage=2024, kind="removal")
+    led.retire("GS", "R", tonnes=2e-9, period="2026-12-07")                 # exactly the day's gross
+    with pytest.raises(LedgerError, match="offset more than"):
+        led.retire("GS", "R", tonnes=1e-9, period="2026-12-07")
+    led.verify()
