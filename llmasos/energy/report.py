@@ -206,7 +206,7 @@ def to_html(doc: dict, images: dict) -> str:
 <html><head><meta charset="utf-8"><title>LLMasOS sustainability report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}}td.src{{font-size:10px;color:#555}}.est{{background:#fff3cd;padding:.5em}}
-figure{{display:inline-block;margin:.5em}}</style></head>
+figure{{display:inline-block;margin:.5em;width:47%}}img.plot{{width:100%}}</style></head>
 <body>
 <h1>LLMasOS sustainability report</h1>
 <p>Period: {_fmt(doc['since'] or 'all')} to {_fmt(doc['until'] or 'now')}; {doc['runs']} recorded runs; database
