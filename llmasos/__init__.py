@@ -19,4 +19,5 @@ from . import energy  # noqa: E402,F401
 from .energy.planner import plan_energy  # noqa: E402,F401
 
 __all__ = ["compile", "load", "CompiledModel", "CompiledProgram", "InputError", "ArtifactError", "distill",
-           "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "energy", "plan_energy", "__version__"]
+           "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "energy", "plan_energy",
+           "__version__"]
