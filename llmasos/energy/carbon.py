@@ -105,7 +105,8 @@ def grid_intensity(region: Union[str, float, int], *, source: Optional[str] = No
                           f"{len(mix)} countries by ISO 3166-1 alpha-3 code")
     row = mix[code]
     return Intensity(float(row["carbon_intensity"]), code,
-                     f"codecarbon {version} data/private_infra/global_energy_mix.json ({row.get('country_name', code)})",
+                     f"codecarbon {version} data/private_infra/global_energy_mix.json "
+                     f"({row.get('country_name', code)})",
                      row.get("year"))
 
 

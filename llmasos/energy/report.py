@@ -220,7 +220,8 @@ figure{{display:inline-block;margin:.5em;width:47%}}img.plot{{width:100%}}</styl
 {imgs}
 <h2>Energy and emissions per model / variant / {by}</h2>
 <table><tr><th>model</th><th>variant</th><th>{by}</th><th>runs</th><th>tokens</th><th>J</th><th>kWh</th>
-<th>gCO2e</th><th>J/token</th><th>gCO2e/1k tokens</th><th>tokens/s</th><th>energy</th><th>grid intensity source</th></tr>
+<th>gCO2e</th><th>J/token</th><th>gCO2e/1k tokens</th><th>tokens/s</th><th>energy</th>
+<th>grid intensity source</th></tr>
 {rows}</table>
 <h2>Offsets vs emissions (ledger)</h2>
 <table><tr><th>period</th><th>gross gCO2e</th><th>offset gCO2e</th><th>net gCO2e</th><th></th></tr>{offs}</table>
