@@ -45,7 +45,7 @@ def test_bad_requests_are_refused_before_any_work():
 def test_planner_on_a_tiny_model(tmp_path):
     w = np.random.default_rng(0).integers(0, 128, (2, 32))
     res = llmasos.plan_energy("llama-tiny", "cpu", slo={"tpot_ms": 5000}, accuracy={"max_ppl_increase": 0.05},
-                              windows=w, pipelines=["f32", "int8"], batches=[1, 2], prompt_len=8, new_tokens=8,
+                              windows=w, pipelines=["f32", "int8"], batches=[1, 4], prompt_len=8, new_tokens=8,
                               save=str(tmp_path / "green.llmasos"), record=llmasos.energy.Ledger(tmp_path / "e.db"))
     assert len(res.rows) == 4 and res.pareto and res.choice is not None and res.choice["misses"] == []
     assert res.choice["joules_per_token"] == min(r["joules_per_token"] for r in res.rows if not r["misses"])
