@@ -117,3 +117,28 @@ def test_llmasos_energy_is_the_public_entry():
     with llmasos.energy.measure("default meters", idle=None) as w:
         sum(range(10_000))
     assert w.closed and w.joules >= 0 and w.devices          # this machine: at least the CPU estimate
+
+
+def test_zeus_meters_convert_millijoules():
+    # zeus's device objects report cumulative millijoules; the meters give joules (fakes with zeus's method names)
+    from types import SimpleNamespace
+
+    from llmasos.energy.meters import ZeusCPUMeter, ZeusGPUMeter
+
+    class GPUs:
+        mj = 1_000_000
+
+        def get_total_energy_consumption(self, i):
+            return self.mj
+
+    class CPUs:
+        def get_total_energy_consumption(self, i):
+            return SimpleNamespace(cpu_mj=2500.0, dram_mj=500.0)
+
+    g = GPUs()
+    gpu = ZeusGPUMeter(g, 0)
+    with measure("g", meters=[gpu, ZeusCPUMeter(CPUs(), 0), ZeusCPUMeter(CPUs(), 0, dram=True)], idle=None) as w:
+        g.mj += 123_456
+    assert w.devices["gpu0"].joules == pytest.approx(123.456) and not w.estimated
+    assert ZeusCPUMeter(CPUs(), 0).read() == 2.5 and ZeusCPUMeter(CPUs(), 0, dram=True).read() == 0.5
+    assert gpu.method.startswith("measured: NVML") and "[estimated]" not in str(w)
