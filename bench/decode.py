@@ -3,7 +3,10 @@ torch.compile(mode="reduce-overhead") on the same static-KV-cache model, plus th
 
     python bench/decode.py [--target cuda] [--models gpt2-124m,llama-1b] [--batch 1,8,32] [--prompt 128]
                            [--new 128] [--dtype f16] [--int4 llama-1b] [--tune 64] [--no-compile-baseline] [--out FILE]
-                           [--target-option KEY=VALUE ...]
+                           [--target-option KEY=VALUE ...] [--energy]
+
+--energy: J/token beside tokens/s for every variant (llmasos.energy windows: NVML on GPUs, RAPL or the labelled
+CPU estimate on CPUs; idle power measured first and reported).
 
 What each figure means: llmasos/llm/bench.py. One JSON document on stdout; progress on stderr.
 """
@@ -32,10 +35,16 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the JSON here, after every model")
     p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a target option (Target.extra), e.g. small_m_gemm=off, for A/B runs; repeatable")
+    p.add_argument("--energy", action="store_true", help="also measure J/token (llmasos.energy)")
     a = p.parse_args(argv)
     import dataclasses
 
     from llmasos.backends.tvm import resolve_target
+    meter = None
+    if a.energy:
+        import llmasos.energy
+        llmasos.energy.calibrate_idle(seconds=2.0)
+        meter = lambda label: llmasos.energy.measure(label, idle="cached", sync=_sync)  # noqa: E731
     from llmasos.llm.bench import run
     target = resolve_target(a.target)
     if a.target_option:
@@ -45,8 +54,15 @@ def main(argv=None):
         target = dataclasses.replace(target, extra={**target.extra, **dict(o.split("=", 1) for o in a.target_option)})
     doc = run(a.models.split(","), target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt,
               new=a.new, dtype=a.dtype, int4_models=[m for m in a.int4.split(",") if m], passes=a.passes,
-              compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out, tune_trials=a.tune)
+              compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out, tune_trials=a.tune,
+              meter=meter)
     print(json.dumps(doc, indent=1))
+
+
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

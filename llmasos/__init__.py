@@ -14,6 +14,10 @@ from .artifact import ArtifactError  # noqa: E402,F401
 from .driver import CompiledProgram  # noqa: E402,F401
 from .distill import distill  # noqa: E402,F401
 from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm, tune_lm  # noqa: E402,F401
+# energy: measurement windows (llmasos.energy.measure), carbon, offsets; instruments CompiledLM.generate's stats
+from . import energy  # noqa: E402,F401
+from .energy.planner import plan_energy  # noqa: E402,F401
 
 __all__ = ["compile", "load", "CompiledModel", "CompiledProgram", "InputError", "ArtifactError", "distill",
-           "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "__version__"]
+           "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "energy", "plan_energy",
+           "__version__"]

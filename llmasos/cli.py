@@ -8,6 +8,10 @@
     llmasos tune MODEL --db DIR [--target cpu]       MetaSchedule-tune an LM's kernels; generate/demo --tuning-db DIR
     llmasos opt [FILE|-] -p PIPELINE [-o OUT]        run a pass pipeline over IR text (see llmasos/opt.py)
     llmasos ops [--missing] [--json]                 which layers (frontend, reference, lowerings, torch) know each op
+    llmasos carbon --kwh 1.5 --region FRA             emissions (location/market-based, PUE, embodied), sourced
+    llmasos report --since DATE -o report.html        sustainability report (+ .json, .csv) from the energy database
+    llmasos offsets purchase|retire|summary|verify   the carbon-offset ledger (SQLite)
+    llmasos power [--simulate] [--dry-run]            Zeus-style power-limit optimizer (real GPUs read-only)
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import llmasos
 
 from .llm import presets
 from .artifact import kind_of
+from .energy.cli import add_parsers as add_energy_parsers
 from .llm import Sampling
 from .llm.bench import run as run_bench
 from .opt import add_parser as add_opt_parser
@@ -312,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="JSON: one object per op")
     p.add_argument("--target", action="append", help="TVM target(s) to ask about (default: every registered one)")
     p.set_defaults(fn=cmd_ops)
+    add_energy_parsers(sub)  # carbon, report, offsets, power (llmasos/energy/cli.py)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -9,6 +9,9 @@ random weights, seed 0) and batch size:
   * roofline: decode tokens/s if every step read the weights exactly once at the measured copy bandwidth:
     batch * bandwidth / weight bytes (a gathered embedding table counts only when it is also the output head).
 Decode tokens/s = batch * (new - 1) / time of the decode steps (the prefill is timed separately).
+Energy (when ``run(..., meter=llmasos.energy.measure)``; bench/decode.py --energy, bench/energy_gpu.py): the
+torch baselines' timed generations run inside one window each (J/token = joules / tokens generated, prefill
+included); ours read ``lm.last_stats.energy`` (the same window per generation, set by llmasos.energy).
 Greedy agreement: per row, the length of the common prefix of our tokens and torch eager's (fp16 sums in
 different orders diverge eventually; fp32 must agree), and max |logits diff| after the prefill.
 """
@@ -85,8 +88,29 @@ def _median(xs):
     return sorted(xs)[len(xs) // 2]
 
 
+def _timed(meter, label: str, tokens: int, fn):
+    """fn() inside meter(label) (an energy window factory) when given: (result, window dict or None)."""
+    if meter is None:
+        return fn(), None
+    with meter(label) as w:
+        out = fn()
+    w.tokens = tokens
+    return out, w.as_dict()
+
+
+def _energy_cols(row: dict, key: str, windows: list) -> None:
+    ws = [w for w in windows if w and "error" not in w and w.get("tokens")]
+    if ws:
+        jpt = _median([w["joules"] / w["tokens"] for w in ws])
+        row[f"{key}_j_per_token"] = jpt
+        row[f"{key}_active_j_per_token"] = _median([w["active_joules"] / w["tokens"] for w in ws])
+        row[f"{key}_avg_w"] = _median([w["watts"] for w in ws])
+        row[f"{key}_energy_estimated"] = any(w["estimated"] for w in ws)
+
+
 def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype="f16", int4=False,
-              passes="fuse", compile_baseline=True, repeat=3, bandwidth=None, tune_trials=0) -> list:
+              passes="fuse", compile_baseline=True, repeat=3, bandwidth=None, tune_trials=0, int8=False,
+              meter=None) -> list:
     """One JSON-able row per batch size for preset ``name`` (see the module docstring). tune_trials > 0 adds
     a ``llmasos_tuned`` variant: tune_lm with that many MetaSchedule trials per kernel (same options, a
     temporary database), then compile_lm with the database."""
@@ -114,7 +138,9 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
         # -- torch eager
         tmodel.setup_caches(B, max_seq, tdtype, device)
         torch_generate(tmodel, prompt, 4)
-        ts = [torch_generate(tmodel, prompt, new) for _ in range(repeat)]
+        ts, w = _timed(meter, "torch_eager", repeat * B * new,
+                       lambda: [torch_generate(tmodel, prompt, new) for _ in range(repeat)])
+        _energy_cols(row, "torch_eager", [w])
         ref_tokens, ref_logits0 = ts[0][0], ts[0][1]
         row["torch_eager_tok_s"] = B * (new - 1) / _median([t[3] for t in ts])
         log(f"[decode] {name} b{B} torch eager {row['torch_eager_tok_s']:.1f} tok/s")
@@ -126,7 +152,9 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                 torch_generate(tmodel, prompt, 4, step)
                 torch_generate(tmodel, prompt, 4, step)
                 row["torch_compile_warmup_s"] = time.perf_counter() - t0
-                ts = [torch_generate(tmodel, prompt, new, step) for _ in range(repeat)]
+                ts, w = _timed(meter, "torch_compile", repeat * B * new,
+                               lambda: [torch_generate(tmodel, prompt, new, step) for _ in range(repeat)])
+                _energy_cols(row, "torch_compile", [w])
                 row["torch_compile_tok_s"] = B * (new - 1) / _median([t[3] for t in ts])
                 log(f"[decode] {name} b{B} torch.compile {row['torch_compile_tok_s']:.1f} tok/s")
             except Exception as e:  # noqa: BLE001 -- a baseline failing is reported, not fatal
@@ -136,6 +164,8 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
         variants = [("llmasos", passes, False)]
         if tune_trials > 0:
             variants.append(("llmasos_tuned", passes, True))
+        if int8:
+            variants.append(("llmasos_int8", "quantize{bits=8}," + passes, False))
         if int4:
             variants.append(("llmasos_int4_g128", "quantize{bits=4,group=128}," + passes, False))
         for key, pipe, tuned in variants:
@@ -165,6 +195,7 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                     res.append((toks, lm.last_stats))
                 row[f"{key}_tok_s"] = _median([st.decode_tokens_per_s for _, st in res])
                 row[f"{key}_prefill_s"] = _median([st.prefill_s for _, st in res])
+                _energy_cols(row, key, [st.energy for _, st in res])
                 ours = torch.tensor(res[0][0], device=ref_tokens.device)
                 row[f"{key}_greedy_prefix_agree"] = (ours == ref_tokens).int().cumprod(1).sum(1).tolist()
                 row[f"{key}_percent_roofline"] = 100 * row[f"{key}_tok_s"] / row["roofline_tok_s"]
@@ -192,8 +223,9 @@ def run(models, target="cuda", **kw) -> dict:
     log(f"[decode] copy bandwidth {bw / 1e9:.0f} GB/s")
     out = kw.pop("out", None)
     int4 = set(kw.pop("int4_models", ()))
+    int8 = set(kw.pop("int8_models", ()))
     for name in models:
-        doc["rows"] += run_model(name, spec, int4=name in int4, bandwidth=bw, **kw)
+        doc["rows"] += run_model(name, spec, int4=name in int4, int8=name in int8, bandwidth=bw, **kw)
         if out:
             with open(out, "w") as f:
                 json.dump(doc, f, indent=1)

@@ -21,7 +21,7 @@ rejected or failed request cannot leave state that changes the next one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -36,6 +36,11 @@ PREFILL, DECODE = "prefill", "decode"
 N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
 N_FIXED_INPUTS_PAGED = 4    # ids, pos, last, block_table; the pools follow
 
+# Energy of each generation, in its stats: llmasos.energy.instrument() sets this to a factory
+# label -> probe (started at the prefill) whose stop(tokens) returns the window's dict (energy imports llm,
+# never the reverse). None: generations are not measured.
+ENERGY_PROBE: Optional[Callable[[str], Any]] = None
+
 
 @dataclass
 class GenerationStats:
@@ -45,6 +50,23 @@ class GenerationStats:
     steps: int = 0               # decode steps run
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    energy: Optional[dict] = None   # llmasos.energy window of prefill + decode (J, W, J/token, per device)
+    _probe: Any = field(default=None, repr=False, compare=False)
+
+    def _energy_start(self, label: str) -> None:
+        if ENERGY_PROBE is not None:
+            try:
+                self._probe = ENERGY_PROBE(label)
+            except Exception as e:  # noqa: BLE001 -- a meter failing must not fail the generation; said here
+                self.energy = {"error": f"{type(e).__name__}: {e}"}
+
+    def _energy_stop(self) -> None:
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            try:
+                self.energy = probe.stop(self.new_tokens)
+            except Exception as e:  # noqa: BLE001 -- as above
+                self.energy = {"error": f"{type(e).__name__}: {e}"}
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -52,9 +74,12 @@ class GenerationStats:
         return self.batch * self.steps / self.decode_s if self.decode_s > 0 else float("nan")
 
     def as_dict(self) -> dict:
-        return {"batch": self.batch, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                "decode_steps": self.steps, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "decode_tokens_per_s": self.decode_tokens_per_s}
+        d = {"batch": self.batch, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+             "decode_steps": self.steps, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+             "decode_tokens_per_s": self.decode_tokens_per_s}
+        if self.energy is not None:
+            d["energy"] = self.energy
+        return d
 
 
 @dataclass
@@ -295,6 +320,7 @@ class CompiledLM(ProgramView):
         self.last_stats = stats
         device = self.executable.spec.torch_device
         gen = make_generator(sampling, device)
+        stats._energy_start("generate")
         t0 = time.perf_counter()
         logits, lens = self.prefill(prompts, buf)
         tok = sample(torch.from_dlpack(logits), sampling, gen)
@@ -323,6 +349,7 @@ class CompiledLM(ProgramView):
         host = torch.stack(toks, 1).tolist()
         stats.decode_s = time.perf_counter() - t0
         stats.new_tokens = n * max_new_tokens
+        stats._energy_stop()
         for step in range(max_new_tokens):
             for r in range(n):
                 yield r, int(host[r][step])
@@ -351,6 +378,7 @@ class CompiledLM(ProgramView):
             pos = pos + 1
             host = sample(torch.from_dlpack(logits), sampling, gen).tolist()
         stats.decode_s = time.perf_counter() - t0
+        stats._energy_stop()
 
 
     def __repr__(self) -> str:

@@ -182,3 +182,21 @@ def test_cli_generate_compiles_saves_and_reloads(tmp_path, capsys):
     assert capsys.readouterr().out.split() == first and len(first) == 5
     assert main(["generate", str(art), "--ids", "1,2,999", "-n", "5"]) == 2
     assert "token id 999 is outside the vocabulary [0, 128)" in capsys.readouterr().err
+
+
+def test_generation_stats_carry_energy(lm):
+    # llmasos.energy instruments every generation (llm.runtime.ENERGY_PROBE): a window from the prefill to the
+    # last token, inside any window the caller opens
+    from llmasos.energy import measure
+    with measure("outer", idle=None) as outer:
+        lm.generate([_prompt(5, 1), _prompt(3, 2)], 6)
+    e = lm.last_stats.energy
+    assert e is not None and "error" not in e, e
+    assert e["tokens"] == lm.last_stats.new_tokens == 12
+    assert e["joules_per_token"] == pytest.approx(e["joules"] / 12)
+    assert 0 <= e["joules"] <= outer.joules + 1e-9 and e["seconds"] <= outer.seconds
+    assert e["estimated"] == outer.estimated and set(e["devices"]) == set(outer.devices)
+    assert lm.last_stats.as_dict()["energy"] is e
+    # a stop token ends the run early: the window still closes, over the tokens actually made
+    lm.generate(_prompt(4, 3), 5, stop=[int(t) for t in range(128)])
+    assert lm.last_stats.energy["tokens"] == lm.last_stats.new_tokens == 1
