@@ -30,6 +30,14 @@ CHUNK = 32         # K per lane step: two m16n8k16 steps
 UNROLL = 4         # K chunks unrolled per warp, for loads in flight
 
 
+def sm_version(arch: str) -> int:
+    """The compute capability of a CUDA ``arch`` string as an integer: "sm_90a" -> 90, "sm_80" -> 80; -1 when
+    it names none. (DLight's own check reads "sm_90a" as -1 -- "90a" is not all digits -- so on Hopper its
+    Matmul rule never tried tensor cores and every prefill GEMM ran on the CUDA cores.)"""
+    digits = str(arch).replace("sm_", "").rstrip("abcdefghijklmnopqrstuvwxyz")
+    return int(digits) if digits.isdigit() else -1
+
+
 def small_m_warps(n: int) -> int:
     """Warps per block (the K split): more when N gives few blocks, to keep enough loads in flight."""
     return 8 if n <= 4096 else 4

@@ -16,11 +16,13 @@ a symbolic batch stays with DLight's LowBatchGEMV.
 from __future__ import annotations
 
 from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import is_gemv, normalize, normalize_prim_func
+from tvm.s_tir.dlight.analysis import get_root_block, is_gemv, normalize, normalize_prim_func
 from tvm.s_tir.dlight.base import get_bytes, get_extent, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
+from tvm.s_tir.dlight.gpu.matmul import (MatmulTensorization, get_in_out_dtypes, get_index_map,
+                                         get_reduction_blocks)
 
-from .targets import sm_version
+from .cuda_gemm import sm_version
 
 LANES = 32        # a warp's lanes along K (times the warps K is split over)
 LOAD_BYTES = 16   # weight bytes per lane and step: one 128-bit load
@@ -198,11 +200,7 @@ class TensorCoreMatmul(GPUScheduleRule):
     MIN_EXTENT = 64
 
     def apply(self, func, target, tunable):
-        # deferred: DLight's matmul helpers are internal to its module; import them where they are used
-        from tvm.s_tir.dlight.gpu.matmul import (MatmulTensorization, get_in_out_dtypes, get_index_map,
-                                                 get_reduction_blocks)
-        from tvm.s_tir.dlight.analysis import get_root_block
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+        if not isinstance(func, tirx.PrimFunc):
             return None
         if sm_version(str(target.attrs.get("arch", ""))) < 70 or "dlight.do_not_tensorize" in func.attrs.keys():
             return None

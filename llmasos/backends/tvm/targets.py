@@ -351,14 +351,6 @@ def _cuda_arch() -> str:
     return "sm_90a"
 
 
-def sm_version(arch: str) -> int:
-    """The compute capability of a CUDA ``arch`` string as an integer: "sm_90a" -> 90, "sm_80" -> 80; -1 when
-    it names none. (DLight's own check reads "sm_90a" as -1 -- "90a" is not all digits -- so on Hopper its
-    Matmul rule never tried tensor cores and every prefill GEMM ran on the CUDA cores.)"""
-    digits = str(arch).replace("sm_", "").rstrip("abcdefghijklmnopqrstuvwxyz")
-    return int(digits) if digits.isdigit() else -1
-
-
 @dataclass(frozen=True)
 class CUDATarget(Target):
     """CUDA GPUs: TVM's CUDA pipeline with DLight's GPU rules after our DecodeGEMV (cuda_schedule.py),
@@ -423,7 +415,7 @@ class CUDATarget(Target):
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': small_m_gemm must be 'on' or 'off', got {which!r}")
         from .cuda_gemm import (small_m_gemm_func,  # deferred: the TVM compiler (module docstring)
-                                small_m_gemm_supported)
+                                small_m_gemm_supported, sm_version)
         if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
             return None
         return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
