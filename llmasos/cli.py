@@ -8,6 +8,7 @@
     llmasos tune MODEL --db DIR [--target cpu]       MetaSchedule-tune an LM's kernels; generate/demo --tuning-db DIR
     llmasos opt [FILE|-] -p PIPELINE [-o OUT]        run a pass pipeline over IR text (see llmasos/opt.py)
     llmasos ops [--missing] [--json]                 which layers (frontend, reference, lowerings, torch) know each op
+    llmasos serve MODEL|LM_ARTIFACT [--port 8000]    OpenAI-compatible server (continuous batching, paged KV)
 """
 from __future__ import annotations
 
@@ -236,6 +237,44 @@ def cmd_ops(args) -> int:
     return 0
 
 
+# -- llmasos serve (llmasos/serve; the `serve` extra) ---------------------------------------------------------
+def cmd_serve(args) -> int:
+    """Load or compile MODEL with a paged KV cache and serve it over HTTP until Ctrl-C."""
+    try:
+        from .serve.load import load_engine  # deferred: the serve extra (FastAPI, uvicorn, prometheus-client)
+        from .serve.server import Server
+    except ImportError as e:
+        raise RuntimeError(f"llmasos serve needs the serve extra (pip install 'llmasos[serve]'): {e}") from None
+    log = (lambda *a: print("[llmasos]", *a, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    engine, name = load_engine(args.model, target=args.target, max_batch=args.max_batch, max_seq=args.max_seq,
+                               kv_blocks=args.kv_blocks, block_size=args.block_size, log=log)
+    server = Server(engine, model_name=args.name or name, host=args.host, port=args.port, api_key=args.api_key,
+                    max_waiting=args.max_waiting, log_level="info")
+    log(f"{name} ready in {time.perf_counter() - t0:.1f} s: batch <= {engine.max_batch}, {engine.blocks.capacity} "
+        f"KV blocks of {engine.block_size}, max_seq {engine.max_seq}; serving on {server.url}/v1 "
+        f"(model name {args.name or name!r})")
+    server.run()
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a paged KV cache")
+    p.add_argument("model", help="an LM artifact compiled with kv='paged', smollm2, a decoder preset or a local "
+                                 "HF causal-LM directory")
+    p.add_argument("--target", default="cpu", help="cpu, cuda, a TVM target as JSON, or torch (eager, uncompiled)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-seq", type=int, default=512, help="positions per request: prompt + output (default 512)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: max-batch full sequences)")
+    p.add_argument("--block-size", type=int, default=16, help="positions per KV block (default 16)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 (default 256)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--name", default=None, help="the model name clients send (default: the model argument)")
+    p.set_defaults(fn=cmd_serve)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmasos", description="LLMasOS: compile PyTorch LLMs with TVM")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -312,6 +351,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="JSON: one object per op")
     p.add_argument("--target", action="append", help="TVM target(s) to ask about (default: every registered one)")
     p.set_defaults(fn=cmd_ops)
+    _add_serve_parser(sub)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

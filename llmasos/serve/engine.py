@@ -30,6 +30,7 @@ from .scheduler import Scheduler, cdiv
 class Observer:
     """Engine events (the server's Prometheus metrics implement these); every method is optional."""
 
+    def admitted(self, req: Request) -> None: ...
     def first_token(self, seconds: float) -> None: ...
     def inter_token(self, seconds: float) -> None: ...
     def finished(self, req: Request) -> None: ...
@@ -110,6 +111,7 @@ class Engine:
         self.requests[req.request_id] = req
         self.prompt_tokens_total += len(req.prompt_ids)
         self.scheduler.add(req)
+        self.observer.admitted(req)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request: its blocks are free when this returns. False if it is unknown or finished."""
@@ -224,17 +226,17 @@ class Engine:
         req.last_token_time = now
         req.output_ids.append(tok)
         self.generated_tokens_total += 1
-        text, stopped = req.text.add(req.output_ids)
         reason = None
+        if tok in req.stop_ids:
+            reason = "stop"             # the stop token counts, its text is not shown
+            text, stopped = req.text.add(req.output_ids[:-1], final=True)
+        else:
+            if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_seq:
+                reason = "length"
+            text, stopped = req.text.add(req.output_ids, final=reason is not None)
         if stopped:
             reason = "stop"
-        elif tok in req.stop_ids:
-            reason = "stop"
-        elif len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_seq:
-            reason = "length"
         if reason is not None:
-            if not stopped:
-                text += req.text.flush()
             return self._finish(req, reason, text=text, new=[tok])
         out = RequestOutput(req.request_id, req.index, text, [tok], prompt_tokens=len(req.prompt_ids),
                             completion_tokens=len(req.output_ids))
@@ -321,7 +323,10 @@ class EngineLoop:
     def submit(self, prompt_ids, params: SamplingParams, sink: Callable[[RequestOutput], Any], *,
                request_id: Optional[str] = None, index: int = 0) -> Request:
         """Check the request here (RequestError at once) and queue it for the engine thread."""
-        req = self.engine.make_request(prompt_ids, params, request_id=request_id, index=index, sink=sink)
+        return self.add(self.engine.make_request(prompt_ids, params, request_id=request_id, index=index, sink=sink))
+
+    def add(self, req: Request) -> Request:
+        """Queue a request made (and so checked) by ``engine.make_request``."""
         self._adds.append(req)
         self._wake.set()
         return req

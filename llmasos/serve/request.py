@@ -86,11 +86,13 @@ class TextTracker:
         self.shown = 0        # characters of the decoded text already emitted
         self.text = ""
 
-    def add(self, ids: list) -> tuple[str, bool]:
+    def add(self, ids: list, final: bool = False) -> tuple[str, bool]:
+        """The text to show now that the continuation is ``ids`` (``final``: the request ends here, so an
+        incomplete character is shown as decoded and nothing is held back but a stop string)."""
         if self.tok is None:
             return "", False
         text = self.tok.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return "", False
         self.text = text
         if self.stop:
@@ -109,15 +111,11 @@ class TextTracker:
                     break
         else:
             safe = len(text)
+        if final:
+            safe = len(text)
         new = text[self.shown:safe] if safe > self.shown else ""
         self.shown = max(self.shown, safe)
         return new, False
-
-    def flush(self) -> str:
-        """At the end (length limit, stop token): the held-back text that never became a stop string."""
-        new = self.text[self.shown:]
-        self.shown = len(self.text)
-        return new
 
 
 class Request:

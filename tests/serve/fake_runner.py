@@ -5,6 +5,7 @@ sequence's block) changes the tokens, and ``reference`` (the same hash over the 
 they must be."""
 from __future__ import annotations
 
+import time
 import zlib
 
 import numpy as np
@@ -30,7 +31,7 @@ def reference(prompt, n: int, vocab: int, stop=()) -> list:
 
 
 class FakeRunner:
-    def __init__(self, num_blocks=64, block_size=4, max_seq=64, vocab=50, max_batch=8):
+    def __init__(self, num_blocks=64, block_size=4, max_seq=64, vocab=50, max_batch=8, delay=0.0):
         self.vocab, self.max_seq, self.block_size, self.num_blocks = vocab, max_seq, block_size, num_blocks
         self.max_batch = max_batch
         self.max_blocks_per_seq = -(-max_seq // block_size)
@@ -38,6 +39,7 @@ class FakeRunner:
         self.calls = []          # (B, T) per step
         self.copies = []
         self.fail_when = None    # a callable(ids) -> bool: raise in step (tests of failure isolation)
+        self.delay = delay       # seconds per step (tests that need requests to stay running or waiting)
 
     def step(self, ids, pos, last, block_table):
         ids, pos, last, bt = np.asarray(ids), np.asarray(pos), np.asarray(last), np.asarray(block_table)
@@ -51,6 +53,8 @@ class FakeRunner:
         if self.fail_when is not None and self.fail_when(ids):
             raise RuntimeError("injected runner failure")
         self.calls.append((B, T))
+        if self.delay:
+            time.sleep(self.delay)
         bs, MB = self.block_size, self.max_blocks_per_seq
         writes = []
         for b in range(B):       # like the kernel: every position of every row is written where a block is
