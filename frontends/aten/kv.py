@@ -16,3 +16,13 @@ def kv_append(ctx, cache, new, pos):
 @converter("llmasos.kv_attention.default")
 def kv_attention(ctx, q, k_cache, v_cache, pos, scale):
     return ctx.emit("kv.attention", [q, k_cache, v_cache, pos], scale=float(scale))
+
+
+@converter("llmasos.kv_paged_append.default")
+def kv_paged_append(ctx, pool, new, pos, block_table):
+    return ctx.emit("kv.paged_append", [pool, new, pos, block_table])
+
+
+@converter("llmasos.kv_paged_attention.default")
+def kv_paged_attention(ctx, q, k_pool, v_pool, pos, block_table, scale):
+    return ctx.emit("kv.paged_attention", [q, k_pool, v_pool, pos, block_table], scale=float(scale))

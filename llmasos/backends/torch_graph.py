@@ -258,6 +258,8 @@ def _elementwise(*xs, expr):
 # -- KV cache ---------------------------------------------------------------------------------------
 register_torch_impl("kv.append", kv_ops.kv_append)
 register_torch_impl("kv.attention", kv_ops.kv_attention)
+register_torch_impl("kv.paged_append", kv_ops.kv_paged_append)
+register_torch_impl("kv.paged_attention", kv_ops.kv_paged_attention)
 
 
 # -- the module -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from . import adapters  # noqa: F401  (registers the built-in model families: llama, gpt2, qwen2, mistral)
 from ..driver import load_program
+from .paged import PagedRunner, TorchPagedRunner, paged_generate
 from .runtime import CompiledLM, GenerationError, GenerationStats
 from .sampling import Sampling
 
@@ -30,4 +31,5 @@ def generate(model, prompts, max_new_tokens: int = 32, **kwargs):
     return lm.generate(prompts, max_new_tokens, **kwargs)
 
 
-__all__ = ["CompiledLM", "GenerationError", "GenerationStats", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate"]
+__all__ = ["CompiledLM", "GenerationError", "GenerationStats", "PagedRunner", "Sampling", "TorchPagedRunner",
+           "paged_generate", "compile_lm", "tune_lm", "load_lm", "generate"]

@@ -44,10 +44,26 @@ def as_decoder(model, dtype=None, device=None) -> Decoder:
                     f"or a preset name, got {type(model).__name__}")
 
 
+KV_LAYOUTS = ("contiguous", "paged")
+
+
+def check_kv(kv, block_size) -> Optional[int]:
+    """The block size a kv layout compiles with (None: contiguous), or a ValueError naming what is allowed."""
+    if kv not in KV_LAYOUTS:
+        raise ValueError(f"kv must be one of {KV_LAYOUTS}, got {kv!r}")
+    if kv == "contiguous":
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= 1024:
+        raise ValueError(f"block_size must be an int in 1..1024 (positions per KV block), got {block_size!r}")
+    return block_size
+
+
 def lm_source(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype,
-              cuda_graph: bool = False) -> Source:
+              cuda_graph: bool = False, kv: str = "contiguous", block_size: int = 16) -> Source:
     """The decoder's prefill and decode graphs as the driver takes them (also what tune_lm tunes, so a tuning
-    database's kernels are the ones a later compile_lm looks up)."""
+    database's kernels are the ones a later compile_lm looks up). kv="paged": the paged twin's graphs
+    (block table and block pools, llmasos/llm/paged.py)."""
+    bs = check_kv(kv, block_size)
     if not isinstance(max_seq, int) or max_seq < 2:
         raise ValueError(f"max_seq must be an int >= 2, got {max_seq!r}")
     if not isinstance(max_batch, int) or max_batch < 1:
@@ -68,17 +84,20 @@ def lm_source(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int]
         export_batch, max_batch = None, batch
     graphs = {}
     for phase in (PREFILL, DECODE):
-        ep = export_decoder(dec, phase, export_batch, max_batch, max_seq)
+        ep = export_decoder(dec, phase, export_batch, max_batch, max_seq, bs)
         graphs[phase] = torch_export.import_exported_program(ep, name=phase).graph
-    use_graph = bool(cuda_graph) and spec.graph_capture
+    # the paged runner's inputs are fresh tensors per call (no fixed buffers): no CUDA graph
+    use_graph = bool(cuda_graph) and spec.graph_capture and bs is None
     meta = {"vocab": dec.cfg.vocab, "max_seq": max_seq, "cuda_graph": use_graph,
             "config": dataclasses.asdict(dec.cfg)}
+    if bs is not None:
+        meta.update(kv="paged", block_size=bs)
     return Source(graphs, cuda_graph=(DECODE,) if use_graph else (), meta=meta)
 
 
 def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int = 8, batch: Optional[int] = None,
                dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True,
-               tuning_db=None) -> CompiledLM:
+               tuning_db=None, kv: str = "contiguous", block_size: int = 16) -> CompiledLM:
     """Compile ``model`` for KV-cache generation on ``target``.
 
     max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
@@ -88,10 +107,15 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
     torch.float16 for GPUs). passes: the pipeline run on both graphs (default "fuse"). tuning_db: a
     directory written by ``tune_lm`` / ``llmasos tune`` with the same model options: its tuned kernels
     replace the default schedules where they measured faster (``lm.timings["tuned_kernels"]`` counts them).
+    kv: "contiguous" (default: a [B, Hkv, max_seq, D] cache per layer, ``generate``) or "paged" (pools of
+    ``block_size``-position blocks addressed through block tables, for a serving engine:
+    ``lm.paged_runner(num_blocks)``, llmasos/llm/paged.py).
     """
+    check_kv(kv, block_size)
+
     def frontend(spec) -> Source:
         return lm_source(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch, dtype=dtype,
-                         cuda_graph=cuda_graph)
+                         cuda_graph=cuda_graph, kv=kv, block_size=block_size)
     return CompiledLM(compile_program("lm", frontend, target, passes=passes, tuning_db=tuning_db,
                                       tokenizer=tokenizer))
 

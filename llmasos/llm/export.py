@@ -10,24 +10,38 @@ from llmasos.llm.model import Decoder
 PHASES = ("prefill", "decode")
 
 
-def example_inputs(decoder: Decoder, phase: str, batch: int, seq: int, max_seq: int) -> tuple:
-    """(ids, pos, last, *caches) for one call; zeros everywhere except last = seq - 1."""
+EXAMPLE_BLOCKS = 4     # pool size of a paged export's example inputs (NB is symbolic: any size runs)
+
+
+def example_inputs(decoder: Decoder, phase: str, batch: int, seq: int, max_seq: int,
+                   block_size: Optional[int] = None) -> tuple:
+    """(ids, pos, last, *caches) for one call; zeros everywhere except last = seq - 1. A paged decoder
+    (block_size given): (ids, pos, last, block_table, *pools), every row's table [0, 1, .., MB-1] mod NB."""
     dev = decoder.embed.weight.device
     T = 1 if phase == "decode" else seq
     ids = torch.zeros(batch, T, dtype=torch.int64, device=dev)
     pos = torch.zeros(batch, dtype=torch.int32, device=dev)
     last = torch.full((batch,), T - 1, dtype=torch.int64, device=dev)
-    return (ids, pos, last, *decoder.new_caches(batch, max_seq))
+    if block_size is None:
+        return (ids, pos, last, *decoder.new_caches(batch, max_seq))
+    mb = -(-max_seq // block_size)
+    table = (torch.arange(mb, dtype=torch.int32, device=dev) % EXAMPLE_BLOCKS).repeat(batch, 1)
+    return (ids, pos, last, table, *decoder.new_pools(EXAMPLE_BLOCKS, block_size))
 
 
 def export_decoder(decoder: Decoder, phase: str, batch: Optional[int], max_batch: int,
-                   max_seq: int) -> torch.export.ExportedProgram:
+                   max_seq: int, block_size: Optional[int] = None) -> torch.export.ExportedProgram:
     """Export ``decoder`` (mode="export") for ``phase``.
 
     batch=None makes the batch symbolic, Dim("batch", 1..max_batch), on ids, pos, last and every cache;
     prefill makes ids' length symbolic, Dim("seq", 2..max_seq); decode has T = 1. The cache length is
-    max_seq, static.
+    max_seq, static. block_size: export the paged twin (``Decoder.paged_twin``) instead, taking a block table
+    [B, ceil(max_seq / block_size)] and pools [NB, Hkv, block_size, D] with NB symbolic, Dim("blocks").
     """
+    if block_size is not None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"export_decoder: block_size must be an int >= 1, got {block_size!r}")
+        decoder = decoder.paged_twin()
     if decoder.mode != "export":
         raise ValueError(f"export_decoder needs Decoder(mode='export'), got mode={decoder.mode!r}")
     if phase not in PHASES:
@@ -49,11 +63,15 @@ def export_decoder(decoder: Decoder, phase: str, batch: Optional[int], max_batch
     # a Dim needs min < max: with max_seq == 2 the prefill length is simply static 2
     sdim = torch.export.Dim("seq", min=2, max=max_seq) if phase == "prefill" and max_seq > 2 else None
     ex_seq = min(max_seq, 3) if phase == "prefill" else 1
-    args = example_inputs(decoder, phase, ex_batch, ex_seq, max_seq)
+    args = example_inputs(decoder, phase, ex_batch, ex_seq, max_seq, block_size)
 
     ids_spec = {k: v for k, v in ((0, bdim), (1, sdim)) if v is not None} or None
     vec = {0: bdim} if bdim is not None else None
     # export groups *caches into one entry of the signature: its spec is a tuple, one per cache
-    dynamic = (ids_spec, vec, vec, (vec,) * (len(args) - 3))
+    if block_size is None:
+        dynamic = (ids_spec, vec, vec, (vec,) * (len(args) - 3))
+    else:
+        pool = {0: torch.export.Dim("blocks", min=1, max=1 << 24)}
+        dynamic = (ids_spec, vec, vec, (vec,) + (pool,) * (len(args) - 4))
     with torch.no_grad():
         return torch.export.export(decoder, args, dynamic_shapes=dynamic, strict=False)

@@ -13,9 +13,14 @@ Two modes share one module tree and one set of weights:
 Shapes: ids [B, T] int64; pos [B] int32, the cache position of each row's first token in ids; last [B]
 int64, the index in ``ids`` whose logits are returned (prefill of right-padded prompts: len - 1; decode:
 T = 1, last = 0). Caches [B, Hkv, M, D] in the model dtype, ordered k_0, v_0, k_1, v_1, ...
+
+Export mode with ``paged=True`` (``paged_twin()``): ``forward(ids, pos, last, block_table, *pools)`` with
+block_table [B, MB] int32 and pools [NB, Hkv, BS, D] (the paged layout of ``llmasos.frontends.kv_ops``);
+attention goes through ``kv_paged_append`` / ``kv_paged_attention``.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # importing llmasos.llm.ops also registers torch.ops.llmasos.kv_append / kv_attention
-from llmasos.llm.ops import causal_cache_mask
+from llmasos.llm.ops import causal_cache_mask, paged_attention, paged_write_
 
 from .adapter import adapter_for
 from .config import ARCHS, DecoderConfig  # noqa: F401  (re-exported: the Decoder's config)
@@ -77,8 +82,17 @@ class Attention(nn.Module):
         B, _, T, _ = o.shape
         return self.wo(o.transpose(1, 2).reshape(B, T, self.cfg.heads * self.cfg.head_dim))
 
-    def forward_export(self, x, pos, rope, k_cache, v_cache):
+    def forward_export(self, x, pos, rope, k_cache, v_cache, block_table=None, inplace=False):
         q, k, v = self.qkv(x, rope)
+        if block_table is not None and inplace:     # paged, eager (TorchPagedRunner): write the pools in place
+            paged_write_(k_cache, k, pos, block_table)
+            paged_write_(v_cache, v, pos, block_table)
+            return self.out(paged_attention(q, k_cache, v_cache, pos, block_table, self.scale)), k_cache, v_cache
+        if block_table is not None:      # paged: the caches are the layer's k and v block pools
+            k_cache = torch.ops.llmasos.kv_paged_append(k_cache, k, pos, block_table)
+            v_cache = torch.ops.llmasos.kv_paged_append(v_cache, v, pos, block_table)
+            o = torch.ops.llmasos.kv_paged_attention(q, k_cache, v_cache, pos, block_table, self.scale)
+            return self.out(o), k_cache, v_cache
         k_cache = torch.ops.llmasos.kv_append(k_cache, k, pos)
         v_cache = torch.ops.llmasos.kv_append(v_cache, v, pos)
         o = torch.ops.llmasos.kv_attention(q, k_cache, v_cache, pos, self.scale)
@@ -136,11 +150,17 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, mode: str = "export"):
+    def __init__(self, cfg: DecoderConfig, mode: str = "export", paged: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"Decoder mode must be one of {MODES}, got {mode!r}")
+        if paged and mode != "export":
+            raise ValueError(f"Decoder: paged caches are for mode='export', got mode={mode!r}")
         self.cfg, self.mode = cfg, mode
+        # export mode with a paged cache: forward(ids, pos, last, block_table, *pools) (set it on a copy of
+        # the weights with paged_twin)
+        self.paged = paged
+        self.paged_inplace = False      # paged and eager: the pools are written in place (TorchPagedRunner)
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.hidden) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
@@ -174,6 +194,26 @@ class Decoder(nn.Module):
         device = device or self.embed.weight.device
         return [torch.zeros(s, dtype=dtype, device=device) for s in self.cache_shapes(batch, max_seq)]
 
+    def pool_shapes(self, num_blocks: int, block_size: int) -> list[tuple[int, int, int, int]]:
+        """Paged caches: every layer's k and v pool [num_blocks, Hkv, block_size, D] (k_0, v_0, k_1, ...)."""
+        c = self.cfg
+        return [(num_blocks, c.kv_heads, block_size, c.head_dim)] * (2 * c.layers)
+
+    def new_pools(self, num_blocks: int, block_size: int, dtype=None, device=None) -> list[torch.Tensor]:
+        dtype = dtype or self.dtype
+        device = device or self.embed.weight.device
+        # zeroed: masked positions get probability 0, and 0 * NaN garbage would be NaN
+        return [torch.zeros(s, dtype=dtype, device=device) for s in self.pool_shapes(num_blocks, block_size)]
+
+    def paged_twin(self, inplace: bool = False) -> "Decoder":
+        """An export-mode Decoder with paged caches sharing these weights (the modules are shared, not copied).
+        inplace: its forward writes the pools it is given in place (eager use; not for export)."""
+        if self.mode != "export":
+            raise ValueError(f"Decoder.paged_twin needs an export-mode Decoder, got mode={self.mode!r}")
+        twin = copy.copy(self)      # a new __dict__, the same parameter and module dicts
+        twin.paged, twin.paged_inplace = True, bool(inplace)
+        return twin
+
     def setup_caches(self, max_batch: int, max_seq: int, dtype=None, device=None) -> None:
         """Torch mode: (re)allocate every layer's k/v cache buffers [max_batch, Hkv, max_seq, D], zeroed."""
         if self.mode != "torch":
@@ -189,6 +229,10 @@ class Decoder(nn.Module):
     def _embed(self, ids, pos):
         T = ids.shape[1]
         positions = pos.long()[:, None] + torch.arange(T, device=ids.device)[None, :]   # [B, T]
+        if self.paged:
+            # a padding token of a batched prefill chunk may sit past the last position (its append is dropped,
+            # its logits unread): clamp it into the tables
+            positions = positions.clamp(max=self.cfg.max_positions - 1)
         x = self.embed(ids)
         if self.wpe is not None:
             return x + self.wpe(positions), None
@@ -220,12 +264,19 @@ class Decoder(nn.Module):
                 x = x + blk.attn.forward_torch(blk.norm1(x), rope, rows, idx, mask)
                 x = x + blk.mlp(blk.norm2(x))
             return self._logits(x, last)
+        table = None
+        if self.paged:
+            if not caches:
+                raise TypeError("Decoder(paged=True).forward(ids, pos, last, block_table, *pools): no block table")
+            table, caches = caches[0], caches[1:]
         if len(caches) != 2 * self.cfg.layers:
-            raise TypeError(f"Decoder(mode='export').forward takes {2 * self.cfg.layers} caches "
+            what = "pools" if self.paged else "caches"
+            raise TypeError(f"Decoder(mode='export').forward takes {2 * self.cfg.layers} {what} "
                             f"(k_0, v_0, ...), got {len(caches)}")
         new = []
         for i, blk in enumerate(self.blocks):
-            a, kc, vc = blk.attn.forward_export(blk.norm1(x), pos, rope, caches[2 * i], caches[2 * i + 1])
+            a, kc, vc = blk.attn.forward_export(blk.norm1(x), pos, rope, caches[2 * i], caches[2 * i + 1], table,
+                                                self.paged_inplace)
             x = x + a
             x = x + blk.mlp(blk.norm2(x))
             new += [kc, vc]

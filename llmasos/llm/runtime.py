@@ -24,14 +24,13 @@ import numpy as np
 
 from ..driver import ProgramView
 from .config import DecoderConfig
+from .errors import GenerationError
+from .paged import PagedRunner
 from .sampling import Sampling, make_generator, sample
 
 PREFILL, DECODE = "prefill", "decode"
 N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
-
-
-class GenerationError(ValueError):
-    """A generation request the compiled model cannot serve (empty prompt, too long, bad token ids...)."""
+N_FIXED_INPUTS_PAGED = 4    # ids, pos, last, block_table; the pools follow
 
 
 @dataclass
@@ -84,13 +83,24 @@ class CompiledLM(ProgramView):
             if name not in sig:
                 raise ValueError(f"a CompiledLM needs '{PREFILL}' and '{DECODE}' functions; the library has "
                                  f"{', '.join(sig)}")
-        self._cache_types = [i.type for i in sig[DECODE].inputs[N_FIXED_INPUTS:]]
-        b = self._cache_types[0].shape[0]
+        # kv="paged" (compile_lm): pools of blocks and a block table instead of per-row caches; generation
+        # goes through paged_runner(num_blocks) (llmasos/llm/paged.py)
+        self.kv = meta.get("kv", "contiguous")
+        self.block_size: Optional[int] = int(meta["block_size"]) if self.kv == "paged" else None
+        n_fixed = N_FIXED_INPUTS_PAGED if self.kv == "paged" else N_FIXED_INPUTS
+        self._cache_types = [i.type for i in sig[DECODE].inputs[n_fixed:]]
+        b = sig[DECODE].inputs[0].type.shape[0]
         self.static_batch: Optional[int] = b if isinstance(b, int) else None
         self.max_batch = self.static_batch or int(sig[DECODE].symbols.get(str(b), (1, 1))[1])
-        m = self._cache_types[0].shape[2]
-        if m != self.max_seq:
-            raise ValueError(f"the caches hold {m} positions but max_seq is {self.max_seq}")
+        if self.kv == "paged":
+            mb = sig[DECODE].inputs[3].type.shape[1]
+            if self._cache_types[0].shape[2] != self.block_size or mb * self.block_size < self.max_seq:
+                raise ValueError(f"the pools hold blocks of {self._cache_types[0].shape[2]} positions and the block "
+                                 f"table {mb} blocks, but block_size is {self.block_size} and max_seq {self.max_seq}")
+        else:
+            m = self._cache_types[0].shape[2]
+            if m != self.max_seq:
+                raise ValueError(f"the caches hold {m} positions but max_seq is {self.max_seq}")
         self._prefill = executable.raw(PREFILL)
         self._decode = executable.raw(DECODE)
         self._weights = executable.weights
@@ -128,10 +138,24 @@ class CompiledLM(ProgramView):
         return buf
 
     def cache_bytes(self, batch: int = 1) -> int:
+        """Bytes of the KV cache of ``batch`` rows (kv="paged": of ``batch`` blocks)."""
         return sum(int(np.prod((batch, *t.shape[1:]))) * t.dtype.numpy.itemsize for t in self._cache_types)
+
+    def paged_runner(self, num_blocks: int) -> PagedRunner:
+        """A runner over device pools of ``num_blocks`` blocks (kv="paged" only): ``step(ids, pos, last,
+        block_table)`` and ``copy_blocks(pairs)``, llmasos/llm/paged.py. ``cache_bytes(num_blocks)`` is the
+        device memory the pools take."""
+        if self.kv != "paged":
+            raise GenerationError("paged_runner needs a model compiled with compile_lm(..., kv='paged'); this one "
+                                  f"has a {self.kv} KV cache (use generate)")
+        return PagedRunner(self, num_blocks)
 
     # -- request checks ----------------------------------------------------------------------------
     def _check(self, prompts: list, max_new_tokens: int) -> None:
+        if self.kv == "paged":
+            raise GenerationError("this model was compiled with kv='paged': generate through lm.paged_runner("
+                                  "num_blocks) (llmasos.llm.paged_generate, or a serving engine), or compile with "
+                                  "the default kv='contiguous' for generate/stream")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not prompts:
@@ -327,5 +351,6 @@ class CompiledLM(ProgramView):
 
     def __repr__(self) -> str:
         b = f"batch={self.static_batch}" if self.static_batch else f"batch<= {self.max_batch}"
+        kv = f", kv='paged', block_size={self.block_size}" if self.kv == "paged" else ""
         return (f"CompiledLM(target={self.executable.spec.name!r}, {b}, max_seq={self.max_seq}, "
-                f"vocab={self.vocab}, cuda_graph={self.cuda_graph})")
+                f"vocab={self.vocab}, cuda_graph={self.cuda_graph}{kv})")

@@ -125,11 +125,14 @@ def _decode_kernel(ctx, node):
                                         node.attrs["scale"])
 
 
-def _generic(ctx, node, args):
+def _generic(ctx, node, args, m=None, table=None):
+    """The any-T path. kv.paged_attention (lowering_paged.py) calls it on its gathered caches [B, Hkv, m, D]
+    with table=(block table, BS): positions in unallocated blocks are masked too."""
     q, kc, vc, pos = args
     qt, kt = node.inputs[0].type, node.inputs[1].type
     _, h, t, d = qt.shape
-    hkv, m = kt.shape[1], kt.shape[2]
+    hkv = kt.shape[1]
+    m = kt.shape[2] if m is None else m
     rep = h // hkv
     B, Tq = ctx.dim(qt.shape[0]), ctx.dim(t)
     # [B, H, T, D] -> [B, Hkv, rep*T, D]: query heads of one kv head stacked along rows (contiguous: a view)
@@ -139,15 +142,23 @@ def _generic(ctx, node, args):
         # GPU: q k^T reading k as stored (each logit reduces over a contiguous cache row) with the mask in
         # the GEMM's epilogue; R.matmul on a permuted cache would copy the whole transposed cache per call.
         # q rides along unread so the PrimFunc can bind T (the grouped rows are rep*T)
-        probs = ctx.emit(R.nn.softmax(ctx.emit_te(lambda a, k, p, q0: _qk_masked(a, k, p, q0, scale), qg, kc, pos,
-                                                  q, name="kv_qk_masked"), -1), "probs")
+        if table is None:
+            qk = ctx.emit_te(lambda a, k, p, q0: _qk_masked(a, k, p, q0, scale), qg, kc, pos, q, name="kv_qk_masked")
+        else:
+            qk = ctx.emit_te(lambda a, k, p, q0, tb: _qk_masked(a, k, p, q0, scale, (tb, table[1])), qg, kc, pos, q,
+                             table[0], name="kv_qk_masked")
+        probs = ctx.emit(R.nn.softmax(qk, -1), "probs")
     else:
         # CPU: the transposed cache feeds the panel GEMM (cpu_schedule.Matmul wants N innermost)
         kT = ctx.emit(R.permute_dims(kc, [0, 1, 3, 2]), "k_cache_T")
         logits = ctx.emit(R.matmul(qg, kT, out_dtype="float32"), "logits")
         if rep > 1:  # back to [B, H, T, M] (a view), where the mask reads the query position from the index
             logits = ctx.emit(R.reshape(logits, [B, ctx.dim(h), Tq, ctx.dim(m)]), "logits")
-        masked = ctx.emit_te(lambda lg, p: _cache_mask(lg, p, scale), logits, pos, name="kv_mask")
+        if table is None:
+            masked = ctx.emit_te(lambda lg, p: _cache_mask(lg, p, scale), logits, pos, name="kv_mask")
+        else:
+            masked = ctx.emit_te(lambda lg, p, tb: _cache_mask(lg, p, scale, (tb, table[1])), logits, pos, table[0],
+                                 name="kv_mask")
         probs = ctx.emit(R.nn.softmax(masked, -1), "probs")
         if rep > 1:
             probs = ctx.emit(R.reshape(probs, [B, ctx.dim(hkv), Tq * rep, ctx.dim(m)]), "probs_grouped")
@@ -156,19 +167,28 @@ def _generic(ctx, node, args):
     return ctx.emit(R.reshape(out, ctx.shape(qt)), "attn") if rep > 1 else out
 
 
-def _cache_mask(logits, pos, scale):
-    """Query t of row b sits at position pos[b] + t and sees cache rows j <= that."""
+def _allocated(paged, b, j):
+    """True, or (paged: (block table, BS)) whether row b's position j is in an allocated block."""
+    if paged is None:
+        return tir.const(True, "bool")
+    table, bs = paged
+    return table[b, j // bs] >= 0
+
+
+def _cache_mask(logits, pos, scale, paged=None):
+    """Query t of row b sits at position pos[b] + t and sees cache rows j <= that (paged: in allocated blocks)."""
     neg_inf = tir.const(float("-inf"), "float32")
     s = tir.const(scale, "float32")
     return te.compute(logits.shape, lambda b, h, t, j: tir.Select(
-        j <= pos[b].astype("int64") + t, logits[b, h, t, j] * s, neg_inf), name="kv_mask")
+        tir.all(j <= pos[b].astype("int64") + t, _allocated(paged, b, j)), logits[b, h, t, j] * s, neg_inf),
+        name="kv_mask")
 
 
 def _nt_logits(ctx) -> bool:
     return ctx.spec is not None and ctx.spec.gemm_nt
 
 
-def _qk_masked(qg, kc, pos, q, scale):
+def _qk_masked(qg, kc, pos, q, scale, paged=None):
     """Grouped logits [B, Hkv, rep*T, M] in f32: row r is query r % T of head group r // T, at position
     pos[b] + r % T; cache rows past it are -inf. T is read from q's shape (q itself is not read)."""
     b_, g_, rows, d_ = qg.shape
@@ -180,7 +200,8 @@ def _qk_masked(qg, kc, pos, q, scale):
                    name="kv_qk")
     neg_inf = tir.const(float("-inf"), "float32")
     return te.compute(s.shape, lambda b, g, r, j: tir.Select(
-        j <= pos[b].astype("int64") + tir.floormod(r, t_len), s[b, g, r, j] * tir.const(scale, "float32"), neg_inf),
+        tir.all(j <= pos[b].astype("int64") + tir.floormod(r, t_len), _allocated(paged, b, j)),
+        s[b, g, r, j] * tir.const(scale, "float32"), neg_inf),
         name="kv_qk_masked")
 
 

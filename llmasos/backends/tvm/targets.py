@@ -199,6 +199,13 @@ class Target:
         None for the generic lowering (softmax of masked q k^T, then p v)."""
         return None
 
+    def kv_paged_decode_attention(self, heads: int, kv_heads: int, block_size: int, max_blocks: int,
+                                  head_dim: int, dtype: str, pos_dtype: str, scale: float) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written kv.paged_attention kernel for one query per row (a decode step)
+        that reads only the row's blocks up to its position, or None for the generic lowering (the row's
+        blocks gathered, then kv.attention's generic path)."""
+        return None
+
     def prepare_graph_capture(self, mod, functions: tuple):
         """The Relax module with ``functions`` marked for capture as device graphs (``graph_capture``)."""
         return mod
@@ -304,6 +311,12 @@ class CPUTarget(Target):
         return ("kv_decode_attention_cpu",
                 decode_attention_cpu_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale))
 
+    def kv_paged_decode_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
+        from .lowering_paged import paged_decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
+        return ("kv_paged_decode_attention_cpu",
+                paged_decode_attention_cpu_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
+                                                scale))
+
     def synchronize(self) -> None:
         pass  # the CPU kernels return when their work is done
 
@@ -388,6 +401,11 @@ class CUDATarget(Target):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
         return "kv_decode_attention", decode_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype,
                                                             scale)
+
+    def kv_paged_decode_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
+        from .lowering_paged import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
+        return ("kv_paged_decode_attention",
+                paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
 
     def prepare_graph_capture(self, mod, functions: tuple):
         """Every argument of a captured function is then fixed storage: TVM's RewriteCUDAGraph captures only

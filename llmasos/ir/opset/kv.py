@@ -17,6 +17,20 @@ The layout is the one of ``llmasos.frontends.kv_ops`` (the torch custom ops the 
 
 Positions past M (``pos[b] + T > M``) or negative are a caller error: the references raise naming the row;
 the compiled kernels do not check (the runtime checks before a call) but never write outside the cache.
+
+The paged cache (``llmasos.frontends.kv_ops`` describes it): a pool of blocks and a block table per row,
+
+  pool         [NB, Hkv, BS, D]  NB (may be symbolic) blocks of BS positions; Hkv, BS, D static
+  block_table  [B, MB] i32       MB static; row b's position p is pool[block_table[b, p // BS], :, p % BS]
+
+* ``kv.paged_append(pool, new, pos, block_table)`` -> pool's type: writes ``new[b, :, t]`` at row b's position
+  ``pos[b] + t``; a position whose block entry is outside [0, NB) (unallocated: -1) or past MB*BS is dropped.
+* ``kv.paged_attention(q, k_pool, v_pool, pos, block_table){scale}`` -> q's type: ``kv.attention`` over each
+  row's blocks laid end to end, positions in unallocated blocks not attended.
+
+Caller errors the references raise on: a negative pos, a block id below -1 or >= NB, two writes to one slot in
+one call, a query that sees no allocated position. The kernels do not check (the runtime does) but never
+read or write outside the pool.
 """
 from __future__ import annotations
 
@@ -122,6 +136,137 @@ def _attention_ref(q, k_cache, v_cache, pos, *, scale):
     return np.matmul(p, v).astype(q.dtype)
 
 
+# -- paged ----------------------------------------------------------------------------------------------
+
+def _check_pool(op: str, what: str, t: TensorType) -> None:
+    if t.rank != 4:
+        raise ValueError(f"{op}: {what} must be rank 4 [NB, Hkv, BS, D], got {t}")
+    for i, label in ((1, "head count Hkv"), (2, "block size BS"), (3, "head dim D")):
+        if not isinstance(t.shape[i], int):
+            raise ValueError(f"{op}: {what} {t} needs a static {label} (dim {i}), got {t.shape[i]}")
+
+
+def _check_table(op: str, table: TensorType, batch) -> None:
+    if table.dtype is not DType.i32 or table.rank != 2:
+        raise ValueError(f"{op}: block_table must be i32 [B, MB], got {table}")
+    if not dims_equal(table.shape[0], batch):
+        raise ValueError(f"{op}: block_table {table} must have one row per batch row, B={batch}")
+    if not isinstance(table.shape[1], int):
+        raise ValueError(f"{op}: block_table {table} needs a static blocks-per-row MB (dim 1), got {table.shape[1]}")
+
+
+def _paged_append_infer(pool, new, pos, block_table):
+    op = "kv.paged_append"
+    _check_pool(op, "pool", pool)
+    if new.rank != 4:
+        raise ValueError(f"{op}: new must be rank 4 [B, Hkv, T, D], got {new}")
+    _same(op, "new", new, "pool", pool, {1: "Hkv", 3: "D"})
+    if new.dtype is not pool.dtype:
+        raise ValueError(f"{op}: new's dtype {new.dtype} must be the pool's {pool.dtype}, got {new}")
+    _check_pos(op, pos, new.shape[0])
+    _check_table(op, block_table, new.shape[0])
+    m = block_table.shape[1] * pool.shape[2]
+    if isinstance(new.shape[2], int) and new.shape[2] > m:
+        raise ValueError(f"{op}: {new.shape[2]} new tokens do not fit a row of MB*BS={m} positions")
+    return pool
+
+
+def _paged_check(op: str, nb: int, pos: np.ndarray, table: np.ndarray) -> None:
+    for b, p in enumerate(pos.tolist()):
+        if p < 0:
+            raise ValueError(f"{op}: row {b} has a negative pos {p}")
+    bad = (table < -1) | (table >= nb)
+    if bad.any():
+        b, k = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{op}: block_table[{b}, {k}] = {table[b, k]} is not a block of the pool's 0..{nb - 1} "
+                         f"(or -1: unallocated)")
+
+
+def _paged_slots(pos, table, nb, bs, T):
+    """[(b, t, block, offset)] of the new tokens that land in an allocated block."""
+    mb = table.shape[1]
+    out = []
+    for b, p0 in enumerate(pos.tolist()):
+        for t in range(T):
+            p = p0 + t
+            if p // bs < mb and 0 <= table[b, p // bs] < nb:
+                out.append((b, t, int(table[b, p // bs]), p % bs))
+    return out
+
+
+def _paged_append_ref(pool, new, pos, block_table):
+    op = "kv.paged_append"
+    nb, _, bs, _ = pool.shape
+    _paged_check(op, nb, pos, block_table)
+    out = pool.copy()
+    seen = {}
+    for b, t, blk, off in _paged_slots(pos, block_table, nb, bs, new.shape[2]):
+        if (blk, off) in seen:
+            raise ValueError(f"{op}: rows {seen[blk, off]} and {b} both write block {blk} slot {off} "
+                             f"(a shared block must be copied before it is written)")
+        seen[blk, off] = b
+        out[blk, :, off] = new[b, :, t]
+    return out
+
+
+def paged_gather_ref(pool: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cache [B, Hkv, MB*BS, D], allocated [B, MB*BS] bool): each row's blocks end to end, unallocated as 0."""
+    nb, hkv, bs, d = pool.shape
+    b_, mb = table.shape
+    valid = (table >= 0) & (table < nb)
+    g = pool[np.clip(table, 0, nb - 1)] * valid[:, :, None, None, None].astype(pool.dtype)   # [B, MB, Hkv, BS, D]
+    return g.transpose(0, 2, 1, 3, 4).reshape(b_, hkv, mb * bs, d), np.repeat(valid, bs, axis=1)
+
+
+def _paged_attention_infer(q, k_pool, v_pool, pos, block_table, *, scale):
+    op = "kv.paged_attention"
+    if q.rank != 4:
+        raise ValueError(f"{op}: q must be rank 4 [B, H, T, D], got {q}")
+    if not q.dtype.is_float:
+        raise ValueError(f"{op}: q must be a float tensor, got {q}")
+    _check_pool(op, "k_pool", k_pool)
+    _check_pool(op, "v_pool", v_pool)
+    if not k_pool.same_as(v_pool):
+        raise ValueError(f"{op}: k_pool {k_pool} and v_pool {v_pool} must have one type")
+    if k_pool.dtype is not q.dtype:
+        raise ValueError(f"{op}: the pools' dtype {k_pool.dtype} must be q's {q.dtype}")
+    _same(op, "q", q, "k_pool", k_pool, {3: "D"})
+    h, hkv = q.shape[1], k_pool.shape[1]
+    if not isinstance(h, int) or h % hkv:
+        raise ValueError(f"{op}: query heads H={h} must be a multiple of the pools' kv heads Hkv={hkv} (GQA)")
+    _check_pos(op, pos, q.shape[0])
+    _check_table(op, block_table, q.shape[0])
+    m = block_table.shape[1] * k_pool.shape[2]
+    if isinstance(q.shape[2], int) and q.shape[2] > m:
+        raise ValueError(f"{op}: {q.shape[2]} queries do not fit a row of MB*BS={m} positions")
+    return q
+
+
+def _paged_attention_ref(q, k_pool, v_pool, pos, block_table, *, scale):
+    op = "kv.paged_attention"
+    B, H, T, D = q.shape
+    _paged_check(op, k_pool.shape[0], pos, block_table)
+    k, allocated = paged_gather_ref(k_pool, block_table)
+    v, _ = paged_gather_ref(v_pool, block_table)
+    M = k.shape[2]
+    rep = H // k.shape[1]
+    k = np.repeat(k.astype(np.float32), rep, axis=1)
+    v = np.repeat(v.astype(np.float32), rep, axis=1)
+    logits = np.matmul(q.astype(np.float32), np.swapaxes(k, -1, -2)) * np.float32(scale)   # [B, H, T, M]
+    qpos = pos.astype(np.int64)[:, None] + np.arange(T)[None, :]                            # [B, T]
+    visible = (np.arange(M)[None, None, :] <= qpos[:, :, None]) & allocated[:, None, :]     # [B, T, M]
+    blind = ~visible.any(-1)
+    if blind.any():
+        b, t = (int(i) for i in np.argwhere(blind)[0])
+        raise ValueError(f"{op}: row {b}'s query {t} (position {qpos[b, t]}) sees no allocated cache position: "
+                         f"block_table[{b}, 0] = {block_table[b, 0]}")
+    logits = np.where(visible[:, None], logits, -np.inf)
+    logits = logits - logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(-1, keepdims=True)
+    return np.matmul(p, v).astype(q.dtype)
+
+
 def default_scale(head_dim: int) -> float:
     """The usual softmax scale 1/sqrt(D), for builders that do not read it from a model."""
     return 1.0 / math.sqrt(head_dim)
@@ -134,3 +279,11 @@ defop("kv.attention", ("q", "k_cache", "v_cache", "pos"), _attention_infer, _att
       {"scale": Attr("float")},
       doc="attention of q [B, H, T, D] over the caches [B, Hkv, M, D]: query t of row b attends cache "
           "positions j <= pos[b] + t; softmax(q k^T * scale) v in f32; H a multiple of Hkv (GQA)")
+defop("kv.paged_append", ("pool", "new", "pos", "block_table"), _paged_append_infer, _paged_append_ref,
+      doc="a copy of pool [NB, Hkv, BS, D] with new [B, Hkv, T, D] written at row b's positions pos[b]+t, "
+          "position p at pool[block_table[b, p // BS], :, p % BS]; unallocated entries (-1) drop the write; "
+          "the TVM backend updates the pool in place")
+defop("kv.paged_attention", ("q", "k_pool", "v_pool", "pos", "block_table"), _paged_attention_infer,
+      _paged_attention_ref, {"scale": Attr("float")},
+      doc="kv.attention of q [B, H, T, D] over each row's blocks of the pools [NB, Hkv, BS, D] (block_table "
+          "[B, MB] i32); positions in unallocated blocks (-1) are not attended")

@@ -1,0 +1,303 @@
+"""Paged-KV-cache runners: one step of a compiled (or eager torch) LM over block pools and block tables --
+what a serving engine (continuous batching, llmasos/serve/) drives.
+
+Layout (vLLM's PagedAttention; ``llmasos.frontends.kv_ops``, IR ops ``kv.paged_append`` /
+``kv.paged_attention`` in llmasos/ir/opset/kv.py):
+
+* KV pool per layer, one for k and one for v: [num_blocks, n_kv_heads, block_size, head_dim], in the
+  model's dtype, zero-initialised, owned by the runner and kept across calls.
+* block_table: int32 [B, max_blocks_per_seq], max_blocks_per_seq = ceil(max_seq / block_size). Logical
+  position p of the sequence in row b lives in block block_table[b, p // block_size], slot p % block_size.
+  -1 marks an unallocated entry.
+
+The interface (``CompiledLM.paged_runner(num_blocks)`` for a model compiled with ``compile_lm(model, ...,
+kv="paged", block_size=16)``, and ``TorchPagedRunner(model, num_blocks, block_size)``, pure PyTorch):
+
+    runner.vocab, runner.max_seq, runner.block_size, runner.num_blocks, runner.max_blocks_per_seq
+    logits = runner.step(ids, pos, last, block_table)      # np.ndarray float32 [B, vocab]
+    runner.copy_blocks([(src, dst), ...])                  # copy-on-write
+
+``step``: ids int [B, T] (T >= 1; one call serves prefill chunks and decode rows together, every row padded
+to T), pos int [B] = the position of ids[b, 0], last int [B] = the index in 0..T-1 of row b's last real token.
+Row b's tokens ids[b, 0..last[b]] are written at positions pos[b] .. pos[b] + last[b] and attend (causally)
+positions 0 .. pos[b] + t of their own sequence through the table; the logits of token last[b] of each row
+come back. Tokens after last[b] are padding: before the call the runner sets every entry of row b past the
+block of its last real position to -1 (so padding is dropped there), which leaves padding only the slots
+after pos[b] + last[b] of that same block: positions the sequence has not reached, which its next real
+tokens overwrite before anything attends them. So no block of another sequence, and no position
+0 .. pos[b] + last[b] of the row's own, is ever touched by padding. T == 1 runs the compiled decode function
+(the decode kernel: reads only the row's blocks up to pos[b]), T > 1 the prefill function.
+
+Every call is checked on the host first (GenerationError naming the row): integer arrays of the right
+shapes; token ids in the vocabulary; 0 <= last < T; pos >= 0 and pos + last < max_seq; block ids in
+-1 .. num_blocks-1; every block a row's real tokens attend (0 .. (pos+last) // block_size) allocated and not
+listed twice in the row; no block the call writes held by another row of the call (copy a shared block
+with copy_blocks before writing it).
+
+``copy_blocks(pairs)``: for each (src, dst), block dst of every layer's k and v pool becomes a copy of
+block src (sources and destinations distinct).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import GenerationError
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class _PagedRunner:
+    """The checks and bookkeeping shared by the compiled and the torch runner."""
+    vocab: int
+    max_seq: int
+    block_size: int
+    num_blocks: int
+    max_blocks_per_seq: int
+    max_batch: int
+    static_batch: Optional[int] = None
+
+    def _init_shape(self, vocab: int, max_seq: int, block_size: int, num_blocks, max_batch: int) -> None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+            raise GenerationError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+        self.vocab, self.max_seq, self.block_size = int(vocab), int(max_seq), int(block_size)
+        self.num_blocks, self.max_batch = int(num_blocks), int(max_batch)
+        self.max_blocks_per_seq = math.ceil(self.max_seq / self.block_size)
+
+    @staticmethod
+    def _ints(name: str, a) -> np.ndarray:
+        a = np.asarray(a)
+        if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+            raise GenerationError(f"step: {name} must be an integer array (int32), got dtype {a.dtype}")
+        return a
+
+    def check(self, ids, pos, last, block_table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, pos int32, last int64, the table the kernels get: int32, padding-only entries -1), or
+        a GenerationError saying what is wrong."""
+        ids, pos, last, table = (self._ints(n, a) for n, a in
+                                 (("ids", ids), ("pos", pos), ("last", last), ("block_table", block_table)))
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise GenerationError(f"step: ids must be [B, T] with B, T >= 1, got shape {list(ids.shape)}")
+        B, T = ids.shape
+        limit = self.static_batch or self.max_batch
+        if B > limit or (self.static_batch and B != self.static_batch):
+            raise GenerationError(f"step: batch {B}, but this model was compiled for batch "
+                                  f"{'of exactly ' if self.static_batch else 'up to '}{limit}")
+        if T > self.max_seq:
+            raise GenerationError(f"step: {T} tokens per row exceed max_seq={self.max_seq}")
+        MB = self.max_blocks_per_seq
+        for name, a, shape in (("pos", pos, (B,)), ("last", last, (B,)), ("block_table", table, (B, MB))):
+            if a.shape != shape:
+                raise GenerationError(f"step: {name} must have shape {list(shape)} (B={B}, "
+                                      f"max_blocks_per_seq={MB}), got {list(a.shape)}")
+        bad = (ids < 0) | (ids >= self.vocab)
+        if bad.any():
+            b, t = (int(i) for i in np.argwhere(bad)[0])
+            raise GenerationError(f"step: row {b}: token id {int(ids[b, t])} (at {t}) is outside the vocabulary "
+                                  f"[0, {self.vocab})")
+        bad = (last < 0) | (last >= T)
+        if bad.any():
+            b = int(np.argmax(bad))
+            raise GenerationError(f"step: row {b}: last={int(last[b])} is not a token index of 0..{T - 1}")
+        if (pos < 0).any():
+            b = int(np.argmax(pos < 0))
+            raise GenerationError(f"step: row {b}: negative pos {int(pos[b])}")
+        end = pos.astype(np.int64) + last.astype(np.int64)         # each row's last real position
+        if (end >= self.max_seq).any():
+            b = int(np.argmax(end >= self.max_seq))
+            raise GenerationError(f"step: row {b}: its tokens take positions {int(pos[b])}..{int(end[b])}, past "
+                                  f"the compiled max_seq={self.max_seq} (positions 0..{self.max_seq - 1})")
+        bad = (table < -1) | (table >= self.num_blocks)
+        if bad.any():
+            b, k = (int(i) for i in np.argwhere(bad)[0])
+            raise GenerationError(f"step: block_table[{b}, {k}] = {int(table[b, k])} is not a block id of "
+                                  f"0..{self.num_blocks - 1} (or -1: unallocated)")
+        BS = self.block_size
+        last_blk = end // BS                                              # [B]
+        used = np.arange(MB)[None, :] <= last_blk[:, None]               # the blocks the real tokens attend
+        holes = used & (table < 0)
+        if holes.any():
+            b, k = (int(i) for i in np.argwhere(holes)[0])
+            raise GenerationError(f"step: row {b} attends positions 0..{int(end[b])} but block_table[{b}, {k}] "
+                                  f"(positions {k * BS}..{k * BS + BS - 1}) is unallocated (-1)")
+        eff = np.where(used, table, -1).astype(np.int32)                  # padding past the last block: dropped
+        held = {}
+        for b in range(B):
+            ids_b = eff[b, :last_blk[b] + 1]
+            if len(set(ids_b.tolist())) != len(ids_b):
+                dup = next(x for x in ids_b.tolist() if (ids_b == x).sum() > 1)
+                raise GenerationError(f"step: row {b} lists block {dup} twice in its table")
+            for x in ids_b.tolist():
+                held.setdefault(x, []).append(b)
+        for b in range(B):
+            for x in eff[b, pos[b] // BS:last_blk[b] + 1].tolist():      # the blocks row b writes
+                other = [r for r in held[x] if r != b]
+                if other:
+                    raise GenerationError(f"step: row {b} writes block {x}, which row {other[0]} also holds: copy a "
+                                          f"shared block (copy_blocks) before writing it")
+        return ids.astype(np.int64), pos.astype(np.int32), last.astype(np.int64), eff
+
+    def _check_pairs(self, pairs) -> tuple[list, list]:
+        src, dst = [], []
+        for i, pr in enumerate(pairs):
+            try:
+                s, d = pr
+                if isinstance(s, (bool, np.bool_)) or isinstance(d, (bool, np.bool_)) \
+                        or not all(isinstance(x, (int, np.integer)) for x in (s, d)):
+                    raise TypeError
+            except (TypeError, ValueError):
+                raise GenerationError(f"copy_blocks: pair {i} must be (src, dst) int block ids, got {pr!r}") from None
+            for what, x in (("src", s), ("dst", d)):
+                if not 0 <= x < self.num_blocks:
+                    raise GenerationError(f"copy_blocks: pair {i}: {what} block {x} is outside "
+                                          f"0..{self.num_blocks - 1}")
+            src.append(int(s))
+            dst.append(int(d))
+        if len(set(dst)) != len(dst):
+            raise GenerationError(f"copy_blocks: a destination block appears twice in {list(zip(src, dst))}")
+        if set(src) & set(dst):
+            raise GenerationError(f"copy_blocks: blocks {sorted(set(src) & set(dst))} are both a source and a "
+                                  f"destination")
+        return src, dst
+
+    def step(self, ids, pos, last, block_table) -> np.ndarray:
+        raise NotImplementedError
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"max_seq={self.max_seq}, max_batch={self.max_batch}, vocab={self.vocab})")
+
+
+class PagedRunner(_PagedRunner):
+    """Steps of a CompiledLM built with ``kv="paged"``: the pools live on its device and persist across
+    calls (made by ``CompiledLM.paged_runner(num_blocks)``); the compiled code appends into them in place."""
+
+    def __init__(self, lm, num_blocks: int):
+        import tvm  # deferred: TVM's runtime (`import llmasos` imports this module)
+        self.lm = lm
+        self._init_shape(lm.vocab, lm.max_seq, lm.block_size, num_blocks, lm.max_batch)
+        if lm._cache_types and self.max_blocks_per_seq != -(-lm.max_seq // lm.block_size):
+            raise GenerationError("the compiled block table does not match max_seq / block_size")
+        self.static_batch = lm.static_batch
+        self._dev = lm._dev
+        self._pools = []
+        for t in lm._cache_types:
+            shape = (self.num_blocks, *t.shape[1:])
+            # zeroed, not empty: masked positions get probability 0, and 0 * NaN garbage would be NaN
+            self._pools.append(tvm.runtime.tensor(np.zeros(shape, t.dtype.numpy), self._dev))
+
+    @property
+    def pools(self) -> list:
+        """The device pools (tvm tensors), k_0, v_0, k_1, ..."""
+        return self._pools
+
+    def pool_bytes(self) -> int:
+        return self.lm.cache_bytes(self.num_blocks)
+
+    def step(self, ids, pos, last, block_table) -> np.ndarray:
+        import tvm  # deferred: TVM's runtime
+        ids, pos, last, table = self.check(ids, pos, last, block_table)
+        fn = self.lm._decode if ids.shape[1] == 1 else self.lm._prefill
+        args = [tvm.runtime.tensor(a, self._dev) for a in (ids, pos, last, table)]
+        out = fn(*args, *self._pools, *self.lm._weights)
+        return out[0].numpy().astype(np.float32, copy=False)
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        import torch  # deferred: torch (device-side block copies through DLPack)
+        src, dst = self._check_pairs(pairs)
+        if not src:
+            return
+        for p in self._pools:
+            t = torch.from_dlpack(p)
+            t[torch.tensor(dst, device=t.device)] = t[torch.tensor(src, device=t.device)]
+        self.lm.executable.spec.synchronize()
+
+
+class TorchPagedRunner(_PagedRunner):
+    """The same interface in plain PyTorch, eager: the Decoder's paged forward writing its pools in place
+    (the reference the compiled runner is tested against, and the baseline of bench/paged_gpu_check.py).
+
+    model: a Decoder, a transformers causal LM of a registered family, a DecoderConfig (random weights) or a
+    preset name. max_seq defaults to the model's max_positions; max_batch bounds B only to mirror a compiled
+    model. dtype / device: cast / move the weights (and pools)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, *, max_seq: Optional[int] = None,
+                 max_batch: int = 8, dtype=None, device=None, seed: int = 0):
+        import torch  # deferred: torch
+        from .compile import as_decoder  # deferred: torch (the Decoder and its export)
+        from .config import DecoderConfig
+        from .model import Decoder
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise GenerationError(f"block_size must be an int >= 1, got {block_size!r}")
+        if isinstance(model, DecoderConfig):
+            dec = Decoder.random(model, mode="export", seed=seed, dtype=dtype or torch.float32, device=device)
+        else:
+            dec = as_decoder(model, dtype)
+        if device is not None:
+            dec = dec.to(device)
+        max_seq = dec.cfg.max_positions if max_seq is None else max_seq
+        if isinstance(max_seq, bool) or not isinstance(max_seq, int) or not 2 <= max_seq <= dec.cfg.max_positions:
+            raise GenerationError(f"max_seq must be an int in 2..{dec.cfg.max_positions} (the model's positions), "
+                                  f"got {max_seq!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise GenerationError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self._init_shape(dec.cfg.vocab, max_seq, block_size, num_blocks, max_batch)
+        self.decoder = dec.paged_twin(inplace=True)
+        self.pools = dec.new_pools(self.num_blocks, self.block_size)
+        self._torch = torch
+
+    def step(self, ids, pos, last, block_table) -> np.ndarray:
+        torch = self._torch
+        ids, pos, last, table = self.check(ids, pos, last, block_table)
+        dev = self.pools[0].device
+        with torch.no_grad():
+            out = self.decoder(*(torch.from_numpy(a).to(dev) for a in (ids, pos, last, table)), *self.pools)
+        return out[0].float().cpu().numpy()
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        src, dst = self._check_pairs(pairs)
+        if src:
+            for p in self.pools:
+                p[dst] = p[src]
+
+
+def paged_generate(runner: _PagedRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   first_block: int = 0) -> list[list[int]]:
+    """Greedy generation through a paged runner, one batch of prompts, each row given consecutive blocks
+    from ``first_block`` on (a plain allocator: what a test or an example needs; the serving engine has its
+    own). Returns the new tokens of each prompt."""
+    B, BS, MB = len(prompts), runner.block_size, runner.max_blocks_per_seq
+    if B < 1 or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError("paged_generate needs at least one prompt and an int max_new_tokens >= 1")
+    lens = [len(p) for p in prompts]
+    if min(lens) < 1:
+        raise GenerationError(f"prompt {lens.index(0)} is empty: generation needs at least one token")
+    table = np.full((B, MB), -1, np.int32)
+    nxt = first_block
+    for b, n in enumerate(lens):
+        if n + max_new_tokens > runner.max_seq:
+            raise GenerationError(f"prompt {b}: {n} tokens + {max_new_tokens} new exceed max_seq={runner.max_seq}")
+        need = math.ceil((n + max_new_tokens) / BS)
+        if nxt + need > runner.num_blocks:
+            raise GenerationError(f"paged_generate: the prompts need more than the pool's {runner.num_blocks} blocks")
+        table[b, :need] = np.arange(nxt, nxt + need)
+        nxt += need
+    T = max(lens)
+    ids = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    logits = runner.step(ids, np.zeros(B, np.int32), np.array(lens, np.int32) - 1, table)
+    out = [[int(t)] for t in logits.argmax(-1)]
+    pos = np.array(lens, np.int32)
+    for _ in range(max_new_tokens - 1):
+        ids = np.array([[o[-1]] for o in out], np.int32)
+        logits = runner.step(ids, pos, np.zeros(B, np.int32), table)
+        for b, t in enumerate(logits.argmax(-1)):
+            out[b].append(int(t))
+        pos = pos + 1
+    return out
