@@ -20,8 +20,8 @@ uvicorn in a thread on an ephemeral port (tests, bench/serve.py) and always stop
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
-import itertools
 import json
 import socket
 import threading
@@ -60,6 +60,7 @@ class _Common(_Body):
     stop: Union[str, list[str], None] = None
     stop_token_ids: Optional[list[int]] = None   # extension (vLLM's)
     ignore_eos: bool = False                     # extension (vLLM's)
+    return_token_ids: bool = False               # extension: each choice / chunk also has "token_ids"
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = 1
@@ -135,6 +136,32 @@ def _validation_message(e: ValidationError) -> tuple[str, Optional[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+class _Dispatcher:
+    """Engine thread -> event loop: outputs are queued here and handed over by one ``call_soon_threadsafe``
+    per burst (an engine step's outputs), not one wake-up of the event loop per token per request."""
+
+    def __init__(self):
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self.aio = None
+
+    def push(self, queue: asyncio.Queue, out: RequestOutput) -> None:      # engine thread
+        self._items.append((queue, out))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.aio.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:                                                # event loop
+        with self._lock:
+            self._scheduled = False
+        while self._items:
+            q, out = self._items.popleft()
+            q.put_nowait(out)
+
+
 class _App:
     """The routes' state: the engine loop, tokenizer, names and limits."""
 
@@ -143,7 +170,7 @@ class _App:
         self.loop, self.metrics, self.tok = loop, metrics, tokenizer
         self.model_name, self.api_key, self.max_waiting = model_name, api_key, max_waiting
         self.engine: Engine = loop.engine
-        self._ids = itertools.count()
+        self.dispatch = _Dispatcher()
 
     # -- checks -----------------------------------------------------------------------------------------
     def check_model(self, model: Optional[str]) -> None:
@@ -210,11 +237,12 @@ class _App:
                                  f"{self.max_waiting}); retry later", code="server_busy", headers={"Retry-After": "1"})
         if not self.loop.alive:
             raise HTTPError(503, "the engine is not running", code="engine_dead")
-        aio = asyncio.get_running_loop()
+        if self.dispatch.aio is None:
+            self.dispatch.aio = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def sink(out: RequestOutput, _put=queue.put_nowait, _call=aio.call_soon_threadsafe):
-            _call(_put, out)
+        def sink(out: RequestOutput, _push=self.dispatch.push):
+            _push(queue, out)
 
         base = f"{prefix}-{uuid.uuid4().hex[:16]}"
         checked = []
@@ -342,10 +370,12 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(queue, rids, base, created, chat, include_usage, prompt_tokens),
+            return StreamingResponse(stream(queue, rids, base, created, chat, include_usage, prompt_tokens,
+                                            body.return_token_ids),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts = {i: [] for i in range(len(rids))}
+        toks = {i: [] for i in range(len(rids))}
         done: dict = {}
         try:
             while len(done) < len(rids):
@@ -357,6 +387,7 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
                         return Response(status_code=499)
                     continue
                 texts[out.index].append(out.text)
+                toks[out.index] += out.token_ids
                 if out.finished:
                     done[out.index] = out
         except BaseException:
@@ -373,6 +404,8 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
                 c["message"] = {"role": "assistant", "content": text}
             else:
                 c["text"] = text
+            if body.return_token_ids:
+                c["token_ids"] = toks[i]
             choices.append(c)
         return {"id": base, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": choices, "usage": usage(prompt_tokens, done.values())}
@@ -382,15 +415,17 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    async def stream(queue, rids, base, created, chat, include_usage, prompt_tokens):
+    async def stream(queue, rids, base, created, chat, include_usage, prompt_tokens, with_ids):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(i, text=None, finish=None, role=False):
+        def chunk(i, text=None, finish=None, role=False, ids=()):
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
                 c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 c = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if with_ids and not role:
+                c["token_ids"] = list(ids)
             d = {"id": base, "object": obj, "created": created, "model": model_name, "choices": [c]}
             if include_usage:
                 d["usage"] = None
@@ -410,11 +445,11 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
                                          "type": "server_error", "param": None, "code": "engine_error"}}
                         yield f"data: {json.dumps(err)}\n\n"
                         continue
-                    if out.text:
-                        yield chunk(out.index, out.text)
+                    if out.text or (with_ids and out.token_ids):
+                        yield chunk(out.index, out.text, ids=out.token_ids)
                     yield chunk(out.index, None if chat else "", finish=out.finish_reason)
-                elif out.text:
-                    yield chunk(out.index, out.text)
+                elif out.text or (with_ids and out.token_ids):     # text held back: ids only when asked
+                    yield chunk(out.index, out.text, ids=out.token_ids)
             if include_usage:
                 d = {"id": base, "object": obj, "created": created, "model": model_name, "choices": [],
                      "usage": usage(prompt_tokens, finished.values())}

@@ -84,6 +84,14 @@ def test_completions_with_openai_client(server, smol_tokenizer):
     assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == \
         [expect(tok, ids, 6)[0], expect(tok, other, 6)[0]]
     assert [m.id for m in c.models.list().data] == ["fake-smol"]
+    # extension: the token ids (a model without tokenizer, a load generator counting tokens)
+    want = reference(ids, 12, VOCAB, stop=(EOS,))
+    r = c.completions.create(model="fake-smol", prompt=PROMPT, max_tokens=12, temperature=0,
+                             extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == want
+    pieces = c.completions.create(model="fake-smol", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                  extra_body={"return_token_ids": True})
+    assert [t for p in pieces for t in p.choices[0].model_extra.get("token_ids", [])] == want
 
 
 def test_chat_with_openai_client(server, smol_tokenizer):
