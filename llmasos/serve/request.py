@@ -40,8 +40,9 @@ class SamplingParams:
             Sampling(float(self.temperature), self.top_k, float(self.top_p), self.seed)
         except (ValueError, TypeError) as e:
             raise RequestError(str(e).replace("sampling ", ""), param=str(e).split()[1]) from None
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise RequestError(f"seed must be an int, got {self.seed!r}", param="seed")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**63):
+            raise RequestError(f"seed must be an int in 0..2**63-1, got {self.seed!r}", param="seed")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise RequestError(f"stop strings must be non-empty strings, got {s!r}", param="stop")

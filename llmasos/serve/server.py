@@ -23,6 +23,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import re
 import socket
 import threading
 import time
@@ -122,9 +123,14 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_TAG = re.compile(r"^[a-z-]+\[.*\]$")
+
+
 def _validation_message(e: ValidationError) -> tuple[str, Optional[str]]:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "str", "int")))
+    # drop pydantic's union-member tags ("str", "list[int]", "function-after[...]") from the field path
+    loc = ".".join(str(x) for x in err["loc"]
+                   if str(x) not in ("str", "int", "float", "bool") and not _TAG.match(str(x)))
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown field {loc!r}", loc
