@@ -26,6 +26,7 @@ from .artifact import kind_of
 from .llm import Sampling
 from .llm.bench import run as run_bench
 from .opt import add_parser as add_opt_parser
+from .serve.load import load_engine
 from .zoo import load_model, load_smollm2
 
 
@@ -241,8 +242,7 @@ def cmd_ops(args) -> int:
 def cmd_serve(args) -> int:
     """Load or compile MODEL with a paged KV cache and serve it over HTTP until Ctrl-C."""
     try:
-        from .serve.load import load_engine  # deferred: the serve extra (FastAPI, uvicorn, prometheus-client)
-        from .serve.server import Server
+        from .serve.server import Server  # deferred: the serve extra (FastAPI, uvicorn, prometheus-client)
     except ImportError as e:
         raise RuntimeError(f"llmasos serve needs the serve extra (pip install 'llmasos[serve]'): {e}") from None
     log = (lambda *a: print("[llmasos]", *a, file=sys.stderr, flush=True))
@@ -251,10 +251,14 @@ def cmd_serve(args) -> int:
                                kv_blocks=args.kv_blocks, block_size=args.block_size, log=log)
     server = Server(engine, model_name=args.name or name, host=args.host, port=args.port, api_key=args.api_key,
                     max_waiting=args.max_waiting, log_level="info")
-    log(f"{name} ready in {time.perf_counter() - t0:.1f} s: batch <= {engine.max_batch}, {engine.blocks.capacity} "
-        f"KV blocks of {engine.block_size}, max_seq {engine.max_seq}; serving on {server.url}/v1 "
-        f"(model name {args.name or name!r})")
-    server.run()
+    ready = (lambda url: log(f"{name} ready in {time.perf_counter() - t0:.1f} s: batch <= {engine.max_batch}, "
+                             f"{engine.blocks.capacity} KV blocks of {engine.block_size}, max_seq {engine.max_seq}; "
+                             f"serving on {url}/v1 (model name {args.name or name!r})"))
+    try:
+        server.run(ready=ready)
+    except KeyboardInterrupt:       # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    log("stopped")
     return 0
 
 
@@ -262,7 +266,8 @@ def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a paged KV cache")
     p.add_argument("model", help="an LM artifact compiled with kv='paged', smollm2, a decoder preset or a local "
                                  "HF causal-LM directory")
-    p.add_argument("--target", default="cpu", help="cpu, cuda, a TVM target as JSON, or torch (eager, uncompiled)")
+    p.add_argument("--target", default=None, help="cpu (default), cuda, a TVM target as JSON, or torch (eager, "
+                                                  "uncompiled); an artifact: its own target unless given")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")

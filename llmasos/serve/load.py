@@ -2,8 +2,9 @@
 
     MODEL_OR_ARTIFACT   an LM artifact directory compiled with kv="paged" (``CompiledLM.save``), or a model
                         as ``llmasos generate`` takes it: smollm2, a decoder preset, a local HF causal-LM dir
-    target              cpu / cuda / a TVM target as JSON: compile_lm(kv="paged"); "torch": the eager
-                        TorchPagedRunner (no compilation; for checks and quick tries)
+    target              cpu (default for a model) / cuda / a TVM target as JSON: compile_lm(kv="paged");
+                        "torch": the eager TorchPagedRunner (no compilation; for checks and quick tries);
+                        for an artifact, None loads it for the target it was compiled for
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import llm
+from ..artifact import kind_of
+from ..zoo import load_model
 from .engine import Engine
 from .scheduler import cdiv
 
@@ -26,11 +30,9 @@ def _target(t: Any):
     return json.loads(t) if isinstance(t, str) and t.strip().startswith("{") else t
 
 
-def load_runner(spec: str, *, target: Any = "cpu", max_batch: int = 8, max_seq: Optional[int] = 512,
+def load_runner(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: Optional[int] = 512,
                 kv_blocks: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE, log=None):
     """(runner, tokenizer or None, model name) for a ``llmasos serve`` model argument."""
-    from .. import llm  # deferred: torch/TVM (llmasos.serve imports no compiler until a model is loaded)
-    from ..artifact import kind_of
     log = log or (lambda *a: None)
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
@@ -41,14 +43,14 @@ def load_runner(spec: str, *, target: Any = "cpu", max_batch: int = 8, max_seq: 
         if target == "torch":
             raise ValueError(f"{spec} is a compiled LM artifact; --target torch runs an uncompiled model "
                              f"(pass a model name or a HF directory)")
-        lm = llm.load_lm(str(path), None if target in (None, "cpu") else _target(target))
+        lm = llm.load_lm(str(path), None if target is None else _target(target))     # None: the saved target
         if not hasattr(lm, "paged_runner") or getattr(lm, "block_size", None) is None:
             raise ValueError(f"{spec} was compiled with a contiguous KV cache; serving needs kv='paged' "
                              f"(llmasos.compile_lm(model, kv='paged', max_batch=N) then .save)")
         blocks = kv_blocks or default_kv_blocks(lm.max_batch, lm.max_seq, lm.block_size)
         return lm.paged_runner(blocks), lm.tokenizer, path.name
-    from ..zoo import load_model
     model, tok, _ = load_model(spec)
+    target = "cpu" if target is None else target
     name = path.name if path.is_dir() else spec
     if target == "torch":
         blocks = kv_blocks or default_kv_blocks(max_batch, max_seq or 512, block_size)
@@ -60,7 +62,7 @@ def load_runner(spec: str, *, target: Any = "cpu", max_batch: int = 8, max_seq: 
     return lm.paged_runner(blocks), tok, name
 
 
-def load_engine(spec: str, *, target: Any = "cpu", max_batch: int = 8, max_seq: Optional[int] = 512,
+def load_engine(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: Optional[int] = 512,
                 kv_blocks: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = 64,
                 log=None) -> tuple[Engine, str]:
     runner, tok, name = load_runner(spec, target=target, max_batch=max_batch, max_seq=max_seq, kv_blocks=kv_blocks,

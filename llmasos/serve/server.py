@@ -510,10 +510,13 @@ class Server:
         self.port = sock.getsockname()[1]
         return sock
 
-    def run(self) -> None:
-        """Serve in this thread until Ctrl-C (uvicorn handles the signals), then stop the engine."""
+    def run(self, ready=None) -> None:
+        """Serve in this thread until Ctrl-C (uvicorn handles the signals), then stop the engine. ``ready(url)``
+        is called once the port is bound (port 0: the one the system chose)."""
         sock = self._bind()
         self.loop.start()
+        if ready is not None:
+            ready(self.url)
         try:
             self._uv = self._config()
             self._uv.run(sockets=[sock])
