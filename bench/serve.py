@@ -157,26 +157,30 @@ def run_static(lm, reqs: list, batch: int, time_limit: float) -> dict:
 
 
 def run_torch_compile(dec_cfg, dtype, device, reqs: list, batch: int, max_seq: int, time_limit: float) -> dict:
+    """Static batches of exactly ``batch`` rows (a short last batch is filled with copies of its first
+    request, which do not count) through the torch-mode Decoder: eager prefill of the prompts left-padded to
+    the batch's longest, then torch.compile(mode="reduce-overhead") decode steps (one shape: CUDA graphs)."""
     import torch
     from llmasos.llm.bench import torch_generate
     from llmasos.llm.model import Decoder
     tmodel = Decoder.random(dec_cfg, mode="torch", seed=0, dtype=dtype, device=device)
+    tmodel.setup_caches(batch, max_seq, dtype, device)
     step = torch.compile(tmodel, mode="reduce-overhead", fullgraph=True)
+    warm = torch.tensor([reqs[0][0]] * batch, device=device)
+    torch_generate(tmodel, warm, 4, step)          # compile and capture outside the timing
+    torch_generate(tmodel, warm, 4, step)
     tokens, done = 0, 0
-    t0 = None
+    t0 = time.perf_counter()
     for i in range(0, len(reqs), batch):
-        chunk = reqs[i:i + batch]
-        P, mt = max(len(p) for p, _ in chunk), max(o for _, o in chunk)
-        prompt = torch.tensor([[0] * (P - len(p)) + p for p, _ in chunk], device=device)
-        tmodel.setup_caches(len(chunk), min(max_seq, P + mt), dtype, device)
-        if t0 is None:                      # warm-up / compile outside the timing
-            torch_generate(tmodel, prompt, 4, step)
-            torch_generate(tmodel, prompt, 4, step)
-            t0 = time.perf_counter()
         if time.perf_counter() - t0 > time_limit:
             break
+        chunk = reqs[i:i + batch]
+        rows = chunk + [chunk[0]] * (batch - len(chunk))
+        P, mt = max(len(p) for p, _ in rows), max(o for _, o in chunk)
+        mt = min(mt, max_seq - P)
+        prompt = torch.tensor([[0] * (P - len(p)) + p for p, _ in rows], device=device)
         torch_generate(tmodel, prompt, mt, step)
-        tokens += sum(o for _, o in chunk)
+        tokens += sum(min(o, mt) for _, o in chunk)
         done += len(chunk)
     return summary(tokens, time.perf_counter() - t0, [], [], done)
 
