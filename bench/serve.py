@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-seq", type=int, default=256)
     ap.add_argument("--kv-blocks", type=int, default=None, help="default: max-batch full sequences")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--prefill-chunk", type=int, default=64)
+    ap.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per step (the step budget is twice it)")
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds per level and side (default 600)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-static", action="store_true", help="skip the static-batch generate baseline")

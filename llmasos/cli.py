@@ -248,7 +248,8 @@ def cmd_serve(args) -> int:
     log = (lambda *a: print("[llmasos]", *a, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     engine, name = load_engine(args.model, target=args.target, max_batch=args.max_batch, max_seq=args.max_seq,
-                               kv_blocks=args.kv_blocks, block_size=args.block_size, log=log)
+                               kv_blocks=args.kv_blocks, block_size=args.block_size,
+                               prefill_chunk=args.prefill_chunk, log=log)
     server = Server(engine, model_name=args.name or name, host=args.host, port=args.port, api_key=args.api_key,
                     max_waiting=args.max_waiting, log_level="info")
     ready = (lambda url: log(f"{name} ready in {time.perf_counter() - t0:.1f} s: batch <= {engine.max_batch}, "
@@ -274,6 +275,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-seq", type=int, default=512, help="positions per request: prompt + output (default 512)")
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: max-batch full sequences)")
     p.add_argument("--block-size", type=int, default=16, help="positions per KV block (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per step (default "
+                                                                  "256; a step takes at most twice it)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 (default 256)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--name", default=None, help="the model name clients send (default: the model argument)")

@@ -38,7 +38,7 @@ class Observer:
 
 
 class Engine:
-    def __init__(self, runner, tokenizer=None, *, max_batch: Optional[int] = None, prefill_chunk: int = 64,
+    def __init__(self, runner, tokenizer=None, *, max_batch: Optional[int] = None, prefill_chunk: int = 256,
                  prefill_budget: Optional[int] = None, prefix_sharing: bool = True,
                  eos_token_id: Optional[int] = None, observer: Optional[Observer] = None):
         for attr in ("vocab", "max_seq", "block_size", "num_blocks", "max_blocks_per_seq", "step", "copy_blocks"):

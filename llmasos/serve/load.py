@@ -63,7 +63,7 @@ def load_runner(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: O
 
 
 def load_engine(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: Optional[int] = 512,
-                kv_blocks: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = 64,
+                kv_blocks: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = 256,
                 log=None) -> tuple[Engine, str]:
     runner, tok, name = load_runner(spec, target=target, max_batch=max_batch, max_seq=max_seq, kv_blocks=kv_blocks,
                                     block_size=block_size, log=log)

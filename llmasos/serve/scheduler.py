@@ -41,7 +41,7 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_batch: int, prefill_chunk: int = 64,
+    def __init__(self, blocks: BlockManager, *, max_batch: int, prefill_chunk: int = 256,
                  prefill_budget: Optional[int] = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
