@@ -589,6 +589,33 @@ class _Builder:
             self.node(op, [q, cache("k_cache"), cache("v_cache"), pos], {"scale": self.choice((0.5, 1.0))})
         return True
 
+    def b_paged(self, op: str):
+        """Fresh pools (kept out of the pool of values, as in b_kv); a constant block table giving each row
+        its own blocks (entries past the row's new tokens -1 now and then), pos a constant in range."""
+        dt = self.choice(FLOATS)
+        b, hkv, t, d = self.integer(1, 3), self.integer(1, 2), self.integer(1, 3), self.integer(1, 4)
+        bs, mb = self.integer(1, 4), self.integer(1, 3)
+        if mb * bs < t:
+            mb = -(-t // bs)
+        nb = b * mb + self.integer(0, 2)
+        pos = self.array((b,), DType.i32, 0, mb * bs - t + 1)
+        table = np.random.default_rng(self.integer(0, 2**16)).permutation(nb)[:b * mb].reshape(b, mb).astype(np.int32)
+        if self.flag():
+            for r in range(b):
+                table[r, (int(pos[r]) + t - 1) // bs + 1:] = -1
+        table_v = self.node("const", [], {"value": table, "dtype": DType.i32})
+        pos_v = self.node("const", [], {"value": pos, "dtype": DType.i32})
+
+        def pool(kind: str) -> Value:
+            return self.g.add_input(self.unused(kind), TensorType((nb, hkv, bs, d), dt))
+
+        if op == "kv.paged_append":
+            self.node(op, [pool("k_pool"), self.input((b, hkv, t, d), dt), pos_v, table_v])
+        else:
+            q = self.input((b, hkv * self.choice((1, 2)), t, d), dt)
+            self.node(op, [q, pool("k_pool"), pool("v_pool"), pos_v, table_v], {"scale": self.choice((0.5, 1.0))})
+        return True
+
     def b_add_norm(self, op: str):
         x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= 1)
         if x is None:
@@ -670,7 +697,7 @@ OP_BUILDERS = {
     "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.linear_glu": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
     "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant",
-    "kv.append": "b_kv", "kv.attention": "b_kv",
+    "kv.append": "b_kv", "kv.attention": "b_kv", "kv.paged_append": "b_paged", "kv.paged_attention": "b_paged",
 }
 OPS = tuple(sorted(OP_BUILDERS))
 

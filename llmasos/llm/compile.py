@@ -19,29 +19,8 @@ from ..backends.tvm.tuning import tune_functions
 from ..driver import Source, compile_program, lower, prepare
 from ..frontends import torch_export
 from .export import export_decoder
-from .model import Decoder
+from .model import Decoder, as_decoder  # noqa: F401  (as_decoder: re-exported)
 from .runtime import DECODE, PREFILL, CompiledLM
-
-
-def as_decoder(model, dtype=None, device=None) -> Decoder:
-    """An export-mode Decoder for ``model``: a Decoder, a transformers causal LM of a registered family, or the
-    name of a decoder preset (random weights: for benchmarks)."""
-    if isinstance(model, str):
-        if model not in presets.names(decoders_only=True):
-            raise ValueError(f"unknown model {model!r}: pass a Decoder, a transformers causal LM or one of the "
-                             f"presets {', '.join(presets.names(decoders_only=True))}")
-        return Decoder.random(presets.decoder_config(model), mode="export", dtype=dtype or torch.float32,
-                              device=device)
-    if isinstance(model, Decoder):
-        if model.mode != "export":
-            m = Decoder(model.cfg, "export")
-            m.load_state_dict(model.state_dict(), strict=False)
-            model = m.to(dtype=model.dtype, device=model.embed.weight.device).eval()
-        return model.to(dtype=dtype) if dtype is not None else model
-    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
-        return Decoder.from_hf(model, mode="export", dtype=dtype)
-    raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers causal LM (Llama, GPT-2, Qwen2, Mistral...) "
-                    f"or a preset name, got {type(model).__name__}")
 
 
 KV_LAYOUTS = ("contiguous", "paged")

@@ -31,6 +31,7 @@ from torch import nn
 # importing llmasos.llm.ops also registers torch.ops.llmasos.kv_append / kv_attention
 from llmasos.llm.ops import causal_cache_mask, paged_attention, paged_write_
 
+from . import presets
 from .adapter import adapter_for
 from .config import ARCHS, DecoderConfig  # noqa: F401  (re-exported: the Decoder's config)
 
@@ -351,3 +352,24 @@ def _gather(sd: dict, src, prefix: str, family: str) -> torch.Tensor:
         raise ValueError(f"Decoder.from_hf: the {family} state dict has no {missing[0]!r}")
     t = sd[keys[0]] if len(keys) == 1 else torch.cat([sd[k] for k in keys], 0)
     return t.t().contiguous() if src.transpose else t
+
+
+def as_decoder(model, dtype=None, device=None) -> Decoder:
+    """An export-mode Decoder for ``model``: a Decoder, a transformers causal LM of a registered family, or the
+    name of a decoder preset (random weights: for benchmarks)."""
+    if isinstance(model, str):
+        if model not in presets.names(decoders_only=True):
+            raise ValueError(f"unknown model {model!r}: pass a Decoder, a transformers causal LM or one of the "
+                             f"presets {', '.join(presets.names(decoders_only=True))}")
+        return Decoder.random(presets.decoder_config(model), mode="export", dtype=dtype or torch.float32,
+                              device=device)
+    if isinstance(model, Decoder):
+        if model.mode != "export":
+            m = Decoder(model.cfg, "export")
+            m.load_state_dict(model.state_dict(), strict=False)
+            model = m.to(dtype=model.dtype, device=model.embed.weight.device).eval()
+        return model.to(dtype=dtype) if dtype is not None else model
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        return Decoder.from_hf(model, mode="export", dtype=dtype)
+    raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers causal LM (Llama, GPT-2, Qwen2, Mistral...) "
+                    f"or a preset name, got {type(model).__name__}")

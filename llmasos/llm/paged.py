@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .config import DecoderConfig
 from .errors import GenerationError
 
 DEFAULT_BLOCK_SIZE = 16
@@ -229,9 +230,7 @@ class TorchPagedRunner(_PagedRunner):
     def __init__(self, model, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, *, max_seq: Optional[int] = None,
                  max_batch: int = 8, dtype=None, device=None, seed: int = 0):
         import torch  # deferred: torch
-        from .compile import as_decoder  # deferred: torch (the Decoder and its export)
-        from .config import DecoderConfig
-        from .model import Decoder
+        from .model import Decoder, as_decoder  # deferred: torch (the Decoder)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise GenerationError(f"block_size must be an int >= 1, got {block_size!r}")
         if isinstance(model, DecoderConfig):

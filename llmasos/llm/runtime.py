@@ -11,6 +11,10 @@ of weights (backends.tvm.build_functions):
 runtime allocates them once per batch size and passes the same buffers on every call; the decode step's
 inputs live in fixed device buffers too, which is what lets a CUDA graph replay the whole step.
 
+With ``compile_lm(..., kv="paged")`` both functions take ``block_table [B, MB] i32`` after ``last`` and
+block pools [NB, Hkv, BS, D] instead of the caches; ``paged_runner(num_blocks)`` then owns the pools and
+steps the model (llmasos/llm/paged.py), and generate / stream refuse.
+
 Requests are checked before any device work, and every request rewrites the cache from position 0, so a
 rejected or failed request cannot leave state that changes the next one.
 """

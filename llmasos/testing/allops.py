@@ -314,6 +314,19 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
                                                 c.inp("kv_v", (n, 2, 8, 4), F32), kpos], {"scale": 0.5})
     c.node("f16/kv.attention", "kv.attention", [c.inp("kv_q16", (n, 2, 1, 4), F16), c.inp("kv_k16", (n, 2, 8, 4), F16),
                                                 c.inp("kv_v16", (n, 2, 8, 4), F16), kpos], {"scale": 0.5})
+    # paged KV cache: static pools of 8 blocks of 2 positions, a block table (a param) giving each of 3 rows its
+    # own blocks (-1 past them), positions whose 2 new tokens land in the rows' blocks
+    table = c.param("kv_table", np.array([[5, 1, -1], [2, 7, 0], [3, -1, -1]], np.int32))
+    ppos = c.param("kv_ppos", np.array([1, 3, 0], np.int32))
+    c.node("kv.paged_append", "kv.paged_append", [c.inp("kv_pool", (8, 2, 2, 4), F32), c.inp("kv_pnew", (3, 2, 2, 4), F32),
+                                                 ppos, table])
+    c.node("kv.paged_attention/gqa", "kv.paged_attention", [c.inp("kv_pq", (3, 4, 2, 4), F32),
+                                                           c.inp("kv_pk", (8, 2, 2, 4), F32),
+                                                           c.inp("kv_pv", (8, 2, 2, 4), F32), ppos, table], {"scale": 0.5})
+    c.node("f16/kv.paged_attention", "kv.paged_attention", [c.inp("kv_pq16", (3, 2, 1, 4), F16),
+                                                            c.inp("kv_pk16", (8, 2, 2, 4), F16),
+                                                            c.inp("kv_pv16", (8, 2, 2, 4), F16), ppos, table],
+           {"scale": 0.5})
     if extra is not None:
         extra(c)
     c.g.set_outputs(c.outputs)

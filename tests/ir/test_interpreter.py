@@ -791,6 +791,45 @@ def test_kv_append_and_attention(data):
     check(got, torch.ops.llmasos.kv_attention(T(q), T(appended), T(vc), T(pos), scale), what="kv.attention")
 
 
+@covers("kv.paged_append", "kv.paged_attention")
+@given(data=st.data())
+def test_kv_paged_ops_equal_torch_and_the_contiguous_ops(data):
+    """kv.paged_append / kv.paged_attention over a scattered block table (random block size, lengths, rows,
+    GQA) equal their torch ops, and the contiguous kv.append / kv.attention on the same sequences."""
+    from llmasos.frontends import kv_ops  # noqa: F401  (registers torch.ops.llmasos)
+    from tests.paged_util import gather, scatter, scattered_table
+    dt = data.draw(FLOATS, label="dtype")
+    b, hkv, rep = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 2, 4]))
+    bs, t, d = data.draw(st.integers(1, 5), label="BS"), data.draw(st.integers(1, 4), label="T"), \
+        data.draw(st.integers(1, 5), label="D")
+    mb = -(-t // bs) + data.draw(st.integers(0, 3), label="MB - min")
+    m = mb * bs
+    rng = np.random.default_rng(data.draw(SEEDS))
+    pos = rng.integers(0, m - t + 1, b).astype(np.int32)
+    cache, new = rand(rng, (b, hkv, m, d), dt), rand(rng, (b, hkv, t, d), dt)
+    used = (pos + t - 1) // bs + 1
+    table, nb = scattered_table(rng, b, mb, used)
+    pool = scatter(cache, table, nb, bs, rng)
+    (appended,) = run_op("kv.paged_append", [pool, new, pos, table])
+    check(appended, torch.ops.llmasos.kv_paged_append(T(pool), T(new), T(pos), T(table)), tol=0.0,
+          what="kv.paged_append")
+    (want_cache,) = run_op("kv.append", [cache, new, pos])
+    seen = np.arange(m)[None, :] < (pos + t)[:, None]                    # [B, M]: positions the rows hold
+    got_cache = gather(appended, table, m)
+    np.testing.assert_array_equal(np.where(seen[:, None, :, None], got_cache, 0),
+                                  np.where(seen[:, None, :, None], want_cache, 0))
+    untouched = np.setdiff1d(np.arange(nb), table[table >= 0])
+    np.testing.assert_array_equal(appended[untouched], pool[untouched])
+    q, vc = rand(rng, (b, hkv * rep, t, d), dt), rand(rng, (b, hkv, m, d), dt)
+    vpool = scatter(vc, table, nb, bs, rng)
+    scale = data.draw(st.sampled_from([0.125, 0.5, 1.0]), label="scale")
+    (got,) = run_op("kv.paged_attention", [q, appended, vpool, pos, table], {"scale": scale})
+    check(got, torch.ops.llmasos.kv_paged_attention(T(q), T(appended), T(vpool), T(pos), T(table), scale),
+          what="kv.paged_attention")
+    (contiguous,) = run_op("kv.attention", [q, want_cache, vc, pos], {"scale": scale})
+    check(got, T(contiguous), tol=TOL[dt], what="kv.paged_attention vs kv.attention")
+
+
 # -- coverage ------------------------------------------------------------------------------------
 def test_every_op_has_a_torch_test():
     # ops that test modules register for themselves (tests/backends registers 'test_square') are theirs

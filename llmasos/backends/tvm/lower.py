@@ -17,7 +17,6 @@ from ...ir.types import TensorType, dim_str
 from . import lowering_fused  # noqa: F401  (registers the fused ops' lowerings)
 from . import lowering_quant  # noqa: F401  (registers the quantized GEMMs' lowerings)
 from . import lowering_kv  # noqa: F401  (registers the KV-cache ops' lowerings)
-from . import lowering_paged  # noqa: F401  (registers the paged KV-cache ops' lowerings)
 from .lowering import LowerContext, LoweringError, tvm_dtype
 
 

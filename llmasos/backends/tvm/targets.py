@@ -312,7 +312,7 @@ class CPUTarget(Target):
                 decode_attention_cpu_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale))
 
     def kv_paged_decode_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
-        from .lowering_paged import paged_decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
+        from .lowering_kv import paged_decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
         return ("kv_paged_decode_attention_cpu",
                 paged_decode_attention_cpu_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
                                                 scale))
@@ -403,7 +403,7 @@ class CUDATarget(Target):
                                                             scale)
 
     def kv_paged_decode_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
-        from .lowering_paged import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
+        from .lowering_kv import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
         return ("kv_paged_decode_attention",
                 paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
 
