@@ -12,6 +12,7 @@
     llmasos report --since DATE -o report.html        sustainability report (+ .json, .csv) from the energy database
     llmasos offsets purchase|retire|summary|verify   the carbon-offset ledger (SQLite)
     llmasos power [--simulate] [--dry-run]            Zeus-style power-limit optimizer (real GPUs read-only)
+    llmasos serve MODEL|LM_ARTIFACT [--port 8000]    OpenAI-compatible server (continuous batching, paged KV)
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .energy.cli import add_parsers as add_energy_parsers
 from .llm import Sampling
 from .llm.bench import run as run_bench
 from .opt import add_parser as add_opt_parser
+from .serve.load import load_engine
 from .zoo import load_model, load_smollm2
 
 
@@ -241,6 +243,51 @@ def cmd_ops(args) -> int:
     return 0
 
 
+# -- llmasos serve (llmasos/serve; the `serve` extra) ---------------------------------------------------------
+def cmd_serve(args) -> int:
+    """Load or compile MODEL with a paged KV cache and serve it over HTTP until Ctrl-C."""
+    try:
+        from .serve.server import Server  # deferred: the serve extra (FastAPI, uvicorn, prometheus-client)
+    except ImportError as e:
+        raise RuntimeError(f"llmasos serve needs the serve extra (pip install 'llmasos[serve]'): {e}") from None
+    log = (lambda *a: print("[llmasos]", *a, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    engine, name = load_engine(args.model, target=args.target, max_batch=args.max_batch, max_seq=args.max_seq,
+                               kv_blocks=args.kv_blocks, block_size=args.block_size,
+                               prefill_chunk=args.prefill_chunk, log=log)
+    server = Server(engine, model_name=args.name or name, host=args.host, port=args.port, api_key=args.api_key,
+                    max_waiting=args.max_waiting, log_level="info")
+    ready = (lambda url: log(f"{name} ready in {time.perf_counter() - t0:.1f} s: batch <= {engine.max_batch}, "
+                             f"{engine.blocks.capacity} KV blocks of {engine.block_size}, max_seq {engine.max_seq}; "
+                             f"serving on {url}/v1 (model name {args.name or name!r})"))
+    try:
+        server.run(ready=ready)
+    except KeyboardInterrupt:       # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    log("stopped")
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a paged KV cache")
+    p.add_argument("model", help="an LM artifact compiled with kv='paged', smollm2, a decoder preset or a local "
+                                 "HF causal-LM directory")
+    p.add_argument("--target", default=None, help="cpu (default), cuda, a TVM target as JSON, or torch (eager, "
+                                                  "uncompiled); an artifact: its own target unless given")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-seq", type=int, default=512, help="positions per request: prompt + output (default 512)")
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: max-batch full sequences)")
+    p.add_argument("--block-size", type=int, default=16, help="positions per KV block (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per step (default "
+                                                                  "256; a step takes at most twice it)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 (default 256)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--name", default=None, help="the model name clients send (default: the model argument)")
+    p.set_defaults(fn=cmd_serve)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="llmasos", description="LLMasOS: compile PyTorch LLMs with TVM")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -318,6 +365,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", action="append", help="TVM target(s) to ask about (default: every registered one)")
     p.set_defaults(fn=cmd_ops)
     add_energy_parsers(sub)  # carbon, report, offsets, power (llmasos/energy/cli.py)
+    _add_serve_parser(sub)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
