@@ -1,0 +1,227 @@
+"""``pipeline-parallel{stages=N}``: cut the graph into N pipeline stages balanced by the op cost table.
+
+The nodes are taken in topological order (networkx over the def-use graph); a cut between two positions
+must cross the fewest activation bytes (in a transformer: between layers, where only the residual stream
+is live), and among those places the N - 1 cuts minimise the costliest stage, each node costing
+max(FLOPs / peak, bytes / bandwidth) from ``llmasos.ir.cost`` (a roofline; the ratio is a machine balance
+``flops_per_byte``, default 100: an H100 runs ~1000 TFLOP/s over ~3.3 TB/s... so memory-bound decode GEMVs
+and compute-bound prefill GEMMs are weighed as the device would).
+
+Nodes made from inputs, parameters and constants alone (rope tables, position ids, masks) are copied into
+every stage that uses them instead of crossing a boundary. A value made on stage s and used on stage t
+becomes ``dist.send{axis=pp, peer=t, tag}`` at the end of s and ``dist.recv{axis=pp, peer=s, tag}`` at the
+start of t. Each graph output stays on the stage that makes it (the LM head's logits on the last; each
+layer's KV cache on its layer's stage). ``cuts="3,7"`` pins the cut places (indices into the candidate
+places, ``llmasos.passes.pipeline_parallel.cut_candidates``): the prefill and decode graphs of one model
+are cut alike that way. Micro-batching of prefill is the runtime's (llmasos/parallel/runtime.py): every
+stage takes its micro-batches in order, so stage s works on micro-batch m while stage s+1 works on m-1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import networkx as nx
+import numpy as np
+
+from ..ir import Graph, Node, Value
+from ..ir.cost import node_cost
+from ..ir.types import eval_dim
+from .tensor_parallel import GEMMS
+from .base import NO_CONTEXT, Pass, PassContext, PassError, register_pass
+
+
+HEAVY = ("kv.append", "kv.attention", "sdpa", *GEMMS)
+
+
+def _free_nodes(graph: Graph) -> set:
+    """Nodes made from inputs, params, constants and other such nodes alone (copied into each stage that
+    reads them). A GEMM or attention is never free (it is the work being balanced), nor is a kv.append (its
+    cache lives on its layer's stage)."""
+    free: set = set()
+    for n in graph.nodes:
+        if n.op.startswith("dist.") or n.op in HEAVY:
+            continue
+        if all(not isinstance(v.producer, Node) or v.producer in free for v in n.inputs):
+            free.add(n)
+    return free
+
+
+def _bytes(v: Value, sizes: dict) -> int:
+    n = 1
+    for d in v.type.shape:
+        try:
+            n *= int(eval_dim(d, sizes))
+        except Exception:
+            n *= 128
+    return n * v.type.dtype.numpy.itemsize
+
+
+def cut_candidates(graph: Graph, sizes: Optional[dict] = None) -> tuple[list, list, set]:
+    """(order, candidate cut positions, free nodes): ``order`` the staged nodes in topological order; a
+    position k cuts before order[k]; candidates are the interior positions crossing the fewest bytes."""
+    sizes = sizes or {}
+    dg = nx.DiGraph()
+    for n in graph.nodes:
+        dg.add_node(n)
+        for v in n.inputs:
+            if isinstance(v.producer, Node):
+                dg.add_edge(v.producer, n)
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    free = _free_nodes(graph)
+    order = [n for n in nx.lexicographical_topological_sort(dg, key=lambda n: index[n]) if n not in free]
+    pos = {n: i for i, n in enumerate(order)}
+    # live bytes across each position: a value made at i and last read at j > i crosses positions i+1..j
+    delta = np.zeros(len(order) + 2)
+    for n in order:
+        i = pos[n]
+        for o in n.outputs:
+            last = max([pos[u.node] for u in o.uses if u.node in pos] + [i])
+            if last > i:
+                b = _bytes(o, sizes)
+                delta[i + 1] += b
+                delta[last + 1] -= b
+    live = np.cumsum(delta)[: len(order) + 1]
+    interior = list(range(1, len(order)))
+    if not interior:
+        return order, [], free
+    best = min(live[k] for k in interior)
+    cands = [k for k in interior if live[k] <= best]
+    # of a run of adjacent equal places keep the last (after the residual add, not between two free ops)
+    cands = [k for k in cands if k + 1 not in cands]
+    return order, cands, free
+
+
+def _balance(costs: np.ndarray, cands: list, stages: int) -> list:
+    """The stages-1 cut positions among cands minimising the largest stage cost (dynamic programming)."""
+    pre = np.concatenate([[0.0], np.cumsum(costs)])
+    pts = [0] + list(cands) + [len(costs)]
+    INF = float("inf")
+    # best[s][j]: the best max-cost with s stages covering [0, pts[j])
+    best = [[INF] * len(pts) for _ in range(stages + 1)]
+    arg = [[-1] * len(pts) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for j in range(1, len(pts)):
+            for i in range(j):
+                if best[s - 1][i] == INF:
+                    continue
+                c = max(best[s - 1][i], pre[pts[j]] - pre[pts[i]])
+                if c < best[s][j]:
+                    best[s][j], arg[s][j] = c, i
+    cuts, j = [], len(pts) - 1
+    for s in range(stages, 0, -1):
+        i = arg[s][j]
+        if s > 1:
+            cuts.append(pts[i])
+        j = i
+    return sorted(cuts)
+
+
+@register_pass("pipeline-parallel")
+@dataclass(frozen=True)
+class PipelineParallel(Pass):
+    """Pipeline stages over mesh axis ``axis`` (see the module doc)."""
+
+    stages: int = 2
+    axis: str = "pp"
+    cuts: str = ""                 # "" balanced by cost; else comma-separated candidate indices
+    flops_per_byte: float = 100.0
+    exact: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 1:
+            raise PassError("pipeline-parallel", f"stages must be an int >= 1, got {self.stages!r}")
+
+    def plan(self, graph: Graph, sizes: Optional[dict] = None) -> tuple[list, list, set, list]:
+        """(order, cut positions, free nodes, candidate positions)."""
+        order, cands, free = cut_candidates(graph, sizes)
+        if len(cands) < self.stages - 1:
+            raise PassError(str(self), f"{self.stages} stages need {self.stages - 1} cut(s), but the graph has "
+                                       f"only {len(cands)} place(s) to cut (about one per layer): use at most "
+                                       f"{len(cands) + 1} stages")
+        if self.cuts:
+            try:
+                idx = [int(c) for c in self.cuts.split(",")]
+            except ValueError:
+                raise PassError(str(self), f"cuts must be comma-separated ints, got {self.cuts!r}") from None
+            if len(idx) != self.stages - 1 or sorted(set(idx)) != idx or not all(0 <= i < len(cands) for i in idx):
+                raise PassError(str(self), f"cuts={self.cuts!r}: need {self.stages - 1} increasing indices into "
+                                           f"the {len(cands)} cut places")
+            return order, [cands[i] for i in idx], free, cands
+        sizes = sizes or {}
+        costs = np.array([max(f, b * self.flops_per_byte) for f, b in (node_cost(n, sizes) for n in order)])
+        return order, _balance(costs, cands, self.stages), free, cands
+
+    def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
+        if self.stages == 1:
+            return graph
+        if graph.mesh:
+            raise PassError(str(self), f"the graph is already partitioned (mesh {graph.mesh}): run "
+                                       f"pipeline-parallel before tensor-parallel")
+        order, cuts, free, _ = self.plan(graph)
+        stage_of = {}
+        for i, n in enumerate(order):
+            stage_of[n] = sum(1 for c in cuts if c <= i)
+        g = Graph(graph.name)
+        g.symbols = dict(graph.symbols)
+        g.mesh = {self.axis: self.stages}
+        m: dict = {}
+        for v in graph.inputs:
+            m[v] = g.add_input(v.name, v.type)
+        for name, v in graph.params.items():
+            m[v] = g.add_param(name, graph.param_data.get(name), type=v.type)
+        local: dict = {}           # (source value, stage) -> value usable on that stage
+        copies: dict = {}          # (free node, stage) -> its copy's outputs
+        made_on: dict = {}         # source value -> stage
+        tag = [0]
+
+        def get(v: Value, s: int) -> Value:
+            if not isinstance(v.producer, Node):
+                return m[v]
+            if v.producer in free:
+                key = (v.producer, s)
+                if key not in copies:
+                    n = v.producer
+                    new = g.create_node(n.op, [get(i, s) for i in n.inputs], dict(n.attrs), loc=n.loc)
+                    copies[key] = new.outputs
+                return copies[key][v.index]
+            return local[(v, s)]
+
+        by_stage = [[n for n in order if stage_of[n] == s] for s in range(self.stages)]
+        for s in range(self.stages):
+            for n in by_stage[s]:
+                new = g.create_node(n.op, [get(i, s) for i in n.inputs], dict(n.attrs), loc=n.loc,
+                                    names=[o.name for o in n.outputs])
+                for o, no in zip(n.outputs, new.outputs):
+                    local[(o, s)] = no
+                    made_on[o] = s
+            # values of this stage read by later stages: one send per (value, reader stage)
+            for n in by_stage[s]:
+                for o in n.outputs:
+                    readers = sorted({stage_of[u.node] for u in o.uses if u.node in stage_of} - {s})
+                    for t in readers:
+                        if t < s:
+                            raise PassError(str(self), f"%{o.name} is read on stage {t} before it is made on {s}")
+                        tag[0] += 1
+                        g.create_node("dist.send", [local[(o, s)]], {"axis": self.axis, "peer": t, "tag": tag[0]})
+                        local[(o, t, "pending")] = tag[0]
+            # the receives of the next stages are emitted where those stages begin
+            if s + 1 < self.stages:
+                for key, tg in list(local.items()):
+                    if len(key) == 3 and key[2] == "pending" and key[1] == s + 1:
+                        o = key[0]
+                        r = g.create_node("dist.recv", [], {"axis": self.axis, "peer": made_on[o], "tag": tg,
+                                                            "shape": list(o.type.shape), "dtype": o.type.dtype})
+                        local[(o, s + 1)] = r.outputs[0]
+                        del local[key]
+        outs = []
+        for v in graph.outputs:
+            if not isinstance(v.producer, Node):
+                outs.append(m[v])
+            elif v.producer in free:
+                outs.append(get(v, self.stages - 1))
+            else:
+                outs.append(local[(v, made_on[v])])
+        g.set_outputs(outs)
+        return g
