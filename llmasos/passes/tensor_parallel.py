@@ -89,8 +89,9 @@ class _Rewriter:
             if sharding is not None and sharding.is_split:
                 local[sharding.dim] //= self.tp
             t = TensorType(tuple(local), v.type.dtype)
-            name = v.name if not any(kk[0] == v.name for kk in self.params) else self.g.fresh_name(v.name + ".tp")
-            self.params[k] = self.g.add_param(name, data, type=t, sharding=sharding)
+            dup = any(kk[0] == v.name for kk in self.params)   # a second form of a shared weight (tied head)
+            self.params[k] = self.g.add_param(v.name + ".tp" if dup else v.name, data, type=t, sharding=sharding,
+                                              unique=dup)
         return self.params[k]
 
     def replicated(self, v: Value) -> Value:

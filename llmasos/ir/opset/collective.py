@@ -174,5 +174,14 @@ defop("dist.recv", (), _recv_infer, _recv_ref,
       doc="the tensor the rank at index `peer` along `axis` sent with the same tag")
 
 
+def runtime_symbol(op: str, axis: str, reduce=None) -> str:
+    """The global function a backend calls for a communication op in a distributed run:
+    ``llmasos.dist.all_reduce.sum.tp`` (llmasos/backends/dist.py registers them)."""
+    return ".".join(["llmasos", op, *([reduce] if reduce else []), axis])
+
+
+packed_name = runtime_symbol
+
+
 def same_type(a: TensorType, b: TensorType) -> bool:
     return a.dtype == b.dtype and a.rank == b.rank and all(dims_equal(x, y) for x, y in zip(a.shape, b.shape))

@@ -1,0 +1,14 @@
+"""Parallel execution: partitioned programs on torch.distributed (tensor / pipeline parallel), data-parallel
+replicas on Ray, and the parallel planner. Heavy dependencies (torch.distributed, Ray) load on use."""
+from .partition import check_degrees, mesh_of, partition_lm_graphs, rank_graph
+from .planner import plan_parallel, simulate_table
+
+__all__ = ["check_degrees", "mesh_of", "partition_lm_graphs", "rank_graph", "plan_parallel", "simulate_table",
+           "launch", "compile_parallel_lm", "load_parallel_lm", "init_from_env", "LaunchError"]
+
+
+def __getattr__(name):
+    if name in ("launch", "compile_parallel_lm", "load_parallel_lm", "init_from_env", "LaunchError", "use_mesh"):
+        from . import runtime  # deferred: torch (the distributed runtime)
+        return getattr(runtime, name)
+    raise AttributeError(name)
