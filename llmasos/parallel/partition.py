@@ -50,16 +50,23 @@ def check_degrees(cfg, tp: int, pp: int) -> None:
 
 
 def partition_lm_graphs(graphs: dict, tp: int, pp: int, decode: str = "decode") -> dict:
-    cuts = ""
-    if pp > 1:
-        g = graphs[decode]
-        order, chosen, free, cands = PipelineParallel(stages=pp).plan(g)
-        cuts = ",".join(str(cands.index(c)) for c in chosen)
+    layer_cuts = []
+    if pp > 1:   # cut the decode graph by cost; the others where the same number of KV caches precede the cut
+        order, chosen, free, cands = PipelineParallel(stages=pp).plan(graphs[decode])
+        layer_cuts = [sum(1 for n in order[:c] if n.op == "kv.append") for c in chosen]
     out = {}
     for name, g in graphs.items():
         passes = []
         if pp > 1:
-            passes.append(PipelineParallel(stages=pp, cuts=cuts))
+            order, _, _, cands = PipelineParallel(stages=pp).plan(g)
+            idx = []
+            for k in layer_cuts:
+                match = [i for i, c in enumerate(cands) if sum(1 for n in order[:c] if n.op == "kv.append") == k]
+                if not match:
+                    raise PassError("pipeline-parallel", f"graph {name!r} has no cut after {k} KV-cache updates, as "
+                                                         f"the {decode!r} graph's plan needs")
+                idx.append(match[-1])
+            passes.append(PipelineParallel(stages=pp, cuts=",".join(map(str, idx))))
         if tp > 1:
             from ..passes.tensor_parallel import TensorParallel
             passes.append(TensorParallel(tp=tp))
