@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..ir.opset.collective import packed_name
-from .torch_graph import register_torch_impl
+from ..ir.torch_dtypes import dtype_to_torch
 
 
 class CommError(RuntimeError):
@@ -58,7 +58,7 @@ def group(axis: str, parts: int) -> Optional[Group]:
     return g
 
 
-def _call(what: str, axis: str, fn):
+def call(what: str, axis: str, fn):
     import torch.distributed as dist  # deferred: torch.distributed (only a distributed run needs it)
     try:
         return fn(dist)
@@ -75,7 +75,7 @@ def all_reduce(x: torch.Tensor, axis: str, parts: int, op: str = "sum") -> torch
     if g is None:
         return x
     out = x.clone()
-    _call("dist.all_reduce", axis, lambda d: d.all_reduce(out, getattr(d.ReduceOp, _OPS[op]), group=g.pg))
+    call("dist.all_reduce", axis, lambda d: d.all_reduce(out, getattr(d.ReduceOp, _OPS[op]), group=g.pg))
     return out
 
 
@@ -85,7 +85,7 @@ def all_gather(x: torch.Tensor, axis: str, parts: int, dim: int) -> torch.Tensor
         return x
     x = x.contiguous()
     chunks = [torch.empty_like(x) for _ in range(g.size)]
-    _call("dist.all_gather", axis, lambda d: d.all_gather(chunks, x, group=g.pg))
+    call("dist.all_gather", axis, lambda d: d.all_gather(chunks, x, group=g.pg))
     return torch.cat(chunks, dim=dim)
 
 
@@ -108,7 +108,7 @@ def send(x: torch.Tensor, axis: str, peer: int, tag: int) -> torch.Tensor:
         raise CommError(f"dist.send over {axis!r}: this process has no group for it (run under llmasos.launch)")
     buf = x.detach().clone().contiguous()
     _PENDING[:] = [(w, t) for w, t in _PENDING if not w.is_completed()]
-    w = _call("dist.send", axis, lambda d: d.isend(buf, g.ranks[peer], tag=tag))
+    w = call("dist.send", axis, lambda d: d.isend(buf, g.ranks[peer], tag=tag))
     _PENDING.append((w, buf))
     return x
 
@@ -118,30 +118,29 @@ def recv(shape, dtype: torch.dtype, axis: str, peer: int, tag: int, device=None)
     if g is None:
         raise CommError(f"dist.recv over {axis!r}: this process has no group for it (run under llmasos.launch)")
     out = torch.empty(tuple(int(s) for s in shape), dtype=dtype, device=device)
-    _call("dist.recv", axis, lambda d: d.recv(out, g.ranks[peer], tag=tag))
+    call("dist.recv", axis, lambda d: d.recv(out, g.ranks[peer], tag=tag))
     return out
 
 
 def wait_sends() -> None:
     for w, _ in _PENDING:
-        _call("dist.send", "?", lambda d: w.wait())
+        call("dist.send", "?", lambda d: w.wait())
     _PENDING.clear()
 
 
-# -- the torch executor's table ----------------------------------------------------------------------
-register_torch_impl("dist.all_reduce", lambda x, axis, parts, op: all_reduce(x, axis, parts, op))
-register_torch_impl("dist.all_gather", lambda x, axis, parts, dim: all_gather(x, axis, parts, dim))
-register_torch_impl("dist.reduce_scatter", lambda x, axis, parts, dim, op: reduce_scatter(x, axis, parts, dim, op))
-register_torch_impl("dist.shard", lambda x, axis, parts, dim: shard(x, axis, parts, dim))
-register_torch_impl("dist.send", lambda x, axis, peer, tag: send(x, axis, peer, tag))
-
-
+# -- the torch executor's entries (llmasos/backends/torch_graph.py registers them) ------------------------
 def _recv_impl(axis, peer, tag, shape, dtype):
-    from .torch_graph import _tdt
-    return recv(shape, _tdt(dtype), axis, peer, tag)
+    return recv(shape, dtype_to_torch(dtype), axis, peer, tag)
 
 
-register_torch_impl("dist.recv", _recv_impl)
+TORCH_FUNCS = {
+    "dist.all_reduce": lambda x, axis, parts, op: all_reduce(x, axis, parts, op),
+    "dist.all_gather": lambda x, axis, parts, dim: all_gather(x, axis, parts, dim),
+    "dist.reduce_scatter": lambda x, axis, parts, dim, op: reduce_scatter(x, axis, parts, dim, op),
+    "dist.shard": lambda x, axis, parts, dim: shard(x, axis, parts, dim),
+    "dist.send": lambda x, axis, peer, tag: send(x, axis, peer, tag),
+    "dist.recv": _recv_impl,
+}
 
 
 # -- TVM packed functions ------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 replicas on Ray, and the parallel planner. Heavy dependencies (torch.distributed, Ray) load on use."""
 from .partition import check_degrees, mesh_of, partition_lm_graphs, rank_graph
 from .planner import plan_parallel, simulate_table
+from .data_parallel import DataParallelLM, ReplicaError
 
-__all__ = ["check_degrees", "mesh_of", "partition_lm_graphs", "rank_graph", "plan_parallel", "simulate_table",
+__all__ = ["DataParallelLM", "ReplicaError", "check_degrees", "mesh_of", "partition_lm_graphs", "rank_graph", "plan_parallel", "simulate_table",
            "launch", "compile_parallel_lm", "load_parallel_lm", "init_from_env", "LaunchError"]
 
 

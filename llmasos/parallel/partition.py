@@ -19,6 +19,7 @@ from ..ir.sharding import mesh_size, rank_coords, shard_of
 from ..ir.verifier import verify
 from ..passes import PassError, PassManager
 from ..passes.pipeline_parallel import PipelineParallel
+from ..passes.tensor_parallel import TensorParallel
 
 N_FIXED_INPUTS = 3   # ids, pos, last: every rank's LM entry keeps them (llmasos/llm/runtime.py)
 
@@ -68,7 +69,6 @@ def partition_lm_graphs(graphs: dict, tp: int, pp: int, decode: str = "decode") 
                 idx.append(match[-1])
             passes.append(PipelineParallel(stages=pp, cuts=",".join(map(str, idx))))
         if tp > 1:
-            from ..passes.tensor_parallel import TensorParallel
             passes.append(TensorParallel(tp=tp))
         out[name] = PassManager(passes).run(g) if passes else g
     return out

@@ -17,12 +17,22 @@ import datetime
 import json
 import multiprocessing as mp
 import os
+import queue
 import socket
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import tvm
+
 from ..backends import dist as comm
+from ..driver import Source, compile_program, load_program, lower, prepare
+from ..llm.compile import as_decoder, lm_source
+from ..llm.runtime import CompiledLM
 from ..ir.sharding import all_groups, mesh_size, rank_coords
 from .partition import check_degrees, mesh_of, partition_lm_graphs, rank_graph, stage_of_rank
 
@@ -39,9 +49,7 @@ _STATE: dict = {}
 
 def init_process(rank: int, world_size: int, init_method: str, backend: Optional[str] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    import torch.distributed as dist  # deferred: torch.distributed
     if backend is None:
-        import torch
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("LLMASOS_DIST_BACKEND") != "gloo" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
@@ -60,7 +68,6 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
 
 def use_mesh(mesh: dict) -> None:
     """Make (collectively: every rank calls it with the same mesh) the process groups of each mesh axis."""
-    import torch.distributed as dist  # deferred: torch.distributed
     if not dist.is_initialized():
         raise LaunchError("no process group: call init_process / init_from_env first, or run under llmasos.launch")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -95,7 +102,6 @@ def _child(fn, rank, world, port, timeout_s, q, args, env):
         q.put((rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"))
     finally:
         try:
-            import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:
@@ -120,8 +126,6 @@ def launch(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, comm_
              for r in range(world_size)]
     for p in procs:
         p.start()
-    import queue as _queue
-    import time
     results, errors = {}, {}
     deadline = time.monotonic() + timeout_s
     try:
@@ -130,14 +134,14 @@ def launch(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, comm_
                 rank, ok, val = q.get(timeout=0.5)
                 (results if ok else errors)[rank] = val
                 continue
-            except _queue.Empty:
+            except queue.Empty:
                 pass
             dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results and r not in errors]
             for r in dead:       # exited without a report: give the queue a moment, then call it dead
                 try:
                     rank, ok, val = q.get(timeout=2.0)
                     (results if ok else errors)[rank] = val
-                except _queue.Empty:
+                except queue.Empty:
                     errors.setdefault(r, f"process died (exit code {procs[r].exitcode}) without a result")
             if time.monotonic() > deadline:
                 for r in range(world_size):
@@ -164,9 +168,6 @@ def compile_parallel_lm(model, tp: int = 1, pp: int = 1, target: Any = "cpu", *,
                         batch: int = 1, dtype=None, passes: Any = "fuse", tokenizer=None):
     """This rank's CompiledLM of ``model`` partitioned ``tp`` x ``pp`` (call in every rank, under launch /
     torchrun, with the same arguments). Its ``generate`` returns the same tokens on every rank."""
-    import torch.distributed as dist  # deferred: torch.distributed
-    from ..driver import Source, compile_program, lower, prepare
-    from ..llm.compile import as_decoder, lm_source
 
     dec = as_decoder(model, dtype)
     check_degrees(dec.cfg, tp, pp)
@@ -186,8 +187,6 @@ def compile_parallel_lm(model, tp: int = 1, pp: int = 1, target: Any = "cpu", *,
 
 def load_parallel_lm(path, target=None):
     """Load this rank's part of a sharded LM artifact written by ``RankLM.save`` (same world size)."""
-    import torch.distributed as dist  # deferred: torch.distributed
-    from ..driver import load_program
     path = Path(path)
     plan_path = path / PLAN_FILE
     if not plan_path.exists():
@@ -208,7 +207,6 @@ class RankLM:
 
     @staticmethod
     def of(program):
-        from ..llm.runtime import CompiledLM
         lm = CompiledLM(program)
         par = program.meta["parallel"]
         mesh = par["mesh"]
@@ -237,9 +235,6 @@ def _flushing(raw):
 def _with_logits(raw, lm, stage: int, stages: int):
     """The entry of one pipeline stage, returning the logits (made on the last stage, broadcast over the
     pipeline group) first, as CompiledLM expects."""
-    import numpy as np
-    import torch
-    import tvm  # deferred: TVM
 
     def call(*args):
         out = raw(*args)
@@ -253,14 +248,13 @@ def _with_logits(raw, lm, stage: int, stages: int):
             logits = tvm.runtime.tensor(np.zeros((B, lm.vocab), lm._cache_types[0].dtype.numpy), lm._dev)
             rest = list(out)
         t = torch.from_dlpack(logits)
-        comm._call("broadcast logits", "pp", lambda d: d.broadcast(t, src=g.ranks[stages - 1], group=g.pg))
+        comm.call("broadcast logits", "pp", lambda d: d.broadcast(t, src=g.ranks[stages - 1], group=g.pg))
         return (logits, *rest)
     return call
 
 
 def save_rank(lm, path) -> None:
     """Every rank writes its program to ``path/rank{r}``; rank 0 writes the plan (``parallel.json``)."""
-    import torch.distributed as dist  # deferred: torch.distributed
     path = Path(path)
     par = lm.parallel
     lm.program.save(path / f"rank{par['rank']}")

@@ -1,8 +1,8 @@
 """``pipeline-parallel{stages=N}``: cut the graph into N pipeline stages balanced by the op cost table.
 
 The nodes are taken in topological order (networkx over the def-use graph); a cut between two positions
-must cross the fewest activation bytes (in a transformer: between layers, where only the residual stream
-is live), and among those places the N - 1 cuts minimise the costliest stage, each node costing
+must cross the fewest live values (in a transformer: between layers, or between attention and MLP, where
+only the residual stream is live), and among those places the N - 1 cuts minimise the costliest stage, each node costing
 max(FLOPs / peak, bytes / bandwidth) from ``llmasos.ir.cost`` (a roofline; the ratio is a machine balance
 ``flops_per_byte``, default 100: an H100 runs ~1000 TFLOP/s over ~3.3 TB/s... so memory-bound decode GEMVs
 and compute-bound prefill GEMMs are weighed as the device would).
@@ -72,7 +72,9 @@ def cut_candidates(graph: Graph, sizes: Optional[dict] = None) -> tuple[list, li
     order = [n for n in nx.lexicographical_topological_sort(dg, key=lambda n: index[n]) if n not in free]
     pos = {n: i for i, n in enumerate(order)}
     # live bytes across each position: a value made at i and last read at j > i crosses positions i+1..j
+    # (the fewest live values first: prefill and decode then cut at the same places, between layers)
     delta = np.zeros(len(order) + 2)
+    count = np.zeros(len(order) + 2)
     for n in order:
         i = pos[n]
         for o in n.outputs:
@@ -81,12 +83,16 @@ def cut_candidates(graph: Graph, sizes: Optional[dict] = None) -> tuple[list, li
                 b = _bytes(o, sizes)
                 delta[i + 1] += b
                 delta[last + 1] -= b
+                count[i + 1] += 1
+                count[last + 1] -= 1
     live = np.cumsum(delta)[: len(order) + 1]
+    nlive = np.cumsum(count)[: len(order) + 1]
     interior = list(range(1, len(order)))
     if not interior:
         return order, [], free
-    best = min(live[k] for k in interior)
-    cands = [k for k in interior if live[k] <= best]
+    fewest = min(nlive[k] for k in interior)
+    cands = [k for k in interior if nlive[k] <= fewest]
+    del live
     # of a run of adjacent equal places keep the last (after the residual add, not between two free ops)
     cands = [k for k in cands if k + 1 not in cands]
     return order, cands, free

@@ -222,3 +222,32 @@ def test_planner_picks_and_explains():
     assert two.per_request_tokens_per_s > 1.4 * one.per_request_tokens_per_s   # decode is memory-bound
     with pytest.raises(ValueError, match="fits"):
         plan_parallel("llama-70b", 1, memory_per_device=80e9)
+
+
+# -- data parallelism on Ray ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_replicas_balance_and_lose_no_request_when_one_dies(tmp_path):
+    ray = pytest.importorskip("ray")
+    import llmasos
+    from llmasos.parallel import DataParallelLM
+    lm = llmasos.compile_lm(workers.model("gpt2"), "cpu", max_seq=workers.MAX_SEQ, batch=1, passes="")
+    lm.save(tmp_path / "lm")
+    prompts = [[i + 1, (3 * i) % 60 + 2, 7] for i in range(8)]
+    want = [lm.generate(p, 4) for p in prompts]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dp = DataParallelLM(tmp_path / "lm", replicas=2)
+        got = dp.generate(prompts[:4], 4)
+        assert got == want[:4] and dp.served == [2, 2]          # balanced
+        killed = []
+
+        def kill_after_first(idx, r):
+            if not killed:
+                killed.append(r)
+                dp.kill_replica(1 - r)                           # the other one, with a request in flight
+        got = dp.generate(prompts, 4, on_done=kill_after_first)
+        assert got == want                                       # none lost
+        assert dp.alive.count(False) == 1 and dp.retried >= 1
+        dp.shutdown()
+    finally:
+        ray.shutdown()
