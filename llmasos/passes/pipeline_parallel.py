@@ -13,8 +13,10 @@ becomes ``dist.send{axis=pp, peer=t, tag}`` at the end of s and ``dist.recv{axis
 start of t. Each graph output stays on the stage that makes it (the LM head's logits on the last; each
 layer's KV cache on its layer's stage). ``cuts="3,7"`` pins the cut places (indices into the candidate
 places, ``llmasos.passes.pipeline_parallel.cut_candidates``): the prefill and decode graphs of one model
-are cut alike that way. Micro-batching of prefill is the runtime's (llmasos/parallel/runtime.py): every
-stage takes its micro-batches in order, so stage s works on micro-batch m while stage s+1 works on m-1.
+are cut alike that way. ``micro_batches=M`` (prefill of a batch): every stage runs its part on M slices of
+the batch rows in order, receiving and sending per slice, so stage s works on micro-batch m while stage s+1
+works on m-1 (GPipe's forward); a shape attr leading with the batch takes the slice's rows, an op along the
+batch axis is refused, and the outputs are the slices concatenated.
 """
 from __future__ import annotations
 
@@ -133,7 +135,35 @@ class PipelineParallel(Pass):
     axis: str = "pp"
     cuts: str = ""                 # "" balanced by cost; else comma-separated candidate indices
     flops_per_byte: float = 100.0
+    micro_batches: int = 1         # > 1: each stage runs the batch in this many slices of rows, in order
     exact: ClassVar[bool] = True
+
+    def _batch(self, graph: Graph) -> int:
+        """The static batch every input leads with (micro-batching slices it)."""
+        B = graph.inputs[0].type.shape[0] if graph.inputs and graph.inputs[0].type.rank else None
+        if not isinstance(B, int) or any(not v.type.rank or v.type.shape[0] != B for v in graph.inputs):
+            raise PassError(str(self), f"micro_batches={self.micro_batches} needs every input to lead with one "
+                                       f"static batch dim; inputs: {[str(v.type) for v in graph.inputs]}")
+        if B % self.micro_batches:
+            raise PassError(str(self), f"batch {B} does not split into micro_batches={self.micro_batches}")
+        return B
+
+    def _micro_attrs(self, n: Node, attrs: dict, B: int, k: int) -> dict:
+        """A node's attrs on one micro-batch: a shape leading with the batch takes the micro-batch's rows;
+        an op along the batch axis mixes rows and is refused."""
+        rank = n.inputs[0].type.rank if n.inputs else len(attrs.get("shape", ()))
+        batched = bool(n.inputs) and rank > 0 and n.inputs[0].type.shape[0] == B
+        if not batched:
+            rank = 0                       # a table (rope, embedding): its axis 0 is not the batch
+        elif n.op == "expand_dims":
+            rank += 1
+        if "axis" in attrs and rank and attrs["axis"] % rank == 0:
+            raise PassError(str(self), f"micro_batches: {n.op} along axis 0 mixes batch rows", n)
+        if "axes" in attrs and rank and any(a % rank == 0 for a in attrs["axes"]):
+            raise PassError(str(self), f"micro_batches: {n.op} over axis 0 mixes batch rows", n)
+        if "shape" in attrs and attrs["shape"] and attrs["shape"][0] == B:
+            attrs["shape"] = [k, *attrs["shape"][1:]]
+        return attrs
 
     def __post_init__(self):
         if not isinstance(self.stages, int) or isinstance(self.stages, bool) or self.stages < 1:
@@ -169,6 +199,9 @@ class PipelineParallel(Pass):
         stage_of = {}
         for i, n in enumerate(order):
             stage_of[n] = sum(1 for c in cuts if c <= i)
+        M = self.micro_batches
+        B = self._batch(graph) if M > 1 else None
+        k = B // M if M > 1 else None
         g = Graph(graph.name)
         g.symbols = dict(graph.symbols)
         g.mesh = {self.axis: self.stages}
@@ -177,57 +210,73 @@ class PipelineParallel(Pass):
             m[v] = g.add_input(v.name, v.type)
         for name, v in graph.params.items():
             m[v] = g.add_param(name, graph.param_data.get(name), type=v.type)
-        local: dict = {}           # (source value, stage) -> value usable on that stage
-        copies: dict = {}          # (free node, stage) -> its copy's outputs
+        local: dict = {}           # (source value, stage, micro-batch) -> value usable there
+        copies: dict = {}          # (free node, stage, micro-batch) -> its copy's outputs
+        sliced: dict = {}          # (input, stage, micro-batch) -> its rows of that micro-batch
         made_on: dict = {}         # source value -> stage
+        pending: dict = {}         # (source value, reader stage, micro-batch) -> (tag, sender stage)
         tag = [0]
 
-        def get(v: Value, s: int) -> Value:
+        def emit(n: Node, ins: list, names=None) -> list:
+            attrs = dict(n.attrs)
+            if M > 1:
+                attrs = self._micro_attrs(n, attrs, B, k)
+            try:
+                return g.create_node(n.op, ins, attrs, loc=n.loc, names=names).outputs
+            except Exception as e:
+                raise PassError(str(self), f"micro_batches={M}: this op does not keep the batch rows apart "
+                                           f"({type(e).__name__}: {e})", n) from None
+
+        def get(v: Value, s: int, mb: int) -> Value:
             if not isinstance(v.producer, Node):
-                return m[v]
+                if M == 1 or v not in m or v.name in graph.params:
+                    return m[v]
+                key = (v, s, mb)
+                if key not in sliced:
+                    sliced[key] = g.add_node("slice", [m[v]], {"axis": 0, "start": mb * k, "end": (mb + 1) * k})
+                return sliced[key]
             if v.producer in free:
-                key = (v.producer, s)
+                key = (v.producer, s, mb)
                 if key not in copies:
                     n = v.producer
-                    new = g.create_node(n.op, [get(i, s) for i in n.inputs], dict(n.attrs), loc=n.loc)
-                    copies[key] = new.outputs
+                    copies[key] = emit(n, [get(i, s, mb) for i in n.inputs])
                 return copies[key][v.index]
-            return local[(v, s)]
+            return local[(v, s, mb)]
 
         by_stage = [[n for n in order if stage_of[n] == s] for s in range(self.stages)]
         for s in range(self.stages):
-            for n in by_stage[s]:
-                new = g.create_node(n.op, [get(i, s) for i in n.inputs], dict(n.attrs), loc=n.loc,
-                                    names=[o.name for o in n.outputs])
-                for o, no in zip(n.outputs, new.outputs):
-                    local[(o, s)] = no
-                    made_on[o] = s
-            # values of this stage read by later stages: one send per (value, reader stage)
-            for n in by_stage[s]:
-                for o in n.outputs:
-                    readers = sorted({stage_of[u.node] for u in o.uses if u.node in stage_of} - {s})
-                    for t in readers:
-                        if t < s:
-                            raise PassError(str(self), f"%{o.name} is read on stage {t} before it is made on {s}")
-                        tag[0] += 1
-                        g.create_node("dist.send", [local[(o, s)]], {"axis": self.axis, "peer": t, "tag": tag[0]})
-                        local[(o, t, "pending")] = tag[0]
-            # the receives of the next stages are emitted where those stages begin
-            if s + 1 < self.stages:
-                for key, tg in list(local.items()):
-                    if len(key) == 3 and key[2] == "pending" and key[1] == s + 1:
-                        o = key[0]
-                        r = g.create_node("dist.recv", [], {"axis": self.axis, "peer": made_on[o], "tag": tg,
-                                                            "shape": list(o.type.shape), "dtype": o.type.dtype})
-                        local[(o, s + 1)] = r.outputs[0]
-                        del local[key]
+            for mb in range(M):
+                # this micro-batch's receives, then its work, then its sends: stage s works on micro-batch
+                # mb while stage s+1 works on mb-1
+                for key in [key for key in pending if key[1] == s and key[2] == mb]:
+                    o = key[0]
+                    tg, src = pending.pop(key)
+                    shape = list(o.type.shape) if M == 1 else [k, *o.type.shape[1:]]
+                    r = g.create_node("dist.recv", [], {"axis": self.axis, "peer": src, "tag": tg,
+                                                        "shape": shape, "dtype": o.type.dtype})
+                    local[(o, s, mb)] = r.outputs[0]
+                for n in by_stage[s]:
+                    outs = emit(n, [get(i, s, mb) for i in n.inputs],
+                                names=[o.name for o in n.outputs] if M == 1 else None)
+                    for o, no in zip(n.outputs, outs):
+                        local[(o, s, mb)] = no
+                        made_on[o] = s
+                for n in by_stage[s]:
+                    for o in n.outputs:
+                        for t in sorted({stage_of[u.node] for u in o.uses if u.node in stage_of} - {s}):
+                            if t < s:
+                                raise PassError(str(self), f"%{o.name} is read on stage {t} before it is made on {s}")
+                            tag[0] += 1
+                            g.create_node("dist.send", [local[(o, s, mb)]], {"axis": self.axis, "peer": t,
+                                                                             "tag": tag[0]})
+                            pending[(o, t, mb)] = (tag[0], s)
         outs = []
         for v in graph.outputs:
             if not isinstance(v.producer, Node):
                 outs.append(m[v])
-            elif v.producer in free:
-                outs.append(get(v, self.stages - 1))
-            else:
-                outs.append(local[(v, made_on[v])])
+                continue
+            st = self.stages - 1 if v.producer in free else made_on[v]
+            parts = [get(v, st, mb) for mb in range(M)]
+            outs.append(parts[0] if M == 1 else g.add_node("concat", parts, {"axis": 0}))
         g.set_outputs(outs)
         return g

@@ -66,6 +66,25 @@ def test_partitioned_lm_graph_equals_unpartitioned(lm_graphs, name, passes):
         assert graph_diff(g2, parse(print_graph(g2), params=dict(g2.param_data))) is None
 
 
+@pytest.mark.parametrize("passes", ["pipeline-parallel{stages=2, micro_batches=2}",
+                                    pytest.param("pipeline-parallel{stages=2, micro_batches=4},tensor-parallel{tp=2}",
+                                                 marks=pytest.mark.slow)])
+def test_micro_batched_prefill_equals_unpartitioned(passes):
+    from llmasos.frontends import torch_export
+    from llmasos.llm.export import export_decoder
+    g = torch_export.import_exported_program(export_decoder(workers.model("llama"), "prefill", 4, 4, 16),
+                                             name="prefill").graph
+    rng = np.random.default_rng(1)
+    ins = [rng.integers(0, 64, (4, 5)).astype(np.int64), np.zeros(4, np.int32), np.array([4, 3, 2, 4], np.int64)]
+    ins += [np.zeros(v.type.shape, np.float32) for v in g.inputs[3:]]
+    g2 = run_pipeline(g, passes)
+    verify(g2)
+    sends = [n for n in g2.nodes if n.op == "dist.send"]
+    assert len(sends) == int(passes.split("micro_batches=")[1][0])    # one per micro-batch
+    for a, b in zip(run(g, ins), run(g2, ins)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_tensor_parallel_is_megatron(lm_graphs):
     g = run_pipeline(lm_graphs["llama"]["decode"], "tensor-parallel{tp=2}")
     ops = [n.op for n in g.nodes]
