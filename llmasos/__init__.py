@@ -14,6 +14,8 @@ from .artifact import ArtifactError  # noqa: E402,F401
 from .driver import CompiledProgram  # noqa: E402,F401
 from .distill import distill  # noqa: E402,F401
 from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm, tune_lm  # noqa: E402,F401
+from .parallel import launch, plan_parallel  # noqa: E402,F401  (docs/parallel.md)
 
 __all__ = ["compile", "load", "CompiledModel", "CompiledProgram", "InputError", "ArtifactError", "distill",
-           "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "__version__"]
+           "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "launch", "plan_parallel",
+           "__version__"]
