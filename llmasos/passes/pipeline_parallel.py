@@ -30,7 +30,7 @@ from ..ir import Graph, Node, Value
 from ..ir.cost import node_cost
 from ..ir.types import eval_dim
 from .tensor_parallel import GEMMS
-from .base import NO_CONTEXT, Pass, PassContext, PassError, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
 
 
 HEAVY = ("kv.append", "kv.attention", "sdpa", *GEMMS)
@@ -173,7 +173,7 @@ class PipelineParallel(Pass):
         """(order, cut positions, free nodes, candidate positions)."""
         order, cands, free = cut_candidates(graph, sizes)
         if len(cands) < self.stages - 1:
-            raise PassError(str(self), f"{self.stages} stages need {self.stages - 1} cut(s), but the graph has "
+            raise PassNotApplicable(str(self), f"{self.stages} stages need {self.stages - 1} cut(s), but the graph has "
                                        f"only {len(cands)} place(s) to cut (about one per layer): use at most "
                                        f"{len(cands) + 1} stages")
         if self.cuts:
@@ -193,7 +193,7 @@ class PipelineParallel(Pass):
         if self.stages == 1:
             return graph
         if graph.mesh:
-            raise PassError(str(self), f"the graph is already partitioned (mesh {graph.mesh}): run "
+            raise PassNotApplicable(str(self), f"the graph is already partitioned (mesh {graph.mesh}): run "
                                        f"pipeline-parallel before tensor-parallel")
         order, cuts, free, _ = self.plan(graph)
         stage_of = {}

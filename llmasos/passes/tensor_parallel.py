@@ -37,7 +37,7 @@ from ..ir.opset.collective import COLLECTIVES
 from ..ir.opset.fused import ACTIVATIONS
 from ..ir.sharding import Sharding
 from ..ir.types import TensorType, as_dim, dims_equal
-from .base import NO_CONTEXT, Pass, PassContext, PassError, register_pass
+from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
 
 GEMMS = ("linear", "fused.linear_act", "fused.linear_glu", "quant.linear", "quant.linear_a8", "matmul",
          "fused.matmul_act")
@@ -64,7 +64,8 @@ class _Rewriter:
 
     # -- helpers ------------------------------------------------------------------------------------
     def err(self, msg: str):
-        return PassError(str(self.p), msg, self.node)
+        """What does not divide by tp: the pass cannot apply at this degree (PassNotApplicable, a PassError)."""
+        return PassNotApplicable(str(self.p), msg, self.node)
 
     def split(self, dim: int) -> Sharding:
         return Sharding.split(dim, self.axis)
@@ -555,8 +556,8 @@ class TensorParallel(Pass):
         if self.tp == 1:
             return graph
         if self.axis in graph.mesh:
-            raise PassError(str(self), f"the graph is already partitioned over {self.axis!r} (mesh {graph.mesh})")
+            raise PassNotApplicable(str(self), f"the graph is already partitioned over {self.axis!r} (mesh {graph.mesh})")
         for n in graph.nodes:
             if n.op in COLLECTIVES:
-                raise PassError(str(self), "the graph already has collectives (tensor-parallel runs once)", n)
+                raise PassNotApplicable(str(self), "the graph already has collectives (tensor-parallel runs once)", n)
         return _Rewriter(self, graph).run()
