@@ -171,6 +171,11 @@ def _conform(node, t: TensorType, r: np.ndarray, env: dict) -> np.ndarray:
 # executes only the nodes of its stage (node_stages), so a value used on the wrong stage fails here exactly
 # as it would on real devices. ``run`` on a graph with a mesh is ``assemble(graph, run_ranks(graph, inputs))``.
 
+def _contig(a):
+    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
 class SimulationError(InterpreterError):
     pass
 
@@ -210,7 +215,7 @@ def node_stages(graph: Graph) -> dict:
 
 
 def _local_inputs(graph: Graph, arrays: list, coords: dict) -> list:
-    return [np.ascontiguousarray(shard_of(a, v.sharding, graph.mesh, coords)) for v, a in zip(graph.inputs, arrays)]
+    return [_contig(shard_of(a, v.sharding, graph.mesh, coords)) for v, a in zip(graph.inputs, arrays)]
 
 
 def run_ranks(graph: Graph, inputs) -> list:
@@ -234,7 +239,7 @@ def run_ranks(graph: Graph, inputs) -> list:
         env = bind_symbols(graph, local)
         d = dict(zip(graph.inputs, local))
         for name, v in graph.params.items():
-            d[v] = np.ascontiguousarray(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, c))
+            d[v] = _contig(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, c))
         vals.append(d)
         envs.append(env)
 

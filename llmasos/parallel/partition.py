@@ -21,6 +21,11 @@ from ..passes import PassError, PassManager
 from ..passes.pipeline_parallel import PipelineParallel
 from ..passes.tensor_parallel import TensorParallel
 
+def _contig(a):
+    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
 N_FIXED_INPUTS = 3   # ids, pos, last: every rank's LM entry keeps them (llmasos/llm/runtime.py)
 
 
@@ -94,7 +99,7 @@ def rank_graph(graph: Graph, rank: int, keep_inputs: int = N_FIXED_INPUTS) -> Gr
             m[v] = r.add_input(v.name, v.type)
     for name, v in graph.params.items():
         if v in used or v in outs:
-            data = np.ascontiguousarray(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, coords))
+            data = _contig(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, coords))
             m[v] = r.add_param(name, data, type=v.type)
     for n in mine:
         attrs = dict(n.attrs)

@@ -44,6 +44,11 @@ GEMMS = ("linear", "fused.linear_act", "fused.linear_glu", "quant.linear", "quan
 ELEMENTWISE_MODULES = ("llmasos.ir.opset.elementwise",)
 
 
+def _contig(a):
+    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
 def _static(d) -> Optional[int]:
     d = as_dim(d)
     return d if isinstance(d, int) else None
@@ -82,7 +87,7 @@ class _Rewriter:
         if k not in self.params:
             data = param_array(self.src.param_data[v.name])
             if transform is not None:
-                data = np.ascontiguousarray(transform(data))
+                data = _contig(transform(data))
             if sharding is not None and sharding.is_split and data.shape[sharding.dim] % self.tp:
                 raise self.err(f"parameter %{v.name} {list(data.shape)}: dim {sharding.dim} does not divide into "
                                f"tp={self.tp}")
