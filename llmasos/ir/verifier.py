@@ -20,9 +20,10 @@ tests and tools can match on:
   result-type           a declared result type differs from the inferred one
   no-outputs            the graph has no outputs
   output-undefined      a graph output is not a value defined in the graph
-  mesh                  a mesh axis of size < 1; a sharding over an axis of size 1 or a dim the value lacks;
-                        a communication op whose group size (``parts``) or peer does not fit the mesh (an axis
-                        the mesh does not declare has size 1)
+  mesh                  a mesh axis of size < 1; a sharding over an axis the graph does not declare or a dim
+                        the value lacks; in a graph that declares a mesh, a communication op whose group size
+                        (``parts``) or peer does not fit it (an undeclared axis has size 1). A graph without a
+                        mesh is one rank's program (llmasos/parallel): its groups are the runtime's
   sharding              a split or partial value reaching a replicated result other than through a collective,
                         a partial value read by anything but dist.all_reduce / reduce_scatter / send, a
                         collective whose operand or result sharding is not the one it converts, a partial output
