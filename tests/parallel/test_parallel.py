@@ -205,6 +205,16 @@ def test_degrees_are_checked_before_any_work():
         check_degrees(workers.CONFIGS["llama"], 1, 3)
 
 
+def test_a_sharded_artifact_loads_only_on_its_world_size(tmp_path):
+    import json
+    from llmasos.parallel import LaunchError, load_parallel_lm
+    (tmp_path / "parallel.json").write_text(json.dumps({"tp": 2, "pp": 1, "mesh": {"tp": 2}, "world_size": 2}))
+    with pytest.raises(LaunchError, match="partitioned for 2 ranks.*world_size=2"):
+        load_parallel_lm(tmp_path)
+    with pytest.raises(LaunchError, match="not a sharded LM artifact"):
+        load_parallel_lm(tmp_path / "nothing")
+
+
 @pytest.fixture(scope="module")
 def reference():
     from llmasos.parallel import launch
