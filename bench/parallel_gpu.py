@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,7 @@ SHAPE = dict(arch="llama", vocab=128256, hidden=4096, layers=32, heads=32, kv_he
 
 def work(rank, world, tp, tokens):
     import torch
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", str(rank))
-    torch.cuda.set_device(0)
+    torch.cuda.set_device(0)          # launch(pin_cuda_device=True): this rank's GPU
     from llmasos.llm.model import Decoder, DecoderConfig
     from llmasos.parallel import compile_parallel_lm
     dec = Decoder.random(DecoderConfig(**SHAPE), dtype=torch.float16, device="cuda")
@@ -41,8 +39,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     a = ap.parse_args()
     from llmasos.parallel import launch
-    one = launch(work, 1, 1, a.tokens, backend="nccl", timeout_s=3600)[0]
-    two = launch(work, 2, 2, a.tokens, backend="nccl", timeout_s=3600)
+    one = launch(work, 1, 1, a.tokens, backend="nccl", timeout_s=3600, comm_timeout_s=600, pin_cuda_device=True)[0]
+    two = launch(work, 2, 2, a.tokens, backend="nccl", timeout_s=3600, comm_timeout_s=600, pin_cuda_device=True)
     print(json.dumps({"shape": "llama-8b fp16 batch 1", "baseline_tp1_tok_s": one["tok_s"],
                       "tp2_tok_s": min(r["tok_s"] for r in two),
                       "speedup": min(r["tok_s"] for r in two) / one["tok_s"], "target": 1.6,

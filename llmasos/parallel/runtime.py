@@ -94,6 +94,8 @@ def _free_port() -> int:
 
 def _child(fn, rank, world, port, timeout_s, q, args, env):
     os.environ.update(env)
+    if env.get("LLMASOS_PIN_CUDA_DEVICE"):      # before any CUDA call: this rank's GPU is its device 0
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     try:
         init_process(rank, world, f"tcp://127.0.0.1:{port}", backend=env.get("LLMASOS_DIST_BACKEND"),
                      timeout_s=timeout_s)
@@ -109,10 +111,10 @@ def _child(fn, rank, world, port, timeout_s, q, args, env):
 
 
 def launch(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, comm_timeout_s: float = 30.0,
-           backend: str = "gloo", threads_per_rank: Optional[int] = None) -> list:
+           backend: str = "gloo", threads_per_rank: Optional[int] = None, pin_cuda_device: bool = False) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a process group (gloo
     on 127.0.0.1 by default); return their results in rank order. ``fn`` must be importable (a module-level
-    function). A rank that raises or dies fails the launch with LaunchError naming it; the survivors' pending
+    function). ``pin_cuda_device``: rank r sees GPU r alone (as its device 0). A rank that raises or dies fails the launch with LaunchError naming it; the survivors' pending
     collectives fail after ``comm_timeout_s``; the whole run is killed after ``timeout_s``."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -120,6 +122,8 @@ def launch(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, comm_
     q = ctx.Queue()
     port = _free_port()
     env = {"LLMASOS_DIST_BACKEND": backend}
+    if pin_cuda_device:
+        env["LLMASOS_PIN_CUDA_DEVICE"] = "1"
     if threads_per_rank:
         env.update(OMP_NUM_THREADS=str(threads_per_rank), TVM_NUM_THREADS=str(threads_per_rank))
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, comm_timeout_s, q, args, env), daemon=True)
