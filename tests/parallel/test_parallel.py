@@ -267,7 +267,8 @@ def test_ray_replicas_balance_and_lose_no_request_when_one_dies(tmp_path):
     try:
         dp = DataParallelLM(tmp_path / "lm", replicas=2)
         got = dp.generate(prompts[:4], 4)
-        assert got == want[:4] and dp.served == [2, 2]          # balanced
+        # least-outstanding balancing: both replicas serve (the faster may take one more)
+        assert got == want[:4] and sum(dp.served) == 4 and min(dp.served) >= 1
         killed = []
 
         def kill_after_first(idx, r):
