@@ -314,6 +314,12 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
                                                 c.inp("kv_v", (n, 2, 8, 4), F32), kpos], {"scale": 0.5})
     c.node("f16/kv.attention", "kv.attention", [c.inp("kv_q16", (n, 2, 1, 4), F16), c.inp("kv_k16", (n, 2, 8, 4), F16),
                                                 c.inp("kv_v16", (n, 2, 8, 4), F16), kpos], {"scale": 0.5})
+    # collectives over a group of one (an unpartitioned program): the identity; multi-rank: tests/parallel
+    dx = c.inp("dist_x", (n, 4), F32)
+    c.node("dist.all_reduce", "dist.all_reduce", [dx], {"axis": "tp", "parts": 1})
+    c.node("dist.all_gather", "dist.all_gather", [dx], {"axis": "tp", "parts": 1, "dim": 1})
+    c.node("dist.reduce_scatter", "dist.reduce_scatter", [dx], {"axis": "tp", "parts": 1, "dim": 1})
+    c.node("dist.shard", "dist.shard", [dx], {"axis": "tp", "parts": 1, "dim": 1})
     if extra is not None:
         extra(c)
     c.g.set_outputs(c.outputs)
