@@ -17,7 +17,9 @@ from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm, tune_lm  #
 # energy: measurement windows (llmasos.energy.measure), carbon, offsets; instruments CompiledLM.generate's stats
 from . import energy  # noqa: E402,F401
 from .energy.planner import plan_energy  # noqa: E402,F401
+from .parallel import launch, plan_parallel  # noqa: E402,F401  (docs/parallel.md)
 
 __all__ = ["compile", "load", "CompiledModel", "CompiledProgram", "InputError", "ArtifactError", "distill",
            "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "energy", "plan_energy",
+           "launch", "plan_parallel",
            "__version__"]

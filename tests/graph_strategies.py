@@ -616,6 +616,21 @@ class _Builder:
             self.node(op, [q, pool("k_pool"), pool("v_pool"), pos_v, table_v], {"scale": self.choice((0.5, 1.0))})
         return True
 
+    # -- communication -------------------------------------------------------------------------
+    def b_dist(self, op: str):
+        """A collective over a group of one (an unpartitioned graph's identity: the verifier checks groups
+        only against a declared mesh). Multi-rank semantics: tests/parallel."""
+        x = self.pick(lambda v: v.type.dtype in (*FLOATS, DType.i64, DType.i32) and v.type.rank >= 1)
+        if x is None:
+            return False
+        attrs = {"axis": self.choice(("tp", "dp")), "parts": 1}
+        if op in ("dist.all_gather", "dist.reduce_scatter", "dist.shard"):
+            attrs["dim"] = self.integer(-x.type.rank, x.type.rank - 1)
+        if op in ("dist.all_reduce", "dist.reduce_scatter") and self.flag():
+            attrs["op"] = self.choice(("sum", "max", "min"))
+        self.node(op, [x], attrs)
+        return True
+
     def b_add_norm(self, op: str):
         x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= 1)
         if x is None:
@@ -698,6 +713,7 @@ OP_BUILDERS = {
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
     "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant",
     "kv.append": "b_kv", "kv.attention": "b_kv", "kv.paged_append": "b_paged", "kv.paged_attention": "b_paged",
+    **{op: "b_dist" for op in ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard")},
 }
 OPS = tuple(sorted(OP_BUILDERS))
 
@@ -853,4 +869,6 @@ def dim_exprs(symbols=("batch", "seq"), max_leaves: int = 6):
 
 def builtin_ops() -> set[str]:
     """The ops the built-in op set registers (plugins registered by other tests excluded)."""
-    return {name for name, op in all_ops().items() if op.infer.__module__.startswith("llmasos.ir.opset")}
+    # send/recv need a peer rank to mean anything: tests/parallel covers them
+    return {name for name, op in all_ops().items() if op.infer.__module__.startswith("llmasos.ir.opset")
+            and name not in ("dist.send", "dist.recv")}

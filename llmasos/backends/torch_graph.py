@@ -494,3 +494,9 @@ def _q_linear_a8(x, qweight, wscale, bias=None):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# the communication ops (llmasos/backends/dist.py: torch.distributed underneath, the identity for a group of one)
+from . import dist as _dist  # noqa: E402
+for _op, _fn in _dist.TORCH_FUNCS.items():
+    register_torch_impl(_op, _fn)

@@ -37,6 +37,7 @@ import numpy as np
 
 from .ops import OpError, get_op
 from .printer import print_graph
+from .sharding import Sharding
 from .torch_dtypes import dtype_from_torch, torch_to_numpy
 from .types import DType, TensorType, as_dim
 
@@ -57,14 +58,17 @@ class Use(NamedTuple):
 class Value:
     """An SSA value. Compared by identity; ``name`` is unique within its graph."""
 
-    __slots__ = ("name", "type", "producer", "index", "_uses")
+    __slots__ = ("name", "type", "producer", "index", "_uses", "sharding")
 
-    def __init__(self, name: str, type: TensorType, producer: "Optional[Node]" = None, index: int = 0):
+    def __init__(self, name: str, type: TensorType, producer: "Optional[Node]" = None, index: int = 0,
+                 sharding: "Optional[Sharding]" = None):
         self.name = name
         self.type = type
         self.producer = producer
         self.index = index
         self._uses: dict[Use, None] = {}  # insertion-ordered set
+        # None: replicated (or an unpartitioned graph); else split/partial over a mesh axis (ir/sharding.py)
+        self.sharding = sharding
 
     @property
     def uses(self) -> tuple:
@@ -81,7 +85,7 @@ class Value:
         return len(self._uses)
 
     def __repr__(self) -> str:
-        return f"%{self.name}: {self.type}"
+        return f"%{self.name}: {self.type}" + (f" {self.sharding}" if self.sharding is not None else "")
 
 
 def _add_use(v, node: "Node", i: int) -> None:
@@ -382,6 +386,8 @@ class Graph:
         self.outputs: list[Value] = []
         # symbolic dim name -> (min, max); None where unbounded
         self.symbols: dict[str, tuple[Optional[int], Optional[int]]] = {}
+        # a partitioned graph's device mesh: axis name -> size, ranks row-major (ir/sharding.py); {} otherwise
+        self.mesh: dict[str, int] = {}
         self._names: set[str] = set()
         self._counter = 0
         self._cursor = InsertPoint(self)
@@ -420,20 +426,20 @@ class Graph:
     def add_symbol(self, name: str, min: Optional[int] = None, max: Optional[int] = None) -> None:
         self.symbols[name] = (min, max)
 
-    def add_input(self, name: str, type: TensorType) -> Value:
-        v = Value(self._claim(_sanitize(name)), type)
+    def add_input(self, name: str, type: TensorType, sharding: Optional[Sharding] = None) -> Value:
+        v = Value(self._claim(_sanitize(name)), type, sharding=sharding)
         self.inputs.append(v)
         return v
 
     def add_param(self, name: str, data: Any = None, type: Optional[TensorType] = None, *,
-                  unique: bool = False) -> Value:
+                  unique: bool = False, sharding: Optional[Sharding] = None) -> Value:
         """A parameter; its type comes from ``data`` unless given (data may be attached later). With
         ``unique`` a taken name gets a suffix (``w.scale`` -> ``w.scale_0``) instead of an error."""
         if type is None:
             if data is None:
                 raise ValueError(f"parameter {name!r} needs data or a type")
             type = type_of_data(data)
-        v = Value(self.fresh_name(name) if unique else self._claim(_sanitize(name)), type)
+        v = Value(self.fresh_name(name) if unique else self._claim(_sanitize(name)), type, sharding=sharding)
         self.params[v.name] = v
         if data is not None:
             self.param_data[v.name] = data
@@ -593,11 +599,12 @@ class Graph:
             list.__setitem__(self._nodes, slice(None), [n for n in self._nodes if n not in gone])
 
     def dead_nodes(self) -> list:
-        """Nodes none of whose results reaches a graph output, in program order."""
+        """Nodes none of whose results reaches a graph output, in program order (a dist.send is never dead:
+        its effect is the message)."""
         outs = {v for v in self.outputs if isinstance(v, Value)}
         dead: set = set()
         for n in reversed(self._nodes):  # users come after their producers
-            if all(o not in outs and all(u.node in dead for u in o._uses) for o in n.outputs):
+            if n.op != "dist.send" and all(o not in outs and all(u.node in dead for u in o._uses) for o in n.outputs):
                 dead.add(n)
         return [n for n in self._nodes if n in dead]
 
@@ -671,13 +678,14 @@ class Graph:
         given, receives every Value and Node of this graph -> its copy."""
         g = Graph(self.name)
         g.symbols = dict(self.symbols)
+        g.mesh = dict(self.mesh)
         vmap: dict = {} if mapping is None else mapping
         for v in self.inputs:
-            vmap[v] = g.add_input(v.name, v.type)
+            vmap[v] = g.add_input(v.name, v.type, v.sharding)
         for name, v in self.params.items():
-            vmap[v] = g.add_param(name, self.param_data.get(name), type=v.type)
+            vmap[v] = g.add_param(name, self.param_data.get(name), type=v.type, sharding=v.sharding)
         for n in self._nodes:
-            outs = [Value(o.name, o.type) for o in n.outputs]
+            outs = [Value(o.name, o.type, sharding=o.sharding) for o in n.outputs]
             new = Node(n.op, [vmap[i] for i in n.inputs], dict(n.attrs), outs, n.loc)
             g.append_node(new)
             if mapping is not None:
@@ -716,9 +724,11 @@ def graph_diff(a: Graph, b: Graph, check_data: bool = True) -> Optional[str]:
         return f"names differ: {a.name} vs {b.name}"
     if a.symbols != b.symbols:
         return f"symbols differ: {a.symbols} vs {b.symbols}"
+    if list(a.mesh.items()) != list(b.mesh.items()):
+        return f"meshes differ: {a.mesh} vs {b.mesh}"
 
     def sig(v: Value) -> tuple:
-        return (v.name, str(v.type))
+        return (v.name, str(v.type), str(v.sharding))
 
     if [sig(v) for v in a.inputs] != [sig(v) for v in b.inputs]:
         return f"inputs differ: {a.inputs} vs {b.inputs}"

@@ -5,14 +5,16 @@ each op's result has exactly the shape and dtype the type rule promised.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import sympy
 
-from .graph import Graph, Value, param_array
+from .graph import Graph, Node, Value, param_array
 from .ops import get_op
+from .opset.collective import GROUP_SEMANTICS, POINT_TO_POINT
 from .opset.rules import to_dtype
+from .sharding import all_coords, all_groups, coords_rank, mesh_size, shard_of
 from .types import TensorType, dim_str, dim_symbols, eval_dim
 
 Inputs = Union[Sequence[Any], Mapping[str, Any]]
@@ -97,6 +99,11 @@ def run(graph: Graph, inputs: Inputs, *, trace: bool = False, observe=None):
     ``observe(node, args, results)``, when given, is called after each node with its operand and result
     arrays (calibration collects activation statistics this way without keeping every value alive).
     """
+    if getattr(graph, "mesh", None):
+        if observe is not None:
+            raise ValueError("observe is not supported on a partitioned graph (one with a mesh)")
+        outs = assemble(graph, run_ranks(graph, inputs))
+        return (outs, {}) if trace else outs   # per-value traces are per rank: only the outputs compare
     if isinstance(inputs, Mapping):
         missing = [v.name for v in graph.inputs if v.name not in inputs]
         if missing:
@@ -153,3 +160,162 @@ def _conform(node, t: TensorType, r: np.ndarray, env: dict) -> np.ndarray:
         raise InterpreterError(f"{node.describe()}: result shape {list(r.shape)} differs from its type {t} "
                                f"= {list(shape)}")
     return to_dtype(r, t.dtype)
+
+
+# -- partitioned graphs: every rank of the mesh simulated in one process -----------------------------
+# run_ranks(graph, inputs) -> per-rank outputs (inputs: the LOGICAL arrays); assemble(graph, per_rank) -> the
+# logical outputs. Each rank gets its shard of every input and parameter (sharding.shard_of); nodes run in
+# graph order on every rank that executes them. A collective (dist.all_reduce, all_gather, reduce_scatter,
+# shard) runs once per group of its mesh axis with GROUP_SEMANTICS; dist.send puts its operand in a mailbox
+# keyed by (tag, receiving rank), dist.recv takes it out. In a pipelined graph (one with send/recv) a rank
+# executes only the nodes of its stage (node_stages), so a value used on the wrong stage fails here exactly
+# as it would on real devices. ``run`` on a graph with a mesh is ``assemble(graph, run_ranks(graph, inputs))``.
+
+def _contig(a):
+    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
+class SimulationError(InterpreterError):
+    pass
+
+
+def pipeline_axis(graph: Graph) -> Optional[str]:
+    """The mesh axis send/recv communicate over (the pipeline axis), or None."""
+    axes = {n.attrs["axis"] for n in graph.nodes if n.op in POINT_TO_POINT}
+    if len(axes) > 1:
+        raise SimulationError(f"send/recv over several mesh axes {sorted(axes)}: one pipeline axis is supported")
+    return next(iter(axes), None)
+
+
+def node_stages(graph: Graph) -> dict:
+    """node -> pipeline stage. A recv runs on the stage its matching send (same tag) names as peer; a node
+    with an operand made by a staged node runs on the latest such stage; a node made from inputs, params and
+    constants alone runs on the earliest stage of its users (pipeline-parallel copies such nodes into each
+    stage that uses them, so they never cross a boundary)."""
+    sends = {n.attrs["tag"]: n for n in graph.nodes if n.op == "dist.send"}
+    stage: dict = {}
+    sources = []
+    for n in graph.nodes:
+        if n.op == "dist.recv":
+            s = sends.get(n.attrs["tag"])
+            if s is None:
+                raise SimulationError(f"{n.describe()}: no dist.send has tag {n.attrs['tag']}")
+            stage[n] = s.attrs["peer"]
+            continue
+        ops = [stage[v.producer] for v in n.inputs if isinstance(v.producer, Node) and v.producer in stage]
+        if ops:
+            stage[n] = max(ops)
+        else:
+            sources.append(n)
+    for n in reversed(sources):
+        users = [stage[u.node] for o in n.outputs for u in o.uses if u.node in stage]
+        stage[n] = min(users) if users else 0
+    return stage
+
+
+def _local_inputs(graph: Graph, arrays: list, coords: dict) -> list:
+    return [_contig(shard_of(a, v.sharding, graph.mesh, coords)) for v, a in zip(graph.inputs, arrays)]
+
+
+def run_ranks(graph: Graph, inputs) -> list:
+    """Run every rank of ``graph.mesh``; returns, per rank (row-major), the list of its outputs (None for an
+    output another pipeline stage computes). ``inputs``: the logical arrays (a list or a name mapping)."""
+    if isinstance(inputs, Mapping):
+        arrays = [_as_array(inputs[v.name]) for v in graph.inputs]
+    else:
+        if len(inputs) != len(graph.inputs):
+            raise ValueError(f"graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
+        arrays = [_as_array(x) for x in inputs]
+    mesh = dict(graph.mesh)
+    n = mesh_size(mesh)
+    coords = list(all_coords(mesh)) if mesh else [{}]
+    pp = pipeline_axis(graph)
+    stages = node_stages(graph) if pp is not None else {}
+    vals: list[dict] = []
+    envs = []
+    for c in coords:
+        local = _local_inputs(graph, arrays, c)
+        env = bind_symbols(graph, local)
+        d = dict(zip(graph.inputs, local))
+        for name, v in graph.params.items():
+            d[v] = _contig(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, c))
+        vals.append(d)
+        envs.append(env)
+
+    def runs(rank: int, node: Node) -> bool:
+        return pp is None or coords[rank][pp] == stages[node]
+
+    mailbox: dict = {}
+    for node in graph.nodes:
+        opdef = get_op(node.op)
+        ranks = [r for r in range(n) if runs(r, node)]
+        try:
+            if node.op in GROUP_SEMANTICS:
+                axis = node.attrs["axis"]
+                groups = all_groups(mesh, axis) if axis in mesh else [[r] for r in range(n)]
+                for grp in groups:
+                    grp = [r for r in grp if r in ranks]
+                    if not grp:
+                        continue
+                    attrs = evaluate_attrs(node.attrs, envs[grp[0]])
+                    if len(grp) != attrs["parts"]:
+                        raise SimulationError(f"{node.describe()}: group of {len(grp)} rank(s) but parts = "
+                                              f"{attrs['parts']}")
+                    res = GROUP_SEMANTICS[node.op]([vals[r][node.inputs[0]] for r in grp], **attrs)
+                    for r, a in zip(grp, res):
+                        vals[r][node.outputs[0]] = _conform(node, node.outputs[0].type, np.asarray(a), envs[r])
+                continue
+            for r in ranks:
+                attrs = evaluate_attrs(node.attrs, envs[r])
+                if node.op == "dist.send":
+                    dst = coords_rank(mesh, {**coords[r], pp: attrs["peer"]})
+                    mailbox[(attrs["tag"], dst)] = vals[r][node.inputs[0]]
+                    vals[r][node.outputs[0]] = vals[r][node.inputs[0]]
+                    continue
+                if node.op == "dist.recv":
+                    key = (attrs["tag"], r)
+                    if key not in mailbox:
+                        raise SimulationError(f"{node.describe()}: rank {r} receives tag {attrs['tag']} that no "
+                                              f"rank sent before it")
+                    vals[r][node.outputs[0]] = _conform(node, node.outputs[0].type, np.asarray(mailbox.pop(key)),
+                                                        envs[r])
+                    continue
+                args = []
+                for v in node.inputs:
+                    if v not in vals[r]:
+                        raise SimulationError(f"{node.describe()}: rank {r} (stage {stages.get(node)}) reads %{v.name}"
+                                              f", which another pipeline stage computes and nothing sends")
+                    args.append(vals[r][v])
+                with np.errstate(all="ignore"):
+                    res = opdef.ref(*args, **attrs)
+                res = res if isinstance(res, tuple) else (res,)
+                for out, a in zip(node.outputs, res):
+                    vals[r][out] = _conform(node, out.type, np.asarray(a), envs[r])
+        except SimulationError:
+            raise
+        except Exception as e:
+            raise SimulationError(f"{node.describe()}: simulated semantics failed: {e}") from e
+    return [[vals[r].get(v) for v in graph.outputs] for r in range(n)]
+
+
+def assemble(graph: Graph, per_rank: Sequence[Sequence[Any]]) -> list:
+    """The logical outputs from ``run_ranks``' per-rank ones: a split output concatenated over its axis, a
+    replicated one taken from the first rank that has it (every rank that has it holds the same array)."""
+    mesh = dict(graph.mesh)
+    coords = list(all_coords(mesh)) if mesh else [{}]
+    out = []
+    for i, v in enumerate(graph.outputs):
+        have = [r for r in range(len(per_rank)) if per_rank[r][i] is not None]
+        if not have:
+            raise SimulationError(f"output %{v.name} is computed on no rank")
+        s = v.sharding
+        if s is None:
+            out.append(per_rank[have[0]][i])
+            continue
+        if s.is_partial:
+            raise SimulationError(f"output %{v.name} is partial: all-reduce it first")
+        c0 = coords[have[0]]
+        chunks = [per_rank[coords_rank(mesh, {**c0, s.axis: k})][i] for k in range(mesh[s.axis])]
+        out.append(np.concatenate(chunks, axis=s.dim))
+    return out

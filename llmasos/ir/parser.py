@@ -20,6 +20,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .graph import Graph, Node, Value, type_of_data
+from .sharding import Sharding, logical_type
 from .ops import REQUIRED, OpDef, OpError, normalize_attr, get_op
 from .types import DType, TensorType, as_dim, sym
 
@@ -261,6 +262,7 @@ class _Reader:
         self.values: dict[str, Value] = {}
         self.defined_at: dict[str, tuple[int, int]] = {}
         self.param_tokens: dict[str, Token] = {}
+        self.sharding_axes: list = []
 
     def error(self, msg: str, tok: Optional[Token]) -> ParseError:
         line, col = (tok.line, tok.column) if tok is not None else (1, 1)
@@ -282,18 +284,29 @@ class _Reader:
             if kind == "node":
                 self._node(g, item)
             elif kind == "input":
-                tok, type_tok = item.children
-                v = g.add_input(self._define(tok), _type_from_token(type_tok))
+                tok, type_tok, *sh = item.children
+                v = g.add_input(self._define(tok), _type_from_token(type_tok), self._sharding(g, sh))
                 self.values[v.name] = v
             elif kind == "param":
-                tok, type_tok = item.children
-                v = g.add_param(self._define(tok), type=_type_from_token(type_tok))
+                tok, type_tok, *sh = item.children
+                v = g.add_param(self._define(tok), type=_type_from_token(type_tok), sharding=self._sharding(g, sh))
                 self.values[v.name] = v
                 self.param_tokens[v.name] = tok
             elif kind == "symbol":
                 self._symbol(g, item)
+            elif kind == "mesh":
+                name, size = item.children
+                if str(name) in g.mesh:
+                    raise self.error(f"mesh axis {name} is declared twice", name)
+                if int(size) < 1:
+                    raise self.error(f"mesh axis {name} must have at least 1 rank, got {size}", size)
+                g.mesh[str(name)] = int(size)
             elif kind == "ret":
                 g.set_outputs([self._use(t) for t in item.children])
+        for axis, tok in self.sharding_axes:
+            if axis not in g.mesh:
+                raise self.error(f"sharding over mesh axis {axis!r}, which no 'mesh' line declares "
+                                 f"(declared: {', '.join(g.mesh) or 'none'})", tok)
         return g
 
     def _define(self, tok: Token) -> str:
@@ -311,6 +324,26 @@ class _Reader:
             hint = f"; did you mean {', '.join('%' + c for c in close)}?" if close else ""
             raise self.error(f"use of undefined value {tok}{hint}", tok)
         return v
+
+    def _sharding(self, g: Graph, trees: list):
+        """The Sharding an optional ``#split(dim, axis)`` / ``#partial(axis)`` suffix declares (None: replicated)."""
+        if not trees:
+            return None
+        kind, *args = trees[0].children
+        k = str(kind)
+        if k == "split":
+            if len(args) != 2 or args[0].type != "INT" or args[1].type != "NAME":
+                raise self.error("a split sharding is written #split(DIM, AXIS), e.g. #split(1, tp)", kind)
+            dim, axis = int(args[0]), str(args[1])
+        elif k == "partial":
+            if len(args) != 1 or args[0].type != "NAME":
+                raise self.error("a partial sharding is written #partial(AXIS), e.g. #partial(tp)", kind)
+            dim, axis = None, str(args[0])
+        else:
+            raise self.error(f"unknown sharding {k!r}: a value is #split(DIM, AXIS), #partial(AXIS) or replicated "
+                             f"(no annotation)", kind)
+        self.sharding_axes.append((axis, args[-1]))  # checked once every mesh line is read
+        return Sharding(k, axis, dim)
 
     def _symbol(self, g: Graph, item: Tree) -> None:
         name, *bounds = item.children
@@ -336,8 +369,9 @@ class _Reader:
             else:
                 operands.append(c)
         # checked in text order: result types, result names, op, operands, attributes
-        typed = [(tok, _type_from_token(type_tok)) for tok, type_tok in (r.children for r in results)]
-        for tok, _ in typed:
+        typed = [(r.children[0], _type_from_token(r.children[1]), self._sharding(g, r.children[2:]))
+                 for r in results]
+        for tok, _, _ in typed:
             if str(tok)[1:] in self.defined_at:
                 self._define(tok)  # raises, naming the first definition
         try:
@@ -346,7 +380,7 @@ class _Reader:
             raise self.error(str(e), op_tok) from None
         inputs = [self._use(t) for t in operands]
         attr_values = self._attrs(opdef, op_tok, attrs)
-        outs = [Value(self._define(tok), t) for tok, t in typed]
+        outs = [Value(self._define(tok), t, sharding=sh) for tok, t, sh in typed]
         g.append_node(Node(opdef.name, inputs, attr_values, outs, loc))
         for o in outs:
             self.values[o.name] = o
@@ -505,7 +539,8 @@ class _Reader:
         if unknown:
             raise ValueError(f"params given for names the text does not declare: {unknown}")
         for name, data in params.items():
-            declared = g.params[name].type
+            v = g.params[name]
+            declared = logical_type(v.type, v.sharding, g.mesh)
             actual = type_of_data(data)
             if not actual.same_as(declared):
                 raise self.error(f"parameter %{name} is declared {declared} but its data is {actual}",

@@ -28,6 +28,8 @@ def print_graph(g: Graph) -> str:
     lines = [f"graph @{g.name}({ins}) {{"]
     for name, (lo, hi) in g.symbols.items():
         lines.append(INDENT + print_symbol(name, lo, hi))
+    for axis, size in getattr(g, "mesh", {}).items():
+        lines.append(f"{INDENT}mesh {axis} = {size}")
     for v in g.params.values():
         lines.append(f"{INDENT}param {_binding(v)}")
     for n in g.nodes:
@@ -56,7 +58,8 @@ def print_node(n: Node) -> str:
 
 
 def _binding(v: Value) -> str:
-    return f"%{v.name}: {print_type(v.type)}"
+    s = getattr(v, "sharding", None)
+    return f"%{v.name}: {print_type(v.type)}" + ("" if s is None else f" {s}")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -20,6 +20,13 @@ tests and tools can match on:
   result-type           a declared result type differs from the inferred one
   no-outputs            the graph has no outputs
   output-undefined      a graph output is not a value defined in the graph
+  mesh                  a mesh axis of size < 1; a sharding over an axis the graph does not declare or a dim
+                        the value lacks; in a graph that declares a mesh, a communication op whose group size
+                        (``parts``) or peer does not fit it (an undeclared axis has size 1). A graph without a
+                        mesh is one rank's program (llmasos/parallel): its groups are the runtime's
+  sharding              a split or partial value reaching a replicated result other than through a collective,
+                        a partial value read by anything but dist.all_reduce / reduce_scatter / send, a
+                        collective whose operand or result sharding is not the one it converts, a partial output
   use-list              a value's use-list disagrees with the operands of the graph's nodes (a node in the
                         list that is not attached to the graph, an operand not listed, a listed use that is
                         not an operand of a node of this graph); checked last, in one pass over the operands
@@ -32,11 +39,13 @@ import numpy as np
 
 from .graph import Graph, Node, Use, Value, type_of_data
 from .ops import REQUIRED, OpError, normalize_attr, get_op
+from .opset.collective import COMM_OPS
+from .sharding import describe, logical_type
 from .types import TensorType, dim_symbols
 
 RULES = ("bad-symbol-bounds", "undeclared-symbol", "duplicate-definition", "param-data", "producer-link",
          "undefined-value", "unknown-op", "arity", "attr-unknown", "attr-missing", "attr-kind", "operand-type",
-         "result-count", "result-type", "no-outputs", "output-undefined", "use-list")
+         "result-count", "result-type", "no-outputs", "output-undefined", "mesh", "sharding", "use-list")
 
 
 class VerificationError(ValueError):
@@ -94,6 +103,7 @@ class _Checker:
             for n in self.g.nodes:
                 self.check_node(n)
             self.check_outputs()
+            self.check_sharding()
             self.check_uses()
         except _Stop:
             pass
@@ -142,7 +152,7 @@ class _Checker:
             return
         data = self.g.param_data[name]
         where = f"param %{name}"
-        want = v.type
+        want = logical_type(v.type, v.sharding, getattr(self.g, "mesh", {}))  # sharded: the logical data
         try:
             got = type_of_data(data)
         except TypeError as e:
@@ -264,6 +274,90 @@ class _Checker:
                 self.report("output-undefined", None, f"output {i} {name} is not defined in the graph "
                             f"(not an input, a parameter or a node result of this graph)", f"graph '{self.g.name}'")
 
+
+    # -- sharding ----------------------------------------------------------------------------------
+    def check_sharding(self) -> None:
+        g = self.g
+        mesh = getattr(g, "mesh", {})
+        for axis, size in mesh.items():
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                self.report("mesh", None, f"mesh axis {axis!r} has size {size!r}; sizes are ints >= 1",
+                            f"graph '{g.name}'")
+        for v in self.defined:
+            s = getattr(v, "sharding", None)
+            if s is None:
+                continue
+            node = v.producer if isinstance(v.producer, Node) else None
+            where = None if node is not None else f"%{v.name}"
+            if mesh.get(s.axis, 1) == 1 and s.axis not in mesh:
+                self.report("mesh", node, f"%{v.name} is {describe(s)} over mesh axis {s.axis!r}, which the graph "
+                            f"does not declare (mesh: {mesh or 'none'})", where)
+            elif s.is_split and isinstance(v.type, TensorType) and s.dim >= v.type.rank:
+                self.report("mesh", node, f"%{v.name} is split on dim {s.dim} but has rank {v.type.rank}", where)
+        for n in g.nodes:
+            if n.op in COMM_OPS:
+                self._check_comm(n, mesh)
+                continue
+            ins = [(i, v) for i, v in enumerate(n.inputs) if getattr(v, "sharding", None) is not None]
+            for i, v in ins:
+                if v.sharding.is_partial:
+                    self.report("sharding", n, f"operand {i} %{v.name} is partial over {v.sharding.axis!r} (each rank "
+                                f"holds a summand): reduce it first (dist.all_reduce or dist.reduce_scatter)")
+            if ins:
+                i, v = ins[0]
+                for o in n.outputs:
+                    if getattr(o, "sharding", None) is None:
+                        self.report("sharding", n, f"operand {i} %{v.name} is {describe(v.sharding)} but result "
+                                    f"%{o.name} is replicated: a sharded value reaches a replicated use only through a "
+                                    f"collective (dist.all_gather for split, dist.all_reduce for partial)")
+        for i, v in enumerate(g.outputs):
+            s = getattr(v, "sharding", None)
+            if s is not None and s.is_partial:
+                self.report("sharding", None, f"output {i} %{v.name} is partial over {s.axis!r}: all-reduce it "
+                            f"before it leaves the graph", f"graph '{g.name}'")
+
+    def _check_comm(self, n: Node, mesh: dict) -> None:
+        if not mesh:
+            return  # a rank-local program (llmasos.parallel): its groups are the runtime's, not the graph's
+        a = n.attrs
+        axis = a.get("axis")
+        size = mesh.get(axis, 1)
+        if "parts" in a and a["parts"] != size:
+            self.report("mesh", n, f"{n.op} has parts = {a['parts']} but mesh axis {axis!r} has {size} rank(s)")
+            return
+        if "peer" in a and not 0 <= a["peer"] < size:
+            self.report("mesh", n, f"{n.op} names peer {a['peer']} but mesh axis {axis!r} has {size} rank(s)")
+            return
+        if n.op in ("dist.send", "dist.recv") or not n.inputs or not n.outputs:
+            return
+        x, y = n.inputs[0], n.outputs[0]
+        sx, sy = getattr(x, "sharding", None), getattr(y, "sharding", None)
+        if size == 1 and sx is None and sy is None:
+            return  # a group of one: the identity
+        want = {"dist.all_reduce": (("partial", None), None),
+                "dist.all_gather": (("split", a.get("dim")), None),
+                "dist.reduce_scatter": (("partial", None), ("split", a.get("dim"))),
+                "dist.shard": (None, ("split", a.get("dim")))}[n.op]
+        rank = x.type.rank if isinstance(x.type, TensorType) else 0
+
+        def norm(d):
+            return None if d is None else (d % rank if rank else 0)
+
+        def matches(s, spec):
+            if spec is None:
+                return s is None
+            return s is not None and s.kind == spec[0] and s.axis == axis and s.dim == norm(spec[1])
+
+        def show(spec):
+            if spec is None:
+                return "replicated"
+            return f"split({norm(spec[1])}, {axis})" if spec[0] == "split" else f"partial({axis})"
+        if not matches(sx, want[0]):
+            self.report("sharding", n, f"{n.op} over {axis!r} takes a {show(want[0])} operand, got %{x.name} "
+                        f"{describe(sx)}")
+        elif not matches(sy, want[1]):
+            self.report("sharding", n, f"{n.op} over {axis!r} makes a {show(want[1])} result, but %{y.name} is "
+                        f"declared {describe(sy)}")
 
     # -- use-lists ---------------------------------------------------------------------------------
     def check_uses(self) -> None:

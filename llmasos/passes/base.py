@@ -45,7 +45,7 @@ BUILTIN_MODULES = ("llmasos.passes.dce", "llmasos.passes.cse", "llmasos.passes.r
                    "llmasos.passes.merge_linears", "llmasos.passes.fuse_elementwise",
                    "llmasos.passes.split_heads", "llmasos.passes.fuse",
                    "llmasos.passes.quantize", "llmasos.passes.prune", "llmasos.passes.prune_heads",
-                   "llmasos.passes.lowrank")
+                   "llmasos.passes.lowrank", "llmasos.passes.tensor_parallel", "llmasos.passes.pipeline_parallel")
 
 
 class PassError(Exception):

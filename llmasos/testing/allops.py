@@ -327,6 +327,12 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
                                                             c.inp("kv_pk16", (8, 2, 2, 4), F16),
                                                             c.inp("kv_pv16", (8, 2, 2, 4), F16), ppos, table],
            {"scale": 0.5})
+    # collectives over a group of one (an unpartitioned program): the identity; multi-rank: tests/parallel
+    dx = c.inp("dist_x", (n, 4), F32)
+    c.node("dist.all_reduce", "dist.all_reduce", [dx], {"axis": "tp", "parts": 1})
+    c.node("dist.all_gather", "dist.all_gather", [dx], {"axis": "tp", "parts": 1, "dim": 1})
+    c.node("dist.reduce_scatter", "dist.reduce_scatter", [dx], {"axis": "tp", "parts": 1, "dim": 1})
+    c.node("dist.shard", "dist.shard", [dx], {"axis": "tp", "parts": 1, "dim": 1})
     if extra is not None:
         extra(c)
     c.g.set_outputs(c.outputs)

@@ -11,6 +11,7 @@ rounding. nan must match nan, infinities must match exactly. Ints and bools must
 from __future__ import annotations
 
 import math
+import functools
 import re
 
 import ml_dtypes
@@ -828,6 +829,48 @@ def test_kv_paged_ops_equal_torch_and_the_contiguous_ops(data):
           what="kv.paged_attention")
     (contiguous,) = run_op("kv.attention", [q, want_cache, vc, pos], {"scale": scale})
     check(got, T(contiguous), tol=TOL[dt], what="kv.paged_attention vs kv.attention")
+
+
+# -- communication ---------------------------------------------------------------------------------
+@covers("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard", "dist.send", "dist.recv")
+@given(data=st.data())
+def test_collectives_over_a_simulated_group_equal_torch(data):
+    """The group semantics (every rank in one process) against torch's reductions and concatenation; a
+    group of one is the identity on one rank. send/recv: a two-stage pipeline hands the value over."""
+    from llmasos.ir.interpreter import run_ranks
+    from llmasos.ir.opset.collective import GROUP_SEMANTICS
+    dt = data.draw(FLOATS, label="dtype")
+    parts = data.draw(st.sampled_from([1, 2, 4]), label="parts")
+    rng = np.random.default_rng(data.draw(SEEDS))
+    shape = (2, 4, 3)
+    xs = [rand(rng, shape, dt) for _ in range(parts)]
+    op = data.draw(st.sampled_from(["sum", "max", "min"]), label="op")
+    red = {"sum": lambda ts: functools.reduce(torch.add, ts), "max": lambda ts: functools.reduce(torch.maximum, ts),
+           "min": lambda ts: functools.reduce(torch.minimum, ts)}[op]
+    for got in GROUP_SEMANTICS["dist.all_reduce"](xs, "tp", parts, op):
+        check(got, red([T(x) for x in xs]), tol=parts * TOL[dt], what="all_reduce")
+    dim = data.draw(st.integers(0, 2), label="dim")
+    for got in GROUP_SEMANTICS["dist.all_gather"](xs, "tp", parts, dim):
+        check(got, torch.cat([T(x) for x in xs], dim), tol=0.0, what="all_gather")
+    if shape[1] % parts == 0:
+        for r, got in enumerate(GROUP_SEMANTICS["dist.reduce_scatter"](xs, "tp", parts, 1, op)):
+            check(got, red([T(x) for x in xs]).chunk(parts, 1)[r], tol=parts * TOL[dt], what="reduce_scatter")
+        for r, got in enumerate(GROUP_SEMANTICS["dist.shard"](xs, "tp", parts, 1)):
+            check(got, T(xs[r]).chunk(parts, 1)[r], tol=0.0, what="shard")
+    for o in ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard"):
+        attrs = {"axis": "tp", "parts": 1, **({"dim": dim} if o != "dist.all_reduce" else {})}
+        (got,) = run_op(o, [xs[0]], attrs)
+        check(got, T(xs[0]), tol=0.0, what=o)
+    g = Graph("pp")
+    x = g.add_input("x", TensorType(shape, dt))
+    g.mesh = {"pp": 2}
+    g.add_node("dist.send", [x], {"axis": "pp", "peer": 1, "tag": 1})
+    y = g.add_node("dist.recv", [], {"axis": "pp", "peer": 0, "tag": 1, "shape": list(shape), "dtype": dt})
+    g.set_outputs([g.add_node("neg", [y])])
+    verify(g)
+    per_rank = run_ranks(g, [xs[0]])
+    assert per_rank[0] == [None]
+    check(per_rank[1][0], -T(xs[0]), tol=0.0, what="send/recv")
 
 
 # -- coverage ------------------------------------------------------------------------------------

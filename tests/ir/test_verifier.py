@@ -347,6 +347,24 @@ def test_collect_returns_every_problem_in_graph_order():
         verify(g)
 
 
+def test_partitioned_graphs_need_their_collectives_and_mesh():
+    from llmasos.ir import parse
+    g = parse("""graph @m(%x: f32[2, 8]) {
+  mesh tp = 2
+  param %w: f32[4, 8] #split(0, tp)
+  %h: f32[2, 4] #split(1, tp) = linear(%x, %w)
+  %y: f32[2, 4] = relu(%h)
+  return %y
+}""", params={"w": np.zeros((8, 8), np.float32)})
+    assert only_error(g).rule == "sharding"                    # a split value reaches a replicated one
+    g = parse("""graph @m(%x: f32[2, 8]) {
+  mesh tp = 2
+  %y: f32[2, 8] = dist.all_reduce(%x) {axis = "tp", parts = 4}
+  return %y
+}""")
+    assert only_error(g).rule == "mesh"                        # a group that does not fit the mesh
+
+
 def test_every_rule_has_a_test():
     import inspect
     import sys

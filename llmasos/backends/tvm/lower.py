@@ -17,6 +17,7 @@ from ...ir.types import TensorType, dim_str
 from . import lowering_fused  # noqa: F401  (registers the fused ops' lowerings)
 from . import lowering_quant  # noqa: F401  (registers the quantized GEMMs' lowerings)
 from . import lowering_kv  # noqa: F401  (registers the KV-cache ops' lowerings)
+from . import lowering_dist  # noqa: F401  (registers the communication ops' lowerings)
 from .lowering import LowerContext, LoweringError, tvm_dtype
 
 
