@@ -21,6 +21,8 @@ are never written: an MMA column depends only on its own B column.
 """
 from __future__ import annotations
 
+from tvm import te
+from tvm import tirx as tir
 from tvm.script import tirx as T
 
 TILE_N = 16        # W rows per block (the MMA's M)
@@ -173,8 +175,6 @@ def small_m_quant_gemm_supported(n: int, k: int, bits: int, group: int, dtype: s
 def quant_repack_words(codes, n: int, k: int, bits: int, signed: bool):
     """TE: codes [N, Kq] (int4: two per byte, even k low; int8/uint8) -> uint32 words [N / 16, K / CH * 128] in
     the kernel's lane order (see above): word q of tile i is lane (q % 128) // 4's word q % 4 of chunk q // 128."""
-    from tvm import te, tirx as tir  # deferred: te is only needed for the load-time transform
-
     ch = quant_chunk(bits)
     u32 = "uint32"
 
@@ -206,8 +206,6 @@ def quant_repack_words(codes, n: int, k: int, bits: int, signed: bool):
 def quant_repack_scales(scale, zero, n: int, groups: int, signed8: bool):
     """TE: scale, zero f32 [N, G] (or [1, 1]) -> uint32 [N / 16, G * 16]: word (g, h) of group gi of tile i is
     row 16 i + g + 8 h's (f16 s, f16 -(z [+ 128 for signed int8]) * s)."""
-    from tvm import te, tirx as tir  # deferred: te is only needed for the load-time transform
-
     per_tensor = tuple(int(d) for d in scale.shape) == (1, 1)
 
     def half_bits(v):
@@ -229,8 +227,6 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
     """The PrimFunc ``small_m_quant_gemm(x [M, K] f16, words [N/16, K/CH*128] u32, sz [N/16, G*16] u32) ->
     y [M, N]`` (M symbolic) over quant_repack_words / quant_repack_scales' layouts; G = ceil(K / group), 1
     for group 0."""
-    from tvm import tirx as tir  # deferred: only for constants
-
     warps = small_m_warps(n)
     S = 4 if bits == 4 else 2
     ch = quant_chunk(bits)
