@@ -32,10 +32,10 @@ def _quant(n, k, bits, group, sym_, seed=0):
     return codes, s, zs
 
 
-def _graph(n, k, bits, group, sym_=True, bias=False):
+def _graph(n, k, bits, group, sym_=True, bias=False, rows=None):
     g = Graph("g")
     g.add_symbol("batch", 1, 64)
-    x = g.add_input("x", TensorType((sym("batch"), 1, k), DType.f16))
+    x = g.add_input("x", TensorType((sym("batch") if rows is None else rows, 1, k), DType.f16))
     codes, s, z = _quant(n, k, bits, group, sym_)
     ins = [x, g.add_param("q", codes), g.add_param("s", s), g.add_param("z", z)]
     if bias:
@@ -73,7 +73,11 @@ def test_quant_linear_at_a_symbolic_batch_runs_the_int4_tensor_core_kernel():
     off = dataclasses.replace(SPEC, extra={"small_m_quant_gemm": "off"})
     assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(_graph(256, 512, 4, 128), off))
     assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(_graph(256, 512, 4, 32)))  # group < chunk
-    with pytest.raises(ValueError, match="small_m_quant_gemm must be 'on' or 'off'"):
+    one = _graph(256, 512, 4, 128, rows=1)                   # batch 1: DecodeGEMV unless asked for "all"
+    assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(one))
+    assert any(n.startswith("small_m_quant_gemm") for n in _kernels(one, dataclasses.replace(
+        SPEC, extra={"small_m_quant_gemm": "all"})))
+    with pytest.raises(ValueError, match="small_m_quant_gemm must be 'on', 'all' or 'off'"):
         dataclasses.replace(SPEC, extra={"small_m_quant_gemm": "no"}).small_m_quant_gemm(256, 512, 4, 128, "float16")
 
 

@@ -100,16 +100,19 @@ def _small_m_quant_linear(ctx, node, args):
     """A decode step's quant.linear at a symbolic batch (x [batch, K] or [batch, 1, K] f16, parameter codes,
     scales and zeros) through the target's small-M kernel (``Target.small_m_quant_gemm``: tensor cores on
     CUDA, cuda_gemm.py), or None. Codes and scales are repacked into the kernel's lane order by
-    parameter-only TE functions, which LiftTransformParams runs once, at load."""
+    parameter-only TE functions, which LiftTransformParams runs once, at load. Static rows (batch 1) only
+    where the target asks for them (CUDA: small_m_quant_gemm = "all")."""
     xt = node.inputs[0].type
     lead = xt.shape[:-1]
-    if (ctx.spec is None or not lead or isinstance(lead[0], int) or any(d != 1 for d in lead[1:])
+    if (ctx.spec is None or not lead or any(d != 1 for d in lead[1:])
             or not isinstance(xt.shape[-1], int) or xt.dtype is not DType.f16
             or not all(ctx.is_param(v) and v.type.is_static for v in node.inputs[1:4])
             or node.inputs[1].type.dtype not in (DType.i8, DType.u8)):
         return None
     n, k, bits, group, g, per_tensor = _layout(node)
-    kernel = ctx.spec.small_m_quant_gemm(n, k, bits, 0 if per_tensor else group, "float16")
+    static = isinstance(lead[0], int)
+    kernel = ctx.spec.small_m_quant_gemm(n, k, bits, 0 if per_tensor else group, "float16",
+                                         rows=lead[0] if static else None)
     if kernel is None:
         return None
     name, func = kernel
