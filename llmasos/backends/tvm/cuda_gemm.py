@@ -154,7 +154,7 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
 # Scales and zeros go f16 into one word per row and group, (s, -z * s), interleaved [N/16, G, 8, 2]:
 # lane (g, t) reads 8 bytes per chunk, rows g and g + 8 (prmt splats each half into a half2).
 
-Q_UNROLL = 2       # K chunks unrolled per warp (an int4 chunk is 64 columns: twice the f16 kernel's K)
+Q_UNROLL = 4       # K chunks unrolled per warp (an int4 chunk is 64 columns: twice the f16 kernel's K)
 _MAGIC16 = 0x64006400  # f16 1024.0 in both halves
 
 
@@ -247,10 +247,10 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
     def live(c):       # a K split that does not divide the chunks: the last warps skip the missing ones
         return c < chunks if ragged else True
 
-    def src(wv, s, r):  # (s, r: unrolled loop variables; the shifts fold to constants)
+    def src(wv, base, s, r):  # (s, r: unrolled loop variables; the shifts fold to constants)
         if bits == 4:
-            return wv[s] >> (4 * r).astype(u32)
-        return wv[2 * s + r // 2] >> (8 * (r % 2)).astype(u32)
+            return wv[base + s] >> (4 * r).astype(u32)
+        return wv[base + 2 * s + r // 2] >> (8 * (r % 2)).astype(u32)
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -266,8 +266,8 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("qgemm"):
-                            w_reg = T.sblock_alloc_buffer((4,), "uint32", scope="local")
-                            sz_reg = T.sblock_alloc_buffer((2,), "uint32", scope="local")
+                            w_reg = T.sblock_alloc_buffer((4 * Q_UNROLL,), "uint32", scope="local")
+                            sz_reg = T.sblock_alloc_buffer((2 * Q_UNROLL,), "uint32", scope="local")
                             sc = T.sblock_alloc_buffer((4,), "uint32", scope="local")
                             h = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             x_reg = T.sblock_alloc_buffer((TILES * xw,), "float16", scope="local")
@@ -282,13 +282,18 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                             for i in T.unroll(TILES * 4):
                                 acc[i] = T.float32(0)
                             for ko in T.serial(outer):
+                                # the HBM stream first: every unrolled chunk's codes (and scale words) in flight
+                                for ku in T.unroll(Q_UNROLL):
+                                    if live((ko * Q_UNROLL + ku) * warps + ty):
+                                        for v in T.vectorized(4):
+                                            w_reg[ku * 4 + v] = Wq[bx, ((ko * Q_UNROLL + ku) * warps + ty) * 128
+                                                                   + tx * 4 + v]
+                                        for v in T.vectorized(2):
+                                            sz_reg[ku * 2 + v] = SZ[bx, gidx((ko * Q_UNROLL + ku) * warps + ty) * 16
+                                                                    + g * 2 + v]
                                 for ku in T.unroll(Q_UNROLL):
                                     cidx: T.let[T.int32] = (ko * Q_UNROLL + ku) * warps + ty
                                     if live(cidx):
-                                        for v in T.vectorized(4):
-                                            w_reg[v] = Wq[bx, cidx * 128 + tx * 4 + v]
-                                        for v in T.vectorized(2):
-                                            sz_reg[v] = SZ[bx, gidx(cidx) * 16 + g * 2 + v]
                                         for c in T.unroll(TILES):
                                             if m0 + c * COLS < M:
                                                 for half in T.unroll(xw // 8):
@@ -296,13 +301,13 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                                                         x_reg[c * xw + half * 8 + v] = X[
                                                             T.min(m0 + c * COLS + g, M - 1), cidx * ch + xw * t + half * 8 + v]
                                         # (s, s) and (-z s, -z s) of rows g and g + 8
-                                        T.ptx.prmt.b32(sc[0], sz_reg[0], sz_reg[0], T.uint32(0x1010))
-                                        T.ptx.prmt.b32(sc[1], sz_reg[0], sz_reg[0], T.uint32(0x3232))
-                                        T.ptx.prmt.b32(sc[2], sz_reg[1], sz_reg[1], T.uint32(0x1010))
-                                        T.ptx.prmt.b32(sc[3], sz_reg[1], sz_reg[1], T.uint32(0x3232))
+                                        T.ptx.prmt.b32(sc[0], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x1010))
+                                        T.ptx.prmt.b32(sc[1], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x3232))
+                                        T.ptx.prmt.b32(sc[2], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x1010))
+                                        T.ptx.prmt.b32(sc[3], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x3232))
                                         for s in T.unroll(S):
                                             for r in T.unroll(4):
-                                                T.ptx.lop3.b32(h[0], src(w_reg, s, r), T.uint32(mask),
+                                                T.ptx.lop3.b32(h[0], src(w_reg, ku * 4, s, r), T.uint32(mask),
                                                                T.uint32(_MAGIC16), 0xEA)
                                                 T.ptx.sub.f16x2(h[0], h[0], T.uint32(_MAGIC16))
                                                 T.ptx.fma.rn.f16x2(a_frag[r], h[0], sc[2 * (r % 2)],
