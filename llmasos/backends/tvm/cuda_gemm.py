@@ -22,7 +22,7 @@ are never written: an MMA column depends only on its own B column.
 small_m_quant_gemm_func (below) is the same kernel for quant.linear's int4/int8 codes: codes repacked at load
 into the lanes' fragment order (so x keeps its layout), dequantized in registers with lop3 + two half2
 instructions per two codes, group scales and zeros applied in f16, then the same MMA and reduction. Batch-1
-and batch > 1 int4 decode then stream ~0.27 bytes per weight (codes + f16 scale/zero words at group 128)
+and batch > 1 int4 decode then stream ~0.53 bytes per weight (codes + f16 scale/zero words at group 128)
 instead of 2.
 """
 from __future__ import annotations
