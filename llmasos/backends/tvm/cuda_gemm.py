@@ -18,9 +18,17 @@ Grid: N / 16 blocks of ``warps`` warps (one 16-row tile of W per block) times ce
 (interleaved 32-wide chunks, so together they read 512 contiguous bytes of each row per step) and sum their
 partial tiles through shared memory. Rows of x past M are read clamped to row M - 1 and their columns of y
 are never written: an MMA column depends only on its own B column.
+
+small_m_quant_gemm_func (below) is the same kernel for quant.linear's int4/int8 codes: codes repacked at load
+into the lanes' fragment order (so x keeps its layout), dequantized in registers with lop3 + two half2
+instructions per two codes, group scales and zeros applied in f16, then the same MMA and reduction. Batch-1
+and batch > 1 int4 decode then stream ~0.53 bytes per weight (codes + f16 scale/zero words at group 128)
+instead of 2.
 """
 from __future__ import annotations
 
+from tvm import te
+from tvm import tirx as tir
 from tvm.script import tirx as T
 
 TILE_N = 16        # W rows per block (the MMA's M)
@@ -130,3 +138,208 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
                                     Y[m0 + col, bx * TILE_N + r] = T.Cast(out_dtype, total[0])
     # fmt: on
     return small_m_gemm
+
+
+# ------------------------------------------------------------------------------------------------
+# int4 / int8 codes: the same kernel with the weight dequantized in registers right before the MMA
+#
+# The codes are repacked once, at load (quant_repack_words: a parameter-only TE function, which
+# LiftTransformParams hoists), into the order a lane consumes them. Per K chunk of CH = 16 * S columns
+# (S MMA k-steps: int4 S = 4, CH = 64; int8 S = 2, CH = 32) and 16-row tile, lane (g, t) loads 16 bytes,
+# 4 uint32 words, of its own -- the warp 512 contiguous bytes. Logical MMA column e in {2t, 2t+1, 2t+8,
+# 2t+9} (e = 0..3 in that order) of k-step s is weight column (and x column) 4S t + 4s + e of the chunk,
+# so x is read as stored, 4S contiguous halves (16 or 32 bytes) per lane and batch row; only the codes
+# carry the permutation. Each k-step's 8 codes of the lane fill its A fragment's four half2 registers
+#     r = 0: (row g, e 0..1)   1: (g + 8, e 0..1)   2: (g, e 2..3)   3: (g + 8, e 2..3)
+# and are laid out so that one lop3 per register lifts both of them into f16 (FasterTransformer's trick):
+#     int4, word s:          r = (word >> 4r) & 0x000F000F | 0x64006400   (nibbles r and r + 4)
+#     int8, words 2s, 2s+1:  r = (word_{2s + r//2} >> 8 (r % 2)) & 0x00FF00FF | 0x64006400
+# read as half2 that is (1024 + c_lo, 1024 + c_hi) exactly; sub.f16x2 takes the 1024 off (exact) and
+# fma.rn.f16x2 applies scale and zero: w = c * s + (-z * s), two half2 instructions per two codes.
+# Signed int8 codes are stored offset by 128 (byte ^ 0x80) and their zeros by +128.
+# Scales and zeros go f16 into one word per row and group, (s, -z * s), interleaved [N/16, G, 8, 2]:
+# lane (g, t) reads 8 bytes per chunk, rows g and g + 8 (prmt splats each half into a half2).
+
+Q_UNROLL = 4       # K chunks unrolled per warp (an int4 chunk is 64 columns: twice the f16 kernel's K)
+_MAGIC16 = 0x64006400  # f16 1024.0 in both halves
+
+
+def quant_chunk(bits: int) -> int:
+    """K columns per lane step (16 bytes of codes): 64 for int4, 32 for int8."""
+    return 16 * (4 if bits == 4 else 2)
+
+
+def small_m_quant_gemm_supported(n: int, k: int, bits: int, group: int, dtype: str) -> bool:
+    """Whether the int kernel takes a quant.linear [*, K] x [N, K]: f16 x, 4- or 8-bit codes, N a multiple of
+    16, K of the chunk (64 int4, 32 int8), groups (0: per channel or tensor) whole chunks."""
+    if dtype != "float16" or bits not in (4, 8) or n % TILE_N:
+        return False
+    ch = quant_chunk(bits)
+    return k % ch == 0 and (group == 0 or group % ch == 0)
+
+
+def quant_repack_words(codes, n: int, k: int, bits: int, signed: bool):
+    """TE: codes [N, Kq] (int4: two per byte, even k low; int8/uint8) -> uint32 words [N / 16, K / CH * 128] in
+    the kernel's lane order (see above): word q of tile i is lane (q % 128) // 4's word q % 4 of chunk q // 128."""
+    ch = quant_chunk(bits)
+    u32 = "uint32"
+
+    def code(row, kk):
+        if bits == 4:
+            byte = codes[row, kk // 2].astype(u32)
+            return (byte >> ((kk % 2) * 4).astype(u32)) & tir.const(15, u32)
+        v = codes[row, kk].astype("uint8").astype(u32)
+        return v ^ tir.const(128, u32) if signed else v
+
+    def word(i, q):
+        c, lane, j = q // 128, (q % 128) // 4, q % 4
+        g, t = lane // 4, lane % 4
+        row0 = i * TILE_N + g
+        out = tir.const(0, u32)
+        if bits == 4:
+            for p in range(8):     # nibble p: row g + 8 (p % 2), column e = 2 ((p % 4) // 2) + p // 4
+                e = 2 * ((p % 4) // 2) + p // 4
+                out = out | (code(row0 + 8 * (p % 2), c * ch + 16 * t + 4 * j + e) << tir.const(4 * p, u32))
+        else:
+            s, hh = j // 2, j % 2
+            for b in range(4):     # byte b: row g + 8 (b % 2), column e = 2 hh + b // 2
+                e = 2 * hh + b // 2
+                out = out | (code(row0 + 8 * (b % 2), c * ch + 8 * t + 4 * s + e) << tir.const(8 * b, u32))
+        return out
+    return te.compute((n // TILE_N, k // ch * 128), word, name="quant_words")
+
+
+def quant_repack_scales(scale, zero, n: int, groups: int, signed8: bool):
+    """TE: scale, zero f32 [N, G] (or [1, 1]) -> uint32 [N / 16, G * 16]: word (g, h) of group gi of tile i is
+    row 16 i + g + 8 h's (f16 s, f16 -(z [+ 128 for signed int8]) * s)."""
+    per_tensor = tuple(int(d) for d in scale.shape) == (1, 1)
+
+    def half_bits(v):
+        return tir.reinterpret("uint16", v.astype("float16")).astype("uint32")
+
+    def word(i, q):
+        gi, g, h = q // 16, (q % 16) // 2, q % 2
+        row = i * TILE_N + g + 8 * h
+        s = scale[0, 0] if per_tensor else scale[row, gi]
+        z = zero[0, 0] if per_tensor else zero[row, gi]
+        s, z = s.astype("float32"), z.astype("float32")
+        if signed8:
+            z = z + tir.const(128.0, "float32")
+        return half_bits(s) | (half_bits(-z * s) << tir.const(16, "uint32"))
+    return te.compute((n // TILE_N, groups * 16), word, name="quant_scale_words")
+
+
+def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: str = "float16"):
+    """The PrimFunc ``small_m_quant_gemm(x [M, K] f16, words [N/16, K/CH*128] u32, sz [N/16, G*16] u32) ->
+    y [M, N]`` (M symbolic) over quant_repack_words / quant_repack_scales' layouts; G = ceil(K / group), 1
+    for group 0."""
+    warps = small_m_warps(n)
+    S = 4 if bits == 4 else 2
+    ch = quant_chunk(bits)
+    chunks = k // ch
+    per_step = warps * Q_UNROLL
+    outer = -(-chunks // per_step)
+    ragged = chunks % per_step != 0
+    groups = 1 if group == 0 else -(-k // group)
+    gshift = 0 if group == 0 else group // ch      # chunks per group
+    per_thread = TILE_N * TILES * COLS // (warps * 32)
+    xw = 4 * S                                     # x halves per lane, batch row and chunk
+    mask = 0x000F000F if bits == 4 else 0x00FF00FF
+    u32 = "uint32"
+
+    def gidx(c):       # the scale group of chunk c
+        return c // gshift if gshift else 0
+
+    def live(c):       # a K split that does not divide the chunks: the last warps skip the missing ones
+        return c < chunks if ragged else True
+
+    def src(wv, base, s, r):  # (s, r: unrolled loop variables; the shifts fold to constants)
+        if bits == 4:
+            return wv[base + s] >> (4 * r).astype(u32)
+        return wv[base + 2 * s + r // 2] >> (8 * (r % 2)).astype(u32)
+
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def small_m_quant_gemm(var_x: T.handle, var_w: T.handle, var_sz: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        M = T.int32()
+        X = T.match_buffer(var_x, (M, k), "float16")
+        Wq = T.match_buffer(var_w, (n // TILE_N, chunks * 128), "uint32")
+        SZ = T.match_buffer(var_sz, (n // TILE_N, groups * 16), "uint32")
+        Y = T.match_buffer(var_y, (M, n), out_dtype)
+        for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
+            for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
+                for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("qgemm"):
+                            w_reg = T.sblock_alloc_buffer((4 * Q_UNROLL,), "uint32", scope="local")
+                            sz_reg = T.sblock_alloc_buffer((2 * Q_UNROLL,), "uint32", scope="local")
+                            sc = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            h = T.sblock_alloc_buffer((1,), "uint32", scope="local")
+                            x_reg = T.sblock_alloc_buffer((TILES * xw,), "float16", scope="local")
+                            a_frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            b_frag = T.sblock_alloc_buffer((4,), "float16", scope="local")
+                            acc = T.sblock_alloc_buffer((TILES * 4,), "float32", scope="local")
+                            red = T.sblock_alloc_buffer((warps, TILE_N, TILES * COLS), "float32", scope="shared")
+                            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            g: T.let[T.int32] = tx // 4
+                            t: T.let[T.int32] = tx % 4
+                            m0: T.let[T.int32] = by * (COLS * TILES)
+                            for i in T.unroll(TILES * 4):
+                                acc[i] = T.float32(0)
+                            for ko in T.serial(outer):
+                                # the HBM stream first: every unrolled chunk's codes (and scale words) in flight
+                                for ku in T.unroll(Q_UNROLL):
+                                    if live((ko * Q_UNROLL + ku) * warps + ty):
+                                        for v in T.vectorized(4):
+                                            w_reg[ku * 4 + v] = Wq[bx, ((ko * Q_UNROLL + ku) * warps + ty) * 128
+                                                                   + tx * 4 + v]
+                                        for v in T.vectorized(2):
+                                            sz_reg[ku * 2 + v] = SZ[bx, gidx((ko * Q_UNROLL + ku) * warps + ty) * 16
+                                                                    + g * 2 + v]
+                                for ku in T.unroll(Q_UNROLL):
+                                    cidx: T.let[T.int32] = (ko * Q_UNROLL + ku) * warps + ty
+                                    if live(cidx):
+                                        for c in T.unroll(TILES):
+                                            if m0 + c * COLS < M:
+                                                for half in T.unroll(xw // 8):
+                                                    for v in T.vectorized(8):
+                                                        x_reg[c * xw + half * 8 + v] = X[
+                                                            T.min(m0 + c * COLS + g, M - 1), cidx * ch + xw * t + half * 8 + v]
+                                        # (s, s) and (-z s, -z s) of rows g and g + 8
+                                        T.ptx.prmt.b32(sc[0], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x1010))
+                                        T.ptx.prmt.b32(sc[1], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x3232))
+                                        T.ptx.prmt.b32(sc[2], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x1010))
+                                        T.ptx.prmt.b32(sc[3], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x3232))
+                                        for s in T.unroll(S):
+                                            for r in T.unroll(4):
+                                                T.ptx.lop3.b32(h[0], src(w_reg, ku * 4, s, r), T.uint32(mask),
+                                                               T.uint32(_MAGIC16), 0xEA)
+                                                T.ptx.sub.f16x2(h[0], h[0], T.uint32(_MAGIC16))
+                                                T.ptx.fma.rn.f16x2(a_frag[r], h[0], sc[2 * (r % 2)],
+                                                                   sc[2 * (r % 2) + 1])
+                                            for c in T.unroll(TILES):
+                                                if m0 + c * COLS < M:
+                                                    for v in T.unroll(4):
+                                                        b_frag[v] = x_reg[c * xw + 4 * s + v]
+                                                    T.evaluate(T.ptx_legacy.mma(
+                                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                        a_frag.data, 0, b_frag.data, 0, acc.data, c * 4, False,
+                                                        dtype="float32"))
+                            for c in T.unroll(TILES):
+                                red[ty, g, c * COLS + 2 * t] = acc[c * 4]
+                                red[ty, g, c * COLS + 2 * t + 1] = acc[c * 4 + 1]
+                                red[ty, g + 8, c * COLS + 2 * t] = acc[c * 4 + 2]
+                                red[ty, g + 8, c * COLS + 2 * t + 1] = acc[c * 4 + 3]
+                            T.tvm_storage_sync("shared")
+                            for j in T.unroll(per_thread):
+                                o: T.let[T.int32] = (ty * 32 + tx) + j * (warps * 32)
+                                r_: T.let[T.int32] = o % TILE_N
+                                col: T.let[T.int32] = o // TILE_N
+                                if m0 + col < M:
+                                    total[0] = T.float32(0)
+                                    for w_ in T.unroll(warps):
+                                        total[0] = total[0] + red[w_, r_, col]
+                                    Y[m0 + col, bx * TILE_N + r_] = T.Cast(out_dtype, total[0])
+    # fmt: on
+    return small_m_quant_gemm

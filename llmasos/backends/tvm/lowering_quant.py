@@ -32,6 +32,7 @@ from tvm import tirx as tir
 from tvm.s_tir.dlight.analysis import get_root_block
 
 from ...ir.types import DType
+from .cuda_gemm import quant_repack_scales, quant_repack_words
 from .lowering import acc_dtype, register_lowering, tvm_dtype
 
 R = relax.op
@@ -89,7 +90,43 @@ def _cpu_panels(ctx, node) -> bool:
 def _quant_linear(ctx, node, args):
     if _cpu_panels(ctx, node):
         return _cpu_quant_linear(ctx, node, args)
+    y = _small_m_quant_linear(ctx, node, args)
+    if y is not None:
+        return y
     return _generic_quant_linear(ctx, node, args)
+
+
+def _small_m_quant_linear(ctx, node, args):
+    """A decode step's quant.linear at a symbolic batch (x [batch, K] or [batch, 1, K] f16, parameter codes,
+    scales and zeros) through the target's small-M kernel (``Target.small_m_quant_gemm``: tensor cores on
+    CUDA, cuda_gemm.py), or None. Codes and scales are repacked into the kernel's lane order by
+    parameter-only TE functions, which LiftTransformParams runs once, at load. Static rows (batch 1) only
+    where the target asks for them (CUDA: small_m_quant_gemm = "all")."""
+    xt = node.inputs[0].type
+    lead = xt.shape[:-1]
+    if (ctx.spec is None or not lead or any(d != 1 for d in lead[1:])
+            or not isinstance(xt.shape[-1], int) or xt.dtype is not DType.f16
+            or not all(ctx.is_param(v) and v.type.is_static for v in node.inputs[1:4])
+            or node.inputs[1].type.dtype not in (DType.i8, DType.u8)):
+        return None
+    n, k, bits, group, g, per_tensor = _layout(node)
+    static = isinstance(lead[0], int)
+    kernel = ctx.spec.small_m_quant_gemm(n, k, bits, 0 if per_tensor else group, "float16",
+                                         rows=lead[0] if static else None)
+    if kernel is None:
+        return None
+    name, func = kernel
+    signed8 = bits == 8 and node.inputs[1].type.dtype is DType.i8
+    words = ctx.emit_te(lambda c: quant_repack_words(c, n, k, bits, signed8), args[1], name="quant_words")
+    sz = ctx.emit_te(lambda s, z: quant_repack_scales(s, z, n, 1 if per_tensor else g, signed8), args[2], args[3],
+                     name="quant_scale_words")
+    rows = ctx.dim(lead[0])
+    x2 = ctx.emit(R.reshape(args[0], [rows, k])) if len(lead) > 1 else args[0]
+    gv = ctx.bb.add_func(func, name)
+    y = ctx.emit(relax.call_tir(gv, [x2, words, sz], relax.TensorType([rows, n], "float16")), "small_m_quant_gemm")
+    if len(args) > 4:
+        y = ctx.emit(R.add(y, ctx.cast(args[4], DType.f16)))
+    return ctx.emit(R.reshape(y, [*ctx.shape(node.inputs[0])[:-1], n])) if len(lead) > 1 else y
 
 
 def _pack_words(ctx, codes, n: int, kq: int):

@@ -204,6 +204,13 @@ class Target:
         rows (M symbolic: the batch), or None for the generic lowering."""
         return None
 
+    def small_m_quant_gemm(self, n: int, k: int, bits: int, group: int, dtype: str,
+                           rows: Optional[int] = None) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written quant.linear kernel for a decode step's few rows (M symbolic;
+        ``rows``: a static row count instead), reading codes and scales in cuda_gemm.quant_repack_words /
+        quant_repack_scales' layouts, or None for the generic lowering."""
+        return None
+
     def kv_paged_decode_attention(self, heads: int, kv_heads: int, block_size: int, max_blocks: int,
                                   head_dim: int, dtype: str, pos_dtype: str, scale: float) -> Optional[tuple]:
         """(name, PrimFunc) of a hand-written kv.paged_attention kernel for one query per row (a decode step)
@@ -419,6 +426,22 @@ class CUDATarget(Target):
         if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
             return None
         return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
+
+    def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
+        """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "on" (a
+        symbolic batch), "all" (also static row counts up to 64, batch 1 included, instead of DecodeGEMV: for
+        A/B runs on a GPU) or "off"."""
+        which = self.extra.get("small_m_quant_gemm", "on")
+        if which not in ("on", "all", "off"):
+            raise ValueError(f"target '{self.name}': small_m_quant_gemm must be 'on', 'all' or 'off', got {which!r}")
+        if rows is not None and (which != "all" or rows > 64):
+            return None
+        from .cuda_gemm import (small_m_quant_gemm_func,  # deferred: the TVM compiler (module docstring)
+                                small_m_quant_gemm_supported, sm_version)
+        if (which == "off" or sm_version(self.target.get("arch", "")) < 80
+                or not small_m_quant_gemm_supported(n, k, bits, group, dtype)):
+            return None
+        return (f"small_m_quant_gemm_{n}x{k}_q{bits}g{group}", small_m_quant_gemm_func(n, k, bits, group))
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
