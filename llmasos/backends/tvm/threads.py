@@ -1,0 +1,49 @@
+"""TVM's CPU thread pool: how many threads a parallel kernel uses, and how long idle workers spin.
+
+    from llmasos.backends.tvm.threads import set_cpu_threads, cpu_threads
+    set_cpu_threads(1)          # every later kernel call of this process runs on one thread
+    set_cpu_threads(None)       # back to every core this process may run on
+
+The pool is the process's (TVM has one per process), so this applies to every compiled model in it.
+Threads are not pinned to cores (TVM's "share all cores" mode): on a machine shared with other work a
+pinned worker that the OS cannot move waits for its one core, and every parallel kernel waits for it.
+
+What decides the thread count on a small, busy machine (docs/llm.md, "CPU decode"): a decode step of a
+135M model is ~300 kernels of 10-100 us, each a fork/join of the pool. TVM's workers spin (300000
+iterations by default, ``TVM_THREAD_POOL_SPIN_COUNT``) between kernels, so with 2 threads on 2 cores
+they keep both cores busy between kernels as well; when another process wants a core, one worker is
+descheduled for a time slice (ms) and every kernel that needs it waits. One thread cannot be left
+behind that way. llama.cpp's pool also spins (its ``--poll`` level, 50 by default).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+_SHARE_ALL_CORES = -3  # tvm::runtime::threading::ThreadGroup::kSpecifyThreadShareAllCore
+
+
+def available_cores() -> list:
+    """The CPUs this process may run on."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return list(range(os.cpu_count() or 1))
+
+
+def set_cpu_threads(n: Optional[int]) -> int:
+    """Use ``n`` threads (None: one per available core) for every later TVM CPU kernel of this process;
+    returns the count now in effect. ValueError unless n is None or an int >= 1."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"threads must be None (every core) or an int >= 1, got {n!r}")
+    import tvm  # deferred: TVM (the CLI imports this module for its --threads option)
+    cores = available_cores()
+    n = len(cores) if n is None else n
+    tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, n, [str(c) for c in cores])
+    return cpu_threads()
+
+
+def cpu_threads() -> int:
+    """The number of threads TVM's CPU pool runs parallel kernels on."""
+    import tvm  # deferred: TVM (the CLI imports this module for its --threads option)
+    return int(tvm.get_global_func("runtime.NumThreads")())
