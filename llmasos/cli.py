@@ -34,6 +34,9 @@ def _add_compile_args(p):
     p.add_argument("--max-seq", type=int, default=None, help="default: the model's maximum positions")
     p.add_argument("--passes", default="fuse",
                    help="optimization pipeline before the backend (default: fuse; '' for none)")
+    # (issue 16) TVM's CPU thread pool: one thread rides out a busy machine better (docs/llm.md, CPU decode)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the compiled kernels (default: "
+                                                              "every core); $TVM_NUM_THREADS also works")
 
 
 def _compile(model, tok, args, example):
@@ -314,6 +317,9 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_ops)
     args = ap.parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:  # (issue 16)
+            from .backends.tvm.threads import set_cpu_threads  # deferred: TVM (backends.tvm imports it)
+            set_cpu_threads(args.threads)
         return args.fn(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         # a CLI user gets the message, not a traceback; LLMASOS_DEBUG=1 shows it

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import tvm
+
 _SHARE_ALL_CORES = -3  # tvm::runtime::threading::ThreadGroup::kSpecifyThreadShareAllCore
 
 
@@ -36,7 +38,6 @@ def set_cpu_threads(n: Optional[int]) -> int:
     returns the count now in effect. ValueError unless n is None or an int >= 1."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"threads must be None (every core) or an int >= 1, got {n!r}")
-    import tvm  # deferred: TVM (the CLI imports this module for its --threads option)
     cores = available_cores()
     n = len(cores) if n is None else n
     tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, n, [str(c) for c in cores])
@@ -45,5 +46,4 @@ def set_cpu_threads(n: Optional[int]) -> int:
 
 def cpu_threads() -> int:
     """The number of threads TVM's CPU pool runs parallel kernels on."""
-    import tvm  # deferred: TVM (the CLI imports this module for its --threads option)
     return int(tvm.get_global_func("runtime.NumThreads")())
