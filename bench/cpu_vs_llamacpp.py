@@ -67,9 +67,6 @@ def main(argv=None):
     if a.prompt + a.new > a.max_seq:
         raise SystemExit(f"--prompt + --new ({a.prompt + a.new}) exceeds --max-seq {a.max_seq}")
     gguf = a.gguf or str(smollm2_package_dir() / SMOLLM2_GGUF)
-    exe = llamacpp.find_llama_bench(a.llama_bench)
-    if exe is None:
-        log(llamacpp.BUILD_HINT)
 
     model, tok = load_smollm2(verbose=False)
     prompt = prompt_ids(tok, a.prompt)
@@ -81,6 +78,13 @@ def main(argv=None):
         log(f"compiled {name} ({passes}) in {compile_s[name]} s")
         lms[name].generate(prompt[:8], 2)  # loads the kernels
 
+    try:  # looked up after compiling (minutes), so a llama-bench still building can be used
+        exe = llamacpp.find_llama_bench(a.llama_bench)
+    except FileNotFoundError as e:
+        log(f"error: {e}")
+        exe = None
+    if exe is None:
+        log(llamacpp.BUILD_HINT)
     runs = {t: {"llama.cpp": [], **{n: [] for n, _ in pipes}} for t in threads}
     tokens = {}
     load = [os.getloadavg()[0]]
