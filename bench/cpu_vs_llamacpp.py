@@ -2,7 +2,7 @@
 the model ships in (Q4_1 body, Q8_0 token embedding / head), in turns, same threads, same token counts.
 
     python bench/cpu_vs_llamacpp.py [--llama-bench PATH] [--threads 1,2] [--prompt 128] [--new 64]
-                                    [--rounds 3] [--pipelines NAME=PASSES;...] [--out FILE]
+                                    [--rounds 3] [--pipelines NAME=PASSES;...] [--cache DIR] [--out FILE]
 
 llama-bench is found as llmasos.llm.llamacpp.find_llama_bench says ($LLAMA_BENCH, PATH); without it only
 our figures are printed, and how to build it goes to stderr. Each round runs, for each thread count,
@@ -53,6 +53,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-seq", type=int, default=256)
     p.add_argument("--pipelines", default=PIPELINES, help="NAME=PASSES;... (the first is the token reference)")
+    p.add_argument("--cache", default=None, help="save compiled LMs here and load them in later runs")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -73,7 +74,14 @@ def main(argv=None):
     lms, compile_s = {}, {}
     for name, passes in pipes:
         t0 = time.perf_counter()
-        lms[name] = llmasos.compile_lm(model, "cpu", max_seq=a.max_seq, batch=1, passes=passes)
+        saved = os.path.join(a.cache, f"{name}-{a.max_seq}") if a.cache else None
+        if saved and os.path.isdir(saved):
+            lms[name] = llmasos.load_lm(saved)   # compiled by an earlier run with the same --cache
+            log(f"loaded {name} from {saved} (delete it to recompile after changing the code)")
+        else:
+            lms[name] = llmasos.compile_lm(model, "cpu", max_seq=a.max_seq, batch=1, passes=passes)
+            if saved:
+                lms[name].save(saved)
         compile_s[name] = round(time.perf_counter() - t0, 1)
         log(f"compiled {name} ({passes}) in {compile_s[name]} s")
         lms[name].generate(prompt[:8], 2)  # loads the kernels
