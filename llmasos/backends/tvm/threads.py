@@ -9,11 +9,13 @@ Threads are not pinned to cores (TVM's "share all cores" mode): on a machine sha
 pinned worker that the OS cannot move waits for its one core, and every parallel kernel waits for it.
 
 What decides the thread count on a small, busy machine (docs/llm.md, "CPU decode"): a decode step of a
-135M model is ~300 kernels of 10-100 us, each a fork/join of the pool. TVM's workers spin (300000
-iterations by default, ``TVM_THREAD_POOL_SPIN_COUNT``) between kernels, so with 2 threads on 2 cores
-they keep both cores busy between kernels as well; when another process wants a core, one worker is
-descheduled for a time slice (ms) and every kernel that needs it waits. One thread cannot be left
-behind that way. llama.cpp's pool also spins (its ``--poll`` level, 50 by default).
+135M model is ~500 kernels of 10-100 us, ~150 of them parallel (cpu_schedule.MIN_PARALLEL_WORK keeps
+the small ones serial), each a fork/join of the pool. TVM's workers spin between kernels (300000 rounds
+by default), so with 2 threads on 2 cores they hold both cores between kernels as well; when another
+process wants a core, a spinning worker burns the slice the other thread of the same kernel needed,
+and every join waits for the OS: 0.4 tokens/s at 2 threads, 5.0 at 1, on a busy VM. So
+llmasos.backends.tvm sets ``TVM_THREAD_POOL_SPIN_COUNT=0`` unless it is already set (workers sleep at
+once; 20.8 tokens/s at 2 threads in the next run). llama.cpp's pool also spins (its ``--poll`` level).
 """
 from __future__ import annotations
 
