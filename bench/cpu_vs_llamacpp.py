@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -93,15 +94,24 @@ def main(argv=None):
         exe = None
     if exe is None:
         log(llamacpp.BUILD_HINT)
+    exe_path = exe
     runs = {t: {"llama.cpp": [], **{n: [] for n, _ in pipes}} for t in threads}
     tokens = {}
+    failures = []
     load = [os.getloadavg()[0]]
     for r in range(a.rounds):
         for t in threads:
             if exe is not None:
-                lc = llamacpp.run_llama_bench(exe, gguf, threads=t, prompt=a.prompt, new=a.new)
-                runs[t]["llama.cpp"].append(lc)
-                log(f"round {r} threads {t} llama.cpp: decode {lc['decode_tok_s']:.1f} prefill {lc['prefill_tok_s']:.1f}")
+                try:
+                    lc = llamacpp.run_llama_bench(exe, gguf, threads=t, prompt=a.prompt, new=a.new)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:  # ours still gets measured
+                    log(f"error: llama-bench failed, left out from here on: {e}")
+                    failures.append(str(e)[-500:])
+                    exe = None
+                else:
+                    runs[t]["llama.cpp"].append(lc)
+                    log(f"round {r} threads {t} llama.cpp: decode {lc['decode_tok_s']:.1f} "
+                        f"prefill {lc['prefill_tok_s']:.1f}")
             set_cpu_threads(t)
             for name, _ in pipes:
                 lm = lms[name]
@@ -124,23 +134,27 @@ def main(argv=None):
         return round(statistics.median(v), 3) if v else None
 
     ref = pipes[0][0]
-    doc = {"model": "SmolLM2-135M-Instruct", "gguf": os.path.basename(gguf), "llama_bench": exe,
-           "llama_bench_cmd": runs[threads[0]]["llama.cpp"][0]["cmd"] if exe else None,
+    lc_rows = [x for t in threads for x in runs[t]["llama.cpp"]]
+    doc = {"model": "SmolLM2-135M-Instruct", "gguf": os.path.basename(gguf),
+           "llama_bench": exe_path if lc_rows else None,
+           "llama_bench_cmd": lc_rows[0]["cmd"] if lc_rows else None,
            "prompt_tokens": a.prompt, "new_tokens": a.new, "rounds": a.rounds, "max_seq": a.max_seq,
            "load_avg_1min": [round(x, 1) for x in load], "compile_s": compile_s,
            "pipelines": dict(pipes), "by_threads": {}}
-    if exe is None:
+    if failures:
+        doc["llama_bench_failures"] = failures
+    if not lc_rows:
         doc["llama_cpp_missing"] = llamacpp.BUILD_HINT
     for t in threads:
         row = {}
-        if exe is not None:
+        if lc_rows:
             row["llama.cpp"] = {"decode_tok_s": med(runs[t]["llama.cpp"], "decode_tok_s"),
                                 "prefill_tok_s": med(runs[t]["llama.cpp"], "prefill_tok_s")}
         for name, _ in pipes:
             row[name] = {"decode_tok_s": med(runs[t][name], "decode_tok_s"),
                          "prefill_tok_s": med(runs[t][name], "prefill_tok_s"),
                          "decode_vs_" + ref: ratio(t, name, ref, "decode_tok_s")}
-            if exe is not None:
+            if lc_rows:
                 row[name]["decode_vs_llama.cpp"] = ratio(t, name, "llama.cpp", "decode_tok_s")
                 row[name]["prefill_vs_llama.cpp"] = ratio(t, name, "llama.cpp", "prefill_tok_s")
         doc["by_threads"][str(t)] = row
