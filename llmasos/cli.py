@@ -28,11 +28,11 @@ import llmasos
 from .llm import presets
 from .artifact import kind_of
 from .energy.cli import add_parsers as add_energy_parsers
-from .llm import Sampling
+from .llm import Sampling, llamacpp
 from .llm.bench import run as run_bench
 from .opt import add_parser as add_opt_parser
 from .serve.load import load_engine
-from .zoo import load_model, load_smollm2
+from .zoo import SMOLLM2_GGUF, load_model, load_smollm2, smollm2_package_dir
 
 
 def _add_compile_args(p):
@@ -41,6 +41,9 @@ def _add_compile_args(p):
     p.add_argument("--max-seq", type=int, default=None, help="default: the model's maximum positions")
     p.add_argument("--passes", default="fuse",
                    help="optimization pipeline before the backend (default: fuse; '' for none)")
+    # (issue 16) TVM's CPU thread pool: one thread rides out a busy machine better (docs/llm.md, CPU decode)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the compiled kernels (default: "
+                                                              "every core); $TVM_NUM_THREADS also works")
 
 
 def _compile(model, tok, args, example):
@@ -156,10 +159,34 @@ def cmd_demo(args) -> int:
                       "torch_eager_decode_tok_s": round(torch_tok_s, 2),
                       "llmasos_prefill_ms": round(st.prefill_s * 1e3, 2), "greedy_tokens_equal": agree,
                       "prefill_logits_max_abs_err": err, "logits_scale": scale, "match": ok}))
+    _llamacpp_figure(st.decode_tokens_per_s, n)
     if args.output:
         lm.save(args.output)
         print(f"saved {args.output}")
     return 0 if ok else 1
+
+
+def _llamacpp_figure(ours_tok_s: float, n: int) -> None:
+    """(issue 16) When llama.cpp's llama-bench is present ($LLAMA_BENCH or PATH), its decode speed on the GGUF
+    SmolLM2 ships in, same thread count, and ours relative to it; nothing when it is absent."""
+    from .backends.tvm.threads import cpu_threads  # deferred: TVM (backends.tvm imports it)
+    try:
+        exe = llamacpp.find_llama_bench()
+    except FileNotFoundError as e:
+        print(f"      llama.cpp: {e}")
+        return
+    if exe is None:
+        return
+    try:
+        r = llamacpp.run_llama_bench(exe, str(smollm2_package_dir() / SMOLLM2_GGUF), threads=cpu_threads(),
+                                     prompt=0, new=n)
+    except (RuntimeError, OSError, ValueError) as e:
+        print(f"      llama.cpp: llama-bench failed: {e}")
+        return
+    lc = r["decode_tok_s"]
+    print(f"      llama.cpp ({r['cmd'].split()[0]} -n {n}, {r.get('model_type')}): {lc:.1f} tokens/s decode; "
+          f"llmasos/llama.cpp = {ours_tok_s / lc:.2f}x (one run each, not in turns: bench/cpu_vs_llamacpp.py)")
+    print(json.dumps({"llamacpp_decode_tok_s": round(lc, 2), "llmasos_vs_llamacpp": round(ours_tok_s / lc, 3)}))
 
 
 def _sampling(args):
@@ -368,6 +395,9 @@ def main(argv=None) -> int:
     _add_serve_parser(sub)
     args = ap.parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:  # (issue 16)
+            from .backends.tvm.threads import set_cpu_threads  # deferred: TVM (backends.tvm imports it)
+            set_cpu_threads(args.threads)
         return args.fn(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         # a CLI user gets the message, not a traceback; LLMASOS_DEBUG=1 shows it

@@ -483,6 +483,11 @@ def _q_linear(x, qweight, scale, zero, bias=None, *, bits, group):
     return F.linear(x, w, bias)
 
 
+@register_torch_impl("quant.embedding")
+def _q_embedding(qweight, scale, zero, ids, *, bits, group):
+    return F.embedding(ids, _q_dequant(qweight, scale, zero, bits=bits, group=group))
+
+
 @register_torch_impl("quant.linear_a8")
 def _q_linear_a8(x, qweight, wscale, bias=None):
     xf = x.float()

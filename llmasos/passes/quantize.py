@@ -1,7 +1,7 @@
 """Weight quantization passes: ``quantize`` (int8 / int4 / fp8 weight-only) and ``w8a8``.
 
     quantize{bits=8|4, group=0|32|64|128, method=rtn|gptq|awq, sym=true, per_tensor=false,
-             dtype=int|f8e4m3, exclude="lm_head"}
+             dtype=int|f8e4m3, head=int8|same|float, exclude=""}
     w8a8{smooth=false, alpha=0.5, exclude="lm_head"}
 
 Both replace every GEMM with a parameter weight -- ``linear``, ``matmul`` with a rank-2 weight [K, N]
@@ -12,10 +12,16 @@ the quantized GEMM kernel itself stays the one dequant-fused loop). The float we
 graph when nothing else uses it.
 
 ``exclude``: comma-separated substrings of weight parameter names -- or of the module path a GEMM was
-traced from (its loc) -- never touched. The default keeps the
-output head (``lm_head``) in float: it is one GEMM whose errors land directly on the logits (perplexity
-moves most there), and in small models it is often tied to the embedding table, which stays float anyway
--- quantizing it would keep both copies.
+traced from (its loc) -- never touched.
+
+``head``: how the output head (the GEMM traced from ``lm_head``) and the token embedding table (an
+``embedding`` whose table has the head's shape) are stored. ``int8`` (default): 8-bit symmetric codes
+in groups of 32 whatever ``bits``/``group`` say -- llama.cpp's Q8_0 grid, which its own 4-bit files keep
+for that tensor (SmolLM2's GGUF: Q4_1 body, Q8_0 ``token_embd``), since the head's errors land directly
+on the logits; ``same``: the pass's own bits/group/sym; ``float``: both left in float (the behaviour
+before issue 16). The head is a quarter of SmolLM2-135M's weights and, in f32, more than half of what an
+int4 decode step reads. A tied head and embedding (one table, or two parameters holding the same data)
+share one quantized copy: the embedding becomes ``quant.embedding`` on the head's codes.
 
 Options are checked when the pass is built (bits, group, method, dtype combinations) and against the
 graph before any weight is touched (int4: an even K, for every GEMM), so a bad pipeline fails before
@@ -42,16 +48,28 @@ import numpy as np
 
 from ..compress import awq, gptq, quant, smoothquant
 from ..compress.quant import quantize_rtn
-from ..ir import Graph
+from ..ir import Graph, TensorType
+from ..ir.graph import param_array
 from ..ir.opset.fused import ACTIVATIONS
 from ..ir.opset.rules import to_dtype
 from ..ir.types import DType
 from .base import NO_CONTEXT, Pass, PassContext, PassError, register_pass
-from .surgery import (drop_unused_params, gemm_targets, in_features, input_groups, new_param, replace_node,
-                      scale_group, weight_nk)
+from .surgery import (drop_unused_params, gemm_targets, in_features, input_groups, is_param, new_param,
+                      node_excluded, replace_node, scale_group, weight_nk)
 
 GROUPS = (0, 32, 64, 128)
 _F8_MAX = 448.0
+HEAD = "lm_head"      # the module path (or weight name) of the output head
+HEAD_GROUP = 32       # head=int8: Q8_0's grid
+
+
+def _same_data(a, b) -> bool:
+    if b is None:
+        return False
+    if a is b:
+        return True
+    b = param_array(b)
+    return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
 
 
 def _epilogue(g: Graph, node, y, loc):
@@ -89,7 +107,8 @@ class Quantize(Pass):
     sym: bool = True
     per_tensor: bool = False          # one scale for the whole weight (rtn only)
     dtype: Literal["int", "f8e4m3"] = "int"   # f8e4m3: fp8 codes, per-channel scale, weight-only
-    exclude: str = "lm_head"
+    head: Literal["int8", "same", "float"] = "int8"   # the output head and the token embedding (module doc)
+    exclude: str = ""
 
     # lossy by design (see the module doc): what int8 per-channel meets on well-scaled data
     exact: ClassVar[bool] = False
@@ -112,7 +131,10 @@ class Quantize(Pass):
 
     def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:
         nodes = gemm_targets(graph, self.exclude)
-        if not nodes:
+        heads = [n for n in nodes if node_excluded(n, HEAD)]
+        if self.head != "same":  # int8 heads are quantized below, on their own grid; float ones left alone
+            nodes = [n for n in nodes if not node_excluded(n, HEAD)]
+        if not nodes and not (heads and self.head == "int8"):
             return graph
         _check_k(self, nodes, self.group, self.bits)
         stats = None
@@ -128,7 +150,7 @@ class Quantize(Pass):
                 s = np.asarray(awq.awq_scales(np.concatenate(ws), st.abs_mean, None, self.bits, self.group,
                                               self.sym), np.float32)
                 scale_group(g, grp, ws, s, weights)
-        dropped = []
+        dropped, done = [], {}
         for orig in nodes:
             node = m[orig]
             wname = node.inputs[1].name
@@ -136,10 +158,58 @@ class Quantize(Pass):
             w = weight_nk(g, node) if w is None else w
             st = stats[orig.outputs[0].name] if stats is not None else None
             codes, scale, zero = self._quantize(w, st)
-            self._emit(g, node, codes, scale, zero, wname)
+            done[orig] = self._emit(g, node, codes, scale, zero, wname)
             dropped.append(wname)
+        qheads = []   # (the head's float weight Value, its quant.linear node)
+        for orig in heads:
+            node = m[orig]
+            wname, hw = node.inputs[1].name, node.inputs[1]
+            if self.head == "int8":
+                q, scale, zero = quantize_rtn(weight_nk(g, node), 8, HEAD_GROUP, True)
+                qheads.append((hw, self._emit(g, node, q, scale, zero, wname, bits=8, group=HEAD_GROUP)))
+                dropped.append(wname)
+            elif self.head == "same":
+                qheads.append((hw, done.get(orig)))
+        if self.head != "float":
+            dropped += self._embeddings(g, [h for h in qheads if h[1] is not None])
         drop_unused_params(g, dropped)
         return g
+
+    def _embeddings(self, g: Graph, qheads: list) -> list:
+        """The token embedding(s) read from the heads' codes (tied: the same data) or quantized like them
+        (a table of the head's shape); returns the float tables replaced."""
+        out = []
+        for hw, q in qheads:
+            shape = (q.inputs[1].type.shape[0], q.inputs[0].type.shape[-1])   # [N, K] of the head
+            hdata = g.param_data.get(hw.name)
+            for node in [n for n in g.nodes if n.op == "embedding"]:
+                table = node.inputs[0]
+                if not is_param(g, table) or tuple(table.type.shape) != shape or not table.type.dtype.is_float:
+                    continue
+                if node_excluded(node, self.exclude, weight=0):
+                    continue
+                data = param_array(g.param_data[table.name])
+                tied = table is hw or _same_data(data, hdata)
+                if tied:
+                    qp, sp, zp = q.inputs[1:4]
+                else:  # its own codes, on the head's grid (an fp8 head's table stays float)
+                    if self.head == "same" and self.dtype != "int":
+                        continue
+                    bits, group, sym = (8, HEAD_GROUP, True) if self.head == "int8" else (self.bits, self.group,
+                                                                                          self.sym)
+                    codes, scale, zero = quantize_rtn(np.asarray(data, np.float32), bits, group, sym)
+                    codes, zero = quant.storage(codes, zero, bits, sym)
+                    qp = new_param(g, f"{table.name}.qweight", codes)
+                    sp = new_param(g, f"{table.name}.scale", np.asarray(scale, np.float32))
+                    zp = new_param(g, f"{table.name}.zero", np.asarray(zero, np.float32))
+
+                def build(g, node=node, qp=qp, sp=sp, zp=zp, attrs=dict(q.attrs)):
+                    y = g.add_node("quant.embedding", [qp, sp, zp, node.inputs[1]], attrs, loc=node.loc)
+                    return y if node.outputs[0].type.dtype is DType.f32 else \
+                        g.add_node("cast", [y], {"dtype": node.outputs[0].type.dtype}, loc=node.loc)
+                replace_node(g, node, build)
+                out.append(table.name)
+        return out
 
     def _quantize(self, w: np.ndarray, st):
         if self.dtype == "f8e4m3":
@@ -153,8 +223,10 @@ class Quantize(Pass):
         codes, zero = quant.storage(np.asarray(q), np.asarray(zero, np.float32), self.bits, self.sym)
         return codes, np.asarray(scale, np.float32), zero
 
-    def _emit(self, g, node, codes, scale, zero, wname):
+    def _emit(self, g, node, codes, scale, zero, wname, bits=None, group=None):
         loc = node.loc
+        bits = self.bits if bits is None else bits
+        group = self.group if group is None else group
 
         def build(g):
             x = node.inputs[0]
@@ -163,9 +235,12 @@ class Quantize(Pass):
             sp = new_param(g, f"{wname}.scale", scale.astype(np.float32))
             zp = new_param(g, f"{wname}.zero", zero.astype(np.float32))
             ins = [x, qp, sp, zp] + ([node.inputs[2]] if len(node.inputs) > 2 else [])
-            y = g.add_node("quant.linear", ins, {"bits": self.bits, "group": self.group}, loc=loc)
+            y = g.add_node("quant.linear", ins, {"bits": bits, "group": group}, loc=loc)
+            made.append(y.producer)
             return _epilogue(g, node, y, loc)
+        made = []
         replace_node(g, node, build)
+        return made[0]
 
 
 @register_pass("w8a8")
@@ -203,7 +278,7 @@ class W8A8(Pass):
                 s = np.asarray(smoothquant.smooth_scales(stats[grp[0].outputs[0].name].abs_max, np.concatenate(ws),
                                                          self.alpha), np.float32)
                 scale_group(g, grp, ws, s, weights)
-        dropped = []
+        dropped, done = [], {}
         for orig in nodes:
             node = m[orig]
             wname = node.inputs[1].name

@@ -301,6 +301,8 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
     q4p, s4p, z4p = c.param("q4", q4), c.param("qs4", s4), c.param("qz4", z4)
     c.node("quant.linear/int4_g4_asym", "quant.linear", [lhs, q4p, s4p, z4p], {"bits": 4, "group": 4})
     c.node("quant.dequant", "quant.dequant", [q4p, s4p, z4p], {"bits": 4, "group": 4})
+    c.node("quant.embedding", "quant.embedding", [q4p, s4p, z4p, c.inp("qids", (n, 3), I64, "int", (0, 24))],
+           {"bits": 4, "group": 4})
     c.node("quant.linear_a8", "quant.linear_a8", [lhs, q8p, c.param("ws8", np.ascontiguousarray(s8[:, 0])), b24])
     wq16 = rng.standard_normal((8, 16)).astype(np.float32)
     q16, s16, z16 = quantize_rtn(wq16, 4, 8, True)

@@ -82,3 +82,26 @@ graph @norm(%x: f32[1, 576]) {
             assert int(np.prod(extents)) == 576, extents
     x = rng.standard_normal((1, 576)).astype(np.float32)
     np.testing.assert_allclose(build(graph, "cpu")(x)[0], run(graph, [x])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows, parallel", [(1, False), (256, True)])
+def test_small_elementwise_kernels_stay_on_the_calling_thread(rows, parallel):
+    """A decode step's small kernels (one row of 576) run serial -- no fork/join of the thread pool -- and a
+    large one stays parallel (issue 16); both compute the same numbers."""
+    import numpy as np
+
+    from llmasos.backends.tvm import build
+    from llmasos.backends.tvm.cpu_schedule import MIN_PARALLEL_WORK, Elementwise
+    from llmasos.ir import DType, Graph, TensorType
+
+    g = Graph("ew")
+    x = g.add_input("x", TensorType((rows, 576), DType.f32))
+    g.set_outputs([g.add_node("mul", [g.add_node("silu", [x]), x])])
+    assert (rows * 576 >= MIN_PARALLEL_WORK) == parallel
+    spec = resolve_target("cpu")
+    funcs = [f for f in fused_module(g, spec).functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    with spec.tvm_target() as target:
+        scripts = [Elementwise().apply(f, target, False).mod["main"].script() for f in funcs]
+    assert any("T.parallel" in s for s in scripts) == parallel
+    xv = np.random.default_rng(rows).standard_normal((rows, 576)).astype(np.float32)
+    np.testing.assert_allclose(build(g, "cpu")(xv)[0], xv / (1 + np.exp(-xv)) * xv, rtol=1e-5, atol=1e-5)

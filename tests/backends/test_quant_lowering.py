@@ -170,7 +170,9 @@ def test_single_row_takes_the_gemv_kernel_and_matches(k):
     x = g.add_input("x", TensorType((1, 1, k), DType.f32))
     outs = []
     # + a group of 7: ragged at both K, and the padded length odd (a nibble past the last whole byte)
-    extra = [(8, 128, False, False, True), (4, 7, False, False, False), (4, 7, True, False, True)]
+    # + the output head's int8 g32 (quantize's head=int8, issue 16)
+    extra = [(8, 128, False, False, True), (4, 7, False, False, False), (4, 7, True, False, True),
+             (8, 32, True, False, False)]
     for i, (bits, group, symm, per_tensor, has_bias) in enumerate(VARIANTS + extra):
         q, s, z = quantize_rtn(w, bits, group, symm, per_tensor)
         codes, z = storage(q, z, bits, symm)
@@ -184,3 +186,25 @@ def test_single_row_takes_the_gemv_kernel_and_matches(k):
     xv = rng.standard_normal((1, 1, k)).astype(np.float32)
     for i, (o, r) in enumerate(zip(build(g, "cpu")(xv), run(g, [xv]))):
         np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-5 * np.abs(r).max(), err_msg=str(i))
+
+
+@pytest.mark.parametrize("bits, group, symm", [(8, 32, True), (4, 32, False), (4, 128, True)])
+def test_quant_embedding_matches_interpreter(bits, group, symm):
+    """quant.embedding (issue 16): the picked rows dequantized, on the CPU, K=576 (a ragged group at 128);
+    and the same function builds for CUDA (no GPU needed to compile)."""
+    from llmasos.backends.tvm.kernels import fused_module
+    rng = np.random.default_rng(bits + group)
+    v, k = 50, 576
+    table = rng.standard_normal((v, k)).astype(np.float32)
+    q, s, z = quantize_rtn(table, bits, group, symm)
+    codes, z = storage(q, z, bits, symm)
+    g = Graph("qemb")
+    ids = g.add_input("ids", TensorType((1, 3), DType.i64))
+    g.set_outputs([g.add_node("quant.embedding", [g.add_param("q", codes), g.add_param("s", s), g.add_param("z", z),
+                                                  ids], {"bits": bits, "group": group})])
+    idv = np.array([[0, 49, 17]], np.int64)
+    got, want = build(g, "cpu")(idv)[0], run(g, [idv])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    step = s.max() * (0.5 + 1e-3)  # within half a grid step of the float table
+    assert np.abs(got[0] - table[[0, 49, 17]]).max() <= step
+    assert any(gv.name_hint.startswith("quant_embedding") for gv in fused_module(g, "cuda").functions)

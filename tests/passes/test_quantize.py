@@ -42,9 +42,9 @@ def mlp_graph(k=64, hidden=128, n_out=32, seed=0) -> Graph:
 X = np.random.default_rng(9).standard_normal((5, 64)).astype(np.float32)
 
 
-def test_quantize_replaces_gemms_and_keeps_the_head():
+def test_quantize_replaces_gemms_and_keeps_the_head_when_told():
     g = mlp_graph()
-    g2 = PassManager("quantize").run(g)
+    g2 = PassManager("quantize{head=float}").run(g)
     verify(g2)
     assert g2.op_counts() == {"quant.linear": 3, "silu": 1, "linear": 1}
     assert [n.inputs[1].name for n in g2.nodes if n.op == "linear"] == ["lm_head.weight"]
@@ -80,6 +80,74 @@ def test_quant_linear_equals_linear_on_the_dequantized_weight():
     np.testing.assert_allclose(run(g3, [X])[0], run(g2, [X])[0], rtol=1e-5, atol=1e-6)
 
 
+def test_head_is_int8_g32_by_default_and_same_follows_the_pass():
+    g = mlp_graph()
+    g2 = PassManager("quantize{bits=4,group=32,sym=false}").run(g)
+    verify(g2)
+    head = [n for n in g2.nodes if n.op == "quant.linear"][-1]
+    assert head.inputs[1].name == "lm_head.weight.qweight" and head.attrs == {"bits": 8, "group": 32}
+    assert g2.params["lm_head.weight.qweight"].type == TensorType((32, 64), DType.i8)
+    assert "lm_head.weight" not in g2.params
+    # the int8 g32 head alone: within half a step of its grid per weight
+    from llmasos.ir.opset.quant import _dequant_ref
+    q, s_, z = (g2.param_data[v.name] for v in head.inputs[1:4])
+    w = g.param_data["lm_head.weight"]
+    assert np.abs(_dequant_ref(q, s_, z, bits=8, group=32) - w).max() <= np.abs(w).max() / 127 / 2 + 1e-7
+    g3 = PassManager("quantize{bits=4,group=32,sym=false,head=same}").run(g)
+    assert [n for n in g3.nodes if n.op == "quant.linear"][-1].attrs == {"bits": 4, "group": 32}
+
+
+def tied_lm(tie_same_param: bool):
+    """ids -> embedding -> linear -> lm_head, the head's weight the embedding table (one param, as
+    torch.export makes of a tied module; or two params holding the same data, as our Decoder's export)."""
+    rng = np.random.default_rng(3)
+    g = Graph("lm")
+    ids = g.add_input("ids", TensorType((2, 3), DType.i64))
+    table = rng.standard_normal((40, 64)).astype(np.float32)
+    emb = g.add_param("embed.weight", table)
+    h = g.add_node("embedding", [emb, ids], loc="embed (m.py:1)")
+    h = g.add_node("linear", [h, g.add_param("fc.weight", rng.standard_normal((64, 64)).astype(np.float32) / 8)],
+                   loc="fc (m.py:2)")
+    hw = emb if tie_same_param else g.add_param("lm_head.weight", table.copy())
+    g.set_outputs([g.add_node("linear", [h, hw], loc="lm_head (m.py:3)")])
+    return g
+
+
+@pytest.mark.parametrize("same_param", [True, False])
+def test_tied_embedding_shares_the_heads_codes(same_param):
+    g = tied_lm(same_param)
+    g2 = PassManager("quantize{bits=4,group=32,sym=false}").run(g)
+    verify(g2)
+    emb = next(n for n in g2.nodes if n.op == "quant.embedding")
+    head = [n for n in g2.nodes if n.op == "quant.linear"][-1]
+    assert emb.inputs[:3] == head.inputs[1:4] and emb.attrs == {"bits": 8, "group": 32}
+    assert not any(v.type.dtype is DType.f32 and v.type.shape == (40, 64) for v in g2.params.values())
+    ids = np.array([[0, 5, 39], [7, 7, 1]])
+    got, want = run(g2, [ids])[0], run(g, [ids])[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.1
+    # float: both stay as they were
+    g3 = PassManager("quantize{bits=4,group=32,sym=false,head=float}").run(g)
+    assert g3.op_counts().get("embedding") == 1 and "quant.embedding" not in g3.op_counts()
+
+
+def test_untied_embedding_of_the_heads_shape_gets_its_own_codes():
+    g = tied_lm(False)
+    g.param_data["lm_head.weight"] = g.param_data["lm_head.weight"] * 2   # no longer the same data
+    g2 = PassManager("quantize{bits=8}").run(g)
+    emb = next(n for n in g2.nodes if n.op == "quant.embedding")
+    assert emb.inputs[0].name == "embed.weight.qweight" and "embed.weight" not in g2.params
+    ids = np.array([[0, 5, 39], [7, 7, 1]])
+    table = g.param_data["embed.weight"]
+    assert np.abs(run(g2, [ids])[0] - run(g, [ids])[0]).max() / np.abs(run(g, [ids])[0]).max() < 0.02
+    from llmasos.ir.interpreter import run as irun  # the embedding alone: the table's rows within a grid step
+    one = Graph("e")
+    i = one.add_input("ids", TensorType((3,), DType.i64))
+    one.set_outputs([one.add_node("quant.embedding", [one.add_param(v.name, g2.param_data[v.name])
+                                                      for v in emb.inputs[:3]] + [i], dict(emb.attrs))])
+    rows = irun(one, [np.array([0, 5, 39])])[0]
+    assert np.abs(rows - table[[0, 5, 39]]).max() <= np.abs(table).max() / 127 / 2 + 1e-6
+
+
 def test_exclude_leaves_named_weights_alone():
     g = mlp_graph()
     g2 = PassManager('quantize{bits=4,group=32,exclude="fc2,proj"}').run(g)
@@ -89,6 +157,7 @@ def test_exclude_leaves_named_weights_alone():
         assert g2.param_data[name] is g.param_data[name]
     g_all = PassManager('quantize{exclude=""}').run(g)
     assert g_all.op_counts()["quant.linear"] == 4
+    assert PassManager('quantize{exclude="lm_head"}').run(g).op_counts()["quant.linear"] == 3
 
 
 def test_exclude_matches_the_module_of_a_tied_head():
@@ -100,7 +169,7 @@ def test_exclude_matches_the_module_of_a_tied_head():
     h = g.add_node("linear", [x, g.add_param("fc.weight", rng.standard_normal((64, 64)).astype(np.float32))],
                    loc="model.fc (m.py:3)")
     g.set_outputs([g.add_node("linear", [h, emb], loc="lm_head (m.py:9)")])
-    g2 = PassManager("quantize").run(g)
+    g2 = PassManager('quantize{exclude="lm_head"}').run(g)
     assert [(n.op, n.inputs[1].name) for n in g2.nodes] == [("quant.linear", "fc.weight.qweight"),
                                                            ("linear", "model.embed_tokens.weight")]
 
@@ -217,7 +286,8 @@ def test_llama_int4_end_to_end_on_tvm(tiny_llama):
     from llmasos.backends.tvm import build
     from tests.models import token_ids
     g2 = PassManager("quantize{bits=4,group=32}").run(tiny_llama)
-    assert g2.op_counts()["quant.linear"] == 14  # 7 GEMMs per layer, 2 layers; lm_head kept
+    # 7 GEMMs per layer, 2 layers, and the int8 head; the embedding (tied or not) quantized too
+    assert g2.op_counts()["quant.linear"] == 15 and g2.op_counts()["quant.embedding"] == 1
     ids = token_ids(2, 8, seed=3).numpy()
     want = run(g2, [ids])[0]
     np.testing.assert_allclose(build(g2, "cpu")(ids)[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -18,6 +18,13 @@ if "TVM_NUM_THREADS" not in _os.environ and "OMP_NUM_THREADS" not in _os.environ
     except AttributeError:  # no sched_getaffinity (macOS)
         _os.environ["TVM_NUM_THREADS"] = str(_os.cpu_count() or 1)
 
+# Idle workers of TVM's pool spin (300000 rounds by default) before they sleep. On a machine shared with
+# other processes a spinning worker burns the time slice another thread of the same kernel needs, and
+# every fork/join waits for the OS: SmolLM2 int4 decode on a busy 2-core VM ran at 0.4 tokens/s with 2
+# threads (1 thread: 5.0; spin 2000: still 0.4) and at 20.8 with no spinning (issue 16, docs/llm.md).
+if "TVM_THREAD_POOL_SPIN_COUNT" not in _os.environ:
+    _os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
+
 from .targets import (CPUTarget, CUDATarget, Target, TargetSpec, UnknownTargetError, known_targets,  # noqa: E402
                       register_target, resolve_target, target_source)
 from .build import (BuildError, Executable, Signature, build, build_functions, compile_module,  # noqa: E402

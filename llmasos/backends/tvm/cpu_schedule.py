@@ -42,6 +42,31 @@ def _fuse(sch, loops):
     return sch.fuse(*loops) if len(loops) > 1 else loops[0]
 
 
+# Below this many elements of work a kernel runs on the thread that calls it: a parallel loop is a
+# fork/join of TVM's pool (a few us when the workers spin, a scheduler time slice when another process
+# holds their core), and a decode step launches ~17 small kernels per layer (RoPE, cache appends, norms,
+# reshapes) next to its GEMVs. Those stay serial; the GEMVs and anything with a dynamic extent (prefill)
+# stay parallel. (issue 16)
+MIN_PARALLEL_WORK = 1 << 15
+
+
+def _work(sch, loops):
+    """Iterations of ``loops`` (static extents), None when one is dynamic."""
+    n = 1
+    for loop in loops:
+        e = _extent(sch, loop)
+        if e is None:
+            return None
+        n *= e
+    return n
+
+
+def _parallel(sch, loop, work) -> None:
+    """sch.parallel(loop) unless ``work`` (elements; None = dynamic) is below MIN_PARALLEL_WORK."""
+    if work is None or work >= MIN_PARALLEL_WORK:
+        sch.parallel(loop)
+
+
 def is_reduction_block(sch, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
@@ -220,6 +245,7 @@ class Elementwise(ScheduleRule):
         loops = sch.get_loops(block)
         if not loops:
             return
+        work = _work(sch, loops)
         bits = sch.get(block).writes[0].source.dtype.bits if sch.get(block).writes else 32
         lanes = _lanes(target, max(bits, 8))
         inner = loops[-1]
@@ -233,7 +259,7 @@ class Elementwise(ScheduleRule):
             loops = loops[:-1]
         else:
             loops = list(sch.split(inner, [None, 256]))[:1]
-        sch.parallel(_fuse(sch, loops))
+        _parallel(sch, _fuse(sch, loops), work)
 
 
 class AddNorm(ScheduleRule):
@@ -254,12 +280,13 @@ class AddNorm(ScheduleRule):
             if len(blocks) < 3 or names[0] != "T_add" or names[-1] not in self.NORMS:
                 return None
             loops = sch.get_loops(blocks[0])
+            work = _work(sch, loops)
             row = _fuse(sch, loops[:-1]) if len(loops) > 1 else None
             if row is None:
                 return None
             for b in blocks[1:]:
                 sch.reverse_compute_at(b, row)
-            sch.parallel(row)
+            _parallel(sch, row, work)
             lanes = _lanes(target, 32)
             for b in (blocks[0], blocks[-1]):
                 inner = sch.get_loops(b)[-1]

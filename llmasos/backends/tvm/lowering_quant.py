@@ -41,7 +41,7 @@ MR = 4  # rows per register tile of the CPU kernel
 
 def _layout(node):
     """(N, K, bits, group, G, per_tensor) of a quant.linear / quant.dequant node."""
-    off = 0 if node.op == "quant.dequant" else 1
+    off = 0 if node.op in ("quant.dequant", "quant.embedding") else 1
     qt, st = node.inputs[off].type, node.inputs[off + 1].type
     bits, group = node.attrs["bits"], node.attrs["group"]
     n, kq = qt.shape
@@ -84,6 +84,24 @@ def _cpu_panels(ctx, node) -> bool:
     ins = node.inputs
     return (ctx.panel_width() is not None and all(ctx.is_param(v) and v.type.is_static for v in ins[1:])
             and ins[0].type.dtype is DType.f32 and ins[1].type.dtype in (DType.i8, DType.u8, DType.f8e4m3))
+
+
+@register_lowering("quant.embedding")
+def _quant_embedding(ctx, node, args):
+    """Rows of the quantized table picked by ids, dequantized: one TE gather (only the picked rows are read),
+    the same function on every target (DLight / cpu_schedule.Elementwise schedule it)."""
+    _, k, bits, group, _, per_tensor = _layout(node)
+    n = node.inputs[0].type.shape[0]
+    out_dt = tvm_dtype(node.outputs[0].type.dtype)
+    w = _dequant_fn(bits, group, per_tensor)
+
+    def f(codes, scale, zero, ids):
+        def row(*i):
+            # out-of-range ids are a caller error; clipping keeps one from reading outside the table
+            r = tir.max(tir.min(ids(*i[:-1]).astype("int64"), tir.const(n - 1, "int64")), tir.const(0, "int64"))
+            return w(codes, scale, zero, r, i[-1], out_dt)
+        return te.compute((*ids.shape, k), row, name="quant_embedding")
+    return ctx.emit_te(f, *args, name="quant_embedding")
 
 
 @register_lowering("quant.linear")

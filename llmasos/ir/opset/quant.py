@@ -19,6 +19,9 @@ GEMM (llmasos/backends/tvm/lowering_quant.py).
 * ``quant.linear_a8(x, qweight, wscale, bias?)``: W8A8 with dynamic per-token activation scales:
   s_x = max|x_row| / 127, x_q = clip(round(x / s_x), -127, 127), y = (x_q @ q^T) * s_x * wscale + bias,
   the product accumulated exactly in int32.
+* ``quant.embedding(qweight, scale, zero, ids){bits, group}`` = ``embedding(dequant(...), ids)``: the rows
+  picked by ids, dequantized (only those rows are ever read). The quantize pass gives a tied output head
+  and its embedding table the same three parameters.
 """
 from __future__ import annotations
 
@@ -132,3 +135,23 @@ def _a8_ref(x, qweight, wscale, bias=None):
 
 defop("quant.linear_a8", ("x", "qweight", "wscale", "bias?"), _a8_infer, _a8_ref,
       doc="W8A8: per-token int8 activations times int8 weights, int32 accumulation, rescaled by s_x * wscale")
+
+
+def _qembed_infer(qweight, scale, zero, ids, *, bits, group):
+    n, k = _check_codes("quant.embedding", qweight, bits, group)
+    _check_scales("quant.embedding", n, k, group, scale, zero)
+    if not ids.dtype.is_int:
+        raise ValueError(f"quant.embedding: ids must be integers, got {ids.dtype}")
+    return TensorType((*ids.shape, k), scale.dtype)
+
+
+def _qembed_ref(qweight, scale, zero, ids, *, bits, group):
+    n = np.asarray(qweight).shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise IndexError(f"quant.embedding ids out of range [0, {n})")
+    return _dequant_ref(qweight, scale, zero, bits=bits, group=group)[ids]
+
+
+defop("quant.embedding", ("qweight", "scale", "zero", "ids"), _qembed_infer, _qembed_ref, _ATTRS,
+      doc="rows of dequant(qweight, scale, zero) picked by `ids`: a quantized embedding table (the same "
+          "storage as quant.linear's weight, so a tied head and embedding share one copy)")
