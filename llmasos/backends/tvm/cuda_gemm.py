@@ -76,7 +76,7 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
-                            w_reg = T.sblock_alloc_buffer((UNROLL * 16,), "float16", scope="local")
+                            w_reg = T.sblock_alloc_buffer((16,), "float16", scope="local")
                             x_reg = T.sblock_alloc_buffer((TILES * 8,), "float16", scope="local")
                             a_frag = T.sblock_alloc_buffer((8,), "float16", scope="local")
                             b_frag = T.sblock_alloc_buffer((4,), "float16", scope="local")
@@ -89,31 +89,26 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
                             for i in T.unroll(TILES * 4):
                                 acc[i] = T.float32(0)
                             for ko in T.serial(outer):
-                                # the weights of all UNROLL chunks first (their loads all in flight), then
-                                # per chunk: x (L1/L2-resident) and the MMAs
-                                for ku in T.unroll(UNROLL):
-                                    for v in T.vectorized(8):
-                                        w_reg[ku * 16 + v] = W[bx * TILE_N + g,
-                                                               ((ko * UNROLL + ku) * warps + ty) * CHUNK + 8 * t + v]
-                                    for v in T.vectorized(8):
-                                        w_reg[ku * 16 + 8 + v] = W[bx * TILE_N + g + 8,
-                                                                   ((ko * UNROLL + ku) * warps + ty) * CHUNK + 8 * t + v]
                                 for ku in T.unroll(UNROLL):
                                     k0: T.let[T.int32] = ((ko * UNROLL + ku) * warps + ty) * CHUNK + 8 * t
+                                    for v in T.vectorized(8):
+                                        w_reg[v] = W[bx * TILE_N + g, k0 + v]
+                                    for v in T.vectorized(8):
+                                        w_reg[8 + v] = W[bx * TILE_N + g + 8, k0 + v]
                                     for c in T.unroll(TILES):
                                         if m0 + c * COLS < M:
                                             for v in T.vectorized(8):
                                                 x_reg[c * 8 + v] = X[T.min(m0 + c * COLS + g, M - 1), k0 + v]
                                     for s in T.unroll(2):
                                         # A: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
-                                        a_frag[0] = w_reg[ku * 16 + 4 * s]
-                                        a_frag[1] = w_reg[ku * 16 + 4 * s + 1]
-                                        a_frag[2] = w_reg[ku * 16 + 8 + 4 * s]
-                                        a_frag[3] = w_reg[ku * 16 + 8 + 4 * s + 1]
-                                        a_frag[4] = w_reg[ku * 16 + 4 * s + 2]
-                                        a_frag[5] = w_reg[ku * 16 + 4 * s + 3]
-                                        a_frag[6] = w_reg[ku * 16 + 8 + 4 * s + 2]
-                                        a_frag[7] = w_reg[ku * 16 + 8 + 4 * s + 3]
+                                        a_frag[0] = w_reg[4 * s]
+                                        a_frag[1] = w_reg[4 * s + 1]
+                                        a_frag[2] = w_reg[8 + 4 * s]
+                                        a_frag[3] = w_reg[8 + 4 * s + 1]
+                                        a_frag[4] = w_reg[4 * s + 2]
+                                        a_frag[5] = w_reg[4 * s + 3]
+                                        a_frag[6] = w_reg[8 + 4 * s + 2]
+                                        a_frag[7] = w_reg[8 + 4 * s + 3]
                                         for c in T.unroll(TILES):
                                             if m0 + c * COLS < M:
                                                 # B: (k 2t..2t+1, col g), (k 2t+8..2t+9, col g)
