@@ -271,10 +271,21 @@ class _Importer(GraphImporter):
                     guess = ("batch", "seq")[i]
                     if guess not in names.values():
                         names[e] = guess
-        mapping, taken = {}, set()
+        # one IR symbol per Dim: torch 2.13 loses the equality of inputs sharing a Dim whose range is [1, 2]
+        # (each gets its own symbol, which then "do not broadcast"), so symbols of one Dim name are merged,
+        # with the intersection of their bounds
+        by_dim: dict = {}
         for s, vr in self.ep.range_constraints.items():
             if isinstance(s, sympy.Symbol):
-                mapping[s] = self._add_symbol(names.get(s, str(s)), taken, vr)
+                by_dim.setdefault(names.get(s, s), []).append((s, vr))
+        mapping, taken = {}, set()
+        for key, group in by_dim.items():
+            vr = group[0][1]
+            for _, other in group[1:]:
+                vr = vr & other
+            label = self._add_symbol(key if isinstance(key, str) else str(key), taken, vr)
+            for s, _ in group:
+                mapping[s] = label
         return SymbolTable(mapping)
 
     # -- parameters -------------------------------------------------------------------------------------
