@@ -233,16 +233,23 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: malformed calling convention ({type(e).__name__}: {e})") from None
     spec = resolve_target(target if target is not None else saved_target(c))
-    weights = c.weights()
+    try:
+        weights = c.weights()
+    except Exception as e:  # noqa: BLE001 -- safetensors' own errors: the file is the artifact's fault
+        raise ArtifactError(f"{c.path / artifact.WEIGHTS}: unreadable ({type(e).__name__}: {e})") from None
     graphs = {}
     if c.kind == "model":
         for name in c.entries:
-            g = parse(c.ir(name), params=weights)
+            try:
+                g = parse(c.ir(name), params=weights)
+                verify(g)
+            except ValueError as e:   # ParseError, VerificationError
+                raise ArtifactError(f"{c.path / (c.entries[name].get('ir') or '?')}: {e}") from None
             missing = set(g.params) - set(weights)
             if missing:
                 raise ArtifactError(f"{c.path}: {artifact.WEIGHTS} lacks parameters {sorted(missing)[:5]}")
-            verify(g)
             graphs[name] = g
+            _check_convention(conventions.get(name), g, f"{where}: entry '{name}'")
     if c.signature is not None:
         try:
             sig = Signature.from_json(json.dumps(c.signature))
@@ -250,6 +257,9 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
             raise ArtifactError(f"{where}: malformed library signature ({type(e).__name__}: {e})") from None
     else:  # a v1 model artifact: the library's signature is its graph's
         sig = Signature.of_functions(graphs, lifted=False)
+    _check_weights(sig, weights, c.path)
+    if c.kind == "lm":
+        _check_lm(c.meta, sig, weights, where)
     spec.ensure_runtime()   # e.g. with TVM's runtime alone, CUDA's device API before the library loads
     import tvm  # deferred: TVM
     exe = Executable(tvm.runtime.load_module(str(c.library)), spec, sig, weights)
@@ -259,6 +269,60 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
         tok = transformers.AutoTokenizer.from_pretrained(str(c.tokenizer_dir()), trust_remote_code=False)
     meta = dict(c.meta, artifact=str(c.path))
     return CompiledProgram(c.kind, graphs, exe, spec, conventions, {}, tok, meta)
+
+
+def _check_convention(conv, g, where: str) -> None:
+    """A saved calling convention fits its graph: one name per input, output indices in range."""
+    if conv is None:
+        return
+    if len(conv.input_names) != len(g.inputs):
+        raise ArtifactError(f"{where}: {len(conv.input_names)} input names for a graph of {len(g.inputs)} inputs")
+    for leaf in conv.out_leaves:
+        if isinstance(leaf, int) and not 0 <= leaf < len(g.outputs):
+            raise ArtifactError(f"{where}: output leaf {leaf} is outside the graph's {len(g.outputs)} outputs")
+
+
+def _check_weights(sig, weights: dict, path) -> None:
+    """Every parameter the library takes is in weights.safetensors with the signature's shape and dtype."""
+    from .ir.torch_dtypes import dtype_from_torch
+    for name, ty in zip(sig.param_names, sig.param_types):
+        t = weights.get(name)
+        if t is None:
+            raise ArtifactError(f"{path}: {artifact.WEIGHTS} lacks parameter {name!r} the library takes")
+        try:
+            dt = dtype_from_torch(t.dtype)
+        except TypeError:
+            dt = None
+        if dt is not ty.dtype or tuple(t.shape) != tuple(ty.shape):
+            raise ArtifactError(f"{path}: parameter {name!r} is {str(t.dtype).replace('torch.', '')}"
+                                f"{list(t.shape)} in {artifact.WEIGHTS}, but the library takes {ty}")
+
+
+def _check_lm(meta: dict, sig, weights: dict, where) -> None:
+    """An LM manifest's meta agrees with the library: the caches hold max_seq positions, the embedding has
+    vocab rows, and the saved DecoderConfig says the same."""
+    fns = sig.functions
+    if set(fns) != {"prefill", "decode"}:
+        raise ArtifactError(f"{where}: an LM library has the functions prefill and decode, this one {list(fns)}")
+    caches = fns["decode"].inputs[3:]
+    if not caches or any(len(i.type.shape) != 4 for i in caches):
+        raise ArtifactError(f"{where}: the decode function takes no KV caches [batch, heads, positions, head_dim]")
+    vocab, max_seq = meta["vocab"], meta["max_seq"]
+    if caches[0].type.shape[2] != max_seq:
+        raise ArtifactError(f"{where}: meta.max_seq is {max_seq} but the library's caches hold "
+                            f"{caches[0].type.shape[2]} positions")
+    embed = weights.get("embed.weight")
+    if embed is not None and embed.shape[0] != vocab:
+        raise ArtifactError(f"{where}: meta.vocab is {vocab} but the embedding has {embed.shape[0]} rows")
+    cfg = meta.get("config")
+    if cfg is not None:   # (CompiledLM builds the DecoderConfig from it, refusing unknown fields)
+        if not isinstance(cfg.get("vocab"), int) or not isinstance(cfg.get("max_positions"), int):
+            raise ArtifactError(f"{where}: meta.config lacks the integers vocab and max_positions")
+        if cfg["vocab"] != vocab:
+            raise ArtifactError(f"{where}: meta.vocab {vocab} differs from meta.config.vocab {cfg['vocab']}")
+        if max_seq > cfg["max_positions"]:
+            raise ArtifactError(f"{where}: meta.max_seq {max_seq} exceeds the model's positions "
+                                f"{cfg['max_positions']}")
 
 
 __all__ = ["CallConvention", "CompiledProgram", "Plan", "Source", "prepare", "lower", "build_library",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ..artifact import ArtifactError
 from ..driver import ProgramView
 from .config import DecoderConfig
 from .sampling import Sampling, make_generator, sample
@@ -74,7 +75,11 @@ class CompiledLM(ProgramView):
     def __init__(self, program):
         self.program = program
         meta = program.meta
-        self.config = DecoderConfig(**meta["config"]) if meta.get("config") else None
+        try:
+            self.config = DecoderConfig(**meta["config"]) if meta.get("config") else None
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{meta.get('artifact', 'the program')}: meta.config is not a DecoderConfig: "
+                                f"{e}") from None
         self.vocab = int(meta["vocab"])
         self.max_seq = int(meta["max_seq"])
         self.cuda_graph = bool(meta.get("cuda_graph", False))
