@@ -31,7 +31,7 @@ from .artifact import ArtifactError
 from .ir.graph import param_array
 from .ir.parser import parse
 from .ir.printer import print_graph
-from .ir.torch_dtypes import numpy_to_torch
+from .ir.torch_dtypes import dtype_from_torch, numpy_to_torch
 from .ir.verifier import verify
 from .passes import PassManager
 
@@ -284,7 +284,6 @@ def _check_convention(conv, g, where: str) -> None:
 
 def _check_weights(sig, weights: dict, path) -> None:
     """Every parameter the library takes is in weights.safetensors with the signature's shape and dtype."""
-    from .ir.torch_dtypes import dtype_from_torch
     for name, ty in zip(sig.param_names, sig.param_types):
         t = weights.get(name)
         if t is None:

@@ -6,6 +6,7 @@ sympy already, and derived dims such as ``batch*seq`` must stay exact through re
 from __future__ import annotations
 
 import enum
+import ast
 import functools
 import itertools
 from dataclasses import dataclass
@@ -114,7 +115,6 @@ _DIM_INT_MAX = 1 << 62         # a literal, or a power's result, beyond this is 
 
 
 def _dim_from_text(text: str):
-    import ast
     if len(text) > _DIM_TEXT_MAX:
         raise ValueError(f"dim expression of {len(text)} characters is too long (at most {_DIM_TEXT_MAX})")
     try:
