@@ -5,8 +5,8 @@ sympy already, and derived dims such as ``batch*seq`` must stay exact through re
 """
 from __future__ import annotations
 
-import enum
 import ast
+import enum
 import functools
 import itertools
 from dataclasses import dataclass
