@@ -38,6 +38,16 @@ from .passes import PassManager
 MAIN = "main"   # the entry function of a one-graph program (backends.tvm.build.MAIN)
 
 
+class CompileError(ValueError):
+    """Options or a model that ``llmasos.compile`` / ``compile_lm`` cannot take (an argument of the wrong type or
+    range, example inputs of the wrong kind, bounds the model or the device cannot hold); says what is allowed."""
+
+
+class MemoryBudgetError(CompileError):
+    """The compiled bounds (max_batch, max_seq) need more memory than the device has: the message gives the
+    estimate and the bound to lower."""
+
+
 @dataclass
 class CallConvention:
     """How a Python call maps onto an entry function's inputs, and its outputs back onto the model's output
@@ -155,6 +165,9 @@ def prepare(target: Any = "cpu", passes: Any = "fuse", calibration=None, tuning_
     """Resolve the target, open the tuning database and parse the pass pipeline: every option fails here,
     before any import or build."""
     from .backends.tvm import resolve_target  # deferred: the TVM compiler
+    if passes is not None and not isinstance(passes, (str, list, tuple)):
+        raise CompileError(f"passes must be a pipeline string (e.g. 'fuse'), a list of passes or None, got "
+                           f"{type(passes).__name__} {passes!r}")
     spec = resolve_target(target)
     if tuning_db is not None:
         from .backends.tvm.tuning import TuningDatabase  # deferred: the TVM compiler (MetaSchedule)
@@ -183,8 +196,14 @@ def lower(plan: Plan, frontend: Callable[[Any], Source]) -> Source:
 def build_library(plan: Plan, source: Source):
     """One library with an entry function per graph, weights uploaded once (backends.tvm.Executable)."""
     from .backends.tvm import build_functions  # deferred: the TVM compiler
+    from .backends.tvm.memory import MemoryBudgetError as _Budget
     t0 = time.perf_counter()
-    exe = build_functions(source.graphs, plan.spec, cuda_graph=source.cuda_graph, tuning_db=plan.tuning_db)
+    try:
+        exe = build_functions(source.graphs, plan.spec, cuda_graph=source.cuda_graph, tuning_db=plan.tuning_db)
+    except _Budget as e:
+        raise MemoryBudgetError(str(e)) from None
+    if exe.memory is not None:
+        plan.timings["memory_estimate_bytes"] = exe.memory.total
     plan.timings["build_s"] = time.perf_counter() - t0
     if exe.tuned_kernels is not None:
         plan.timings["tuned_kernels"] = len(exe.tuned_kernels)
@@ -324,5 +343,5 @@ def _check_lm(meta: dict, sig, weights: dict, where) -> None:
                                 f"{cfg['max_positions']}")
 
 
-__all__ = ["CallConvention", "CompiledProgram", "Plan", "Source", "prepare", "lower", "build_library",
-           "compile_program", "load_program", "MAIN"]
+__all__ = ["CallConvention", "CompileError", "MemoryBudgetError", "CompiledProgram", "Plan", "Source", "prepare",
+           "lower", "build_library", "compile_program", "load_program", "MAIN"]

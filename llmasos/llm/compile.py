@@ -16,7 +16,7 @@ import torch
 
 from . import presets
 from ..backends.tvm.tuning import tune_functions
-from ..driver import Source, compile_program, lower, prepare
+from ..driver import CompileError, Source, compile_program, lower, prepare
 from ..frontends import torch_export
 from .export import export_decoder
 from .model import Decoder
@@ -28,8 +28,8 @@ def as_decoder(model, dtype=None, device=None) -> Decoder:
     name of a decoder preset (random weights: for benchmarks)."""
     if isinstance(model, str):
         if model not in presets.names(decoders_only=True):
-            raise ValueError(f"unknown model {model!r}: pass a Decoder, a transformers causal LM or one of the "
-                             f"presets {', '.join(presets.names(decoders_only=True))}")
+            raise CompileError(f"unknown model {model!r}: pass a Decoder, a transformers causal LM or one of the "
+                               f"presets {', '.join(presets.names(decoders_only=True))}")
         return Decoder.random(presets.decoder_config(model), mode="export", dtype=dtype or torch.float32,
                               device=device)
     if isinstance(model, Decoder):
@@ -39,26 +39,38 @@ def as_decoder(model, dtype=None, device=None) -> Decoder:
             model = m.to(dtype=model.dtype, device=model.embed.weight.device).eval()
         return model.to(dtype=dtype) if dtype is not None else model
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
-        return Decoder.from_hf(model, mode="export", dtype=dtype)
-    raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers causal LM (Llama, GPT-2, Qwen2, Mistral...) "
-                    f"or a preset name, got {type(model).__name__}")
+        meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise CompileError(f"the model's {meta} is on the meta device (shapes without data): load its weights")
+        try:
+            return Decoder.from_hf(model, mode="export", dtype=dtype)
+        except ValueError as e:   # the adapters' refusals: an unknown family, an option the Decoder lacks
+            raise CompileError(str(e)) from None
+    raise CompileError(f"compile_lm takes a llmasos Decoder, a transformers causal LM (Llama, GPT-2, Qwen2, "
+                       f"Mistral...) or a preset name, got {type(model).__name__}")
 
 
-def lm_source(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype,
+def lm_source(model, spec, *, max_seq: Optional[int], max_batch: int, batch: Optional[int], dtype,
               cuda_graph: bool = False) -> Source:
     """The decoder's prefill and decode graphs as the driver takes them (also what tune_lm tunes, so a tuning
     database's kernels are the ones a later compile_lm looks up)."""
-    if not isinstance(max_seq, int) or max_seq < 2:
-        raise ValueError(f"max_seq must be an int >= 2, got {max_seq!r}")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+    if max_seq is not None and (not is_int(max_seq) or max_seq < 2):
+        raise CompileError(f"max_seq must be None (min({DEFAULT_MAX_SEQ}, the model's positions)) or an int >= 2, "
+                           f"got {max_seq!r}")
+    if not is_int(max_batch) or max_batch < 1:
+        raise CompileError(f"max_batch must be an int >= 1, got {max_batch!r}")
     if batch is not None:
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
+        if not is_int(batch) or batch < 1:
+            raise CompileError(f"batch must be None or an int >= 1, got {batch!r}")
         max_batch = max(max_batch, batch)
     dec = as_decoder(model, dtype)
+    if max_seq is None:
+        max_seq = min(DEFAULT_MAX_SEQ, dec.cfg.max_positions)
     if max_seq > dec.cfg.max_positions:
-        raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
+        raise CompileError(f"max_seq={max_seq} exceeds the model's {dec.cfg.max_positions} positions "
+                           f"(DecoderConfig.max_positions: the position table, or a sliding window's length)")
     export_batch = batch
     if spec.symbolic_decode_batch and batch is not None and batch > 1:
         # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once
@@ -76,12 +88,16 @@ def lm_source(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int]
     return Source(graphs, cuda_graph=(DECODE,) if use_graph else (), meta=meta)
 
 
-def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int = 8, batch: Optional[int] = None,
+DEFAULT_MAX_SEQ = 256   # compile_lm's max_seq when none is given (capped at the model's positions)
+
+
+def compile_lm(model, target: Any = "cpu", *, max_seq: Optional[int] = None, max_batch: int = 8, batch: Optional[int] = None,
                dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True,
                tuning_db=None) -> CompiledLM:
     """Compile ``model`` for KV-cache generation on ``target``.
 
-    max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
+    max_seq: cache positions per row (prompt + generated tokens); None: min(256, the model's positions).
+    More than the model's positions is refused (CompileError). batch=None compiles for any batch up to
     max_batch; an int compiles for that batch (batch 1: static shapes, the GEMV kernels; on CUDA a larger
     batch stays symbolic up to it, which DLight schedules as low-batch GEMVs). On CUDA the decode step runs
     as a CUDA graph (one per batch size) unless cuda_graph=False. dtype: cast the weights (e.g.
@@ -96,7 +112,7 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
                                       tokenizer=tokenizer))
 
 
-def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: int = 256, max_batch: int = 8,
+def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: Optional[int] = None, max_batch: int = 8,
             batch: Optional[int] = 1, dtype=None, passes: Any = "fuse", trials_per_task: int = 64,
             ops: str = "reduce", log=None):
     """MetaSchedule-tune the kernels ``compile_lm(model, target, ...)`` with the same options builds, into

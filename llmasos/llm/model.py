@@ -101,6 +101,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.llama = cfg.arch == "llama"
+        self.act = cfg.mlp_act
         if self.llama:
             self.w1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)   # gate
             self.w3 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)   # up
@@ -111,7 +112,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.llama:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            g = self.w1(x)
+            g = F.gelu(g, approximate="tanh") if self.act == "gelu_tanh" else F.silu(g)   # GeGLU (Gemma) or SwiGLU
+            return self.w2(g * self.w3(x))
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
@@ -190,6 +193,8 @@ class Decoder(nn.Module):
         T = ids.shape[1]
         positions = pos.long()[:, None] + torch.arange(T, device=ids.device)[None, :]   # [B, T]
         x = self.embed(ids)
+        if self.cfg.embed_scale != 1.0:   # Gemma: sqrt(hidden), in the activation dtype as transformers rounds it
+            x = x * float(torch.tensor(self.cfg.embed_scale, dtype=x.dtype))
         if self.wpe is not None:
             return x + self.wpe(positions), None
         # embedding() on the f32 tables is the gather; HF casts cos/sin to the activation dtype too
@@ -299,4 +304,7 @@ def _gather(sd: dict, src, prefix: str, family: str) -> torch.Tensor:
     if missing:
         raise ValueError(f"Decoder.from_hf: the {family} state dict has no {missing[0]!r}")
     t = sd[keys[0]] if len(keys) == 1 else torch.cat([sd[k] for k in keys], 0)
-    return t.t().contiguous() if src.transpose else t
+    t = t.t().contiguous() if src.transpose else t
+    if src.rows is not None:
+        t = t[src.rows[0]:src.rows[1]].contiguous()
+    return t + src.offset if src.offset else t

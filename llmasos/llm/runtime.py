@@ -55,6 +55,11 @@ class GenerationStats:
                 "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
+def _is_id(t) -> bool:
+    """A token id: a Python or numpy int, not a bool (nor a float, even a whole one)."""
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
 @dataclass
 class _Buffers:
     """Device tensors reused across calls for one batch size."""
@@ -137,7 +142,7 @@ class CompiledLM(ProgramView):
 
     # -- request checks ----------------------------------------------------------------------------
     def _check(self, prompts: list, max_new_tokens: int) -> None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_id(max_new_tokens) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not prompts:
             raise GenerationError("no prompts given")
@@ -173,10 +178,18 @@ class CompiledLM(ProgramView):
             return [list(self.tokenizer(p)["input_ids"]) for p in items], single, True
         if hasattr(prompts, "tolist"):
             prompts = prompts.tolist()
-        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+        if isinstance(prompts, (list, tuple)) and prompts and all(_is_id(t) for t in prompts):
             return [[int(t) for t in prompts]], True, False
+        if isinstance(prompts, (list, tuple)) and prompts:
+            rows = [p.tolist() if hasattr(p, "tolist") else p for p in prompts]
+            for r, p in enumerate(rows):
+                if not isinstance(p, (list, tuple)) or not all(_is_id(t) for t in p):
+                    bad = p if not isinstance(p, (list, tuple)) else next(t for t in p if not _is_id(t))
+                    raise GenerationError(f"prompt {r}: token ids are ints, got {type(bad).__name__} "
+                                          f"{str(bad)[:40]} (a list of ids, a list of such lists, or text)")
+            return [[int(t) for t in p] for p in rows], False, False
         if isinstance(prompts, (list, tuple)):
-            return [list(p.tolist() if hasattr(p, "tolist") else p) for p in prompts], False, False
+            raise GenerationError("no prompts given")
         raise GenerationError(f"prompts must be token ids (a list, or a list of lists) or text, "
                               f"got {type(prompts).__name__}")
 
@@ -246,7 +259,9 @@ class CompiledLM(ProgramView):
         return out[0] if single else out
 
     def _stop_ids(self, stop) -> set:
-        if isinstance(stop, (int, np.integer)):
+        if stop is None:
+            stop = ()
+        if isinstance(stop, (int, np.integer, str)):
             stop = [stop]
         ids = set()
         for s in stop:
@@ -257,8 +272,10 @@ class CompiledLM(ProgramView):
                 if enc is None or enc == self.tokenizer.unk_token_id:
                     raise GenerationError(f"stop token {s!r} is not in the tokenizer's vocabulary")
                 ids.add(int(enc))
-            else:
+            elif _is_id(s):
                 ids.add(int(s))
+            else:
+                raise GenerationError(f"stop tokens are token ids (ints) or token strings, got {s!r}")
         return ids
 
     def _start(self, prompts: list, max_new_tokens: int, sampling: Sampling):
