@@ -163,6 +163,8 @@ def _dim_from_text(text: str):
         raise ValueError(f"not a dim expression: {text[:80]!r} ({e})") from None
     if d.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         raise ValueError(f"dim expression {text[:80]!r} divides by zero")
+    if d.is_Integer and abs(int(d)) > _DIM_INT_MAX:
+        raise ValueError(f"dim expression {text[:80]!r} is too large (at most {_DIM_INT_MAX})")
     return d
 
 
