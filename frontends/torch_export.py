@@ -11,7 +11,9 @@ proved recorded in ``Graph.symbols``.
 from __future__ import annotations
 
 import inspect
+import linecache
 import operator
+import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,6 +21,7 @@ import sympy
 import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError, GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_map
 
 from llmasos.ir import Graph, Value
@@ -104,8 +107,6 @@ def _from_torch(e: BaseException) -> bool:
 def model_line(e: BaseException) -> Optional[str]:
     """``file:line (code)`` of the innermost frame of ``e``'s traceback outside torch and llmasos: the model's
     own line that raised (or that torch was running when it gave up)."""
-    import linecache
-    import traceback
     found = None
     for fr in traceback.extract_tb(e.__traceback__):
         f = fr.filename.replace("\\", "/")
@@ -117,7 +118,6 @@ def model_line(e: BaseException) -> Optional[str]:
 
 def export_error(e: BaseException) -> FrontendError:
     """A torch.export failure as a FrontendError saying what to change."""
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
     where = model_line(e)
     at = f" at {where}" if where else ""
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -125,7 +125,7 @@ def export_error(e: BaseException) -> FrontendError:
         return FrontendError(f"the model branches on tensor values{at}: torch.export traces one program for every "
                              f"input, so Python control flow may depend on shapes but not on data; use torch.cond "
                              f"(or torch.where) there, or make the branch depend on fixed inputs")
-    if isinstance(e, (torch._dynamo.exc.UserError, torch.fx.experimental.symbolic_shapes.ConstraintViolationError)):
+    if isinstance(e, (torch._dynamo.exc.UserError, ConstraintViolationError)):
         return FrontendError(f"torch.export cannot keep the requested dynamic shapes{at}: {first} (compile with "
                              f"dynamic_shapes=None for static shapes, or with max_batch/max_seq covering the example "
                              f"inputs)")

@@ -34,6 +34,9 @@ def compile(model, target: Any = "cpu", example_inputs: tuple = (), example_kwar
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     _check_bounds(max_batch, max_seq)
+    if isinstance(dynamic_shapes, str) and dynamic_shapes != "auto":
+        raise CompileError(f"dynamic_shapes must be 'auto', None or a torch.export dynamic_shapes spec, "
+                           f"got {dynamic_shapes!r}")
     if example_kwargs is not None and not isinstance(example_kwargs, dict):
         raise CompileError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
 

@@ -146,6 +146,8 @@ def read(path, kind: Optional[str] = None) -> Contents:
     what = WHAT[kind]
     manifest = _manifest(path, what)
     fmt, version = manifest.get("format"), manifest.get("version")
+    if not isinstance(fmt, str):
+        raise ArtifactError(f"{path / MANIFEST}: not the manifest of {what} (format {fmt!r}, expected {FORMAT!r})")
     if fmt == FORMAT:
         if not isinstance(version, int) or version < 2:
             raise ArtifactError(f"{path / MANIFEST}: format version {version!r} is not one this LLMasOS reads "

@@ -168,11 +168,17 @@ def prepare(target: Any = "cpu", passes: Any = "fuse", calibration=None, tuning_
     if passes is not None and not isinstance(passes, (str, list, tuple)):
         raise CompileError(f"passes must be a pipeline string (e.g. 'fuse'), a list of passes or None, got "
                            f"{type(passes).__name__} {passes!r}")
-    spec = resolve_target(target)
+    try:
+        spec = resolve_target(target)
+    except TypeError as e:
+        raise CompileError(str(e)) from None
     if tuning_db is not None:
         from .backends.tvm.tuning import TuningDatabase  # deferred: the TVM compiler (MetaSchedule)
         tuning_db = TuningDatabase.open(tuning_db, spec)
-    pipeline = PassManager(passes, calibration=calibration, target=spec.name) if passes else None
+    try:
+        pipeline = PassManager(passes, calibration=calibration, target=spec.name) if passes else None
+    except TypeError as e:   # a list item that is not a pass (a pipeline string's errors are PipelineErrors)
+        raise CompileError(f"passes: {e}") from None
     return Plan(spec, pipeline, tuning_db)
 
 
@@ -259,9 +265,14 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
     graphs = {}
     if c.kind == "model":
         for name in c.entries:
+            ir = c.entries[name].get("ir")
+            if not isinstance(ir, str) or not ir.endswith(".llir"):
+                raise ArtifactError(f"{where}: entry '{name}' names no IR file (graph.<entry>.llir), got {ir!r}")
             try:
                 g = parse(c.ir(name), params=weights)
                 verify(g)
+            except (OSError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"{c.path / ir}: unreadable IR ({type(e).__name__}: {e})") from None
             except ValueError as e:   # ParseError, VerificationError
                 raise ArtifactError(f"{c.path / (c.entries[name].get('ir') or '?')}: {e}") from None
             missing = set(g.params) - set(weights)
@@ -276,6 +287,8 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
             raise ArtifactError(f"{where}: malformed library signature ({type(e).__name__}: {e})") from None
     else:  # a v1 model artifact: the library's signature is its graph's
         sig = Signature.of_functions(graphs, lifted=False)
+    if graphs:   # the signature the runtime checks calls against is the IR's (the IR files are checksummed)
+        _check_signature(sig, Signature.of_functions(graphs, sig.lifted), where)
     _check_weights(sig, weights, c.path)
     if c.kind == "lm":
         _check_lm(c.meta, sig, weights, where)
@@ -299,6 +312,18 @@ def _check_convention(conv, g, where: str) -> None:
     for leaf in conv.out_leaves:
         if isinstance(leaf, int) and not 0 <= leaf < len(g.outputs):
             raise ArtifactError(f"{where}: output leaf {leaf} is outside the graph's {len(g.outputs)} outputs")
+
+
+def _check_signature(sig, expect, where) -> None:
+    def form(s):
+        return ([(n, str(t)) for n, t in zip(s.param_names, s.param_types)],
+                {f: ([(i.name, str(i.type)) for i in fs.inputs], {k: tuple(v) for k, v in fs.symbols.items()})
+                 for f, fs in s.functions.items()})
+    got, want = form(sig), form(expect)
+    if got != want:
+        what = "parameters" if got[0] != want[0] else next(
+            f"function '{f}'" for f in want[1] if got[1].get(f) != want[1][f])
+        raise ArtifactError(f"{where}: the library signature's {what} differ from the entry functions' IR")
 
 
 def _check_weights(sig, weights: dict, path) -> None:

@@ -55,6 +55,13 @@ class GenerationStats:
                 "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
+def _sampling(x) -> Sampling:
+    try:
+        return Sampling.of(x)
+    except (TypeError, ValueError) as e:
+        raise GenerationError(str(e)) from None
+
+
 def _is_id(t) -> bool:
     """A token id: a Python or numpy int, not a bool (nor a float, even a whole one)."""
     return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
@@ -225,7 +232,7 @@ class CompiledLM(ProgramView):
             raise GenerationError(f"stream takes one prompt, got {len(ids)}; use generate(..., on_token=...) for "
                                   f"a batch")
         made, shown = [], ""
-        for _row, tok in self._run(ids, max_new_tokens, Sampling.of(sampling), self._stop_ids(stop)):
+        for _row, tok in self._run(ids, max_new_tokens, _sampling(sampling), self._stop_ids(stop)):
             if not text:
                 yield tok
                 continue
@@ -250,7 +257,7 @@ class CompiledLM(ProgramView):
         stop_ids = self._stop_ids(stop)
         # nothing needs a token before the end: every step stays on the device, no host sync per token
         run = self._run_on_device if not stop_ids and on_token is None else self._run
-        for row, tok in run(ids, max_new_tokens, Sampling.of(sampling), stop_ids):
+        for row, tok in run(ids, max_new_tokens, _sampling(sampling), stop_ids):
             out[row].append(tok)
             if on_token is not None:
                 on_token(row, tok)
