@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     env = fuzz.FuzzEnv.build()
     counts = fuzz.Counts()
     end = time.monotonic() + 60 * args.minutes
-    weight = {"compile": 0.2, "generate": 0.5}   # the slow targets get fewer examples a round
+    weight = {"compile": 0.08, "generate": 0.5}   # the slow targets get fewer examples a round
     rnd, failure = 0, None
     try:
         while time.monotonic() < end and failure is None:
