@@ -309,6 +309,9 @@ def _check_convention(conv, g, where: str) -> None:
         return
     if len(conv.input_names) != len(g.inputs):
         raise ArtifactError(f"{where}: {len(conv.input_names)} input names for a graph of {len(g.inputs)} inputs")
+    leaves = getattr(conv.out_spec, "num_leaves", len(conv.out_leaves))
+    if leaves != len(conv.out_leaves):
+        raise ArtifactError(f"{where}: out_spec holds {leaves} output(s) but out_leaves lists {len(conv.out_leaves)}")
     for leaf in conv.out_leaves:
         if isinstance(leaf, int) and not 0 <= leaf < len(g.outputs):
             raise ArtifactError(f"{where}: output leaf {leaf} is outside the graph's {len(g.outputs)} outputs")
