@@ -279,6 +279,8 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
             if missing:
                 raise ArtifactError(f"{c.path}: {artifact.WEIGHTS} lacks parameters {sorted(missing)[:5]}")
             graphs[name] = g
+            if name not in conventions:
+                raise ArtifactError(f"{where}: entry '{name}' of a compiled model has no calling convention")
             _check_convention(conventions.get(name), g, f"{where}: entry '{name}'")
     if c.signature is not None:
         try:

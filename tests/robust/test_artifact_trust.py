@@ -123,6 +123,7 @@ SCHEMA_CASES = [
     ("model", _set([7], "entries", "main", "convention", "out_leaves"), r"output leaf 7 is outside the graph's 1"),
     ("model", _set([], "entries", "main", "convention", "out_leaves"), r"out_spec holds 1 output\(s\) but out_leaves"),
     ("model", _del("entries", "main", "ir"), r"entry 'main' names no IR file"),
+    ("model", _del("entries", "main", "convention"), r"entry 'main' of a compiled model has no calling convention"),
     ("model", _set(["llmasos"], "format"), r"not the manifest of an LLMasOS artifact"),
     ("model", _set("yes", "tokenizer"), r"field 'tokenizer' must be true/false, got str"),
     ("model", _set({}, "target_dict"), r"target_dict must name a TVM target kind"),
