@@ -11,7 +11,9 @@ proved recorded in ``Graph.symbols``.
 from __future__ import annotations
 
 import inspect
+import linecache
 import operator
+import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,6 +21,7 @@ import sympy
 import torch
 from torch.export import Dim
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError, GuardOnDataDependentSymNode
 from torch.utils._pytree import tree_map
 
 from llmasos.ir import Graph, Value
@@ -39,7 +42,8 @@ KEEP_WHOLE = ("aten.linear.default", "aten.scaled_dot_product_attention.default"
               "aten._softmax.default", "aten.log_softmax.int", "aten._log_softmax.default",
               "aten.embedding.default", "aten.matmul.default")
 
-DEFAULT_MAX_SEQ = 2048
+DEFAULT_MAX_SEQ = 2048     # max_seq of a model whose config names no positions
+MAX_SEQ_CAP = 4096         # the default max_seq of a model with more positions (pass max_seq for more)
 
 
 @dataclass
@@ -59,28 +63,73 @@ def export(model, args=(), kwargs=None, dynamic_shapes="auto", max_batch: int = 
     """torch.export.export with LLMasOS's default dynamic shapes.
 
     ``dynamic_shapes="auto"``: dim 0 of every tensor input may be dynamic as ``batch`` (1..max_batch) and dim 1
-    of inputs of rank >= 2 as ``seq`` (2..max_seq), unless the model pins them; ``max_seq`` defaults to the model config's
-    maximum positions, else 2048. ``None`` exports static shapes; anything else is passed to torch as a
-    dynamic_shapes spec. Example inputs must not have size 1 in a dynamic dim (torch specialises 0 and 1).
+    of inputs of rank >= 2 as ``seq`` (2..max_seq), unless the model pins them; ``max_seq`` defaults to the
+    model config's maximum positions capped at 4096 (``default_max_seq``), else 2048. ``None`` exports static
+    shapes; anything else is passed to torch as a dynamic_shapes spec. Example inputs must not have size 1 in a
+    dynamic dim (torch specialises 0 and 1). Any failure of torch.export is raised as a FrontendError
+    (``export_error``: a data-dependent branch names the model's line).
     """
     args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
     kwargs = dict(kwargs or {})
-    if isinstance(dynamic_shapes, str):
-        if dynamic_shapes != "auto":
-            raise ValueError(f"dynamic_shapes must be 'auto', None or a torch.export dynamic_shapes spec, "
-                             f"got {dynamic_shapes!r}")
-        # named Dims keep batch=1 in range (torch.export's AUTO hints assume sizes >= 2); where the model
-        # pins a dim (an MLP's features on dim 1), the next spec lets torch specialise it instead
-        args, kwargs = batch_of_two(args, kwargs)
-        err = None
-        for seq_hint in ("named", "auto"):
-            spec = auto_dynamic_shapes(model, args, kwargs, max_batch, max_seq, seq_hint=seq_hint)
-            try:
-                return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=strict)
-            except torch._dynamo.exc.UserError as e:
-                err = e
-        raise err
-    return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    try:
+        if isinstance(dynamic_shapes, str):
+            if dynamic_shapes != "auto":
+                raise ValueError(f"dynamic_shapes must be 'auto', None or a torch.export dynamic_shapes spec, "
+                                 f"got {dynamic_shapes!r}")
+            # named Dims keep batch=1 in range (torch.export's AUTO hints assume sizes >= 2); where the model
+            # pins a dim (an MLP's features on dim 1), the next spec lets torch specialise it instead
+            if max_batch > 1:
+                args, kwargs = batch_of_two(args, kwargs)
+            err = None
+            for seq_hint in ("named", "auto"):
+                spec = auto_dynamic_shapes(model, args, kwargs, max_batch, max_seq, seq_hint=seq_hint)
+                try:
+                    return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=strict)
+                except torch._dynamo.exc.UserError as e:
+                    err = e
+            raise err
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    except (FrontendError, ValueError) as e:
+        if isinstance(e, FrontendError) or not _from_torch(e):
+            raise
+        raise export_error(e) from e
+    except Exception as e:  # noqa: BLE001 -- whatever the model's code or torch.export raised: said as ours
+        raise export_error(e) from e
+
+
+def _from_torch(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "frontends/torch_export.py" not in tb.tb_frame.f_code.co_filename
+
+
+def model_line(e: BaseException) -> Optional[str]:
+    """``file:line (code)`` of the innermost frame of ``e``'s traceback outside torch and llmasos: the model's
+    own line that raised (or that torch was running when it gave up)."""
+    found = None
+    for fr in traceback.extract_tb(e.__traceback__):
+        f = fr.filename.replace("\\", "/")
+        if "/torch/" in f or "/llmasos/" in f or "/frontends/" in f or f.startswith("<"):
+            continue
+        found = f"{fr.filename}:{fr.lineno} ({(fr.line or linecache.getline(fr.filename, fr.lineno)).strip()})"
+    return found
+
+
+def export_error(e: BaseException) -> FrontendError:
+    """A torch.export failure as a FrontendError saying what to change."""
+    where = model_line(e)
+    at = f" at {where}" if where else ""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    if isinstance(e, GuardOnDataDependentSymNode):
+        return FrontendError(f"the model branches on tensor values{at}: torch.export traces one program for every "
+                             f"input, so Python control flow may depend on shapes but not on data; use torch.cond "
+                             f"(or torch.where) there, or make the branch depend on fixed inputs")
+    if isinstance(e, (torch._dynamo.exc.UserError, ConstraintViolationError)):
+        return FrontendError(f"torch.export cannot keep the requested dynamic shapes{at}: {first} (compile with "
+                             f"dynamic_shapes=None for static shapes, or with max_batch/max_seq covering the example "
+                             f"inputs)")
+    return FrontendError(f"tracing the model with torch.export failed{at}: {type(e).__name__}: {first}")
 
 
 def batch_of_two(args, kwargs):
@@ -96,11 +145,13 @@ def batch_of_two(args, kwargs):
 
 
 def default_max_seq(model) -> int:
+    """min(the model config's maximum positions, MAX_SEQ_CAP), else DEFAULT_MAX_SEQ: a long-context model
+    (Qwen2's 32k, Mistral's 128k positions) is compiled for 4096 unless max_seq says more."""
     cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_seq_len"):
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
         v = getattr(cfg, attr, None)
         if isinstance(v, int) and v >= 2:
-            return v
+            return min(v, MAX_SEQ_CAP)
     return DEFAULT_MAX_SEQ
 
 
@@ -113,8 +164,11 @@ def auto_dynamic_shapes(model, args: tuple, kwargs: dict, max_batch: int = 64, m
     """
 
     max_seq = max_seq if max_seq is not None else default_max_seq(model)
-    batch = Dim("batch", min=1, max=max_batch)
-    seq = Dim("seq", min=2, max=max_seq) if seq_hint == "named" else Dim.AUTO(min=2, max=max_seq)
+    batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None     # a Dim needs min < max
+    if max_seq <= 2:
+        seq = None
+    else:
+        seq = Dim("seq", min=2, max=max_seq) if seq_hint == "named" else Dim.AUTO(min=2, max=max_seq)
 
     fn = model.forward if isinstance(model, torch.nn.Module) else model
     bound = inspect.signature(fn).bind(*args, **kwargs)
@@ -125,7 +179,8 @@ def tensor_spec(x, batch, seq):
     """The "auto" dims of one input: batch on dim 0, seq on dim 1 of rank >= 2 tensors, nothing otherwise."""
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return None
-    return {0: batch, 1: seq} if x.dim() >= 2 else {0: batch}
+    dims = {k: d for k, d in ((0, batch), (1, seq if x.dim() >= 2 else None)) if d is not None}
+    return dims or None
 
 
 def decomposition_table() -> dict:
@@ -271,10 +326,21 @@ class _Importer(GraphImporter):
                     guess = ("batch", "seq")[i]
                     if guess not in names.values():
                         names[e] = guess
-        mapping, taken = {}, set()
+        # one IR symbol per Dim: torch 2.13 loses the equality of inputs sharing a Dim whose range is [1, 2]
+        # (each gets its own symbol, which then "do not broadcast"), so symbols of one Dim name are merged,
+        # with the intersection of their bounds
+        by_dim: dict = {}
         for s, vr in self.ep.range_constraints.items():
             if isinstance(s, sympy.Symbol):
-                mapping[s] = self._add_symbol(names.get(s, str(s)), taken, vr)
+                by_dim.setdefault(names.get(s, s), []).append((s, vr))
+        mapping, taken = {}, set()
+        for key, group in by_dim.items():
+            vr = group[0][1]
+            for _, other in group[1:]:
+                vr = vr & other
+            label = self._add_symbol(key if isinstance(key, str) else str(key), taken, vr)
+            for s, _ in group:
+                mapping[s] = label
         return SymbolTable(mapping)
 
     # -- parameters -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .api import compile, load  # noqa: E402,F401  (shadowing builtins.compile is the point of the API)
 from .compiled import CompiledModel, InputError  # noqa: E402,F401
 from .artifact import ArtifactError  # noqa: E402,F401
-from .driver import CompiledProgram  # noqa: E402,F401
+from .driver import CompiledProgram, CompileError, MemoryBudgetError  # noqa: E402,F401
 from .distill import distill  # noqa: E402,F401
 from .llm import CompiledLM, Sampling, compile_lm, generate, load_lm, tune_lm  # noqa: E402,F401
 # energy: measurement windows (llmasos.energy.measure), carbon, offsets; instruments CompiledLM.generate's stats
@@ -19,7 +19,8 @@ from . import energy  # noqa: E402,F401
 from .energy.planner import plan_energy  # noqa: E402,F401
 from .parallel import launch, plan_parallel  # noqa: E402,F401  (docs/parallel.md)
 
-__all__ = ["compile", "load", "CompiledModel", "CompiledProgram", "InputError", "ArtifactError", "distill",
+__all__ = ["compile", "load", "CompiledModel", "CompiledProgram", "InputError", "ArtifactError", "CompileError",
+           "MemoryBudgetError", "distill",
            "CompiledLM", "Sampling", "compile_lm", "tune_lm", "load_lm", "generate", "energy", "plan_energy",
            "launch", "plan_parallel",
            "__version__"]

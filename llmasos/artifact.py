@@ -25,8 +25,10 @@ manifest.json (version 2):
     tokenizer              whether tokenizer/ is present
     files                  {relative path: {"bytes", "sha256"}} for every other file, tokenizer/ included
 
-Every file is checked against the manifest on load, so a truncated or corrupted artifact fails with a
-message naming the file instead of crashing inside TVM. Reading an artifact never imports or runs anything
+The manifest is checked against its schema (``check_manifest``: every field typed, unknown fields refused),
+every file against the manifest (size and sha256; a file it does not list is refused), so a truncated,
+corrupted or edited artifact fails with a message naming the field or file instead of crashing inside TVM
+(llmasos.driver then checks the weights against the library's signature and an LM's meta against both). Reading an artifact never imports or runs anything
 its data names (only module.so is loaded, as a library): the pytree node types of the output structure
 must already be registered in this process, except the ModelOutput classes of transformers.modeling_outputs,
 which are resolved from that one module; anything else is refused with a message saying what to import.
@@ -144,6 +146,8 @@ def read(path, kind: Optional[str] = None) -> Contents:
     what = WHAT[kind]
     manifest = _manifest(path, what)
     fmt, version = manifest.get("format"), manifest.get("version")
+    if not isinstance(fmt, str):
+        raise ArtifactError(f"{path / MANIFEST}: not the manifest of {what} (format {fmt!r}, expected {FORMAT!r})")
     if fmt == FORMAT:
         if not isinstance(version, int) or version < 2:
             raise ArtifactError(f"{path / MANIFEST}: format version {version!r} is not one this LLMasOS reads "
@@ -210,8 +214,11 @@ def _check_files(path: Path, manifest: dict, required) -> None:
             raise ArtifactError(f"{mf}: no entry for {f}")
     for f, info in files.items():
         p = path / f
-        if not _inside(path, p):
+        if not isinstance(f, str) or not _inside(path, p):
             raise ArtifactError(f"{mf}: file {f!r} lies outside the artifact")
+        if not isinstance(info, dict):
+            raise ArtifactError(f"{mf}: files[{f!r}] must be an object with 'bytes' and 'sha256', got "
+                                f"{type(info).__name__}")
         if not p.exists():
             raise ArtifactError(f"{path}: {f} is missing")
         size = p.stat().st_size
@@ -219,15 +226,20 @@ def _check_files(path: Path, manifest: dict, required) -> None:
             raise ArtifactError(f"{p}: truncated or altered ({size} bytes, manifest says {info.get('bytes')})")
         if _sha256(p) != info.get("sha256"):
             raise ArtifactError(f"{p}: corrupted (sha256 differs from the manifest)")
+    # nothing unlisted is read either: the tokenizer directory is handed whole to transformers
+    listed = {(path / f).resolve() for f in files} | {(path / MANIFEST).resolve()}
+    for p in sorted(path.rglob("*")):
+        if (p.is_file() or p.is_symlink()) and p.resolve() not in listed:
+            raise ArtifactError(f"{p}: a file the manifest does not list (an artifact holds only the files its "
+                                f"manifest lists, each with its sha256)")
 
 
 def _read_v2(path: Path, m: dict) -> Contents:
     mf = path / MANIFEST
+    check_manifest(m, str(mf))
     kind, entries = m["kind"], m.get("entries")
-    if not isinstance(entries, dict) or not entries:
+    if not entries:
         raise ArtifactError(f"{mf}: no entry functions")
-    if not isinstance(m.get("signature"), dict):
-        raise ArtifactError(f"{mf}: no library signature")
     _check_files(path, m, [LIBRARY, WEIGHTS] + [e["ir"] for e in entries.values() if e.get("ir")])
     return Contents(path, FORMAT, m["version"], kind, m.get("target_dict"), m["signature"],
                     {n: dict(e) for n, e in entries.items()}, dict(m.get("meta") or {}), bool(m.get("tokenizer")),
@@ -248,6 +260,106 @@ def _read_v1(path: Path, m: dict) -> Contents:
             "config": m.get("config")}
     return Contents(path, m["format"], 1, kind, m.get("target_dict"), sig, entries, meta, bool(m.get("tokenizer")),
                     m.get("target") if isinstance(m.get("target"), str) else None)
+
+
+# -- the version-2 manifest schema: every field typed, unknown fields refused -----------------------------
+_SCALAR = (str, int, float, bool, type(None))
+SCHEMA_V2 = {                       # field: (required, allowed JSON types)
+    "format": (True, str), "version": (True, int), "kind": (True, str), "llmasos_version": (False, (str, type(None))),
+    "target": (False, (str, type(None))), "target_dict": (True, dict), "signature": (True, dict),
+    "entries": (True, dict), "meta": (False, dict), "tokenizer": (False, bool), "files": (True, dict),
+}
+ENTRY_FIELDS = {"ir": (False, (str, type(None))), "convention": (False, dict)}
+CONVENTION_FIELDS = {"input_names": (True, list), "in_spec": (True, str), "out_spec": (True, str),
+                     "out_leaves": (True, list)}
+FILE_FIELDS = {"bytes": (True, int), "sha256": (True, str)}
+SIGNATURE_FIELDS = {"inputs": (True, list), "params": (True, list), "symbols": (True, dict), "lifted": (True, bool),
+                    "functions": (False, dict)}
+FUNCTION_FIELDS = {"inputs": (True, list), "symbols": (True, dict)}
+TENSOR_FIELDS = {"name": (True, str), "shape": (True, list), "dtype": (True, str)}
+LM_META_FIELDS = {"vocab": (True, int), "max_seq": (True, int), "cuda_graph": (False, bool),
+                  "config": (False, (dict, type(None)))}
+
+
+def _typename(t) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "true/false",
+             float: "a number", type(None): "null"}
+    return " or ".join(names.get(x, x.__name__) for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _fields(obj, schema: dict, where: str, extra_ok: bool = False) -> None:
+    """``obj`` is a JSON object with the schema's fields, each of its type; unknown fields refused."""
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{where}: must be {_typename(dict)}, got {type(obj).__name__}")
+    for k, (required, types) in schema.items():
+        if k not in obj:
+            if required:
+                raise ArtifactError(f"{where}: field {k!r} is missing")
+            continue
+        v = obj[k]
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in
+                                           (types if isinstance(types, tuple) else (types,)))
+        if not ok:
+            raise ArtifactError(f"{where}: field {k!r} must be {_typename(types)}, got {type(v).__name__} "
+                                f"{json.dumps(v)[:60]}")
+    unknown = sorted(set(obj) - set(schema))
+    if unknown and not extra_ok:
+        raise ArtifactError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} (this LLMasOS reads "
+                            f"{', '.join(schema)}; an artifact from a newer writer may need a newer llmasos)")
+
+
+def _tensor_list(items: list, where: str) -> None:
+    for i, e in enumerate(items):
+        _fields(e, TENSOR_FIELDS, f"{where}[{i}]")
+        for d in e["shape"]:
+            if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0):
+                raise ArtifactError(f"{where}[{i}]: shape entries are non-negative integers or dim expressions, "
+                                    f"got {json.dumps(d)[:60]}")
+
+
+def _symbols(syms: dict, where: str) -> None:
+    for k, v in syms.items():
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 for x in v) and 0 <= v[0] <= v[1]):
+            raise ArtifactError(f"{where}: symbol {k!r} must have bounds [min, max] with 0 <= min <= max, got "
+                                f"{json.dumps(v)[:60]}")
+
+
+def check_manifest(m: dict, where: str) -> None:
+    """The version-2 schema (SCHEMA_V2 and the nested field tables): every field present and typed, no field
+    this version does not define. Raises ArtifactError naming the field."""
+    _fields(m, SCHEMA_V2, where)
+    for f, info in m["files"].items():
+        _fields(info, FILE_FIELDS, f"{where}: files[{f!r}]")
+    for name, e in m["entries"].items():
+        _fields(e, ENTRY_FIELDS, f"{where}: entries[{name!r}]")
+        if "convention" in e:
+            c = e["convention"]
+            _fields(c, CONVENTION_FIELDS, f"{where}: entries[{name!r}].convention")
+            if not all(isinstance(n, str) for n in c["input_names"]):
+                raise ArtifactError(f"{where}: entries[{name!r}].convention.input_names must be strings")
+            for leaf in c["out_leaves"]:
+                ok = (isinstance(leaf, int) and not isinstance(leaf, bool) and leaf >= 0) or (
+                    isinstance(leaf, dict) and set(leaf) == {"const"} and isinstance(leaf["const"], _SCALAR))
+                if not ok:
+                    raise ArtifactError(f"{where}: entries[{name!r}].convention.out_leaves: each is an output "
+                                        f"index or {{\"const\": a scalar}}, got {json.dumps(leaf)[:60]}")
+    sig, sw = m["signature"], f"{where}: signature"
+    _fields(sig, SIGNATURE_FIELDS, sw)
+    _tensor_list(sig["inputs"], f"{sw}.inputs")
+    _tensor_list(sig["params"], f"{sw}.params")
+    _symbols(sig["symbols"], f"{sw}.symbols")
+    for name, fn in (sig.get("functions") or {}).items():
+        _fields(fn, FUNCTION_FIELDS, f"{sw}.functions[{name!r}]")
+        _tensor_list(fn["inputs"], f"{sw}.functions[{name!r}].inputs")
+        _symbols(fn["symbols"], f"{sw}.functions[{name!r}].symbols")
+    if sig.get("functions") and list(sig["functions"]) != list(m["entries"]):
+        raise ArtifactError(f"{where}: entries {list(m['entries'])} differ from the library's functions "
+                            f"{list(sig['functions'])}")
+    if not isinstance(m["target_dict"].get("kind"), str):
+        raise ArtifactError(f"{where}: target_dict must name a TVM target kind ('kind': 'llvm', 'cuda', ...)")
+    if m["kind"] == "lm":
+        _fields(m.get("meta", {}), LM_META_FIELDS, f"{where}: meta")
 
 
 def _package_version() -> Optional[str]:

@@ -31,11 +31,21 @@ from .artifact import ArtifactError
 from .ir.graph import param_array
 from .ir.parser import parse
 from .ir.printer import print_graph
-from .ir.torch_dtypes import numpy_to_torch
+from .ir.torch_dtypes import dtype_from_torch, numpy_to_torch
 from .ir.verifier import verify
 from .passes import PassManager
 
 MAIN = "main"   # the entry function of a one-graph program (backends.tvm.build.MAIN)
+
+
+class CompileError(ValueError):
+    """Options or a model that ``llmasos.compile`` / ``compile_lm`` cannot take (an argument of the wrong type or
+    range, example inputs of the wrong kind, bounds the model or the device cannot hold); says what is allowed."""
+
+
+class MemoryBudgetError(CompileError):
+    """The compiled bounds (max_batch, max_seq) need more memory than the device has: the message gives the
+    estimate and the bound to lower."""
 
 
 @dataclass
@@ -155,11 +165,20 @@ def prepare(target: Any = "cpu", passes: Any = "fuse", calibration=None, tuning_
     """Resolve the target, open the tuning database and parse the pass pipeline: every option fails here,
     before any import or build."""
     from .backends.tvm import resolve_target  # deferred: the TVM compiler
-    spec = resolve_target(target)
+    if passes is not None and not isinstance(passes, (str, list, tuple)):
+        raise CompileError(f"passes must be a pipeline string (e.g. 'fuse'), a list of passes or None, got "
+                           f"{type(passes).__name__} {passes!r}")
+    try:
+        spec = resolve_target(target)
+    except TypeError as e:
+        raise CompileError(str(e)) from None
     if tuning_db is not None:
         from .backends.tvm.tuning import TuningDatabase  # deferred: the TVM compiler (MetaSchedule)
         tuning_db = TuningDatabase.open(tuning_db, spec)
-    pipeline = PassManager(passes, calibration=calibration, target=spec.name) if passes else None
+    try:
+        pipeline = PassManager(passes, calibration=calibration, target=spec.name) if passes else None
+    except TypeError as e:   # a list item that is not a pass (a pipeline string's errors are PipelineErrors)
+        raise CompileError(f"passes: {e}") from None
     return Plan(spec, pipeline, tuning_db)
 
 
@@ -183,8 +202,14 @@ def lower(plan: Plan, frontend: Callable[[Any], Source]) -> Source:
 def build_library(plan: Plan, source: Source):
     """One library with an entry function per graph, weights uploaded once (backends.tvm.Executable)."""
     from .backends.tvm import build_functions  # deferred: the TVM compiler
+    from .backends.tvm.memory import MemoryBudgetError as _Budget
     t0 = time.perf_counter()
-    exe = build_functions(source.graphs, plan.spec, cuda_graph=source.cuda_graph, tuning_db=plan.tuning_db)
+    try:
+        exe = build_functions(source.graphs, plan.spec, cuda_graph=source.cuda_graph, tuning_db=plan.tuning_db)
+    except _Budget as e:
+        raise MemoryBudgetError(str(e)) from None
+    if exe.memory is not None:
+        plan.timings["memory_estimate_bytes"] = exe.memory.total
     plan.timings["build_s"] = time.perf_counter() - t0
     if exe.tuned_kernels is not None:
         plan.timings["tuned_kernels"] = len(exe.tuned_kernels)
@@ -233,16 +258,30 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: malformed calling convention ({type(e).__name__}: {e})") from None
     spec = resolve_target(target if target is not None else saved_target(c))
-    weights = c.weights()
+    try:
+        weights = c.weights()
+    except Exception as e:  # noqa: BLE001 -- safetensors' own errors: the file is the artifact's fault
+        raise ArtifactError(f"{c.path / artifact.WEIGHTS}: unreadable ({type(e).__name__}: {e})") from None
     graphs = {}
     if c.kind == "model":
         for name in c.entries:
-            g = parse(c.ir(name), params=weights)
+            ir = c.entries[name].get("ir")
+            if not isinstance(ir, str) or not ir.endswith(".llir"):
+                raise ArtifactError(f"{where}: entry '{name}' names no IR file (graph.<entry>.llir), got {ir!r}")
+            try:
+                g = parse(c.ir(name), params=weights)
+                verify(g)
+            except (OSError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"{c.path / ir}: unreadable IR ({type(e).__name__}: {e})") from None
+            except ValueError as e:   # ParseError, VerificationError
+                raise ArtifactError(f"{c.path / (c.entries[name].get('ir') or '?')}: {e}") from None
             missing = set(g.params) - set(weights)
             if missing:
                 raise ArtifactError(f"{c.path}: {artifact.WEIGHTS} lacks parameters {sorted(missing)[:5]}")
-            verify(g)
             graphs[name] = g
+            if name not in conventions:
+                raise ArtifactError(f"{where}: entry '{name}' of a compiled model has no calling convention")
+            _check_convention(conventions.get(name), g, f"{where}: entry '{name}'")
     if c.signature is not None:
         try:
             sig = Signature.from_json(json.dumps(c.signature))
@@ -250,6 +289,11 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
             raise ArtifactError(f"{where}: malformed library signature ({type(e).__name__}: {e})") from None
     else:  # a v1 model artifact: the library's signature is its graph's
         sig = Signature.of_functions(graphs, lifted=False)
+    if graphs:   # the signature the runtime checks calls against is the IR's (the IR files are checksummed)
+        _check_signature(sig, Signature.of_functions(graphs, sig.lifted), where)
+    _check_weights(sig, weights, c.path)
+    if c.kind == "lm":
+        _check_lm(c.meta, sig, weights, where)
     spec.ensure_runtime()   # e.g. with TVM's runtime alone, CUDA's device API before the library loads
     import tvm  # deferred: TVM
     exe = Executable(tvm.runtime.load_module(str(c.library)), spec, sig, weights)
@@ -261,5 +305,73 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
     return CompiledProgram(c.kind, graphs, exe, spec, conventions, {}, tok, meta)
 
 
-__all__ = ["CallConvention", "CompiledProgram", "Plan", "Source", "prepare", "lower", "build_library",
-           "compile_program", "load_program", "MAIN"]
+def _check_convention(conv, g, where: str) -> None:
+    """A saved calling convention fits its graph: one name per input, output indices in range."""
+    if conv is None:
+        return
+    if len(conv.input_names) != len(g.inputs):
+        raise ArtifactError(f"{where}: {len(conv.input_names)} input names for a graph of {len(g.inputs)} inputs")
+    leaves = getattr(conv.out_spec, "num_leaves", len(conv.out_leaves))
+    if leaves != len(conv.out_leaves):
+        raise ArtifactError(f"{where}: out_spec holds {leaves} output(s) but out_leaves lists {len(conv.out_leaves)}")
+    for leaf in conv.out_leaves:
+        if isinstance(leaf, int) and not 0 <= leaf < len(g.outputs):
+            raise ArtifactError(f"{where}: output leaf {leaf} is outside the graph's {len(g.outputs)} outputs")
+
+
+def _check_signature(sig, expect, where) -> None:
+    def form(s):
+        return ([(n, str(t)) for n, t in zip(s.param_names, s.param_types)],
+                {f: ([(i.name, str(i.type)) for i in fs.inputs], {k: tuple(v) for k, v in fs.symbols.items()})
+                 for f, fs in s.functions.items()})
+    got, want = form(sig), form(expect)
+    if got != want:
+        what = "parameters" if got[0] != want[0] else next(
+            f"function '{f}'" for f in want[1] if got[1].get(f) != want[1][f])
+        raise ArtifactError(f"{where}: the library signature's {what} differ from the entry functions' IR")
+
+
+def _check_weights(sig, weights: dict, path) -> None:
+    """Every parameter the library takes is in weights.safetensors with the signature's shape and dtype."""
+    for name, ty in zip(sig.param_names, sig.param_types):
+        t = weights.get(name)
+        if t is None:
+            raise ArtifactError(f"{path}: {artifact.WEIGHTS} lacks parameter {name!r} the library takes")
+        try:
+            dt = dtype_from_torch(t.dtype)
+        except TypeError:
+            dt = None
+        if dt is not ty.dtype or tuple(t.shape) != tuple(ty.shape):
+            raise ArtifactError(f"{path}: parameter {name!r} is {str(t.dtype).replace('torch.', '')}"
+                                f"{list(t.shape)} in {artifact.WEIGHTS}, but the library takes {ty}")
+
+
+def _check_lm(meta: dict, sig, weights: dict, where) -> None:
+    """An LM manifest's meta agrees with the library: the caches hold max_seq positions, the embedding has
+    vocab rows, and the saved DecoderConfig says the same."""
+    fns = sig.functions
+    if set(fns) != {"prefill", "decode"}:
+        raise ArtifactError(f"{where}: an LM library has the functions prefill and decode, this one {list(fns)}")
+    caches = fns["decode"].inputs[3:]
+    if not caches or any(len(i.type.shape) != 4 for i in caches):
+        raise ArtifactError(f"{where}: the decode function takes no KV caches [batch, heads, positions, head_dim]")
+    vocab, max_seq = meta["vocab"], meta["max_seq"]
+    if caches[0].type.shape[2] != max_seq:
+        raise ArtifactError(f"{where}: meta.max_seq is {max_seq} but the library's caches hold "
+                            f"{caches[0].type.shape[2]} positions")
+    embed = weights.get("embed.weight")
+    if embed is not None and embed.shape[0] != vocab:
+        raise ArtifactError(f"{where}: meta.vocab is {vocab} but the embedding has {embed.shape[0]} rows")
+    cfg = meta.get("config")
+    if cfg is not None:   # (CompiledLM builds the DecoderConfig from it, refusing unknown fields)
+        if not isinstance(cfg.get("vocab"), int) or not isinstance(cfg.get("max_positions"), int):
+            raise ArtifactError(f"{where}: meta.config lacks the integers vocab and max_positions")
+        if cfg["vocab"] != vocab:
+            raise ArtifactError(f"{where}: meta.vocab {vocab} differs from meta.config.vocab {cfg['vocab']}")
+        if max_seq > cfg["max_positions"]:
+            raise ArtifactError(f"{where}: meta.max_seq {max_seq} exceeds the model's positions "
+                                f"{cfg['max_positions']}")
+
+
+__all__ = ["CallConvention", "CompileError", "MemoryBudgetError", "CompiledProgram", "Plan", "Source", "prepare",
+           "lower", "build_library", "compile_program", "load_program", "MAIN"]

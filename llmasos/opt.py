@@ -54,6 +54,7 @@ def cmd_opt(args) -> int:
         except ParseError as e:
             raise _CliError(f"{src}: {e}") from None
         if args.check_numerics:
+            _check_numerics_size(graph, args.seed)
             fill_params(graph, args.seed)
             pm.numeric_check = lambda g: sample_inputs(g, args.seed)
         result = pm.run(graph)
@@ -79,6 +80,31 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as e:
         raise _CliError(f"cannot read {path}: {e.strerror}") from None
+
+
+NUMERICS_LIMIT = 1 << 32     # bytes of any one tensor --check-numerics makes or computes
+
+
+def _check_numerics_size(graph, seed: int) -> None:
+    """--check-numerics makes random weights and inputs and runs the reference interpreter: refuse graphs whose
+    tensors (at the sample symbol values) would not fit, instead of asking numpy for terabytes."""
+    env = {}
+    for name, (lo, hi) in graph.symbols.items():
+        v = max(lo if lo is not None else 1, 2)
+        env[name] = v if hi is None else min(v, hi)
+    values = [*graph.params.values(), *graph.inputs, *(o for n in graph.nodes for o in n.outputs)]
+    for v in values:
+        try:
+            n = 1
+            for d in v.type.shape:
+                n *= int(eval_dim(d, env))
+        except (TypeError, ValueError, KeyError):
+            continue
+        nbytes = n * max(v.type.dtype.bits, 8) // 8
+        if nbytes > NUMERICS_LIMIT:
+            raise _CliError(f"--check-numerics: %{v.name}: {v.type} would take {nbytes / (1 << 30):.1f} GiB (the "
+                            f"reference interpreter runs on random data; at most {NUMERICS_LIMIT >> 30} GiB a tensor): "
+                            f"check numerics on a smaller graph")
 
 
 def fill_params(graph, seed: int = 0) -> None:

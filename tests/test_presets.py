@@ -24,7 +24,7 @@ def test_the_old_names_still_work_for_their_front_doors():
     assert set(presets.names(decoders_only=True)) == set(presets.names()) - {"bert-tiny"}
     with pytest.raises(ValueError, match=r"preset 'bert-tiny' \(bert\) is not a decoder-only causal LM"):
         presets.decoder_config("bert-tiny")
-    with pytest.raises(ValueError, match=r"unknown model preset 'gpt3'; known: bert-tiny, gpt2-124m"):
+    with pytest.raises(ValueError, match=r"unknown model preset 'gpt3'; known: bert-tiny, gemma-tiny, gpt2-124m"):
         presets.get("gpt3")
     assert presets.get("gpt2-small") is presets.get("gpt2-124m")
 

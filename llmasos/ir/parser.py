@@ -200,10 +200,22 @@ def _last_token(t) -> Optional[Token]:
     return t
 
 
+MAX_DIM = 1 << 62    # no tensor has a dim past this (sizes are int64)
+
+
 def _dim(t):
     """A dim expression tree as an int or a normalised sympy expression."""
-    v = _expr(t)
+    try:
+        v = _expr(t)
+    except RecursionError:
+        tok = _first_token(t)
+        raise _Located("dim expression nested too deeply (write it shorter, e.g. 5000*seq for a sum)",
+                       tok.line, tok.column) from None
     if isinstance(v, int):
+        if abs(v) > MAX_DIM:
+            tok = _first_token(t)
+            raise _Located(f"dim {str(v)[:24]}{'...' if len(str(v)) > 24 else ''} is too large (at most 2**62)",
+                           tok.line, tok.column)
         return v
     if v.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         tok = _first_token(t)

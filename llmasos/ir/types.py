@@ -5,10 +5,10 @@ sympy already, and derived dims such as ``batch*seq`` must stay exact through re
 """
 from __future__ import annotations
 
+import ast
 import enum
 import functools
 import itertools
-import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -92,7 +92,7 @@ def as_dim(d) -> Dim:
     if isinstance(d, (int, np.integer)):
         return int(d)
     if isinstance(d, str):
-        d = sympy.sympify(d, locals={n: sym(n) for n in _names_in(d)})
+        d = _dim_from_text(d)
     if isinstance(d, sympy.Expr):
         return _simplify(d)
     raise TypeError(f"a dim must be an int or a symbolic expression, got {d!r}")
@@ -105,8 +105,67 @@ def _simplify(d: sympy.Expr) -> Dim:
     return int(d) if d.is_Integer else d
 
 
-def _names_in(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z_][A-Za-z_0-9]*", text)
+# -- dim text (sympy's printing, e.g. from a saved signature), read without eval -------------------------------
+# sympy.sympify evaluates its text as Python (an artifact's manifest could run code through it), so dim text
+# is read from Python's AST, allowing only integers, names (symbols), arithmetic and these functions
+_DIM_FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Min": sympy.Min, "Max": sympy.Max, "min": sympy.Min,
+              "max": sympy.Max, "Mod": sympy.Mod, "FloorDiv": lambda a, b: sympy.floor(a / b)}
+_DIM_TEXT_MAX = 4096           # characters
+_DIM_INT_MAX = 1 << 62         # a literal, or a power's result, beyond this is not a tensor size
+
+
+def _dim_from_text(text: str):
+    if len(text) > _DIM_TEXT_MAX:
+        raise ValueError(f"dim expression of {len(text)} characters is too long (at most {_DIM_TEXT_MAX})")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, RecursionError, MemoryError, ValueError):
+        raise ValueError(f"not a dim expression: {text[:80]!r}") from None
+
+    def bad(node):
+        return ValueError(f"not a dim expression: {text[:80]!r} (only integers, symbol names, + - * / // % ** "
+                          f"and {', '.join(sorted(_DIM_FUNCS))} are allowed; got {type(node).__name__})")
+
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: sympy.floor(a / b), ast.Mod: sympy.Mod}
+
+    def build(node, depth):
+        if depth > 200:
+            raise ValueError(f"dim expression nested too deeply: {text[:80]!r}")
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            if abs(node.value) > _DIM_INT_MAX:
+                raise ValueError(f"dim literal {str(node.value)[:30]} is too large (at most {_DIM_INT_MAX})")
+            return sympy.Integer(node.value)
+        if isinstance(node, ast.Name):
+            return sym(node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = build(node.operand, depth + 1)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](build(node.left, depth + 1), build(node.right, depth + 1))
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            base, exp = build(node.left, depth + 1), build(node.right, depth + 1)
+            if not (exp.is_Integer and 0 <= int(exp) <= 64):
+                raise ValueError(f"dim expression {text[:80]!r}: exponents must be integers in 0..64")
+            if base.is_Integer and abs(int(base)) > 1 and int(exp) * abs(int(base)).bit_length() > 63:
+                raise ValueError(f"dim expression {text[:80]!r}: a power beyond {_DIM_INT_MAX}")
+            return base ** exp
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _DIM_FUNCS
+                and not node.keywords and node.args):
+            return _DIM_FUNCS[node.func.id](*(build(a, depth + 1) for a in node.args))
+        raise bad(node)
+
+    try:
+        d = build(tree.body, 0)
+    except RecursionError:
+        raise ValueError(f"dim expression nested too deeply: {text[:80]!r}") from None
+    except (TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"not a dim expression: {text[:80]!r} ({e})") from None
+    if d.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        raise ValueError(f"dim expression {text[:80]!r} divides by zero")
+    if d.is_Integer and abs(int(d)) > _DIM_INT_MAX:
+        raise ValueError(f"dim expression {text[:80]!r} is too large (at most {_DIM_INT_MAX})")
+    return d
 
 
 def dim_str(d: Dim) -> str:

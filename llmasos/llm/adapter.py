@@ -20,14 +20,18 @@ class W:
     ``names`` are state-dict keys, ``{p}`` standing for the base model's prefix ("model.", "transformer.",
     or "" for a bare base model); several are concatenated along dim 0 (q, k, v -> the fused wqkv).
     ``transpose``: stored as [in, out] (GPT-2's Conv1D). ``fallback``: the key used when the first is absent
-    (an output head tied to the embedding)."""
+    (an output head tied to the embedding). ``rows``: (start, stop) along dim 0 of the result (one half of a
+    fused gate|up projection, Phi-3). ``offset``: added to the values (Gemma's RMSNorm scales by 1 + weight)."""
     names: tuple
     transpose: bool = False
     fallback: Optional[str] = None
+    rows: Optional[tuple] = None
+    offset: float = 0.0
 
 
-def w(*names: str, transpose: bool = False, fallback: Optional[str] = None) -> W:
-    return W(tuple(names), transpose, fallback)
+def w(*names: str, transpose: bool = False, fallback: Optional[str] = None, rows: Optional[tuple] = None,
+      offset: float = 0.0) -> W:
+    return W(tuple(names), transpose, fallback, rows, offset)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 
 from . import presets
 from ..backends.tvm.tuning import tune_functions
-from ..driver import Source, compile_program, lower, prepare
+from ..driver import CompileError, Source, compile_program, lower, prepare
 from ..frontends import torch_export
 from .export import export_decoder
 from .model import Decoder, as_decoder  # noqa: F401  (as_decoder: re-exported)
@@ -27,33 +27,48 @@ KV_LAYOUTS = ("contiguous", "paged")
 
 
 def check_kv(kv, block_size) -> Optional[int]:
-    """The block size a kv layout compiles with (None: contiguous), or a ValueError naming what is allowed."""
+    """The block size a kv layout compiles with (None: contiguous), or a CompileError naming what is allowed."""
     if kv not in KV_LAYOUTS:
-        raise ValueError(f"kv must be one of {KV_LAYOUTS}, got {kv!r}")
+        raise CompileError(f"kv must be one of {KV_LAYOUTS}, got {kv!r}")
     if kv == "contiguous":
         return None
     if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= 1024:
-        raise ValueError(f"block_size must be an int in 1..1024 (positions per KV block), got {block_size!r}")
+        raise CompileError(f"block_size must be an int in 1..1024 (positions per KV block), got {block_size!r}")
     return block_size
 
 
-def lm_source(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int], dtype,
+def _decoder(model, dtype) -> Decoder:
+    """as_decoder with its refusals (an unknown family or preset, meta weights, a wrong kind) as CompileError."""
+    try:
+        return as_decoder(model, dtype)
+    except (ValueError, TypeError) as e:
+        raise CompileError(str(e)) from None
+
+
+def lm_source(model, spec, *, max_seq: Optional[int], max_batch: int, batch: Optional[int], dtype,
               cuda_graph: bool = False, kv: str = "contiguous", block_size: int = 16) -> Source:
     """The decoder's prefill and decode graphs as the driver takes them (also what tune_lm tunes, so a tuning
     database's kernels are the ones a later compile_lm looks up). kv="paged": the paged twin's graphs
     (block table and block pools, llmasos/llm/paged.py)."""
     bs = check_kv(kv, block_size)
-    if not isinstance(max_seq, int) or max_seq < 2:
-        raise ValueError(f"max_seq must be an int >= 2, got {max_seq!r}")
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+    if max_seq is not None and (not is_int(max_seq) or max_seq < 2):
+        raise CompileError(f"max_seq must be None (min({DEFAULT_MAX_SEQ}, the model's positions)) or an int >= 2, "
+                           f"got {max_seq!r}")
+    if not is_int(max_batch) or max_batch < 1:
+        raise CompileError(f"max_batch must be an int >= 1, got {max_batch!r}")
     if batch is not None:
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
+        if not is_int(batch) or batch < 1:
+            raise CompileError(f"batch must be None or an int >= 1, got {batch!r}")
         max_batch = max(max_batch, batch)
-    dec = as_decoder(model, dtype)
+    dec = _decoder(model, dtype)
+    if max_seq is None:
+        max_seq = min(DEFAULT_MAX_SEQ, dec.cfg.max_positions)
     if max_seq > dec.cfg.max_positions:
-        raise ValueError(f"max_seq {max_seq} exceeds the model's {dec.cfg.max_positions} positions")
+        raise CompileError(f"max_seq={max_seq} exceeds the model's {dec.cfg.max_positions} positions "
+                           f"(DecoderConfig.max_positions: the position table, or a sliding window's length)")
     export_batch = batch
     if spec.symbolic_decode_batch and batch is not None and batch > 1:
         # DLight schedules a decode GEMM with a symbolic batch as a low-batch GEMV (the weights stream once
@@ -74,12 +89,16 @@ def lm_source(model, spec, *, max_seq: int, max_batch: int, batch: Optional[int]
     return Source(graphs, cuda_graph=(DECODE,) if use_graph else (), meta=meta)
 
 
-def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int = 8, batch: Optional[int] = None,
+DEFAULT_MAX_SEQ = 256   # compile_lm's max_seq when none is given (capped at the model's positions)
+
+
+def compile_lm(model, target: Any = "cpu", *, max_seq: Optional[int] = None, max_batch: int = 8, batch: Optional[int] = None,
                dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True,
                tuning_db=None, kv: str = "contiguous", block_size: int = 16) -> CompiledLM:
     """Compile ``model`` for KV-cache generation on ``target``.
 
-    max_seq: cache positions per row (prompt + generated tokens). batch=None compiles for any batch up to
+    max_seq: cache positions per row (prompt + generated tokens); None: min(256, the model's positions).
+    More than the model's positions is refused (CompileError). batch=None compiles for any batch up to
     max_batch; an int compiles for that batch (batch 1: static shapes, the GEMV kernels; on CUDA a larger
     batch stays symbolic up to it, which DLight schedules as low-batch GEMVs). On CUDA the decode step runs
     as a CUDA graph (one per batch size) unless cuda_graph=False. dtype: cast the weights (e.g.
@@ -99,7 +118,7 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: int = 256, max_batch: int
                                       tokenizer=tokenizer))
 
 
-def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: int = 256, max_batch: int = 8,
+def tune_lm(model, target: Any = "cpu", db="llmasos.tune", *, max_seq: Optional[int] = None, max_batch: int = 8,
             batch: Optional[int] = 1, dtype=None, passes: Any = "fuse", trials_per_task: int = 64,
             ops: str = "reduce", log=None):
     """MetaSchedule-tune the kernels ``compile_lm(model, target, ...)`` with the same options builds, into

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .adapter import adapter_for
 
 ARCHS = ("llama", "gpt2")
+MLP_ACTS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     qkv_bias: bool = False  # biases on the q/k/v projections of a llama-arch model (Qwen2); gpt2 has every bias
+    mlp_act: str = "silu"   # a llama-arch gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU: Gemma)
+    embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden))
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -35,6 +38,8 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig: heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.arch == "gpt2" and (self.kv_heads != self.heads or self.heads * self.head_dim != self.hidden):
             raise ValueError("DecoderConfig: gpt2 needs kv_heads == heads and heads * head_dim == hidden")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"DecoderConfig.mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"DecoderConfig: RoPE needs an even head_dim, got {self.head_dim}")
 

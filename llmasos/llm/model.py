@@ -116,6 +116,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.llama = cfg.arch == "llama"
+        self.act = cfg.mlp_act
         if self.llama:
             self.w1 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)   # gate
             self.w3 = nn.Linear(cfg.hidden, cfg.ffn, bias=False)   # up
@@ -126,7 +127,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.llama:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            g = self.w1(x)
+            g = F.gelu(g, approximate="tanh") if self.act == "gelu_tanh" else F.silu(g)   # GeGLU (Gemma) or SwiGLU
+            return self.w2(g * self.w3(x))
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
@@ -235,6 +238,8 @@ class Decoder(nn.Module):
             # its logits unread): clamp it into the tables
             positions = positions.clamp(max=self.cfg.max_positions - 1)
         x = self.embed(ids)
+        if self.cfg.embed_scale != 1.0:   # Gemma: sqrt(hidden), in the activation dtype as transformers rounds it
+            x = x * float(torch.tensor(self.cfg.embed_scale, dtype=x.dtype))
         if self.wpe is not None:
             return x + self.wpe(positions), None
         # embedding() on the f32 tables is the gather; HF casts cos/sin to the activation dtype too
@@ -351,7 +356,10 @@ def _gather(sd: dict, src, prefix: str, family: str) -> torch.Tensor:
     if missing:
         raise ValueError(f"Decoder.from_hf: the {family} state dict has no {missing[0]!r}")
     t = sd[keys[0]] if len(keys) == 1 else torch.cat([sd[k] for k in keys], 0)
-    return t.t().contiguous() if src.transpose else t
+    t = t.t().contiguous() if src.transpose else t
+    if src.rows is not None:
+        t = t[src.rows[0]:src.rows[1]].contiguous()
+    return t + src.offset if src.offset else t
 
 
 def as_decoder(model, dtype=None, device=None) -> Decoder:
@@ -370,6 +378,9 @@ def as_decoder(model, dtype=None, device=None) -> Decoder:
             model = m.to(dtype=model.dtype, device=model.embed.weight.device).eval()
         return model.to(dtype=dtype) if dtype is not None else model
     if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"the model's {meta} is on the meta device (shapes without data): load its weights")
         return Decoder.from_hf(model, mode="export", dtype=dtype)
     raise TypeError(f"compile_lm takes a llmasos Decoder, a transformers causal LM (Llama, GPT-2, Qwen2, Mistral...) "
                     f"or a preset name, got {type(model).__name__}")

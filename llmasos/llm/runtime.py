@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ..artifact import ArtifactError
 from ..driver import ProgramView
 from .config import DecoderConfig
 from .errors import GenerationError
@@ -82,6 +83,18 @@ class GenerationStats:
         return d
 
 
+def _sampling(x) -> Sampling:
+    try:
+        return Sampling.of(x)
+    except (TypeError, ValueError) as e:
+        raise GenerationError(str(e)) from None
+
+
+def _is_id(t) -> bool:
+    """A token id: a Python or numpy int, not a bool (nor a float, even a whole one)."""
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
 @dataclass
 class _Buffers:
     """Device tensors reused across calls for one batch size."""
@@ -102,7 +115,11 @@ class CompiledLM(ProgramView):
     def __init__(self, program):
         self.program = program
         meta = program.meta
-        self.config = DecoderConfig(**meta["config"]) if meta.get("config") else None
+        try:
+            self.config = DecoderConfig(**meta["config"]) if meta.get("config") else None
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{meta.get('artifact', 'the program')}: meta.config is not a DecoderConfig: "
+                                f"{e}") from None
         self.vocab = int(meta["vocab"])
         self.max_seq = int(meta["max_seq"])
         self.cuda_graph = bool(meta.get("cuda_graph", False))
@@ -185,7 +202,7 @@ class CompiledLM(ProgramView):
             raise GenerationError("this model was compiled with kv='paged': generate through lm.paged_runner("
                                   "num_blocks) (llmasos.llm.paged_generate, or a serving engine), or compile with "
                                   "the default kv='contiguous' for generate/stream")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_id(max_new_tokens) or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if not prompts:
             raise GenerationError("no prompts given")
@@ -221,10 +238,18 @@ class CompiledLM(ProgramView):
             return [list(self.tokenizer(p)["input_ids"]) for p in items], single, True
         if hasattr(prompts, "tolist"):
             prompts = prompts.tolist()
-        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+        if isinstance(prompts, (list, tuple)) and prompts and all(_is_id(t) for t in prompts):
             return [[int(t) for t in prompts]], True, False
+        if isinstance(prompts, (list, tuple)) and prompts:
+            rows = [p.tolist() if hasattr(p, "tolist") else p for p in prompts]
+            for r, p in enumerate(rows):
+                if not isinstance(p, (list, tuple)) or not all(_is_id(t) for t in p):
+                    bad = p if not isinstance(p, (list, tuple)) else next(t for t in p if not _is_id(t))
+                    raise GenerationError(f"prompt {r}: token ids are ints, got {type(bad).__name__} "
+                                          f"{str(bad)[:40]} (a list of ids, a list of such lists, or text)")
+            return [[int(t) for t in p] for p in rows], False, False
         if isinstance(prompts, (list, tuple)):
-            return [list(p.tolist() if hasattr(p, "tolist") else p) for p in prompts], False, False
+            raise GenerationError("no prompts given")
         raise GenerationError(f"prompts must be token ids (a list, or a list of lists) or text, "
                               f"got {type(prompts).__name__}")
 
@@ -260,7 +285,7 @@ class CompiledLM(ProgramView):
             raise GenerationError(f"stream takes one prompt, got {len(ids)}; use generate(..., on_token=...) for "
                                   f"a batch")
         made, shown = [], ""
-        for _row, tok in self._run(ids, max_new_tokens, Sampling.of(sampling), self._stop_ids(stop)):
+        for _row, tok in self._run(ids, max_new_tokens, _sampling(sampling), self._stop_ids(stop)):
             if not text:
                 yield tok
                 continue
@@ -285,7 +310,7 @@ class CompiledLM(ProgramView):
         stop_ids = self._stop_ids(stop)
         # nothing needs a token before the end: every step stays on the device, no host sync per token
         run = self._run_on_device if not stop_ids and on_token is None else self._run
-        for row, tok in run(ids, max_new_tokens, Sampling.of(sampling), stop_ids):
+        for row, tok in run(ids, max_new_tokens, _sampling(sampling), stop_ids):
             out[row].append(tok)
             if on_token is not None:
                 on_token(row, tok)
@@ -294,7 +319,9 @@ class CompiledLM(ProgramView):
         return out[0] if single else out
 
     def _stop_ids(self, stop) -> set:
-        if isinstance(stop, (int, np.integer)):
+        if stop is None:
+            stop = ()
+        if isinstance(stop, (int, np.integer, str)):
             stop = [stop]
         ids = set()
         for s in stop:
@@ -305,8 +332,10 @@ class CompiledLM(ProgramView):
                 if enc is None or enc == self.tokenizer.unk_token_id:
                     raise GenerationError(f"stop token {s!r} is not in the tokenizer's vocabulary")
                 ids.add(int(enc))
-            else:
+            elif _is_id(s):
                 ids.add(int(s))
+            else:
+                raise GenerationError(f"stop tokens are token ids (ints) or token strings, got {s!r}")
         return ids
 
     def _start(self, prompts: list, max_new_tokens: int, sampling: Sampling):

@@ -128,7 +128,7 @@ def test_corrupted_and_truncated_artifacts(compiled_zoo, tmp_path):
 
 
 def test_compile_rejects_non_models():
-    with pytest.raises(TypeError, match=r"takes a torch.nn.Module or torch.export.ExportedProgram"):
+    with pytest.raises(llmasos.CompileError, match=r"takes a torch.nn.Module or torch.export.ExportedProgram"):
         llmasos.compile(lambda x: x, example_inputs=(torch.zeros(1),))
 
 

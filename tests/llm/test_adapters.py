@@ -45,7 +45,7 @@ def test_registry_lists_the_families_and_refuses_unknown_ones():
     assert {"llama", "gpt2", "qwen2", "mistral"} <= set(registered())
     import transformers
     with pytest.raises(ValueError, match=r"DecoderConfig.from_hf: model_type 'bert' is not supported; registered "
-                                         r"model types: gpt2, llama, mistral, qwen2"):
+                                         r"model types: gemma, gpt2, llama, mistral, phi3, qwen2"):
         DecoderConfig.from_hf(transformers.BertConfig())
     with pytest.raises(ValueError, match=r"Decoder.from_hf: model_type 'bert' is not supported"):
         Decoder.from_hf(hf_model("bert-tiny"))
@@ -112,5 +112,5 @@ def test_qwen2_compiles_to_the_greedy_tokens_of_transformers():
 
 
 def test_mistral_sequences_past_the_window_are_refused():
-    with pytest.raises(ValueError, match=r"max_seq 48 exceeds the model's 32 positions"):
+    with pytest.raises(ValueError, match=r"max_seq=48 exceeds the model's 32 positions"):
         llmasos.compile_lm(hf("mistral-tiny"), "cpu", max_seq=48)

@@ -130,7 +130,8 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     """One library with an entry function per graph (same parameters, uploaded once), e.g. ``prefill``
     and ``decode``; call them with ``exe.call(name, *inputs)``. See compile_module for ``cuda_graph`` and
     ``tuning_db``."""
-    from .lower import lower_functions  # deferred: the TVM compiler (this module loads with its runtime alone)
+    from . import memory  # deferred: the TVM compiler (this module loads with its runtime alone)
+    from .lower import lower_functions
 
     spec = resolve_target(target)
     if tuning_db is not None:
@@ -138,6 +139,11 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     t0 = time.perf_counter()
     mod = lower_functions(graphs, spec)
     first = next(iter(graphs.values()))
+    # memory for the compiled bounds (backends/tvm/memory.py): refuse what cannot fit, and allocate the
+    # intermediates of functions whose static plan would be large for each call's actual shapes
+    est = memory.estimate(mod, sum(_type_bytes(v.type) for v in first.params.values()))
+    memory.check_fits(est, spec)
+    mod = memory.dynamic_allocation(mod, est, keep_static=tuple(cuda_graph) if spec.graph_capture else ())
     ex = compile_module(mod, spec, cuda_graph=tuple(cuda_graph), tuning_db=tuning_db)
     del mod  # the executable is all we keep
     missing = [n for n in first.params if n not in first.param_data]
@@ -146,12 +152,22 @@ def build_functions(graphs: dict, target: Any = "cpu", cuda_graph: tuple = (), t
     exe = Executable(ex, spec, Signature.of_functions(graphs, spec.lift_params and bool(first.params)),
                      first.param_data)
     exe.build_seconds = time.perf_counter() - t0
+    exe.memory = est
     if tuning_db is not None:
         exe.tuned_kernels = list(tuning_db.applied)
         if not exe.tuned_kernels:
             warnings.warn(f"tuning database {tuning_db.path} holds none of this library's kernels (tuned for "
                           f"other shapes or options?): every kernel has its default schedule", stacklevel=2)
     return exe
+
+
+def _type_bytes(t) -> int:
+    if not t.is_static:
+        return 0
+    n = 1
+    for d in t.shape:
+        n *= d
+    return (n * t.dtype.bits + 7) // 8
 
 
 def build(graph: Graph, target: Any = "cpu", tuning_db=None) -> "Executable":
@@ -172,6 +188,7 @@ class Executable:
         self.signature = signature
         self.param_names = list(signature.param_names)
         self.build_seconds: Optional[float] = None
+        self.memory = None    # memory.MemoryEstimate of a build (None when loaded from an artifact)
         self.tuned_kernels: Optional[list] = None   # kernels a tuning database scheduled (None: none used)
         self._lib = lib
         spec.ensure_runtime()

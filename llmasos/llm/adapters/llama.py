@@ -9,14 +9,22 @@ from ..adapter import Adapter, register_adapter, w
 from ..config import DecoderConfig
 
 
-def llama_config(c, family: str = "llama", qkv_bias: bool = False, window: Optional[int] = None) -> DecoderConfig:
+ACTS = {"silu": "silu"}     # transformers hidden_act -> DecoderConfig.mlp_act
+
+
+def llama_config(c, family: str = "llama", qkv_bias: bool = False, window: Optional[int] = None,
+                 acts: Optional[dict] = None, act: Optional[str] = None, embed_scale: float = 1.0) -> DecoderConfig:
     """A Llama-architecture DecoderConfig from a transformers config with Llama's field names.
 
     ``window``: a sliding attention window; the Decoder attends to every cached position, which equals a
-    window w exactly while sequences are at most w tokens long, so the model's positions are capped at w."""
+    window w exactly while sequences are at most w tokens long, so the model's positions are capped at w.
+    ``acts``: the MLP activations the family takes ({transformers name: DecoderConfig.mlp_act}); ``act``: the
+    config's activation when it is not ``hidden_act``; ``embed_scale``: the embeddings' multiplier."""
     who = f"DecoderConfig.from_hf: {family}"
-    if c.hidden_act != "silu":
-        raise ValueError(f"{who} hidden_act {c.hidden_act!r} is not supported (silu)")
+    acts = acts or ACTS
+    act = act or c.hidden_act
+    if act not in acts:
+        raise ValueError(f"{who} hidden_act {act!r} is not supported ({', '.join(acts)})")
     if getattr(c, "mlp_bias", False) or (not qkv_bias and getattr(c, "attention_bias", False)):
         raise ValueError(f"{who} attention_bias / mlp_bias are not supported")
     # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling
@@ -25,6 +33,9 @@ def llama_config(c, family: str = "llama", qkv_bias: bool = False, window: Optio
     rope_type = rope.get("rope_type", rope.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
     if rope_type != "default":
         raise ValueError(f"DecoderConfig.from_hf: rope type {rope_type!r} is not implemented (only 'default' RoPE)")
+    partial = rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", None))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"{who} partial_rotary_factor {partial} is not supported (RoPE on the whole head)")
     theta = rope.get("rope_theta", getattr(c, "rope_theta", None))
     if theta is None:
         raise ValueError(f"{who} config has no rope_theta")
@@ -34,7 +45,8 @@ def llama_config(c, family: str = "llama", qkv_bias: bool = False, window: Optio
         heads=c.num_attention_heads, kv_heads=c.num_key_value_heads or c.num_attention_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         ffn=c.intermediate_size, max_positions=positions, norm_eps=c.rms_norm_eps,
-        rope_theta=float(theta), tie_embeddings=bool(c.tie_word_embeddings), qkv_bias=qkv_bias)
+        rope_theta=float(theta), tie_embeddings=bool(c.tie_word_embeddings), qkv_bias=qkv_bias,
+        mlp_act=acts[act], embed_scale=float(embed_scale))
 
 
 def llama_weights(cfg: DecoderConfig) -> dict:
