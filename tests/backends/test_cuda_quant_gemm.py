@@ -20,7 +20,8 @@ from llmasos.backends.tvm.lower import lower
 from llmasos.compress.quant import dequantize, quantize_rtn, storage
 from llmasos.ir import DType, Graph, TensorType, sym
 
-SPEC = resolve_target("cuda:sm_90a")
+# the kernel is opt-in until it has run on a GPU (bench/small_m_quant_gemm_check.py)
+SPEC = dataclasses.replace(resolve_target("cuda:sm_90a"), extra={"small_m_quant_gemm": "on"})
 needs_cuda = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
                                 reason="this TVM build has no CUDA code generator")
 
@@ -72,6 +73,8 @@ def test_quant_linear_at_a_symbolic_batch_runs_the_int4_tensor_core_kernel():
     assert any(n.startswith("small_m_quant_gemm_256x512_q8g0") for n in _kernels(_graph(256, 512, 8, 0, sym_=False)))
     off = dataclasses.replace(SPEC, extra={"small_m_quant_gemm": "off"})
     assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(_graph(256, 512, 4, 128), off))
+    default = resolve_target("cuda:sm_90a")                  # off by default (not yet run on a GPU)
+    assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(_graph(256, 512, 4, 128), default))
     assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(_graph(256, 512, 4, 32)))  # group < chunk
     one = _graph(256, 512, 4, 128, rows=1)                   # batch 1: DecodeGEMV unless asked for "all"
     assert not any(n.startswith("small_m_quant_gemm") for n in _kernels(one))

@@ -428,10 +428,11 @@ class CUDATarget(Target):
         return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
-        """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "on" (a
-        symbolic batch), "all" (also static row counts up to 64, batch 1 included, instead of DecodeGEMV: for
-        A/B runs on a GPU) or "off"."""
-        which = self.extra.get("small_m_quant_gemm", "on")
+        """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
+        (the default: the kernel has not yet run on a GPU; its layout and dequantization are checked on the CPU
+        by an emulation, tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
+        row counts up to 64, batch 1 included, instead of DecodeGEMV: for A/B runs on a GPU)."""
+        which = self.extra.get("small_m_quant_gemm", "off")
         if which not in ("on", "all", "off"):
             raise ValueError(f"target '{self.name}': small_m_quant_gemm must be 'on', 'all' or 'off', got {which!r}")
         if rows is not None and (which != "all" or rows > 64):
