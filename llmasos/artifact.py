@@ -21,7 +21,8 @@ manifest.json (version 2):
                            outputs back onto the model's output structure: input_names, in_spec and out_spec
                            (torch pytree TreeSpecs as JSON text), out_leaves (an output index, or
                            {"const": value})
-    meta                   per kind: for "lm" vocab, max_seq, cuda_graph and the DecoderConfig
+    meta                   per kind: for "lm" vocab, max_seq, cuda_graph, the DecoderConfig and the KV layout
+                           (kv: "contiguous" | "paged", block_size)
     tokenizer              whether tokenizer/ is present
     files                  {relative path: {"bytes", "sha256"}} for every other file, tokenizer/ included
 
@@ -278,7 +279,7 @@ SIGNATURE_FIELDS = {"inputs": (True, list), "params": (True, list), "symbols": (
 FUNCTION_FIELDS = {"inputs": (True, list), "symbols": (True, dict)}
 TENSOR_FIELDS = {"name": (True, str), "shape": (True, list), "dtype": (True, str)}
 LM_META_FIELDS = {"vocab": (True, int), "max_seq": (True, int), "cuda_graph": (False, bool),
-                  "config": (False, (dict, type(None)))}
+                  "config": (False, (dict, type(None))), "kv": (False, str), "block_size": (False, (int, type(None)))}
 
 
 def _typename(t) -> str:
@@ -359,7 +360,15 @@ def check_manifest(m: dict, where: str) -> None:
     if not isinstance(m["target_dict"].get("kind"), str):
         raise ArtifactError(f"{where}: target_dict must name a TVM target kind ('kind': 'llvm', 'cuda', ...)")
     if m["kind"] == "lm":
-        _fields(m.get("meta", {}), LM_META_FIELDS, f"{where}: meta")
+        meta = m.get("meta", {})
+        _fields(meta, LM_META_FIELDS, f"{where}: meta")
+        kv = meta.get("kv", "contiguous")
+        if kv not in ("contiguous", "paged"):
+            raise ArtifactError(f"{where}: meta: kv must be 'contiguous' or 'paged', got {json.dumps(kv)[:60]}")
+        bs = meta.get("block_size")
+        if kv == "paged" and (not isinstance(bs, int) or isinstance(bs, bool) or not 1 <= bs <= 1024):
+            raise ArtifactError(f"{where}: meta: a paged LM's block_size must be an int in 1..1024, got "
+                                f"{json.dumps(bs)[:60]}")
 
 
 def _package_version() -> Optional[str]:

@@ -352,13 +352,26 @@ def _check_lm(meta: dict, sig, weights: dict, where) -> None:
     fns = sig.functions
     if set(fns) != {"prefill", "decode"}:
         raise ArtifactError(f"{where}: an LM library has the functions prefill and decode, this one {list(fns)}")
-    caches = fns["decode"].inputs[3:]
-    if not caches or any(len(i.type.shape) != 4 for i in caches):
-        raise ArtifactError(f"{where}: the decode function takes no KV caches [batch, heads, positions, head_dim]")
     vocab, max_seq = meta["vocab"], meta["max_seq"]
-    if caches[0].type.shape[2] != max_seq:
-        raise ArtifactError(f"{where}: meta.max_seq is {max_seq} but the library's caches hold "
-                            f"{caches[0].type.shape[2]} positions")
+    if meta.get("kv", "contiguous") == "paged":
+        # ids, pos, last, block_table [batch, max_blocks], then the pools [blocks, kv_heads, block_size, head_dim]
+        inputs = fns["decode"].inputs
+        pools, bs = inputs[4:], meta["block_size"]
+        if len(inputs) < 4 or not pools or any(len(i.type.shape) != 4 for i in pools):
+            raise ArtifactError(f"{where}: the decode function takes no paged KV pools "
+                                f"[blocks, kv_heads, block_size, head_dim] after ids, pos, last and the block table")
+        table = inputs[3].type.shape
+        if pools[0].type.shape[2] != bs or len(table) != 2 or not isinstance(table[1], int) or table[1] * bs < max_seq:
+            raise ArtifactError(f"{where}: meta.block_size {bs} and max_seq {max_seq} disagree with the library's "
+                                f"pools {list(pools[0].type.shape)} and block table {list(table)}")
+    else:
+        caches = fns["decode"].inputs[3:]
+        if not caches or any(len(i.type.shape) != 4 for i in caches):
+            raise ArtifactError(f"{where}: the decode function takes no KV caches [batch, heads, positions, "
+                                f"head_dim]")
+        if caches[0].type.shape[2] != max_seq:
+            raise ArtifactError(f"{where}: meta.max_seq is {max_seq} but the library's caches hold "
+                                f"{caches[0].type.shape[2]} positions")
     embed = weights.get("embed.weight")
     if embed is not None and embed.shape[0] != vocab:
         raise ArtifactError(f"{where}: meta.vocab is {vocab} but the embedding has {embed.shape[0]} rows")

@@ -116,6 +116,11 @@ def _shape_text(ty) -> str:
     return f"{ty.dtype}[{', '.join(dims)}]"
 
 
+# symbols a caller sizes at run time, not the compiled bounds: the paged KV pools' block count (the runner's
+# num_blocks, llm/paged.py, which allocates them); inputs over them are left out of the estimate
+RUNTIME_SIZED = frozenset({"blocks"})
+
+
 def function_memory(name: str, func) -> FunctionMemory:
     attrs = func.attrs or {}
     ub = {str(k): int(v) for k, v in (attrs.get("tir_var_upper_bound") or {}).items()}
@@ -137,6 +142,8 @@ def function_memory(name: str, func) -> FunctionMemory:
             largest = (var_name, _shape_text(ty), b)
 
     for p in list(func.params)[:num_input]:
+        if any(v.name in RUNTIME_SIZED for v in relax.analysis.definable_tir_vars_in_type(p.ty)):
+            continue
         b = _bytes_of(p.ty, analyzer)
         fm.inputs += b or 0
         consider(p.name, p.ty, b)
