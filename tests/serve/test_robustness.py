@@ -23,8 +23,8 @@ from .test_server import make_server, metric, wait_blocks_free
 
 # -- 1. a non-streaming client that goes away is cancelled while its tokens flow ---------------------------
 def test_non_streaming_disconnect_cancels_while_tokens_flow(smol_tokenizer):
-    """A token every ~20 ms, so the handler's queue never stays empty: the disconnect must still be seen."""
-    with make_server(smol_tokenizer, delay=0.02).start() as s:
+    """A token every ~30 ms, so the handler's queue never stays empty: the disconnect must still be seen."""
+    with make_server(smol_tokenizer, delay=0.03).start() as s:       # 90 tokens: >= 2.7 s if never cancelled
         with pytest.raises(httpx.TimeoutException):
             httpx.post(s.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 90, "temperature": 0,
                                                          "ignore_eos": True}, timeout=0.4)
