@@ -303,7 +303,8 @@ def _add_serve_parser(sub) -> None:
                                                   "uncompiled); an artifact: its own target unless given")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="requests decoded together (default 8; an artifact: the batch it was compiled for)")
     p.add_argument("--max-seq", type=int, default=512, help="positions per request: prompt + output (default 512)")
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache blocks (default: max-batch full sequences)")
     p.add_argument("--block-size", type=int, default=16, help="positions per KV block (default 16)")

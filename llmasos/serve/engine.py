@@ -251,8 +251,8 @@ class Engine:
         self.requests.pop(req.request_id, None)
         out = RequestOutput(req.request_id, req.index, text, list(new), finished=True, finish_reason=reason,
                             prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids), error=error)
+        self._send(req, out)            # first: a failing observer must not keep the request's end from its consumer
         self.observer.finished(req)
-        self._send(req, out)
         return out
 
     @staticmethod
@@ -297,6 +297,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
+        self._dead = False
 
     def start(self) -> "EngineLoop":
         if self._thread is None:
@@ -313,7 +314,8 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True while the engine thread serves requests (False before start, after stop or its death)."""
+        return not self._dead and self._thread is not None and self._thread.is_alive()
 
     @property
     def num_waiting(self) -> int:
@@ -326,9 +328,12 @@ class EngineLoop:
         return self.add(self.engine.make_request(prompt_ids, params, request_id=request_id, index=index, sink=sink))
 
     def add(self, req: Request) -> Request:
-        """Queue a request made (and so checked) by ``engine.make_request``."""
+        """Queue a request made (and so checked) by ``engine.make_request``. Once the engine thread has ended,
+        the request is failed (finish_reason "error") at once instead of waiting forever."""
         self._adds.append(req)
         self._wake.set()
+        if self._dead:
+            self._fail_adds("the engine is not running")
         return req
 
     def abort(self, request_id: str) -> None:
@@ -336,6 +341,40 @@ class EngineLoop:
         self._wake.set()
 
     def _run(self) -> None:
+        died: Optional[BaseException] = None
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001  recorded; every request still in flight is failed below
+            self.error = died = e
+        finally:
+            # the thread ends (stop, or an exception from abort / an observer / _finish): from here on no
+            # request is served, so none may wait forever: each one queued or running gets finish_reason="error"
+            self._dead = True
+            why = "the engine stopped" if died is None else \
+                f"the engine thread died: {type(died).__name__}: {died}"
+            self._fail_adds(why)
+            eng = self.engine
+            for req in list(eng.scheduler.running) + list(eng.scheduler.waiting) + list(eng.requests.values()):
+                try:
+                    eng._finish(req, "error", error=why)
+                except Exception:  # noqa: BLE001  the engine's own state is broken: tell the consumer directly
+                    if not req.finished:
+                        req.finish_reason, req.status = "error", Status.FINISHED
+                        Engine._send(req, RequestOutput(req.request_id, req.index, finished=True,
+                                                        finish_reason="error", error=why))
+
+    def _fail_adds(self, why: str) -> None:
+        """Fail the submitted requests the engine never took (the engine thread is gone); any thread."""
+        while True:
+            try:
+                req = self._adds.popleft()
+            except IndexError:
+                return
+            req.finish_reason, req.status = "error", Status.FINISHED
+            Engine._send(req, RequestOutput(req.request_id, req.index, finished=True, finish_reason="error",
+                                            error=why))
+
+    def _serve(self) -> None:
         eng = self.engine
         while not self._stop.is_set():
             while self._adds:

@@ -14,11 +14,12 @@ from typing import Any, Optional
 
 from .. import llm
 from ..artifact import kind_of
+from ..llm.paged import DEFAULT_BLOCK_SIZE
 from ..zoo import load_model
 from .engine import Engine
 from .scheduler import cdiv
 
-DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_BATCH = 8
 
 
 def default_kv_blocks(max_batch: int, max_seq: int, block_size: int) -> int:
@@ -30,11 +31,13 @@ def _target(t: Any):
     return json.loads(t) if isinstance(t, str) and t.strip().startswith("{") else t
 
 
-def load_runner(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: Optional[int] = 512,
+def load_runner(spec: str, *, target: Any = None, max_batch: Optional[int] = None, max_seq: Optional[int] = 512,
                 kv_blocks: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE, log=None):
-    """(runner, tokenizer or None, model name) for a ``llmasos serve`` model argument."""
+    """(runner, tokenizer or None, model name) for a ``llmasos serve`` model argument. ``max_batch``: None is
+    the artifact's compiled batch, or DEFAULT_MAX_BATCH for a model compiled here; for an artifact it may not
+    exceed the batch it was compiled for (ValueError)."""
     log = log or (lambda *a: None)
-    if not isinstance(max_batch, int) or max_batch < 1:
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
     if kv_blocks is not None and (not isinstance(kv_blocks, int) or kv_blocks < 1):
         raise ValueError(f"kv_blocks must be an int >= 1, got {kv_blocks!r}")
@@ -47,8 +50,13 @@ def load_runner(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: O
         if not hasattr(lm, "paged_runner") or getattr(lm, "block_size", None) is None:
             raise ValueError(f"{spec} was compiled with a contiguous KV cache; serving needs kv='paged' "
                              f"(llmasos.compile_lm(model, kv='paged', max_batch=N) then .save)")
-        blocks = kv_blocks or default_kv_blocks(lm.max_batch, lm.max_seq, lm.block_size)
+        if max_batch is not None and lm.max_batch is not None and max_batch > lm.max_batch:
+            raise ValueError(f"--max-batch {max_batch} exceeds the batch {lm.max_batch} the artifact {spec} was "
+                             f"compiled for: pass --max-batch <= {lm.max_batch} (or leave it out), or recompile "
+                             f"with compile_lm(..., max_batch={max_batch})")
+        blocks = kv_blocks or default_kv_blocks(max_batch or lm.max_batch, lm.max_seq, lm.block_size)
         return lm.paged_runner(blocks), lm.tokenizer, path.name
+    max_batch = max_batch or DEFAULT_MAX_BATCH
     model, tok, _ = load_model(spec)
     target = "cpu" if target is None else target
     name = path.name if path.is_dir() else spec
@@ -62,9 +70,12 @@ def load_runner(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: O
     return lm.paged_runner(blocks), tok, name
 
 
-def load_engine(spec: str, *, target: Any = None, max_batch: int = 8, max_seq: Optional[int] = 512,
+def load_engine(spec: str, *, target: Any = None, max_batch: Optional[int] = None, max_seq: Optional[int] = 512,
                 kv_blocks: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE, prefill_chunk: int = 256,
                 log=None) -> tuple[Engine, str]:
     runner, tok, name = load_runner(spec, target=target, max_batch=max_batch, max_seq=max_seq, kv_blocks=kv_blocks,
                                     block_size=block_size, log=log)
-    return Engine(runner, tok, max_batch=min(max_batch, runner.max_batch), prefill_chunk=prefill_chunk), name
+    compiled = getattr(runner, "max_batch", None)
+    if max_batch is not None and compiled is not None and max_batch > compiled:
+        raise ValueError(f"max_batch {max_batch} exceeds the runner's compiled batch {compiled} ({spec})")
+    return Engine(runner, tok, max_batch=max_batch or compiled, prefill_chunk=prefill_chunk), name

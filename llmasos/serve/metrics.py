@@ -2,13 +2,14 @@
 one process, as in the tests, never share counters). ``/metrics`` serves ``Metrics.render()``.
 
 Counters: requests by how they ended, requests rejected by HTTP status, prompt and generated tokens,
-preemptions, prefix-cache block hits. Gauges (read from the engine when scraped): running and waiting
+preemptions, prefix-cache block hits (read from the block manager's running total when scraped). Gauges (read from the engine when scraped): running and waiting
 requests, KV blocks used / total. Histograms: time to first token and inter-token latency.
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily
 
 from .engine import Observer
 
@@ -34,8 +35,8 @@ class Metrics(Observer):
         self.waiting = Gauge("llmasos_requests_waiting", "Requests waiting for admission", registry=r)
         self.blocks_used = Gauge("llmasos_kv_blocks_used", "KV cache blocks held by requests", registry=r)
         self.blocks_total = Gauge("llmasos_kv_blocks_total", "KV cache blocks", registry=r)
-        self.prefix_hits = Gauge("llmasos_prefix_cache_hit_blocks", "Blocks shared through the prefix cache "
-                                 "(total since start)", registry=r)
+        self._hits = None                # () -> the block manager's monotonic hit total (bind)
+        r.register(self)                 # collect(): llmasos_prefix_cache_hit_blocks_total, a counter
         self.ttft = Histogram("llmasos_time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("llmasos_inter_token_latency_seconds", "Between consecutive tokens of a request",
@@ -48,8 +49,17 @@ class Metrics(Observer):
         self.waiting.set_function(lambda: loop.num_waiting)
         self.blocks_used.set_function(lambda: eng.blocks.num_used)
         self.blocks_total.set_function(lambda: eng.blocks.capacity)
-        self.prefix_hits.set_function(lambda: eng.blocks.hits)
+        self._hits = lambda: eng.blocks.hits
         return self
+
+    def collect(self):
+        """The prefix-cache hits: a monotonic total kept by the block manager, so a counter read at scrape time."""
+        c = CounterMetricFamily("llmasos_prefix_cache_hit_blocks", "Blocks shared through the prefix cache")
+        c.add_metric([], float(self._hits() if self._hits is not None else 0))
+        yield c
+
+    def describe(self):
+        return [CounterMetricFamily("llmasos_prefix_cache_hit_blocks", "Blocks shared through the prefix cache")]
 
     # -- Observer (called from the engine thread; prometheus-client is thread-safe) ----------------------
     def admitted(self, req) -> None:

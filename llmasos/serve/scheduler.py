@@ -43,15 +43,19 @@ class Plan:
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_batch: int, prefill_chunk: int = 256,
                  prefill_budget: Optional[int] = None):
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        if prefill_budget is not None and (isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int)
+                                           or prefill_budget < 1):
+            raise ValueError(f"prefill_budget must be an int >= 1 (prompt tokens computed per step) or None "
+                             f"(default: 2 * prefill_chunk), got {prefill_budget!r}")
         self.blocks = blocks
         self.bs = blocks.block_size
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.prefill_budget = prefill_budget or 2 * prefill_chunk
+        self.prefill_budget = 2 * prefill_chunk if prefill_budget is None else prefill_budget
         self.waiting: list = []       # by arrival (seq_no): preempted requests go back to their place
         self.running: list = []       # by arrival
         self.num_preemptions = 0

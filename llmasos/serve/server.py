@@ -10,9 +10,12 @@ Errors have OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: b
 unknown fields, a field of the wrong type, an out-of-range value, a prompt or ``max_tokens`` past the model's
 positions, token ids outside the vocabulary, an unsupported option), 401 (``api_key`` set and the request
 lacks ``Authorization: Bearer <key>``; /health and /metrics stay open), 404 (unknown model or route), 429
-with ``Retry-After`` (more than ``max_waiting`` requests waiting). A request is checked completely before it
+with ``Retry-After`` (more than ``max_waiting`` requests waiting; a request of more than ``max_waiting`` choices,
+``len(prompts) * n``, can never fit and is a 400), 503 (the engine thread is not running; requests in flight
+when it dies end with an error instead of waiting forever). A request is checked completely before it
 reaches the engine, so a bad one never touches the running batch. A client that disconnects (stream or not)
-has its requests cancelled, which frees their KV blocks at once.
+has its requests cancelled, which frees their KV blocks at once: a streaming response notices when a write
+fails, a non-streaming one polls the connection every ``DISCONNECT_POLL`` seconds while tokens flow.
 
 ``Server(engine, ...)`` runs it: ``.run()`` blocks (the CLI), ``with Server(...).start() as s: s.url`` runs
 uvicorn in a thread on an ephemeral port (tests, bench/serve.py) and always stops it on exit.
@@ -35,11 +38,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, EngineLoop
+from .engine import Engine, EngineLoop, Observer
 from .metrics import Metrics
 from .request import RequestError, RequestOutput, SamplingParams
 
 DEFAULT_MAX_WAITING = 256
+DISCONNECT_POLL = 0.25       # seconds between checks of a waiting handler: client gone? engine thread alive?
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,6 +164,11 @@ class _Dispatcher:
             self._scheduled = True
         self.aio.call_soon_threadsafe(self._drain)
 
+    @property
+    def pending(self) -> bool:
+        """Outputs handed over by the engine thread and not yet in their queues."""
+        return bool(self._items)
+
     def _drain(self) -> None:                                                # event loop
         with self._lock:
             self._scheduled = False
@@ -237,12 +246,16 @@ class _App:
     # -- running ----------------------------------------------------------------------------------------
     def submit(self, prompts: list, params: SamplingParams, n: int, prefix: str):
         """Queue n choices per prompt; (queue of RequestOutput, request ids). Refuses 429 when full, 400 when
-        the engine says the request cannot run (then nothing stays queued)."""
+        the engine says the request cannot run (then nothing stays queued), 503 when the engine is not running."""
+        if not self.loop.alive:
+            raise HTTPError(503, "the engine is not running", code="engine_dead")
+        if len(prompts) * n > self.max_waiting:
+            raise HTTPError(400, f"this request asks for {len(prompts) * n} completions ({len(prompts)} prompt(s) "
+                                 f"x n={n}); this server queues at most {self.max_waiting} at once, so it can never "
+                                 f"run: send fewer prompts or a smaller n", param="n" if n > 1 else "prompt")
         if self.loop.num_waiting + len(prompts) * n > self.max_waiting:
             raise HTTPError(429, f"the server has {self.loop.num_waiting} requests waiting (at most "
                                  f"{self.max_waiting}); retry later", code="server_busy", headers={"Retry-After": "1"})
-        if not self.loop.alive:
-            raise HTTPError(503, "the engine is not running", code="engine_dead")
         if self.dispatch.aio is None:
             self.dispatch.aio = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -268,6 +281,70 @@ class _App:
         for rid in ids:
             self.loop.abort(rid)
 
+    async def next_output(self, queue: asyncio.Queue, deadline: list) -> Optional[RequestOutput]:
+        """The next output of a request, or None when it is time to poll (``deadline[0]``, a monotonic time,
+        passed: it is moved on). Waiting is bounded even while outputs flow, so the caller checks the client
+        connection and the engine thread every DISCONNECT_POLL seconds, not only when no token comes."""
+        left = deadline[0] - time.monotonic()
+        if left > 0:
+            try:
+                return await asyncio.wait_for(queue.get(), left)
+            except asyncio.TimeoutError:
+                pass
+        deadline[0] = time.monotonic() + DISCONNECT_POLL
+        return None
+
+    def engine_dead(self, queue: asyncio.Queue) -> bool:
+        """The engine thread is gone and nothing it sent is left: no more output will come."""
+        return not self.loop.alive and queue.empty() and not self.dispatch.pending
+
+
+class _Tee(Observer):
+    """Engine events to two observers (the server's metrics and one the engine already had)."""
+
+    def __init__(self, *obs):
+        self.obs = obs
+
+    def admitted(self, req) -> None:
+        for o in self.obs:
+            o.admitted(req)
+
+    def first_token(self, seconds: float) -> None:
+        for o in self.obs:
+            o.first_token(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        for o in self.obs:
+            o.inter_token(seconds)
+
+    def finished(self, req) -> None:
+        for o in self.obs:
+            o.finished(req)
+
+    def preempted(self, req) -> None:
+        for o in self.obs:
+            o.preempted(req)
+
+
+class _Auth:
+    """``Authorization: Bearer <api_key>`` on /v1/ routes. A plain ASGI middleware, not ``@app.middleware``
+    (BaseHTTPMiddleware): that one wraps ``receive`` so ``request.is_disconnected()`` never sees the client go."""
+
+    def __init__(self, app, *, st: "_App", metrics: Metrics):
+        self.app, self.st, self.metrics = app, st, metrics
+
+    async def __call__(self, scope, receive, send):
+        key = self.st.api_key
+        if key is not None and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            got = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if got != f"Bearer {key}":
+                self.metrics.rejected.labels("401").inc()
+                resp = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", api_key: Optional[str] = None,
               max_waiting: int = DEFAULT_MAX_WAITING, metrics: Optional[Metrics] = None) -> FastAPI:
@@ -276,6 +353,9 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
         raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
     metrics = metrics or Metrics(model_name)
     metrics.bind(loop)
+    eng = loop.engine            # the engine's events feed the counters and histograms of /metrics
+    if eng.observer is not metrics and not (isinstance(eng.observer, _Tee) and metrics in eng.observer.obs):
+        eng.observer = metrics if type(eng.observer) is Observer else _Tee(eng.observer, metrics)
     st = _App(loop, metrics, tokenizer, model_name, api_key, max_waiting)
     app = FastAPI(title="llmasos serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llmasos = st
@@ -295,15 +375,7 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
     async def _internal(request, e):      # a bug: say so as a 500 with a body; the server keeps serving
         return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        if st.api_key is not None and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if got != f"Bearer {st.api_key}":
-                metrics.rejected.labels("401").inc()
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(_Auth, st=st, metrics=metrics)
 
     async def parse(request: HTTPRequest, cls):
         raw = await request.body()
@@ -383,14 +455,17 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
         texts = {i: [] for i in range(len(rids))}
         toks = {i: [] for i in range(len(rids))}
         done: dict = {}
+        poll = [time.monotonic() + DISCONNECT_POLL]
         try:
             while len(done) < len(rids):
-                try:
-                    out = await asyncio.wait_for(queue.get(), 0.25)
-                except asyncio.TimeoutError:
+                out = await st.next_output(queue, poll)
+                if out is None:           # every DISCONNECT_POLL s, tokens flowing or not
                     if await request.is_disconnected():
                         st.abort(rids)
                         return Response(status_code=499)
+                    if st.engine_dead(queue):
+                        raise HTTPError(503, "the engine stopped before this request finished",
+                                        code="engine_dead")
                     continue
                 texts[out.index].append(out.text)
                 toks[out.index] += out.token_ids
@@ -438,12 +513,20 @@ def build_app(loop: EngineLoop, *, tokenizer=None, model_name: str = "model", ap
             return f"data: {json.dumps(d)}\n\n"
 
         finished: dict = {}
+        poll = [time.monotonic() + DISCONNECT_POLL]
         try:
             if chat:
                 for i in range(len(rids)):
                     yield chunk(i, role=True)
             while len(finished) < len(rids):
-                out = await queue.get()
+                out = await st.next_output(queue, poll)
+                if out is None:
+                    if st.engine_dead(queue):
+                        err = {"error": {"message": "the engine stopped before this request finished",
+                                         "type": "server_error", "param": None, "code": "engine_dead"}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+                    continue
                 if out.finished:
                     finished[out.index] = out
                     if out.finish_reason == "error":
@@ -480,8 +563,7 @@ class Server:
             raise ValueError(f"port must be an int in 0..65535 (0: any free port), got {port!r}")
         self.engine = engine
         self.loop = EngineLoop(engine)
-        self.metrics = Metrics(model_name)
-        engine.observer = self.metrics
+        self.metrics = Metrics(model_name)      # build_app makes it the engine's observer
         self.app = build_app(self.loop, tokenizer=tokenizer if tokenizer is not None else engine.tokenizer,
                              model_name=model_name, api_key=api_key, max_waiting=max_waiting, metrics=self.metrics)
         self.host, self.port, self.log_level = host, port, log_level
