@@ -79,9 +79,11 @@ def grid_intensity(region: Union[str, float, int], *, source: Optional[str] = No
                           f"('gcp:europe-west4') or gCO2e/kWh as a number, got {region!r}")
     r = region.strip()
     try:
-        return grid_intensity(float(r), source=source, year=year)
+        g = float(r)
     except ValueError:
-        pass
+        g = None        # not a number: a country code or a cloud region
+    if g is not None:   # validated outside the try: its EnergyError (a ValueError) must reach the caller
+        return grid_intensity(g, source=source, year=year)
     version, ds = _codecarbon()
     if ":" in r:
         provider, name = (s.strip().lower() for s in r.split(":", 1))

@@ -5,12 +5,15 @@ their retirements against measured emissions, and an append-only, hash-chained a
     led.purchase("Gold Standard", "GS1-1-IN-GS1234-16-2021-1-1-100", tonnes=2.0, vintage=2021, kind="removal")
     led.record_emissions("2026-12", grams=1520.0, source="llmasos report")
     led.retire("Gold Standard", "GS1-1-...", tonnes=0.0015, period="2026-12")
-    led.summary()   # per period: gross, offset, net tonnes
+    led.summary(until="2026-12")   # per period: gross, offset, net tonnes
 
 Rules (each refusal is a LedgerError naming what and why): a credit (registry, serial) is recorded once; a
 retirement needs a recorded credit with enough unretired tonnes (no retiring more than held), a claim id
 retires once (no double retirement: the same claim twice, or a credit already fully retired), and by default
-no more than the period's not-yet-offset emissions. Rows of purchases, retirements and the audit log cannot
+no more than the period's not-yet-offset emissions. Periods are a year 'YYYY', a month 'YYYY-MM' or a day
+'YYYY-MM-DD'; a period contains the periods inside it: the gross emissions of "2026-12" are the emissions
+recorded for "2026-12" or any of its days plus the runs of its days, and a retirement against "2026-12-07"
+also counts against "2026-12" and "2026" (none of them may end up offset beyond its gross). Rows of purchases, retirements and the audit log cannot
 be updated or deleted (SQL triggers refuse it). Every write is one ``BEGIN IMMEDIATE`` transaction (writers
 serialise; readers see the last commit, WAL), so a writer killed mid-transaction leaves the last committed
 state; ``verify()`` re-checks the audit chain and the balances.
@@ -34,7 +37,7 @@ from .carbon import emissions as _emissions, grid_intensity
 from .errors import LedgerError
 
 MG_PER_T = 1_000_000_000
-_PERIOD = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
+PERIOD_PATTERN = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS purchases (
@@ -94,10 +97,43 @@ def _mg(tonnes, what: str) -> int:
     return g
 
 
-def _period(p: str) -> str:
-    if not isinstance(p, str) or not _PERIOD.match(p):
-        raise LedgerError(f"period must be 'YYYY', 'YYYY-MM' or 'YYYY-MM-DD', got {p!r}")
+def check_period(p: str, what: str = "period") -> str:
+    """A period: a year 'YYYY', a month 'YYYY-MM' or a day 'YYYY-MM-DD' (a real calendar date). A period
+    contains the periods its string prefixes: '2026' holds '2026-12', which holds '2026-12-07'."""
+    if not isinstance(p, str) or not PERIOD_PATTERN.match(p):
+        raise LedgerError(f"{what} must be 'YYYY', 'YYYY-MM' or 'YYYY-MM-DD', got {p!r}")
+    y, m, d = (p.split("-") + ["01", "01"])[:3]
+    try:
+        _dt.date(int(y), int(m), int(d))
+    except ValueError:
+        raise LedgerError(f"{what} {p!r} is not a calendar {('year', 'month', 'day')[p.count('-')]}: "
+                          f"months are 01-12, days exist in their month") from None
     return p
+
+
+def _ancestors(p: str) -> list:
+    """The period and the periods that contain it, largest first: '2026-12-07' -> 2026, 2026-12, 2026-12-07."""
+    return [p[:n] for n in (4, 7, 10) if n <= len(p)]
+
+
+def _span(p: str) -> tuple:
+    """A (valid) period's first and last day."""
+    y = int(p[:4])
+    if len(p) == 4:
+        return _dt.date(y, 1, 1), _dt.date(y, 12, 31)
+    m = int(p[5:7])
+    if len(p) == 7:
+        nxt = _dt.date(y + (m == 12), m % 12 + 1, 1)
+        return _dt.date(y, m, 1), nxt - _dt.timedelta(days=1)
+    d = _dt.date(y, m, int(p[8:10]))
+    return d, d
+
+
+def _within(p: str, since: Optional[str], until: Optional[str]) -> bool:
+    """Whether period ``p`` lies inside [since, until] (periods, inclusive: until '2026-12' includes its days;
+    the year '2026' is not inside since '2026-12')."""
+    first, last = _span(p)
+    return (since is None or first >= _span(since)[0]) and (until is None or last <= _span(until)[1])
 
 
 class Ledger:
@@ -171,7 +207,7 @@ class Ledger:
 
     def record_emissions(self, period: str, grams: float, source: str, estimated: bool = False) -> int:
         """Add measured (or estimated) gross emissions to a period."""
-        period = _period(period)
+        period = check_period(period)
         if isinstance(grams, bool) or not isinstance(grams, (int, float)) or not 0 <= grams < float("inf"):
             raise LedgerError(f"emissions must be a finite number of grams >= 0, got {grams!r}")
         if not isinstance(source, str) or not source.strip():
@@ -245,17 +281,26 @@ class Ledger:
 
     @staticmethod
     def _gross_mg(con, period: str) -> int:
-        """A period's gross emissions (mg): emissions recorded for it, plus the runs of that UTC day."""
-        rec = con.execute("SELECT COALESCE(SUM(mg), 0) FROM emissions WHERE period = ?", (period,)).fetchone()[0]
-        runs = con.execute("SELECT COALESCE(SUM(grams), 0.0) FROM runs WHERE substr(at, 1, 10) = ?",
-                           (period,)).fetchone()[0]
-        return rec + round(runs * 1000)
+        """A period's gross emissions (mg): the emissions recorded for it or for a period inside it, plus the
+        runs inside it, each UTC day's runs rounded to the milligram (as ``summary`` books them)."""
+        n = len(period)
+        rec = con.execute("SELECT COALESCE(SUM(mg), 0) FROM emissions WHERE substr(period, 1, ?) = ?",
+                          (n, period)).fetchone()[0]
+        days = con.execute("SELECT SUM(grams) FROM runs WHERE substr(at, 1, ?) = ? GROUP BY substr(at, 1, 10)",
+                           (n, period)).fetchall()
+        return rec + sum(round(g * 1000) for (g,) in days)
+
+    @staticmethod
+    def _retired_mg(con, period: str) -> int:
+        """The milligrams retired against ``period`` or a period inside it."""
+        return con.execute("SELECT COALESCE(SUM(mg), 0) FROM retirements WHERE substr(period, 1, ?) = ?",
+                           (len(period), period)).fetchone()[0]
 
     def retire(self, registry: str, serial: str, tonnes: float, period: str, beneficiary: str = "",
                claim: Optional[str] = None, allow_over_offset: bool = False) -> int:
         """Retire ``tonnes`` of a held credit against the emissions of ``period``. ``claim``: the retirement's
         id (the registry's retirement serial; a fresh one when not given) -- retiring a claim twice is refused."""
-        period = _period(period)
+        period = check_period(period)
         g = _mg(tonnes, "retired tonnes")
         claim = claim or f"llmasos-{uuid.uuid4()}"
         with self._write("retire") as con:
@@ -275,13 +320,16 @@ class Ledger:
                 raise LedgerError(f"cannot retire {g / MG_PER_T:g} t of {registry} {serial}: only "
                                   f"{(held - retired) / MG_PER_T:g} t of its {held / MG_PER_T:g} t remain unretired")
             if not allow_over_offset:
-                gross = self._gross_mg(con, period)
-                done = con.execute("SELECT COALESCE(SUM(mg), 0) FROM retirements WHERE period = ?",
-                                   (period,)).fetchone()[0]
-                if done + g > gross:
-                    raise LedgerError(f"retiring {g / MG_PER_T:g} t against period {period} would offset more than "
-                                      f"its {(gross - done) / MG_PER_T:g} t of not-yet-offset emissions "
-                                      f"(pass allow_over_offset=True to retire anyway)")
+                # the retirement offsets the period and every period containing it (its month, its year):
+                # none of them may end up offset beyond its gross emissions
+                for p in reversed(_ancestors(period)):
+                    gross, done = self._gross_mg(con, p), self._retired_mg(con, p)
+                    if done + g > gross:
+                        within = "" if p == period else f" (which contains {period})"
+                        raise LedgerError(f"retiring {g / MG_PER_T:g} t against period {period} would offset more "
+                                          f"than period {p}{within} has of not-yet-offset emissions: "
+                                          f"{max(gross - done, 0) / MG_PER_T:g} t "
+                                          f"(pass allow_over_offset=True to retire anyway)")
             cur = con.execute("INSERT INTO retirements (purchase_id, claim, mg, period, beneficiary, recorded_at) "
                               "VALUES (?, ?, ?, ?, ?, ?)", (pid, claim, g, period, beneficiary, _now()))
             self._audit(con, "retire", {"id": cur.lastrowid, "purchase_id": pid, "claim": claim, "mg": g,
@@ -298,20 +346,30 @@ class Ledger:
                  "retired_t": r / MG_PER_T, "held_t": (g - r) / MG_PER_T} for a, b, v, k, g, r in rows]
 
     def summary(self, since: Optional[str] = None, until: Optional[str] = None) -> list:
-        """Per period (sorted): gross emissions, offsets retired against it, net (all tonnes CO2e)."""
-        gross = dict(self._con.execute("SELECT period, SUM(mg) FROM emissions GROUP BY period").fetchall())
-        for day, g in self._con.execute("SELECT substr(at, 1, 10), SUM(grams) FROM runs GROUP BY substr(at, 1, 10)"):
-            gross[day] = gross.get(day, 0) + round(g * 1000)
-        est = {p for (p,) in self._con.execute("SELECT DISTINCT period FROM emissions WHERE estimated = 1")}
-        est |= {p for (p,) in self._con.execute("SELECT DISTINCT substr(at, 1, 10) FROM runs WHERE estimated = 1")}
-        off = dict(self._con.execute("SELECT period, SUM(mg) FROM retirements GROUP BY period").fetchall())
+        """Per period (sorted) that has emissions, runs or retirements booked to it: its gross emissions,
+        the offsets retired against it, net (all tonnes CO2e). A period's figures include the periods inside
+        it (a month row counts its days' runs and the retirements against its days), so rows of nested
+        periods overlap. ``since``/``until``: periods (inclusive; '2026-12' includes its days); a row is kept
+        when its period lies inside [since, until] (so the rows' outermost periods do not overlap and their
+        figures add up to the window's totals)."""
+        since = None if since is None else check_period(since, "since")
+        until = None if until is None else check_period(until, "until")
+        if since and until and _span(since)[0] > _span(until)[1]:
+            raise LedgerError(f"since {since!r} is after until {until!r}")
+        periods = {p for (p,) in self._con.execute("SELECT DISTINCT period FROM emissions")}
+        periods |= {p for (p,) in self._con.execute("SELECT DISTINCT substr(at, 1, 10) FROM runs")}
+        periods |= {p for (p,) in self._con.execute("SELECT DISTINCT period FROM retirements")}
+        est_rec = [p for (p,) in self._con.execute("SELECT DISTINCT period FROM emissions WHERE estimated = 1")]
+        est_rec += [p for (p,) in self._con.execute("SELECT DISTINCT substr(at, 1, 10) FROM runs "
+                                                    "WHERE estimated = 1")]
         out = []
-        for p in sorted(set(gross) | set(off)):
-            if (since and p < since) or (until and p > until):
+        for p in sorted(periods):
+            if not _within(p, since, until):
                 continue
-            g, o = gross.get(p, 0), off.get(p, 0)
+            g, o = self._gross_mg(self._con, p), self._retired_mg(self._con, p)
+            est = {q for q in est_rec if q.startswith(p)}
             out.append({"period": p, "gross_t": g / MG_PER_T, "offset_t": o / MG_PER_T, "net_t": (g - o) / MG_PER_T,
-                        "estimated": p in est})
+                        "estimated": bool(est)})
         return out
 
     def audit_log(self) -> list:

@@ -19,6 +19,7 @@ Nothing here changes a device setting: meters only read counters.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -101,8 +102,8 @@ def cpu_tdp() -> CpuTdp:
             w = float(env)
         except ValueError:
             raise EnergyError(f"LLMASOS_CPU_TDP_W must be a number of watts, got {env!r}") from None
-        if w <= 0:
-            raise EnergyError(f"LLMASOS_CPU_TDP_W must be > 0 W, got {w}")
+        if not (math.isfinite(w) and w > 0):
+            raise EnergyError(f"LLMASOS_CPU_TDP_W must be a finite number of watts > 0, got {env!r}")
         return CpuTdp(w, "LLMASOS_CPU_TDP_W")
     try:
         # deferred: codecarbon (optional extra); it warns through its logger when the CPU is unknown

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import EnergyError
-from .ledger import Ledger
+from .ledger import PERIOD_PATTERN, Ledger, check_period
 from .planner import pareto_front
 
 J_PER_KWH = 3.6e6
@@ -31,10 +31,13 @@ BUCKETS = {"day": 10, "hour": 13}      # ISO timestamp prefix length per bucket
 def _check_date(s: Optional[str], what: str) -> Optional[str]:
     if s is None:
         return None
+    if isinstance(s, str) and PERIOD_PATTERN.match(s):
+        return check_period(s, f"--{what}")     # a year or month (or day): a calendar period, checked
     try:
         _dt.datetime.fromisoformat(s)
     except (TypeError, ValueError):
-        raise EnergyError(f"--{what} must be an ISO date (YYYY-MM-DD) or time, got {s!r}") from None
+        raise EnergyError(f"--{what} must be an ISO date or period (YYYY, YYYY-MM, YYYY-MM-DD) or time, "
+                          f"got {s!r}") from None
     return s
 
 
@@ -89,8 +92,11 @@ def build_report(ledger: Ledger, since: Optional[str] = None, until: Optional[st
     for r in runs:
         timeline[r["at"][:n]] = timeline.get(r["at"][:n], 0.0) + r["grams"]
     offsets = ledger.summary(since[:10] if since else None, until[:10] if until else None)
-    gross = sum(o["gross_t"] for o in offsets)
-    off = sum(o["offset_t"] for o in offsets)
+    # a row's figures include its sub-periods' ('2026-12' holds '2026-12-07'): total the outermost rows only
+    outer = [o for o in offsets
+             if not any(q["period"] != o["period"] and o["period"].startswith(q["period"]) for q in offsets)]
+    gross = sum(o["gross_t"] for o in outer)
+    off = sum(o["offset_t"] for o in outer)
     return {"generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "database": str(ledger.path), "since": since, "until": until, "by": by,
             "estimated": any(r["estimated"] for r in runs), "runs": len(runs),

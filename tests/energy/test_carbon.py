@@ -105,3 +105,22 @@ def test_offsets_and_power_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["power", "--simulate", "--eta", "0.5"]) == 0
     assert json.loads(capsys.readouterr().out)["best_w"] == 375.0
+
+
+@pytest.mark.parametrize("bad", ["-5", "nan", "inf", " -0.5 "])
+def test_a_bad_number_as_a_string_is_refused_as_a_number(bad):
+    # EnergyError is a ValueError: the numeric check must not be taken for "not a number, try a country code"
+    with pytest.raises(EnergyError, match="finite gCO2e/kWh >= 0") as e:
+        grid_intensity(bad)
+    assert "country" not in str(e.value)
+    assert grid_intensity(" 42 ").g_per_kwh == 42.0
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "0"])
+def test_cpu_tdp_env_must_be_finite_and_positive(monkeypatch, bad):
+    from llmasos.energy.meters import cpu_tdp
+    monkeypatch.setenv("LLMASOS_CPU_TDP_W", bad)
+    with pytest.raises(EnergyError, match="LLMASOS_CPU_TDP_W must be a finite number of watts > 0"):
+        cpu_tdp()
+    monkeypatch.setenv("LLMASOS_CPU_TDP_W", "95")
+    assert cpu_tdp().watts == 95.0

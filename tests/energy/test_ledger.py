@@ -171,3 +171,66 @@ def test_runs_count_towards_their_day(led):
     with pytest.raises(LedgerError, match="offset more than"):
         led.retire("GS", "R", tonnes=1e-9, period="2026-12-07")
     led.verify()
+
+
+def _run(led, grams, at):
+    # a window whose location-based emissions at an explicit 500 gCO2e/kWh are exactly ``grams``
+    led.record_run({"joules": grams / 500 * 3.6e6, "seconds": 1.0, "tokens": 10, "estimated": False},
+                   model="m", region=500, at=at)
+
+
+def test_month_and_year_periods_hold_their_days(led):
+    _run(led, 2.0, "2026-12-07T10:00:00")
+    _run(led, 3.0, "2026-12-08T23:59:59")
+    led.record_emissions("2026-12-15", grams=1.0, source="test")
+    led.record_emissions("2026-11", grams=10.0, source="test")        # another month: not December's
+    led.record_emissions("2027-01-01", grams=7.0, source="test")      # nor is the next year's first day
+    led.purchase("GS", "M", tonnes=1.0, vintage=2024, kind="removal")
+    # December's gross is its days' runs and emissions: 2 + 3 + 1 g = 6e-6 t, all retirable at once
+    with pytest.raises(LedgerError, match=r"period 2026-12 .*6e-06 t"):
+        led.retire("GS", "M", tonnes=6.001e-6, period="2026-12")
+    led.retire("GS", "M", tonnes=6e-6, period="2026-12")
+    # the month is fully offset, so its days (inside it) are too, although each day alone has emissions left
+    with pytest.raises(LedgerError, match=r"period 2026-12 \(which contains 2026-12-07\)"):
+        led.retire("GS", "M", tonnes=1e-6, period="2026-12-07")
+    # the year holds November's 10 g as well: 10 g of it are left
+    led.retire("GS", "M", tonnes=10e-6, period="2026")
+    with pytest.raises(LedgerError, match="offset more than period 2026 "):
+        led.retire("GS", "M", tonnes=1e-9, period="2026")
+    s = {r["period"]: r for r in led.summary(until="2026-12")}
+    assert sorted(s) == ["2026", "2026-11", "2026-12", "2026-12-07", "2026-12-08", "2026-12-15"]
+    assert (s["2026-12"]["gross_t"], s["2026-12"]["offset_t"], s["2026-12"]["net_t"]) == (6e-6, 6e-6, 0.0)
+    assert (s["2026"]["gross_t"], s["2026"]["offset_t"], s["2026"]["net_t"]) == (16e-6, 16e-6, 0.0)
+    assert (s["2026-12-07"]["gross_t"], s["2026-12-07"]["offset_t"]) == (2e-6, 0.0)
+    # a month includes its days at both ends; the year is not inside December, the next year not before it
+    assert [r["period"] for r in led.summary(since="2026-12", until="2026-12")] == \
+        ["2026-12", "2026-12-07", "2026-12-08", "2026-12-15"]
+    assert [r["period"] for r in led.summary(since="2026-12-08", until="2026-12-15")] == ["2026-12-08", "2026-12-15"]
+    assert [r["period"] for r in led.summary(since="2027")] == ["2027-01-01"]
+    assert led.summary(until="2026-10") == []
+    # the report totals the outermost periods only (the year holds the months, which hold the days)
+    from llmasos.energy.report import build_report
+    doc = build_report(led, since="2026", until="2026")
+    assert doc["runs"] == 2
+    assert (doc["totals"]["gross_t"], doc["totals"]["offset_t"]) == (pytest.approx(16e-6), pytest.approx(16e-6))
+    doc = build_report(led, since="2026-12", until="2026-12")
+    assert (doc["totals"]["gross_t"], doc["totals"]["offset_t"]) == (pytest.approx(6e-6), pytest.approx(6e-6))
+    led.verify()
+
+
+@pytest.mark.parametrize("bad", ["2026-13", "2026-00", "2026-02-30", "2026-1", "26-12", "2026/12", "", 202612])
+def test_malformed_periods_are_refused(led, bad):
+    led.purchase("GS", "P", tonnes=1.0, vintage=2024, kind="removal")
+    with pytest.raises(LedgerError, match="period"):
+        led.retire("GS", "P", tonnes=1e-6, period=bad, allow_over_offset=True)
+    with pytest.raises(LedgerError, match="period"):
+        led.record_emissions(bad, grams=1.0, source="test")
+    with pytest.raises(LedgerError, match="until"):
+        led.summary(until=bad)
+    with pytest.raises(LedgerError, match="since"):
+        led.summary(since=bad)
+
+
+def test_summary_refuses_an_empty_window(led):
+    with pytest.raises(LedgerError, match="after until"):
+        led.summary(since="2027", until="2026-12")
