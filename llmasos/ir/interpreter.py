@@ -14,7 +14,7 @@ from .graph import Graph, Node, Value, param_array
 from .ops import get_op
 from .opset.collective import GROUP_SEMANTICS, POINT_TO_POINT
 from .opset.rules import to_dtype
-from .sharding import all_coords, all_groups, coords_rank, mesh_size, shard_of
+from .sharding import all_coords, all_groups, contiguous, coords_rank, mesh_size, shard_of
 from .types import TensorType, dim_str, dim_symbols, eval_dim
 
 Inputs = Union[Sequence[Any], Mapping[str, Any]]
@@ -171,11 +171,6 @@ def _conform(node, t: TensorType, r: np.ndarray, env: dict) -> np.ndarray:
 # executes only the nodes of its stage (node_stages), so a value used on the wrong stage fails here exactly
 # as it would on real devices. ``run`` on a graph with a mesh is ``assemble(graph, run_ranks(graph, inputs))``.
 
-def _contig(a):
-    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
-    return np.require(np.asarray(a), requirements="C")
-
-
 class SimulationError(InterpreterError):
     pass
 
@@ -215,7 +210,7 @@ def node_stages(graph: Graph) -> dict:
 
 
 def _local_inputs(graph: Graph, arrays: list, coords: dict) -> list:
-    return [_contig(shard_of(a, v.sharding, graph.mesh, coords)) for v, a in zip(graph.inputs, arrays)]
+    return [contiguous(shard_of(a, v.sharding, graph.mesh, coords)) for v, a in zip(graph.inputs, arrays)]
 
 
 def run_ranks(graph: Graph, inputs) -> list:
@@ -239,7 +234,7 @@ def run_ranks(graph: Graph, inputs) -> list:
         env = bind_symbols(graph, local)
         d = dict(zip(graph.inputs, local))
         for name, v in graph.params.items():
-            d[v] = _contig(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, c))
+            d[v] = contiguous(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, c))
         vals.append(d)
         envs.append(env)
 

@@ -121,6 +121,11 @@ def all_coords(mesh: dict):
 
 # -- shards of logical data -------------------------------------------------------------------------------
 
+def contiguous(a):
+    """``a`` as a C-contiguous numpy array, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
+    return np.require(np.asarray(a), requirements="C")
+
+
 def shard_of(data, sharding: Optional[Sharding], mesh: dict, coords: dict):
     """The chunk of logical ``data`` that the rank at ``coords`` holds under ``sharding`` (partial: rank 0 of
     the axis holds the data, the others zeros, so that the sum is the data)."""

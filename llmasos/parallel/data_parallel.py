@@ -68,8 +68,11 @@ class DataParallelLM:
         """Generate for each prompt (token-id lists, or strings with a tokenizer in the artifact); returns the
         outputs in order. ``max_in_flight`` requests per replica at a time; ``on_done(index, replica)`` is
         called as each request completes."""
-        import ray  # deferred: Ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        if not isinstance(max_in_flight, int) or isinstance(max_in_flight, bool) or max_in_flight < 1:
+            raise ValueError(f"DataParallelLM.generate: max_in_flight (requests per replica at a time) must be "
+                             f"an int >= 1, got {max_in_flight!r}")
+        import ray  # deferred: Ray (the distributed extra)
+        from ray.exceptions import GetTimeoutError, RayActorError  # deferred: Ray (the distributed extra)
         pending = deque(enumerate(prompts))
         out: list = [None] * len(prompts)
         done = [False] * len(prompts)

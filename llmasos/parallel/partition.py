@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
 from ..ir import Graph, Node
 from ..ir.graph import param_array
 from ..ir.interpreter import node_stages, pipeline_axis
-from ..ir.sharding import mesh_size, rank_coords, shard_of
+from ..ir.sharding import contiguous, mesh_size, rank_coords, shard_of
 from ..ir.verifier import verify
 from ..passes import PassError, PassManager
 from ..passes.pipeline_parallel import PipelineParallel
 from ..passes.tensor_parallel import TensorParallel
-
-def _contig(a):
-    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
-    return np.require(np.asarray(a), requirements="C")
-
 
 N_FIXED_INPUTS = 3   # ids, pos, last: every rank's LM entry keeps them (llmasos/llm/runtime.py)
 
@@ -99,7 +92,7 @@ def rank_graph(graph: Graph, rank: int, keep_inputs: int = N_FIXED_INPUTS) -> Gr
             m[v] = r.add_input(v.name, v.type)
     for name, v in graph.params.items():
         if v in used or v in outs:
-            data = _contig(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, coords))
+            data = contiguous(shard_of(param_array(graph.param_data[name]), v.sharding, mesh, coords))
             m[v] = r.add_param(name, data, type=v.type)
     for n in mine:
         attrs = dict(n.attrs)

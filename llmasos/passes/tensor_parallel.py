@@ -35,18 +35,13 @@ from ..ir import Graph, Node, Value, get_op
 from ..ir.graph import param_array
 from ..ir.opset.collective import COLLECTIVES
 from ..ir.opset.fused import ACTIVATIONS
-from ..ir.sharding import Sharding
+from ..ir.sharding import Sharding, contiguous
 from ..ir.types import TensorType, as_dim, dims_equal
 from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
 
 GEMMS = ("linear", "fused.linear_act", "fused.linear_glu", "quant.linear", "quant.linear_a8", "matmul",
          "fused.matmul_act")
 ELEMENTWISE_MODULES = ("llmasos.ir.opset.elementwise",)
-
-
-def _contig(a):
-    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
-    return np.require(np.asarray(a), requirements="C")
 
 
 def _static(d) -> Optional[int]:
@@ -87,7 +82,7 @@ class _Rewriter:
         if k not in self.params:
             data = param_array(self.src.param_data[v.name])
             if transform is not None:
-                data = _contig(transform(data))
+                data = contiguous(transform(data))
             if sharding is not None and sharding.is_split and data.shape[sharding.dim] % self.tp:
                 raise self.err(f"parameter %{v.name} {list(data.shape)}: dim {sharding.dim} does not divide into "
                                f"tp={self.tp}")

@@ -3,6 +3,8 @@ the verifier's sharding rule, the distributed runtime (torch.distributed/gloo ov
 its own TVM module) and the planner."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -60,6 +62,7 @@ def test_partitioned_lm_graph_equals_unpartitioned(lm_graphs, name, passes):
         g2 = run_pipeline(g, passes)
         verify(g2)
         got = run(g2, ins)             # every rank simulated, outputs assembled
+        assert len(got) == len(want) == len(g.outputs)
         for a, b in zip(want, got):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
         # the text form round-trips, shardings and mesh included
@@ -81,7 +84,9 @@ def test_micro_batched_prefill_equals_unpartitioned(passes):
     verify(g2)
     sends = [n for n in g2.nodes if n.op == "dist.send"]
     assert len(sends) == int(passes.split("micro_batches=")[1][0])    # one per micro-batch
-    for a, b in zip(run(g, ins), run(g2, ins)):
+    want, got = run(g, ins), run(g2, ins)
+    assert len(got) == len(want) == len(g.outputs)
+    for a, b in zip(want, got):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -184,7 +189,9 @@ def test_random_graphs_through_tensor_parallel_equal_unsharded(case):
     g2 = run_pipeline(g, f"tensor-parallel{{tp={tp}}}")
     verify(g2)
     assert any(n.op.startswith("dist.") for n in g2.nodes)
-    for a, b in zip(run(g, [xs]), run(g2, [xs])):
+    want, got = run(g, [xs]), run(g2, [xs])
+    assert len(got) == len(want) == len(g.outputs)
+    for a, b in zip(want, got):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
@@ -228,13 +235,14 @@ def test_distributed_lm_equals_single_process(reference, name, tp, pp, tmp_path)
     from llmasos.parallel import LaunchError, launch
     logits, toks = reference[name]
     out = launch(workers.generate, tp * pp, name, tp, pp, 6, str(tmp_path / "sharded"), timeout_s=900)
+    assert len(out) == tp * pp                    # one result per rank
     for first, t in out:
         np.testing.assert_allclose(first, logits, rtol=1e-5, atol=1e-5)
         assert t == toks
     assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == \
         sorted(["parallel.json"] + [f"rank{r}" for r in range(tp * pp)])
     again = launch(workers.load_and_generate, tp * pp, str(tmp_path / "sharded"), timeout_s=600)
-    assert all(t == toks for t in again)
+    assert len(again) == tp * pp and all(t == toks for t in again)
     if tp * pp > 1:
         with pytest.raises(LaunchError, match="partitioned for"):
             launch(workers.load_and_generate, 1, str(tmp_path / "sharded"), timeout_s=300)
@@ -254,6 +262,14 @@ def test_planner_picks_and_explains():
 
 
 # -- data parallelism on Ray ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+def test_data_parallel_max_in_flight_is_checked_before_any_work(bad):
+    from llmasos.parallel import DataParallelLM
+    dp = DataParallelLM.__new__(DataParallelLM)      # no Ray cluster: the check comes before any Ray call
+    with pytest.raises(ValueError, match="max_in_flight .*must be an int >= 1, got " + re.escape(repr(bad))):
+        dp.generate([[1, 2, 3]], 4, max_in_flight=bad)
+
+
 @pytest.mark.slow
 def test_ray_replicas_balance_and_lose_no_request_when_one_dies(tmp_path):
     ray = pytest.importorskip("ray")

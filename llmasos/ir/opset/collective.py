@@ -20,17 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..ops import Attr, defop
+from ..sharding import contiguous
 from ..types import DType, TensorType, dims_equal, normalize_axis
 
 REDUCTIONS = ("sum", "max", "min")
 COLLECTIVES = ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard")
 POINT_TO_POINT = ("dist.send", "dist.recv")
 COMM_OPS = COLLECTIVES + POINT_TO_POINT
-
-
-def _contig(a):
-    """C-contiguous, keeping a 0-d array 0-d (np.ascontiguousarray makes it 1-d)."""
-    return np.require(np.asarray(a), requirements="C")
 
 
 class NeedsAllRanks(ValueError):
@@ -147,11 +143,11 @@ def _group_all_gather(arrays, axis, parts, dim):
 
 def _group_reduce_scatter(arrays, axis, parts, dim, op):
     r = _reduce(arrays, op)
-    return [_contig(c) for c in np.split(r, parts, axis=dim)]
+    return [contiguous(c) for c in np.split(r, parts, axis=dim)]
 
 
 def _group_shard(arrays, axis, parts, dim):
-    return [_contig(np.split(np.asarray(a), parts, axis=dim)[i]) for i, a in enumerate(arrays)]
+    return [contiguous(np.split(np.asarray(a), parts, axis=dim)[i]) for i, a in enumerate(arrays)]
 
 
 # op name -> fn(list of the group's operand arrays in axis order, **attrs) -> list of results in that order
