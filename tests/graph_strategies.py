@@ -544,9 +544,9 @@ class _Builder:
     def b_quant(self, op: str):
         x = self.pick(lambda v: v.type.dtype in (DType.f32, DType.f16, DType.bf16) and v.type.rank >= 1
                       and isinstance(v.type.shape[-1], int) and v.type.shape[-1] % 2 == 0)
-        if x is None and op != "quant.dequant":
+        if x is None and op not in ("quant.dequant", "quant.embedding"):
             return False
-        k = x.type.shape[-1] if x is not None else 2 * self.integer(1, 4)
+        k = x.type.shape[-1] if x is not None and op != "quant.embedding" else 2 * self.integer(1, 4)
         n = self.integer(1, 5)
         if op == "quant.linear_a8":
             q, ws = self.param((n, k), DType.i8), self.param((n,), DType.f32)
@@ -565,6 +565,10 @@ class _Builder:
         attrs = {"bits": bits, "group": group}
         if op == "quant.dequant":
             self.node(op, [codes, scale, zero], attrs)
+            return True
+        if op == "quant.embedding":   # rows of the table picked by ids in range
+            ids = self.const((self.integer(1, 3),), self.choice((DType.i32, DType.i64)), 0, n)
+            self.node(op, [codes, scale, zero, ids], attrs)
             return True
         bias = self.param((n,), x.type.dtype) if self.flag() else None
         self.node(op, [x, codes, scale, zero] + ([bias] if bias is not None else []), attrs)
@@ -711,7 +715,7 @@ OP_BUILDERS = {
     "full": "b_full",
     "fused.linear_act": "b_fused_gemm", "fused.matmul_act": "b_fused_gemm", "fused.linear_glu": "b_fused_gemm", "fused.add_rms_norm": "b_add_norm",
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
-    "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant",
+    "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant", "quant.embedding": "b_quant",
     "kv.append": "b_kv", "kv.attention": "b_kv", "kv.paged_append": "b_paged", "kv.paged_attention": "b_paged",
     **{op: "b_dist" for op in ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard")},
 }

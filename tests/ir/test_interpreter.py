@@ -1008,6 +1008,28 @@ def _torch_codes(q: np.ndarray, bits: int) -> torch.Tensor:
     return t.float()
 
 
+@covers("quant.embedding")
+@given(data=st.data())
+def test_quant_embedding_is_the_dequantized_rows(data):
+    """quant.embedding (a tied head's codes read as an embedding table) equals F.embedding of the torch
+    dequantization; an id outside the table is an error."""
+    bits = data.draw(st.sampled_from([4, 8]), label="bits")
+    group = data.draw(st.sampled_from([0, 2, 4]), label="group")
+    n, k = data.draw(st.integers(1, 6)), (group or 4) * data.draw(st.integers(1, 3))
+    rng = np.random.default_rng(data.draw(SEEDS))
+    q = rng.integers(0, 256, (n, k // 2 if bits == 4 else k)).astype(np.uint8)
+    g = 1 if group == 0 else k // group
+    scale = rng.uniform(0.001, 0.1, (n, g)).astype(np.float32)
+    zero = rng.uniform(0, 15, (n, g)).astype(np.float32)
+    ids = rng.integers(0, n, (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)))).astype(np.int64)
+    attrs = {"bits": bits, "group": group}
+    (got,) = run_op("quant.embedding", [q, scale, zero, ids], attrs)
+    tw = (_torch_codes(q, bits) - T(zero).repeat_interleave(k // g, 1)) * T(scale).repeat_interleave(k // g, 1)
+    check(got, F.embedding(torch.from_numpy(ids), tw), what="quant.embedding")
+    with pytest.raises(Exception, match="out of range"):
+        run_op("quant.embedding", [q, scale, zero, np.array([[n]], np.int64)], attrs)
+
+
 @covers("quant.dequant", "quant.linear")
 @given(data=st.data())
 def test_quant_dequant_and_linear(data):
