@@ -11,9 +11,12 @@ For every op of the registry (``llmasos.ir.all_ops()``):
 * lowering: one entry per registered TVM target, from the lowering registry (``missing_lowerings``; a
   target sharing the table with others gets the same answer). Unknown (None) where only TVM's runtime is
   installed;
-* torch: an entry in the torch executor's table (``llmasos.backends.torch_graph.TORCH_IMPLS``).
+* torch: an entry in the torch executor's table (``llmasos.backends.torch_graph.TORCH_IMPLS``);
+* cost: an entry of its own in the op cost table (``llmasos.ir.cost.COSTS``); an op without one is costed by
+  the table's default (one flop per result element, its operands' and results' bytes), so a missing cost
+  entry is shown but not counted as missing.
 
-There is no per-op cost table yet; ``ABSENT_TABLES`` says so, and a cost column belongs here once one exists.
+``ABSENT_TABLES`` names per-op tables the design calls for that do not exist yet (none now).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from . import passes
 from .backends.torch_graph import TORCH_IMPLS
 from .frontends.aten import CONVERTERS
 from .ir import all_ops
+from .ir.cost import COSTS
 from .passes import all_passes
 from .passes.rewrite_pass import RULES_DIR
 
@@ -38,7 +42,7 @@ try:
 except ImportError:  # TVM's runtime alone: no lowering registry (an artifact-serving install)
     known_targets = missing_lowerings = None
 
-ABSENT_TABLES = ("cost",)
+ABSENT_TABLES: tuple = ()
 
 # ConvertContext helpers that emit one op each (converters call them as ctx.cast(...), ctx.const(...))
 _CONTEXT_HELPERS = {"cast": "cast", "const": "const"}
@@ -52,6 +56,7 @@ class OpCoverage:
     reference: bool = False
     lowering: dict = field(default_factory=dict)  # target -> True/False, or None: unknown (no TVM compiler)
     torch: bool = False
+    cost: bool = False                   # an entry of its own in ir/cost.py (else the default estimate)
 
     @property
     def missing(self) -> list:
@@ -63,7 +68,7 @@ class OpCoverage:
 
     def to_dict(self) -> dict:
         return {"op": self.op, "frontend": self.frontend, "aten": list(self.aten), "reference": self.reference,
-                "lowering": dict(self.lowering), "torch": self.torch, "missing": self.missing}
+                "lowering": dict(self.lowering), "torch": self.torch, "cost": self.cost, "missing": self.missing}
 
 
 def op_coverage(targets: Optional[Sequence[str]] = None) -> list[OpCoverage]:
@@ -79,7 +84,7 @@ def op_coverage(targets: Optional[Sequence[str]] = None) -> list[OpCoverage]:
         rows.append(OpCoverage(
             op=name, aten=tuple(sorted(aten.get(name, ()))), frontend=frontend, reference=callable(opdef.ref),
             lowering={t: (None if missing is None else name not in missing) for t, missing in lowering.items()},
-            torch=name in TORCH_IMPLS))
+            torch=name in TORCH_IMPLS, cost=name in COSTS))
     return rows
 
 
@@ -183,9 +188,10 @@ def format_table(rows: Sequence[OpCoverage], missing_only: bool = False, max_ate
         more = f" +{len(r.aten) - max_aten}" if len(r.aten) > max_aten else ""
         return ", ".join(r.aten[:max_aten]) + more
 
-    header = ["op", "frontend (ATen ops)", "reference"] + ["lowering:" + ",".join(ts) for ts in columns] + ["torch"]
-    body = [[r.op, frontend(r), mark(r.reference)] + [mark(r.lowering[ts[0]]) for ts in columns] + [mark(r.torch)]
-            for r in shown]
+    header = (["op", "frontend (ATen ops)", "reference"] + ["lowering:" + ",".join(ts) for ts in columns]
+              + ["torch", "cost"])
+    body = [[r.op, frontend(r), mark(r.reference)] + [mark(r.lowering[ts[0]]) for ts in columns]
+            + [mark(r.torch), "own" if r.cost else "default"] for r in shown]
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + body]
     n_missing = sum(1 for r in rows if r.missing)

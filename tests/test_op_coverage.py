@@ -66,10 +66,12 @@ def test_the_table_groups_targets_with_the_same_answers(rows):
     text = format_table(list(rows.values()))
     lines = text.splitlines()
     assert lines[0].split() == ["op", "frontend", "(ATen", "ops)", "reference",
-                                "lowering:" + ",".join(known_targets()), "torch"]
+                                "lowering:" + ",".join(known_targets()), "torch", "cost"]
     assert len(lines) == len(rows) + 2
     assert any(line.split()[:2] == ["quant.dequant", "MISSING"] for line in lines)
-    assert lines[-1].startswith(f"{len(rows)} ops, ") and lines[-1].endswith("no cost table exists yet")
+    assert lines[-1] == f"{len(rows)} ops, {sum(1 for r in rows.values() if r.missing)} missing an entry somewhere"
+    linear = next(line for line in lines if line.split()[0] == "linear")
+    assert linear.split()[-1] == ("own" if rows["linear"].cost else "default")
     only = format_table(list(rows.values()), missing_only=True).splitlines()
     assert [line.split()[0] for line in only[1:-1]] == sorted(r.op for r in rows.values() if r.missing)
 
@@ -81,7 +83,7 @@ def test_the_cli(capsys):
     assert main(["ops", "--missing", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc and all(d["missing"] for d in doc)
-    assert {"op", "frontend", "aten", "reference", "lowering", "torch", "missing"} == set(doc[0])
+    assert {"op", "frontend", "aten", "reference", "lowering", "torch", "cost", "missing"} == set(doc[0])
     assert main(["ops", "--target", "nope"]) == 2
     assert "unknown target(s) nope" in capsys.readouterr().err
 
