@@ -28,7 +28,11 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=0)
     p.add_argument("--max-seq", type=int, default=256)
     p.add_argument("--source", default=None)
+    p.add_argument("--prefill", type=int, default=0,
+                   help="profile the prefill of a prompt of this many tokens instead of the decode steps")
     a = p.parse_args(argv)
+    if a.prefill and a.max_seq <= a.prefill:
+        p.error(f"--max-seq ({a.max_seq}) must exceed --prefill ({a.prefill})")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -51,13 +55,21 @@ def main(argv=None):
         os.makedirs(a.source, exist_ok=True)
         with open(os.path.join(a.source, "kernels.cu"), "w") as f:
             f.write(lm.executable.cuda_source())
-    prompt = [[(7 * r + 3 * i) % cfg.vocab for i in range(16)] for r in range(a.batch)]
+    prompt = [[(7 * r + 3 * i) % cfg.vocab for i in range(a.prefill or 16)] for r in range(a.batch)]
     lm.generate(prompt, 4)  # loads the kernels, captures the graph
-    lm.generate(prompt, a.steps + 1)
-    wall = lm.last_stats.decode_s / lm.last_stats.steps
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    if a.prefill:  # one prefill (and its first token) per "step"
+        lm.generate(prompt, 1)
+        wall = lm.last_stats.prefill_s
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.steps):
+                lm.generate(prompt, 1)
+            torch.cuda.synchronize()
+    else:
         lm.generate(prompt, a.steps + 1)
-        torch.cuda.synchronize()
+        wall = lm.last_stats.decode_s / lm.last_stats.steps
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            lm.generate(prompt, a.steps + 1)
+            torch.cuda.synchronize()
     kernels = {}
     for e in prof.events():
         if e.device_type.name != "CUDA":
@@ -68,7 +80,7 @@ def main(argv=None):
     steps = a.steps  # the prefill's kernels are in the trace too; they show as calls < steps
     total = sum(v[1] for v in kernels.values()) / steps
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    doc = {"model": a.model, "layers": cfg.layers, "batch": a.batch, "passes": a.passes, "dtype": a.dtype,
+    doc = {"model": a.model, "phase": f"prefill of {a.prefill} tokens" if a.prefill else "decode step", "layers": cfg.layers, "batch": a.batch, "passes": a.passes, "dtype": a.dtype,
            "compile_s": compile_s, "step_wall_us": wall * 1e6, "kernel_us_per_step": total,
            "kernels_per_step": sum(v[0] for v in kernels.values()) / steps,
            "kernels": [{"name": n[:120], "calls_per_step": c / steps, "us_per_step": t / steps,
