@@ -47,21 +47,62 @@ def sm_version(arch: str) -> int:
 
 
 def small_m_warps(n: int) -> int:
-    """Warps per block (the K split): more when N gives few blocks, to keep enough loads in flight."""
+    """Warps per block (the K split) of the one-tile kernel (R = 1): more when N gives few blocks, to keep
+    enough loads in flight."""
     return 8 if n <= 4096 else 4
 
 
-def small_m_gemm_supported(n: int, k: int, dtype: str) -> bool:
-    """Whether the kernel takes a [*, K] x [N, K] GEMM: f16, N a multiple of 16, K of 32 * warps * UNROLL."""
-    return dtype == "float16" and n % TILE_N == 0 and k % (CHUNK * small_m_warps(n) * UNROLL) == 0
+ROW_TILES = (1, 2, 4)   # the R choices: weight rows per block = 16 R
+MIN_BLOCKS = 256        # auto R keeps at least this many blocks (about two per SM on an H100 / H200)
 
 
-def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
-    """The PrimFunc ``small_m_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic)."""
-    warps = small_m_warps(n)
+def small_m_rows(n: int, k: int) -> int:
+    """The automatic R (16-row weight tiles per block) for an N x K weight: the largest of ROW_TILES that
+    divides N into at least MIN_BLOCKS blocks. Every block reads all of x (M x K) from L2 per K sweep, so a
+    block of 16 rows at M = 32 reads twice as many x bytes as weight bytes; R tiles reuse each x fragment for
+    R MMAs and cut that to 2 / R. Few-row projections (N = 2048: 128 blocks at R = 1) keep R = 1 -- fewer
+    blocks would leave SMs without work and the weight stream, not L2, is their limit."""
+    for r in sorted(ROW_TILES, reverse=True):
+        if n % (TILE_N * r) == 0 and n // (TILE_N * r) >= MIN_BLOCKS and k % (CHUNK * small_m_plan(n, r)[0]) == 0:
+            return r
+    return 1
+
+
+def small_m_plan(n: int, rows: int) -> tuple:
+    """(warps, unroll) of the kernel with R = ``rows``: R = 1 keeps small_m_warps and UNROLL; larger R keeps
+    the weight bytes in flight per lane (R * unroll * 32 bytes) and the shared reduction buffer
+    (warps * R * 2 KiB <= 32 KiB) the same as R = 1's."""
+    if rows == 1:
+        return small_m_warps(n), UNROLL
+    return max(1, 8 // rows), max(1, UNROLL // rows)
+
+
+def small_m_gemm_supported(n: int, k: int, dtype: str, rows: int = 1) -> bool:
+    """Whether the kernel with R = ``rows`` takes a [*, K] x [N, K] GEMM: f16, N a multiple of 16 R, K of
+    32 * warps * unroll."""
+    if rows not in ROW_TILES:
+        return False
+    warps, unroll = small_m_plan(n, rows)
+    return dtype == "float16" and n % (TILE_N * rows) == 0 and k % (CHUNK * warps * unroll) == 0
+
+
+def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16", rows: int = 1, warps: int = 0, unroll: int = 0):
+    """The PrimFunc ``small_m_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic), each
+    block covering ``rows`` (R) 16-row weight tiles: every x fragment a lane loads feeds R MMAs. ``warps`` /
+    ``unroll`` override small_m_plan (for sweeps on a GPU)."""
+    if rows not in ROW_TILES:
+        raise ValueError(f"small_m_gemm_func: rows (R) must be one of {ROW_TILES}, got {rows!r}")
+    plan = small_m_plan(n, rows)
+    warps, unroll = warps or plan[0], unroll or plan[1]
+    rt = TILE_N * rows                    # weight rows per block
+    if n % rt or k % (CHUNK * warps * unroll):
+        raise ValueError(f"small_m_gemm_func: N = {n} must be a multiple of {rt} and K = {k} of "
+                         f"{CHUNK * warps * unroll} (R = {rows}, {warps} warps, unroll {unroll})")
     steps = k // (CHUNK * warps)          # K chunks per warp
-    outer = steps // UNROLL
-    per_thread = TILE_N * TILES * COLS // (warps * 32)  # outputs each thread sums and writes
+    outer = steps // unroll
+    per_thread = rt * TILES * COLS // (warps * 32)  # outputs each thread sums and writes
+    if per_thread * warps * 32 != rt * TILES * COLS:
+        raise ValueError(f"small_m_gemm_func: {warps} warps do not divide the block's {rt * TILES * COLS} outputs")
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -71,71 +112,76 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
         X = T.match_buffer(var_x, (M, k), "float16")
         W = T.match_buffer(var_w, (n, k), "float16")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
+        for bx in T.thread_binding(n // rt, thread="blockIdx.x"):
             for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
-                            w_reg = T.sblock_alloc_buffer((16,), "float16", scope="local")
+                            w_reg = T.sblock_alloc_buffer((16 * rows,), "float16", scope="local")
                             x_reg = T.sblock_alloc_buffer((TILES * 8,), "float16", scope="local")
-                            a_frag = T.sblock_alloc_buffer((8,), "float16", scope="local")
+                            a_frag = T.sblock_alloc_buffer((8 * rows,), "float16", scope="local")
                             b_frag = T.sblock_alloc_buffer((4,), "float16", scope="local")
-                            acc = T.sblock_alloc_buffer((TILES * 4,), "float32", scope="local")
-                            red = T.sblock_alloc_buffer((warps, TILE_N, TILES * COLS), "float32", scope="shared")
+                            acc = T.sblock_alloc_buffer((rows * TILES * 4,), "float32", scope="local")
+                            red = T.sblock_alloc_buffer((warps, rt, TILES * COLS), "float32", scope="shared")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             g: T.let[T.int32] = tx // 4
                             t: T.let[T.int32] = tx % 4
                             m0: T.let[T.int32] = by * (COLS * TILES)
-                            for i in T.unroll(TILES * 4):
+                            for i in T.unroll(rows * TILES * 4):
                                 acc[i] = T.float32(0)
                             for ko in T.serial(outer):
-                                for ku in T.unroll(UNROLL):
-                                    k0: T.let[T.int32] = ((ko * UNROLL + ku) * warps + ty) * CHUNK + 8 * t
-                                    for v in T.vectorized(8):
-                                        w_reg[v] = W[bx * TILE_N + g, k0 + v]
-                                    for v in T.vectorized(8):
-                                        w_reg[8 + v] = W[bx * TILE_N + g + 8, k0 + v]
+                                for ku in T.unroll(unroll):
+                                    k0: T.let[T.int32] = ((ko * unroll + ku) * warps + ty) * CHUNK + 8 * t
+                                    # tile r's rows g and g + 8: 16 bytes each
+                                    for r in T.unroll(rows):
+                                        for v in T.vectorized(8):
+                                            w_reg[r * 16 + v] = W[bx * rt + r * TILE_N + g, k0 + v]
+                                        for v in T.vectorized(8):
+                                            w_reg[r * 16 + 8 + v] = W[bx * rt + r * TILE_N + g + 8, k0 + v]
                                     for c in T.unroll(TILES):
                                         if m0 + c * COLS < M:
                                             for v in T.vectorized(8):
                                                 x_reg[c * 8 + v] = X[T.min(m0 + c * COLS + g, M - 1), k0 + v]
                                     for s in T.unroll(2):
-                                        # A: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
-                                        a_frag[0] = w_reg[4 * s]
-                                        a_frag[1] = w_reg[4 * s + 1]
-                                        a_frag[2] = w_reg[8 + 4 * s]
-                                        a_frag[3] = w_reg[8 + 4 * s + 1]
-                                        a_frag[4] = w_reg[4 * s + 2]
-                                        a_frag[5] = w_reg[4 * s + 3]
-                                        a_frag[6] = w_reg[8 + 4 * s + 2]
-                                        a_frag[7] = w_reg[8 + 4 * s + 3]
+                                        # A of tile r: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
+                                        for r in T.unroll(rows):
+                                            a_frag[r * 8 + 0] = w_reg[r * 16 + 4 * s]
+                                            a_frag[r * 8 + 1] = w_reg[r * 16 + 4 * s + 1]
+                                            a_frag[r * 8 + 2] = w_reg[r * 16 + 8 + 4 * s]
+                                            a_frag[r * 8 + 3] = w_reg[r * 16 + 8 + 4 * s + 1]
+                                            a_frag[r * 8 + 4] = w_reg[r * 16 + 4 * s + 2]
+                                            a_frag[r * 8 + 5] = w_reg[r * 16 + 4 * s + 3]
+                                            a_frag[r * 8 + 6] = w_reg[r * 16 + 8 + 4 * s + 2]
+                                            a_frag[r * 8 + 7] = w_reg[r * 16 + 8 + 4 * s + 3]
                                         for c in T.unroll(TILES):
                                             if m0 + c * COLS < M:
-                                                # B: (k 2t..2t+1, col g), (k 2t+8..2t+9, col g)
+                                                # B: (k 2t..2t+1, col g), (k 2t+8..2t+9, col g), shared by R MMAs
                                                 for v in T.unroll(4):
                                                     b_frag[v] = x_reg[c * 8 + 4 * s + v]
-                                                T.evaluate(T.ptx_legacy.mma(
-                                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                    a_frag.data, 0, b_frag.data, 0, acc.data, c * 4, False,
-                                                    dtype="float32"))
-                            # C: (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
-                            for c in T.unroll(TILES):
-                                red[ty, g, c * COLS + 2 * t] = acc[c * 4]
-                                red[ty, g, c * COLS + 2 * t + 1] = acc[c * 4 + 1]
-                                red[ty, g + 8, c * COLS + 2 * t] = acc[c * 4 + 2]
-                                red[ty, g + 8, c * COLS + 2 * t + 1] = acc[c * 4 + 3]
+                                                for r in T.unroll(rows):
+                                                    T.evaluate(T.ptx_legacy.mma(
+                                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                        a_frag.data, r * 8, b_frag.data, 0, acc.data,
+                                                        (r * TILES + c) * 4, False, dtype="float32"))
+                            # C of tile r: (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+                            for r in T.unroll(rows):
+                                for c in T.unroll(TILES):
+                                    red[ty, r * TILE_N + g, c * COLS + 2 * t] = acc[(r * TILES + c) * 4]
+                                    red[ty, r * TILE_N + g, c * COLS + 2 * t + 1] = acc[(r * TILES + c) * 4 + 1]
+                                    red[ty, r * TILE_N + g + 8, c * COLS + 2 * t] = acc[(r * TILES + c) * 4 + 2]
+                                    red[ty, r * TILE_N + g + 8, c * COLS + 2 * t + 1] = acc[(r * TILES + c) * 4 + 3]
                             T.tvm_storage_sync("shared")
                             for j in T.unroll(per_thread):
                                 # output o = (column m, row r) with rows fastest: consecutive threads write
                                 # consecutive n of one y row
                                 o: T.let[T.int32] = (ty * 32 + tx) + j * (warps * 32)
-                                r: T.let[T.int32] = o % TILE_N
-                                col: T.let[T.int32] = o // TILE_N
+                                r_: T.let[T.int32] = o % rt
+                                col: T.let[T.int32] = o // rt
                                 if m0 + col < M:
                                     total[0] = T.float32(0)
                                     for w_ in T.unroll(warps):
-                                        total[0] = total[0] + red[w_, r, col]
-                                    Y[m0 + col, bx * TILE_N + r] = T.Cast(out_dtype, total[0])
+                                        total[0] = total[0] + red[w_, r_, col]
+                                    Y[m0 + col, bx * rt + r_] = T.Cast(out_dtype, total[0])
     # fmt: on
     return small_m_gemm
 
