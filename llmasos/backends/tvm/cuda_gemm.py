@@ -13,11 +13,20 @@ and 16 bytes of each x row g of every column tile. The MMA's own layout wants lo
 8 * ((c % 8) // 2) + 4 s + (c % 2) + 2 (c // 8) of the chunk -- a permutation of the chunk's 32 positions
 applied to W and x alike, so the dot products are unchanged and every lane's loads are 16-byte vectors.
 
-Grid: N / 16 blocks of ``warps`` warps (one 16-row tile of W per block) times ceil(M / 32) (a block covers
-32 batch rows: four column tiles, the ones past M skipped warp-uniformly). The block's warps split K
+Grid: N / (16 R) blocks of ``warps`` warps (R 16-row tiles of W per block) times ceil(M / 32) (a block
+covers 32 batch rows: four column tiles, the ones past M skipped warp-uniformly). Each x fragment a lane
+loads feeds R MMAs, one per weight tile: every block reads its 32 rows of x from L2 once per K sweep, so
+x's L2 traffic is M / (16 R) times the weight's -- at M = 32 and R = 1 twice the weight stream, which held
+the 16384-row gate/up and the 32000-row LM head to 0.75-1.0x cuBLAS (H100). R comes from small_m_rows (or
+the target option small_m_rows); M is symbolic, so R depends on (N, K) alone: R * 16 f32 accumulators a
+thread fit the registers at every M up to the block's 32 rows. The block's warps split K
 (interleaved 32-wide chunks, so together they read 512 contiguous bytes of each row per step) and sum their
 partial tiles through shared memory. Rows of x past M are read clamped to row M - 1 and their columns of y
 are never written: an MMA column depends only on its own B column.
+
+The kernels' numerics are checked without a GPU by llmasos.backends.tvm.simt, a lock-step SIMT interpreter
+of this TIR (mma fragments placed by the PTX layout), in tests/backends/test_cuda_schedule.py and
+test_cuda_quant_gemm.py; on a GPU against torch by bench/small_m_gemm_check.py / small_m_quant_gemm_check.py.
 
 small_m_quant_gemm_func (below) is the same kernel for quant.linear's int4/int8 codes: codes repacked at load
 into the lanes' fragment order (so x keeps its layout), dequantized in registers with lop3 + two half2
@@ -63,18 +72,20 @@ def small_m_rows(n: int, k: int) -> int:
     R MMAs and cut that to 2 / R. Few-row projections (N = 2048: 128 blocks at R = 1) keep R = 1 -- fewer
     blocks would leave SMs without work and the weight stream, not L2, is their limit."""
     for r in sorted(ROW_TILES, reverse=True):
-        if n % (TILE_N * r) == 0 and n // (TILE_N * r) >= MIN_BLOCKS and k % (CHUNK * small_m_plan(n, r)[0]) == 0:
+        if n % (TILE_N * r) == 0 and n // (TILE_N * r) >= MIN_BLOCKS and small_m_gemm_supported(n, k, "float16", r):
             return r
     return 1
 
 
 def small_m_plan(n: int, rows: int) -> tuple:
-    """(warps, unroll) of the kernel with R = ``rows``: R = 1 keeps small_m_warps and UNROLL; larger R keeps
-    the weight bytes in flight per lane (R * unroll * 32 bytes) and the shared reduction buffer
-    (warps * R * 2 KiB <= 32 KiB) the same as R = 1's."""
+    """(warps, unroll) of the kernel with R = ``rows``. R = 1 keeps small_m_warps and UNROLL = 4 (128 bytes
+    of weight in flight per lane). R = 2 and 4: 4 warps (the shared reduction buffer, warps * R * 2 KiB, stays
+    within 32 KiB) and 2 chunks unrolled: 128 / 256 bytes a lane in flight, so the few blocks of a large-R
+    grid (two a SM at 256 blocks) still keep ~60 KiB of loads in flight per SM. ptxas (sm_90a, N = 16384,
+    K = 2048): R = 1 66 registers, R = 2 90, R = 4 128, no spills -- the R * 16 f32 accumulators fit."""
     if rows == 1:
         return small_m_warps(n), UNROLL
-    return max(1, 8 // rows), max(1, UNROLL // rows)
+    return 4, 2
 
 
 def small_m_gemm_supported(n: int, k: int, dtype: str, rows: int = 1) -> bool:

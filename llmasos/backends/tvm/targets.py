@@ -417,15 +417,32 @@ class CUDATarget(Target):
         return {"relax.backend.use_cuda_graph": True} if graph_capture else {}
 
     def small_m_gemm(self, n, k, dtype):
-        """The tensor-core small-M GEMM of cuda_gemm.py (target option small_m_gemm = "on" | "off")."""
+        """The tensor-core small-M GEMM of cuda_gemm.py (target option small_m_gemm = "on" | "off"), with R
+        16-row weight tiles per block (target option small_m_rows = "auto" | 1 | 2 | 4; auto:
+        cuda_gemm.small_m_rows; a fixed R the shape does not take falls back to the largest smaller one)."""
         which = self.extra.get("small_m_gemm", "on")
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': small_m_gemm must be 'on' or 'off', got {which!r}")
         from .cuda_gemm import (small_m_gemm_func,  # deferred: the TVM compiler (module docstring)
-                                small_m_gemm_supported, sm_version)
+                                small_m_gemm_supported, small_m_rows, sm_version)
+        rows = self._small_m_rows_option()
         if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
             return None
-        return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
+        rows = small_m_rows(n, k) if rows == "auto" else rows
+        while not small_m_gemm_supported(n, k, dtype, rows):
+            rows //= 2
+        return f"small_m_gemm_{n}x{k}" + (f"_r{rows}" if rows > 1 else ""), small_m_gemm_func(n, k, rows=rows)
+
+    def _small_m_rows_option(self):
+        """Target option small_m_rows: "auto" or the R (1, 2, 4) of the small-M GEMMs."""
+        from .cuda_gemm import ROW_TILES  # deferred: the TVM compiler (module docstring)
+        value = self.extra.get("small_m_rows", "auto")
+        if str(value) == "auto":
+            return "auto"
+        if str(value) not in {str(r) for r in ROW_TILES}:
+            raise ValueError(f"target '{self.name}': small_m_rows must be 'auto' or one of "
+                             f"{', '.join(map(str, ROW_TILES))}, got {value!r}")
+        return int(value)
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
