@@ -426,11 +426,13 @@ class CUDATarget(Target):
         from .cuda_gemm import (small_m_gemm_func,  # deferred: the TVM compiler (module docstring)
                                 small_m_gemm_supported, small_m_rows, sm_version)
         rows = self._small_m_rows_option()
-        if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
+        if which == "off" or sm_version(self.target.get("arch", "")) < 80:
             return None
         rows = small_m_rows(n, k) if rows == "auto" else rows
-        while not small_m_gemm_supported(n, k, dtype, rows):
+        while rows > 1 and not small_m_gemm_supported(n, k, dtype, rows):
             rows //= 2
+        if not small_m_gemm_supported(n, k, dtype, rows):
+            return None
         return f"small_m_gemm_{n}x{k}" + (f"_r{rows}" if rows > 1 else ""), small_m_gemm_func(n, k, rows=rows)
 
     def _small_m_rows_option(self):
