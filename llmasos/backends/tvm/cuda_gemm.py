@@ -286,20 +286,46 @@ def quant_repack_scales(scale, zero, n: int, groups: int, signed8: bool):
     return te.compute((n // TILE_N, groups * 16), word, name="quant_scale_words")
 
 
-def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: str = "float16"):
+def small_m_quant_rows(n: int) -> int:
+    """The automatic R of the int kernel: as small_m_rows (the largest R leaving >= MIN_BLOCKS blocks). x's L2
+    traffic weighs more here -- int4 codes are a quarter of the f16 weight's bytes, so at M = 32 and R = 1 a
+    block reads 8x as many x bytes as code bytes."""
+    for r in sorted(ROW_TILES, reverse=True):
+        if n % (TILE_N * r) == 0 and n // (TILE_N * r) >= MIN_BLOCKS:
+            return r
+    return 1
+
+
+def small_m_quant_plan(n: int, rows: int) -> tuple:
+    """(warps, unroll) of the int kernel with R = ``rows``: R = 1 small_m_warps and Q_UNROLL; R = 2, 4: 4 warps
+    (shared reduction <= 32 KiB) and 2 chunks unrolled (R * 2 * 16 bytes of codes in flight per lane)."""
+    return (small_m_warps(n), Q_UNROLL) if rows == 1 else (4, 2)
+
+
+def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: str = "float16", rows: int = 1,
+                            warps: int = 0, unroll: int = 0):
     """The PrimFunc ``small_m_quant_gemm(x [M, K] f16, words [N/16, K/CH*128] u32, sz [N/16, G*16] u32) ->
     y [M, N]`` (M symbolic) over quant_repack_words / quant_repack_scales' layouts; G = ceil(K / group), 1
-    for group 0."""
-    warps = small_m_warps(n)
+    for group 0. Each block covers ``rows`` (R) 16-row tiles (the repacked layout is per tile, so R needs no
+    other layout): each x fragment feeds R MMAs. ``warps`` / ``unroll`` override small_m_quant_plan."""
+    if rows not in ROW_TILES or n % (TILE_N * rows):
+        raise ValueError(f"small_m_quant_gemm_func: rows (R) must be one of {ROW_TILES} with N = {n} a multiple "
+                         f"of 16 R, got {rows!r}")
+    plan = small_m_quant_plan(n, rows)
+    warps, unroll = warps or plan[0], unroll or plan[1]
+    R = rows
+    rt = TILE_N * R
     S = 4 if bits == 4 else 2
     ch = quant_chunk(bits)
     chunks = k // ch
-    per_step = warps * Q_UNROLL
+    per_step = warps * unroll
     outer = -(-chunks // per_step)
     ragged = chunks % per_step != 0
     groups = 1 if group == 0 else -(-k // group)
     gshift = 0 if group == 0 else group // ch      # chunks per group
-    per_thread = TILE_N * TILES * COLS // (warps * 32)
+    per_thread = rt * TILES * COLS // (warps * 32)
+    if per_thread * warps * 32 != rt * TILES * COLS:
+        raise ValueError(f"small_m_quant_gemm_func: {warps} warps do not divide the block's {rt * TILES * COLS} outputs")
     xw = 4 * S                                     # x halves per lane, batch row and chunk
     mask = 0x000F000F if bits == 4 else 0x00FF00FF
     u32 = "uint32"
@@ -324,38 +350,39 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
         Wq = T.match_buffer(var_w, (n // TILE_N, chunks * 128), "uint32")
         SZ = T.match_buffer(var_sz, (n // TILE_N, groups * 16), "uint32")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
+        for bx in T.thread_binding(n // rt, thread="blockIdx.x"):
             for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("qgemm"):
-                            w_reg = T.sblock_alloc_buffer((4 * Q_UNROLL,), "uint32", scope="local")
-                            sz_reg = T.sblock_alloc_buffer((2 * Q_UNROLL,), "uint32", scope="local")
-                            sc = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            w_reg = T.sblock_alloc_buffer((4 * unroll * R,), "uint32", scope="local")
+                            sz_reg = T.sblock_alloc_buffer((2 * unroll * R,), "uint32", scope="local")
+                            sc = T.sblock_alloc_buffer((4 * R,), "uint32", scope="local")
                             h = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             x_reg = T.sblock_alloc_buffer((TILES * xw,), "float16", scope="local")
-                            a_frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            a_frag = T.sblock_alloc_buffer((4 * R,), "uint32", scope="local")
                             b_frag = T.sblock_alloc_buffer((4,), "float16", scope="local")
-                            acc = T.sblock_alloc_buffer((TILES * 4,), "float32", scope="local")
-                            red = T.sblock_alloc_buffer((warps, TILE_N, TILES * COLS), "float32", scope="shared")
+                            acc = T.sblock_alloc_buffer((R * TILES * 4,), "float32", scope="local")
+                            red = T.sblock_alloc_buffer((warps, rt, TILES * COLS), "float32", scope="shared")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             g: T.let[T.int32] = tx // 4
                             t: T.let[T.int32] = tx % 4
                             m0: T.let[T.int32] = by * (COLS * TILES)
-                            for i in T.unroll(TILES * 4):
+                            for i in T.unroll(R * TILES * 4):
                                 acc[i] = T.float32(0)
                             for ko in T.serial(outer):
                                 # the HBM stream first: every unrolled chunk's codes (and scale words) in flight
-                                for ku in T.unroll(Q_UNROLL):
-                                    if live((ko * Q_UNROLL + ku) * warps + ty):
-                                        for v in T.vectorized(4):
-                                            w_reg[ku * 4 + v] = Wq[bx, ((ko * Q_UNROLL + ku) * warps + ty) * 128
-                                                                   + tx * 4 + v]
-                                        for v in T.vectorized(2):
-                                            sz_reg[ku * 2 + v] = SZ[bx, gidx((ko * Q_UNROLL + ku) * warps + ty) * 16
-                                                                    + g * 2 + v]
-                                for ku in T.unroll(Q_UNROLL):
-                                    cidx: T.let[T.int32] = (ko * Q_UNROLL + ku) * warps + ty
+                                for ku in T.unroll(unroll):
+                                    if live((ko * unroll + ku) * warps + ty):
+                                        for q in T.unroll(R):
+                                            for v in T.vectorized(4):
+                                                w_reg[(ku * R + q) * 4 + v] = Wq[
+                                                    bx * R + q, ((ko * unroll + ku) * warps + ty) * 128 + tx * 4 + v]
+                                            for v in T.vectorized(2):
+                                                sz_reg[(ku * R + q) * 2 + v] = SZ[
+                                                    bx * R + q, gidx((ko * unroll + ku) * warps + ty) * 16 + g * 2 + v]
+                                for ku in T.unroll(unroll):
+                                    cidx: T.let[T.int32] = (ko * unroll + ku) * warps + ty
                                     if live(cidx):
                                         for c in T.unroll(TILES):
                                             if m0 + c * COLS < M:
@@ -363,40 +390,48 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                                                     for v in T.vectorized(8):
                                                         x_reg[c * xw + half * 8 + v] = X[
                                                             T.min(m0 + c * COLS + g, M - 1), cidx * ch + xw * t + half * 8 + v]
-                                        # (s, s) and (-z s, -z s) of rows g and g + 8
-                                        T.ptx.prmt.b32(sc[0], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x1010))
-                                        T.ptx.prmt.b32(sc[1], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x3232))
-                                        T.ptx.prmt.b32(sc[2], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x1010))
-                                        T.ptx.prmt.b32(sc[3], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x3232))
+                                        # tile q: (s, s) and (-z s, -z s) of rows g and g + 8
+                                        for q in T.unroll(R):
+                                            T.ptx.prmt.b32(sc[q * 4], sz_reg[(ku * R + q) * 2], sz_reg[(ku * R + q) * 2],
+                                                           T.uint32(0x1010))
+                                            T.ptx.prmt.b32(sc[q * 4 + 1], sz_reg[(ku * R + q) * 2],
+                                                           sz_reg[(ku * R + q) * 2], T.uint32(0x3232))
+                                            T.ptx.prmt.b32(sc[q * 4 + 2], sz_reg[(ku * R + q) * 2 + 1],
+                                                           sz_reg[(ku * R + q) * 2 + 1], T.uint32(0x1010))
+                                            T.ptx.prmt.b32(sc[q * 4 + 3], sz_reg[(ku * R + q) * 2 + 1],
+                                                           sz_reg[(ku * R + q) * 2 + 1], T.uint32(0x3232))
                                         for s in T.unroll(S):
-                                            for r in T.unroll(4):
-                                                T.ptx.lop3.b32(h[0], src(w_reg, ku * 4, s, r), T.uint32(mask),
-                                                               T.uint32(_MAGIC16), 0xEA)
-                                                T.ptx.sub.f16x2(h[0], h[0], T.uint32(_MAGIC16))
-                                                T.ptx.fma.rn.f16x2(a_frag[r], h[0], sc[2 * (r % 2)],
-                                                                   sc[2 * (r % 2) + 1])
+                                            for q in T.unroll(R):
+                                                for r in T.unroll(4):
+                                                    T.ptx.lop3.b32(h[0], src(w_reg, (ku * R + q) * 4, s, r),
+                                                                   T.uint32(mask), T.uint32(_MAGIC16), 0xEA)
+                                                    T.ptx.sub.f16x2(h[0], h[0], T.uint32(_MAGIC16))
+                                                    T.ptx.fma.rn.f16x2(a_frag[q * 4 + r], h[0], sc[q * 4 + 2 * (r % 2)],
+                                                                       sc[q * 4 + 2 * (r % 2) + 1])
                                             for c in T.unroll(TILES):
                                                 if m0 + c * COLS < M:
                                                     for v in T.unroll(4):
                                                         b_frag[v] = x_reg[c * xw + 4 * s + v]
-                                                    T.evaluate(T.ptx_legacy.mma(
-                                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                        a_frag.data, 0, b_frag.data, 0, acc.data, c * 4, False,
-                                                        dtype="float32"))
-                            for c in T.unroll(TILES):
-                                red[ty, g, c * COLS + 2 * t] = acc[c * 4]
-                                red[ty, g, c * COLS + 2 * t + 1] = acc[c * 4 + 1]
-                                red[ty, g + 8, c * COLS + 2 * t] = acc[c * 4 + 2]
-                                red[ty, g + 8, c * COLS + 2 * t + 1] = acc[c * 4 + 3]
+                                                    for q in T.unroll(R):
+                                                        T.evaluate(T.ptx_legacy.mma(
+                                                            "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                            a_frag.data, q * 4, b_frag.data, 0, acc.data,
+                                                            (q * TILES + c) * 4, False, dtype="float32"))
+                            for q in T.unroll(R):
+                                for c in T.unroll(TILES):
+                                    red[ty, q * TILE_N + g, c * COLS + 2 * t] = acc[(q * TILES + c) * 4]
+                                    red[ty, q * TILE_N + g, c * COLS + 2 * t + 1] = acc[(q * TILES + c) * 4 + 1]
+                                    red[ty, q * TILE_N + g + 8, c * COLS + 2 * t] = acc[(q * TILES + c) * 4 + 2]
+                                    red[ty, q * TILE_N + g + 8, c * COLS + 2 * t + 1] = acc[(q * TILES + c) * 4 + 3]
                             T.tvm_storage_sync("shared")
                             for j in T.unroll(per_thread):
                                 o: T.let[T.int32] = (ty * 32 + tx) + j * (warps * 32)
-                                r_: T.let[T.int32] = o % TILE_N
-                                col: T.let[T.int32] = o // TILE_N
+                                r_: T.let[T.int32] = o % rt
+                                col: T.let[T.int32] = o // rt
                                 if m0 + col < M:
                                     total[0] = T.float32(0)
                                     for w_ in T.unroll(warps):
                                         total[0] = total[0] + red[w_, r_, col]
-                                    Y[m0 + col, bx * TILE_N + r_] = T.Cast(out_dtype, total[0])
+                                    Y[m0 + col, bx * rt + r_] = T.Cast(out_dtype, total[0])
     # fmt: on
     return small_m_quant_gemm
