@@ -325,7 +325,8 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
     gshift = 0 if group == 0 else group // ch      # chunks per group
     per_thread = rt * TILES * COLS // (warps * 32)
     if per_thread * warps * 32 != rt * TILES * COLS:
-        raise ValueError(f"small_m_quant_gemm_func: {warps} warps do not divide the block's {rt * TILES * COLS} outputs")
+        raise ValueError(f"small_m_quant_gemm_func: {warps} warps do not divide the block's "
+                         f"{rt * TILES * COLS} outputs")
     xw = 4 * S                                     # x halves per lane, batch row and chunk
     mask = 0x000F000F if bits == 4 else 0x00FF00FF
     u32 = "uint32"
@@ -392,8 +393,8 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                                                             T.min(m0 + c * COLS + g, M - 1), cidx * ch + xw * t + half * 8 + v]
                                         # tile q: (s, s) and (-z s, -z s) of rows g and g + 8
                                         for q in T.unroll(R):
-                                            T.ptx.prmt.b32(sc[q * 4], sz_reg[(ku * R + q) * 2], sz_reg[(ku * R + q) * 2],
-                                                           T.uint32(0x1010))
+                                            T.ptx.prmt.b32(sc[q * 4], sz_reg[(ku * R + q) * 2],
+                                                           sz_reg[(ku * R + q) * 2], T.uint32(0x1010))
                                             T.ptx.prmt.b32(sc[q * 4 + 1], sz_reg[(ku * R + q) * 2],
                                                            sz_reg[(ku * R + q) * 2], T.uint32(0x3232))
                                             T.ptx.prmt.b32(sc[q * 4 + 2], sz_reg[(ku * R + q) * 2 + 1],
