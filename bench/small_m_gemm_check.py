@@ -65,13 +65,15 @@ def main(argv=None):
     for shape in a.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         auto = small_m_rows(n, k)
-        kernels = {}
+        kernels, built = {}, {}
         for label, r, w, u in variants:
             rows = auto if r == "auto" else r
             if not small_m_gemm_supported(n, k, "float16", rows) and not (w and u):
                 continue
             try:
-                kernels[label] = (rows, build(small_m_gemm_func(n, k, rows=rows, warps=w, unroll=u)))
+                if (rows, w, u) not in built:       # "auto" is one of the others: built once
+                    built[rows, w, u] = build(small_m_gemm_func(n, k, rows=rows, warps=w, unroll=u))
+                kernels[label] = (rows, built[rows, w, u])
             except ValueError as e:          # an R:warps:unroll that does not divide this shape
                 print(f"{shape} {label}: {e}", file=sys.stderr)
         if not kernels:

@@ -81,14 +81,16 @@ def main(argv=None):
                 doc["rows"].append({"n": n, "k": k, "quant": qspec, "skipped": "shape not supported"})
                 continue
             auto = small_m_quant_rows(n)
-            kernels = {}
+            kernels, built = {}, {}
             for label, r, wp, u in variants:
                 rows = auto if r == "auto" else r
                 if rows not in ROW_TILES or n % (TILE_N * rows):
                     continue
                 try:
-                    kernels[label] = (rows, build(small_m_quant_gemm_func(n, k, bits, group, rows=rows, warps=wp,
-                                                                          unroll=u)))
+                    if (rows, wp, u) not in built:     # "auto" is one of the others: built once
+                        built[rows, wp, u] = build(small_m_quant_gemm_func(n, k, bits, group, rows=rows, warps=wp,
+                                                                           unroll=u))
+                    kernels[label] = (rows, built[rows, wp, u])
                 except ValueError as e:
                     print(f"{shape} {qspec} {label}: {e}", file=sys.stderr)
             q, s, z = quantize_rtn(w, bits, group, sym)
