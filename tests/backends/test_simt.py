@@ -109,3 +109,28 @@ def test_errors_name_the_problem():
         simt.run(_mma_tile(_ptx_a, _ptx_b), a, b)
     with pytest.raises(IndexError, match="accesses A"):    # a lane reading past the end of A
         simt.run(_mma_tile(lambda g, t, i: (g + 16, 0), _ptx_b), a, b, np.zeros((16, 8), np.float32))
+
+
+def _rotate(barrier: bool):
+    """Each thread writes its value to shared memory and reads its neighbour's: correct only with a barrier."""
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def rotate(A: T.Buffer((64,), "float32"), B: T.Buffer((64,), "float32")):
+        for tx in T.thread_binding(64, thread="threadIdx.x"):
+            with T.sblock("r"):
+                sh = T.sblock_alloc_buffer((64,), "float32", scope="shared")
+                sh[tx] = A[tx] * T.float32(2)
+                if barrier:
+                    T.tvm_storage_sync("shared")
+                B[tx] = sh[(tx + 1) % 64]
+    # fmt: on
+    return rotate
+
+
+def test_races_that_lock_step_would_hide_are_errors():
+    a = np.arange(64, dtype=np.float32)
+    b = np.zeros(64, np.float32)
+    simt.run(_rotate(True), a, b)
+    np.testing.assert_array_equal(b, np.roll(a, -1) * 2)
+    with pytest.raises(RuntimeError, match="no barrier between"):
+        simt.run(_rotate(False), a, np.zeros(64, np.float32))

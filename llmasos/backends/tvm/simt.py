@@ -10,8 +10,10 @@ fragments from the lanes by the PTX ISA's fragment layout and scatters D back, s
 the wrong elements computes the wrong product here as on the GPU; a warp only partly active at an
 ``mma.sync`` is an error, as is a global access out of bounds by an active thread. The half2 / bit
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
-to f16). Lock step is a legal schedule of a kernel with correct barriers (``tvm_storage_sync`` is then a
-no-op), so it checks the kernel's arithmetic and data layout, not its synchronisation.
+to f16). Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
+errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
+missing barrier), two threads storing to one shared or global element in the same step, a barrier reached
+by only some threads.
 
 Only the constructs these kernels use are implemented; anything else raises NotImplementedError naming it.
 """
@@ -56,6 +58,9 @@ class _Storage:
 
     def __init__(self, array: np.ndarray, scope: str, name: str):
         self.array, self.scope, self.name = array, scope, name
+        # shared: the thread that wrote each element since the last barrier (-1: none), to catch a read of
+        # another thread's write with no barrier between -- a race lock step would otherwise hide
+        self.writer = np.full(array.shape, -1, np.int64) if scope == "shared" else None
 
 
 class _Machine:
@@ -229,6 +234,13 @@ class _Machine:
         buf = _buffer(e)
         storage = self.store[buf]
         rows, flat = self._lanes(self._flat(buf, e.indices), storage, self.mask)
+        if storage.writer is not None:
+            w = storage.writer[rows, flat]
+            bad = self.mask & (w >= 0) & (w != self.tid)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise RuntimeError(f"simt: thread {i} reads {storage.name}[{int(flat[i])}], written by thread "
+                                   f"{int(w[i])} with no barrier between (a race)")
         return storage.array[flat] if rows is None else storage.array[rows, flat]
 
     _e_BufferLoad = _e_TensorLoad
@@ -242,7 +254,12 @@ class _Machine:
 
     # -- calls -----------------------------------------------------------------------------------------
     def _c_tvm_storage_sync(self, e):
-        return None     # lock step
+        if not self.mask.all():
+            raise RuntimeError("simt: a barrier (tvm_storage_sync) reached by only some threads")
+        for st in self.store.values():     # lock step: every write before it is now visible to all
+            if st.writer is not None:
+                st.writer[...] = -1
+        return None
 
     def _c_buffer_data(self, e):
         return e.args[0]
@@ -310,18 +327,18 @@ class _Machine:
     def _pack(h):
         return np.ascontiguousarray(h.astype(np.float16)).view(np.uint32).reshape(-1)
 
-    def _check_f16x2(self, e, rounding_at):
+    def _check_f16x2(self, e):
         strs = [str(x.value) for x in e.args if type(x).__name__ == "StringImm"]
         if "f16x2" not in strs or any(s not in ("", "f16x2", "rn") for s in strs):
             raise NotImplementedError(f"simt: {e.op.name} with modifiers {strs}")
 
     def _c_ptx_sub_half(self, e):
-        self._check_f16x2(e, None)
+        self._check_f16x2(e)
         a, b = self._halves(self._u32(e.args[1])), self._halves(self._u32(e.args[2]))
         self._write(e.args[0], self._pack(a - b))          # exact in f64, one rounding to f16
 
     def _c_ptx_fma_half(self, e):
-        self._check_f16x2(e, None)
+        self._check_f16x2(e)
         a, b, c = (self._halves(self._u32(x)) for x in e.args[1:4])
         self._write(e.args[0], self._pack(a * b + c))     # a * b exact in f64; one rounding to f16
 
@@ -387,10 +404,18 @@ class _Machine:
         rows, flat = self._lanes(self._flat(buf, indices), storage, self.mask)
         value = np.broadcast_to(np.asarray(value).astype(storage.array.dtype), (self.threads,))
         m = self.mask
+        if storage.scope != "local":      # two threads writing one element in the same step: a race
+            key = flat[m] if rows is None else rows[m] * storage.array.shape[-1] + flat[m]
+            uniq, first = np.unique(key, return_index=True)
+            if len(uniq) != len(key):
+                dup = np.setdiff1d(np.arange(len(key)), first)[0]
+                raise RuntimeError(f"simt: two threads write {storage.name}[{int(flat[m][dup])}] at once (a race)")
         if rows is None:
             storage.array[flat[m]] = value[m]
         else:
             storage.array[rows[m], flat[m]] = value[m]
+            if storage.writer is not None:
+                storage.writer[rows[m], flat[m]] = self.tid[m]
 
     def exec(self, s):
         kind = type(s).__name__
