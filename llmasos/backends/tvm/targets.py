@@ -448,8 +448,8 @@ class CUDATarget(Target):
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
-        (the default: the kernel has not yet run on a GPU; its layout and dequantization are checked on the CPU
-        by an emulation, tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
+        (the default: the kernel has not yet run on a GPU; it is checked on the CPU by an emulation of its layout
+        and by the simt interpreter, tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
         row counts up to 64, batch 1 included, instead of DecodeGEMV: for A/B runs on a GPU); R tiles a block by
         target option small_m_rows, as small_m_gemm (auto: cuda_gemm.small_m_quant_rows)."""
         which = self.extra.get("small_m_quant_gemm", "off")
