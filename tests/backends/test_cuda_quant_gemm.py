@@ -159,3 +159,37 @@ def test_repacked_layout_and_dequant_give_the_weight(bits, group, sym_):
     assert err < 2e-3, err                                   # f16 rounding of s, -z s and the weight
     ref = x.astype(np.float32) @ w_ref.T
     assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-3
+
+
+@pytest.mark.parametrize("rows,n,k,bits,group,sym_", [
+    ("1", 32, 512, 4, 128, True), ("2", 64, 576, 4, 64, False),   # 576: 9 chunks, a ragged K split
+    ("4", 128, 512, 4, 0, True), ("4", 128, 256, 8, 0, False), ("2", 64, 256, 8, 32, True)])
+def test_the_kernel_itself_in_the_simt_interpreter(rows, n, k, bits, group, sym_):
+    """The int kernel the lowering emits (R = small_m_rows 16-row tiles a block), run lane by lane on the
+    CPU by llmasos.backends.tvm.simt -- lop3 / prmt / sub.f16x2 / fma.rn.f16x2 bit for bit, mma.sync by
+    the PTX fragment layout -- on the load-time repack's words, against numpy's x @ dequantize(codes)^T, at
+    M = 3 (part of one column tile) and 40 (a second block row). Two blocks along N."""
+    from llmasos.backends.tvm import simt
+    from llmasos.compress.quant import unpack_int4
+    spec = dataclasses.replace(SPEC, extra={"small_m_quant_gemm": "on", "small_m_rows": rows})
+    name, func = next((gv.name_hint, f) for gv, f in lower(_graph(n, k, bits, group, sym_), spec).functions.items()
+                      if gv.name_hint.startswith("small_m_quant_gemm"))
+    assert name.endswith(f"_r{rows}" if rows != "1" else f"q{bits}g{group}")
+    codes, s, z = _quant(n, k, bits, group, sym_)                  # the graph's parameters (same seed)
+    signed8 = bits == 8 and codes.dtype == np.int8
+    words = _run_te(lambda c: quant_repack_words(c, n, k, bits, signed8), codes)
+    sz = _run_te(lambda a, b: quant_repack_scales(a, b, n, 1 if group == 0 else -(-k // group), signed8), s, z)
+    w_ref = dequantize(unpack_int4(codes) if bits == 4 else codes, s, z, bits, group)
+    for m in (3, 40):
+        x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
+        y = np.full((m, n), np.nan, np.float16)          # an output never written stays NaN and fails
+        simt.run(func, x, words, sz, y)
+        ref = x.astype(np.float32) @ w_ref.T
+        assert np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max() < 3e-3, m
+
+
+def test_row_tiles_choice():
+    from llmasos.backends.tvm.cuda_gemm import small_m_quant_rows
+    assert [small_m_quant_rows(n) for n in (32000, 16384, 8192, 3072, 2048, 2040)] == [4, 4, 2, 1, 1, 1]
+    forced = dataclasses.replace(SPEC, extra={"small_m_quant_gemm": "on", "small_m_rows": "4"})
+    assert forced.small_m_quant_gemm(96, 512, 4, 128, "float16")[0].endswith("_r2")   # 96 rows: no 64-row tile

@@ -192,3 +192,62 @@ def test_decode_gemm_at_a_symbolic_batch_runs_the_small_m_tensor_core_kernel():
     assert "small_m_gemm" not in source(graph(1024, 1000))
     off = dataclasses.replace(SPEC, extra={"small_m_gemm": "off"})
     assert "small_m_gemm" not in source(graph(1024, 1024), off)
+
+
+def _small_m_graph(n, k):
+    g = Graph("g")
+    g.add_symbol("batch", 1, 64)
+    x = g.add_input("x", TensorType((sym("batch"), 1, k), DType.f16))
+    w = (np.random.default_rng(n + k).standard_normal((n, k)) * 0.05).astype(np.float16)
+    g.set_outputs([g.add_node("linear", [x, g.add_param("w", w)])])
+    return g, w
+
+
+def _small_m_kernel(g, rows):
+    """(name, PrimFunc) of the small-M kernel the lowering emits with target option small_m_rows = rows."""
+    import dataclasses
+    spec = dataclasses.replace(SPEC, extra={"small_m_rows": rows})
+    mod = lower(g, spec)
+    return next((gv.name_hint, f) for gv, f in mod.functions.items() if gv.name_hint.startswith("small_m_gemm"))
+
+
+@pytest.mark.parametrize("rows,n,k", [("1", 32, 1024), ("2", 64, 512), ("4", 128, 256), ("4", 96, 256)])
+def test_small_m_gemm_row_tiles_compute_x_wt_in_the_simt_interpreter(rows, n, k):
+    """The kernel the lowering emits for R = 1, 2, 4 weight tiles a block, run lane by lane on the CPU
+    (llmasos.backends.tvm.simt: mma.sync by the PTX fragment layout) against numpy, at batch rows that fill
+    one MMA column tile, part of the block's four, and spill into a second block row (M = 40); two blocks
+    along N. N = 96 takes no 64-row tile: R = 4 falls back to R = 2."""
+    from llmasos.backends.tvm import simt
+    g, w = _small_m_graph(n, k)
+    name, func = _small_m_kernel(g, rows)
+    want_r = 2 if n == 96 else int(rows)
+    assert name == f"small_m_gemm_{n}x{k}" + (f"_r{want_r}" if want_r > 1 else "")
+    for m in (1, 13, 40):
+        x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
+        y = np.full((m, n), np.nan, np.float16)        # an output never written stays NaN and fails
+        simt.run(func, x, w, y)
+        ref = x.astype(np.float32) @ w.astype(np.float32).T
+        assert np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max() < 2e-3, (rows, m)
+
+
+def test_small_m_rows_choice_and_target_option():
+    """auto: R = 4 for Llama-1B's 16384-row gate/up and 32000-row LM head (>= 256 blocks of 64 rows), R = 2
+    for 8192 rows, R = 1 for the 2048 / 3072-row projections; small_m_rows = 1 | 2 | 4 forces it (A/B
+    runs), and the CUDA it builds still runs on mma.sync with 16-byte weight loads."""
+    import dataclasses
+
+    from llmasos.backends.tvm.build import compile_module
+    from llmasos.backends.tvm.cuda_gemm import small_m_gemm_supported, small_m_rows
+    assert [small_m_rows(n, k) for n, k in ((16384, 2048), (32000, 2048), (8192, 2048), (3072, 2048),
+                                            (2048, 2048), (2048, 8192))] == [4, 4, 2, 1, 1, 1]
+    assert small_m_gemm_supported(1024, 256, "float16", 4) and not small_m_gemm_supported(1040, 256, "float16", 4)
+    assert not small_m_gemm_supported(1024, 1024, "float16", 3)
+    g, _ = _small_m_graph(1024, 1024)
+    assert _small_m_kernel(g, "auto")[0] == "small_m_gemm_1024x1024"          # 64 blocks: R = 1
+    spec = dataclasses.replace(SPEC, extra={"small_m_rows": "4"})
+    src = cuda_source(compile_module(lower(g, spec), spec))
+    body = src[src.index("small_m_gemm_1024x1024_r4"):]
+    assert body.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") >= 4 * 4 * 2   # R x tiles x k-steps
+    assert re.search(r"\*\(uint4\*\)\(w_reg_ptr", body)
+    with pytest.raises(ValueError, match=r"small_m_rows must be 'auto' or one of 1, 2, 4, got '3'"):
+        dataclasses.replace(SPEC, extra={"small_m_rows": "3"}).small_m_gemm(1024, 1024, "float16")

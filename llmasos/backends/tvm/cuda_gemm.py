@@ -13,11 +13,20 @@ and 16 bytes of each x row g of every column tile. The MMA's own layout wants lo
 8 * ((c % 8) // 2) + 4 s + (c % 2) + 2 (c // 8) of the chunk -- a permutation of the chunk's 32 positions
 applied to W and x alike, so the dot products are unchanged and every lane's loads are 16-byte vectors.
 
-Grid: N / 16 blocks of ``warps`` warps (one 16-row tile of W per block) times ceil(M / 32) (a block covers
-32 batch rows: four column tiles, the ones past M skipped warp-uniformly). The block's warps split K
+Grid: N / (16 R) blocks of ``warps`` warps (R 16-row tiles of W per block) times ceil(M / 32) (a block
+covers 32 batch rows: four column tiles, the ones past M skipped warp-uniformly). Each x fragment a lane
+loads feeds R MMAs, one per weight tile: every block reads its 32 rows of x from L2 once per K sweep, so
+x's L2 traffic is M / (16 R) times the weight's -- at M = 32 and R = 1 twice the weight stream, which held
+the 16384-row gate/up and the 32000-row LM head to 0.75-1.0x cuBLAS (H100). R comes from small_m_rows (or
+the target option small_m_rows); M is symbolic, so R depends on (N, K) alone: R * 16 f32 accumulators a
+thread fit the registers at every M up to the block's 32 rows. The block's warps split K
 (interleaved 32-wide chunks, so together they read 512 contiguous bytes of each row per step) and sum their
 partial tiles through shared memory. Rows of x past M are read clamped to row M - 1 and their columns of y
 are never written: an MMA column depends only on its own B column.
+
+The kernels' numerics are checked without a GPU by llmasos.backends.tvm.simt, a lock-step SIMT interpreter
+of this TIR (mma fragments placed by the PTX layout), in tests/backends/test_cuda_schedule.py and
+test_cuda_quant_gemm.py; on a GPU against torch by bench/small_m_gemm_check.py / small_m_quant_gemm_check.py.
 
 small_m_quant_gemm_func (below) is the same kernel for quant.linear's int4/int8 codes: codes repacked at load
 into the lanes' fragment order (so x keeps its layout), dequantized in registers with lop3 + two half2
@@ -47,21 +56,64 @@ def sm_version(arch: str) -> int:
 
 
 def small_m_warps(n: int) -> int:
-    """Warps per block (the K split): more when N gives few blocks, to keep enough loads in flight."""
+    """Warps per block (the K split) of the one-tile kernel (R = 1): more when N gives few blocks, to keep
+    enough loads in flight."""
     return 8 if n <= 4096 else 4
 
 
-def small_m_gemm_supported(n: int, k: int, dtype: str) -> bool:
-    """Whether the kernel takes a [*, K] x [N, K] GEMM: f16, N a multiple of 16, K of 32 * warps * UNROLL."""
-    return dtype == "float16" and n % TILE_N == 0 and k % (CHUNK * small_m_warps(n) * UNROLL) == 0
+ROW_TILES = (1, 2, 4)   # the R choices: weight rows per block = 16 R
+MIN_BLOCKS = 256        # auto R keeps at least this many blocks (about two per SM on an H100 / H200)
 
 
-def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
-    """The PrimFunc ``small_m_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic)."""
-    warps = small_m_warps(n)
+def small_m_rows(n: int, k: int) -> int:
+    """The automatic R (16-row weight tiles per block) for an N x K weight: the largest of ROW_TILES that
+    divides N into at least MIN_BLOCKS blocks. Every block reads all of x (M x K) from L2 per K sweep, so a
+    block of 16 rows at M = 32 reads twice as many x bytes as weight bytes; R tiles reuse each x fragment for
+    R MMAs and cut that to 2 / R. Few-row projections (N = 2048: 128 blocks at R = 1) keep R = 1 -- fewer
+    blocks would leave SMs without work and the weight stream, not L2, is their limit."""
+    for r in sorted(ROW_TILES, reverse=True):
+        if n % (TILE_N * r) == 0 and n // (TILE_N * r) >= MIN_BLOCKS and small_m_gemm_supported(n, k, "float16", r):
+            return r
+    return 1
+
+
+def small_m_plan(n: int, rows: int) -> tuple:
+    """(warps, unroll) of the kernel with R = ``rows``. R = 1 keeps small_m_warps and UNROLL = 4 (128 bytes
+    of weight in flight per lane). R = 2 and 4: 4 warps (the shared reduction buffer, warps * R * 2 KiB, stays
+    within 32 KiB) and 2 chunks unrolled: 128 / 256 bytes a lane in flight, so the few blocks of a large-R
+    grid (two a SM at 256 blocks) still keep ~60 KiB of loads in flight per SM. ptxas (sm_90a, N = 16384,
+    K = 2048): R = 1 66 registers, R = 2 90, R = 4 128, no spills -- the R * 16 f32 accumulators fit."""
+    if rows == 1:
+        return small_m_warps(n), UNROLL
+    return 4, 2
+
+
+def small_m_gemm_supported(n: int, k: int, dtype: str, rows: int = 1) -> bool:
+    """Whether the kernel with R = ``rows`` takes a [*, K] x [N, K] GEMM: f16, N a multiple of 16 R, K of
+    32 * warps * unroll."""
+    if rows not in ROW_TILES:
+        return False
+    warps, unroll = small_m_plan(n, rows)
+    return dtype == "float16" and n % (TILE_N * rows) == 0 and k % (CHUNK * warps * unroll) == 0
+
+
+def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16", rows: int = 1, warps: int = 0, unroll: int = 0):
+    """The PrimFunc ``small_m_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic), each
+    block covering ``rows`` (R) 16-row weight tiles: every x fragment a lane loads feeds R MMAs. ``warps`` /
+    ``unroll`` override small_m_plan (for sweeps on a GPU)."""
+    if rows not in ROW_TILES:
+        raise ValueError(f"small_m_gemm_func: rows (R) must be one of {ROW_TILES}, got {rows!r}")
+    plan = small_m_plan(n, rows)
+    warps, unroll = warps or plan[0], unroll or plan[1]
+    rt = TILE_N * rows                    # weight rows per block
+    if n % rt or k % (CHUNK * warps * unroll):
+        raise ValueError(f"small_m_gemm_func: N = {n} must be a multiple of {rt} and K = {k} of "
+                         f"{CHUNK * warps * unroll} (R = {rows}, {warps} warps, unroll {unroll})")
     steps = k // (CHUNK * warps)          # K chunks per warp
-    outer = steps // UNROLL
-    per_thread = TILE_N * TILES * COLS // (warps * 32)  # outputs each thread sums and writes
+    outer = steps // unroll
+    per_thread = rt * TILES * COLS // (warps * 32)  # outputs each thread sums and writes
+    if per_thread * warps * 32 != rt * TILES * COLS:
+        raise ValueError(f"small_m_gemm_func: {warps} warps do not divide the block's {rt * TILES * COLS} outputs")
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -71,71 +123,76 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16"):
         X = T.match_buffer(var_x, (M, k), "float16")
         W = T.match_buffer(var_w, (n, k), "float16")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
+        for bx in T.thread_binding(n // rt, thread="blockIdx.x"):
             for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
-                            w_reg = T.sblock_alloc_buffer((16,), "float16", scope="local")
+                            w_reg = T.sblock_alloc_buffer((16 * rows,), "float16", scope="local")
                             x_reg = T.sblock_alloc_buffer((TILES * 8,), "float16", scope="local")
-                            a_frag = T.sblock_alloc_buffer((8,), "float16", scope="local")
+                            a_frag = T.sblock_alloc_buffer((8 * rows,), "float16", scope="local")
                             b_frag = T.sblock_alloc_buffer((4,), "float16", scope="local")
-                            acc = T.sblock_alloc_buffer((TILES * 4,), "float32", scope="local")
-                            red = T.sblock_alloc_buffer((warps, TILE_N, TILES * COLS), "float32", scope="shared")
+                            acc = T.sblock_alloc_buffer((rows * TILES * 4,), "float32", scope="local")
+                            red = T.sblock_alloc_buffer((warps, rt, TILES * COLS), "float32", scope="shared")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             g: T.let[T.int32] = tx // 4
                             t: T.let[T.int32] = tx % 4
                             m0: T.let[T.int32] = by * (COLS * TILES)
-                            for i in T.unroll(TILES * 4):
+                            for i in T.unroll(rows * TILES * 4):
                                 acc[i] = T.float32(0)
                             for ko in T.serial(outer):
-                                for ku in T.unroll(UNROLL):
-                                    k0: T.let[T.int32] = ((ko * UNROLL + ku) * warps + ty) * CHUNK + 8 * t
-                                    for v in T.vectorized(8):
-                                        w_reg[v] = W[bx * TILE_N + g, k0 + v]
-                                    for v in T.vectorized(8):
-                                        w_reg[8 + v] = W[bx * TILE_N + g + 8, k0 + v]
+                                for ku in T.unroll(unroll):
+                                    k0: T.let[T.int32] = ((ko * unroll + ku) * warps + ty) * CHUNK + 8 * t
+                                    # tile r's rows g and g + 8: 16 bytes each
+                                    for r in T.unroll(rows):
+                                        for v in T.vectorized(8):
+                                            w_reg[r * 16 + v] = W[bx * rt + r * TILE_N + g, k0 + v]
+                                        for v in T.vectorized(8):
+                                            w_reg[r * 16 + 8 + v] = W[bx * rt + r * TILE_N + g + 8, k0 + v]
                                     for c in T.unroll(TILES):
                                         if m0 + c * COLS < M:
                                             for v in T.vectorized(8):
                                                 x_reg[c * 8 + v] = X[T.min(m0 + c * COLS + g, M - 1), k0 + v]
                                     for s in T.unroll(2):
-                                        # A: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
-                                        a_frag[0] = w_reg[4 * s]
-                                        a_frag[1] = w_reg[4 * s + 1]
-                                        a_frag[2] = w_reg[8 + 4 * s]
-                                        a_frag[3] = w_reg[8 + 4 * s + 1]
-                                        a_frag[4] = w_reg[4 * s + 2]
-                                        a_frag[5] = w_reg[4 * s + 3]
-                                        a_frag[6] = w_reg[8 + 4 * s + 2]
-                                        a_frag[7] = w_reg[8 + 4 * s + 3]
+                                        # A of tile r: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
+                                        for r in T.unroll(rows):
+                                            a_frag[r * 8 + 0] = w_reg[r * 16 + 4 * s]
+                                            a_frag[r * 8 + 1] = w_reg[r * 16 + 4 * s + 1]
+                                            a_frag[r * 8 + 2] = w_reg[r * 16 + 8 + 4 * s]
+                                            a_frag[r * 8 + 3] = w_reg[r * 16 + 8 + 4 * s + 1]
+                                            a_frag[r * 8 + 4] = w_reg[r * 16 + 4 * s + 2]
+                                            a_frag[r * 8 + 5] = w_reg[r * 16 + 4 * s + 3]
+                                            a_frag[r * 8 + 6] = w_reg[r * 16 + 8 + 4 * s + 2]
+                                            a_frag[r * 8 + 7] = w_reg[r * 16 + 8 + 4 * s + 3]
                                         for c in T.unroll(TILES):
                                             if m0 + c * COLS < M:
-                                                # B: (k 2t..2t+1, col g), (k 2t+8..2t+9, col g)
+                                                # B: (k 2t..2t+1, col g), (k 2t+8..2t+9, col g), shared by R MMAs
                                                 for v in T.unroll(4):
                                                     b_frag[v] = x_reg[c * 8 + 4 * s + v]
-                                                T.evaluate(T.ptx_legacy.mma(
-                                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                    a_frag.data, 0, b_frag.data, 0, acc.data, c * 4, False,
-                                                    dtype="float32"))
-                            # C: (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
-                            for c in T.unroll(TILES):
-                                red[ty, g, c * COLS + 2 * t] = acc[c * 4]
-                                red[ty, g, c * COLS + 2 * t + 1] = acc[c * 4 + 1]
-                                red[ty, g + 8, c * COLS + 2 * t] = acc[c * 4 + 2]
-                                red[ty, g + 8, c * COLS + 2 * t + 1] = acc[c * 4 + 3]
+                                                for r in T.unroll(rows):
+                                                    T.evaluate(T.ptx_legacy.mma(
+                                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                        a_frag.data, r * 8, b_frag.data, 0, acc.data,
+                                                        (r * TILES + c) * 4, False, dtype="float32"))
+                            # C of tile r: (row g, col 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+                            for r in T.unroll(rows):
+                                for c in T.unroll(TILES):
+                                    red[ty, r * TILE_N + g, c * COLS + 2 * t] = acc[(r * TILES + c) * 4]
+                                    red[ty, r * TILE_N + g, c * COLS + 2 * t + 1] = acc[(r * TILES + c) * 4 + 1]
+                                    red[ty, r * TILE_N + g + 8, c * COLS + 2 * t] = acc[(r * TILES + c) * 4 + 2]
+                                    red[ty, r * TILE_N + g + 8, c * COLS + 2 * t + 1] = acc[(r * TILES + c) * 4 + 3]
                             T.tvm_storage_sync("shared")
                             for j in T.unroll(per_thread):
                                 # output o = (column m, row r) with rows fastest: consecutive threads write
                                 # consecutive n of one y row
                                 o: T.let[T.int32] = (ty * 32 + tx) + j * (warps * 32)
-                                r: T.let[T.int32] = o % TILE_N
-                                col: T.let[T.int32] = o // TILE_N
+                                r_: T.let[T.int32] = o % rt
+                                col: T.let[T.int32] = o // rt
                                 if m0 + col < M:
                                     total[0] = T.float32(0)
                                     for w_ in T.unroll(warps):
-                                        total[0] = total[0] + red[w_, r, col]
-                                    Y[m0 + col, bx * TILE_N + r] = T.Cast(out_dtype, total[0])
+                                        total[0] = total[0] + red[w_, r_, col]
+                                    Y[m0 + col, bx * rt + r_] = T.Cast(out_dtype, total[0])
     # fmt: on
     return small_m_gemm
 
@@ -229,20 +286,47 @@ def quant_repack_scales(scale, zero, n: int, groups: int, signed8: bool):
     return te.compute((n // TILE_N, groups * 16), word, name="quant_scale_words")
 
 
-def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: str = "float16"):
+def small_m_quant_rows(n: int) -> int:
+    """The automatic R of the int kernel: as small_m_rows (the largest R leaving >= MIN_BLOCKS blocks). x's L2
+    traffic weighs more here -- int4 codes are a quarter of the f16 weight's bytes, so at M = 32 and R = 1 a
+    block reads 8x as many x bytes as code bytes."""
+    for r in sorted(ROW_TILES, reverse=True):
+        if n % (TILE_N * r) == 0 and n // (TILE_N * r) >= MIN_BLOCKS:
+            return r
+    return 1
+
+
+def small_m_quant_plan(n: int, rows: int) -> tuple:
+    """(warps, unroll) of the int kernel with R = ``rows``: R = 1 small_m_warps and Q_UNROLL; R = 2, 4: 4 warps
+    (shared reduction <= 32 KiB) and 2 chunks unrolled (R * 2 * 16 bytes of codes in flight per lane)."""
+    return (small_m_warps(n), Q_UNROLL) if rows == 1 else (4, 2)
+
+
+def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: str = "float16", rows: int = 1,
+                            warps: int = 0, unroll: int = 0):
     """The PrimFunc ``small_m_quant_gemm(x [M, K] f16, words [N/16, K/CH*128] u32, sz [N/16, G*16] u32) ->
     y [M, N]`` (M symbolic) over quant_repack_words / quant_repack_scales' layouts; G = ceil(K / group), 1
-    for group 0."""
-    warps = small_m_warps(n)
+    for group 0. Each block covers ``rows`` (R) 16-row tiles (the repacked layout is per tile, so R needs no
+    other layout): each x fragment feeds R MMAs. ``warps`` / ``unroll`` override small_m_quant_plan."""
+    if rows not in ROW_TILES or n % (TILE_N * rows):
+        raise ValueError(f"small_m_quant_gemm_func: rows (R) must be one of {ROW_TILES} with N = {n} a multiple "
+                         f"of 16 R, got {rows!r}")
+    plan = small_m_quant_plan(n, rows)
+    warps, unroll = warps or plan[0], unroll or plan[1]
+    R = rows
+    rt = TILE_N * R
     S = 4 if bits == 4 else 2
     ch = quant_chunk(bits)
     chunks = k // ch
-    per_step = warps * Q_UNROLL
+    per_step = warps * unroll
     outer = -(-chunks // per_step)
     ragged = chunks % per_step != 0
     groups = 1 if group == 0 else -(-k // group)
     gshift = 0 if group == 0 else group // ch      # chunks per group
-    per_thread = TILE_N * TILES * COLS // (warps * 32)
+    per_thread = rt * TILES * COLS // (warps * 32)
+    if per_thread * warps * 32 != rt * TILES * COLS:
+        raise ValueError(f"small_m_quant_gemm_func: {warps} warps do not divide the block's "
+                         f"{rt * TILES * COLS} outputs")
     xw = 4 * S                                     # x halves per lane, batch row and chunk
     mask = 0x000F000F if bits == 4 else 0x00FF00FF
     u32 = "uint32"
@@ -267,38 +351,39 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
         Wq = T.match_buffer(var_w, (n // TILE_N, chunks * 128), "uint32")
         SZ = T.match_buffer(var_sz, (n // TILE_N, groups * 16), "uint32")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for bx in T.thread_binding(n // TILE_N, thread="blockIdx.x"):
+        for bx in T.thread_binding(n // rt, thread="blockIdx.x"):
             for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("qgemm"):
-                            w_reg = T.sblock_alloc_buffer((4 * Q_UNROLL,), "uint32", scope="local")
-                            sz_reg = T.sblock_alloc_buffer((2 * Q_UNROLL,), "uint32", scope="local")
-                            sc = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            w_reg = T.sblock_alloc_buffer((4 * unroll * R,), "uint32", scope="local")
+                            sz_reg = T.sblock_alloc_buffer((2 * unroll * R,), "uint32", scope="local")
+                            sc = T.sblock_alloc_buffer((4 * R,), "uint32", scope="local")
                             h = T.sblock_alloc_buffer((1,), "uint32", scope="local")
                             x_reg = T.sblock_alloc_buffer((TILES * xw,), "float16", scope="local")
-                            a_frag = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                            a_frag = T.sblock_alloc_buffer((4 * R,), "uint32", scope="local")
                             b_frag = T.sblock_alloc_buffer((4,), "float16", scope="local")
-                            acc = T.sblock_alloc_buffer((TILES * 4,), "float32", scope="local")
-                            red = T.sblock_alloc_buffer((warps, TILE_N, TILES * COLS), "float32", scope="shared")
+                            acc = T.sblock_alloc_buffer((R * TILES * 4,), "float32", scope="local")
+                            red = T.sblock_alloc_buffer((warps, rt, TILES * COLS), "float32", scope="shared")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             g: T.let[T.int32] = tx // 4
                             t: T.let[T.int32] = tx % 4
                             m0: T.let[T.int32] = by * (COLS * TILES)
-                            for i in T.unroll(TILES * 4):
+                            for i in T.unroll(R * TILES * 4):
                                 acc[i] = T.float32(0)
                             for ko in T.serial(outer):
                                 # the HBM stream first: every unrolled chunk's codes (and scale words) in flight
-                                for ku in T.unroll(Q_UNROLL):
-                                    if live((ko * Q_UNROLL + ku) * warps + ty):
-                                        for v in T.vectorized(4):
-                                            w_reg[ku * 4 + v] = Wq[bx, ((ko * Q_UNROLL + ku) * warps + ty) * 128
-                                                                   + tx * 4 + v]
-                                        for v in T.vectorized(2):
-                                            sz_reg[ku * 2 + v] = SZ[bx, gidx((ko * Q_UNROLL + ku) * warps + ty) * 16
-                                                                    + g * 2 + v]
-                                for ku in T.unroll(Q_UNROLL):
-                                    cidx: T.let[T.int32] = (ko * Q_UNROLL + ku) * warps + ty
+                                for ku in T.unroll(unroll):
+                                    if live((ko * unroll + ku) * warps + ty):
+                                        for q in T.unroll(R):
+                                            for v in T.vectorized(4):
+                                                w_reg[(ku * R + q) * 4 + v] = Wq[
+                                                    bx * R + q, ((ko * unroll + ku) * warps + ty) * 128 + tx * 4 + v]
+                                            for v in T.vectorized(2):
+                                                sz_reg[(ku * R + q) * 2 + v] = SZ[
+                                                    bx * R + q, gidx((ko * unroll + ku) * warps + ty) * 16 + g * 2 + v]
+                                for ku in T.unroll(unroll):
+                                    cidx: T.let[T.int32] = (ko * unroll + ku) * warps + ty
                                     if live(cidx):
                                         for c in T.unroll(TILES):
                                             if m0 + c * COLS < M:
@@ -306,40 +391,48 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                                                     for v in T.vectorized(8):
                                                         x_reg[c * xw + half * 8 + v] = X[
                                                             T.min(m0 + c * COLS + g, M - 1), cidx * ch + xw * t + half * 8 + v]
-                                        # (s, s) and (-z s, -z s) of rows g and g + 8
-                                        T.ptx.prmt.b32(sc[0], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x1010))
-                                        T.ptx.prmt.b32(sc[1], sz_reg[ku * 2], sz_reg[ku * 2], T.uint32(0x3232))
-                                        T.ptx.prmt.b32(sc[2], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x1010))
-                                        T.ptx.prmt.b32(sc[3], sz_reg[ku * 2 + 1], sz_reg[ku * 2 + 1], T.uint32(0x3232))
+                                        # tile q: (s, s) and (-z s, -z s) of rows g and g + 8
+                                        for q in T.unroll(R):
+                                            T.ptx.prmt.b32(sc[q * 4], sz_reg[(ku * R + q) * 2],
+                                                           sz_reg[(ku * R + q) * 2], T.uint32(0x1010))
+                                            T.ptx.prmt.b32(sc[q * 4 + 1], sz_reg[(ku * R + q) * 2],
+                                                           sz_reg[(ku * R + q) * 2], T.uint32(0x3232))
+                                            T.ptx.prmt.b32(sc[q * 4 + 2], sz_reg[(ku * R + q) * 2 + 1],
+                                                           sz_reg[(ku * R + q) * 2 + 1], T.uint32(0x1010))
+                                            T.ptx.prmt.b32(sc[q * 4 + 3], sz_reg[(ku * R + q) * 2 + 1],
+                                                           sz_reg[(ku * R + q) * 2 + 1], T.uint32(0x3232))
                                         for s in T.unroll(S):
-                                            for r in T.unroll(4):
-                                                T.ptx.lop3.b32(h[0], src(w_reg, ku * 4, s, r), T.uint32(mask),
-                                                               T.uint32(_MAGIC16), 0xEA)
-                                                T.ptx.sub.f16x2(h[0], h[0], T.uint32(_MAGIC16))
-                                                T.ptx.fma.rn.f16x2(a_frag[r], h[0], sc[2 * (r % 2)],
-                                                                   sc[2 * (r % 2) + 1])
+                                            for q in T.unroll(R):
+                                                for r in T.unroll(4):
+                                                    T.ptx.lop3.b32(h[0], src(w_reg, (ku * R + q) * 4, s, r),
+                                                                   T.uint32(mask), T.uint32(_MAGIC16), 0xEA)
+                                                    T.ptx.sub.f16x2(h[0], h[0], T.uint32(_MAGIC16))
+                                                    T.ptx.fma.rn.f16x2(a_frag[q * 4 + r], h[0], sc[q * 4 + 2 * (r % 2)],
+                                                                       sc[q * 4 + 2 * (r % 2) + 1])
                                             for c in T.unroll(TILES):
                                                 if m0 + c * COLS < M:
                                                     for v in T.unroll(4):
                                                         b_frag[v] = x_reg[c * xw + 4 * s + v]
-                                                    T.evaluate(T.ptx_legacy.mma(
-                                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                        a_frag.data, 0, b_frag.data, 0, acc.data, c * 4, False,
-                                                        dtype="float32"))
-                            for c in T.unroll(TILES):
-                                red[ty, g, c * COLS + 2 * t] = acc[c * 4]
-                                red[ty, g, c * COLS + 2 * t + 1] = acc[c * 4 + 1]
-                                red[ty, g + 8, c * COLS + 2 * t] = acc[c * 4 + 2]
-                                red[ty, g + 8, c * COLS + 2 * t + 1] = acc[c * 4 + 3]
+                                                    for q in T.unroll(R):
+                                                        T.evaluate(T.ptx_legacy.mma(
+                                                            "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                            a_frag.data, q * 4, b_frag.data, 0, acc.data,
+                                                            (q * TILES + c) * 4, False, dtype="float32"))
+                            for q in T.unroll(R):
+                                for c in T.unroll(TILES):
+                                    red[ty, q * TILE_N + g, c * COLS + 2 * t] = acc[(q * TILES + c) * 4]
+                                    red[ty, q * TILE_N + g, c * COLS + 2 * t + 1] = acc[(q * TILES + c) * 4 + 1]
+                                    red[ty, q * TILE_N + g + 8, c * COLS + 2 * t] = acc[(q * TILES + c) * 4 + 2]
+                                    red[ty, q * TILE_N + g + 8, c * COLS + 2 * t + 1] = acc[(q * TILES + c) * 4 + 3]
                             T.tvm_storage_sync("shared")
                             for j in T.unroll(per_thread):
                                 o: T.let[T.int32] = (ty * 32 + tx) + j * (warps * 32)
-                                r_: T.let[T.int32] = o % TILE_N
-                                col: T.let[T.int32] = o // TILE_N
+                                r_: T.let[T.int32] = o % rt
+                                col: T.let[T.int32] = o // rt
                                 if m0 + col < M:
                                     total[0] = T.float32(0)
                                     for w_ in T.unroll(warps):
                                         total[0] = total[0] + red[w_, r_, col]
-                                    Y[m0 + col, bx * TILE_N + r_] = T.Cast(out_dtype, total[0])
+                                    Y[m0 + col, bx * rt + r_] = T.Cast(out_dtype, total[0])
     # fmt: on
     return small_m_quant_gemm

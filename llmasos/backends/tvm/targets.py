@@ -417,32 +417,57 @@ class CUDATarget(Target):
         return {"relax.backend.use_cuda_graph": True} if graph_capture else {}
 
     def small_m_gemm(self, n, k, dtype):
-        """The tensor-core small-M GEMM of cuda_gemm.py (target option small_m_gemm = "on" | "off")."""
+        """The tensor-core small-M GEMM of cuda_gemm.py (target option small_m_gemm = "on" | "off"), with R
+        16-row weight tiles per block (target option small_m_rows = "auto" | 1 | 2 | 4; auto:
+        cuda_gemm.small_m_rows; a fixed R the shape does not take falls back to the largest smaller one)."""
         which = self.extra.get("small_m_gemm", "on")
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': small_m_gemm must be 'on' or 'off', got {which!r}")
         from .cuda_gemm import (small_m_gemm_func,  # deferred: the TVM compiler (module docstring)
-                                small_m_gemm_supported, sm_version)
-        if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
+                                small_m_gemm_supported, small_m_rows, sm_version)
+        rows = self._small_m_rows_option()
+        if which == "off" or sm_version(self.target.get("arch", "")) < 80:
             return None
-        return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
+        rows = small_m_rows(n, k) if rows == "auto" else rows
+        while rows > 1 and not small_m_gemm_supported(n, k, dtype, rows):
+            rows //= 2
+        if not small_m_gemm_supported(n, k, dtype, rows):
+            return None
+        return f"small_m_gemm_{n}x{k}" + (f"_r{rows}" if rows > 1 else ""), small_m_gemm_func(n, k, rows=rows)
+
+    def _small_m_rows_option(self):
+        """Target option small_m_rows: "auto" or the R (1, 2, 4) of the small-M GEMMs."""
+        from .cuda_gemm import ROW_TILES  # deferred: the TVM compiler (module docstring)
+        value = self.extra.get("small_m_rows", "auto")
+        if str(value) == "auto":
+            return "auto"
+        if str(value) not in {str(r) for r in ROW_TILES}:
+            raise ValueError(f"target '{self.name}': small_m_rows must be 'auto' or one of "
+                             f"{', '.join(map(str, ROW_TILES))}, got {value!r}")
+        return int(value)
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
-        (the default: the kernel has not yet run on a GPU; its layout and dequantization are checked on the CPU
-        by an emulation, tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
-        row counts up to 64, batch 1 included, instead of DecodeGEMV: for A/B runs on a GPU)."""
+        (the default: the kernel has not yet run on a GPU; it is checked on the CPU by an emulation of its layout
+        and by the simt interpreter, tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
+        row counts up to 64, batch 1 included, instead of DecodeGEMV: for A/B runs on a GPU); R tiles a block by
+        target option small_m_rows, as small_m_gemm (auto: cuda_gemm.small_m_quant_rows)."""
         which = self.extra.get("small_m_quant_gemm", "off")
         if which not in ("on", "all", "off"):
             raise ValueError(f"target '{self.name}': small_m_quant_gemm must be 'on', 'all' or 'off', got {which!r}")
         if rows is not None and (which != "all" or rows > 64):
             return None
-        from .cuda_gemm import (small_m_quant_gemm_func,  # deferred: the TVM compiler (module docstring)
-                                small_m_quant_gemm_supported, sm_version)
+        from .cuda_gemm import (TILE_N, small_m_quant_gemm_func,  # deferred: the TVM compiler (module docstring)
+                                small_m_quant_gemm_supported, small_m_quant_rows, sm_version)
+        r = self._small_m_rows_option()     # R 16-row tiles a block, as small_m_gemm
         if (which == "off" or sm_version(self.target.get("arch", "")) < 80
                 or not small_m_quant_gemm_supported(n, k, bits, group, dtype)):
             return None
-        return (f"small_m_quant_gemm_{n}x{k}_q{bits}g{group}", small_m_quant_gemm_func(n, k, bits, group))
+        r = small_m_quant_rows(n) if r == "auto" else r
+        while n % (TILE_N * r):
+            r //= 2
+        return (f"small_m_quant_gemm_{n}x{k}_q{bits}g{group}" + (f"_r{r}" if r > 1 else ""),
+                small_m_quant_gemm_func(n, k, bits, group, rows=r))
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)

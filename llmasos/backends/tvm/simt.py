@@ -1,0 +1,530 @@
+"""A reference SIMT interpreter for hand-scheduled CUDA TIR kernels, so their numerics are checked on a
+machine without a GPU (tests/backends/test_cuda_gemm_simt.py, test_cuda_quant_gemm.py).
+
+``run(func, *arrays)`` executes a scheduled PrimFunc (thread-binding loops over blockIdx / threadIdx, then
+one SBlock of per-thread code: the shape of cuda_gemm.py's kernels) on numpy arrays: every thread of the
+grid at once, in lock step, one numpy lane per thread. Local buffers are [threads, size] arrays, shared
+ones [blocks, size]; a branch on a per-thread condition runs under a mask. Warp-collective instructions see
+their warp's 32 lanes: ``ptx_legacy.mma`` m16n8k16 (row.col, f16 x f16 -> f32) gathers its A, B and C
+fragments from the lanes by the PTX ISA's fragment layout and scatters D back, so a kernel whose lanes hold
+the wrong elements computes the wrong product here as on the GPU; a warp only partly active at an
+``mma.sync`` is an error, as is a global access out of bounds by an active thread. The half2 / bit
+instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
+to f16). Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
+errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
+missing barrier), two threads storing to one shared or global element in the same step, a barrier reached
+by only some threads.
+
+Only the constructs these kernels use are implemented; anything else raises NotImplementedError naming it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_NP = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int8": np.int8, "uint8": np.uint8,
+       "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64,
+       "uint64": np.uint64, "bool": np.bool_}
+
+_THREAD_TAGS = ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y", "threadIdx.z")
+
+
+def _dt(expr) -> str:
+    """An expression's dtype name (this TVM keeps it in ``ty``, older ones in ``dtype``)."""
+    dtype = getattr(expr, "dtype", None)
+    return str(dtype if dtype is not None else expr.ty)
+
+
+def _binding(loop) -> bool:
+    """Whether a For is a thread-binding loop (ForKind is an int in this TVM)."""
+    return int(loop.kind) == 4 if isinstance(loop.kind, int) else loop.kind.name == "THREAD_BINDING"
+
+
+def _buffer(node):
+    """The buffer a load or store touches (``source`` in this TVM, ``buffer`` in older ones)."""
+    return node.buffer if hasattr(node, "buffer") else node.source
+
+
+def _np_dtype(dtype) -> Any:
+    name = str(dtype)
+    if name not in _NP:
+        raise NotImplementedError(f"simt: dtype {name} is not supported")
+    return _NP[name]
+
+
+class _Storage:
+    """A buffer's elements: ``scope`` global (one flat array), local ([threads, size]) or shared ([blocks, size])."""
+
+    def __init__(self, array: np.ndarray, scope: str, name: str):
+        self.array, self.scope, self.name = array, scope, name
+        # shared: the thread that wrote each element since the last barrier (-1: none), to catch a read of
+        # another thread's write with no barrier between -- a race lock step would otherwise hide
+        self.writer = np.full(array.shape, -1, np.int64) if scope == "shared" else None
+
+
+class _Machine:
+    def __init__(self, func, arrays):
+        self.func = func
+        self.env: dict = {}
+        self.store: dict = {}          # buffer data Var -> _Storage
+        self.mask = None               # bool [threads] while inside the thread grid
+        self.threads = 0
+        params = list(func.params)
+        if len(params) != len(arrays):
+            raise ValueError(f"simt.run: the kernel takes {len(params)} arguments, got {len(arrays)}")
+        for var, arr in zip(params, arrays):
+            buf = func.buffer_map[var] if hasattr(func, "buffer_map") else var   # (this TVM: params are buffers)
+            if not isinstance(arr, np.ndarray):
+                raise TypeError(f"simt.run: argument {buf.name} must be a numpy array, got {type(arr).__name__}")
+            if arr.dtype != _np_dtype(buf.dtype):
+                raise TypeError(f"simt.run: argument {buf.name} must be {buf.dtype}, got {arr.dtype}")
+            if len(arr.shape) != len(buf.shape):
+                raise ValueError(f"simt.run: argument {buf.name} must have rank {len(buf.shape)}, got {arr.shape}")
+            for dim, size in zip(buf.shape, arr.shape):
+                if type(dim).__name__ == "Var" and dim not in self.env:
+                    self.env[dim] = np.int64(size)
+            want = tuple(int(self.scalar(d)) for d in buf.shape)
+            if want != arr.shape:
+                raise ValueError(f"simt.run: argument {buf.name} must have shape {want}, got {arr.shape}")
+            if not arr.flags.c_contiguous:
+                raise ValueError(f"simt.run: argument {buf.name} must be C-contiguous")
+            self.store[buf] = _Storage(arr.reshape(-1), "global", buf.name)
+            self.env[buf] = buf
+
+    # -- expressions ---------------------------------------------------------------------------------
+    def scalar(self, expr):
+        v = self.eval(expr)
+        if isinstance(v, np.ndarray) and v.ndim:
+            raise NotImplementedError(f"simt: {expr} must be the same for every thread here")
+        return v
+
+    def eval(self, e):
+        kind = type(e).__name__
+        fn = getattr(self, "_e_" + kind, None)
+        if fn is None:
+            raise NotImplementedError(f"simt: expression {kind} ({e}) is not supported")
+        return fn(e)
+
+    def _cast(self, v, dtype):
+        return np.asarray(v).astype(_np_dtype(dtype)) if isinstance(v, np.ndarray) else _np_dtype(dtype)(v)
+
+    def _e_IntImm(self, e):
+        return _np_dtype(_dt(e))(e.value)
+
+    def _e_FloatImm(self, e):
+        return _np_dtype(_dt(e))(e.value)
+
+    def _e_StringImm(self, e):
+        return e.value
+
+    def _e_Var(self, e):
+        if e not in self.env:
+            raise NotImplementedError(f"simt: variable {e} has no value")
+        return self.env[e]
+
+    def _binary(self, e, op):
+        with np.errstate(over="ignore"):
+            return self._cast(op(self.eval(e.a), self.eval(e.b)), _dt(e))
+
+    def _e_Add(self, e):
+        return self._binary(e, np.add)
+
+    def _e_Sub(self, e):
+        return self._binary(e, np.subtract)
+
+    def _e_Mul(self, e):
+        return self._binary(e, np.multiply)
+
+    def _e_FloorDiv(self, e):
+        return self._binary(e, np.floor_divide)
+
+    def _e_FloorMod(self, e):
+        return self._binary(e, np.mod)
+
+    def _e_Div(self, e):
+        if "float" in str(_dt(e)):
+            return self._binary(e, np.divide)
+        return self._binary(e, lambda a, b: np.trunc(np.divide(a, b)))
+
+    def _e_Mod(self, e):
+        return self._binary(e, np.fmod)
+
+    def _e_Min(self, e):
+        return self._binary(e, np.minimum)
+
+    def _e_Max(self, e):
+        return self._binary(e, np.maximum)
+
+    def _e_LT(self, e):
+        return np.less(self.eval(e.a), self.eval(e.b))
+
+    def _e_LE(self, e):
+        return np.less_equal(self.eval(e.a), self.eval(e.b))
+
+    def _e_GT(self, e):
+        return np.greater(self.eval(e.a), self.eval(e.b))
+
+    def _e_GE(self, e):
+        return np.greater_equal(self.eval(e.a), self.eval(e.b))
+
+    def _e_EQ(self, e):
+        return np.equal(self.eval(e.a), self.eval(e.b))
+
+    def _e_NE(self, e):
+        return np.not_equal(self.eval(e.a), self.eval(e.b))
+
+    def _e_And(self, e):
+        return np.logical_and(self.eval(e.a), self.eval(e.b))
+
+    def _e_Or(self, e):
+        return np.logical_or(self.eval(e.a), self.eval(e.b))
+
+    def _e_Not(self, e):
+        return np.logical_not(self.eval(e.a))
+
+    def _e_Select(self, e):
+        return self._cast(np.where(self.eval(e.condition), self.eval(e.true_value), self.eval(e.false_value)),
+                          _dt(e))
+
+    def _e_Cast(self, e):
+        return self._cast(self.eval(e.value), _dt(e))
+
+    def _e_BitwiseAnd(self, e):
+        return self._binary(e, np.bitwise_and)
+
+    def _e_BitwiseOr(self, e):
+        return self._binary(e, np.bitwise_or)
+
+    def _e_BitwiseXor(self, e):
+        return self._binary(e, np.bitwise_xor)
+
+    def _e_LShift(self, e):
+        return self._binary(e, np.left_shift)
+
+    def _e_RShift(self, e):
+        return self._binary(e, np.right_shift)
+
+    def _e_Let(self, e):
+        self.env[e.var] = self.eval(e.value)
+        return self.eval(e.body)
+
+    def _flat(self, buf, indices):
+        flat = np.int64(0)
+        for dim, idx in zip(buf.shape, indices):
+            flat = flat * np.int64(self.scalar(dim)) + np.asarray(self.eval(idx)).astype(np.int64)
+        return flat
+
+    def _lanes(self, flat, storage, mask):
+        """(row index per thread, flat index per thread) of an access, bounds-checked for the active threads."""
+        size = storage.array.shape[-1]
+        flat = np.broadcast_to(flat, (self.threads,))
+        bad = mask & ((flat < 0) | (flat >= size))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise IndexError(f"simt: thread {i} accesses {storage.name}[{int(flat[i])}] of {size} elements")
+        flat = np.where(mask, flat, 0)
+        if storage.scope == "local":
+            return self.tid, flat
+        if storage.scope == "shared":
+            return self.block, flat
+        return None, flat
+
+    def _e_TensorLoad(self, e):
+        buf = _buffer(e)
+        storage = self.store[buf]
+        rows, flat = self._lanes(self._flat(buf, e.indices), storage, self.mask)
+        if storage.writer is not None:
+            w = storage.writer[rows, flat]
+            bad = self.mask & (w >= 0) & (w != self.tid)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise RuntimeError(f"simt: thread {i} reads {storage.name}[{int(flat[i])}], written by thread "
+                                   f"{int(w[i])} with no barrier between (a race)")
+        return storage.array[flat] if rows is None else storage.array[rows, flat]
+
+    _e_BufferLoad = _e_TensorLoad
+
+    def _e_Call(self, e):
+        name = e.op.name
+        fn = getattr(self, "_c_" + name.replace("tirx.", "").replace(".", "_"), None)
+        if fn is None:
+            raise NotImplementedError(f"simt: call {name} is not supported")
+        return fn(e)
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def _c_tvm_storage_sync(self, e):
+        if not self.mask.all():
+            raise RuntimeError("simt: a barrier (tvm_storage_sync) reached by only some threads")
+        for st in self.store.values():     # lock step: every write before it is now visible to all
+            if st.writer is not None:
+                st.writer[...] = -1
+        return None
+
+    def _c_buffer_data(self, e):
+        return e.args[0]
+
+    def _c_reinterpret(self, e):
+        v = np.asarray(self.eval(e.args[0]))
+        return v.view(_np_dtype(_dt(e)))
+
+    def _c_if_then_else(self, e):
+        return self._cast(np.where(self.eval(e.args[0]), self.eval(e.args[1]), self.eval(e.args[2])), _dt(e))
+
+    def _c_shift_right(self, e):
+        return self._cast(np.right_shift(self.eval(e.args[0]), self.eval(e.args[1])), _dt(e))
+
+    def _c_shift_left(self, e):
+        return self._cast(np.left_shift(self.eval(e.args[0]), self.eval(e.args[1])), _dt(e))
+
+    def _c_bitwise_and(self, e):
+        return self._cast(np.bitwise_and(self.eval(e.args[0]), self.eval(e.args[1])), _dt(e))
+
+    def _c_bitwise_or(self, e):
+        return self._cast(np.bitwise_or(self.eval(e.args[0]), self.eval(e.args[1])), _dt(e))
+
+    def _c_bitwise_xor(self, e):
+        return self._cast(np.bitwise_xor(self.eval(e.args[0]), self.eval(e.args[1])), _dt(e))
+
+    def _write(self, dest, value):
+        """An instruction's destination register: a one-element local buffer load."""
+        if type(dest).__name__ not in ("TensorLoad", "BufferLoad"):
+            raise NotImplementedError(f"simt: instruction destination {dest} must be a buffer element")
+        self._store(_buffer(dest), dest.indices, value)
+
+    def _u32(self, e):
+        return np.broadcast_to(np.asarray(self.eval(e)).astype(np.uint32), (self.threads,))
+
+    def _c_ptx_lop3(self, e):
+        a, b, c = (self._u32(x) for x in e.args[1:4])
+        lut = int(self.scalar(e.args[4]))
+        out = np.zeros(self.threads, np.uint32)
+        for i in range(8):
+            if lut >> i & 1:
+                out |= (a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c)
+        self._write(e.args[0], out)
+
+    def _c_ptx_prmt(self, e):
+        a, b = self._u32(e.args[1]), self._u32(e.args[2])
+        sel = int(self.scalar(e.args[3]))
+        if any(str(x.value) for x in e.args[5:] if type(x).__name__ == "StringImm"):
+            raise NotImplementedError("simt: prmt modes other than the default")
+        src = np.stack([(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)])
+        out = np.zeros(self.threads, np.uint32)
+        for i in range(4):
+            nib = sel >> (4 * i) & 0xF
+            byte = src[nib & 7]
+            if nib & 8:      # sign replication
+                byte = np.where(byte & 0x80, 0xFF, 0).astype(np.uint32)
+            out |= byte.astype(np.uint32) << np.uint32(8 * i)
+        self._write(e.args[0], out)
+
+    @staticmethod
+    def _halves(u):
+        return np.ascontiguousarray(u).view(np.float16).reshape(-1, 2).astype(np.float64)
+
+    @staticmethod
+    def _pack(h):
+        return np.ascontiguousarray(h.astype(np.float16)).view(np.uint32).reshape(-1)
+
+    def _check_f16x2(self, e):
+        strs = [str(x.value) for x in e.args if type(x).__name__ == "StringImm"]
+        if "f16x2" not in strs or any(s not in ("", "f16x2", "rn") for s in strs):
+            raise NotImplementedError(f"simt: {e.op.name} with modifiers {strs}")
+
+    def _c_ptx_sub_half(self, e):
+        self._check_f16x2(e)
+        a, b = self._halves(self._u32(e.args[1])), self._halves(self._u32(e.args[2]))
+        self._write(e.args[0], self._pack(a - b))          # exact in f64, one rounding to f16
+
+    def _c_ptx_fma_half(self, e):
+        self._check_f16x2(e)
+        a, b, c = (self._halves(self._u32(x)) for x in e.args[1:4])
+        self._write(e.args[0], self._pack(a * b + c))     # a * b exact in f64; one rounding to f16
+
+    def _c_ptx_legacy_mma(self, e):
+        shape, la, lb, ta, tb, tc = (str(x.value) for x in e.args[:6])
+        if (shape, la, lb, ta, tb, tc) != ("m16n8k16", "row", "col", "fp16", "fp16", "fp32"):
+            raise NotImplementedError(f"simt: mma {shape} {la}.{lb} {ta}x{tb}->{tc}")
+        if bool(self.scalar(e.args[12])):
+            raise NotImplementedError("simt: saturating mma")
+        warps = self.mask.reshape(-1, 32)
+        if not (warps.all(axis=1) | ~warps.any(axis=1)).all():
+            raise RuntimeError("simt: mma.sync executed by a partly active warp")
+        live = warps.all(axis=1)
+        if not live.any():
+            return None
+
+        def frag(ref, offset, count, dtype):
+            st = self.store[self.eval(ref)]
+            off = np.broadcast_to(np.asarray(self.eval(offset)).astype(np.int64), (self.threads,))
+            width = np.dtype(dtype).itemsize
+            own = st.array.dtype.itemsize
+            n_own = count * width // own
+            cols = off[:, None] + np.arange(n_own)[None, :]
+            if (cols >= st.array.shape[1]).any() or (cols < 0).any():
+                raise IndexError(f"simt: mma fragment past the end of {st.name}")
+            raw = np.ascontiguousarray(st.array[self.tid[:, None], cols])
+            return st, cols, raw.view(dtype).reshape(self.threads, count)
+
+        _, _, a = frag(e.args[6], e.args[7], 8, np.float16)
+        _, _, b = frag(e.args[8], e.args[9], 4, np.float16)
+        cst, ccols, c = frag(e.args[10], e.args[11], 4, np.float32)
+        a = a.reshape(-1, 32, 8)[live].astype(np.float32)
+        b = b.reshape(-1, 32, 4)[live].astype(np.float32)
+        c = c.reshape(-1, 32, 4)[live]
+        nw = a.shape[0]
+        lane = np.arange(32)
+        g, t = lane // 4, lane % 4
+        A = np.zeros((nw, 16, 16), np.float32)
+        B = np.zeros((nw, 16, 8), np.float32)
+        C = np.zeros((nw, 16, 8), np.float32)
+        for i in range(2):
+            A[:, g, 2 * t + i] = a[:, :, i]
+            A[:, g + 8, 2 * t + i] = a[:, :, 2 + i]
+            A[:, g, 2 * t + 8 + i] = a[:, :, 4 + i]
+            A[:, g + 8, 2 * t + 8 + i] = a[:, :, 6 + i]
+            B[:, 2 * t + i, g] = b[:, :, i]
+            B[:, 2 * t + 8 + i, g] = b[:, :, 2 + i]
+            C[:, g, 2 * t + i] = c[:, :, i]
+            C[:, g + 8, 2 * t + i] = c[:, :, 2 + i]
+        D = (A.astype(np.float64) @ B.astype(np.float64) + C).astype(np.float32)
+        d = np.zeros((nw, 32, 4), np.float32)
+        for i in range(2):
+            d[:, :, i] = D[:, g, 2 * t + i]
+            d[:, :, 2 + i] = D[:, g + 8, 2 * t + i]
+        rows = self.tid.reshape(-1, 32)[live].reshape(-1)
+        cols = ccols.reshape(-1, 32, 4)[live].reshape(-1, 4)
+        cst.array[rows[:, None], cols] = d.reshape(-1, 4)
+        return None
+
+    # -- statements ------------------------------------------------------------------------------------
+    def _store(self, buf, indices, value):
+        storage = self.store[buf]
+        rows, flat = self._lanes(self._flat(buf, indices), storage, self.mask)
+        value = np.broadcast_to(np.asarray(value).astype(storage.array.dtype), (self.threads,))
+        m = self.mask
+        if storage.scope != "local":      # two threads writing one element in the same step: a race
+            key = flat[m] if rows is None else rows[m] * storage.array.shape[-1] + flat[m]
+            uniq, first = np.unique(key, return_index=True)
+            if len(uniq) != len(key):
+                dup = np.setdiff1d(np.arange(len(key)), first)[0]
+                raise RuntimeError(f"simt: two threads write {storage.name}[{int(flat[m][dup])}] at once (a race)")
+        if rows is None:
+            storage.array[flat[m]] = value[m]
+        else:
+            storage.array[rows[m], flat[m]] = value[m]
+            if storage.writer is not None:
+                storage.writer[rows[m], flat[m]] = self.tid[m]
+
+    def exec(self, s):
+        kind = type(s).__name__
+        fn = getattr(self, "_s_" + kind, None)
+        if fn is None:
+            raise NotImplementedError(f"simt: statement {kind} is not supported")
+        fn(s)
+
+    def _s_SeqStmt(self, s):
+        for x in s.seq:
+            self.exec(x)
+
+    def _s_Bind(self, s):
+        self.env[s.var] = self.eval(s.value)
+
+    def _s_Evaluate(self, s):
+        self.eval(s.value)
+
+    def _s_BufferStore(self, s):
+        self._store(_buffer(s), s.indices, self.eval(s.value))
+
+    _s_TensorStore = _s_BufferStore
+
+    def _s_IfThenElse(self, s):
+        cond = self.eval(s.condition)
+        if self.mask is None or not (isinstance(cond, np.ndarray) and cond.ndim):
+            if bool(cond):
+                self.exec(s.then_case)
+            elif s.else_case is not None:
+                self.exec(s.else_case)
+            return
+        saved = self.mask
+        for branch, m in ((s.then_case, saved & cond), (s.else_case, saved & ~cond)):
+            if branch is not None and m.any():
+                self.mask = m
+                self.exec(branch)
+        self.mask = saved
+
+    def _s_For(self, s):
+        if _binding(s):
+            if self.mask is not None:
+                raise NotImplementedError("simt: thread-binding loops must enclose all the kernel's code")
+            self._grid(s)
+            return
+        lo, ext = int(self.scalar(s.min)), int(self.scalar(s.extent))
+        for i in range(lo, lo + ext):
+            self.env[s.loop_var] = _np_dtype(_dt(s.loop_var))(i)
+            self.exec(s.body)
+
+    def _s_SBlockRealize(self, s):
+        if not bool(np.all(self.eval(s.predicate))):
+            raise NotImplementedError("simt: block predicates")
+        blk = s.block
+        if len(blk.iter_vars) or blk.init is not None or len(blk.match_buffers):
+            raise NotImplementedError(f"simt: block {blk.name_hint} with iterators, init or match_buffers")
+        for buf in blk.alloc_buffers:
+            self._alloc(buf)
+        self.exec(blk.body)
+
+    def _alloc(self, buf):
+        scope = buf.scope()
+        size = int(np.prod([int(self.scalar(d)) for d in buf.shape]))
+        dtype = _np_dtype(buf.dtype)
+        if scope == "local":
+            self.store[buf] = _Storage(np.zeros((self.threads, size), dtype), "local", buf.name)
+        elif scope == "shared":
+            nblocks = int(self.block.max()) + 1 if self.mask is not None else 1
+            self.store[buf] = _Storage(np.zeros((nblocks, size), dtype), "shared", buf.name)
+        elif scope == "global":
+            self.store[buf] = _Storage(np.zeros(size, dtype), "global", buf.name)
+        else:
+            raise NotImplementedError(f"simt: buffer scope {scope}")
+        self.env[buf] = buf
+
+    def _grid(self, s):
+        extents, node = {}, s
+        while type(node).__name__ == "For" and _binding(node):
+            tag = node.thread_binding.thread_tag
+            if tag not in _THREAD_TAGS or tag in extents:
+                raise NotImplementedError(f"simt: thread binding {tag}")
+            extents[tag] = (node.loop_var, int(self.scalar(node.extent)) - 0, int(self.scalar(node.min)))
+            node = node.body
+        dims = {tag: extents[tag][1] if tag in extents else 1 for tag in _THREAD_TAGS}
+        per_block = dims["threadIdx.x"] * dims["threadIdx.y"] * dims["threadIdx.z"]
+        if per_block % 32:
+            raise NotImplementedError(f"simt: {per_block} threads a block (not whole warps)")
+        nblocks = dims["blockIdx.x"] * dims["blockIdx.y"] * dims["blockIdx.z"]
+        self.threads = nblocks * per_block
+        if self.threads == 0:
+            return
+        # thread i: block-major, then threadIdx.z, y, x (x fastest), so a warp is 32 consecutive lanes
+        idx = np.arange(self.threads)
+        self.block, within = idx // per_block, idx % per_block
+        coords = {"threadIdx.x": within % dims["threadIdx.x"],
+                  "threadIdx.y": within // dims["threadIdx.x"] % dims["threadIdx.y"],
+                  "threadIdx.z": within // (dims["threadIdx.x"] * dims["threadIdx.y"]),
+                  "blockIdx.x": self.block % dims["blockIdx.x"],
+                  "blockIdx.y": self.block // dims["blockIdx.x"] % dims["blockIdx.y"],
+                  "blockIdx.z": self.block // (dims["blockIdx.x"] * dims["blockIdx.y"])}
+        for tag, (var, _, lo) in extents.items():
+            self.env[var] = (coords[tag] + lo).astype(_np_dtype(_dt(var)))
+        self.tid = idx
+        self.mask = np.ones(self.threads, bool)
+        self.exec(node)
+        self.mask = None
+
+
+def run(func, *arrays: np.ndarray) -> None:
+    """Execute the scheduled TIR PrimFunc ``func`` on numpy ``arrays`` (its parameters in order, outputs
+    included, written in place); symbolic extents are bound from the arrays' shapes."""
+    m = _Machine(func, arrays)
+    m.exec(func.body)
