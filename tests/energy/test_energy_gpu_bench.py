@@ -75,6 +75,17 @@ def test_plan_energy_checks_given_accuracy_before_work():
         llmasos.plan_energy("llama-tiny", "cpu", windows=w, dtype="f8")
 
 
+@pytest.mark.slow
+def test_plan_energy_with_given_accuracy_on_a_random_shape():
+    """A random-weight preset (no tokenizer, no meaningful perplexity) planned with increases measured
+    elsewhere: random prompt ids, no perplexity run, the given figures on every row."""
+    res = llmasos.plan_energy("llama-tiny", "cpu", slo={"tpot_ms": 5000}, accuracy={"max_ppl_increase": 0.01},
+                              pipelines=["f32", "int4-g128"], batches=[1, 2], prompt_len=4, new_tokens=4,
+                              ppl_increase={"f32": 0.0, "int4-g128": 0.5}, ppl_source="test")
+    assert {r["ppl_increase"] for r in res.rows} == {0.0, 0.5} and all(r["perplexity"] is None for r in res.rows)
+    assert res.choice["pipeline"] == "f32" and any("taken from test" in n for n in res.notes)
+
+
 def test_committed_accuracy_file_is_real():
     """bench/data/energy_accuracy_smollm2.json: SmolLM2 perplexity on held-out text, f32 and f16 weights."""
     path = ROOT / "bench" / "data" / "energy_accuracy_smollm2.json"
