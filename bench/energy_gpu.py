@@ -5,8 +5,8 @@ same run, then the least-J/token configuration meeting a latency SLO and a perpl
 default configuration (f16, batch 1) -- the perplexity side read from a file measured on the CPU with the real
 SmolLM2 weights (random weights have no meaningful perplexity).
 
-    python bench/energy_gpu.py [--batches 1,8,32] [--pipelines f16,int8,int4-g128] [--prompt 128] [--new 128]
-                               [--window-s 1.5] [--time-budget 200] [--tpot-ms 20] [--ttft-ms 200]
+    python bench/energy_gpu.py [--batches 1,8,32] [--pipelines f16,int8,int4-g128] [--prompt 128] [--new 64]
+                               [--window-s 1.2] [--time-budget 200] [--tpot-ms 20] [--ttft-ms 200]
                                [--max-ppl-increase 0.01] [--accuracy-from bench/data/energy_accuracy_smollm2.json]
                                [--no-torch-compile] [--out energy_gpu.json] [--db energy.db --region USA --pue 1.1]
 
@@ -250,10 +250,10 @@ def main(argv=None):
     p.add_argument("--target", default="cuda")
     p.add_argument("--dtype", default="f16", choices=TORCH_DTYPES, help="weights (f32 for a CPU smoke run)")
     common.add_sweep_args(p, "f16,int8,int4-g128", "1,8,32")
-    p.set_defaults(prompt=128, new=128)
+    p.set_defaults(prompt=128, new=64)
     common.add_budget_args(p)
     p.set_defaults(tpot_ms=20.0, ttft_ms=200.0, accuracy_from=common.ACCURACY_FILE)
-    p.add_argument("--window-s", type=float, default=1.5, help="seconds of generation per energy window")
+    p.add_argument("--window-s", type=float, default=1.2, help="seconds of generation per energy window")
     p.add_argument("--time-budget", type=float, default=200.0, help="seconds for the whole run (0: none)")
     p.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--no-static-default", action="store_true",
@@ -337,7 +337,7 @@ def main(argv=None):
     jobs = [{"name": x, "pipeline": x, "batch": None, "max_batch": max_b} for x in pipelines]
     static_default = (not a.no_static_default and 1 in batches and max_b > 1 and base_pipe in pipelines)
     if static_default:
-        jobs.append({"name": f"{base_pipe}-b1", "pipeline": base_pipe, "batch": 1, "max_batch": 1})
+        jobs.insert(0, {"name": f"{base_pipe}-b1", "pipeline": base_pipe, "batch": 1, "max_batch": 1})
     for j in jobs:
         j.update(model=a.model, target=a.target, dtype=a.dtype, max_seq=max_seq,
                  path=os.path.join(tmp, j["name"] + ".llmasos"))
@@ -409,21 +409,7 @@ def main(argv=None):
         log(f"[energy-gpu] {variant} b{B}: {row.get('j_per_token', float('nan')):.4g} J/token, "
             f"{row['decode_tok_s']:.0f} decode tok/s")
 
-    for B in batches:
-        set_caches(B)
-        torch_row(f"torch eager {a.dtype}", B, lambda: torch_generate(tmodel, prompts[B], a.new))
-    if step is not None and compile_error is None:
-        for B in batches:
-            if B not in warm:
-                continue
-            set_caches(B)
-            try:
-                torch_row(f"torch.compile reduce-overhead {a.dtype}", B,
-                          lambda: torch_generate(tmodel, prompts[B], a.new, step))
-            except Exception as e:  # noqa: BLE001
-                rows.append({"variant": f"torch.compile reduce-overhead {a.dtype}", "batch": B,
-                             "error": f"{type(e).__name__}: {e}"[:500]})
-
+    # llmasos first (the plan's rows; the default configuration's build first), then the torch baselines
     for job in jobs:
         res = built.get(job["name"], {"error": "not built"})
         label = f"llmasos {job['pipeline']}" + (" (batch-1 build)" if job["batch"] == 1 else "")
@@ -433,7 +419,11 @@ def main(argv=None):
         if not budget.fits(f"load {job['name']}", 5 + a.window_s):
             continue
         tl = time.perf_counter()
-        lm = llmasos.load_lm(job["path"])
+        try:
+            lm = llmasos.load_lm(job["path"])
+        except Exception as e:  # noqa: BLE001 -- reported, the other builds still measured
+            rows.append({"variant": label, "error": f"loading the artifact: {type(e).__name__}: {e}"[:1500]})
+            continue
         load_s = time.perf_counter() - tl
         for B in ([1] if job["batch"] == 1 else batches):
             row = {"variant": label, "pipeline": job["pipeline"], "batch": B, "passes": res["passes"],
@@ -474,6 +464,21 @@ def main(argv=None):
                 row["error"] = f"{type(e).__name__}: {e}"[:1500]
                 rows.append(row)
         del lm
+
+    for B in batches:
+        set_caches(B)
+        torch_row(f"torch eager {a.dtype}", B, lambda: torch_generate(tmodel, prompts[B], a.new))
+    if step is not None and compile_error is None:
+        for B in batches:
+            if B not in warm:
+                continue
+            set_caches(B)
+            try:
+                torch_row(f"torch.compile reduce-overhead {a.dtype}", B,
+                          lambda: torch_generate(tmodel, prompts[B], a.new, step))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"variant": f"torch.compile reduce-overhead {a.dtype}", "batch": B,
+                             "error": f"{type(e).__name__}: {e}"[:500]})
 
     # -- the table and the plan
     table = {}
