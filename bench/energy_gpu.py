@@ -281,9 +281,13 @@ def main(argv=None):
         raise SystemExit(f"error: unknown pipeline(s) {bad or pipelines}; allowed: {', '.join(PIPELINES)}")
     if a.window_s <= 0 or a.prompt < 1 or a.new < 2:
         raise SystemExit("error: --window-s must be > 0, --prompt >= 1 and --new >= 2")
-    slo, accuracy = common.budget(a)
-    base_pipe = {"f16": "f16", "f32": "f32"}.get(a.dtype, pipelines[0])
     from llmasos.energy import EnergyError
+    from llmasos.energy.planner import check_budget
+    try:
+        slo, accuracy = check_budget(*common.budget(a))
+    except EnergyError as e:
+        raise SystemExit(f"error: {e}") from None
+    base_pipe = {"f16": "f16", "f32": "f32"}.get(a.dtype, pipelines[0])
     try:
         incs, acc_source = common.accuracy_from(a, a.dtype)
     except EnergyError as e:        # the measurements are worth having anyway; the plan says why it is missing
@@ -376,8 +380,10 @@ def main(argv=None):
             budget.skipped.append({"what": f"torch.compile b{B}", "why": "time budget: < 60 s left for its "
                                                                          "compile"})
     # keep ~ what measuring needs: (configs) x (window + warm-up)
-    n_cfg = len(batches) * (len(pipelines) + 2) + (1 if static_default else 0)
-    reserve = n_cfg * (a.window_s + 1.0) + 10
+    # keep what measuring the llmasos rows needs (loads + windows); the torch rows come after them and are
+    # skipped first when time runs out
+    n_cfg = len(batches) * len(pipelines) + (1 if static_default else 0)
+    reserve = n_cfg * (a.window_s + 1.0) + 4 * len(jobs) + 5
     built = _collect(procs, budget, reserve)
     compile_wall = time.perf_counter() - t0
     log(f"[energy-gpu] compiles done in {compile_wall:.0f} s: " +
@@ -391,6 +397,10 @@ def main(argv=None):
 
     # -- phase B: measure, nothing compiling
     rows = []
+
+    def snapshot():
+        _finish(a, spec, disc, idle, limit, wbytes, compile_error, built, compile_wall, rows, budget, incs,
+                acc_source, slo, accuracy, base_pipe, batches, final=False)
 
     def torch_row(variant, B, fn):
         row = {"variant": variant, "batch": B}
@@ -406,6 +416,7 @@ def main(argv=None):
         row["tpot_ms"] = 1e3 * _median([r[3] for r in res]) / (a.new - 1)
         row["runs"] = len(res)
         rows.append(row)
+        snapshot()
         log(f"[energy-gpu] {variant} b{B}: {row.get('j_per_token', float('nan')):.4g} J/token, "
             f"{row['decode_tok_s']:.0f} decode tok/s")
 
@@ -458,6 +469,7 @@ def main(argv=None):
                 row["tpot_ms"] = 1e3 * _median([st.decode_s / max(1, st.steps) for st in stats])
                 row["runs"] = len(stats)
                 rows.append(row)
+                snapshot()
                 log(f"[energy-gpu] {label} b{B}: {row.get('j_per_token', float('nan')):.4g} J/token, "
                     f"{row['decode_tok_s']:.0f} decode tok/s, logits diff {diff:.3g}")
             except Exception as e:  # noqa: BLE001 -- one failing configuration must not lose the others
@@ -480,7 +492,15 @@ def main(argv=None):
                 rows.append({"variant": f"torch.compile reduce-overhead {a.dtype}", "batch": B,
                              "error": f"{type(e).__name__}: {e}"[:500]})
 
-    # -- the table and the plan
+    return _finish(a, spec, disc, idle, limit, wbytes, compile_error, built, compile_wall, rows, budget, incs,
+                   acc_source, slo, accuracy, base_pipe, batches, final=True)
+
+
+def _finish(a, spec, disc, idle, limit, wbytes, compile_error, built, compile_wall, rows, budget, incs,
+            acc_source, slo, accuracy, base_pipe, batches, final):
+    """The JSON document; ``final``: print it (and record --db); else only write --out (a snapshot after each
+    row, so a run killed from outside still leaves what it measured)."""
+    import llmasos.energy as energy
     table = {}
     for r in rows:
         if "batch" in r and "j_per_token" in r:
@@ -499,6 +519,12 @@ def main(argv=None):
            "compile_wall_s": compile_wall, "table": table, "plan": plan, "rows": rows,
            "correct": all(r.get("correct", True) for r in rows) and any("correct" in r for r in rows),
            "skipped": budget.skipped, "time_budget_s": budget.seconds, "seconds": budget.elapsed()}
+    if not final:
+        if a.out:
+            out["partial"] = "a snapshot: the run had not finished when this was written"
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=1, default=str)
+        return out
     if a.db:
         led = energy.Ledger(a.db)
         for r in rows:

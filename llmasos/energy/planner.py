@@ -91,6 +91,11 @@ def _key(row: dict) -> str:
 key = _key
 
 
+def check_budget(slo, accuracy) -> tuple:
+    """(slo, accuracy) validated (unknown keys, non-positive bounds are EnergyErrors)."""
+    return _check_budget(slo, accuracy)
+
+
 def pareto_front(rows: Sequence[dict], x: str = "tokens_per_s", y: str = "joules_per_token") -> list:
     """Rows not dominated in (x up, y down), sorted by y."""
     out = []
@@ -417,5 +422,5 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
     return res
 
 
-__all__ = ["plan_energy", "PlanResult", "pareto_front", "PIPELINES", "meets", "select", "key", "load_accuracy",
+__all__ = ["plan_energy", "PlanResult", "pareto_front", "PIPELINES", "meets", "select", "key", "check_budget", "load_accuracy",
            "measure_accuracy"]

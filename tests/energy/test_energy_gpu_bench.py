@@ -185,6 +185,8 @@ def test_run_out_of_budget_reports_skips(gpu_bench, tmp_path):
 def test_unknown_pipeline_and_bad_accuracy_are_refused(gpu_bench, tmp_path):
     with pytest.raises(SystemExit, match="unknown pipeline"):
         gpu_bench.main(["--target", "cpu", "--pipelines", "f16,fp4"])
+    with pytest.raises(SystemExit, match="tpot_ms must be a number of milliseconds > 0"):
+        gpu_bench.main(["--target", "cpu", "--tpot-ms", "-5"])
     acc = _write(tmp_path, "acc.json", {"ppl_increase": {"f16": {"f16": 0.0}}})
     with pytest.raises(SystemExit, match="no perplexity increase for int8"):
         gpu_bench.main(["--target", "cpu", "--pipelines", "f16,int8", "--accuracy-from", str(acc)])
