@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -476,6 +477,7 @@ def main(argv=None):
                 row["error"] = f"{type(e).__name__}: {e}"[:1500]
                 rows.append(row)
         del lm
+    shutil.rmtree(tmp, ignore_errors=True)        # the artifacts (GBs for Llama-1B) are no longer needed
 
     for B in batches:
         set_caches(B)

@@ -28,6 +28,8 @@ power together, leaving J/token unchanged up to the idle share).
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -158,8 +160,6 @@ def load_accuracy(path, dtype: str = "f32") -> tuple:
     * a flat ``{"ppl_increase": {pipeline: frac}}``;
     * a plan (``bench/energy_plan.py`` / ``PlanResult.as_dict()``): its rows' ``ppl_increase``.
     """
-    import json
-    import os
     try:
         with open(os.fspath(path)) as f:
             doc = json.load(f)

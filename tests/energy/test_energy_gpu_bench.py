@@ -166,7 +166,6 @@ def test_budget_skips_what_does_not_fit(gpu_bench):
         gpu_bench.Budget(-1)
 
 
-@pytest.mark.slow
 def test_run_out_of_budget_reports_skips(gpu_bench, tmp_path):
     """A whole run (CPU, tiny preset) whose budget is gone before the compiles finish: the workers are
     stopped, nothing is measured silently, every omission is listed in "skipped"."""
