@@ -28,6 +28,7 @@ greedy-token agreement with torch eager; f16 must agree within 2% of the logits'
 Nothing changes a GPU setting: the power limit is read (and printed) only.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -98,6 +99,9 @@ def compile_worker(job: dict) -> dict:
 
     t0 = time.perf_counter()
     spec = resolve_target(job["target"])
+    opts = dict(o.split("=", 1) for o in job.get("target_options", ()))
+    if opts:
+        spec = dataclasses.replace(spec, extra={**spec.extra, **opts})
     tdtype = getattr(torch, {"f16": "float16", "f32": "float32", "bf16": "bfloat16"}[job["dtype"]])
     tm = Decoder.random(decoder_config(job["model"]), mode="torch", seed=0, dtype=tdtype, device=spec.torch_device)
     dec = tm.copy_as("export", "cpu")
@@ -261,6 +265,8 @@ def main(argv=None):
                    help="measure the default (f16, batch 1) on the shared build instead of its own batch-1 build")
     p.add_argument("--replan", default=None, metavar="JSON",
                    help="no measuring: recompute the plan of an earlier run's JSON with this budget/accuracy file")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the llmasos target for every compile (e.g. small_m_quant_gemm=on)")
     p.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
     common.add_db_args(p, "USA")
     a = p.parse_args(argv)
@@ -271,6 +277,9 @@ def main(argv=None):
         doc = replan(a.replan, a)
         common.emit(doc, a.out)
         return doc
+    bad_opts = [o for o in a.target_option if "=" not in o]
+    if bad_opts:
+        raise SystemExit(f"error: --target-option takes KEY=VALUE, got {bad_opts}")
     budget = Budget(a.time_budget or None)
     log = common.log
 
@@ -344,7 +353,7 @@ def main(argv=None):
     if static_default:
         jobs.insert(0, {"name": f"{base_pipe}-b1", "pipeline": base_pipe, "batch": 1, "max_batch": 1})
     for j in jobs:
-        j.update(model=a.model, target=a.target, dtype=a.dtype, max_seq=max_seq,
+        j.update(model=a.model, target=a.target, dtype=a.dtype, max_seq=max_seq, target_options=a.target_option,
                  path=os.path.join(tmp, j["name"] + ".llmasos"))
     t0 = time.perf_counter()
     procs = _start_workers(jobs, tmp)
@@ -511,7 +520,7 @@ def _finish(a, spec, disc, idle, limit, wbytes, compile_error, built, compile_wa
                                       "tpot_ms", "ttft_ms", "estimated")}
     plan = make_plan(rows, incs, acc_source, slo, accuracy, base_pipe, min(batches))
     out = {"what": "J/token (gross, idle included; active beside it), same run, NVML energy counter, read-only",
-           "gpu": spec.device_name(), "target": spec.name, "model": f"{a.model} shape, random weights (seed 0)",
+           "gpu": spec.device_name(), "target": spec.name, "target_options": a.target_option, "model": f"{a.model} shape, random weights (seed 0)",
            "dtype": a.dtype, "weight_bytes": wbytes, "prompt": a.prompt, "new": a.new, "window_s": a.window_s,
            "idle_w": idle, "power_limit": limit,
            "meters": [{"name": m.name, "method": m.method, "estimated": m.estimated} for m in disc.meters],
