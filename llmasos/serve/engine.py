@@ -146,7 +146,7 @@ class Engine:
         outs = []
         for req, n in plan.rows:        # each sampling row's uniform, drawn once (a retried call reuses it)
             req.step_u = None
-            if req.num_computed + n == req.num_tokens and req.params.temperature > 0:
+            if req.params.temperature > 0 and req.num_computed + n == req.num_tokens:
                 if req.rng is None:
                     req.rng = np.random.default_rng(req.params.seed) if req.params.seed is not None else self._rng
                 req.step_u = float(req.rng.random())
@@ -211,7 +211,10 @@ class Engine:
         u = np.zeros(B, np.float32)
         for b, (req, n) in enumerate(rows):
             s = req.num_computed
-            ids[b, :n] = req.all_ids[s:s + n]
+            if n == 1:                  # a decode row: its newest token (no copy of the whole sequence)
+                ids[b, 0] = req.output_ids[-1] if req.output_ids else req.prompt_ids[-1]
+            else:
+                ids[b, :n] = req.all_ids[s:s + n]
             pos[b], last[b] = s, n - 1
             table[b, :len(req.block_table)] = req.block_table
             if req.step_u is not None:
