@@ -14,14 +14,23 @@ mixed prompt and output lengths -- runs
 * with --torch-compile (GPU): the same static batches through the torch-mode Decoder under
   torch.compile(mode="reduce-overhead") (prompts left-padded to the longest; throughput only).
 
+With --in-process (automatic where FastAPI is not installed, e.g. the GPU host) the continuous side drives
+the Engine directly in this process instead of through HTTP (``run_engine``: the same closed loop, the same
+metrics, labelled "engine, in-process (no HTTP)"). With a decoder preset (random weights, drawn once for
+every build) the paged runner's prefill logits are checked against TorchPagedRunner (plain PyTorch) over the
+same weights ("check_vs_torch").
+
 Output lengths are exact (ignore_eos), so both sides make the same useful tokens. Bounded: --requests per
-level (default: 2 x concurrency, at least 8, at most 128) and --time-limit seconds per level (then no new
-request starts; what finished is reported). Prints one JSON document (and writes it with --out).
+level (default: 2 x concurrency, at least 8, at most 128) and --time-limit seconds per level and side (then
+no new request starts; the in-process engine aborts what still runs at 1.25x the limit, and its tokens so
+far count); --budget caps the whole run (phases are shortened or skipped to fit, and a watchdog prints the
+partial JSON and exits 3 at the budget). Prints one JSON document (and writes it with --out).
 
     python bench/serve.py                                 # SmolLM2-135M on the CPU
     python bench/serve.py --concurrency 1,8 --requests 16 # quicker
-    python bench/serve.py --model llama-1b --target cuda --dtype f16 --max-batch 64 --concurrency 1,8,32,64 \\
-        --prompt-len 32,512 --output-len 32,256 --torch-compile --out serve_h200.json
+    python bench/serve.py --model llama-1b --target cuda --dtype f16 --max-batch 64 --max-seq 1024 \\
+        --concurrency 32,64 --prompt-len 32,512 --output-len 32,256 --torch-compile --in-process \\
+        --time-limit 25 --budget 230 --out serve_gpu.json   # the GPU figure (H100/H200), <= 240 s
 """
 from __future__ import annotations
 
@@ -417,6 +426,8 @@ def main(argv=None) -> int:
             row["continuous"]["preemptions"] = engine.scheduler.num_preemptions - pre0
             log(f"c={c} continuous {row['continuous']}")
             if slm is not None:
+                # a first call of a batch size allocates its caches (and captures its CUDA graph): not timed
+                slm.generate([reqs[0][0]] * min(c, args.max_batch), 2)
                 row["static"] = run_static(slm, reqs, min(c, args.max_batch), limit(share * 2))
                 log(f"c={c} static     {row['static']}")
                 a, b = row["continuous"]["throughput_tok_s"], row["static"]["throughput_tok_s"]
