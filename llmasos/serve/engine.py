@@ -211,8 +211,8 @@ class Engine:
         u = np.zeros(B, np.float32)
         for b, (req, n) in enumerate(rows):
             s = req.num_computed
-            if n == 1:                  # a decode row: its newest token (no copy of the whole sequence)
-                ids[b, 0] = req.output_ids[-1] if req.output_ids else req.prompt_ids[-1]
+            if n == 1 and req.output_ids and s == req.num_tokens - 1:   # a decode row: its newest token
+                ids[b, 0] = req.output_ids[-1]                            # (no copy of the whole sequence)
             else:
                 ids[b, :n] = req.all_ids[s:s + n]
             pos[b], last[b] = s, n - 1
