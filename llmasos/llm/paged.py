@@ -46,6 +46,7 @@ import numpy as np
 
 from .config import DecoderConfig
 from .errors import GenerationError
+from .sampling import sample_rows
 
 DEFAULT_BLOCK_SIZE = 16
 _TORCH_DTYPES = {}          # numpy dtype str (i4, i8) -> torch dtype, filled on first use (torch is deferred)
@@ -193,7 +194,6 @@ class _PagedRunner:
         a row with temperature 0 takes the argmax, any other samples (``sampling.sample_rows``: top-k,
         top-p, inverse CDF at the row's uniform ``u``, drawn by the caller from the request's generator)."""
         import torch  # deferred: torch (device-side sampling)
-        from .sampling import sample_rows
         logits = self._forward(ids, pos, last, block_table)
         B = logits.shape[0]
         if temperature is None:
