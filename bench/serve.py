@@ -332,7 +332,14 @@ def main(argv=None) -> int:
             return code
         doc["wall_s"] = round(time.perf_counter() - T0, 1)
         doc["load_avg_end"] = os.getloadavg()[0]
-        text = json.dumps(doc, indent=1)
+        for _ in range(20):        # the watchdog may print while the main thread is adding a row
+            try:
+                text = json.dumps(doc, indent=1)
+                break
+            except RuntimeError:
+                time.sleep(0.05)
+        else:
+            text = json.dumps({"bench": "serve", "error": "could not serialize the results"})
         print(text, flush=True)
         if args.out:
             with open(args.out, "w") as f:
