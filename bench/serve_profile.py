@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--null", action="store_true", help="a runner that costs nothing (the engine's work alone)")
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--artifact", default=None, help="a saved LM artifact compiled with kv='paged' (no compile)")
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--dtype", default=None, choices=(None, "f32", "f16", "bf16"))
     ap.add_argument("--max-batch", type=int, default=None, help="default: 64 with --null, else 32")
@@ -73,6 +74,11 @@ def main(argv=None) -> int:
     tok = None
     if args.null:
         runner, vocab, what = null_runner(args.vocab, ms, 16, blocks, mb), args.vocab, "null runner"
+    elif args.artifact:
+        import llmasos
+        lm = llmasos.llm.load_lm(args.artifact)
+        tok = lm.tokenizer
+        runner, vocab, what = lm.paged_runner(blocks), lm.vocab, f"{args.artifact} ({lm.executable.spec.name})"
     else:
         import torch
         import llmasos
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
         lm = llmasos.compile_lm(model, args.target, max_seq=ms, max_batch=mb, dtype=dtype, kv="paged",
                                 tokenizer=tok)
         runner, vocab, what = lm.paged_runner(blocks), lm.vocab, f"{args.model} compiled for {args.target}"
-    spent = {"s": 0.0, "calls": 0}
+    spent = {"s": 0.0, "calls": 0, "prefill_s": 0.0, "prefill_calls": 0}
     for name in ("sample_step", "step"):
         if hasattr(runner, name):
             inner = getattr(runner, name)
@@ -92,8 +98,12 @@ def main(argv=None) -> int:
                 try:
                     return _inner(*a)
                 finally:
-                    spent["s"] += time.perf_counter() - t
+                    dt = time.perf_counter() - t
+                    spent["s"] += dt
                     spent["calls"] += 1
+                    if np.asarray(a[0]).shape[1] > 1:
+                        spent["prefill_s"] += dt
+                        spent["prefill_calls"] += 1
             setattr(runner, name, timed)
     eng = Engine(runner, tok, max_batch=mb)
     queue = list(workload(args.requests or 2 * c, 0, vocab, plen, olen, ms))
@@ -124,6 +134,7 @@ def main(argv=None) -> int:
     print(json.dumps({"bench": "serve_profile", "runner": what, "max_batch": mb, "concurrency": c,
                       "prompt_len": list(plen), "output_len": list(olen), "steps": steps,
                       "wall_s": round(wall, 3), "runner_s": round(spent["s"], 3), "runner_calls": spent["calls"],
+                      "runner_prefill_s": round(spent["prefill_s"], 3), "runner_prefill_calls": spent["prefill_calls"],
                       "host_s": round(host, 3), "host_ms_per_step": round(host / steps * 1e3, 3),
                       "host_share": round(host / wall, 4), "load_avg": os.getloadavg()[0],
                       "note": "cProfile on: absolute host times are inflated; the runner's time (timed from "
