@@ -15,7 +15,14 @@ kv="paged", block_size=16)``, and ``TorchPagedRunner(model, num_blocks, block_si
 
     runner.vocab, runner.max_seq, runner.block_size, runner.num_blocks, runner.max_blocks_per_seq
     logits = runner.step(ids, pos, last, block_table)      # np.ndarray float32 [B, vocab]
+    next_ids = runner.sample_step(ids, pos, last, block_table[, temperature, top_k, top_p, u])
+                                                           # np.ndarray int64 [B], chosen on the device
     runner.copy_blocks([(src, dst), ...])                  # copy-on-write
+
+``sample_step`` runs the same call and then ``sampling.sample_rows`` where the logits are (greedy rows:
+argmax; sampled rows: top-k / top-p / inverse CDF at the row's uniform u), so only B ids come back. The
+compiled runner sends ids, pos, last and the table to its device in one copy (a staging buffer, see
+``PagedRunner._upload``).
 
 ``step``: ids int [B, T] (T >= 1; one call serves prefill chunks and decode rows together, every row padded
 to T), pos int [B] = the position of ids[b, 0], last int [B] = the index in 0..T-1 of row b's last real token.
