@@ -15,7 +15,14 @@ kv="paged", block_size=16)``, and ``TorchPagedRunner(model, num_blocks, block_si
 
     runner.vocab, runner.max_seq, runner.block_size, runner.num_blocks, runner.max_blocks_per_seq
     logits = runner.step(ids, pos, last, block_table)      # np.ndarray float32 [B, vocab]
+    next_ids = runner.sample_step(ids, pos, last, block_table[, temperature, top_k, top_p, u])
+                                                           # np.ndarray int64 [B], chosen on the device
     runner.copy_blocks([(src, dst), ...])                  # copy-on-write
+
+``sample_step`` runs the same call and then ``sampling.sample_rows`` where the logits are (greedy rows:
+argmax; sampled rows: top-k / top-p / inverse CDF at the row's uniform u), so only B ids come back. The
+compiled runner sends ids, pos, last and the table to its device in one copy (a staging buffer, see
+``PagedRunner._upload``).
 
 ``step``: ids int [B, T] (T >= 1; one call serves prefill chunks and decode rows together, every row padded
 to T), pos int [B] = the position of ids[b, 0], last int [B] = the index in 0..T-1 of row b's last real token.
@@ -46,8 +53,10 @@ import numpy as np
 
 from .config import DecoderConfig
 from .errors import GenerationError
+from .sampling import sample_rows
 
 DEFAULT_BLOCK_SIZE = 16
+_TORCH_DTYPES = {}          # numpy dtype str (i4, i8) -> torch dtype, filled on first use (torch is deferred)
 
 
 class _PagedRunner:
@@ -124,6 +133,20 @@ class _PagedRunner:
             raise GenerationError(f"step: row {b} attends positions 0..{int(end[b])} but block_table[{b}, {k}] "
                                   f"(positions {k * BS}..{k * BS + BS - 1}) is unallocated (-1)")
         eff = np.where(used, table, -1).astype(np.int32)                  # padding past the last block: dropped
+        # vectorized (a Python loop over rows and blocks costs milliseconds a step at batch 64): a block listed
+        # twice in a row, or written by a row while another row holds it, sends us to _explain for the message
+        cols = np.arange(MB, dtype=np.int64)[None, :]
+        srt = np.sort(np.where(used, eff, -2 - cols), axis=1)           # unused entries: distinct negatives
+        twice = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
+        writes = used & (cols >= (pos.astype(np.int64) // BS)[:, None])
+        holders = np.bincount(eff[used], minlength=self.num_blocks)
+        if twice or (holders[eff[writes]] > 1).any():
+            self._explain(eff, pos, last_blk)
+        return ids.astype(np.int64), pos.astype(np.int32), last.astype(np.int64), eff
+
+    def _explain(self, eff, pos, last_blk) -> None:
+        """The GenerationError for a table the vectorized check refused (a duplicate or a shared write)."""
+        B, BS = eff.shape[0], self.block_size
         held = {}
         for b in range(B):
             ids_b = eff[b, :last_blk[b] + 1]
@@ -138,7 +161,7 @@ class _PagedRunner:
                 if other:
                     raise GenerationError(f"step: row {b} writes block {x}, which row {other[0]} also holds: copy a "
                                           f"shared block (copy_blocks) before writing it")
-        return ids.astype(np.int64), pos.astype(np.int32), last.astype(np.int64), eff
+        raise AssertionError("the block-table check refused a table it cannot explain")
 
     def _check_pairs(self, pairs) -> tuple[list, list]:
         src, dst = [], []
@@ -163,8 +186,37 @@ class _PagedRunner:
                                   f"destination")
         return src, dst
 
-    def step(self, ids, pos, last, block_table) -> np.ndarray:
+    def _forward(self, ids, pos, last, block_table):
+        """The checked call: logits [B, vocab] as a torch tensor where the model left them (on its device)."""
         raise NotImplementedError
+
+    def step(self, ids, pos, last, block_table) -> np.ndarray:
+        """Logits [B, vocab] f32 on the host."""
+        return self._forward(ids, pos, last, block_table).float().cpu().numpy()
+
+    def sample_step(self, ids, pos, last, block_table, temperature=None, top_k=None, top_p=None, u=None
+                    ) -> np.ndarray:
+        """The step's next token per row, chosen on the model's device: only the ids [B] (int64) come back,
+        never the [B, vocab] logits. temperature / top_k / top_p / u: [B] arrays (None: every row greedy);
+        a row with temperature 0 takes the argmax, any other samples (``sampling.sample_rows``: top-k,
+        top-p, inverse CDF at the row's uniform ``u``, drawn by the caller from the request's generator)."""
+        import torch  # deferred: torch (device-side sampling)
+        logits = self._forward(ids, pos, last, block_table)
+        B = logits.shape[0]
+        if temperature is None:
+            return torch.argmax(logits, dim=-1).cpu().numpy()
+        t = np.asarray(temperature, np.float32)
+        if t.shape != (B,):
+            raise GenerationError(f"sample_step: temperature must have shape [{B}], got {list(t.shape)}")
+        rows = np.flatnonzero(t > 0)
+        if not len(rows):
+            return torch.argmax(logits, dim=-1).cpu().numpy()
+        opts = np.stack([t, np.asarray(top_k, np.float32), np.asarray(top_p, np.float32),
+                         np.asarray(u, np.float32)])
+        if opts.shape != (4, B) or not np.isfinite(opts).all():
+            raise GenerationError(f"sample_step: top_k, top_p and u must be finite [{B}] arrays")
+        o = torch.from_numpy(opts).to(logits.device)                       # one upload for the options
+        return sample_rows(logits, o[0], o[1], o[2], o[3], rows=rows.tolist()).cpu().numpy()
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         raise NotImplementedError
@@ -186,6 +238,7 @@ class PagedRunner(_PagedRunner):
             raise GenerationError("the compiled block table does not match max_seq / block_size")
         self.static_batch = lm.static_batch
         self._dev = lm._dev
+        self._host = self._stage = None             # the step inputs' staging buffers (host, device), see _upload
         self._pools = []
         for t in lm._cache_types:
             shape = (self.num_blocks, *t.shape[1:])
@@ -200,13 +253,40 @@ class PagedRunner(_PagedRunner):
     def pool_bytes(self) -> int:
         return self.lm.cache_bytes(self.num_blocks)
 
-    def step(self, ids, pos, last, block_table) -> np.ndarray:
+    def _upload(self, arrays) -> list:
+        """The step's inputs in ONE host-to-device copy: packed (64-byte aligned) into a staging buffer that
+        lives on the device between calls, then handed to the compiled function as views of it (through
+        torch, whose DLPack export offsets the data pointer: TVM's kernels take no byte_offset)."""
+        import torch  # deferred: torch (the staging buffer and its views)
         import tvm  # deferred: TVM's runtime
+        if not _TORCH_DTYPES:
+            _TORCH_DTYPES.update(i4=torch.int32, i8=torch.int64)
+        offs, n = [], 0
+        for a in arrays:
+            offs.append(n)
+            n += -(-a.nbytes // 64) * 64
+        if self._host is None or self._host.numel() < n:
+            cap = max(n, 2 * (0 if self._host is None else self._host.numel()))
+            self._stage = torch.from_dlpack(tvm.runtime.empty((cap,), "uint8", self._dev))
+            self._host = torch.empty(cap, dtype=torch.uint8, pin_memory=self._stage.is_cuda)
+        host = self._host.numpy()
+        for a, o in zip(arrays, offs):
+            host[o:o + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+        self._stage[:n].copy_(self._host[:n])
+        return [tvm.runtime.from_dlpack(self._stage[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype.str[1:]])
+                                        .view(a.shape)) for a, o in zip(arrays, offs)]
+
+    def _call(self, ids, pos, last, block_table):
         ids, pos, last, table = self.check(ids, pos, last, block_table)
         fn = self.lm._decode if ids.shape[1] == 1 else self.lm._prefill
-        args = [tvm.runtime.tensor(a, self._dev) for a in (ids, pos, last, table)]
-        out = fn(*args, *self._pools, *self.lm._weights)
-        return out[0].numpy().astype(np.float32, copy=False)
+        return fn(*self._upload((ids, pos, last, table)), *self._pools, *self.lm._weights)[0]
+
+    def _forward(self, ids, pos, last, block_table):
+        import torch  # deferred: torch (the logits through DLPack, on the device)
+        return torch.from_dlpack(self._call(ids, pos, last, block_table))
+
+    def step(self, ids, pos, last, block_table) -> np.ndarray:
+        return self._call(ids, pos, last, block_table).numpy().astype(np.float32, copy=False)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         import torch  # deferred: torch (device-side block copies through DLPack)
@@ -250,13 +330,13 @@ class TorchPagedRunner(_PagedRunner):
         self.pools = dec.new_pools(self.num_blocks, self.block_size)
         self._torch = torch
 
-    def step(self, ids, pos, last, block_table) -> np.ndarray:
+    def _forward(self, ids, pos, last, block_table):
         torch = self._torch
         ids, pos, last, table = self.check(ids, pos, last, block_table)
         dev = self.pools[0].device
         with torch.no_grad():
             out = self.decoder(*(torch.from_numpy(a).to(dev) for a in (ids, pos, last, table)), *self.pools)
-        return out[0].float().cpu().numpy()
+        return out[0]
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         src, dst = self._check_pairs(pairs)

@@ -87,3 +87,43 @@ def make_generator(sampling: Sampling, device):
     g = torch.Generator(device=device)
     g.manual_seed(sampling.seed)
     return g
+
+
+def sample_rows(logits, temperature, top_k, top_p, u, rows=None):
+    """Next ids [B] (int64, on the logits' device) of a batch whose rows each have their own options.
+
+    logits [B, V]; temperature, top_p (float) and top_k (int) [B] tensors on the logits' device; ``u`` [B]
+    uniforms in [0, 1) drawn by each request's own generator (so a seeded request makes the same tokens in
+    any batch, and only one number per row and step comes from the host); ``rows``: the indices of the rows
+    that sample (temperature > 0; None: every row whose temperature is > 0, found on the device) -- every
+    other row is greedy (argmax). A sampled row keeps the tokens ``filter_logits`` keeps (top-k, then top-p
+    of what is left) and picks by inverse CDF: the first token, most likely first, whose cumulative
+    probability exceeds u. Batched over the rows (one sort), no per-row kernels, no host sync."""
+    import torch  # deferred: torch (`import llmasos` imports this module)
+
+    ids = torch.argmax(logits, dim=-1)
+    if rows is None:
+        rows = torch.nonzero(temperature > 0).flatten()
+    elif len(rows) == 0:
+        return ids
+    else:
+        rows = torch.as_tensor(rows, dtype=torch.int64, device=logits.device)
+    V = logits.shape[-1]
+    x = logits.index_select(0, rows).float() / temperature.index_select(0, rows).float()[:, None]
+    xs, order = torch.sort(x, dim=-1, descending=True)
+    k = top_k.index_select(0, rows).long()
+    k = torch.where((k > 0) & (k < V), k, torch.full_like(k, V))
+    kth = xs.gather(1, (k - 1)[:, None])
+    xs = xs.masked_fill(xs < kth, float("-inf"))                  # top-k: ties with the k-th value stay, as filter_logits
+    probs = xs.softmax(-1)
+    before = probs.cumsum(-1) - probs
+    drop = before >= top_p.index_select(0, rows).float()[:, None]
+    drop[:, 0] = False
+    w = probs.masked_fill(drop, 0.0)
+    c = w.cumsum(-1)
+    target = u.index_select(0, rows).to(c.dtype)[:, None] * c[:, -1:]
+    j = torch.searchsorted(c, target, right=True)
+    last_kept = (w > 0).sum(-1, keepdim=True) - 1                  # float safety: never past the kept tokens
+    j = torch.minimum(j, last_kept.clamp(min=0))
+    ids = ids.index_copy(0, rows, order.gather(1, j)[:, 0])
+    return ids

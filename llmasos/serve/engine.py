@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ..llm.sampling import make_generator, sample
+from ..llm.sampling import sample_rows
 from .blocks import UNALLOCATED, BlockManager
 from .request import Request, RequestError, RequestOutput, SamplingParams, Status
 from .scheduler import Scheduler, cdiv
@@ -66,6 +66,7 @@ class Engine:
         self.eos_token_id = eos_token_id
         self.observer = observer or Observer()
         self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng()     # the uniforms of unseeded sampled requests
         self.steps = 0
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
@@ -143,18 +144,24 @@ class Engine:
             return []
         self._copy(plan.copies)
         outs = []
+        for req, n in plan.rows:        # each sampling row's uniform, drawn once (a retried call reuses it)
+            req.step_u = None
+            if req.params.temperature > 0 and req.num_computed + n == req.num_tokens:
+                if req.rng is None:
+                    req.rng = np.random.default_rng(req.params.seed) if req.params.seed is not None else self._rng
+                req.step_u = float(req.rng.random())
         decode = [(r, n) for r, n in plan.rows if n == 1]
         prefill = [(r, n) for r, n in plan.rows if n > 1]
         for rows in (decode, prefill):
             if not rows:
                 continue
-            for (req, n), row in self._run_isolated(rows, outs):
+            for (req, n), tok in self._run_isolated(rows, outs):
                 if req.finished:
                     continue
                 self.scheduler.computed(req, n)
                 if req.num_computed == req.num_tokens:
                     try:
-                        outs.append(self._emit(req, row))
+                        outs.append(self._emit(req, int(tok)))
                     except Exception as e:  # noqa: BLE001  one request's failure stays its own
                         outs.append(self._finish(req, "error", error=f"{type(e).__name__}: {e}"))
         self.steps += 1
@@ -174,7 +181,7 @@ class Engine:
             self.runner.copy_blocks(batch)
 
     def _run_isolated(self, rows: list, outs: list):
-        """(row, logits) pairs of one runner call; when the call fails, each row is run alone, so only the
+        """(row, token) pairs of one runner call; when the call fails, each row is run alone, so only the
         rows that fail alone end with an error and every other row's tokens are what they would have been
         (a row's K/V writes are to its own not-yet-computed positions, which the retry writes again)."""
         try:
@@ -188,35 +195,49 @@ class Engine:
             good += self._run_isolated([r], outs)
         return good
 
-    def _run(self, rows: list) -> np.ndarray:
+    def _run(self, rows: list) -> list:
+        """The next token of each row (a row that has not reached its newest token gets one too, unused).
+        With a runner that samples on its device (``sample_step``) only the B token ids leave the device;
+        a runner with ``step`` alone sends the logits to the host, sampled here the same way
+        (``sampling.sample_rows`` with the same uniforms; greedy: numpy's argmax)."""
         B, T = len(rows), max(n for _, n in rows)
         ids = np.zeros((B, T), np.int32)
         pos = np.zeros(B, np.int32)
         last = np.zeros(B, np.int32)
         table = np.full((B, self.max_blocks_per_seq), UNALLOCATED, np.int32)
+        temp = np.zeros(B, np.float32)
+        top_k = np.zeros(B, np.float32)
+        top_p = np.ones(B, np.float32)
+        u = np.zeros(B, np.float32)
         for b, (req, n) in enumerate(rows):
             s = req.num_computed
-            ids[b, :n] = req.all_ids[s:s + n]
+            if n == 1 and req.output_ids and s == req.num_tokens - 1:   # a decode row: its newest token
+                ids[b, 0] = req.output_ids[-1]                            # (no copy of the whole sequence)
+            else:
+                ids[b, :n] = req.all_ids[s:s + n]
             pos[b], last[b] = s, n - 1
             table[b, :len(req.block_table)] = req.block_table
-        logits = self.runner.step(ids, pos, last, table)
-        logits = np.asarray(logits)
+            if req.step_u is not None:
+                p = req.params
+                temp[b], top_k[b], top_p[b], u[b] = p.temperature, p.top_k, p.top_p, req.step_u
+        sampled = bool((temp > 0).any())
+        if hasattr(self.runner, "sample_step"):
+            toks = self.runner.sample_step(ids, pos, last, table, *((temp, top_k, top_p, u) if sampled else ()))
+            toks = np.asarray(toks)
+            if toks.shape != (B,):
+                raise RuntimeError(f"runner.sample_step returned ids of shape {list(toks.shape)}, expected [{B}]")
+            return toks.tolist()
+        logits = np.asarray(self.runner.step(ids, pos, last, table))
         if logits.shape != (B, self.vocab):
             raise RuntimeError(f"runner.step returned logits of shape {list(logits.shape)}, expected [{B}, {self.vocab}]")
-        return logits
-
-    def _sample(self, req: Request, row: np.ndarray) -> int:
-        p = req.params
-        if p.temperature == 0:
-            return int(np.argmax(row))
+        if not sampled:                 # greedy: numpy only
+            return np.argmax(logits, axis=-1).tolist()
         import torch  # deferred: torch (sampled requests only; greedy stays in numpy)
-        if req.generator is None and p.seed is not None:
-            req.generator = make_generator(p.sampling, "cpu")
-        return int(sample(torch.from_numpy(np.ascontiguousarray(row, np.float32))[None], p.sampling,
-                          req.generator)[0])
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
+        return sample_rows(t(logits), t(temp), t(top_k), t(top_p), t(u),
+                           rows=np.flatnonzero(temp > 0).tolist()).tolist()
 
-    def _emit(self, req: Request, row: np.ndarray) -> Optional[RequestOutput]:
-        tok = self._sample(req, row)
+    def _emit(self, req: Request, tok: int) -> Optional[RequestOutput]:
         now = time.perf_counter()
         if req.first_token_time is None:
             req.first_token_time = now

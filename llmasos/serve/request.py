@@ -140,7 +140,8 @@ class Request:
         if eos_token_id is not None and not params.ignore_eos:
             self.stop_ids.add(int(eos_token_id))
         self.text = TextTracker(tokenizer, params.stop)
-        self.generator = None                         # torch.Generator for seeded sampling (made lazily)
+        self.rng = None                               # numpy Generator of the sampling uniforms (seeded: own)
+        self.step_u: Optional[float] = None           # this step's uniform (sampled rows that emit a token)
         self.arrival = time.perf_counter()
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
