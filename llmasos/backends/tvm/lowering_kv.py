@@ -81,7 +81,9 @@ def _append_func(hkv: int, m: int, d: int, dtype: str, pos_dtype: str):
             with T.sblock("kv_append"):
                 vb, vh, vt, vj = T.axis.remap("SSSS", [b, h, t, j])
                 T.reads(pos[vb], new[vb, vh, vt, vj])
-                T.writes(cache[vb, vh, 0:m, vj])
+                # one element (none when p is outside the cache): DLight's analyses expect point regions of a
+                # one-element block -- [0:m] here failed an assertion in its GEMV rule with hkv == 1 (CPU, CUDA)
+                T.writes(cache[vb, vh, T.Cast("int64", pos[vb]) + vt, vj])
                 p: T.int64 = T.Cast("int64", pos[vb]) + vt
                 if p >= T.int64(0) and p < T.int64(m):
                     cache[vb, vh, p, vj] = new[vb, vh, vt, vj]
@@ -645,7 +647,9 @@ def _paged_append_func(hkv: int, bs: int, d: int, mb: int, dtype: str, pos_dtype
             with T.sblock("kv_paged_append"):
                 vb, vh, vt, vj = T.axis.remap("SSSS", [b, h, t, j])
                 T.reads(pos[vb], table[vb, 0:mb], new[vb, vh, vt, vj])
-                T.writes(pool[0:NB, vh, 0:bs, vj])
+                # one element or none, as in _append_func
+                T.writes(pool[table[vb, (T.Cast("int64", pos[vb]) + vt) // T.int64(bs)], vh,
+                              (T.Cast("int64", pos[vb]) + vt) % T.int64(bs), vj])
                 p: T.int64 = T.Cast("int64", pos[vb]) + vt
                 if p >= T.int64(0) and p < T.int64(mb * bs):
                     blk: T.int64 = T.Cast("int64", table[vb, p // T.int64(bs)])
