@@ -15,6 +15,7 @@ from llmasos.backends.tvm.lower import lower
 from llmasos.backends.tvm.lowering import LoweringError
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym
 from tests.paged_util import gather, scatter, scattered_table
+from tests.backends.cuda_codegen import needs_cuda_codegen
 
 BATCH, SEQ, BLOCKS = sym("batch"), sym("seq"), sym("blocks")
 # (H, Hkv, D, BS, MB): GQA with small blocks, and MHA with one block size of the serving default
@@ -183,8 +184,6 @@ def test_a_pool_read_after_its_append_is_refused(monkeypatch):
 
 
 # -- CUDA: build only (no GPU here; bench/paged_gpu_check.py runs the kernels) ------------------------------
-needs_cuda_codegen = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
-                                        reason="this TVM build has no CUDA code generator")
 
 
 @needs_cuda_codegen
