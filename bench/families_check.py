@@ -5,7 +5,7 @@
 Each family's tiny random preset (llmasos/llm/presets.py; norms and q/k/v biases randomised so they matter) is
 compiled with compile_lm (f32, batch 1 and a batch-2 symbolic build) and its greedy tokens compared with
 transformers' generate on the CPU. One JSON document: per family, whether the tokens match, the first
-mismatch, and compile seconds; plus an MQA (kv_heads=1) Llama, which the CPU build refuses today.
+mismatch, and compile seconds; plus an MQA (kv_heads=1) Llama (its one-head KV append once failed the build).
 """
 import argparse
 import copy

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmasos.backends.tvm import compile_module, resolve_target  # noqa: E402
 from llmasos.backends.tvm.lower import lower  # noqa: E402
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym  # noqa: E402
+from tests.paged_util import scattered_table  # noqa: E402
 
 H, HKV, D, BS = 32, 8, 64, 16
 OTHER_LAYOUTS = [(9, 3, 64), (12, 12, 64), (32, 8, 128), (16, 2, 80)]
@@ -80,12 +81,7 @@ def paged_inputs(rng, batch, t, mb, nb, pos, h=H, hkv=HKV, d=D):
     used = (pos + t - 1) // BS + 1
     if used.sum() > nb:
         raise ValueError(f"{int(used.sum())} blocks needed, the pool has {nb}")
-    perm = rng.permutation(nb)
-    table = np.full((batch, mb), -1, np.int32)
-    i = 0
-    for b in range(batch):
-        table[b, :used[b]] = perm[i:i + used[b]]
-        i += used[b]
+    table, _ = scattered_table(rng, batch, mb, used, spare=nb - int(used.sum()))
     f = lambda s: rng.standard_normal(s).astype(np.float16)  # noqa: E731
     return [f((batch, h, t, d)), f((batch, hkv, t, d)), f((batch, hkv, t, d)), f((nb, hkv, BS, d)),
             f((nb, hkv, BS, d)), pos.astype(np.int32), table]

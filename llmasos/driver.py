@@ -230,16 +230,30 @@ def compile_program(kind: str, frontend: Callable[[Any], Source], target: Any = 
 
 # -- loading ----------------------------------------------------------------------------------------------
 def saved_target(c) -> Any:
-    """What an artifact was built for: its registered target by name, with the saved TVM dict (a plugin that
-    shares a TVM kind with a built-in target reloads as itself), else the dict alone (which resolves to the
-    first registered target accepting its kind)."""
-    from .backends.tvm import known_targets, resolve_target  # deferred: TVM (its runtime suffices here)
+    """The Target an artifact was built for: its registered target by name, with the saved TVM dict (a plugin
+    that shares a TVM kind with a built-in target reloads as itself), else the first registered target
+    accepting the dict's kind. A manifest naming a registered target with a dict of a kind that target does
+    not take, or a dict no registered target takes, is refused: ArtifactError naming the field (an unknown
+    target passed by the caller, ``target=``, stays UnknownTargetError)."""
+    # deferred: TVM (its runtime suffices here)
+    from .backends.tvm import UnknownTargetError, known_targets, resolve_target
+    where = f"{c.path / artifact.MANIFEST}: " if getattr(c, "path", None) is not None else "artifact manifest: "
     name = (c.target_name or "").partition(":")[0]
     if name in known_targets():
         spec = resolve_target(name)
-        if c.target is not None and spec.accepts(c.target):
+        if c.target is None:
+            return spec
+        if spec.accepts(c.target):
             return spec.with_target(c.target)
-    return c.target
+        raise ArtifactError(f"{where}target_dict: kind {c.target.get('kind')!r} is not one target '{name}' (the "
+                            f"manifest's 'target') builds for ({', '.join(sorted(spec.tvm_kinds))}): the manifest "
+                            f"is inconsistent; re-save the artifact, or pass target= to load it for another target")
+    try:
+        return resolve_target(c.target)
+    except (UnknownTargetError, TypeError) as e:
+        raise ArtifactError(f"{where}target_dict: the saved target {c.target_name!r} is not registered here and "
+                            f"{e}; install the plugin that provides it, or pass target= to load it for another "
+                            f"target") from None
 
 
 def load_program(path, target: Any = None, kind: Optional[str] = None) -> CompiledProgram:
@@ -257,7 +271,7 @@ def load_program(path, target: Any = None, kind: Optional[str] = None) -> Compil
                        for n, e in c.entries.items() if e.get("convention") is not None}
     except (KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{where}: malformed calling convention ({type(e).__name__}: {e})") from None
-    spec = resolve_target(target if target is not None else saved_target(c))
+    spec = resolve_target(target) if target is not None else saved_target(c)
     try:
         weights = c.weights()
     except Exception as e:  # noqa: BLE001 -- safetensors' own errors: the file is the artifact's fault

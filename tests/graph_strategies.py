@@ -276,12 +276,16 @@ class _Builder:
         x = self.pick(lambda v: v.type.dtype.is_float and v.type.rank >= 1)
         if x is None:
             return False
+        return self._norm_node(op, [x], 2 if op == "layer_norm" else 1)
+
+    def _norm_node(self, op: str, ops: list, max_params: int) -> bool:
+        """A norm over the last ndim (drawn) dims of ops[0]: with, when static, up to max_params weight/bias
+        params of that shape after ``ops``."""
+        x = ops[0]
         ndim = self.integer(1, x.type.rank)
         tail = x.type.shape[x.type.rank - ndim:]
-        ops = [x]
-        n = _static_numel(tail)
-        if n is not None and self.flag():
-            for _ in range(self.integer(1, 2 if op == "layer_norm" else 1)):
+        if _static_numel(tail) is not None and self.flag():
+            for _ in range(self.integer(1, max_params)):
                 p = self.param(tail, x.type.dtype)
                 if p is None:
                     break
@@ -650,17 +654,7 @@ class _Builder:
             tail = tuple(d if self.flag() else 1 for d in x.type.shape[x.type.rank - self.integer(0, x.type.rank):])
             n = _static_numel(tail)
             residual = self.const(tail if n is not None and n <= MAX_INLINE_ELEMENTS else (), x.type.dtype)
-        ndim = self.integer(1, x.type.rank)
-        tail = x.type.shape[x.type.rank - ndim:]
-        ops = [x, residual]
-        if _static_numel(tail) is not None and self.flag():
-            for _ in range(self.integer(1, 2 if op == "fused.add_layer_norm" else 1)):
-                p = self.param(tail, x.type.dtype)
-                if p is None:
-                    break
-                ops.append(p)
-        self.node(op, ops, {"eps": self.choice((1e-5, 1e-6, 0.1)), "ndim": ndim})
-        return True
+        return self._norm_node(op, [x, residual], 2 if op == "fused.add_layer_norm" else 1)
 
     def b_fused_elementwise(self, op: str):
         x = self.pick(lambda v: v.type.dtype.is_float)

@@ -16,9 +16,9 @@ from llmasos.backends.tvm.cuda_schedule import DecodeGEMV
 from llmasos.backends.tvm.lower import lower
 from llmasos.compress.quant import quantize_rtn, storage
 from llmasos.ir import DType, Graph, TensorType, sym
+from tests.backends.cuda_codegen import needs_cuda_codegen
 
-pytestmark = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
-                                reason="this TVM build has no CUDA code generator")
+pytestmark = needs_cuda_codegen
 SPEC = resolve_target("cuda:sm_90a")
 
 

@@ -11,6 +11,7 @@ from llmasos.backends.tvm import lowering_kv
 from llmasos.backends.tvm.build import cuda_source
 from llmasos.backends.tvm.lower import lower
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym
+from tests.backends.cuda_codegen import needs_cuda_codegen
 
 H, HKV, M, D = 4, 2, 16, 8
 BATCH, SEQ = sym("batch"), sym("seq")
@@ -144,8 +145,6 @@ def test_append_copies_a_cache_that_is_read_again(monkeypatch):
 
 
 # -- CUDA: build only (no GPU here; bench/kv_attention_check.py runs the kernels) ------------------------
-needs_cuda_codegen = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
-                                        reason="this TVM build has no CUDA code generator")
 
 
 @needs_cuda_codegen

@@ -15,6 +15,7 @@ from llmasos.backends.tvm.lower import lower
 from llmasos.backends.tvm.lowering import LoweringError
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym
 from tests.paged_util import gather, scatter, scattered_table
+from tests.backends.cuda_codegen import needs_cuda_codegen
 
 BATCH, SEQ, BLOCKS = sym("batch"), sym("seq"), sym("blocks")
 # (H, Hkv, D, BS, MB): GQA with small blocks, and MHA with one block size of the serving default
@@ -183,8 +184,6 @@ def test_a_pool_read_after_its_append_is_refused(monkeypatch):
 
 
 # -- CUDA: build only (no GPU here; bench/paged_gpu_check.py runs the kernels) ------------------------------
-needs_cuda_codegen = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
-                                        reason="this TVM build has no CUDA code generator")
 
 
 @needs_cuda_codegen
@@ -198,3 +197,42 @@ def test_cuda_paged_kernels_build(dt):
     src = cuda_source(compile_module(lower(paged_graph(cfg, SEQ, dt), spec), spec))
     assert "kv_paged_gather_kernel" in src and "kv_paged_append_kernel" in src
     assert "kv_paged_decode_attention_kernel" not in src
+
+
+# -- one KV head (an MQA model, or a tensor-parallel rank holding one) -------------------------------------
+MQA = (4, 1, 8, 4, 5)
+
+
+def test_dlight_gemv_rules_decline_the_appends_with_one_kv_head():
+    """The append kernels declare the one element they write: with a write region of the whole cache column,
+    DLight's GEMV analysis (which takes a one-KV-head append, 3 iterators once the unit head axis is dropped,
+    for a GEMV candidate) failed an assertion instead of declining -- on the CPU and CUDA alike."""
+    from tvm.s_tir import dlight as dl
+    funcs = [lowering_kv._append_func(1, 20, 8, "float16", "int32"),
+             lowering_kv._paged_append_func(1, 4, 8, 5, "float16", "int32")]
+    for f in funcs:
+        assert dl.cpu.GEMV().apply(f, tvm.target.Target("llvm"), False) is None
+        with tvm.target.Target({"kind": "cuda", "arch": "sm_90a"}) as t:
+            assert dl.gpu.GEMV().apply(f, t, False) is None
+
+
+def test_single_kv_head_builds_on_cpu_and_matches_the_interpreter():
+    cfg = MQA
+    rng = np.random.default_rng(5)
+    contiguous, paged, table = case(cfg, rng, 3, 1)
+    p_attn, p_k, _ = build(paged_graph(cfg, 1), "cpu")(*[a.copy() for a in paged])
+    c_attn, c_k, _ = build(contiguous_graph(cfg, 1), "cpu")(*[a.copy() for a in contiguous])
+    want = interpreter.run(contiguous_graph(cfg, 1), contiguous)
+    np.testing.assert_allclose(c_attn, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_attn, want[0], rtol=1e-5, atol=1e-5)
+    m = cfg[3] * cfg[4]
+    seen = (np.arange(m)[None, :] < (contiguous[5] + 1)[:, None])[:, None, :, None]
+    np.testing.assert_array_equal(np.where(seen, gather(p_k, table, m), 0), np.where(seen, want[1], 0))
+
+
+@needs_cuda_codegen
+def test_cuda_single_kv_head_builds():
+    spec = resolve_target("cuda:sm_90a")
+    for graph in (paged_graph(MQA, 1, DType.f16), contiguous_graph(MQA, 1, DType.f16)):
+        src = cuda_source(compile_module(lower(graph, spec), spec))
+        assert "decode_attention_kernel" in src and "append_kernel" in src

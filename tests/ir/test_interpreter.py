@@ -499,9 +499,8 @@ def test_softmax(op, data):
     check(got, getattr(F, op)(T(x), dim=axis))
 
 
-@covers("layer_norm")
-@given(data=st.data())
-def test_layer_norm(data):
+def _norm_case(data):
+    """A norm test's (dtype, x, rng, normalised tail shape, ndim, eps)."""
     dt = data.draw(FLOATS)
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=6))
     ndim = data.draw(st.integers(1, len(shape)))
@@ -509,6 +508,13 @@ def test_layer_norm(data):
     rng = np.random.default_rng(data.draw(SEEDS))
     x = rand(rng, shape, dt, -4, 4)
     tail = shape[len(shape) - ndim:]
+    return dt, x, rng, tail, ndim, eps
+
+
+@covers("layer_norm")
+@given(data=st.data())
+def test_layer_norm(data):
+    dt, x, rng, tail, ndim, eps = _norm_case(data)
     w = rand(rng, tail, dt) if data.draw(st.booleans()) else None
     b = rand(rng, tail, dt) if w is not None and data.draw(st.booleans()) else None
     args = [a for a in (x, w, b) if a is not None]
@@ -521,13 +527,7 @@ def test_layer_norm(data):
 @covers("rms_norm")
 @given(data=st.data())
 def test_rms_norm(data):
-    dt = data.draw(FLOATS)
-    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=6))
-    ndim = data.draw(st.integers(1, len(shape)))
-    eps = data.draw(st.sampled_from([1e-5, 1e-6, 0.1]))
-    rng = np.random.default_rng(data.draw(SEEDS))
-    x = rand(rng, shape, dt, -4, 4)
-    tail = shape[len(shape) - ndim:]
+    dt, x, rng, tail, ndim, eps = _norm_case(data)
     w = rand(rng, tail, dt) if data.draw(st.booleans()) else None
     (got,) = run_op("rms_norm", [x] + ([w] if w is not None else []), {"eps": eps, "ndim": ndim})
     check(got, F.rms_norm(T(x), list(tail), None if w is None else T(w), eps))

@@ -114,3 +114,14 @@ def test_qwen2_compiles_to_the_greedy_tokens_of_transformers():
 def test_mistral_sequences_past_the_window_are_refused():
     with pytest.raises(ValueError, match=r"max_seq=48 exceeds the model's 32 positions"):
         llmasos.compile_lm(hf("mistral-tiny"), "cpu", max_seq=48)
+
+
+def test_a_single_kv_head_llama_compiles_to_the_greedy_tokens_of_transformers():
+    """MQA (num_key_value_heads=1): its one-head KV append once failed DLight's GEMV rule at build time."""
+    m = hf_model("llama-tiny", seed=3, eos_token_id=None, num_key_value_heads=1)
+    cfg = copy.deepcopy(m.generation_config)
+    cfg.eos_token_id, cfg.pad_token_id = None, 0
+    cfg.max_new_tokens, cfg.do_sample, cfg.use_cache = N_NEW, False, True
+    want = m.generate(_prompt(), generation_config=cfg)[0, 5:].tolist()
+    lm = llmasos.compile_lm(m, "cpu", max_seq=32, batch=1)
+    assert lm.generate(_prompt()[0].tolist(), N_NEW) == want

@@ -127,6 +127,11 @@ SCHEMA_CASES = [
     ("model", _set(["llmasos"], "format"), r"not the manifest of an LLMasOS artifact"),
     ("model", _set("yes", "tokenizer"), r"field 'tokenizer' must be true/false, got str"),
     ("model", _set({}, "target_dict"), r"target_dict must name a TVM target kind"),
+    ("model", _set("quantum", "target_dict", "kind"),
+     r"target_dict: kind 'quantum' is not one target 'cpu' \(the manifest's 'target'\) builds for \(llvm\)"),
+    ("model", _set("cuda", "target_dict", "kind"), r"target_dict: kind 'cuda' is not one target 'cpu'"),
+    ("model", lambda m: m.update(target="gizmo", target_dict={"kind": "quantum"}),
+     r"target_dict: the saved target 'gizmo' is not registered here and unsupported TVM target kind 'quantum'"),
     ("model", _set(1, "evil"), r"unknown field\(s\) 'evil'"),
     ("model", _set(1, "entries", "main", "evil"), r"entries\['main'\]: unknown field\(s\) 'evil'"),
     ("lm", _set("128", "meta", "vocab"), r"meta: field 'vocab' must be an integer, got str"),
@@ -143,6 +148,19 @@ def test_malformed_manifest_fields_are_named(saved, tmp_path, kind, edit, msg):
     _edit(path, edit)
     with pytest.raises(ArtifactError, match=msg):
         _load(path, kind)
+
+
+def test_a_bad_saved_target_is_the_artifacts_fault_a_bad_argument_the_callers(saved, tmp_path):
+    """An altered target_dict is an ArtifactError (above); an unknown target passed to load_lm stays an
+    UnknownTargetError, and target= loads an artifact whose saved target is refused."""
+    from llmasos.backends.tvm import UnknownTargetError
+    with pytest.raises(UnknownTargetError, match=r"unknown target 'tpu'"):
+        llmasos.load_lm(saved[0] / "lm", target="tpu")
+    path = _copy(saved, "lm", tmp_path)
+    _edit(path, _set("quantum", "target_dict", "kind"))
+    with pytest.raises(ArtifactError, match=r"target_dict: kind 'quantum'"):
+        llmasos.load_lm(path)
+    assert llmasos.load_lm(path, target="cpu").generate([3, 4, 5], 4) == saved[2].generate([3, 4, 5], 4)
 
 
 def test_unlisted_files_are_refused(saved, tmp_path):

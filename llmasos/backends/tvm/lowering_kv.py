@@ -38,6 +38,9 @@ pool size, and a block table [B, MB] i32 per call; row b's position p is pool[ta
     once for all the kv head's query heads; an unallocated block is skipped.
   - CUDA (``paged_decode_attention_func``): the contiguous decode kernel's layout, its
     shared-memory tiles filled through the block table; positions in unallocated blocks score -inf.
+  Each paged kernel and its contiguous twin come from one template (``_decode_attention_cpu``,
+  ``_decode_attention_cuda``) that differs only where a cache position is addressed: [b, :, p] or
+  [table[b, p // BS], :, p % BS]; ``_decode_prim_func`` binds either layout's arguments.
 * ``kv.paged_attention`` with T > 1 (prefill chunks, or a step that mixes prefill chunks and padded decode
   rows) gathers each row's positions 0..pos[b]+T-1 through its table into a [B, Hkv, MB*BS, D] buffer
   (``if_then_else``: an unallocated entry's block and the positions past the last query are not read but
@@ -48,6 +51,7 @@ pool size, and a block table [B, MB] i32 per call; row b's position p is pool[ta
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from tvm import relax, te
 from tvm import tirx as tir
@@ -77,7 +81,9 @@ def _append_func(hkv: int, m: int, d: int, dtype: str, pos_dtype: str):
             with T.sblock("kv_append"):
                 vb, vh, vt, vj = T.axis.remap("SSSS", [b, h, t, j])
                 T.reads(pos[vb], new[vb, vh, vt, vj])
-                T.writes(cache[vb, vh, 0:m, vj])
+                # one element (none when p is outside the cache): DLight's analyses expect point regions of a
+                # one-element block -- [0:m] here failed an assertion in its GEMV rule with hkv == 1 (CPU, CUDA)
+                T.writes(cache[vb, vh, T.Cast("int64", pos[vb]) + vt, vj])
                 p: T.int64 = T.Cast("int64", pos[vb]) + vt
                 if p >= T.int64(0) and p < T.int64(m):
                     cache[vb, vh, p, vj] = new[vb, vh, vt, vj]
@@ -262,30 +268,40 @@ def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
 
 
 def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float):
-    """The decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D].
+    """The decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D]
+    (``_decode_attention_cuda`` with row b's position p at cache[b, :, p])."""
+    return _decode_attention_cuda(h, hkv, m, d, dtype, pos_dtype, scale, paged=None)
 
-    Grid (B, Hkv * gdz); each block streams cache rows 0..pos[b] of its kv head through shared memory in
-    tiles of bdz*bdy*tile rows; each thread group keeps a running max / sum / output (online softmax, f32,
-    base-2 exponent) for its query head, and the bdz partial states are merged at the end. Written after
-    TVM's batch_decode_paged_kv (relax/frontend/nn/llm/_decode_kernels.py) for a contiguous cache.
+
+def paged_decode_attention_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
+                                scale: float):
+    """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D]
+    (``_decode_attention_cuda`` with position p at pool[table[b, p // BS], :, p % BS])."""
+    return _decode_attention_cuda(h, hkv, mb * bs, d, dtype, pos_dtype, scale, paged=(bs, mb))
+
+
+def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
+                           paged: Optional[tuple]):
+    """The CUDA decode kernel of both cache layouts (``paged``: None, or (BS, MB) with M = MB * BS; the arguments
+    are ``_decode_prim_func``'s).
+
+    Grid (B, Hkv * gdz); each block streams cache positions 0..pos[b] of its kv head (and nothing else of the
+    cache or pool) through shared memory in tiles of bdz*bdy*tile rows; each thread group keeps a running max /
+    sum / output (online softmax, f32, base-2 exponent) for its query head, and the bdz partial states are
+    merged at the end. Paged, a position in an unallocated block loads zeros and scores -inf. Written after
+    TVM's batch_decode_paged_kv (relax/frontend/nn/llm/_decode_kernels.py).
     """
     s = _decode_shape(h, hkv, d, dtype)
     group, VEC, bdx, bdy, bdz, gdz, tile = (s[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "gdz", "tile"))
     rows = bdz * bdy * tile  # cache rows per iteration of the whole block
     qk_scale = float(scale) * math.log2(math.e)
     neg = _NEG_BIG
+    bs = paged[0] if paged is not None else None
 
     # fmt: off
-    @T.prim_func(private=True, s_tir=True)
-    def kv_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                            var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int32()
-        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
-        K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
-        V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
-        pos = T.match_buffer(var_pos, (B,), pos_dtype)
-        O = T.match_buffer(var_out, (B, h, 1, d), dtype)
+    @T.inline
+    def body(Q, K, V, pos, table, O, B, NB):
+        # `if paged ...` below is resolved while parsing: each layout's kernel holds only its own branch
         for bx in T.thread_binding(B, thread="blockIdx.x"):
             for fused_by_bz in T.thread_binding(hkv * gdz, thread="blockIdx.y"):
                 for ty in T.thread_binding(bdy, thread="threadIdx.y"):
@@ -296,6 +312,8 @@ def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
                                 kv_len = T.sblock_alloc_buffer((1,), "int32", scope="local")
                                 K_smem = T.sblock_alloc_buffer((rows, d), dtype, scope="shared")
                                 V_smem = T.sblock_alloc_buffer((rows, d), dtype, scope="shared")
+                                if paged is not None:  # 1: the row's position is in an allocated block
+                                    ok_smem = T.sblock_alloc_buffer((rows,), "int32", scope="shared")
                                 O_allreduce = T.sblock_alloc_buffer((bdz, bdy, d), "float32", scope="shared")
                                 md_allreduce = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
                                 S_reduce_local = T.sblock_alloc_buffer((1,), "float32", scope="local")
@@ -335,14 +353,34 @@ def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
                                             T.reads()
                                             T.writes()
                                             row_g: T.let[T.int32] = tile_start_g + j
-                                            if row_g < kv_len[0]:
+
+                                            @T.inline
+                                            def load(blk, row):  # cache row [blk, kv head, row] -> shared memory
                                                 for vec in T.vectorized(VEC):
-                                                    K_smem[tile_start_s + j, tx * VEC + vec] = K[bx, by, row_g, tx * VEC + vec]
-                                                    V_smem[tile_start_s + j, tx * VEC + vec] = V[bx, by, row_g, tx * VEC + vec]
-                                            else:
+                                                    K_smem[tile_start_s + j, tx * VEC + vec] = K[blk, by, row, tx * VEC + vec]
+                                                    V_smem[tile_start_s + j, tx * VEC + vec] = V[blk, by, row, tx * VEC + vec]
+
+                                            @T.inline
+                                            def load_zeros():
                                                 for vec in T.vectorized(VEC):
                                                     K_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
                                                     V_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
+
+                                            if paged is None:
+                                                if row_g < kv_len[0]:
+                                                    load(bx, row_g)
+                                                else:
+                                                    load_zeros()
+                                            else:
+                                                blk: T.let[T.int32] = T.if_then_else(row_g < kv_len[0], table[bx, T.min(row_g, m - 1) // bs], -1)
+                                                if blk >= 0 and blk < NB:
+                                                    load(blk, row_g % bs)
+                                                    if tx == 0:
+                                                        ok_smem[tile_start_s + j] = 1
+                                                else:
+                                                    load_zeros()
+                                                    if tx == 0:
+                                                        ok_smem[tile_start_s + j] = 0
                                     T.tvm_storage_sync("shared")
                                     m_prev[0] = st_m[0]
                                     for j in T.serial(bdy * tile):
@@ -356,14 +394,21 @@ def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
                                             T.writes(t0[0])
                                             T.attr(T.comm_reducer(lambda x0, y0: x0 + y0, [T.float32(0)]), "reduce_scope", T.int32(0))
                                             T.tvm_thread_allreduce(T.uint32(1), S_reduce_local[0], True, t0[0], tx, dtype="void")
-                                        S_local[j] = T.float32(neg)
-                                        if (iterator * bdz + tz) * bdy * tile + j < kv_len[0]:
-                                            S_local[j] = t0[0]
+                                        if paged is None:  # rows past kv_len score -inf
+                                            S_local[j] = T.float32(neg)
+                                            if (iterator * bdz + tz) * bdy * tile + j < kv_len[0]:
+                                                S_local[j] = t0[0]
+                                        else:  # and so do unallocated blocks'
+                                            S_local[j] = T.if_then_else(ok_smem[tz * bdy * tile + j] == 1, t0[0], T.float32(neg))
                                         st_m[0] = T.max(st_m[0], S_local[j])
                                     o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])
                                     st_d[0] *= o_scale
                                     for j in T.serial(bdy * tile):
-                                        S_local[j] = T.exp2(S_local[j] - st_m[0])
+                                        if paged is None:
+                                            S_local[j] = T.exp2(S_local[j] - st_m[0])
+                                        else:
+                                            # a masked score stays masked even while the running max is -big too
+                                            S_local[j] = T.if_then_else(ok_smem[tz * bdy * tile + j] == 1, T.exp2(S_local[j] - st_m[0]), T.float32(0))
                                         st_d[0] += S_local[j]
                                     for j in T.vectorized(VEC):
                                         O_local[j] *= o_scale
@@ -398,12 +443,16 @@ def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
                                         exp_otherm[0] = T.exp2(other_m[0] - st_m[0])
                                         for vec in T.vectorized(VEC):
                                             O_local[vec] = O_local[vec] * exp_mprev[0] + other_o[vec] * exp_otherm[0]
-                                for vec in T.vectorized(VEC):
-                                    O_local[vec] /= st_d[0]
+                                if paged is None:
+                                    for vec in T.vectorized(VEC):
+                                        O_local[vec] /= st_d[0]
+                                else:
+                                    for vec in T.vectorized(VEC):
+                                        O_local[vec] /= T.max(st_d[0], T.float32(1e-30))
                                 for vec in T.vectorized(VEC):
                                     O[bx, qh, 0, tx * VEC + vec] = T.Cast(dtype, O_local[vec])
     # fmt: on
-    return kv_decode_attention
+    return _decode_prim_func(h, hkv, m, d, dtype, pos_dtype, paged, "int32", body)
 
 
 def _decode_call(ctx, node, args, kernel: tuple):
@@ -411,6 +460,50 @@ def _decode_call(ctx, node, args, kernel: tuple):
     qt = node.inputs[0].type
     gv = ctx.bb.add_func(func, name)
     return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType(ctx.shape(qt), tvm_dtype(qt.dtype))), "attn")
+
+
+def _decode_prim_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, paged: Optional[tuple],
+                      index: str, body):
+    """A decode kernel's PrimFunc around ``body``, the kernel proper (a ``T.inline`` called with the buffers and
+    sizes (Q, K, V, pos, table, O, B, NB)). Arguments q [B, H, 1, D], the caches, pos [B], out [B, H, 1, D]:
+    ``paged`` None, caches [B, Hkv, M, D] (row b's position p at [b, :, p]; table and NB are None); ``paged``
+    (BS, MB), pools [NB, Hkv, BS, D] and a block table [B, MB] i32 before out (position p at
+    [table[b, p // BS], :, p % BS]). B and NB are of dtype ``index``."""
+    bs, mb = paged if paged is not None else (None, None)
+    index_var = T.int32 if index == "int32" else T.int64
+
+    # fmt: off
+    @T.inline
+    def kernel(var_q, var_k, var_v, var_pos, var_table, var_out):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = index_var()
+        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
+        pos = T.match_buffer(var_pos, (B,), pos_dtype)
+        O = T.match_buffer(var_out, (B, h, 1, d), dtype)
+        if paged is None:  # (resolved while parsing)
+            K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
+            V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
+            body(Q, K, V, pos, None, O, B, None)
+        else:
+            NB = index_var()
+            K = T.match_buffer(var_k, (NB, hkv, bs, d), dtype)
+            V = T.match_buffer(var_v, (NB, hkv, bs, d), dtype)
+            table = T.match_buffer(var_table, (B, mb), "int32")
+            body(Q, K, V, pos, table, O, B, NB)
+
+    if paged is None:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                var_out: T.handle):
+            kernel(var_q, var_k, var_v, var_pos, None, var_out)
+        return kv_decode_attention
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_paged_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                  var_table: T.handle, var_out: T.handle):
+        kernel(var_q, var_k, var_v, var_pos, var_table, var_out)
+    # fmt: on
+    return kv_paged_decode_attention
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,8 +529,24 @@ def _exp2_nonpositive(x):
 
 def decode_attention_cpu_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
                               lanes: int = 16):
-    """The CPU decode kernel: one parallel task per (row, kv head); it streams cache rows 0..pos[b] once for
-    all the kv head's query heads, keeping each one's running max / sum / output in f32 (online softmax).
+    """The CPU decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D]
+    (``_decode_attention_cpu`` with row b's position p at cache[b, :, p])."""
+    return _decode_attention_cpu(h, hkv, m, d, dtype, pos_dtype, scale, lanes, paged=None)
+
+
+def paged_decode_attention_cpu_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
+                                    scale: float, lanes: int = 16):
+    """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D]
+    (``_decode_attention_cpu`` with position p at pool[table[b, p // BS], :, p % BS])."""
+    return _decode_attention_cpu(h, hkv, mb * bs, d, dtype, pos_dtype, scale, lanes, paged=(bs, mb))
+
+
+def _decode_attention_cpu(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
+                          lanes: int, paged: Optional[tuple]):
+    """The CPU decode kernel of both cache layouts (``paged``: None, or (BS, MB) with M = MB * BS; the arguments
+    are ``_decode_prim_func``'s): one parallel task per (row, kv head); it streams cache positions 0..pos[b] once
+    for all the kv head's query heads, keeping each one's running max / sum / output in f32 (online softmax).
+    Paged, it walks the row's blocks 0..pos[b] // BS through the table and skips an unallocated one.
 
     The generic path computes all M logits whatever pos is (a 2048-row cache costs the same at position
     10 as at 2000); this reads only the rows a query sees, each once per kv head. The dot products run
@@ -447,18 +556,12 @@ def decode_attention_cpu_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_
     L = next(v for v in (16, 8, 4, 2, 1) if v <= lanes and d % v == 0)
     qk_scale = float(scale) * math.log2(math.e)
     neg = _NEG_BIG
+    bs = paged[0] if paged is not None else None
 
     # fmt: off
-    @T.prim_func(private=True, s_tir=True)
-    def kv_decode_attention_cpu(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                                var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int64()
-        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
-        K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
-        V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
-        pos = T.match_buffer(var_pos, (B,), pos_dtype)
-        O = T.match_buffer(var_out, (B, h, 1, d), dtype)
+    @T.inline
+    def body(Q, K, V, pos, table, O, B, NB):
+        # `if paged ...` below is resolved while parsing: each layout's kernel holds only its own branch
         for bg in T.parallel(B * hkv):
             with T.sblock("attn"):
                 T.reads()
@@ -478,13 +581,15 @@ def decode_attention_cpu_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_
                     for x in T.vectorized(d):
                         qf[r, x] = T.Cast("float32", Q[b, g * group + r, 0, x]) * T.float32(qk_scale)
                         acc[r, x] = T.float32(0)
-                for j in T.serial(n):
+
+                @T.inline
+                def attend(blk, j):  # cache row [blk, kv head, j], for each of the kv head's query heads
                     for r in T.serial(group):
                         for l in T.vectorized(L):
                             part[l] = T.float32(0)
                         for xo in T.serial(d // L):
                             for l in T.vectorized(L):
-                                part[l] = part[l] + qf[r, xo * L + l] * T.Cast("float32", K[b, g, j, xo * L + l])
+                                part[l] = part[l] + qf[r, xo * L + l] * T.Cast("float32", K[blk, g, j, xo * L + l])
                         # horizontal sum as a tree of vector halvings (a serial chain of L adds was the
                         # kernel's critical path)
                         if L >= 16:
@@ -504,13 +609,23 @@ def decode_attention_cpu_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_
                         p: T.let[T.float32] = _exp2_nonpositive(sc[0] - sc[1])
                         den[r] = den[r] * alpha + p
                         for x in T.vectorized(d):
-                            acc[r, x] = acc[r, x] * alpha + p * T.Cast("float32", V[b, g, j, x])
+                            acc[r, x] = acc[r, x] * alpha + p * T.Cast("float32", V[blk, g, j, x])
                         mx[r] = sc[1]
+
+                if paged is None:
+                    for j in T.serial(n):
+                        attend(b, j)
+                else:
+                    for kb in T.serial((n + T.int64(bs - 1)) // T.int64(bs)):
+                        blk: T.let[T.int64] = T.Cast("int64", table[b, kb])
+                        if blk >= T.int64(0) and blk < NB:
+                            for s in T.serial(T.min(T.int64(bs), n - kb * T.int64(bs))):
+                                attend(blk, s)
                 for r in T.serial(group):
                     for x in T.vectorized(d):
                         O[b, g * group + r, 0, x] = T.Cast(dtype, acc[r, x] / T.max(den[r], T.float32(1e-30)))
     # fmt: on
-    return kv_decode_attention_cpu
+    return _decode_prim_func(h, hkv, m, d, dtype, pos_dtype, paged, "int64", body)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -532,7 +647,9 @@ def _paged_append_func(hkv: int, bs: int, d: int, mb: int, dtype: str, pos_dtype
             with T.sblock("kv_paged_append"):
                 vb, vh, vt, vj = T.axis.remap("SSSS", [b, h, t, j])
                 T.reads(pos[vb], table[vb, 0:mb], new[vb, vh, vt, vj])
-                T.writes(pool[0:NB, vh, 0:bs, vj])
+                # one element or none, as in _append_func
+                T.writes(pool[table[vb, (T.Cast("int64", pos[vb]) + vt) // T.int64(bs)], vh,
+                              (T.Cast("int64", pos[vb]) + vt) % T.int64(bs), vj])
                 p: T.int64 = T.Cast("int64", pos[vb]) + vt
                 if p >= T.int64(0) and p < T.int64(mb * bs):
                     blk: T.int64 = T.Cast("int64", table[vb, p // T.int64(bs)])
@@ -573,10 +690,7 @@ def _kv_paged_attention(ctx, node, args):
         kernel = ctx.spec.kv_paged_decode_attention(h, hkv, bs, mb, d, tvm_dtype(qt.dtype),
                                                     tvm_dtype(node.inputs[3].type.dtype), node.attrs["scale"])
         if kernel is not None:
-            name, func = kernel
-            gv = ctx.bb.add_func(func, name)
-            return ctx.emit(relax.call_tir(gv, list(args), relax.TensorType(ctx.shape(qt), tvm_dtype(qt.dtype))),
-                            "attn")
+            return _decode_call(ctx, node, args, kernel)
     kc = ctx.emit_te(_gather, kp, table, pos, q, name="kv_paged_gather")
     vc = ctx.emit_te(_gather, vp, table, pos, q, name="kv_paged_gather")
     return _generic(ctx, node, [q, kc, vc, pos], m=mb * bs, table=(table, bs))
@@ -596,241 +710,3 @@ def _gather(pool, table, pos, q):
         return tir.if_then_else(ok, pool[tir.max(blk, tir.const(0, "int64")), h, j % bs, x],
                                 tir.const(0, pool.dtype))
     return te.compute((b_, hkv, mb * bs, d), at, name="kv_paged_gather")
-
-
-# ------------------------------------------------------------------------------------------------
-# the CPU paged decode kernel (T == 1)
-
-def paged_decode_attention_cpu_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
-                                    scale: float, lanes: int = 16):
-    """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D]: one parallel task per
-    (row, kv head) walks the row's blocks 0..pos[b] // BS through the table (an unallocated one is skipped) and
-    streams their rows 0..pos[b] once for all the kv head's query heads (online softmax, f32); the kernel of
-    lowering_kv.decode_attention_cpu_func with the block table in its row loop."""
-    group = h // hkv
-    L = next(v for v in (16, 8, 4, 2, 1) if v <= lanes and d % v == 0)
-    qk_scale = float(scale) * math.log2(math.e)
-    neg = _NEG_BIG
-    m = mb * bs
-
-    # fmt: off
-    @T.prim_func(private=True, s_tir=True)
-    def kv_paged_decode_attention_cpu(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                                      var_table: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int64()
-        NB = T.int64()
-        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
-        K = T.match_buffer(var_k, (NB, hkv, bs, d), dtype)
-        V = T.match_buffer(var_v, (NB, hkv, bs, d), dtype)
-        pos = T.match_buffer(var_pos, (B,), pos_dtype)
-        table = T.match_buffer(var_table, (B, mb), "int32")
-        O = T.match_buffer(var_out, (B, h, 1, d), dtype)
-        for bg in T.parallel(B * hkv):
-            with T.sblock("attn"):
-                T.reads()
-                T.writes()
-                qf = T.sblock_alloc_buffer((group, d), "float32")
-                acc = T.sblock_alloc_buffer((group, d), "float32")
-                part = T.sblock_alloc_buffer((L,), "float32")
-                mx = T.sblock_alloc_buffer((group,), "float32")
-                den = T.sblock_alloc_buffer((group,), "float32")
-                sc = T.sblock_alloc_buffer((2,), "float32")  # [score, new max]
-                b: T.let[T.int64] = bg // hkv
-                g: T.let[T.int64] = bg % hkv
-                n: T.let[T.int64] = T.min(T.max(T.Cast("int64", pos[b]) + T.int64(1), T.int64(0)), T.int64(m))
-                for r in T.serial(group):
-                    mx[r] = T.float32(neg)
-                    den[r] = T.float32(0)
-                    for x in T.vectorized(d):
-                        qf[r, x] = T.Cast("float32", Q[b, g * group + r, 0, x]) * T.float32(qk_scale)
-                        acc[r, x] = T.float32(0)
-                for kb in T.serial((n + T.int64(bs - 1)) // T.int64(bs)):
-                    blk: T.let[T.int64] = T.Cast("int64", table[b, kb])
-                    if blk >= T.int64(0) and blk < NB:
-                        for s in T.serial(T.min(T.int64(bs), n - kb * T.int64(bs))):
-                            for r in T.serial(group):
-                                for l in T.vectorized(L):
-                                    part[l] = T.float32(0)
-                                for xo in T.serial(d // L):
-                                    for l in T.vectorized(L):
-                                        part[l] = part[l] + qf[r, xo * L + l] * T.Cast("float32", K[blk, g, s, xo * L + l])
-                                if L >= 16:
-                                    for l in T.vectorized(8):
-                                        part[l] = part[l] + part[l + 8]
-                                if L >= 8:
-                                    for l in T.vectorized(4):
-                                        part[l] = part[l] + part[l + 4]
-                                if L >= 4:
-                                    for l in T.vectorized(2):
-                                        part[l] = part[l] + part[l + 2]
-                                if L >= 2:
-                                    part[0] = part[0] + part[1]
-                                sc[0] = part[0]
-                                sc[1] = T.max(mx[r], sc[0])
-                                alpha: T.let[T.float32] = _exp2_nonpositive(mx[r] - sc[1])
-                                p: T.let[T.float32] = _exp2_nonpositive(sc[0] - sc[1])
-                                den[r] = den[r] * alpha + p
-                                for x in T.vectorized(d):
-                                    acc[r, x] = acc[r, x] * alpha + p * T.Cast("float32", V[blk, g, s, x])
-                                mx[r] = sc[1]
-                for r in T.serial(group):
-                    for x in T.vectorized(d):
-                        O[b, g * group + r, 0, x] = T.Cast(dtype, acc[r, x] / T.max(den[r], T.float32(1e-30)))
-    # fmt: on
-    return kv_paged_decode_attention_cpu
-
-
-# ------------------------------------------------------------------------------------------------
-# the CUDA paged decode kernel (T == 1)
-
-def paged_decode_attention_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
-                                scale: float):
-    """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D].
-
-    lowering_kv.decode_attention_func with the cache rows fetched through the block table: grid (B, Hkv *
-    gdz); each block streams its row's positions 0..pos[b] (and nothing else of the pool) into shared memory
-    in tiles, position p from pool[table[b, p // BS], kv head, p % BS]; a position in an unallocated block
-    loads zeros and scores -inf. Online softmax in f32 (base 2), the bdz partial states merged at the end.
-    """
-    s = _decode_shape(h, hkv, d, dtype)
-    group, VEC, bdx, bdy, bdz, gdz, tile = (s[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "gdz", "tile"))
-    rows = bdz * bdy * tile
-    qk_scale = float(scale) * math.log2(math.e)
-    neg = _NEG_BIG
-    m = mb * bs
-
-    # fmt: off
-    @T.prim_func(private=True, s_tir=True)
-    def kv_paged_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                                  var_table: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int32()
-        NB = T.int32()
-        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
-        K = T.match_buffer(var_k, (NB, hkv, bs, d), dtype)
-        V = T.match_buffer(var_v, (NB, hkv, bs, d), dtype)
-        pos = T.match_buffer(var_pos, (B,), pos_dtype)
-        table = T.match_buffer(var_table, (B, mb), "int32")
-        O = T.match_buffer(var_out, (B, h, 1, d), dtype)
-        for bx in T.thread_binding(B, thread="blockIdx.x"):
-            for fused_by_bz in T.thread_binding(hkv * gdz, thread="blockIdx.y"):
-                for ty in T.thread_binding(bdy, thread="threadIdx.y"):
-                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
-                        for tz in T.thread_binding(bdz, thread="threadIdx.z"):
-                            with T.sblock("attn"):
-                                Q_local = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
-                                kv_len = T.sblock_alloc_buffer((1,), "int32", scope="local")
-                                K_smem = T.sblock_alloc_buffer((rows, d), dtype, scope="shared")
-                                V_smem = T.sblock_alloc_buffer((rows, d), dtype, scope="shared")
-                                ok_smem = T.sblock_alloc_buffer((rows,), "int32", scope="shared")
-                                O_allreduce = T.sblock_alloc_buffer((bdz, bdy, d), "float32", scope="shared")
-                                md_allreduce = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
-                                S_reduce_local = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                t0 = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                S_local = T.sblock_alloc_buffer((bdy * tile,), "float32", scope="local")
-                                QK_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-                                V_local = T.sblock_alloc_buffer((VEC,), dtype, scope="local")
-                                m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                d_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                other_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                other_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                exp_mprev = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                exp_otherm = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                other_o = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-                                st_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
-                                O_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-
-                                by: T.let[T.int32] = fused_by_bz % hkv
-                                bz: T.let[T.int32] = fused_by_bz // hkv
-                                qh: T.let[T.int32] = by * group + bz * bdy + ty
-                                kv_len[0] = T.min(T.max(T.Cast("int32", pos[bx]) + 1, 0), m)
-
-                                st_m[0] = T.float32(neg)
-                                st_d[0] = T.float32(1.0)
-                                for vec in T.vectorized(VEC):
-                                    O_local[vec] = T.float32(0)
-                                for vec in T.vectorized(VEC):
-                                    Q_local[vec] = Q[bx, qh, 0, tx * VEC + vec]
-
-                                for iterator in T.serial(T.ceildiv(kv_len[0], rows)):
-                                    tile_start_s: T.let[T.int32] = (tz * bdy + ty) * tile
-                                    tile_start_g: T.let[T.int32] = ((iterator * bdz + tz) * bdy + ty) * tile
-                                    for j in T.serial(tile):
-                                        with T.sblock("KV_load"):
-                                            T.reads()
-                                            T.writes()
-                                            row_g: T.let[T.int32] = tile_start_g + j
-                                            blk: T.let[T.int32] = T.if_then_else(row_g < kv_len[0], table[bx, T.min(row_g, m - 1) // bs], -1)
-                                            if blk >= 0 and blk < NB:
-                                                for vec in T.vectorized(VEC):
-                                                    K_smem[tile_start_s + j, tx * VEC + vec] = K[blk, by, row_g % bs, tx * VEC + vec]
-                                                    V_smem[tile_start_s + j, tx * VEC + vec] = V[blk, by, row_g % bs, tx * VEC + vec]
-                                                if tx == 0:
-                                                    ok_smem[tile_start_s + j] = 1
-                                            else:
-                                                for vec in T.vectorized(VEC):
-                                                    K_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
-                                                    V_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
-                                                if tx == 0:
-                                                    ok_smem[tile_start_s + j] = 0
-                                    T.tvm_storage_sync("shared")
-                                    m_prev[0] = st_m[0]
-                                    for j in T.serial(bdy * tile):
-                                        for vec in T.vectorized(VEC):
-                                            QK_local[vec] = T.Cast("float32", Q_local[vec]) * T.Cast("float32", K_smem[tz * bdy * tile + j, tx * VEC + vec]) * T.float32(qk_scale)
-                                        S_reduce_local[0] = T.float32(0)
-                                        for vec in T.unroll(VEC):
-                                            S_reduce_local[0] += QK_local[vec]
-                                        with T.sblock("block_cross_thread"):
-                                            T.reads(S_reduce_local[0])
-                                            T.writes(t0[0])
-                                            T.attr(T.comm_reducer(lambda x0, y0: x0 + y0, [T.float32(0)]), "reduce_scope", T.int32(0))
-                                            T.tvm_thread_allreduce(T.uint32(1), S_reduce_local[0], True, t0[0], tx, dtype="void")
-                                        S_local[j] = T.if_then_else(ok_smem[tz * bdy * tile + j] == 1, t0[0], T.float32(neg))
-                                        st_m[0] = T.max(st_m[0], S_local[j])
-                                    o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])
-                                    st_d[0] *= o_scale
-                                    for j in T.serial(bdy * tile):
-                                        # a masked score stays masked even while the running max is -big too
-                                        S_local[j] = T.if_then_else(ok_smem[tz * bdy * tile + j] == 1, T.exp2(S_local[j] - st_m[0]), T.float32(0))
-                                        st_d[0] += S_local[j]
-                                    for j in T.vectorized(VEC):
-                                        O_local[j] *= o_scale
-                                    for j in T.serial(bdy * tile):
-                                        for vec in T.vectorized(VEC):
-                                            V_local[vec] = V_smem[tz * bdy * tile + j, tx * VEC + vec]
-                                        for vec in T.vectorized(VEC):
-                                            O_local[vec] += T.Cast("float32", V_local[vec]) * S_local[j]
-                                    T.tvm_storage_sync("shared")
-
-                                if bdz > 1:
-                                    for vec in T.vectorized(VEC):
-                                        O_allreduce[tz, ty, tx * VEC + vec] = O_local[vec]
-                                    md_allreduce[tz, ty, 0] = st_m[0]
-                                    md_allreduce[tz, ty, 1] = st_d[0]
-                                    T.tvm_storage_sync("shared")
-                                    st_m[0] = T.float32(neg)
-                                    st_d[0] = T.float32(1.0)
-                                    for vec in T.vectorized(VEC):
-                                        O_local[vec] = T.float32(0)
-                                    for j in T.serial(bdz):
-                                        m_prev[0] = st_m[0]
-                                        d_prev[0] = st_d[0]
-                                        other_m[0] = md_allreduce[j, ty, 0]
-                                        other_d[0] = md_allreduce[j, ty, 1]
-                                        for vec in T.vectorized(VEC):
-                                            other_o[vec] = O_allreduce[j, ty, tx * VEC + vec]
-                                        st_m[0] = T.max(st_m[0], other_m[0])
-                                        st_d[0] = d_prev[0] * T.exp2(m_prev[0] - st_m[0]) + other_d[0] * T.exp2(other_m[0] - st_m[0])
-                                        exp_mprev[0] = T.exp2(m_prev[0] - st_m[0])
-                                        exp_otherm[0] = T.exp2(other_m[0] - st_m[0])
-                                        for vec in T.vectorized(VEC):
-                                            O_local[vec] = O_local[vec] * exp_mprev[0] + other_o[vec] * exp_otherm[0]
-                                for vec in T.vectorized(VEC):
-                                    O_local[vec] /= T.max(st_d[0], T.float32(1e-30))
-                                for vec in T.vectorized(VEC):
-                                    O[bx, qh, 0, tx * VEC + vec] = T.Cast(dtype, O_local[vec])
-    # fmt: on
-    return kv_paged_decode_attention
