@@ -204,6 +204,11 @@ class Target:
         rows (M symbolic: the batch), or None for the generic lowering."""
         return None
 
+    def prefill_gemm(self, n: int, k: int, dtype: str) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written GEMM y [M, N] = x [M, K] @ w [N, K]^T for a prompt's many rows (M
+        symbolic: the prompt's tokens), or None for the generic lowering."""
+        return None
+
     def small_m_quant_gemm(self, n: int, k: int, bits: int, group: int, dtype: str,
                            rows: Optional[int] = None) -> Optional[tuple]:
         """(name, PrimFunc) of a hand-written quant.linear kernel for a decode step's few rows (M symbolic;
@@ -426,6 +431,18 @@ class CUDATarget(Target):
         if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not small_m_gemm_supported(n, k, dtype):
             return None
         return f"small_m_gemm_{n}x{k}", small_m_gemm_func(n, k)
+
+    def prefill_gemm(self, n, k, dtype):
+        """The tensor-core prefill GEMM of cuda_gemm.py (cp.async pipeline, ldmatrix, mma.sync). Target option
+        prefill_gemm = "off" (the default, until a GPU run shows it beating TensorCoreMatmul) | "on"."""
+        which = self.extra.get("prefill_gemm", "off")
+        if which not in ("on", "off"):
+            raise ValueError(f"target '{self.name}': prefill_gemm must be 'on' or 'off', got {which!r}")
+        from .cuda_gemm import (prefill_gemm_func,  # deferred: the TVM compiler (module docstring)
+                                prefill_gemm_supported, sm_version)
+        if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not prefill_gemm_supported(n, k, dtype):
+            return None
+        return f"prefill_gemm_{n}x{k}", prefill_gemm_func(n, k)
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
