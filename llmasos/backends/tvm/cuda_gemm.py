@@ -374,6 +374,29 @@ def prefill_swizzle(row, chunk):
     return row * PF_BK + ((chunk ^ ((row >> 1) & 3)) * 8)
 
 
+def prefill_copy_row(c, tid, threads: int):
+    """Tile row of thread ``tid``'s ``c``-th 16-byte copy of a step (4 copies a 32-column row)."""
+    return (c * threads + tid) // 4
+
+
+def prefill_copy_chunk(c, tid, threads: int):
+    """K-chunk (0..3, 8 halves each) of thread ``tid``'s ``c``-th 16-byte copy of a step."""
+    return (c * threads + tid) % 4
+
+
+def prefill_a_offset(lane, mi, kk, warp_m, wm: int):
+    """Shared offset (within a stage's x tile) that ``lane`` gives ldmatrix.x4 for m16 tile ``mi`` of warp row
+    ``warp_m`` at k-step ``kk``: row lane % 16, k-chunk 2 kk + lane // 16 (matrices a0..a3)."""
+    return prefill_swizzle(warp_m * wm + mi * 16 + lane % 16, kk * 2 + lane // 16)
+
+
+def prefill_b_offset(lane, nj, kk, warp_n, wn: int):
+    """Shared offset (within a stage's w tile) that ``lane`` gives ldmatrix.x4 for n8 tiles 2 nj, 2 nj + 1 of
+    warp column ``warp_n`` at k-step ``kk``: w row lane % 8 + 8 (lane // 16), k-chunk 2 kk + (lane // 8) % 2
+    (registers b0, b1 of tile 2 nj, then b0, b1 of tile 2 nj + 1)."""
+    return prefill_swizzle(warp_n * wn + nj * 16 + lane % 8 + lane // 16 * 8, kk * 2 + lane // 8 % 2)
+
+
 def prefill_tile(n: int):
     """(BM, BN) block tile for N: 128 x 128, or 128 x 64 where N is not a multiple of 128 or gives few
     column blocks (N = 512: 4 blocks of 128 a row tile leave most of the SMs idle at M = 1024)."""
@@ -436,14 +459,18 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
                                 if s < ktiles:
                                     for c in T.unroll(a_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                                            T.address_of(A_s[s * a_tile + prefill_swizzle((c * threads + tid) // 4, (c * threads + tid) % 4)]),
-                                            T.address_of(X[T.min(m0 + (c * threads + tid) // 4, M - 1),
-                                                           s * PF_BK + (c * threads + tid) % 4 * 8]),
-                                            16, T.Cast("uint32", T.if_then_else(m0 + (c * threads + tid) // 4 < M, 16, 0))))
+                                            T.address_of(A_s[s * a_tile + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                                     prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads), M - 1),
+                                                           s * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            16, T.Cast("uint32", T.if_then_else(
+                                                m0 + prefill_copy_row(c, tid, threads) < M, 16, 0))))
                                     for c in T.unroll(b_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                                            T.address_of(B_s[s * b_tile + prefill_swizzle((c * threads + tid) // 4, (c * threads + tid) % 4)]),
-                                            T.address_of(W[n0 + (c * threads + tid) // 4, s * PF_BK + (c * threads + tid) % 4 * 8]),
+                                            T.address_of(B_s[s * b_tile + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                                     prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads),
+                                                           s * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
                                             16))
                                 T.evaluate(T.ptx["cp.async.commit_group"]())
                             for kt in T.serial(ktiles):
@@ -454,30 +481,31 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
                                     for c in T.unroll(a_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
                                             T.address_of(A_s[(kt + stages - 1) % stages * a_tile
-                                                             + prefill_swizzle((c * threads + tid) // 4, (c * threads + tid) % 4)]),
-                                            T.address_of(X[T.min(m0 + (c * threads + tid) // 4, M - 1),
-                                                           (kt + stages - 1) * PF_BK + (c * threads + tid) % 4 * 8]),
-                                            16, T.Cast("uint32", T.if_then_else(m0 + (c * threads + tid) // 4 < M, 16, 0))))
+                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                               prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads), M - 1),
+                                                           (kt + stages - 1) * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            16, T.Cast("uint32", T.if_then_else(
+                                                m0 + prefill_copy_row(c, tid, threads) < M, 16, 0))))
                                     for c in T.unroll(b_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
                                             T.address_of(B_s[(kt + stages - 1) % stages * b_tile
-                                                             + prefill_swizzle((c * threads + tid) // 4, (c * threads + tid) % 4)]),
-                                            T.address_of(W[n0 + (c * threads + tid) // 4,
-                                                           (kt + stages - 1) * PF_BK + (c * threads + tid) % 4 * 8]),
+                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                               prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads),
+                                                           (kt + stages - 1) * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
                                             16))
                                 T.evaluate(T.ptx["cp.async.commit_group"]())
                                 for kk in T.unroll(2):
                                     for mi in T.unroll(mi_n):
                                         T.evaluate(T.ptx_legacy.ldmatrix(
                                             False, 4, ".b16", a_frag.data, mi * 8, A_s.data,
-                                            kt % stages * a_tile + prefill_swizzle(warp_m * wm + mi * 16 + tx % 16,
-                                                                                   kk * 2 + tx // 16),
+                                            kt % stages * a_tile + prefill_a_offset(tx, mi, kk, warp_m, wm),
                                             dtype="float16"))
                                     for nj in T.unroll(ni_n // 2):
                                         T.evaluate(T.ptx_legacy.ldmatrix(
                                             False, 4, ".b16", b_frag.data, nj * 8, B_s.data,
-                                            kt % stages * b_tile + prefill_swizzle(warp_n * wn + nj * 16 + tx % 8 + tx // 16 * 8,
-                                                                                   kk * 2 + tx // 8 % 2),
+                                            kt % stages * b_tile + prefill_b_offset(tx, nj, kk, warp_n, wn),
                                             dtype="float16"))
                                     for mi in T.unroll(mi_n):
                                         for ni in T.unroll(ni_n):
