@@ -362,7 +362,7 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
 # order); for B, lane l addresses w row (l % 8) + 8 (l // 16) and k-chunk 2 kk + (l // 8) % 2, giving
 # (b0, b1) of two n8 tiles. Rows of x past M are zero-filled by cp.async's src-size (the address clamped to
 # row M - 1) and their rows of y are not written. The accumulators go to y as f16 pairs (c0 c1 / c2 c3: rows
-# g and g + 8, columns 2t, 2t + 1 of each n8 tile).
+# g and g + 8, columns 2t, 2t + 1 of each n8 tile). Grid: (ceil(M / BM), N / BN), row tiles fastest.
 
 PF_BK = 32         # K columns per pipeline step (two m16n8k16 k-steps)
 PF_WARPS_M = 2
@@ -435,8 +435,10 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
         X = T.match_buffer(var_x, (M, k), "float16")
         W = T.match_buffer(var_w, (n, k), "float16")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for by in T.thread_binding((M + bm - 1) // bm, thread="blockIdx.y"):
-            for bx in T.thread_binding(n // bn, thread="blockIdx.x"):
+        # row tiles fastest: the blocks resident together share W tiles (read from HBM about once) and
+        # walk x, the smaller operand at prompt lengths up to several thousand, through L2
+        for bx in T.thread_binding(n // bn, thread="blockIdx.y"):
+            for by in T.thread_binding((M + bm - 1) // bm, thread="blockIdx.x"):
                 for ty in T.thread_binding(PF_WARPS_M * PF_WARPS_N, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
