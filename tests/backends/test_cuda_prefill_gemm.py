@@ -24,7 +24,6 @@ from llmasos.ir import DType, Graph, TensorType, sym
 SPEC = dataclasses.replace(resolve_target("cuda:sm_90a"), extra={"prefill_gemm": "on"})
 needs_cuda = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
                                 reason="this TVM build has no CUDA code generator")
-THREADS = 32 * PF_WARPS_M * PF_WARPS_N
 
 
 def _ldmatrix_x4(smem, addr):
@@ -61,15 +60,17 @@ def _mma_16816(a, b, acc):
         acc[:, 2 + e] += D[g + 8, 2 * t + e]
 
 
-def _emulate(x, w, tile, stages):
+def _emulate(x, w, tile, stages, warps=(PF_WARPS_M, PF_WARPS_N)):
     """y [M, N] as prefill_gemm_func computes it: per block, the cp.async copies of each step into its ring
     stage (rows past M zero-filled), then per warp and k-step the ldmatrix.x4 loads and MMAs, then the
     guarded f16 stores. Unwritten outputs stay NaN."""
     M, K = x.shape
     N = w.shape[0]
     bm, bn = tile
-    mi_n, ni_n = bm // (16 * PF_WARPS_M), bn // (8 * PF_WARPS_N)
-    wm, wn = bm // PF_WARPS_M, bn // PF_WARPS_N
+    wgm, wgn = warps
+    THREADS = 32 * wgm * wgn
+    mi_n, ni_n = bm // (16 * wgm), bn // (8 * wgn)
+    wm, wn = bm // wgm, bn // wgn
     a_tile, b_tile = bm * PF_BK, bn * PF_BK
     ktiles = K // PF_BK
     tid = np.arange(THREADS)
@@ -93,15 +94,15 @@ def _emulate(x, w, tile, stages):
                     B_s[st * b_tile + prefill_swizzle(r, ch)[:, None] + np.arange(8)] = \
                         w[(n0 + r)[:, None], kt * PF_BK + ch[:, None] * 8 + np.arange(8)]
 
-            acc = np.zeros((PF_WARPS_M * PF_WARPS_N, mi_n * ni_n, 32, 4), np.float32)
+            acc = np.zeros((wgm * wgn, mi_n * ni_n, 32, 4), np.float32)
             for s in range(min(stages - 1, ktiles)):
                 load(s)
             for kt in range(ktiles):
                 if kt + stages - 1 < ktiles:
                     load(kt + stages - 1)
                 st = kt % stages
-                for ty in range(PF_WARPS_M * PF_WARPS_N):
-                    warp_m, warp_n = ty // PF_WARPS_N, ty % PF_WARPS_N
+                for ty in range(wgm * wgn):
+                    warp_m, warp_n = ty // wgn, ty % wgn
                     for kk in range(2):
                         a = [_ldmatrix_x4(A_s, st * a_tile + prefill_a_offset(lane, mi, kk, warp_m, wm))
                              for mi in range(mi_n)]
@@ -112,8 +113,8 @@ def _emulate(x, w, tile, stages):
                                 _mma_16816(a[mi], b[ni // 2][:, 4 * (ni % 2):4 * (ni % 2) + 4],
                                            acc[ty, mi * ni_n + ni])
             g, t = lane // 4, lane % 4
-            for ty in range(PF_WARPS_M * PF_WARPS_N):
-                warp_m, warp_n = ty // PF_WARPS_N, ty % PF_WARPS_N
+            for ty in range(wgm * wgn):
+                warp_m, warp_n = ty // wgn, ty % wgn
                 for mi in range(mi_n):
                     for h in range(2):
                         row = m0 + warp_m * wm + mi * 16 + h * 8 + g
@@ -145,13 +146,17 @@ def test_swizzle_makes_every_ldmatrix_phase_conflict_free_and_is_a_permutation()
                     assert len(set(addr[8 * j:8 * j + 8] // 16 % 8)) == 8
 
 
-@pytest.mark.parametrize("m,n,k,tile,stages", [(72, 128, 96, (128, 128), 3), (200, 192, 64, (128, 64), 3),
-                                               (40, 64, 160, (64, 64), 2), (130, 128, 32, (128, 128), 4)])
-def test_emulated_kernel_computes_the_gemm(m, n, k, tile, stages):
+@pytest.mark.parametrize("m,n,k,tile,stages,warps", [(72, 128, 96, (128, 128), 3, (2, 4)),
+                                                     (200, 192, 64, (128, 64), 3, (2, 4)),
+                                                     (40, 64, 160, (64, 64), 2, (2, 4)),
+                                                     (130, 128, 32, (128, 128), 4, (2, 4)),
+                                                     (100, 256, 96, (128, 128), 3, (2, 2)),
+                                                     (70, 128, 64, (128, 64), 3, (4, 2))])
+def test_emulated_kernel_computes_the_gemm(m, n, k, tile, stages, warps):
     rng = np.random.default_rng(m + n + k)
     x = rng.standard_normal((m, k)).astype(np.float16)
     w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
-    y = _emulate(x, w, tile, stages)
+    y = _emulate(x, w, tile, stages, warps)
     assert not np.isnan(y).any()                       # every output written once the row exists
     ref = x.astype(np.float32) @ w.astype(np.float32).T
     err = np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max()
@@ -167,6 +172,8 @@ def test_supported_shapes_and_tiles():
         prefill_gemm_func(100, 2048)
     with pytest.raises(ValueError, match=r"tile \(128, 96\)"):
         prefill_gemm_func(2048, 2048, tile=(128, 96))
+    with pytest.raises(ValueError, match=r"warps \(4, 4\)"):
+        prefill_gemm_func(2048, 2048, warps=(4, 4))
 
 
 def _graph(n, k, lead):

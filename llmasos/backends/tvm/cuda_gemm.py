@@ -410,18 +410,24 @@ def prefill_gemm_supported(n: int, k: int, dtype: str) -> bool:
     return dtype == "float16" and n % 64 == 0 and k % PF_BK == 0 and k >= PF_BK
 
 
-def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 3, tile=None):
+def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 3, tile=None, warps=None):
     """The PrimFunc ``prefill_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic); ``tile``
-    (BM, BN) overrides prefill_tile (BM in {64, 128}, BN in {64, 128}, BN dividing N)."""
+    (BM, BN) overrides prefill_tile (BM in {64, 128}, BN in {64, 128}, BN dividing N); ``warps`` (WM, WN)
+    the warp grid (default 2 x 4; 2 x 2 gives 64 x 64 warp tiles at 128 x 128: fewer ldmatrix per MMA,
+    twice the accumulators a thread)."""
     if not prefill_gemm_supported(n, k, "float16"):
         raise ValueError(f"prefill_gemm_func: N={n}, K={k} not supported (N % 64, K % 32 must be 0)")
     bm, bn = tile or prefill_tile(n)
     if bm not in (64, 128) or bn not in (64, 128) or n % bn:
         raise ValueError(f"prefill_gemm_func: tile {(bm, bn)} for N={n}: BM, BN must be 64 or 128, BN dividing N")
-    threads = 32 * PF_WARPS_M * PF_WARPS_N
-    mi_n = bm // (16 * PF_WARPS_M)         # m16 tiles a warp
-    ni_n = bn // (8 * PF_WARPS_N)          # n8 tiles a warp
-    wm, wn = bm // PF_WARPS_M, bn // PF_WARPS_N
+    wgm, wgn = warps or (PF_WARPS_M, PF_WARPS_N)
+    if (wgm, wgn) not in ((2, 4), (2, 2), (4, 2)) or bm // wgm < 32 or bn // wgn < 16:
+        raise ValueError(f"prefill_gemm_func: warps {(wgm, wgn)} for tile {(bm, bn)}: (2, 4), (2, 2) or (4, 2), "
+                         f"warp tiles at least 32 x 16")
+    threads = 32 * wgm * wgn
+    mi_n = bm // (16 * wgm)                # m16 tiles a warp
+    ni_n = bn // (8 * wgn)                 # n8 tiles a warp
+    wm, wn = bm // wgm, bn // wgn
     a_copies = bm * PF_BK // 8 // threads  # 16-byte copies a thread per step
     b_copies = bn * PF_BK // 8 // threads
     ktiles = k // PF_BK
@@ -439,7 +445,7 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
         # walk x, the smaller operand at prompt lengths up to several thousand, through L2
         for bx in T.thread_binding(n // bn, thread="blockIdx.y"):
             for by in T.thread_binding((M + bm - 1) // bm, thread="blockIdx.x"):
-                for ty in T.thread_binding(PF_WARPS_M * PF_WARPS_N, thread="threadIdx.y"):
+                for ty in T.thread_binding(wgm * wgn, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
                             A_s = T.sblock_alloc_buffer((stages * a_tile,), "float16", scope="shared")
@@ -452,8 +458,8 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
                             n0: T.let[T.int32] = bx * bn
                             g: T.let[T.int32] = tx // 4
                             t: T.let[T.int32] = tx % 4
-                            warp_m: T.let[T.int32] = ty // PF_WARPS_N
-                            warp_n: T.let[T.int32] = ty % PF_WARPS_N
+                            warp_m: T.let[T.int32] = ty // wgn
+                            warp_n: T.let[T.int32] = ty % wgn
                             for i in T.unroll(mi_n * ni_n * 4):
                                 acc[i] = T.float32(0)
                             # prologue: steps 0 .. stages - 2 in flight
