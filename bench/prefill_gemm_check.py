@@ -4,11 +4,12 @@ prefill runs without it (DLight's MatmulTensorization through cuda_schedule.Tens
 f16 cast as the build fuses it), for the Llama-1B prefill GEMM shapes, all in the same run.
 
     python bench/prefill_gemm_check.py [--shapes 3072x2048,2048x2048,512x2048,16384x2048,2048x8192,32000x2048]
-                                       [--rows 128,1024,8192] [--repeat 20]
+                                       [--rows 128,1024,8192] [--repeat 20] [--warps 2x4,2x2]
                                        [--dlight-shapes 3072x2048,2048x8192 | all | none] [--out FILE]
 
 Shapes are N x K (W [N, K], x [M, K], y = x W^T). Per case: max |y - ref| / max |ref| (ref = f32 product of
-the same f16 operands) for ours, DLight's and torch's, median milliseconds of ``--repeat`` back-to-back calls
+the same f16 operands) for ours (``ours``: the default 2x4 warp grid; ``ours_w2x2`` etc.: each other
+``--warps`` grid, target option prefill_gemm_warps), DLight's and torch's, median milliseconds of ``--repeat`` back-to-back calls
 (CUDA events, 3 samples), TFLOP/s (2 M N K / time) and ours / torch, ours / DLight speedups. The kernel is
 also checked at a ragged M (rows past M must stay untouched). The DLight baseline is compiled for
 ``--dlight-shapes`` only (its schedule + build takes ~10-30 s a shape; the whole-prefill A/B is
@@ -65,6 +66,7 @@ def main(argv=None):
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--rows", default="128,1024,8192")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--warps", default="2x4,2x2", help="warp grids to time (the first is reported as 'ours')")
     p.add_argument("--dlight-shapes", default="3072x2048,2048x8192",
                    help="shapes to also time DLight's TensorCoreMatmul kernel for ('all', 'none' or a list)")
     p.add_argument("--out", default=None)
@@ -103,9 +105,12 @@ def main(argv=None):
             doc["rows"].append({"n": n, "k": k, "skipped": "shape not supported"})
             continue
         t0 = time.perf_counter()
-        lib = tvm.compile(tvm.IRModule({"main": prefill_gemm_func(n, k).with_attr("global_symbol", "main")}),
-                          target=spec.tvm_target())
-        ours_fn = lib["main"]
+        fns = {}
+        for i, wp in enumerate(a.warps.split(",")):
+            func = prefill_gemm_func(n, k, warps=tuple(int(v) for v in wp.split("x")))
+            lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=spec.tvm_target())
+            fns["ours" if i == 0 else f"ours_w{wp}"] = lib["main"]
+        ours_fn = fns["ours"]
         compile_s = time.perf_counter() - t0
         dl = None
         if a.dlight_shapes == "all" or shape in a.dlight_shapes.split(","):
@@ -121,12 +126,13 @@ def main(argv=None):
         # a ragged M: rows past M stay untouched (the guard), and M below one block tile
         for m in (77, 1000):
             x = torch.randn(m, k, generator=g).half().cuda()
-            y = torch.full((m + 128, n), 3.0, dtype=torch.float16, device="cuda")
-            ours_fn(tvm.runtime.from_dlpack(x), w_t, tvm.runtime.from_dlpack(y[:m]))
-            torch.cuda.synchronize()
-            doc["rows"].append({"n": n, "k": k, "m": m, "check": "ragged",
-                                "rel_err": rel(y[:m], x.float() @ w.float().T),
-                                "rows_past_m_untouched": bool((y[m:] == 3.0).all())})
+            for key, fn in fns.items():
+                y = torch.full((m + 128, n), 3.0, dtype=torch.float16, device="cuda")
+                fn(tvm.runtime.from_dlpack(x), w_t, tvm.runtime.from_dlpack(y[:m]))
+                torch.cuda.synchronize()
+                doc["rows"].append({"n": n, "k": k, "m": m, "check": "ragged", "variant": key,
+                                    "rel_err": rel(y[:m], x.float() @ w.float().T),
+                                    "rows_past_m_untouched": bool((y[m:] == 3.0).all())})
         for m in (int(r) for r in a.rows.split(",")):
             x = torch.randn(m, k, generator=g).half().cuda()
             y = torch.empty(m, n, dtype=torch.float16, device="cuda")
@@ -138,6 +144,14 @@ def main(argv=None):
             row = {"n": n, "k": k, "m": m, "tile": list(prefill_tile(n)), "ours_compile_s": compile_s,
                    "ours_rel_err": rel(y, ref), "torch_rel_err": rel(torch.matmul(x, w.T), ref)}
             row["ours_ms"] = cuda_ms(lambda: ours_fn(x_t, w_t, y_t))
+            for key, fn in fns.items():
+                if key != "ours":
+                    y3 = torch.empty(m, n, dtype=torch.float16, device="cuda")
+                    y3_t = tvm.runtime.from_dlpack(y3)
+                    fn(x_t, w_t, y3_t)
+                    torch.cuda.synchronize()
+                    row[f"{key}_rel_err"] = rel(y3, ref)
+                    row[f"{key}_ms"] = cuda_ms(lambda: fn(x_t, w_t, y3_t))
             row["torch_ms"] = cuda_ms(lambda: torch.matmul(x, w.T))
             if dl is not None:
                 y2 = torch.empty(1, m, n, dtype=torch.float16, device="cuda")
