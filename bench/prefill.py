@@ -2,7 +2,8 @@
 ours against PyTorch on the same weights, in the same run.
 
     python bench/prefill.py [--target cuda] [--model llama-1b] [--batch 1,8] [--prompt 128,1024] [--dtype f16]
-                            [--repeat 5] [--ab] [--out FILE]
+                            [--repeat 5] [--ab] [--target-option KEY=VALUE ...] [--ab-option KEY=VALUE ...]
+                            [--out FILE]
 
 For each (batch, prompt length): torch eager (the static-KV-cache Decoder, SDPA), torch.compile (default mode,
 fullgraph, static shapes: cuBLAS GEMMs and Inductor's fused kernels), and llmasos (compile_lm, its prefill
@@ -11,7 +12,10 @@ tensor_cores="off" (DLight's CUDA-core matmul schedule), the state before Tensor
 milliseconds of ``--repeat`` timed runs after a warm-up, TFLOP/s (2 * linear parameters * tokens + causal
 attention 2 * 2 * layers * heads * head_dim * tokens * (prompt + 1) / 2), percent of the GPU's dense fp16
 tensor-core peak (``--peak-tflops``, 989.4 for H100/H200 SXM), and max |logits diff| of the last token against
-torch eager. Ratios are ours / baseline of time (lower is better: ``*_speedup_vs_*`` = baseline / ours).
+torch eager. ``--target-option`` sets a target option (Target.extra) for every variant of ours;
+each ``--ab-option KEY=VALUE`` adds a variant ``llmasos_KEY_VALUE`` compiled with that option on top (e.g.
+``--ab-option prefill_gemm=on``: the hand-written prefill GEMM against TensorCoreMatmul, same run).
+Ratios are ours / baseline of time (lower is better: ``*_speedup_vs_*`` = baseline / ours).
 One JSON document on stdout; progress on stderr.
 """
 import argparse
@@ -38,6 +42,10 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="shrink the preset to this many layers (0: as is)")
     p.add_argument("--ab", action="store_true", help="also ours with tensor_cores=off")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target option (Target.extra) for every variant of ours, e.g. prefill_gemm=on; repeatable")
+    p.add_argument("--ab-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="also ours with this target option on top (variant llmasos_KEY_VALUE); repeatable")
     p.add_argument("--no-compile-baseline", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.4)
     p.add_argument("--out", default=None)
@@ -52,14 +60,19 @@ def main(argv=None):
     from llmasos.llm.presets import decoder_config
 
     spec = resolve_target(a.target)
+    bad = [o for o in a.target_option + a.ab_option if "=" not in o or o.startswith("=")]
+    if bad:
+        p.error(f"--target-option / --ab-option take KEY=VALUE, got {bad}")
+    if a.target_option:
+        spec = dataclasses.replace(spec, extra={**spec.extra, **dict(o.split("=", 1) for o in a.target_option)})
     dev = spec.torch_device
     tdtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     cfg = decoder_config(a.model, **({"num_hidden_layers": a.layers} if a.layers else {}))
     tmodel = Decoder.random(cfg, mode="torch", seed=0, dtype=tdtype, device=dev)
     linear_params = sum(m.weight.numel() for m in tmodel.modules() if isinstance(m, torch.nn.Linear))
     heads, hd = cfg.heads, cfg.head_dim
-    doc = {"target": spec.name, "model": a.model, "dtype": a.dtype, "layers": cfg.layers,
-           "linear_params": linear_params, "peak_tflops": a.peak_tflops, "rows": []}
+    doc = {"target": spec.name, "target_options": dict(spec.extra), "model": a.model, "dtype": a.dtype,
+           "layers": cfg.layers, "linear_params": linear_params, "peak_tflops": a.peak_tflops, "rows": []}
     if spec.device_name():
         doc["gpu"] = spec.device_name()
     batches = [int(b) for b in a.batch.split(",")]
@@ -83,6 +96,10 @@ def main(argv=None):
     variants = [("llmasos", spec)]
     if a.ab:
         variants.append(("llmasos_cuda_cores", dataclasses.replace(spec, extra={**spec.extra, "tensor_cores": "off"})))
+    for o in a.ab_option:
+        key, value = o.split("=", 1)
+        name = "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in f"{key}_{value}")
+        variants.append((name, dataclasses.replace(spec, extra={**spec.extra, key: value})))
     ours = {}
     for key, s in variants:   # one compile per variant: symbolic batch up to the largest asked
         t0 = time.perf_counter()

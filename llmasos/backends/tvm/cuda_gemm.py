@@ -436,3 +436,192 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
                                     Y[m0 + col, bx * rt + r_] = T.Cast(out_dtype, total[0])
     # fmt: on
     return small_m_quant_gemm
+
+
+# ------------------------------------------------------------------------------------------------
+# Large-M (prefill) tensor-core GEMM: y[M, N] = x[M, K] @ w[N, K]^T, f16 in, f32 accumulate
+#
+# A block computes a BM x BN tile of y (BM rows of x, BN rows of w) with 8 warps in a 2 (M) x 4 (N) grid,
+# each warp a (BM / 2) x (BN / 4) tile: MI = BM / 32 MMA row tiles (m16) by NI = BN / 32 column tiles (n8).
+# K advances BK = 32 columns a step through a STAGES-deep ring of shared-memory tiles filled by cp.async
+# (16 bytes a copy, .cg: bypassing L1), so the copies of steps kt + 1 .. kt + STAGES - 1 are in flight while
+# step kt's MMAs run. A shared tile row holds 32 halves = four 16-byte chunks; chunk c of row r is stored at
+# chunk c ^ ((r >> 1) & 3) (prefill_swizzle), so the 8 row addresses of one ldmatrix phase hit 8 distinct
+# 16-byte bank groups of the 128-byte bank line (no conflicts, no padding: 3 stages of 128 x 32 tiles of
+# x and w fill exactly the 48 KiB a block may have statically).
+# Operands reach the registers through ldmatrix.x4 (no transpose: x is row-major [M, K] -- MMA's "row" A --
+# and w [N, K] is K x N column-major -- MMA's "col" B): for A, lane l addresses row l % 16 and k-chunk
+# 2 kk + l // 16 of the 16 x 16 tile (matrices: rows 0-7 / 8-15 x k 0-7 / 8-15 in the fragment's a0..a3
+# order); for B, lane l addresses w row (l % 8) + 8 (l // 16) and k-chunk 2 kk + (l // 8) % 2, giving
+# (b0, b1) of two n8 tiles. Rows of x past M are zero-filled by cp.async's src-size (the address clamped to
+# row M - 1) and their rows of y are not written. The accumulators go to y as f16 pairs (c0 c1 / c2 c3: rows
+# g and g + 8, columns 2t, 2t + 1 of each n8 tile). Grid: (ceil(M / BM), N / BN), row tiles fastest.
+
+PF_BK = 32         # K columns per pipeline step (two m16n8k16 k-steps)
+PF_WARPS_M = 2
+PF_WARPS_N = 4
+
+
+def prefill_swizzle(row, chunk):
+    """Shared-memory element offset of 16-byte k-chunk ``chunk`` (0..3) of tile row ``row`` (ints or TIR)."""
+    return row * PF_BK + ((chunk ^ ((row >> 1) & 3)) * 8)
+
+
+def prefill_copy_row(c, tid, threads: int):
+    """Tile row of thread ``tid``'s ``c``-th 16-byte copy of a step (4 copies a 32-column row)."""
+    return (c * threads + tid) // 4
+
+
+def prefill_copy_chunk(c, tid, threads: int):
+    """K-chunk (0..3, 8 halves each) of thread ``tid``'s ``c``-th 16-byte copy of a step."""
+    return (c * threads + tid) % 4
+
+
+def prefill_a_offset(lane, mi, kk, warp_m, wm: int):
+    """Shared offset (within a stage's x tile) that ``lane`` gives ldmatrix.x4 for m16 tile ``mi`` of warp row
+    ``warp_m`` at k-step ``kk``: row lane % 16, k-chunk 2 kk + lane // 16 (matrices a0..a3)."""
+    return prefill_swizzle(warp_m * wm + mi * 16 + lane % 16, kk * 2 + lane // 16)
+
+
+def prefill_b_offset(lane, nj, kk, warp_n, wn: int):
+    """Shared offset (within a stage's w tile) that ``lane`` gives ldmatrix.x4 for n8 tiles 2 nj, 2 nj + 1 of
+    warp column ``warp_n`` at k-step ``kk``: w row lane % 8 + 8 (lane // 16), k-chunk 2 kk + (lane // 8) % 2
+    (registers b0, b1 of tile 2 nj, then b0, b1 of tile 2 nj + 1)."""
+    return prefill_swizzle(warp_n * wn + nj * 16 + lane % 8 + lane // 16 * 8, kk * 2 + lane // 8 % 2)
+
+
+def prefill_tile(n: int):
+    """(BM, BN) block tile for N: 128 x 128, or 128 x 64 where N is not a multiple of 128 or gives few
+    column blocks (N = 512: 4 blocks of 128 a row tile leave most of the SMs idle at M = 1024)."""
+    if n % 128 == 0 and n >= 1024:
+        return 128, 128
+    return 128, 64
+
+
+def prefill_gemm_supported(n: int, k: int, dtype: str) -> bool:
+    """Whether the prefill kernel takes a [*, K] x [N, K] GEMM: f16, N a multiple of 64, K of 32."""
+    return dtype == "float16" and n % 64 == 0 and k % PF_BK == 0 and k >= PF_BK
+
+
+def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 3, tile=None, warps=None):
+    """The PrimFunc ``prefill_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic); ``tile``
+    (BM, BN) overrides prefill_tile (BM in {64, 128}, BN in {64, 128}, BN dividing N); ``warps`` (WM, WN)
+    the warp grid (default 2 x 4; 2 x 2 gives 64 x 64 warp tiles at 128 x 128: fewer ldmatrix per MMA,
+    twice the accumulators a thread)."""
+    if not prefill_gemm_supported(n, k, "float16"):
+        raise ValueError(f"prefill_gemm_func: N={n}, K={k} not supported (N % 64, K % 32 must be 0)")
+    bm, bn = tile or prefill_tile(n)
+    if bm not in (64, 128) or bn not in (64, 128) or n % bn:
+        raise ValueError(f"prefill_gemm_func: tile {(bm, bn)} for N={n}: BM, BN must be 64 or 128, BN dividing N")
+    wgm, wgn = warps or (PF_WARPS_M, PF_WARPS_N)
+    if (wgm, wgn) not in ((2, 4), (2, 2), (4, 2)) or bm // wgm < 32 or bn // wgn < 16:
+        raise ValueError(f"prefill_gemm_func: warps {(wgm, wgn)} for tile {(bm, bn)}: (2, 4), (2, 2) or (4, 2), "
+                         f"warp tiles at least 32 x 16")
+    threads = 32 * wgm * wgn
+    mi_n = bm // (16 * wgm)                # m16 tiles a warp
+    ni_n = bn // (8 * wgn)                 # n8 tiles a warp
+    wm, wn = bm // wgm, bn // wgn
+    a_copies = bm * PF_BK // 8 // threads  # 16-byte copies a thread per step
+    b_copies = bn * PF_BK // 8 // threads
+    ktiles = k // PF_BK
+    a_tile, b_tile = bm * PF_BK, bn * PF_BK
+
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def prefill_gemm(var_x: T.handle, var_w: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        M = T.int32()
+        X = T.match_buffer(var_x, (M, k), "float16")
+        W = T.match_buffer(var_w, (n, k), "float16")
+        Y = T.match_buffer(var_y, (M, n), out_dtype)
+        # row tiles fastest: the blocks resident together share W tiles (read from HBM about once) and
+        # walk x, the smaller operand at prompt lengths up to several thousand, through L2
+        for bx in T.thread_binding(n // bn, thread="blockIdx.y"):
+            for by in T.thread_binding((M + bm - 1) // bm, thread="blockIdx.x"):
+                for ty in T.thread_binding(wgm * wgn, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        with T.sblock("gemm"):
+                            A_s = T.sblock_alloc_buffer((stages * a_tile,), "float16", scope="shared")
+                            B_s = T.sblock_alloc_buffer((stages * b_tile,), "float16", scope="shared")
+                            a_frag = T.sblock_alloc_buffer((mi_n * 8,), "float16", scope="local")
+                            b_frag = T.sblock_alloc_buffer((ni_n * 4,), "float16", scope="local")
+                            acc = T.sblock_alloc_buffer((mi_n * ni_n * 4,), "float32", scope="local")
+                            tid: T.let[T.int32] = ty * 32 + tx
+                            m0: T.let[T.int32] = by * bm
+                            n0: T.let[T.int32] = bx * bn
+                            g: T.let[T.int32] = tx // 4
+                            t: T.let[T.int32] = tx % 4
+                            warp_m: T.let[T.int32] = ty // wgn
+                            warp_n: T.let[T.int32] = ty % wgn
+                            for i in T.unroll(mi_n * ni_n * 4):
+                                acc[i] = T.float32(0)
+                            # prologue: steps 0 .. stages - 2 in flight
+                            for s in T.unroll(stages - 1):
+                                if s < ktiles:
+                                    for c in T.unroll(a_copies):
+                                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                                            T.address_of(A_s[s * a_tile + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                                     prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads), M - 1),
+                                                           s * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            16, T.Cast("uint32", T.if_then_else(
+                                                m0 + prefill_copy_row(c, tid, threads) < M, 16, 0))))
+                                    for c in T.unroll(b_copies):
+                                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                                            T.address_of(B_s[s * b_tile + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                                     prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads),
+                                                           s * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            16))
+                                T.evaluate(T.ptx["cp.async.commit_group"]())
+                            for kt in T.serial(ktiles):
+                                T.evaluate(T.ptx["cp.async.wait_group"](stages - 2))
+                                T.tvm_storage_sync("shared")
+                                # refill the stage consumed at step kt - 1 (every warp is past it: the barrier)
+                                if kt + stages - 1 < ktiles:
+                                    for c in T.unroll(a_copies):
+                                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                                            T.address_of(A_s[(kt + stages - 1) % stages * a_tile
+                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                               prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads), M - 1),
+                                                           (kt + stages - 1) * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            16, T.Cast("uint32", T.if_then_else(
+                                                m0 + prefill_copy_row(c, tid, threads) < M, 16, 0))))
+                                    for c in T.unroll(b_copies):
+                                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                                            T.address_of(B_s[(kt + stages - 1) % stages * b_tile
+                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads),
+                                                                               prefill_copy_chunk(c, tid, threads))]),
+                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads),
+                                                           (kt + stages - 1) * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            16))
+                                T.evaluate(T.ptx["cp.async.commit_group"]())
+                                for kk in T.unroll(2):
+                                    for mi in T.unroll(mi_n):
+                                        T.evaluate(T.ptx_legacy.ldmatrix(
+                                            False, 4, ".b16", a_frag.data, mi * 8, A_s.data,
+                                            kt % stages * a_tile + prefill_a_offset(tx, mi, kk, warp_m, wm),
+                                            dtype="float16"))
+                                    for nj in T.unroll(ni_n // 2):
+                                        T.evaluate(T.ptx_legacy.ldmatrix(
+                                            False, 4, ".b16", b_frag.data, nj * 8, B_s.data,
+                                            kt % stages * b_tile + prefill_b_offset(tx, nj, kk, warp_n, wn),
+                                            dtype="float16"))
+                                    for mi in T.unroll(mi_n):
+                                        for ni in T.unroll(ni_n):
+                                            T.evaluate(T.ptx_legacy.mma(
+                                                "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                a_frag.data, mi * 8, b_frag.data, ni * 4, acc.data,
+                                                (mi * ni_n + ni) * 4, False, dtype="float32"))
+                            T.evaluate(T.ptx["cp.async.wait_group"](0))
+                            for mi in T.unroll(mi_n):
+                                for h in T.unroll(2):
+                                    if m0 + warp_m * wm + mi * 16 + h * 8 + g < M:
+                                        for ni in T.unroll(ni_n):
+                                            for v in T.vectorized(2):
+                                                Y[m0 + warp_m * wm + mi * 16 + h * 8 + g,
+                                                  n0 + warp_n * wn + ni * 8 + 2 * t + v] = T.Cast(
+                                                    out_dtype, acc[(mi * ni_n + ni) * 4 + h * 2 + v])
+    # fmt: on
+    return prefill_gemm

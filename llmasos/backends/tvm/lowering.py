@@ -384,6 +384,8 @@ def _nt_linear(ctx, node, x, w, bias, dt, acc):
     turn every decode GEMV into a strided, outer-reduction one. Bias and cast stay separate ops, which
     TVM's FuseOps folds into the GEMM kernel's epilogue."""
     y = _small_m_linear(ctx, node, x, w, dt)
+    if y is None:
+        y = _prefill_linear(ctx, node, x, w, dt)
     if y is not None:
         if bias is not None:
             y = ctx.emit(R.add(y, ctx.cast(bias, dt)))
@@ -420,6 +422,33 @@ def _small_m_linear(ctx, node, x, w, dt):
     gv = ctx.bb.add_func(func, name)
     y = ctx.emit(relax.call_tir(gv, [x2, w], relax.TensorType([rows, n], tvm_dtype(dt))), "small_m_gemm")
     return ctx.emit(R.reshape(y, [*ctx.shape(xt)[:-1], n])) if len(lead) > 1 else y
+
+
+def _prefill_linear(ctx, node, x, w, dt):
+    """A prefill GEMM (x [..., K] whose rows are symbolic and not a decode step's [batch, 1...]: the prompt's
+    tokens, [seq, K], [1, seq, K] or [batch, seq, K]; W a static [N, K]) through the target's hand-written
+    large-M kernel (``Target.prefill_gemm``: tensor cores, cp.async pipeline on CUDA), or None. x is viewed as
+    [rows, K]; the kernel writes ``dt`` (f32 accumulation inside); a bias is added after it."""
+    xt, wt = node.inputs[0].type, node.inputs[1].type
+    lead = xt.shape[:-1]
+    if (ctx.spec is None or not wt.is_static or not lead or all(isinstance(d, int) for d in lead)
+            or not isinstance(xt.shape[-1], int)):
+        return None
+    if not isinstance(lead[0], int) and all(d == 1 for d in lead[1:]):
+        return None        # a decode step's [batch, 1, K]: the small-M kernel's (or the generic lowering's)
+    n, k = (int(d) for d in wt.shape)
+    kernel = ctx.spec.prefill_gemm(n, k, tvm_dtype(dt))
+    if kernel is None:
+        return None
+    name, func = kernel
+    shape = ctx.shape(xt)
+    rows = shape[0]
+    for d in shape[1:-1]:
+        rows = rows * d
+    x2 = ctx.emit(R.reshape(x, [rows, k])) if len(lead) > 1 else x
+    gv = ctx.bb.add_func(func, name)
+    y = ctx.emit(relax.call_tir(gv, [x2, w], relax.TensorType([rows, n], tvm_dtype(dt))), "prefill_gemm")
+    return ctx.emit(R.reshape(y, [*shape[:-1], n])) if len(lead) > 1 else y
 
 
 PANEL_ROWS = 4  # cpu_schedule.Matmul's register-tile height (MR)

@@ -204,6 +204,11 @@ class Target:
         rows (M symbolic: the batch), or None for the generic lowering."""
         return None
 
+    def prefill_gemm(self, n: int, k: int, dtype: str) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written GEMM y [M, N] = x [M, K] @ w [N, K]^T for a prompt's many rows (M
+        symbolic: the prompt's tokens), or None for the generic lowering."""
+        return None
+
     def small_m_quant_gemm(self, n: int, k: int, bits: int, group: int, dtype: str,
                            rows: Optional[int] = None) -> Optional[tuple]:
         """(name, PrimFunc) of a hand-written quant.linear kernel for a decode step's few rows (M symbolic;
@@ -445,6 +450,23 @@ class CUDATarget(Target):
             raise ValueError(f"target '{self.name}': small_m_rows must be 'auto' or one of "
                              f"{', '.join(map(str, ROW_TILES))}, got {value!r}")
         return int(value)
+
+    def prefill_gemm(self, n, k, dtype):
+        """The tensor-core prefill GEMM of cuda_gemm.py (cp.async pipeline, ldmatrix, mma.sync). Target option
+        prefill_gemm = "off" (the default, until a GPU run shows it beating TensorCoreMatmul) | "on";
+        prefill_gemm_warps = "2x4" (default: 8 warps of 64 x 32) | "2x2" (4 warps of 64 x 64)."""
+        which = self.extra.get("prefill_gemm", "off")
+        if which not in ("on", "off"):
+            raise ValueError(f"target '{self.name}': prefill_gemm must be 'on' or 'off', got {which!r}")
+        warps = self.extra.get("prefill_gemm_warps", "2x4")
+        if warps not in ("2x4", "2x2"):
+            raise ValueError(f"target '{self.name}': prefill_gemm_warps must be '2x4' or '2x2', got {warps!r}")
+        from .cuda_gemm import (prefill_gemm_func,  # deferred: the TVM compiler (module docstring)
+                                prefill_gemm_supported, sm_version)
+        if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not prefill_gemm_supported(n, k, dtype):
+            return None
+        wp = tuple(int(v) for v in warps.split("x"))
+        return f"prefill_gemm_{n}x{k}" + ("" if warps == "2x4" else f"_w{warps}"), prefill_gemm_func(n, k, warps=wp)
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"

@@ -1,0 +1,214 @@
+"""The large-M (prefill) tensor-core GEMM (cuda_gemm.prefill_gemm_func) without a GPU: the generated CUDA of a
+linear over a prompt's symbolic rows (cp.async ring, ldmatrix, mma.sync), and its numerics emulated in numpy
+from the kernel's own index maps (cuda_gemm.prefill_copy_row / _chunk, prefill_swizzle, prefill_a_offset,
+prefill_b_offset: the same Python functions the TIR is built from) and the PTX semantics of cp.async's
+zero fill, ldmatrix.x4 and mma.m16n8k16 -- a swizzle applied on one side only, a wrong lane map or fragment
+order, a stage of the ring read before it was filled, or a missing row guard fails here. Speed and the
+kernel's numerics on a GPU: bench/prefill_gemm_check.py."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+
+from llmasos.backends.tvm import resolve_target
+from llmasos.backends.tvm.build import compile_module, cuda_source
+from llmasos.backends.tvm.cuda_gemm import (PF_BK, PF_WARPS_M, PF_WARPS_N, prefill_a_offset, prefill_b_offset,
+                                            prefill_copy_chunk, prefill_copy_row, prefill_gemm_func,
+                                            prefill_gemm_supported, prefill_swizzle, prefill_tile)
+from llmasos.backends.tvm.lower import lower
+from llmasos.ir import DType, Graph, TensorType, sym
+
+SPEC = dataclasses.replace(resolve_target("cuda:sm_90a"), extra={"prefill_gemm": "on"})
+needs_cuda = pytest.mark.skipif(tvm.get_global_func("target.build.cuda", allow_missing=True) is None,
+                                reason="this TVM build has no CUDA code generator")
+
+
+def _ldmatrix_x4(smem, addr):
+    """ldmatrix.sync.aligned.m8n8.x4.b16 (no transpose): lane l gives the address of row l % 8 of matrix
+    l // 8; register j of lane l holds row l // 4 of matrix j, halves 2 (l % 4) and 2 (l % 4) + 1.
+    smem: f16 [*]; addr: int [32] element offsets -> [32, 8] halves (registers 0..3, two halves each)."""
+    lane = np.arange(32)
+    out = np.empty((32, 8), np.float16)
+    for j in range(4):
+        base = addr[8 * j + lane // 4] + 2 * (lane % 4)
+        out[:, 2 * j] = smem[base]
+        out[:, 2 * j + 1] = smem[base + 1]
+    return out
+
+
+def _mma_16816(a, b, acc):
+    """mma.sync.m16n8k16.row.col f32 += f16 x f16 over the fragments of 32 lanes (g = l // 4, t = l % 4):
+    A a0a1 (g, 2t..), a2a3 (g + 8, 2t..), a4a5 (g, 2t + 8..), a6a7 (g + 8, 2t + 8..); B b0b1 (k 2t.., col g),
+    b2b3 (k 2t + 8.., col g); C c0c1 (g, 2t..), c2c3 (g + 8, 2t..). a [32, 8], b [32, 4], acc [32, 4] f32."""
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    A = np.zeros((16, 16), np.float32)
+    B = np.zeros((16, 8), np.float32)
+    for e in range(2):
+        A[g, 2 * t + e] = a[:, e]
+        A[g + 8, 2 * t + e] = a[:, 2 + e]
+        A[g, 2 * t + 8 + e] = a[:, 4 + e]
+        A[g + 8, 2 * t + 8 + e] = a[:, 6 + e]
+        B[2 * t + e, g] = b[:, e]
+        B[2 * t + 8 + e, g] = b[:, 2 + e]
+    D = A @ B
+    for e in range(2):
+        acc[:, e] += D[g, 2 * t + e]
+        acc[:, 2 + e] += D[g + 8, 2 * t + e]
+
+
+def _emulate(x, w, tile, stages, warps=(PF_WARPS_M, PF_WARPS_N)):
+    """y [M, N] as prefill_gemm_func computes it: per block, the cp.async copies of each step into its ring
+    stage (rows past M zero-filled), then per warp and k-step the ldmatrix.x4 loads and MMAs, then the
+    guarded f16 stores. Unwritten outputs stay NaN."""
+    M, K = x.shape
+    N = w.shape[0]
+    bm, bn = tile
+    wgm, wgn = warps
+    THREADS = 32 * wgm * wgn
+    mi_n, ni_n = bm // (16 * wgm), bn // (8 * wgn)
+    wm, wn = bm // wgm, bn // wgn
+    a_tile, b_tile = bm * PF_BK, bn * PF_BK
+    ktiles = K // PF_BK
+    tid = np.arange(THREADS)
+    lane = np.arange(32)
+    y = np.full((M, N), np.nan, np.float16)
+    for by in range(-(-M // bm)):
+        for bx in range(N // bn):
+            m0, n0 = by * bm, bx * bn
+            A_s = np.full(stages * a_tile, np.nan, np.float16)   # NaN: a stage read before it is filled shows
+            B_s = np.full(stages * b_tile, np.nan, np.float16)
+
+            def load(kt):
+                st = kt % stages
+                for c in range(bm * PF_BK // 8 // THREADS):
+                    r, ch = prefill_copy_row(c, tid, THREADS), prefill_copy_chunk(c, tid, THREADS)
+                    src = x[np.minimum(m0 + r, M - 1)[:, None], kt * PF_BK + ch[:, None] * 8 + np.arange(8)]
+                    src = np.where((m0 + r < M)[:, None], src, np.float16(0))     # src-size 0: zero fill
+                    A_s[st * a_tile + prefill_swizzle(r, ch)[:, None] + np.arange(8)] = src
+                for c in range(bn * PF_BK // 8 // THREADS):
+                    r, ch = prefill_copy_row(c, tid, THREADS), prefill_copy_chunk(c, tid, THREADS)
+                    B_s[st * b_tile + prefill_swizzle(r, ch)[:, None] + np.arange(8)] = \
+                        w[(n0 + r)[:, None], kt * PF_BK + ch[:, None] * 8 + np.arange(8)]
+
+            acc = np.zeros((wgm * wgn, mi_n * ni_n, 32, 4), np.float32)
+            for s in range(min(stages - 1, ktiles)):
+                load(s)
+            for kt in range(ktiles):
+                if kt + stages - 1 < ktiles:
+                    load(kt + stages - 1)
+                st = kt % stages
+                for ty in range(wgm * wgn):
+                    warp_m, warp_n = ty // wgn, ty % wgn
+                    for kk in range(2):
+                        a = [_ldmatrix_x4(A_s, st * a_tile + prefill_a_offset(lane, mi, kk, warp_m, wm))
+                             for mi in range(mi_n)]
+                        b = [_ldmatrix_x4(B_s, st * b_tile + prefill_b_offset(lane, nj, kk, warp_n, wn))
+                             for nj in range(ni_n // 2)]
+                        for mi in range(mi_n):
+                            for ni in range(ni_n):
+                                _mma_16816(a[mi], b[ni // 2][:, 4 * (ni % 2):4 * (ni % 2) + 4],
+                                           acc[ty, mi * ni_n + ni])
+            g, t = lane // 4, lane % 4
+            for ty in range(wgm * wgn):
+                warp_m, warp_n = ty // wgn, ty % wgn
+                for mi in range(mi_n):
+                    for h in range(2):
+                        row = m0 + warp_m * wm + mi * 16 + h * 8 + g
+                        ok = row < M
+                        for ni in range(ni_n):
+                            for v in range(2):
+                                col = n0 + warp_n * wn + ni * 8 + 2 * t + v
+                                y[row[ok], col[ok]] = acc[ty, mi * ni_n + ni][ok, h * 2 + v].astype(np.float16)
+    return y
+
+
+def test_swizzle_makes_every_ldmatrix_phase_conflict_free_and_is_a_permutation():
+    """The 8 addresses of one ldmatrix phase (lanes 8j..8j+7) fall in 8 distinct 16-byte slots of the
+    128-byte bank line; each row's 4 chunks land on 4 distinct chunks."""
+    rows = np.arange(128)[:, None]
+    off = prefill_swizzle(rows, np.arange(4)[None, :])                 # [row, chunk]
+    assert (np.sort(off - rows * PF_BK, axis=1) == np.arange(4) * 8).all()
+    lane = np.arange(32)
+    for kk in range(2):
+        for mi in range(4):
+            for warp_m in range(2):
+                addr = prefill_a_offset(lane, mi, kk, warp_m, 64) * 2          # bytes
+                for j in range(4):
+                    assert len(set(addr[8 * j:8 * j + 8] // 16 % 8)) == 8
+        for nj in range(2):
+            for warp_n in range(4):
+                addr = prefill_b_offset(lane, nj, kk, warp_n, 32) * 2
+                for j in range(4):
+                    assert len(set(addr[8 * j:8 * j + 8] // 16 % 8)) == 8
+
+
+@pytest.mark.parametrize("m,n,k,tile,stages,warps", [(72, 128, 96, (128, 128), 3, (2, 4)),
+                                                     (200, 192, 64, (128, 64), 3, (2, 4)),
+                                                     (40, 64, 160, (64, 64), 2, (2, 4)),
+                                                     (130, 128, 32, (128, 128), 4, (2, 4)),
+                                                     (100, 256, 96, (128, 128), 3, (2, 2)),
+                                                     (70, 128, 64, (128, 64), 3, (4, 2))])
+def test_emulated_kernel_computes_the_gemm(m, n, k, tile, stages, warps):
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
+    y = _emulate(x, w, tile, stages, warps)
+    assert not np.isnan(y).any()                       # every output written once the row exists
+    ref = x.astype(np.float32) @ w.astype(np.float32).T
+    err = np.abs(y.astype(np.float32) - ref).max() / np.abs(ref).max()
+    assert err < 2e-3, err                             # f32 accumulation, one f16 rounding of the output
+
+
+def test_supported_shapes_and_tiles():
+    assert prefill_gemm_supported(2048, 2048, "float16") and prefill_gemm_supported(32000, 2048, "float16")
+    assert not prefill_gemm_supported(2048, 2048, "float32") and not prefill_gemm_supported(100, 2048, "float16")
+    assert not prefill_gemm_supported(2048, 2000, "float16")
+    assert prefill_tile(2048) == (128, 128) and prefill_tile(512) == (128, 64) and prefill_tile(1088) == (128, 64)
+    with pytest.raises(ValueError, match="N=100, K=2048 not supported"):
+        prefill_gemm_func(100, 2048)
+    with pytest.raises(ValueError, match=r"tile \(128, 96\)"):
+        prefill_gemm_func(2048, 2048, tile=(128, 96))
+    with pytest.raises(ValueError, match=r"warps \(4, 4\)"):
+        prefill_gemm_func(2048, 2048, warps=(4, 4))
+
+
+def _graph(n, k, lead):
+    g = Graph("g")
+    for name in {str(d) for d in lead if not isinstance(d, int)}:
+        g.add_symbol(name, 1, 512)
+    x = g.add_input("x", TensorType((*lead, k), DType.f16))
+    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float16)
+    g.set_outputs([g.add_node("linear", [x, g.add_param("w", w)])])
+    return g
+
+
+def _kernels(g, spec=SPEC):
+    return {gv.name_hint for gv in lower(g, spec).functions}
+
+
+@needs_cuda
+def test_prefill_linear_runs_the_cp_async_mma_kernel():
+    """x [1, seq, K] / [batch, seq, K] (a prompt) takes the kernel; a decode step's [batch, 1, K] does not
+    (small_m_gemm's); prefill_gemm = "off" (the default) or an unsupported K keeps the generic lowering."""
+    src = cuda_source(compile_module(lower(_graph(256, 256, (1, sym("seq"))), SPEC), SPEC))
+    assert "prefill_gemm" in src
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in src
+    assert "cp.async.cg.shared.global" in src and "cp.async.wait_group 1" in src and "cp.async.commit_group" in src
+    assert "prefill_gemm_256x256" in _kernels(_graph(256, 256, (sym("batch"), sym("seq"))))
+    assert not any("prefill" in f for f in _kernels(_graph(256, 256, (sym("batch"), 1))))
+    assert not any("prefill" in f for f in _kernels(_graph(256, 250, (1, sym("seq")))))
+    off = dataclasses.replace(SPEC, extra={})
+    assert not any("prefill" in f for f in _kernels(_graph(256, 256, (1, sym("seq"))), off))
+    bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "yes"})
+    with pytest.raises(ValueError, match=r"prefill_gemm must be 'on' or 'off', got 'yes'"):
+        lower(_graph(256, 256, (1, sym("seq"))), bad)
+    w2x2 = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "2x2"})
+    assert "prefill_gemm_256x256_w2x2" in _kernels(_graph(256, 256, (1, sym("seq"))), w2x2)
+    bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "4x4"})
+    with pytest.raises(ValueError, match=r"prefill_gemm_warps must be '2x4' or '2x2', got '4x4'"):
+        lower(_graph(256, 256, (1, sym("seq"))), bad)
