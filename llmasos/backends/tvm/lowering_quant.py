@@ -28,6 +28,8 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 from __future__ import annotations
 
 from tvm import relax, s_tir, te
+from tvm.script import tirx as T
+from tvm.target.codegen import llvm_version_major
 from tvm import tirx as tir
 from tvm.s_tir.dlight.analysis import get_root_block
 
@@ -235,6 +237,9 @@ def _cpu_quant_linear(ctx, node, args):
     bias = args[4] if len(args) > 4 else None
     n, k, bits, group, g, per_tensor = _layout(node)
     nr = ctx.panel_width()
+    lanes = _int8_gemv_lanes(ctx, node)
+    if lanes is not None:
+        return _cpu_quant_gemv_int8(ctx, node, args, lanes)
     kq = k // 2 if bits == 4 else k
     n_pad = -(-n // nr) * nr
     p = n_pad // nr
@@ -481,3 +486,184 @@ def _linear_a8(ctx, node, args):
         return te.compute(acc.shape, out, name="rescale")
     y = ctx.emit_te(gemm, xq, q, sx, ws, *([bias] if bias is not None else []), name="linear_a8")
     return ctx.cast(ctx.emit(R.reshape(y, [*lead, n])), xt.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# int8-activation decode GEMV (x86 VNNI)
+
+QBLOCK = 32  # activation block: one f32 scale and one code sum per 32 values of x (llama.cpp's Q8_1)
+
+
+def _int8_gemv_lanes(ctx, node):
+    """int32 lanes of the int8-activation GEMV for this quant.linear, or None for the float GEMV: one static
+    row, 4/8-bit integer codes, K whole 32-blocks, groups whole blocks, and the target asks for it
+    (``Target.int8_gemv_lanes``: x86 VNNI)."""
+    spec_lanes = getattr(ctx.spec, "int8_gemv_lanes", None)
+    if spec_lanes is None:
+        return None
+    n, k, bits, group, _, per_tensor = _layout(node)
+    lead = node.inputs[0].type.shape[:-1]
+    if (not lead or any(not isinstance(d, int) or d != 1 for d in lead) or bits not in (4, 8)
+            or node.inputs[1].type.dtype not in (DType.i8, DType.u8) or k % QBLOCK
+            or (group and not per_tensor and group % QBLOCK)):
+        return None
+    if not hasattr(ctx, "_int8_gemv_lanes"):
+        ctx._int8_gemv_lanes = spec_lanes()
+    return ctx._int8_gemv_lanes
+
+
+def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):
+    """A decode step's quant.linear as int8 dot products (module doc of _build_qgemv_int8); the codes, scales
+    and zero terms are repacked by parameter-only TE functions (run once, at load)."""
+    x, codes, scale, zero = args[:4]
+    bias = args[4] if len(args) > 4 else None
+    n, k, bits, group, g, per_tensor = _layout(node)
+    nr = 2 * lanes
+    p = -(-n // nr)
+    ng = 1 if (group == 0 or per_tensor) else g
+    signed = node.inputs[1].type.dtype is DType.i8
+    w = ctx.emit_te(lambda c: _repack_codes_int8(c, n, k, p, bits, lanes, signed), codes, name="code_blocks")
+    sz = ctx.emit_te(lambda s, z: _repack_scales_int8(s, z, n, p, ng, nr, per_tensor, signed), scale, zero,
+                     name="scale_blocks")
+    if bias is not None:
+        bias = ctx.emit(R.reshape(_pad_rows(ctx, bias, n, p * nr, "bias_padded"), [p, nr]), "bias_panels")
+    lead = ctx.shape(node.inputs[0])[:-1]
+    x2 = ctx.emit(R.reshape(x, [1, k]), "x_rows")
+    func = _build_qgemv_int8(k, p, lanes, bits, ng, group // QBLOCK if ng > 1 else k // QBLOCK, bias is not None)
+    gv = ctx.bb.add_func(func, "quant_linear_int8")
+    ins = [x2, w, sz, *([bias] if bias is not None else [])]
+    y = ctx.emit(relax.call_tir(gv, ins, relax.TensorType([1, p, nr], "float32")), "quant_linear")
+    y = ctx.emit(R.reshape(y, [*lead, p * nr]))
+    if p * nr != n:
+        y = R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True)
+    return y
+
+
+def _repack_codes_int8(codes, n, k, p, bits, lanes, signed):
+    """TE: codes [N, Kq] -> unsigned bytes [P, K/32, 2, J, 4 lanes] in vpdpbusd's order: for panel p (2 lanes
+    columns), block b (32 k) and half h, vector j holds column h*lanes + i // 4's code k = 32b + 4j + i % 4 at
+    byte i. 4-bit (J = 4): that code in the low nibble and code k + 16 in the high one. Signed int8 codes
+    flipped to unsigned (c + 128; the kernel's zero term takes the 128 back). Columns past N: 0."""
+    u8 = "uint8"
+
+    def code(col, kk):
+        if bits == 4:
+            return (codes[col, kk // 2] >> ((kk % 2) * 4).astype(u8)) & tir.const(15, u8)
+        v = codes[col, kk].astype(u8)
+        return v ^ tir.const(128, u8) if signed else v
+
+    def byte(pi, b, h, j, i):
+        col = pi * (2 * lanes) + h * lanes + i // 4
+        colc = tir.min(col, n - 1)
+        kk = b * QBLOCK + 4 * j + i % 4
+        v = code(colc, kk) | (code(colc, kk + 16) << tir.const(4, u8)) if bits == 4 else code(colc, kk)
+        return tir.Select(col < n, v, tir.const(0, u8))
+    return te.compute((p, k // QBLOCK, 2, 4 if bits == 4 else 8, 4 * lanes), byte, name="code_blocks")
+
+
+def _repack_scales_int8(scale, zero, n, p, ng, nr, per_tensor, signed):
+    """TE: scale, zero [N, G] (or [1, 1]) -> f32 [P, 2, G, NR]: [:, 0] the scales, [:, 1] scale * zero (zero +
+    128 for signed int8 codes, which the kernel reads as unsigned). Columns past N: 0."""
+    def v(pi, which, gi, j):
+        col = pi * nr + j
+        colc = tir.min(col, n - 1)
+        s = scale[0, 0] if per_tensor else scale[colc, gi]
+        z = zero[0, 0] if per_tensor else zero[colc, gi]
+        z = z + tir.const(128.0, "float32") if signed else z
+        out = tir.Select(which == 0, s, s * z)
+        return tir.Select(col < n, out, tir.const(0.0, "float32"))
+    return te.compute((p, 2, ng, nr), v, name="scale_blocks")
+
+
+def _build_qgemv_int8(k, p, lanes, bits, ng, gdiv, has_bias):
+    """One row times int8/int4 codes with int8 activations (llama.cpp's Q8 x Q4/Q8 dot products):
+
+        y[j] = sum_b sx[b] * (s[g, j] * sum_{k in b} c[k, j] xq[k]  -  s[g, j] z[g, j] * sum_{k in b} xq[k])
+
+    over 32-blocks b of K, g = b // gdiv the weight group of block b (gdiv = K / 32 for one group). x is
+    quantized first, on the calling thread: sx[b] = max |x_b| / 127, xq = round(x / sx[b]) (a zero block:
+    codes 0). Then panels of 2 x ``lanes`` columns run in parallel; per block and half panel, vpdpbusd
+    multiplies unsigned code bytes by a broadcast quad of xq (4 products summed per int32 lane), J times,
+    into an int32 vector (no overflow: |sum| <= 32 * 255 * 127), converted and scaled once per block. 4-bit
+    codes are split from their bytes with an AND and a shift (u8 lanes). Exact against the same arithmetic
+    in numpy up to f32 rounding; against the float GEMV the error is x's quantization: ~0.4% of |y|'s scale
+    on random data (tests/backends/test_quant_lowering.py states the tolerance)."""
+    nb = k // QBLOCK
+    J = 4 if bits == 4 else 8
+    nr = 2 * lanes
+    vi, vf, vb = f"int32x{lanes}", f"float32x{lanes}", f"int8x{4 * lanes}"
+    intrin = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    bytes_args = llvm_version_major() >= 20   # LLVM 20 typed vpdpbusd's operands as bytes (was i32 lanes)
+
+    def vdot(acc, w, xw):
+        xb = T.broadcast(xw, lanes)
+        if bytes_args:
+            return T.call_llvm_pure_intrin(vi, intrin, acc, T.reinterpret(vb, w), T.reinterpret(vb, xb))
+        return T.call_llvm_pure_intrin(vi, intrin, acc, T.reinterpret(vi, w), xb)
+
+    def quad(xq, b, off):
+        return T.reinterpret("int32", xq.vload([b * QBLOCK + off], "int8x4"))
+
+    def block_dot(w, xq, pi, b, h):
+        acc = T.broadcast(T.int32(0), lanes)
+        for j in range(J):
+            v = w.vload([pi, b, h, j, 0], f"uint8x{4 * lanes}")
+            if bits == 4:
+                acc = vdot(acc, v & T.broadcast(T.uint8(15), 4 * lanes), quad(xq, b, 4 * j))
+                acc = vdot(acc, v >> T.broadcast(T.uint8(4), 4 * lanes), quad(xq, b, 16 + 4 * j))
+            else:
+                acc = vdot(acc, v, quad(xq, b, 4 * j))
+        return acc
+
+    # fmt: off
+    @T.macro
+    def body(X, W, S, B, Y):
+        XQ = T.decl_buffer((k,), "int8")
+        XS = T.decl_buffer((nb,), "float32")
+        XZ = T.decl_buffer((nb,), "float32")
+        for b in range(nb):
+            am = T.decl_buffer((1,), "float32")
+            am[0] = T.float32(0)
+            for i in range(QBLOCK):
+                am[0] = T.max(am[0], T.fabs(X[0, b * QBLOCK + i]))
+            inv: T.float32 = T.Select(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+            for i in T.vectorized(QBLOCK):
+                XQ[b * QBLOCK + i] = T.Cast("int8", T.round(X[0, b * QBLOCK + i] * inv))
+            sm = T.decl_buffer((1,), "int32")
+            sm[0] = 0
+            for i in range(QBLOCK):
+                sm[0] = sm[0] + T.Cast("int32", XQ[b * QBLOCK + i])
+            XS[b] = am[0] / T.float32(127)
+            XZ[b] = -(am[0] / T.float32(127)) * T.Cast("float32", sm[0])
+        for pi in T.parallel(p):
+            acc = T.decl_buffer((nr,), "float32")
+            for i in T.vectorized(nr):
+                acc[i] = T.float32(0)
+            for b in range(nb):
+                for h in T.unroll(2):
+                    acc[T.ramp(h * lanes, 1, lanes)] = (
+                        acc[T.ramp(h * lanes, 1, lanes)]
+                        + T.Cast(vf, block_dot(W, XQ, pi, b, h)) * S[pi, 0, b // gdiv, T.ramp(h * lanes, 1, lanes)]
+                        * T.broadcast(XS[b], lanes)
+                        + S[pi, 1, b // gdiv, T.ramp(h * lanes, 1, lanes)] * T.broadcast(XZ[b], lanes))
+            for i in T.vectorized(nr):
+                if has_bias:
+                    Y[0, pi, i] = acc[i] + B[pi, i]
+                else:
+                    Y[0, pi, i] = acc[i]
+
+    if has_bias:
+        @T.prim_func(private=True, s_tir=True)
+        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, 2, J, 4 * lanes), "uint8"),
+                       S: T.Buffer((p, 2, ng, nr), "float32"), B: T.Buffer((p, nr), "float32"),
+                       Y: T.Buffer((1, p, nr), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            body(X, W, S, B, Y)
+    else:
+        @T.prim_func(private=True, s_tir=True)
+        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, 2, J, 4 * lanes), "uint8"),
+                       S: T.Buffer((p, 2, ng, nr), "float32"), Y: T.Buffer((1, p, nr), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            body(X, W, S, None, Y)
+    # fmt: on
+    return qgemv_int8
