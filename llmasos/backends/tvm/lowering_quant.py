@@ -518,18 +518,18 @@ def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):
     x, codes, scale, zero = args[:4]
     bias = args[4] if len(args) > 4 else None
     n, k, bits, group, g, per_tensor = _layout(node)
-    nr = 2 * lanes
+    nr = ctx.panel_width()   # columns per panel: nr / lanes int32 vectors
     p = -(-n // nr)
     ng = 1 if (group == 0 or per_tensor) else g
     signed = node.inputs[1].type.dtype is DType.i8
-    w = ctx.emit_te(lambda c: _repack_codes_int8(c, n, k, p, bits, lanes, signed), codes, name="code_blocks")
+    w = ctx.emit_te(lambda c: _repack_codes_int8(c, n, k, p, nr, bits, lanes, signed), codes, name="code_blocks")
     sz = ctx.emit_te(lambda s, z: _repack_scales_int8(s, z, n, p, ng, nr, per_tensor, signed), scale, zero,
                      name="scale_blocks")
     if bias is not None:
         bias = ctx.emit(R.reshape(_pad_rows(ctx, bias, n, p * nr, "bias_padded"), [p, nr]), "bias_panels")
     lead = ctx.shape(node.inputs[0])[:-1]
     x2 = ctx.emit(R.reshape(x, [1, k]), "x_rows")
-    func = _build_qgemv_int8(k, p, lanes, bits, ng, group // QBLOCK if ng > 1 else k // QBLOCK, bias is not None)
+    func = _build_qgemv_int8(k, p, nr, lanes, bits, ng, group // QBLOCK if ng > 1 else k // QBLOCK, bias is not None)
     gv = ctx.bb.add_func(func, "quant_linear_int8")
     ins = [x2, w, sz, *([bias] if bias is not None else [])]
     y = ctx.emit(relax.call_tir(gv, ins, relax.TensorType([1, p, nr], "float32")), "quant_linear")
@@ -539,10 +539,10 @@ def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):
     return y
 
 
-def _repack_codes_int8(codes, n, k, p, bits, lanes, signed):
-    """TE: codes [N, Kq] -> unsigned bytes [P, K/32, 2, J, 4 lanes] in vpdpbusd's order: for panel p (2 lanes
-    columns), block b (32 k) and half h, vector j holds column h*lanes + i // 4's code k = 32b + 4j + i % 4 at
-    byte i. 4-bit (J = 4): that code in the low nibble and code k + 16 in the high one. Signed int8 codes
+def _repack_codes_int8(codes, n, k, p, nr, bits, lanes, signed):
+    """TE: codes [N, Kq] -> unsigned bytes [P, K/32, NR/lanes, J, 4 lanes] in vpdpbusd's order: for panel p
+    (NR columns), block b (32 k) and vector h of the panel, vector j holds column h*lanes + i // 4's code
+    k = 32b + 4j + i % 4 at byte i. 4-bit (J = 4): that code in the low nibble and code k + 16 in the high one. Signed int8 codes
     flipped to unsigned (c + 128; the kernel's zero term takes the 128 back). Columns past N: 0."""
     u8 = "uint8"
 
@@ -553,12 +553,12 @@ def _repack_codes_int8(codes, n, k, p, bits, lanes, signed):
         return v ^ tir.const(128, u8) if signed else v
 
     def byte(pi, b, h, j, i):
-        col = pi * (2 * lanes) + h * lanes + i // 4
+        col = pi * nr + h * lanes + i // 4
         colc = tir.min(col, n - 1)
         kk = b * QBLOCK + 4 * j + i % 4
         v = code(colc, kk) | (code(colc, kk + 16) << tir.const(4, u8)) if bits == 4 else code(colc, kk)
         return tir.Select(col < n, v, tir.const(0, u8))
-    return te.compute((p, k // QBLOCK, 2, 4 if bits == 4 else 8, 4 * lanes), byte, name="code_blocks")
+    return te.compute((p, k // QBLOCK, nr // lanes, 4 if bits == 4 else 8, 4 * lanes), byte, name="code_blocks")
 
 
 def _repack_scales_int8(scale, zero, n, p, ng, nr, per_tensor, signed):
@@ -575,14 +575,14 @@ def _repack_scales_int8(scale, zero, n, p, ng, nr, per_tensor, signed):
     return te.compute((p, 2, ng, nr), v, name="scale_blocks")
 
 
-def _build_qgemv_int8(k, p, lanes, bits, ng, gdiv, has_bias):
+def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias):
     """One row times int8/int4 codes with int8 activations (llama.cpp's Q8 x Q4/Q8 dot products):
 
         y[j] = sum_b sx[b] * (s[g, j] * sum_{k in b} c[k, j] xq[k]  -  s[g, j] z[g, j] * sum_{k in b} xq[k])
 
     over 32-blocks b of K, g = b // gdiv the weight group of block b (gdiv = K / 32 for one group). x is
     quantized first, on the calling thread: sx[b] = max |x_b| / 127, xq = round(x / sx[b]) (a zero block:
-    codes 0). Then panels of 2 x ``lanes`` columns run in parallel; per block and half panel, vpdpbusd
+    codes 0). Then panels of NR columns run in parallel; per block and ``lanes`` columns, vpdpbusd
     multiplies unsigned code bytes by a broadcast quad of xq (4 products summed per int32 lane), J times,
     into an int32 vector (no overflow: |sum| <= 32 * 255 * 127), converted and scaled once per block. 4-bit
     codes are split from their bytes with an AND and a shift (u8 lanes). Exact against the same arithmetic
@@ -590,7 +590,7 @@ def _build_qgemv_int8(k, p, lanes, bits, ng, gdiv, has_bias):
     on random data (tests/backends/test_quant_lowering.py states the tolerance)."""
     nb = k // QBLOCK
     J = 4 if bits == 4 else 8
-    nr = 2 * lanes
+    H = nr // lanes
     vi, vf, vb = f"int32x{lanes}", f"float32x{lanes}", f"int8x{4 * lanes}"
     intrin = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
     bytes_args = llvm_version_major() >= 20   # LLVM 20 typed vpdpbusd's operands as bytes (was i32 lanes)
@@ -640,7 +640,7 @@ def _build_qgemv_int8(k, p, lanes, bits, ng, gdiv, has_bias):
             for i in T.vectorized(nr):
                 acc[i] = T.float32(0)
             for b in range(nb):
-                for h in T.unroll(2):
+                for h in T.unroll(H):
                     acc[T.ramp(h * lanes, 1, lanes)] = (
                         acc[T.ramp(h * lanes, 1, lanes)]
                         + T.Cast(vf, block_dot(W, XQ, pi, b, h)) * S[pi, 0, b // gdiv, T.ramp(h * lanes, 1, lanes)]
@@ -654,14 +654,14 @@ def _build_qgemv_int8(k, p, lanes, bits, ng, gdiv, has_bias):
 
     if has_bias:
         @T.prim_func(private=True, s_tir=True)
-        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, 2, J, 4 * lanes), "uint8"),
+        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, H, J, 4 * lanes), "uint8"),
                        S: T.Buffer((p, 2, ng, nr), "float32"), B: T.Buffer((p, nr), "float32"),
                        Y: T.Buffer((1, p, nr), "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             body(X, W, S, B, Y)
     else:
         @T.prim_func(private=True, s_tir=True)
-        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, 2, J, 4 * lanes), "uint8"),
+        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, H, J, 4 * lanes), "uint8"),
                        S: T.Buffer((p, 2, ng, nr), "float32"), Y: T.Buffer((1, p, nr), "float32")):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             body(X, W, S, None, Y)

@@ -321,8 +321,8 @@ class CPUTarget(Target):
     def int8_gemv_lanes(self) -> Optional[int]:
         """int32 lanes of the int8-activation decode GEMV (lowering_quant._build_qgemv_int8: x quantized per
         32-block, ``vpdpbusd`` dot products), or None for the float-dequant GEMV. Option ``int8_gemv``:
-        "auto" (default: on where the CPU has AVX512-VNNI at 512-bit vectors, 16 lanes, or AVX-VNNI /
-        AVX512-VNNI+VL at 256-bit, 8 lanes), "on" (the same, an error where the CPU has neither), "off"."""
+        "auto" (default: on where the CPU has AVX512-VNNI, 16 lanes, or AVX-VNNI, 8 lanes), "on" (the same,
+        an error where the CPU has neither), "off". The panel (``panel_width`` columns) is whole vectors."""
         which = self.extra.get("int8_gemv", "auto")
         if which not in ("auto", "on", "off"):
             raise ValueError(f"target '{self.name}': int8_gemv must be 'auto', 'on' or 'off', got {which!r}")
@@ -331,22 +331,18 @@ class CPUTarget(Target):
             return None
         from tvm.target.codegen import target_has_features  # deferred: the TVM compiler (module docstring)
         t = self.tvm_target()
-        with t:
-            width = llvm_get_vector_width(t)
         try:
-            feats = {f: bool(target_has_features(f, t)) for f in ("avx512vnni", "avx512vl", "avxvnni")}
+            feats = {f: bool(target_has_features(f, t)) for f in ("avx512vnni", "avxvnni")}
         except Exception:  # noqa: BLE001 -- not an x86 LLVM target (TVM's runtime alone, another arch)
             feats = {}
         lanes = None
-        if width >= 512 and feats.get("avx512vnni"):
+        if feats.get("avx512vnni") and nr % 16 == 0:
             lanes = 16
-        elif width == 256 and (feats.get("avxvnni") or (feats.get("avx512vnni") and feats.get("avx512vl"))):
+        elif feats.get("avxvnni") and nr % 8 == 0:
             lanes = 8
-        if lanes is not None and nr != 2 * lanes:   # the kernel's panel is two vectors of int32 lanes
-            lanes = None
         if lanes is None and which == "on":
             raise ValueError(f"target '{self.name}': int8_gemv='on' needs an x86 CPU with AVX512-VNNI or AVX-VNNI "
-                             f"and panel_vectors=2 (target {self.target}, vector width {width}); use 'auto' or 'off'")
+                             f"(target {self.target}, panel width {nr}); use 'auto' or 'off'")
         return lanes
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
