@@ -495,16 +495,16 @@ QBLOCK = 32  # activation block: one f32 scale and one code sum per 32 values of
 
 
 def _int8_gemv_lanes(ctx, node):
-    """int32 lanes of the int8-activation GEMV for this quant.linear, or None for the float GEMV: one static
-    row, 4/8-bit integer codes, K whole 32-blocks, groups whole blocks, and the target asks for it
-    (``Target.int8_gemv_lanes``: x86 VNNI)."""
+    """int32 lanes of the int8-activation GEMV for this quant.linear, or None for the float GEMV: 4/8-bit
+    integer codes, K whole 32-blocks, groups whole blocks, and the target asks for it (``Target.int8_gemv_lanes``:
+    x86 VNNI). Whatever the row count: a decode step's GEMV and the prefill's GEMM must read one repacked
+    layout, else LiftTransformParams (one transform shared by prefill and decode) lifts neither repacking
+    and both run on every call."""
     spec_lanes = getattr(ctx.spec, "int8_gemv_lanes", None)
     if spec_lanes is None:
         return None
     n, k, bits, group, _, per_tensor = _layout(node)
-    lead = node.inputs[0].type.shape[:-1]
-    if (not lead or any(not isinstance(d, int) or d != 1 for d in lead) or bits not in (4, 8)
-            or node.inputs[1].type.dtype not in (DType.i8, DType.u8) or k % QBLOCK
+    if (bits not in (4, 8) or node.inputs[1].type.dtype not in (DType.i8, DType.u8) or k % QBLOCK
             or (group and not per_tensor and group % QBLOCK)):
         return None
     if not hasattr(ctx, "_int8_gemv_lanes"):
@@ -528,11 +528,20 @@ def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):
     if bias is not None:
         bias = ctx.emit(R.reshape(_pad_rows(ctx, bias, n, p * nr, "bias_padded"), [p, nr]), "bias_panels")
     lead = ctx.shape(node.inputs[0])[:-1]
-    x2 = ctx.emit(R.reshape(x, [1, k]), "x_rows")
-    func = _build_qgemv_int8(k, p, nr, lanes, bits, ng, group // QBLOCK if ng > 1 else k // QBLOCK, bias is not None)
-    gv = ctx.bb.add_func(func, "quant_linear_int8")
+    m = lead[0]
+    for d in lead[1:]:
+        m = m * d
+    x2 = ctx.emit(R.reshape(x, [m, k]), "x_rows")
+    gdiv = group // QBLOCK if ng > 1 else k // QBLOCK
+    if isinstance(m, (int, tir.IntImm)) and int(m) == 1:
+        func = _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, bias is not None)
+        gv = ctx.bb.add_func(func, "quant_linear_int8")
+    else:   # prefill: the panel GEMM, its dequant reading the same repacked blocks
+        mm = m if isinstance(m, (int, tir.IntImm)) else tir.Var("m", "int64")
+        gv = ctx.bb.add_func(_build_qgemm_blocks(mm, k, p, nr, lanes, bits, ng, gdiv, bias is not None),
+                             "quant_linear_panels")
     ins = [x2, w, sz, *([bias] if bias is not None else [])]
-    y = ctx.emit(relax.call_tir(gv, ins, relax.TensorType([1, p, nr], "float32")), "quant_linear")
+    y = ctx.emit(relax.call_tir(gv, ins, relax.TensorType([m, p, nr], "float32")), "quant_linear")
     y = ctx.emit(R.reshape(y, [*lead, p * nr]))
     if p * nr != n:
         y = R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True)
@@ -573,6 +582,39 @@ def _repack_scales_int8(scale, zero, n, p, ng, nr, per_tensor, signed):
         out = tir.Select(which == 0, s, s * z)
         return tir.Select(col < n, out, tir.const(0.0, "float32"))
     return te.compute((p, 2, ng, nr), v, name="scale_blocks")
+
+
+def _build_qgemm_blocks(m, k, p, nr, lanes, bits, ng, gdiv, has_bias):
+    """Several rows (prefill) on _repack_codes_int8 / _repack_scales_int8's layout: _build_qgemm's panel GEMM
+    (f32 activations), each panel's codes dequantized once per call as c * s - s * z' (z' the zero the
+    repacking stored, + 128 for signed int8 codes flipped to unsigned)."""
+    nb = k // QBLOCK
+    J = 4 if bits == 4 else 8
+    x = te.placeholder((m, k), "float32", name="x")
+    codes = te.placeholder((p, nb, nr // lanes, J, 4 * lanes), "uint8", name="codes")
+    sz = te.placeholder((p, 2, ng, nr), "float32", name="scale")
+    b = te.placeholder((p, nr), "float32", name="bias") if has_bias else None
+    r = te.reduce_axis((0, k), name="k")
+
+    def w(pi, kk, j):
+        blk, q = kk // QBLOCK, kk % QBLOCK
+        h, c = j // lanes, j % lanes
+        if bits == 4:
+            byte = codes[pi, blk, h, (q % 16) // 4, c * 4 + q % 4]
+            v = (byte >> ((q // 16) * 4).astype("uint8")) & tir.const(15, "uint8")
+        else:
+            v = codes[pi, blk, h, q // 4, c * 4 + q % 4]
+        gi = blk // gdiv
+        return v.astype("float32") * sz[pi, 0, gi, j] - sz[pi, 1, gi, j]
+
+    wdq = te.compute((p, k, nr), w, name="dequant")
+    y = te.compute((m, p, nr), lambda i, pi, j: te.sum(x[i, r] * wdq[pi, r, j], axis=r), name="qgemm")
+    outs = [x, codes, sz]
+    if has_bias:
+        y = te.compute((m, p, nr), lambda i, pi, j: y[i, pi, j] + b[pi, j], name="qgemm_bias")
+        outs.append(b)
+    func = te.create_prim_func([*outs, y])
+    return _schedule_qgemm(func, nr, has_bias, dynamic=not isinstance(m, (int, tir.IntImm)))
 
 
 def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias):
