@@ -509,7 +509,16 @@ def _int8_gemv_lanes(ctx, node):
         return None
     if not hasattr(ctx, "_int8_gemv_lanes"):
         ctx._int8_gemv_lanes = spec_lanes()
+    if ctx.spec.extra.get("int8_gemv") == "body" and _is_head(node):
+        return None
     return ctx._int8_gemv_lanes
+
+
+def _is_head(node) -> bool:
+    """The output head: the GEMM traced from ``lm_head`` (a tied head reads the embedding's codes, but its loc
+    names lm_head), as quantize's ``head`` option finds it."""
+    path = (node.loc or "").split(" (")[0]
+    return path.split(".")[-1] == "lm_head" or "lm_head" in node.inputs[1].name
 
 
 def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):

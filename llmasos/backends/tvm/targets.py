@@ -322,10 +322,12 @@ class CPUTarget(Target):
         """int32 lanes of the int8-activation decode GEMV (lowering_quant._build_qgemv_int8: x quantized per
         32-block, ``vpdpbusd`` dot products), or None for the float-dequant GEMV. Option ``int8_gemv``:
         "auto" (default: on where the CPU has AVX512-VNNI, 16 lanes, or AVX-VNNI, 8 lanes), "on" (the same,
-        an error where the CPU has neither), "off". The panel (``panel_width`` columns) is whole vectors."""
+        an error where the CPU has neither), "body" (as "auto", but the output head -- traced from ``lm_head`` --
+        keeps the float GEMV: the logits then carry no activation-quantization error), "off". The panel
+        (``panel_width`` columns) is whole vectors."""
         which = self.extra.get("int8_gemv", "auto")
-        if which not in ("auto", "on", "off"):
-            raise ValueError(f"target '{self.name}': int8_gemv must be 'auto', 'on' or 'off', got {which!r}")
+        if which not in ("auto", "on", "off", "body"):
+            raise ValueError(f"target '{self.name}': int8_gemv must be 'auto', 'on', 'body' or 'off', got {which!r}")
         nr = self.panel_width()
         if which == "off" or nr is None:
             return None
