@@ -543,7 +543,7 @@ def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):
     x2 = ctx.emit(R.reshape(x, [m, k]), "x_rows")
     gdiv = group // QBLOCK if ng > 1 else k // QBLOCK
     if isinstance(m, (int, tir.IntImm)) and int(m) == 1:
-        func = _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, bias is not None)
+        func = _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, bias is not None, ctx.spec.int8_gemv_digits())
         gv = ctx.bb.add_func(func, "quant_linear_int8")
     else:   # prefill: the panel GEMM, its dequant reading the same repacked blocks
         mm = m if isinstance(m, (int, tir.IntImm)) else tir.Var("m", "int64")
@@ -626,14 +626,16 @@ def _build_qgemm_blocks(m, k, p, nr, lanes, bits, ng, gdiv, has_bias):
     return _schedule_qgemm(func, nr, has_bias, dynamic=not isinstance(m, (int, tir.IntImm)))
 
 
-def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias):
+def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias, digits=2):
     """One row times int8/int4 codes with int8 activations (llama.cpp's Q8 x Q4/Q8 dot products):
 
         y[j] = sum_b sx[b] * (s[g, j] * sum_{k in b} c[k, j] xq[k]  -  s[g, j] z[g, j] * sum_{k in b} xq[k])
 
     over 32-blocks b of K, g = b // gdiv the weight group of block b (gdiv = K / 32 for one group). x is
     quantized first, on the calling thread: sx[b] = max |x_b| / 127, xq = round(x / sx[b]) (a zero block:
-    codes 0). Then panels of NR columns run in parallel; per block and ``lanes`` columns, vpdpbusd
+    codes 0); with ``digits`` = 2 (the default, target option int8_gemv_digits) also the remainder as a
+    second int8 digit, xr = round((x / sx[b] - xq) * 254), so x = sx (xq + xr / 254) to ~1/64500 of the
+    block's max instead of ~1/254, at twice the vpdpbusd work on the same code vectors. Then panels of NR columns run in parallel; per block and ``lanes`` columns, vpdpbusd
     multiplies unsigned code bytes by a broadcast quad of xq (4 products summed per int32 lane), J times,
     into an int32 vector (no overflow: |sum| <= 32 * 255 * 127), converted and scaled once per block. 4-bit
     codes are split from their bytes with an AND and a shift (u8 lanes). Exact against the same arithmetic
@@ -666,10 +668,18 @@ def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias):
                 acc = vdot(acc, v, quad(xq, b, 4 * j))
         return acc
 
+    def block_dotf(w, xq, xr, pi, b, h):
+        """f32 x lanes: the block's dot product in units of sx, from one or two int8 digits of x."""
+        d = T.Cast(vf, block_dot(w, xq, pi, b, h))
+        if digits == 2:   # (the same code vectors: LLVM computes the loads and nibble splits once)
+            d = d + T.Cast(vf, block_dot(w, xr, pi, b, h)) * T.broadcast(T.float32(1.0 / 254), lanes)
+        return d
+
     # fmt: off
     @T.macro
     def body(X, W, S, B, Y):
         XQ = T.decl_buffer((k,), "int8")
+        XR = T.decl_buffer((k,), "int8")
         XS = T.decl_buffer((nb,), "float32")
         XZ = T.decl_buffer((nb,), "float32")
         for b in range(nb):
@@ -680,12 +690,18 @@ def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias):
             inv: T.float32 = T.Select(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
             for i in T.vectorized(QBLOCK):
                 XQ[b * QBLOCK + i] = T.Cast("int8", T.round(X[0, b * QBLOCK + i] * inv))
-            sm = T.decl_buffer((1,), "int32")
+            for i in T.vectorized(QBLOCK):   # the second digit: what the first left, in 1/254ths of sx
+                XR[b * QBLOCK + i] = T.Cast("int8", T.round((X[0, b * QBLOCK + i] * inv
+                                                             - T.Cast("float32", XQ[b * QBLOCK + i])) * T.float32(254)))
+            sm = T.decl_buffer((2,), "int32")
             sm[0] = 0
+            sm[1] = 0
             for i in range(QBLOCK):
                 sm[0] = sm[0] + T.Cast("int32", XQ[b * QBLOCK + i])
+                sm[1] = sm[1] + T.Cast("int32", XR[b * QBLOCK + i])
             XS[b] = am[0] / T.float32(127)
-            XZ[b] = -(am[0] / T.float32(127)) * T.Cast("float32", sm[0])
+            XZ[b] = -(am[0] / T.float32(127)) * (T.Cast("float32", sm[0])
+                                                 + T.Cast("float32", sm[1]) * T.float32(1.0 / 254 if digits == 2 else 0.0))
         for pi in T.parallel(p):
             acc = T.decl_buffer((nr,), "float32")
             for i in T.vectorized(nr):
@@ -694,7 +710,7 @@ def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias):
                 for h in T.unroll(H):
                     acc[T.ramp(h * lanes, 1, lanes)] = (
                         acc[T.ramp(h * lanes, 1, lanes)]
-                        + T.Cast(vf, block_dot(W, XQ, pi, b, h)) * S[pi, 0, b // gdiv, T.ramp(h * lanes, 1, lanes)]
+                        + block_dotf(W, XQ, XR, pi, b, h) * S[pi, 0, b // gdiv, T.ramp(h * lanes, 1, lanes)]
                         * T.broadcast(XS[b], lanes)
                         + S[pi, 1, b // gdiv, T.ramp(h * lanes, 1, lanes)] * T.broadcast(XZ[b], lanes))
             for i in T.vectorized(nr):

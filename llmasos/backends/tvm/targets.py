@@ -347,6 +347,15 @@ class CPUTarget(Target):
                              f"(target {self.target}, panel width {nr}); use 'auto' or 'off'")
         return lanes
 
+    def int8_gemv_digits(self) -> int:
+        """int8 digits of x in the int8 GEMV (option ``int8_gemv_digits``): 2 (default) quantizes x to ~16 bits
+        as two int8 digits (two vpdpbusd per code vector: SmolLM2 int4's greedy tokens stay f32's); 1 is
+        llama.cpp's Q8 activation (half the dot-product work, ~0.4% error per GEMV)."""
+        d = self.extra.get("int8_gemv_digits", 2)
+        if d not in (1, 2):
+            raise ValueError(f"target '{self.name}': int8_gemv_digits must be 1 or 2, got {d!r}")
+        return d
+
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
         return ("kv_decode_attention_cpu",
