@@ -67,7 +67,10 @@ def test_quant_linear_cpu_matches_interpreter(variants, seq):
 def test_weights_stay_int8_uint8_on_the_device(variants):
     g, exe, _, _ = variants
     dtypes = [str(a.dtype) for a in exe._weights]
-    assert dtypes.count("int8") == 2 and dtypes.count("uint8") == 5, dtypes
+    if resolve_target("cpu").int8_gemv_lanes() is None:
+        assert dtypes.count("int8") == 2 and dtypes.count("uint8") == 5, dtypes
+    else:  # the int8 GEMV's layout: signed codes flipped to unsigned bytes at load (c + 128)
+        assert dtypes.count("uint8") == 7 and "int8" not in dtypes, dtypes
     # no dequantized float copy of any weight: float tensors are scales/zeros/biases only (<< N*K)
     assert max(int(np.prod(a.shape)) for a in exe._weights if str(a.dtype) == "float32") < N * K // 8
 
@@ -324,6 +327,22 @@ def test_int8_gemv_option():
         dataclasses.replace(old, extra={"int8_gemv_digits": 3}).int8_gemv_digits()
     assert old.int8_gemv_digits() == 2
     assert resolve_target("cpu:icelake-server").int8_gemv_lanes() == 16
+
+
+@pytest.mark.skipif(not _host_has("avx512_vnni"), reason="the int8 GEMV needs AVX512-VNNI (x86)")
+def test_int8_gemv_body_keeps_the_head_on_the_float_gemv():
+    from llmasos.backends.tvm.kernels import fused_module
+    w, _ = _weights(5)
+    q, s_, z = quantize_rtn(w, 8, 32, True)
+    g = Graph("heads")
+    x = g.add_input("x", TensorType((1, K), DType.f32))
+    outs = [g.add_node("quant.linear", [x, g.add_param(f"q{i}", q), g.add_param(f"s{i}", s_),
+                                        g.add_param(f"z{i}", z)], {"bits": 8, "group": 32}, loc=loc)
+            for i, loc in enumerate(["model.layers.0.mlp.down_proj (m.py:1)", "lm_head (m.py:2)"])]
+    g.set_outputs(outs)
+    body = dataclasses.replace(resolve_target("cpu"), extra={"int8_gemv": "body"})
+    names = sorted(gv.name_hint for gv in fused_module(g, body).functions if gv.name_hint.startswith("quant_linear"))
+    assert names == ["quant_linear_int8", "quant_linear_panels"], names
 
 
 @pytest.mark.parametrize("bits, group, symm", [(8, 32, True), (4, 32, False), (4, 128, True)])
