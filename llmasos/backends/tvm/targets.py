@@ -39,7 +39,7 @@ import torch
 import tvm
 import tvm_ffi
 from tvm.support import nvcc
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_vector_width, target_has_features
 from tvm_ffi.libinfo import load_lib_ctypes
 
 try:  # NVIDIA's management library, for the GPU's energy counter (optional)
@@ -331,7 +331,6 @@ class CPUTarget(Target):
         nr = self.panel_width()
         if which == "off" or nr is None:
             return None
-        from tvm.target.codegen import target_has_features  # deferred: the TVM compiler (module docstring)
         t = self.tvm_target()
         try:
             feats = {f: bool(target_has_features(f, t)) for f in ("avx512vnni", "avxvnni")}
