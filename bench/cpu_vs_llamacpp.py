@@ -3,7 +3,7 @@ the model ships in (Q4_1 body, Q8_0 token embedding / head), in turns, same thre
 
     python bench/cpu_vs_llamacpp.py [--llama-bench PATH] [--threads 1,2] [--prompt 128] [--new 64]
                                     [--rounds 3] [--pipelines NAME=PASSES;...] [--cache DIR] [--out FILE]
-                                    [--float-gemv]
+                                    [--float-gemv] [--one-digit]
 
 llama-bench is found as llmasos.llm.llamacpp.find_llama_bench says ($LLAMA_BENCH, PATH); without it only
 our figures are printed, and how to build it goes to stderr. Each round runs, for each thread count,
@@ -74,6 +74,9 @@ def main(argv=None):
     p.add_argument("--float-gemv", action="store_true",
                    help="also run each quantize pipeline with target option int8_gemv=off (NAME-float-gemv): "
                         "the float-dequant decode GEMV against the int8-activation one, in the same rounds")
+    p.add_argument("--one-digit", action="store_true",
+                   help="also run each quantize pipeline with int8_gemv_digits=1 (NAME-1digit): x as one int8 digit "
+                        "per 32-block, llama.cpp's Q8 activations, against the default two")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -85,14 +88,20 @@ def main(argv=None):
 
     threads = [int(t) for t in a.threads.split(",")] if a.threads else [len(available_cores())]
     pipes = [kv.split("=", 1) for kv in a.pipelines.split(";") if kv.strip()]
+    quant = [(n, ps) for n, ps in pipes if "quantize" in ps]
     if a.float_gemv:
-        pipes += [[f"{n}-float-gemv", ps] for n, ps in pipes if "quantize" in ps]
+        pipes += [[f"{n}-float-gemv", ps] for n, ps in quant]
+    if a.one_digit:
+        pipes += [[f"{n}-1digit", ps] for n, ps in quant]
     target = {n: "cpu" for n, _ in pipes}
-    if a.float_gemv:
+    if a.float_gemv or a.one_digit:
         import dataclasses
         from llmasos.backends.tvm import resolve_target
-        off = dataclasses.replace(resolve_target("cpu"), extra={"int8_gemv": "off"})
-        target.update({n: off for n, _ in pipes if n.endswith("-float-gemv")})
+        cpu = resolve_target("cpu")
+        target.update({n: dataclasses.replace(cpu, extra={"int8_gemv": "off"})
+                       for n, _ in pipes if n.endswith("-float-gemv")})
+        target.update({n: dataclasses.replace(cpu, extra={"int8_gemv_digits": 1})
+                       for n, _ in pipes if n.endswith("-1digit")})
     if a.prompt + a.new > a.max_seq:
         raise SystemExit(f"--prompt + --new ({a.prompt + a.new}) exceeds --max-seq {a.max_seq}")
     gguf = a.gguf or str(smollm2_package_dir() / SMOLLM2_GGUF)
