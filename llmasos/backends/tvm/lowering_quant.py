@@ -18,6 +18,11 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
   decode step) gets its own kernel instead (_build_qgemv): there the per-panel dequantized copy cost as
   much as the dot products, so scale and zero leave the inner loop (y = sum_g s_g (sum_k x_k c_k - z_g
   sum_k x_k)), one conversion and one FMA per weight: SmolLM2 int8 decode 120.8 vs 72.1 tokens/s.
+* CPU with x86 VNNI (target option ``int8_gemv``, on by default where LLVM's target has AVX512-VNNI or
+  AVX-VNNI): the decode row takes _build_qgemv_int8 instead -- x quantized per 32-block to one or two
+  int8 digits, integer dot products with ``vpdpbusd`` on codes repacked at load into its byte order, scales
+  applied per block (llama.cpp's Q8 x Q4/Q8 scheme); the prefill GEMM then reads the same repacked blocks
+  (_build_qgemm_blocks), so the one weight transform prefill and decode share is lifted (docs/llm.md).
 * elsewhere (CUDA, f16 activations): one TE function, a dequant stage feeding the GEMM reduction in the
   same PrimFunc -- the shape DLight's GPU GEMV/Matmul rules schedule with the dequant inlined into the
   reduction (as MLC-LLM's decode + matmul).
