@@ -224,8 +224,7 @@ def _int8_gemv_emulated(x, q, s, z, group, digits):
 
 
 @pytest.mark.skipif(not _host_has("avx512_vnni"), reason="the int8 GEMV needs AVX512-VNNI (x86)")
-@pytest.mark.parametrize("n, k, alderlake", [pytest.param(40, 256, False, marks=pytest.mark.slow), (97, 576, False),
-                                             pytest.param(33, 1536, False, marks=pytest.mark.slow), (40, 576, True)])
+@pytest.mark.parametrize("n, k, alderlake", [(40, 256, False), (97, 576, False), (33, 1536, False), (40, 576, True)])
 def test_int8_gemv_matches_numpy(n, k, alderlake):
     """A decode step's quant.linear through the int8-activation GEMV (x86 VNNI; 512-bit with two int8 digits of
     x, and 256-bit under ``cpu:alderlake`` (AVX-VNNI) with one, where the host runs it): every code layout -- int8 signed / unsigned /
