@@ -3,6 +3,7 @@ the model ships in (Q4_1 body, Q8_0 token embedding / head), in turns, same thre
 
     python bench/cpu_vs_llamacpp.py [--llama-bench PATH] [--threads 1,2] [--prompt 128] [--new 64]
                                     [--rounds 3] [--pipelines NAME=PASSES;...] [--cache DIR] [--out FILE]
+                                    [--float-gemv] [--one-digit]
 
 llama-bench is found as llmasos.llm.llamacpp.find_llama_bench says ($LLAMA_BENCH, PATH); without it only
 our figures are printed, and how to build it goes to stderr. Each round runs, for each thread count,
@@ -44,6 +45,21 @@ def prompt_ids(tok, n):
     return ids[:n]
 
 
+def copy_gbps(mb: int = 512) -> float:
+    """GB/s of a numpy copy of an ``mb`` MB f32 array (bytes read + bytes written, best of 3): what a
+    bandwidth-bound decode step that only reads its weights can reach, at most."""
+    import numpy as np
+    src = np.ones(mb * (1 << 20) // 4, np.float32)
+    dst = np.empty_like(src)
+    best = None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return 2 * src.nbytes / best / 1e9
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama-bench", default=None, help="path of llama-bench (default: $LLAMA_BENCH, then PATH)")
@@ -55,6 +71,12 @@ def main(argv=None):
     p.add_argument("--max-seq", type=int, default=256)
     p.add_argument("--pipelines", default=PIPELINES, help="NAME=PASSES;... (the first is the token reference)")
     p.add_argument("--cache", default=None, help="save compiled LMs here and load them in later runs")
+    p.add_argument("--float-gemv", action="store_true",
+                   help="also run each quantize pipeline with target option int8_gemv=off (NAME-float-gemv): "
+                        "the float-dequant decode GEMV against the int8-activation one, in the same rounds")
+    p.add_argument("--one-digit", action="store_true",
+                   help="also run each quantize pipeline with int8_gemv_digits=1 (NAME-1digit): x as one int8 digit "
+                        "per 32-block, llama.cpp's Q8 activations, against the default two")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
 
@@ -66,6 +88,20 @@ def main(argv=None):
 
     threads = [int(t) for t in a.threads.split(",")] if a.threads else [len(available_cores())]
     pipes = [kv.split("=", 1) for kv in a.pipelines.split(";") if kv.strip()]
+    quant = [(n, ps) for n, ps in pipes if "quantize" in ps]
+    if a.float_gemv:
+        pipes += [[f"{n}-float-gemv", ps] for n, ps in quant]
+    if a.one_digit:
+        pipes += [[f"{n}-1digit", ps] for n, ps in quant]
+    target = {n: "cpu" for n, _ in pipes}
+    if a.float_gemv or a.one_digit:
+        import dataclasses
+        from llmasos.backends.tvm import resolve_target
+        cpu = resolve_target("cpu")
+        target.update({n: dataclasses.replace(cpu, extra={"int8_gemv": "off"})
+                       for n, _ in pipes if n.endswith("-float-gemv")})
+        target.update({n: dataclasses.replace(cpu, extra={"int8_gemv_digits": 1})
+                       for n, _ in pipes if n.endswith("-1digit")})
     if a.prompt + a.new > a.max_seq:
         raise SystemExit(f"--prompt + --new ({a.prompt + a.new}) exceeds --max-seq {a.max_seq}")
     gguf = a.gguf or str(smollm2_package_dir() / SMOLLM2_GGUF)
@@ -80,7 +116,7 @@ def main(argv=None):
             lms[name] = llmasos.load_lm(saved)   # compiled by an earlier run with the same --cache
             log(f"loaded {name} from {saved} (delete it to recompile after changing the code)")
         else:
-            lms[name] = llmasos.compile_lm(model, "cpu", max_seq=a.max_seq, batch=1, passes=passes)
+            lms[name] = llmasos.compile_lm(model, target[name], max_seq=a.max_seq, batch=1, passes=passes)
             if saved:
                 lms[name].save(saved)
         compile_s[name] = round(time.perf_counter() - t0, 1)
@@ -99,7 +135,11 @@ def main(argv=None):
     tokens = {}
     failures = []
     load = [os.getloadavg()[0]]
+    copies = []
+    step_bytes = {name: sum(int(w.numpy().nbytes) for w in lms[name]._weights) for name, _ in pipes}
     for r in range(a.rounds):
+        copies.append(copy_gbps())
+        log(f"round {r}: numpy copy {copies[-1]:.1f} GB/s (read + write)")
         for t in threads:
             if exe is not None:
                 try:
@@ -140,7 +180,11 @@ def main(argv=None):
            "llama_bench_cmd": lc_rows[0]["cmd"] if lc_rows else None,
            "prompt_tokens": a.prompt, "new_tokens": a.new, "rounds": a.rounds, "max_seq": a.max_seq,
            "load_avg_1min": [round(x, 1) for x in load], "compile_s": compile_s,
-           "pipelines": dict(pipes), "by_threads": {}}
+           "pipelines": dict(pipes), "by_threads": {},
+           # the weights a decode step reads (every resident weight once: an upper estimate where a table is
+           # only gathered), and what a copy-bandwidth-bound step could reach: copy GB/s / step bytes
+           "numpy_copy_512MB_GBps": [round(c, 2) for c in copies],
+           "weight_MB_per_step": {n: round(b_ / 1e6, 1) for n, b_ in step_bytes.items()}}
     if failures:
         doc["llama_bench_failures"] = failures
     if not lc_rows:
@@ -154,6 +198,10 @@ def main(argv=None):
             row[name] = {"decode_tok_s": med(runs[t][name], "decode_tok_s"),
                          "prefill_tok_s": med(runs[t][name], "prefill_tok_s"),
                          "decode_vs_" + ref: ratio(t, name, ref, "decode_tok_s")}
+            dec = row[name]["decode_tok_s"]
+            if dec and copies:   # weight bytes read per second, against the copy's bandwidth
+                row[name]["weights_GBps"] = round(dec * step_bytes[name] / 1e9, 2)
+                row[name]["bound_tok_s_at_copy_bw"] = round(statistics.median(copies) * 1e9 / step_bytes[name], 1)
             if lc_rows:
                 row[name]["decode_vs_llama.cpp"] = ratio(t, name, "llama.cpp", "decode_tok_s")
                 row[name]["prefill_vs_llama.cpp"] = ratio(t, name, "llama.cpp", "prefill_tok_s")

@@ -18,6 +18,11 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
   decode step) gets its own kernel instead (_build_qgemv): there the per-panel dequantized copy cost as
   much as the dot products, so scale and zero leave the inner loop (y = sum_g s_g (sum_k x_k c_k - z_g
   sum_k x_k)), one conversion and one FMA per weight: SmolLM2 int8 decode 120.8 vs 72.1 tokens/s.
+* CPU with x86 VNNI (target option ``int8_gemv``, on by default where LLVM's target has AVX512-VNNI or
+  AVX-VNNI): the decode row takes _build_qgemv_int8 instead -- x quantized per 32-block to one or two
+  int8 digits, integer dot products with ``vpdpbusd`` on codes repacked at load into its byte order, scales
+  applied per block (llama.cpp's Q8 x Q4/Q8 scheme); the prefill GEMM then reads the same repacked blocks
+  (_build_qgemm_blocks), so the one weight transform prefill and decode share is lifted (docs/llm.md).
 * elsewhere (CUDA, f16 activations): one TE function, a dequant stage feeding the GEMM reduction in the
   same PrimFunc -- the shape DLight's GPU GEMV/Matmul rules schedule with the dequant inlined into the
   reduction (as MLC-LLM's decode + matmul).
@@ -28,6 +33,8 @@ float copy of a weight is ever made, at load or per call, so resident weight mem
 from __future__ import annotations
 
 from tvm import relax, s_tir, te
+from tvm.script import tirx as T
+from tvm.target.codegen import llvm_version_major
 from tvm import tirx as tir
 from tvm.s_tir.dlight.analysis import get_root_block
 
@@ -235,6 +242,9 @@ def _cpu_quant_linear(ctx, node, args):
     bias = args[4] if len(args) > 4 else None
     n, k, bits, group, g, per_tensor = _layout(node)
     nr = ctx.panel_width()
+    lanes = _int8_gemv_lanes(ctx, node)
+    if lanes is not None:
+        return _cpu_quant_gemv_int8(ctx, node, args, lanes)
     kq = k // 2 if bits == 4 else k
     n_pad = -(-n // nr) * nr
     p = n_pad // nr
@@ -481,3 +491,251 @@ def _linear_a8(ctx, node, args):
         return te.compute(acc.shape, out, name="rescale")
     y = ctx.emit_te(gemm, xq, q, sx, ws, *([bias] if bias is not None else []), name="linear_a8")
     return ctx.cast(ctx.emit(R.reshape(y, [*lead, n])), xt.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# int8-activation decode GEMV (x86 VNNI)
+
+QBLOCK = 32  # activation block: one f32 scale and one code sum per 32 values of x (llama.cpp's Q8_1)
+
+
+def _int8_gemv_lanes(ctx, node):
+    """int32 lanes of the int8-activation GEMV for this quant.linear, or None for the float GEMV: 4/8-bit
+    integer codes, K whole 32-blocks, groups whole blocks, and the target asks for it (``Target.int8_gemv_lanes``:
+    x86 VNNI). Whatever the row count: a decode step's GEMV and the prefill's GEMM must read one repacked
+    layout, else LiftTransformParams (one transform shared by prefill and decode) lifts neither repacking
+    and both run on every call."""
+    spec_lanes = getattr(ctx.spec, "int8_gemv_lanes", None)
+    if spec_lanes is None:
+        return None
+    n, k, bits, group, _, per_tensor = _layout(node)
+    if (bits not in (4, 8) or node.inputs[1].type.dtype not in (DType.i8, DType.u8) or k % QBLOCK
+            or (group and not per_tensor and group % QBLOCK)):
+        return None
+    if not hasattr(ctx, "_int8_gemv_lanes"):
+        ctx._int8_gemv_lanes = spec_lanes()
+    if ctx.spec.extra.get("int8_gemv") == "body" and _is_head(node):
+        return None
+    return ctx._int8_gemv_lanes
+
+
+def _is_head(node) -> bool:
+    """The output head: the GEMM traced from ``lm_head`` (a tied head reads the embedding's codes, but its loc
+    names lm_head), as quantize's ``head`` option finds it."""
+    path = (node.loc or "").split(" (")[0]
+    return path.split(".")[-1] == "lm_head" or "lm_head" in node.inputs[1].name
+
+
+def _cpu_quant_gemv_int8(ctx, node, args, lanes: int):
+    """A decode step's quant.linear as int8 dot products (module doc of _build_qgemv_int8); the codes, scales
+    and zero terms are repacked by parameter-only TE functions (run once, at load)."""
+    x, codes, scale, zero = args[:4]
+    bias = args[4] if len(args) > 4 else None
+    n, k, bits, group, g, per_tensor = _layout(node)
+    nr = ctx.panel_width()   # columns per panel: nr / lanes int32 vectors
+    p = -(-n // nr)
+    ng = 1 if (group == 0 or per_tensor) else g
+    signed = node.inputs[1].type.dtype is DType.i8
+    w = ctx.emit_te(lambda c: _repack_codes_int8(c, n, k, p, nr, bits, lanes, signed), codes, name="code_blocks")
+    sz = ctx.emit_te(lambda s, z: _repack_scales_int8(s, z, n, p, ng, nr, per_tensor, signed), scale, zero,
+                     name="scale_blocks")
+    if bias is not None:
+        bias = ctx.emit(R.reshape(_pad_rows(ctx, bias, n, p * nr, "bias_padded"), [p, nr]), "bias_panels")
+    lead = ctx.shape(node.inputs[0])[:-1]
+    m = lead[0]
+    for d in lead[1:]:
+        m = m * d
+    x2 = ctx.emit(R.reshape(x, [m, k]), "x_rows")
+    gdiv = group // QBLOCK if ng > 1 else k // QBLOCK
+    if isinstance(m, (int, tir.IntImm)) and int(m) == 1:
+        func = _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, bias is not None, ctx.spec.int8_gemv_digits())
+        gv = ctx.bb.add_func(func, "quant_linear_int8")
+    else:   # prefill: the panel GEMM, its dequant reading the same repacked blocks
+        mm = m if isinstance(m, (int, tir.IntImm)) else tir.Var("m", "int64")
+        gv = ctx.bb.add_func(_build_qgemm_blocks(mm, k, p, nr, lanes, bits, ng, gdiv, bias is not None),
+                             "quant_linear_panels")
+    ins = [x2, w, sz, *([bias] if bias is not None else [])]
+    y = ctx.emit(relax.call_tir(gv, ins, relax.TensorType([m, p, nr], "float32")), "quant_linear")
+    y = ctx.emit(R.reshape(y, [*lead, p * nr]))
+    if p * nr != n:
+        y = R.strided_slice(y, [len(lead)], [0], [n], assume_inbound=True)
+    return y
+
+
+def _repack_codes_int8(codes, n, k, p, nr, bits, lanes, signed):
+    """TE: codes [N, Kq] -> unsigned bytes [P, K/32, NR/lanes, J, 4 lanes] in vpdpbusd's order: for panel p
+    (NR columns), block b (32 k) and vector h of the panel, vector j holds column h*lanes + i // 4's code
+    k = 32b + 4j + i % 4 at byte i. 4-bit (J = 4): that code in the low nibble and code k + 16 in the high one. Signed int8 codes
+    flipped to unsigned (c + 128; the kernel's zero term takes the 128 back). Columns past N: 0."""
+    u8 = "uint8"
+
+    def code(col, kk):
+        if bits == 4:
+            return (codes[col, kk // 2] >> ((kk % 2) * 4).astype(u8)) & tir.const(15, u8)
+        v = codes[col, kk].astype(u8)
+        return v ^ tir.const(128, u8) if signed else v
+
+    def byte(pi, b, h, j, i):
+        col = pi * nr + h * lanes + i // 4
+        colc = tir.min(col, n - 1)
+        kk = b * QBLOCK + 4 * j + i % 4
+        v = code(colc, kk) | (code(colc, kk + 16) << tir.const(4, u8)) if bits == 4 else code(colc, kk)
+        return tir.Select(col < n, v, tir.const(0, u8))
+    return te.compute((p, k // QBLOCK, nr // lanes, 4 if bits == 4 else 8, 4 * lanes), byte, name="code_blocks")
+
+
+def _repack_scales_int8(scale, zero, n, p, ng, nr, per_tensor, signed):
+    """TE: scale, zero [N, G] (or [1, 1]) -> f32 [P, 2, G, NR]: [:, 0] the scales, [:, 1] scale * zero (zero +
+    128 for signed int8 codes, which the kernel reads as unsigned). Columns past N: 0."""
+    def v(pi, which, gi, j):
+        col = pi * nr + j
+        colc = tir.min(col, n - 1)
+        s = scale[0, 0] if per_tensor else scale[colc, gi]
+        z = zero[0, 0] if per_tensor else zero[colc, gi]
+        z = z + tir.const(128.0, "float32") if signed else z
+        out = tir.Select(which == 0, s, s * z)
+        return tir.Select(col < n, out, tir.const(0.0, "float32"))
+    return te.compute((p, 2, ng, nr), v, name="scale_blocks")
+
+
+def _build_qgemm_blocks(m, k, p, nr, lanes, bits, ng, gdiv, has_bias):
+    """Several rows (prefill) on _repack_codes_int8 / _repack_scales_int8's layout: _build_qgemm's panel GEMM
+    (f32 activations), each panel's codes dequantized once per call as c * s - s * z' (z' the zero the
+    repacking stored, + 128 for signed int8 codes flipped to unsigned)."""
+    nb = k // QBLOCK
+    J = 4 if bits == 4 else 8
+    x = te.placeholder((m, k), "float32", name="x")
+    codes = te.placeholder((p, nb, nr // lanes, J, 4 * lanes), "uint8", name="codes")
+    sz = te.placeholder((p, 2, ng, nr), "float32", name="scale")
+    b = te.placeholder((p, nr), "float32", name="bias") if has_bias else None
+    r = te.reduce_axis((0, k), name="k")
+
+    def w(pi, kk, j):
+        blk, q = kk // QBLOCK, kk % QBLOCK
+        h, c = j // lanes, j % lanes
+        if bits == 4:
+            byte = codes[pi, blk, h, (q % 16) // 4, c * 4 + q % 4]
+            v = (byte >> ((q // 16) * 4).astype("uint8")) & tir.const(15, "uint8")
+        else:
+            v = codes[pi, blk, h, q // 4, c * 4 + q % 4]
+        gi = blk // gdiv
+        return v.astype("float32") * sz[pi, 0, gi, j] - sz[pi, 1, gi, j]
+
+    wdq = te.compute((p, k, nr), w, name="dequant")
+    y = te.compute((m, p, nr), lambda i, pi, j: te.sum(x[i, r] * wdq[pi, r, j], axis=r), name="qgemm")
+    outs = [x, codes, sz]
+    if has_bias:
+        y = te.compute((m, p, nr), lambda i, pi, j: y[i, pi, j] + b[pi, j], name="qgemm_bias")
+        outs.append(b)
+    func = te.create_prim_func([*outs, y])
+    return _schedule_qgemm(func, nr, has_bias, dynamic=not isinstance(m, (int, tir.IntImm)))
+
+
+def _build_qgemv_int8(k, p, nr, lanes, bits, ng, gdiv, has_bias, digits=2):
+    """One row times int8/int4 codes with int8 activations (llama.cpp's Q8 x Q4/Q8 dot products):
+
+        y[j] = sum_b sx[b] * (s[g, j] * sum_{k in b} c[k, j] xq[k]  -  s[g, j] z[g, j] * sum_{k in b} xq[k])
+
+    over 32-blocks b of K, g = b // gdiv the weight group of block b (gdiv = K / 32 for one group). x is
+    quantized first, on the calling thread: sx[b] = max |x_b| / 127, xq = round(x / sx[b]) (a zero block:
+    codes 0); with ``digits`` = 2 (the default, target option int8_gemv_digits) also the remainder as a
+    second int8 digit, xr = round((x / sx[b] - xq) * 254), so x = sx (xq + xr / 254) to ~1/64500 of the
+    block's max instead of ~1/254, at twice the vpdpbusd work on the same code vectors. Then panels of NR columns run in parallel; per block and ``lanes`` columns, vpdpbusd
+    multiplies unsigned code bytes by a broadcast quad of xq (4 products summed per int32 lane), J times,
+    into an int32 vector (no overflow: |sum| <= 32 * 255 * 127), converted and scaled once per block. 4-bit
+    codes are split from their bytes with an AND and a shift (u8 lanes). Exact against the same arithmetic
+    in numpy up to f32 rounding; against the float GEMV the error is x's quantization: ~0.4% of |y|'s scale
+    on random data (tests/backends/test_quant_lowering.py states the tolerance)."""
+    nb = k // QBLOCK
+    J = 4 if bits == 4 else 8
+    H = nr // lanes
+    vi, vf, vb = f"int32x{lanes}", f"float32x{lanes}", f"int8x{4 * lanes}"
+    intrin = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+    bytes_args = llvm_version_major() >= 20   # LLVM 20 typed vpdpbusd's operands as bytes (was i32 lanes)
+
+    def vdot(acc, w, xw):
+        xb = T.broadcast(xw, lanes)
+        if bytes_args:
+            return T.call_llvm_pure_intrin(vi, intrin, acc, T.reinterpret(vb, w), T.reinterpret(vb, xb))
+        return T.call_llvm_pure_intrin(vi, intrin, acc, T.reinterpret(vi, w), xb)
+
+    def quad(xq, b, off):
+        return T.reinterpret("int32", xq.vload([b * QBLOCK + off], "int8x4"))
+
+    def block_dot(w, xq, pi, b, h):
+        acc = T.broadcast(T.int32(0), lanes)
+        for j in range(J):
+            v = w.vload([pi, b, h, j, 0], f"uint8x{4 * lanes}")
+            if bits == 4:
+                acc = vdot(acc, v & T.broadcast(T.uint8(15), 4 * lanes), quad(xq, b, 4 * j))
+                acc = vdot(acc, v >> T.broadcast(T.uint8(4), 4 * lanes), quad(xq, b, 16 + 4 * j))
+            else:
+                acc = vdot(acc, v, quad(xq, b, 4 * j))
+        return acc
+
+    def block_dotf(w, xq, xr, pi, b, h):
+        """f32 x lanes: the block's dot product in units of sx, from one or two int8 digits of x."""
+        d = T.Cast(vf, block_dot(w, xq, pi, b, h))
+        if digits == 2:   # (the same code vectors: LLVM computes the loads and nibble splits once)
+            d = d + T.Cast(vf, block_dot(w, xr, pi, b, h)) * T.broadcast(T.float32(1.0 / 254), lanes)
+        return d
+
+    # fmt: off
+    @T.macro
+    def body(X, W, S, B, Y):
+        XQ = T.decl_buffer((k,), "int8")
+        XR = T.decl_buffer((k,), "int8")
+        XS = T.decl_buffer((nb,), "float32")
+        XZ = T.decl_buffer((nb,), "float32")
+        for b in range(nb):
+            am = T.decl_buffer((1,), "float32")
+            am[0] = T.float32(0)
+            for i in range(QBLOCK):
+                am[0] = T.max(am[0], T.fabs(X[0, b * QBLOCK + i]))
+            inv: T.float32 = T.Select(am[0] > T.float32(0), T.float32(127) / am[0], T.float32(0))
+            for i in T.vectorized(QBLOCK):
+                XQ[b * QBLOCK + i] = T.Cast("int8", T.round(X[0, b * QBLOCK + i] * inv))
+            for i in T.vectorized(QBLOCK):   # the second digit: what the first left, in 1/254ths of sx
+                XR[b * QBLOCK + i] = T.Cast("int8", T.round((X[0, b * QBLOCK + i] * inv
+                                                             - T.Cast("float32", XQ[b * QBLOCK + i])) * T.float32(254)))
+            sm = T.decl_buffer((2,), "int32")
+            sm[0] = 0
+            sm[1] = 0
+            for i in range(QBLOCK):
+                sm[0] = sm[0] + T.Cast("int32", XQ[b * QBLOCK + i])
+                sm[1] = sm[1] + T.Cast("int32", XR[b * QBLOCK + i])
+            XS[b] = am[0] / T.float32(127)
+            XZ[b] = -(am[0] / T.float32(127)) * (T.Cast("float32", sm[0])
+                                                 + T.Cast("float32", sm[1]) * T.float32(1.0 / 254 if digits == 2 else 0.0))
+        for pi in T.parallel(p):
+            acc = T.decl_buffer((nr,), "float32")
+            for i in T.vectorized(nr):
+                acc[i] = T.float32(0)
+            for b in range(nb):
+                for h in T.unroll(H):
+                    acc[T.ramp(h * lanes, 1, lanes)] = (
+                        acc[T.ramp(h * lanes, 1, lanes)]
+                        + block_dotf(W, XQ, XR, pi, b, h) * S[pi, 0, b // gdiv, T.ramp(h * lanes, 1, lanes)]
+                        * T.broadcast(XS[b], lanes)
+                        + S[pi, 1, b // gdiv, T.ramp(h * lanes, 1, lanes)] * T.broadcast(XZ[b], lanes))
+            for i in T.vectorized(nr):
+                if has_bias:
+                    Y[0, pi, i] = acc[i] + B[pi, i]
+                else:
+                    Y[0, pi, i] = acc[i]
+
+    if has_bias:
+        @T.prim_func(private=True, s_tir=True)
+        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, H, J, 4 * lanes), "uint8"),
+                       S: T.Buffer((p, 2, ng, nr), "float32"), B: T.Buffer((p, nr), "float32"),
+                       Y: T.Buffer((1, p, nr), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            body(X, W, S, B, Y)
+    else:
+        @T.prim_func(private=True, s_tir=True)
+        def qgemv_int8(X: T.Buffer((1, k), "float32"), W: T.Buffer((p, nb, H, J, 4 * lanes), "uint8"),
+                       S: T.Buffer((p, 2, ng, nr), "float32"), Y: T.Buffer((1, p, nr), "float32")):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            body(X, W, S, None, Y)
+    # fmt: on
+    return qgemv_int8

@@ -39,7 +39,7 @@ import torch
 import tvm
 import tvm_ffi
 from tvm.support import nvcc
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_vector_width, target_has_features
 from tvm_ffi.libinfo import load_lib_ctypes
 
 try:  # NVIDIA's management library, for the GPU's energy counter (optional)
@@ -322,6 +322,43 @@ class CPUTarget(Target):
         with self.tvm_target() as t:
             bits = llvm_get_vector_width(t)
         return self.extra.get("panel_vectors", 2) * max(bits if bits > 0 else 128, 128) // 32
+
+    def int8_gemv_lanes(self) -> Optional[int]:
+        """int32 lanes of the int8-activation decode GEMV (lowering_quant._build_qgemv_int8: x quantized per
+        32-block, ``vpdpbusd`` dot products), or None for the float-dequant GEMV. Option ``int8_gemv``:
+        "auto" (default: on where the CPU has AVX512-VNNI, 16 lanes, or AVX-VNNI, 8 lanes), "on" (the same,
+        an error where the CPU has neither), "body" (as "auto", but the output head -- traced from ``lm_head`` --
+        keeps the float GEMV: the logits then carry no activation-quantization error), "off". The panel
+        (``panel_width`` columns) is whole vectors."""
+        which = self.extra.get("int8_gemv", "auto")
+        if which not in ("auto", "on", "off", "body"):
+            raise ValueError(f"target '{self.name}': int8_gemv must be 'auto', 'on', 'body' or 'off', got {which!r}")
+        nr = self.panel_width()
+        if which == "off" or nr is None:
+            return None
+        t = self.tvm_target()
+        try:
+            feats = {f: bool(target_has_features(f, t)) for f in ("avx512vnni", "avxvnni")}
+        except Exception:  # noqa: BLE001 -- not an x86 LLVM target (TVM's runtime alone, another arch)
+            feats = {}
+        lanes = None
+        if feats.get("avx512vnni") and nr % 16 == 0:
+            lanes = 16
+        elif feats.get("avxvnni") and nr % 8 == 0:
+            lanes = 8
+        if lanes is None and which == "on":
+            raise ValueError(f"target '{self.name}': int8_gemv='on' needs an x86 CPU with AVX512-VNNI or AVX-VNNI "
+                             f"(target {self.target}, panel width {nr}); use 'auto' or 'off'")
+        return lanes
+
+    def int8_gemv_digits(self) -> int:
+        """int8 digits of x in the int8 GEMV (option ``int8_gemv_digits``): 2 (default) quantizes x to ~16 bits
+        as two int8 digits (two vpdpbusd per code vector: SmolLM2 int4's greedy tokens stay f32's); 1 is
+        llama.cpp's Q8 activation (half the dot-product work, ~0.4% error per GEMV)."""
+        d = self.extra.get("int8_gemv_digits", 2)
+        if d not in (1, 2):
+            raise ValueError(f"target '{self.name}': int8_gemv_digits must be 1 or 2, got {d!r}")
+        return d
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
