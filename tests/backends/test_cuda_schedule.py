@@ -244,6 +244,10 @@ def test_small_m_rows_choice_and_target_option():
     assert not small_m_gemm_supported(1024, 1024, "float16", 3)
     g, _ = _small_m_graph(1024, 1024)
     assert _small_m_kernel(g, "auto")[0] == "small_m_gemm_1024x1024"          # 64 blocks: R = 1
+    g2, _ = _small_m_graph(16384, 256)
+    assert _small_m_kernel(g2, "auto")[0] == "small_m_gemm_16384x256_r4"
+    assert dataclasses.replace(SPEC, extra={}).small_m_gemm(16384, 2048, "float16")[0] == \
+        "small_m_gemm_16384x2048"                                             # default: R = 1 (GPU-measured)
     spec = dataclasses.replace(SPEC, extra={"small_m_rows": "4"})
     src = cuda_source(compile_module(lower(g, spec), spec))
     body = src[src.index("small_m_gemm_1024x1024_r4"):]

@@ -460,8 +460,10 @@ class CUDATarget(Target):
 
     def small_m_gemm(self, n, k, dtype):
         """The tensor-core small-M GEMM of cuda_gemm.py (target option small_m_gemm = "on" | "off"), with R
-        16-row weight tiles per block (target option small_m_rows = "auto" | 1 | 2 | 4; auto:
-        cuda_gemm.small_m_rows; a fixed R the shape does not take falls back to the largest smaller one)."""
+        16-row weight tiles per block (target option small_m_rows = 1 | 2 | 4 | "auto"; auto:
+        cuda_gemm.small_m_rows; a fixed R the shape does not take falls back to the largest smaller one).
+        The default is R = 1, the kernel measured on an H100; R = 2 / 4 are checked on the CPU (simt) but have not
+        run on a GPU yet, so "auto" stays opt-in until bench/small_m_gemm_check.py shows it faster."""
         which = self.extra.get("small_m_gemm", "on")
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': small_m_gemm must be 'on' or 'off', got {which!r}")
@@ -478,9 +480,9 @@ class CUDATarget(Target):
         return f"small_m_gemm_{n}x{k}" + (f"_r{rows}" if rows > 1 else ""), small_m_gemm_func(n, k, rows=rows)
 
     def _small_m_rows_option(self):
-        """Target option small_m_rows: "auto" or the R (1, 2, 4) of the small-M GEMMs."""
+        """Target option small_m_rows: the R (1, 2, 4; default 1) of the small-M GEMMs, or "auto"."""
         from .cuda_gemm import ROW_TILES  # deferred: the TVM compiler (module docstring)
-        value = self.extra.get("small_m_rows", "auto")
+        value = self.extra.get("small_m_rows", "1")
         if str(value) == "auto":
             return "auto"
         if str(value) not in {str(r) for r in ROW_TILES}:
