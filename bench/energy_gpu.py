@@ -289,6 +289,11 @@ def main(argv=None):
     bad = [x for x in pipelines if x not in PIPELINES]
     if bad or not pipelines:
         raise SystemExit(f"error: unknown pipeline(s) {bad or pipelines}; allowed: {', '.join(PIPELINES)}")
+    from llmasos.energy.planner import PIPELINE_DTYPES
+    odd = [x for x in pipelines if PIPELINE_DTYPES.get(x, a.dtype) != a.dtype]
+    if odd:
+        raise SystemExit(f"error: pipeline(s) {odd} name their own weight dtype, not --dtype {a.dtype}: "
+                         f"leave them out or pass --dtype {PIPELINE_DTYPES[odd[0]]}")
     if a.window_s <= 0 or a.prompt < 1 or a.new < 2:
         raise SystemExit("error: --window-s must be > 0, --prompt >= 1 and --new >= 2")
     from llmasos.energy import EnergyError

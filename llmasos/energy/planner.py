@@ -360,6 +360,12 @@ def plan_energy(model: Any, target: Any = "cpu", slo: Optional[dict] = None, acc
         raise EnergyError(f"prompt_len {prompt_len} exceeds the {len(prompt_pool)} held-out tokens available")
     chosen = {p: PIPELINES[p] for p in pipelines}
     if ppl_increase is None:
+        # measured here on the model's own (uncast) IR: right only for pipelines that keep its f32 weights
+        cast = [p for p in pipelines if PIPELINE_DTYPES.get(p, dtype or "f32") != "f32"]
+        if cast:
+            raise EnergyError(f"plan_energy measures perplexity on the f32 model, but pipeline(s) {cast} run "
+                              f"{', '.join(sorted({PIPELINE_DTYPES.get(p, dtype or 'f32') for p in cast}))} "
+                              f"weights: pass ppl_increase= (e.g. from measure_accuracy(..., dtypes=[...]))")
         ppl = _perplexities(m, chosen, windows, notes)
         base_ppl = ppl.get(pipelines[0])
         incs = {p: (ppl[p] / base_ppl - 1) if p in ppl and base_ppl else None for p in pipelines}

@@ -211,8 +211,15 @@ class _PagedRunner:
         rows = np.flatnonzero(t > 0)
         if not len(rows):
             return torch.argmax(logits, dim=-1).cpu().numpy()
-        opts = np.stack([t, np.asarray(top_k, np.float32), np.asarray(top_p, np.float32),
-                         np.asarray(u, np.float32)])
+        if u is None:
+            raise GenerationError("sample_step: rows with temperature > 0 need u, their [B] uniforms in [0, 1)")
+        top_k = np.zeros(B, np.float32) if top_k is None else top_k      # 0: no top-k
+        top_p = np.ones(B, np.float32) if top_p is None else top_p       # 1: no top-p
+        try:
+            opts = np.stack([t, np.asarray(top_k, np.float32), np.asarray(top_p, np.float32),
+                             np.asarray(u, np.float32)])
+        except ValueError:
+            raise GenerationError(f"sample_step: top_k, top_p and u must be [{B}] arrays like temperature") from None
         if opts.shape != (4, B) or not np.isfinite(opts).all():
             raise GenerationError(f"sample_step: top_k, top_p and u must be finite [{B}] arrays")
         o = torch.from_numpy(opts).to(logits.device)                       # one upload for the options
@@ -256,7 +263,9 @@ class PagedRunner(_PagedRunner):
     def _upload(self, arrays) -> list:
         """The step's inputs in ONE host-to-device copy: packed (64-byte aligned) into a staging buffer that
         lives on the device between calls, then handed to the compiled function as views of it (through
-        torch, whose DLPack export offsets the data pointer: TVM's kernels take no byte_offset)."""
+        torch, whose DLPack export offsets the data pointer: TVM's kernels take no byte_offset). Ordering:
+        the copy, TVM's kernels and sample_rows all run on the default CUDA stream, in issue order; do not call
+        a runner inside a ``torch.cuda.stream(...)`` context (the staging buffer would race the kernels)."""
         import torch  # deferred: torch (the staging buffer and its views)
         import tvm  # deferred: TVM's runtime
         if not _TORCH_DTYPES:

@@ -58,8 +58,8 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = sorted_x.softmax(-1)
+        sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        probs = sorted_x.softmax(-1).double()      # f64 sums: an f32 cumsum saturates before a large vocab ends
         # a token is dropped when the tokens before it already reach top_p
         before = probs.cumsum(-1) - probs
         drop = before >= top_p
@@ -110,14 +110,15 @@ def sample_rows(logits, temperature, top_k, top_p, u, rows=None):
         rows = torch.as_tensor(rows, dtype=torch.int64, device=logits.device)
     V = logits.shape[-1]
     x = logits.index_select(0, rows).float() / temperature.index_select(0, rows).float()[:, None]
-    xs, order = torch.sort(x, dim=-1, descending=True)
+    xs, order = torch.sort(x, dim=-1, descending=True, stable=True)   # stable: ties (f16 logits) pick alike anywhere
     k = top_k.index_select(0, rows).long()
     k = torch.where((k > 0) & (k < V), k, torch.full_like(k, V))
     kth = xs.gather(1, (k - 1)[:, None])
     xs = xs.masked_fill(xs < kth, float("-inf"))                  # top-k: ties with the k-th value stay, as filter_logits
-    probs = xs.softmax(-1)
+    probs = xs.softmax(-1).double()               # f64 sums: an f32 cumsum saturates before a large vocab ends
     before = probs.cumsum(-1) - probs
-    drop = before >= top_p.index_select(0, rows).float()[:, None]
+    p = top_p.index_select(0, rows).double()[:, None]
+    drop = (before >= p) & (p < 1)                 # top_p = 1 keeps every token, as filter_logits
     drop[:, 0] = False
     w = probs.masked_fill(drop, 0.0)
     c = w.cumsum(-1)

@@ -325,6 +325,7 @@ def test_int8_gemv_option():
     with pytest.raises(ValueError, match="int8_gemv_digits must be 1 or 2"):
         dataclasses.replace(old, extra={"int8_gemv_digits": 3}).int8_gemv_digits()
     assert old.int8_gemv_digits() == 2
+    assert dataclasses.replace(old, extra={"int8_gemv_digits": "1"}).int8_gemv_digits() == 1   # --target-option
     assert resolve_target("cpu:icelake-server").int8_gemv_lanes() == 16
 
 

@@ -73,6 +73,10 @@ def test_plan_energy_checks_given_accuracy_before_work():
                             ppl_increase={"f32": 0.0})
     with pytest.raises(EnergyError, match="dtype must be one of"):
         llmasos.plan_energy("llama-tiny", "cpu", windows=w, dtype="f8")
+    # perplexity measured here is the f32 model's: cast weights need their own figures (ppl_increase)
+    for kw in ({"pipelines": ["f16", "int8"]}, {"pipelines": ["int8"], "dtype": "bf16"}):
+        with pytest.raises(EnergyError, match="measures perplexity on the f32 model"):
+            llmasos.plan_energy("llama-tiny", "cpu", windows=np.zeros((2, 16), np.int64), **kw)
 
 
 @pytest.mark.slow

@@ -27,6 +27,23 @@ def test_sample_rows_is_the_inverse_cdf_of_filter_logits(t, k, p):
     assert bool(((want == 0) <= (got == 0)).all())          # never a filtered-out token
 
 
+def test_sample_rows_top_p_one_keeps_the_whole_vocab_and_ties_pick_alike():
+    """top_p = 1 keeps every token even where an f32 running sum would saturate at 1 (a dominant token over
+    a 200k vocabulary: the tail's mass ~1e-8 is still reachable by a u near 1), and tied logits pick the
+    same token whatever the batch (the sort is stable)."""
+    V = 200_000
+    logits = torch.zeros(1, V)
+    logits[0, 7] = 30.0
+    one = torch.ones(1)
+    tail = sample_rows(logits, one, torch.zeros(1), one, torch.tensor([1 - 1e-10], dtype=torch.float64), rows=[0])
+    assert int(tail[0]) != 7
+    ties = torch.zeros(8, 64)                                     # every logit tied
+    u = torch.full((8,), 0.3)
+    ids = sample_rows(ties, torch.ones(8), torch.zeros(8), torch.ones(8), u, rows=list(range(8)))
+    one_row = sample_rows(ties[:1], torch.ones(1), torch.zeros(1), torch.ones(1), u[:1], rows=[0])
+    assert ids.tolist() == [int(one_row[0])] * 8
+
+
 def test_sample_rows_greedy_rows_are_argmax():
     x = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
     temp = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0])

@@ -426,7 +426,8 @@ def _small_m_linear(ctx, node, x, w, dt):
 
 def _prefill_linear(ctx, node, x, w, dt):
     """A prefill GEMM (x [..., K] whose rows are symbolic and not a decode step's [batch, 1...]: the prompt's
-    tokens, [seq, K], [1, seq, K] or [batch, seq, K]; W a static [N, K]) through the target's hand-written
+    tokens, [1, seq, K] or [batch, seq, K]; a rank-2 symbolic [M, K] is left to the small-M kernel, since it
+    cannot be told from a decode batch; W a static [N, K]) through the target's hand-written
     large-M kernel (``Target.prefill_gemm``: tensor cores, cp.async pipeline on CUDA), or None. x is viewed as
     [rows, K]; the kernel writes ``dt`` (f32 accumulation inside); a bias is added after it."""
     xt, wt = node.inputs[0].type, node.inputs[1].type

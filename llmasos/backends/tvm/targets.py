@@ -356,9 +356,9 @@ class CPUTarget(Target):
         as two int8 digits (two vpdpbusd per code vector: SmolLM2 int4's greedy tokens stay f32's); 1 is
         llama.cpp's Q8 activation (half the dot-product work, ~0.4% error per GEMV)."""
         d = self.extra.get("int8_gemv_digits", 2)
-        if d not in (1, 2):
+        if str(d) not in ("1", "2"):        # "1" from --target-option KEY=VALUE is 1
             raise ValueError(f"target '{self.name}': int8_gemv_digits must be 1 or 2, got {d!r}")
-        return d
+        return int(str(d))
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
