@@ -201,10 +201,12 @@ def _last_token(t) -> Optional[Token]:
 
 
 MAX_DIM = 1 << 62    # no tensor has a dim past this (sizes are int64)
+MAX_INT = 1 << 64    # an integer constant: int64 / uint64 values (dense<u64 ...> included)
 
 
-def _dim(t):
-    """A dim expression tree as an int or a normalised sympy expression."""
+def _dim(t, limit: int = MAX_DIM, what: str = "dim"):
+    """A dim expression tree as an int or a normalised sympy expression (an int constant: ``limit`` and
+    ``what`` say its range and name in the error)."""
     try:
         v = _expr(t)
     except RecursionError:
@@ -212,10 +214,11 @@ def _dim(t):
         raise _Located("dim expression nested too deeply (write it shorter, e.g. 5000*seq for a sum)",
                        tok.line, tok.column) from None
     if isinstance(v, int):
-        if abs(v) > MAX_DIM:
+        if abs(v) > limit:
             tok = _first_token(t)
-            raise _Located(f"dim {str(v)[:24]}{'...' if len(str(v)) > 24 else ''} is too large (at most 2**62)",
-                           tok.line, tok.column)
+            bound = "2**62" if limit == MAX_DIM else "2**64: 64-bit integers"
+            raise _Located(f"{what} {str(v)[:24]}{'...' if len(str(v)) > 24 else ''} is too large "
+                           f"(at most {bound})", tok.line, tok.column)
         return v
     if v.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         tok = _first_token(t)
@@ -494,7 +497,7 @@ class _Reader:
             if t.data == "neg_inf":
                 return -math.inf
         if _is_expr(t):
-            v = _dim(t)
+            v = _dim(t, MAX_INT, "integer constant")      # a value (int64 range), not a dim
             if isinstance(v, int):
                 return v
         raise self.error(f"{where} expects {what}, got {self._show(t)}", _first_token(t) or key)

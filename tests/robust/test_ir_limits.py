@@ -29,6 +29,20 @@ def test_a_huge_literal_dim_is_a_parse_error(dim):
     assert parse_type(f"f32[{2 ** 62}]").shape == (2 ** 62,)
 
 
+def test_int64_constants_past_the_dim_limit_parse():
+    """The 2**62 bound is for dims; an i64 constant's value may use the whole int64 range (a Hypothesis
+    round trip found 2**62 + 1 refused as a "dim")."""
+    from llmasos.ir.printer import print_graph
+    text = ("graph @main(%x: i64[]) {\n"
+            "  %c: i64[] = const() {dtype = i64, value = dense<i64[] [VALUE]>}\n"
+            "  %y: i64[] = add(%x, %c)\n  return %y\n}")
+    for v in (2 ** 62 + 1, -(2 ** 63), 2 ** 63 - 1):
+        g = parse(text.replace("VALUE", str(v)))
+        assert parse(print_graph(g)).nodes[0].attrs["value"].item() == v
+    with pytest.raises(ParseError, match=r"integer constant .* is too large"):
+        parse(text.replace("VALUE", str(2 ** 70)))
+
+
 def test_check_numerics_refuses_tensors_it_cannot_allocate(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(GRAPH.format(dim=2 ** 40)))
     assert main(["opt", "-", "-p", "canonicalize", "--check-numerics"]) == 2
