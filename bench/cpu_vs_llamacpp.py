@@ -82,6 +82,7 @@ def main(argv=None):
 
     import torch  # noqa: F401  (before TVM: both bring an OpenMP runtime)
     import llmasos
+    from llmasos.backends.tvm.threads import spin_count
     from llmasos.backends.tvm.threads import available_cores, set_cpu_threads
     from llmasos.llm import llamacpp
     from llmasos.zoo import SMOLLM2_GGUF, load_smollm2, smollm2_package_dir
@@ -180,6 +181,7 @@ def main(argv=None):
            "llama_bench_cmd": lc_rows[0]["cmd"] if lc_rows else None,
            "prompt_tokens": a.prompt, "new_tokens": a.new, "rounds": a.rounds, "max_seq": a.max_seq,
            "load_avg_1min": [round(x, 1) for x in load], "compile_s": compile_s,
+           "tvm_spin_count": spin_count(),
            "pipelines": dict(pipes), "by_threads": {},
            # the weights a decode step reads (every resident weight once: an upper estimate where a table is
            # only gathered), and what a copy-bandwidth-bound step could reach: copy GB/s / step bytes
