@@ -14,7 +14,8 @@ attention 2 * 2 * layers * heads * head_dim * tokens * (prompt + 1) / 2), percen
 tensor-core peak (``--peak-tflops``, 989.4 for H100/H200 SXM), and max |logits diff| of the last token against
 torch eager. ``--target-option`` sets a target option (Target.extra) for every variant of ours;
 each ``--ab-option KEY=VALUE`` adds a variant ``llmasos_KEY_VALUE`` compiled with that option on top (e.g.
-``--ab-option prefill_gemm=on``: the hand-written prefill GEMM against TensorCoreMatmul, same run).
+``--ab-option prefill_gemm=on``: the hand-written prefill GEMM against TensorCoreMatmul, same run;
+``--ab-option prefill_gemm=on+flash_prefill=on``: one variant with both).
 Ratios are ours / baseline of time (lower is better: ``*_speedup_vs_*`` = baseline / ours).
 One JSON document on stdout; progress on stderr.
 """
@@ -60,7 +61,8 @@ def main(argv=None):
     from llmasos.llm.presets import decoder_config
 
     spec = resolve_target(a.target)
-    bad = [o for o in a.target_option + a.ab_option if "=" not in o or o.startswith("=")]
+    bad = [o for o in a.target_option + [x for ab in a.ab_option for x in ab.split("+")]
+           if "=" not in o or o.startswith("=")]
     if bad:
         p.error(f"--target-option / --ab-option take KEY=VALUE, got {bad}")
     if a.target_option:
@@ -96,10 +98,10 @@ def main(argv=None):
     variants = [("llmasos", spec)]
     if a.ab:
         variants.append(("llmasos_cuda_cores", dataclasses.replace(spec, extra={**spec.extra, "tensor_cores": "off"})))
-    for o in a.ab_option:
-        key, value = o.split("=", 1)
-        name = "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in f"{key}_{value}")
-        variants.append((name, dataclasses.replace(spec, extra={**spec.extra, key: value})))
+    for o in a.ab_option:   # KEY=VALUE, or KEY=VALUE+KEY2=VALUE2 for one variant with both
+        opts = dict(kv.split("=", 1) for kv in o.split("+"))
+        name = "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in "_".join(f"{k}_{v}" for k, v in opts.items()))
+        variants.append((name, dataclasses.replace(spec, extra={**spec.extra, **opts})))
     ours = {}
     for key, s in variants:   # one compile per variant: symbolic batch up to the largest asked
         t0 = time.perf_counter()

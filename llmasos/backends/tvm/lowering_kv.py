@@ -136,9 +136,25 @@ def _graph_of(ctx):
 @register_lowering("kv.attention")
 def _kv_attention(ctx, node, args):
     kernel = _decode_kernel(ctx, node)
+    if kernel is None:
+        kernel = _prefill_kernel(ctx, node)
     if kernel is not None:
         return _decode_call(ctx, node, args, kernel)
     return _generic(ctx, node, args)
+
+
+def _prefill_kernel(ctx, node):
+    """(name, PrimFunc) of the target's prefill kernel (``Target.kv_prefill_attention``) for a node with
+    several (or a symbolic number of) queries per row, else None."""
+    qt, kt = node.inputs[0].type, node.inputs[1].type
+    if ctx.spec is None or qt.shape[2] == 1 or qt.dtype not in (DType.f16, DType.f32):
+        return None
+    _, h, _, d = qt.shape
+    hkv, m = kt.shape[1], kt.shape[2]
+    if not all(isinstance(x, int) for x in (h, d, hkv, m)):
+        return None
+    return ctx.spec.kv_prefill_attention(h, hkv, m, d, tvm_dtype(qt.dtype), tvm_dtype(node.inputs[3].type.dtype),
+                                         node.attrs["scale"])
 
 
 def _decode_kernel(ctx, node):

@@ -247,19 +247,32 @@ class _Machine:
 
     def _e_Call(self, e):
         name = e.op.name
-        fn = getattr(self, "_c_" + name.replace("tirx.", "").replace(".", "_"), None)
+        fn = getattr(self, "_c_" + name.replace("tirx.", "").replace("prim.", "").replace(".", "_"), None)
         if fn is None:
             raise NotImplementedError(f"simt: call {name} is not supported")
         return fn(e)
 
     # -- calls -----------------------------------------------------------------------------------------
     def _c_tvm_storage_sync(self, e):
-        if not self.mask.all():
-            raise RuntimeError("simt: a barrier (tvm_storage_sync) reached by only some threads")
-        for st in self.store.values():     # lock step: every write before it is now visible to all
+        # a block's barrier must be reached by all its threads; blocks whose threads are all masked off
+        # (past a per-block loop end) are simply not at it
+        per_block = np.bincount(self.block, weights=self.mask, minlength=int(self.block.max()) + 1)
+        size = np.bincount(self.block, minlength=int(self.block.max()) + 1)
+        if ((per_block > 0) & (per_block < size)).any():
+            raise RuntimeError("simt: a barrier (tvm_storage_sync) reached by only some threads of a block")
+        at = per_block > 0
+        for st in self.store.values():     # lock step: every write before it is now visible to the block
             if st.writer is not None:
-                st.writer[...] = -1
+                st.writer[at] = -1
         return None
+
+    def _c_exp2(self, e):
+        with np.errstate(over="ignore", under="ignore"):
+            return self._cast(np.exp2(self.eval(e.args[0])), _dt(e))
+
+    def _c_exp(self, e):
+        with np.errstate(over="ignore", under="ignore"):
+            return self._cast(np.exp(self.eval(e.args[0])), _dt(e))
 
     def _c_buffer_data(self, e):
         return e.args[0]
@@ -460,8 +473,21 @@ class _Machine:
                 raise NotImplementedError("simt: thread-binding loops must enclose all the kernel's code")
             self._grid(s)
             return
-        lo, ext = int(self.scalar(s.min)), int(self.scalar(s.extent))
-        for i in range(lo, lo + ext):
+        lo, ext = self.eval(s.min), self.eval(s.extent)
+        if isinstance(lo, np.ndarray) and lo.ndim or isinstance(ext, np.ndarray) and ext.ndim:
+            # a trip count that differs between threads (e.g. read from a per-block position): every thread
+            # steps the loop variable together, each one masked off past its own end
+            lo = np.broadcast_to(np.asarray(lo).astype(np.int64), (self.threads,))
+            end = lo + np.broadcast_to(np.asarray(ext).astype(np.int64), (self.threads,))
+            saved = self.mask
+            for i in range(int(lo[saved].min(initial=0)), int(end[saved].max(initial=0))):
+                self.mask = saved & (lo <= i) & (i < end)
+                if self.mask.any():
+                    self.env[s.loop_var] = _np_dtype(_dt(s.loop_var))(i)
+                    self.exec(s.body)
+            self.mask = saved
+            return
+        for i in range(int(lo), int(lo) + int(ext)):
             self.env[s.loop_var] = _np_dtype(_dt(s.loop_var))(i)
             self.exec(s.body)
 

@@ -1,0 +1,187 @@
+"""Flash-style prefill attention for CUDA: kv.attention with many queries per row (a prompt, T > 1) on a
+contiguous cache, in one kernel -- no [B, H, T, M] logits in memory, and cache rows past a block's last query
+position never read.
+
+kv.attention's generic path runs three kernels on the GPU (masked q k^T into an f32 [B, Hkv, rep*T, M]
+buffer, softmax, p v), computes logits for all M cache rows whatever the position is, and writes and reads the
+logits through HBM: about a third of a 1024-token Llama-1B prefill (issue 17). This kernel keeps the scores in
+registers with an online softmax (f32, base-2 exponent, as the decode kernel in lowering_kv.py):
+
+* Query rows are grouped per kv head as the generic path groups them, but interleaved: grouped row r of kv
+  head g is query position t = r // rep of query head g * rep + r % rep, so a block's ``BQ`` rows are
+  ``BQ / rep`` consecutive positions of all the kv head's query heads -- every K/V tile a block stages in
+  shared memory serves all of them (GQA), and the block's causal range is tight.
+* Grid (B, Hkv, ceil(T * rep / BQ)); ``NJ`` lanes per query row (threadIdx.x) x ``BQ`` rows (threadIdx.y).
+  A thread holds its row's whole q (pre-scaled by scale * log2 e) and output accumulator in registers and
+  scores the tile's cache rows j = NJ * i + lane: each lane keeps its own running max / sum / output over
+  its rows, and the NJ partial states of a row are merged through shared memory at the end (the decode
+  kernel's merge). Lanes of a warp that share a lane index read the same shared-memory address (a
+  broadcast); the NJ lanes of a row read NJ consecutive rows of a tile padded to D + 4 floats, so the
+  16-byte loads of one instruction fall in distinct banks.
+* Tiles of ``BK`` cache rows (K and V, converted to f32 once while staged) cover positions
+  0 .. pos[b] + t_hi of the block's last query position t_hi only; a position j scores only when
+  j <= pos[b] + t (causal: the query at pos[b] + t sees itself) and j < M, else it weighs 0 exactly.
+* Rows t >= T of the last block compute on clamped (never out-of-bounds) loads and store nothing.
+
+Numerics are checked on the CPU by llmasos.backends.tvm.simt (tests/backends/test_cuda_attention.py) and on
+a GPU against torch's scaled_dot_product_attention by bench/prefill_attention_check.py. Used when the CUDA
+target's option ``flash_prefill`` is "on" (Target.kv_prefill_attention).
+"""
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+NJ = 4             # lanes per query row, each scoring its own cache rows of a tile (j % NJ)
+PAD = 4            # floats of padding per staged cache row (16-byte loads of the NJ lanes in distinct banks)
+THREADS_MAX = 128
+NEG_BIG = -1.0e30  # the online softmax's minus infinity (finite: (-big) - (-big) is 0, never nan)
+
+
+def prefill_attention_plan(d: int, dtype: str) -> dict:
+    """The kernel's tiling for head dim ``d``: BQ grouped query rows a block, BK cache rows a tile, VEC
+    elements a global load."""
+    bq = THREADS_MAX // NJ if d <= 64 else THREADS_MAX // NJ // 2
+    bk = max(NJ, min(64, 4096 // d))
+    vec = 4
+    return {"bq": bq, "bk": bk, "vec": vec, "threads": bq * NJ, "stride": d + PAD}
+
+
+def prefill_attention_supported(h: int, hkv: int, m: int, d: int, dtype: str) -> bool:
+    """Whether the kernel covers this head layout: query heads a whole multiple of kv heads, f16 or f32,
+    head dim a multiple of NJ * VEC up to 64 (a thread keeps 2 D floats in registers; D = 128 would spill),
+    and the staging arithmetic exact."""
+    if dtype not in ("float16", "float32") or hkv <= 0 or h % hkv or d <= 0 or d > 64 or m <= 0:
+        return False
+    p = prefill_attention_plan(d, dtype)
+    return (d % (NJ * p["vec"]) == 0 and p["bk"] % NJ == 0 and (p["bk"] * d) % (p["threads"] * p["vec"]) == 0
+            and p["bq"] * NJ * (d + 1) <= 2 * p["bk"] * p["stride"])
+
+
+def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float):
+    """kv_prefill_attention(q [B, H, T, D], k [B, Hkv, M, D], v [B, Hkv, M, D], pos [B], out [B, H, T, D]):
+    out[b, hq, t] = softmax over j <= pos[b] + t (j < M) of scale * q . k[b, hq // rep, j], times v."""
+    if not prefill_attention_supported(h, hkv, m, d, dtype):
+        raise ValueError(f"prefill attention: unsupported layout h={h} hkv={hkv} m={m} d={d} {dtype} "
+                         f"(see prefill_attention_supported)")
+    p = prefill_attention_plan(d, dtype)
+    bq, bk, vec, threads, stride = p["bq"], p["bk"], p["vec"], p["threads"], p["stride"]
+    rep = h // hkv
+    qk = float(scale) * math.log2(math.e)
+    jn = bk // NJ                       # cache rows a lane scores per tile
+    loads = bk * d // (threads * vec)   # vector loads a thread stages per tile (of K, and of V)
+    v_off = bk * stride                 # V's tile after K's in the one shared buffer
+    dl = d // NJ                        # output columns a lane writes
+    neg = NEG_BIG
+
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def kv_prefill_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                             var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int32()
+        L = T.int32()
+        Q = T.match_buffer(var_q, (B, h, L, d), dtype)
+        K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
+        V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
+        pos = T.match_buffer(var_pos, (B,), pos_dtype)
+        O = T.match_buffer(var_out, (B, h, L, d), dtype)
+        for bx in T.thread_binding(B, thread="blockIdx.x"):
+            for by in T.thread_binding(hkv, thread="blockIdx.y"):
+                for bz in T.thread_binding(T.ceildiv(L * rep, bq), thread="blockIdx.z"):
+                    for ty in T.thread_binding(bq, thread="threadIdx.y"):
+                        for tx in T.thread_binding(NJ, thread="threadIdx.x"):
+                            with T.sblock("attn"):
+                                T.reads()
+                                T.writes()
+                                KV_s = T.sblock_alloc_buffer((2 * bk * stride,), "float32", scope="shared")
+                                ML_s = T.sblock_alloc_buffer((bq * NJ * 2,), "float32", scope="shared")
+                                q_l = T.sblock_alloc_buffer((d,), "float32", scope="local")
+                                o_l = T.sblock_alloc_buffer((d,), "float32", scope="local")
+                                s_l = T.sblock_alloc_buffer((jn,), "float32", scope="local")
+                                kv4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                acc4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
+                                st = T.sblock_alloc_buffer((4,), "float32", scope="local")  # m, l, m_prev, tmp
+
+                                r: T.let[T.int32] = bz * bq + ty
+                                t: T.let[T.int32] = r // rep
+                                tc: T.let[T.int32] = T.min(t, L - 1)   # clamped: loads of rows t >= T stay in bounds
+                                hq: T.let[T.int32] = by * rep + r % rep
+                                p0: T.let[T.int32] = T.Cast("int32", pos[bx])
+                                qpos: T.let[T.int32] = p0 + t
+                                t_hi: T.let[T.int32] = T.min(L - 1, (bz * bq + bq - 1) // rep)
+                                kv_end: T.let[T.int32] = T.min(T.max(p0 + t_hi + 1, 0), m)
+
+                                for e in T.unroll(d):
+                                    q_l[e] = T.Cast("float32", Q[bx, hq, tc, e]) * T.float32(qk)
+                                    o_l[e] = T.float32(0)
+                                st[0] = T.float32(neg)
+                                st[1] = T.float32(0)
+
+                                for it in T.serial(T.ceildiv(kv_end, bk)):
+                                    for c in T.serial(loads):
+                                        flat: T.let[T.int32] = ((c * bq + ty) * NJ + tx) * vec
+                                        row: T.let[T.int32] = flat // d
+                                        col: T.let[T.int32] = flat % d
+                                        grow: T.let[T.int32] = T.min(it * bk + row, m - 1)
+                                        # (no shared local staging buffer: TVM's C codegen reuses a local's
+                                        # first load after a later store to it in the same scope)
+                                        for u in T.vectorized(vec):
+                                            KV_s[row * stride + col + u] = T.Cast("float32", K[bx, by, grow, col + u])
+                                        for u in T.vectorized(vec):
+                                            KV_s[v_off + row * stride + col + u] = T.Cast("float32", V[bx, by, grow, col + u])
+                                    T.tvm_storage_sync("shared")
+                                    st[2] = st[0]
+                                    for i in T.unroll(jn):
+                                        j: T.let[T.int32] = i * NJ + tx
+                                        for u in T.vectorized(4):
+                                            acc4[u] = T.float32(0)
+                                        for e0 in T.unroll(d // 4):
+                                            for u in T.vectorized(4):
+                                                kv4[u] = KV_s[j * stride + e0 * 4 + u]
+                                            for u in T.vectorized(4):
+                                                acc4[u] = acc4[u] + q_l[e0 * 4 + u] * kv4[u]
+                                        s_l[i] = T.if_then_else(it * bk + j <= qpos and it * bk + j < kv_end,
+                                                                (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]), T.float32(neg))
+                                        st[0] = T.max(st[0], s_l[i])
+                                    st[3] = T.exp2(st[2] - st[0])
+                                    st[1] = st[1] * st[3]
+                                    for e in T.unroll(d):
+                                        o_l[e] = o_l[e] * st[3]
+                                    for i in T.unroll(jn):
+                                        j2: T.let[T.int32] = i * NJ + tx
+                                        # a masked row weighs exactly 0, also while this lane's max is still -big
+                                        s_l[i] = T.if_then_else(it * bk + j2 <= qpos and it * bk + j2 < kv_end,
+                                                                T.exp2(s_l[i] - st[0]), T.float32(0))
+                                        st[1] = st[1] + s_l[i]
+                                        for e0 in T.unroll(d // 4):
+                                            for u in T.vectorized(4):
+                                                kv4[u] = KV_s[v_off + j2 * stride + e0 * 4 + u]
+                                            for u in T.vectorized(4):
+                                                o_l[e0 * 4 + u] = o_l[e0 * 4 + u] + s_l[i] * kv4[u]
+                                    # the next tile's staging overwrites rows other lanes may still be reading
+                                    T.tvm_storage_sync("shared")
+
+                                # merge the NJ lanes' states of each row (the tiles' memory holds the outputs)
+                                ML_s[(ty * NJ + tx) * 2] = st[0]
+                                ML_s[(ty * NJ + tx) * 2 + 1] = st[1]
+                                T.tvm_storage_sync("shared")
+                                st[2] = T.float32(neg)
+                                for ln in T.unroll(NJ):
+                                    st[2] = T.max(st[2], ML_s[(ty * NJ + ln) * 2])
+                                st[3] = T.float32(0)
+                                for ln in T.unroll(NJ):
+                                    st[3] = st[3] + ML_s[(ty * NJ + ln) * 2 + 1] * T.exp2(ML_s[(ty * NJ + ln) * 2] - st[2])
+                                st[0] = T.exp2(st[0] - st[2])
+                                for e in T.unroll(d):
+                                    KV_s[(ty * NJ + tx) * (d + 1) + e] = o_l[e] * st[0]
+                                T.tvm_storage_sync("shared")
+                                if t < L:
+                                    for e in T.serial(dl):
+                                        st[1] = T.float32(0)
+                                        for ln in T.unroll(NJ):
+                                            st[1] = st[1] + KV_s[(ty * NJ + ln) * (d + 1) + tx * dl + e]
+                                        O[bx, hq, t, tx * dl + e] = T.Cast(dtype, st[1] / T.max(st[3], T.float32(1e-30)))
+    # fmt: on
+    return kv_prefill_attention

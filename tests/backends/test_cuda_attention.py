@@ -1,0 +1,134 @@
+"""The flash-style CUDA prefill attention kernel (llmasos/backends/tvm/cuda_attention.py): its numerics in
+the SIMT interpreter (no GPU) against f64 attention of the same operands, its hook into kv.attention's
+lowering (target option flash_prefill) and the CUDA C it generates."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tvm
+
+from llmasos.backends.tvm import compile_module, resolve_target, simt
+from llmasos.backends.tvm.build import cuda_source
+from llmasos.backends.tvm.cuda_attention import (prefill_attention_func, prefill_attention_plan,
+                                                 prefill_attention_supported)
+from llmasos.backends.tvm.lower import lower
+from tests.backends.cuda_codegen import needs_cuda_codegen
+from llmasos.ir import DType, Graph, TensorType, sym
+
+
+def reference(q, k, v, pos, scale):
+    """f64 attention: query t of row b at position pos[b] + t sees cache rows 0 .. min(pos[b] + t, M - 1)."""
+    b_, h, t_, _ = q.shape
+    hkv, m = k.shape[1], k.shape[2]
+    rep = h // hkv
+    out = np.zeros(q.shape, np.float64)
+    for b in range(b_):
+        for hq in range(h):
+            for t in range(t_):
+                n = max(0, min(int(pos[b]) + t + 1, m))
+                if n == 0:
+                    continue
+                s = k[b, hq // rep, :n].astype(np.float64) @ q[b, hq, t].astype(np.float64) * scale
+                p = np.exp(s - s.max())
+                out[b, hq, t] = (p / p.sum()) @ v[b, hq // rep, :n].astype(np.float64)
+    return out
+
+
+CASES = [  # (B, H, HKV, T, M, D, dtype, positions)
+    (2, 4, 2, 21, 80, 32, "float16", (0, 50)),      # GQA, a prefix, ragged last block
+    (1, 4, 4, 40, 64, 16, "float32", (0,)),         # MHA, several cache tiles (BK = 64 at D = 16)
+    (2, 8, 1, 9, 140, 64, "float16", (3, 131)),     # MQA; row 1 runs past the cache's end (clamped to M)
+    (3, 2, 2, 70, 96, 64, "float32", (0, 7, 26)),   # more queries than a block's rows, three tiles
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}t{c[3]}m{c[4]}d{c[5]}{c[6][5:]}")
+def test_kernel_matches_attention_in_the_simt_interpreter(case):
+    b, h, hkv, t, m, d, dt, positions = case
+    rng = np.random.default_rng(sum(case[:6]))
+    q = rng.standard_normal((b, h, t, d)).astype(dt)
+    k = (rng.standard_normal((b, hkv, m, d)) * 2).astype(dt)
+    v = rng.standard_normal((b, hkv, m, d)).astype(dt)
+    pos = np.array(positions, np.int32)
+    out = np.full((b, h, t, d), np.nan, dt)
+    scale = d ** -0.5
+    simt.run(prefill_attention_func(h, hkv, m, d, dt, "int32", scale), q, k, v, pos, out)
+    assert np.isfinite(out).all(), "every query row must be written"
+    ref = reference(q, k, v, pos, scale)
+    tol = 2e-3 if dt == "float16" else 2e-6
+    np.testing.assert_allclose(out.astype(np.float64), ref, atol=tol, rtol=tol)
+
+
+def test_positions_past_the_query_weigh_nothing():
+    """Cache rows after a query's position hold huge values: any leak would swamp the output."""
+    b, h, hkv, t, m, d = 1, 2, 1, 12, 64, 16
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((b, h, t, d)).astype(np.float32)
+    k = rng.standard_normal((b, hkv, m, d)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, m, d)).astype(np.float32)
+    k[:, :, 5 + t:] = 50.0
+    v[:, :, 5 + t:] = 1e6
+    pos = np.array([5], np.int32)
+    out = np.zeros((b, h, t, d), np.float32)
+    simt.run(prefill_attention_func(h, hkv, m, d, "float32", "int32", 0.25), q, k, v, pos, out)
+    np.testing.assert_allclose(out, reference(q, k, v, pos, 0.25), atol=1e-5, rtol=1e-5)
+    assert np.abs(out).max() < 10
+
+
+def test_supported_layouts():
+    assert prefill_attention_supported(32, 8, 1152, 64, "float16")
+    assert prefill_attention_supported(9, 3, 256, 64, "float32")            # SmolLM2
+    assert not prefill_attention_supported(32, 8, 1152, 128, "float16")     # would spill: generic path
+    assert not prefill_attention_supported(6, 4, 64, 64, "float16")         # heads not a multiple of kv heads
+    assert not prefill_attention_supported(4, 2, 64, 24, "float16")         # D not a multiple of 16
+    assert not prefill_attention_supported(4, 2, 64, 64, "bfloat16")
+    with pytest.raises(ValueError, match="unsupported layout"):
+        prefill_attention_func(4, 2, 64, 128, "float16", "int32", 0.1)
+    for d in (16, 32, 48, 64):
+        p = prefill_attention_plan(d, "float16")
+        assert p["threads"] <= 1024 and 2 * p["bk"] * p["stride"] * 4 + p["bq"] * 4 * 2 * 4 <= 48 * 1024
+
+
+def step_graph(dt: DType, t=None) -> Graph:
+    """kv.attention over a cache (H 4, Hkv 2, M 32, D 16), T symbolic (a prompt) or a given count."""
+    g = Graph("step")
+    g.add_symbol("batch", 1, 8)
+    g.add_symbol("seq", 1, 32)
+    t = sym("seq") if t is None else t
+    q = g.add_input("q", TensorType((sym("batch"), 4, t, 16), dt))
+    kc = g.add_input("k_cache", TensorType((sym("batch"), 2, 32, 16), dt))
+    vc = g.add_input("v_cache", TensorType((sym("batch"), 2, 32, 16), dt))
+    pos = g.add_input("pos", TensorType((sym("batch"),), DType.i32))
+    g.set_outputs([g.add_node("kv.attention", [q, kc, vc, pos], {"scale": 0.25}, name="attn")])
+    return g
+
+
+def _spec(**extra):
+    spec = resolve_target("cuda:sm_90a")
+    return dataclasses.replace(spec, extra={**spec.extra, **extra})
+
+
+def _prims(mod):
+    return {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def test_lowering_uses_the_kernel_only_when_asked():
+    g = step_graph(DType.f16)
+    assert "kv_prefill_attention" in _prims(lower(g, _spec(flash_prefill="on")))
+    off = _prims(lower(g, _spec()))      # the default: the generic three kernels
+    assert "kv_prefill_attention" not in off and any("kv_qk_masked" in n for n in off)
+    decode = _prims(lower(step_graph(DType.f16, t=1), _spec(flash_prefill="on")))
+    assert "kv_decode_attention" in decode and "kv_prefill_attention" not in decode
+    assert resolve_target("cpu").kv_prefill_attention(4, 2, 16, 8, "float32", "int32", 0.3) is None
+    with pytest.raises(ValueError, match="flash_prefill must be 'on' or 'off'"):
+        lower(g, _spec(flash_prefill="yes"))
+
+
+@needs_cuda_codegen
+def test_cuda_source_of_the_kernel():
+    ex = compile_module(lower(step_graph(DType.f16), _spec(flash_prefill="on")), _spec(flash_prefill="on"))
+    src = cuda_source(ex)
+    assert "kv_prefill_attention_kernel" in src and "kv_qk_masked" not in src
+    assert "exp2f" in src and "__syncthreads" in src
