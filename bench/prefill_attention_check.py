@@ -8,7 +8,8 @@ cache layout (a prefix at pos > 0), in the same run.
 Per case: max |out - ref| (ref: f32 math of the same f16 operands) for ours and torch's SDPA, median
 milliseconds of ``--repeat`` back-to-back calls (CUDA events, 3 samples), TFLOP/s counted as the causal
 work (2 * 2 * B * H * D * sum over queries of the positions they see). A prefix case (pos = 100, 37 new
-queries) checks the position offset; rows of ``out`` are all written. One JSON document on stdout, rows on
+queries) checks the position offset, and a paged case (the paged kernel through a shuffled block table
+with an unallocated block inside a row's range) the paged layout; rows of ``out`` are all written. One JSON document on stdout, rows on
 stderr.
 """
 import argparse
@@ -111,6 +112,46 @@ def main(argv=None):
         if a.out:
             with open(a.out, "w") as f:
                 json.dump(doc, f, indent=1)
+    # the paged kernel: the same attention through a shuffled block table (block size 16), one unallocated
+    # block inside row 1's range (it must weigh 0), against the contiguous reference of the gathered rows
+    from llmasos.backends.tvm.cuda_attention import paged_prefill_attention_func
+    bs, b, t, p0 = 16, 2, 200, 300
+    mb = m // bs
+    pfn = tvm.compile(tvm.IRModule({"main": paged_prefill_attention_func(h, hkv, bs, mb, d, "float16", "int32", scale)
+                                    .with_attr("global_symbol", "main")}), target=spec.tvm_target())["main"]
+    nb = b * mb + 3
+    perm = torch.randperm(nb, generator=g)[: b * mb].view(b, mb).int()
+    table = perm.clone()
+    table[1, 5] = -1
+    kp = torch.randn(nb, hkv, bs, d, generator=g).half().cuda()
+    vp = torch.randn(nb, hkv, bs, d, generator=g).half().cuda()
+    q = torch.randn(b, h, t, d, generator=g).half().cuda()
+    pos = torch.full((b,), p0, dtype=torch.int32, device="cuda")
+    out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
+    tab = table.cuda()
+    args = [tvm.runtime.from_dlpack(x) for x in (q, kp, vp, pos, tab, out)]
+    pfn(*args)
+    torch.cuda.synchronize()
+    kc = kp[perm.long().cuda()].permute(0, 2, 1, 3, 4).reshape(b, hkv, mb * bs, d)   # [B, Hkv, M, D]
+    vc = vp[perm.long().cuda()].permute(0, 2, 1, 3, 4).reshape(b, hkv, mb * bs, d)
+    kc[1, :, 5 * bs:6 * bs] = 0
+    vc[1, :, 5 * bs:6 * bs] = 0
+    ref = reference(q, kc, vc, pos)
+    # row 1's unallocated block is excluded from its softmax: recompute row 1 without those positions
+    keep = torch.ones(mb * bs, dtype=torch.bool, device="cuda")
+    keep[5 * bs:6 * bs] = False
+    k1 = kc[1:2, :, keep].float().repeat_interleave(rep, 1)
+    v1 = vc[1:2, :, keep].float().repeat_interleave(rep, 1)
+    jpos = torch.arange(mb * bs, device="cuda")[keep]
+    s1 = torch.einsum("bhtd,bhjd->bhtj", q[1:2].float(), k1) * scale
+    s1 = s1.masked_fill(~(jpos[None, None, None, :] <= p0 + torch.arange(t, device="cuda")[None, None, :, None]),
+                        float("-inf"))
+    ref[1:2] = torch.softmax(s1, -1) @ v1
+    row = {"paged": True, "batch": b, "prompt": t, "pos": p0, "block_size": bs, "all_written": bool(torch.isfinite(out).all()),
+           "ours_max_abs_err": float((out.float() - ref).abs().max())}
+    row["ours_ms"] = cuda_ms(lambda: pfn(*args))
+    log(json.dumps(row))
+    doc["rows"].append(row)
     doc["ok"] = all(r.get("all_written", True) and r.get("ours_max_abs_err", 0) < 2e-2 for r in doc["rows"])
     print(json.dumps(doc, indent=1))
     return 0 if doc["ok"] else 1

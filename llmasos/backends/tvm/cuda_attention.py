@@ -62,6 +62,20 @@ def prefill_attention_supported(h: int, hkv: int, m: int, d: int, dtype: str) ->
 def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float):
     """kv_prefill_attention(q [B, H, T, D], k [B, Hkv, M, D], v [B, Hkv, M, D], pos [B], out [B, H, T, D]):
     out[b, hq, t] = softmax over j <= pos[b] + t (j < M) of scale * q . k[b, hq // rep, j], times v."""
+    return _prefill_attention(h, hkv, m, d, dtype, pos_dtype, scale, paged=None)
+
+
+def paged_prefill_attention_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
+                                 scale: float):
+    """kv_paged_prefill_attention(q [B, H, T, D], k/v pools [NB, Hkv, BS, D], pos [B], table [B, MB] i32,
+    out [B, H, T, D]): the same attention with position j of row b at pool[table[b, j // BS], :, j % BS];
+    a position in an unallocated block (table entry outside [0, NB)) is not read and weighs 0."""
+    return _prefill_attention(h, hkv, mb * bs, d, dtype, pos_dtype, scale, paged=(bs, mb))
+
+
+def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float, paged):
+    """Both cache layouts' kernel (``paged``: None, or (BS, MB) with M = MB * BS); they differ only where a
+    staged cache row is addressed and in the paged kernel's per-row "allocated" flag."""
     if not prefill_attention_supported(h, hkv, m, d, dtype):
         raise ValueError(f"prefill attention: unsupported layout h={h} hkv={hkv} m={m} d={d} {dtype} "
                          f"(see prefill_attention_supported)")
@@ -74,19 +88,13 @@ def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
     v_off = bk * stride                 # V's tile after K's in the one shared buffer
     dl = d // NJ                        # output columns a lane writes
     neg = NEG_BIG
+    bs = paged[0] if paged is not None else None
+    mb = paged[1] if paged is not None else None
 
     # fmt: off
-    @T.prim_func(private=True, s_tir=True)
-    def kv_prefill_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                             var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int32()
-        L = T.int32()
-        Q = T.match_buffer(var_q, (B, h, L, d), dtype)
-        K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
-        V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
-        pos = T.match_buffer(var_pos, (B,), pos_dtype)
-        O = T.match_buffer(var_out, (B, h, L, d), dtype)
+    @T.inline
+    def body(Q, K, V, pos, table, O, B, L, NB):
+        # `if paged ...` below is resolved while parsing: each layout's kernel holds only its own branch
         for bx in T.thread_binding(B, thread="blockIdx.x"):
             for by in T.thread_binding(hkv, thread="blockIdx.y"):
                 for bz in T.thread_binding(T.ceildiv(L * rep, bq), thread="blockIdx.z"):
@@ -97,6 +105,8 @@ def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                 T.writes()
                                 KV_s = T.sblock_alloc_buffer((2 * bk * stride,), "float32", scope="shared")
                                 ML_s = T.sblock_alloc_buffer((bq * NJ * 2,), "float32", scope="shared")
+                                if paged is not None:  # 1: the staged row's block is allocated
+                                    ok_s = T.sblock_alloc_buffer((bk,), "int32", scope="shared")
                                 q_l = T.sblock_alloc_buffer((d,), "float32", scope="local")
                                 o_l = T.sblock_alloc_buffer((d,), "float32", scope="local")
                                 s_l = T.sblock_alloc_buffer((jn,), "float32", scope="local")
@@ -127,10 +137,27 @@ def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                         grow: T.let[T.int32] = T.min(it * bk + row, m - 1)
                                         # (no shared local staging buffer: TVM's C codegen reuses a local's
                                         # first load after a later store to it in the same scope)
-                                        for u in T.vectorized(vec):
-                                            KV_s[row * stride + col + u] = T.Cast("float32", K[bx, by, grow, col + u])
-                                        for u in T.vectorized(vec):
-                                            KV_s[v_off + row * stride + col + u] = T.Cast("float32", V[bx, by, grow, col + u])
+                                        if paged is None:
+                                            for u in T.vectorized(vec):
+                                                KV_s[row * stride + col + u] = T.Cast("float32", K[bx, by, grow, col + u])
+                                            for u in T.vectorized(vec):
+                                                KV_s[v_off + row * stride + col + u] = T.Cast("float32", V[bx, by, grow, col + u])
+                                        else:
+                                            blk: T.let[T.int32] = table[bx, grow // bs]
+                                            if blk >= 0 and blk < NB:
+                                                for u in T.vectorized(vec):
+                                                    KV_s[row * stride + col + u] = T.Cast("float32", K[blk, by, grow % bs, col + u])
+                                                for u in T.vectorized(vec):
+                                                    KV_s[v_off + row * stride + col + u] = T.Cast("float32", V[blk, by, grow % bs, col + u])
+                                                if col == 0:
+                                                    ok_s[row] = 1
+                                            else:
+                                                for u in T.vectorized(vec):
+                                                    KV_s[row * stride + col + u] = T.float32(0)
+                                                for u in T.vectorized(vec):
+                                                    KV_s[v_off + row * stride + col + u] = T.float32(0)
+                                                if col == 0:
+                                                    ok_s[row] = 0
                                     T.tvm_storage_sync("shared")
                                     st[2] = st[0]
                                     for i in T.unroll(jn):
@@ -142,8 +169,12 @@ def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                                 kv4[u] = KV_s[j * stride + e0 * 4 + u]
                                             for u in T.vectorized(4):
                                                 acc4[u] = acc4[u] + q_l[e0 * 4 + u] * kv4[u]
-                                        s_l[i] = T.if_then_else(it * bk + j <= qpos and it * bk + j < kv_end,
-                                                                (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]), T.float32(neg))
+                                        if paged is None:
+                                            s_l[i] = T.if_then_else(it * bk + j <= qpos and it * bk + j < kv_end,
+                                                                    (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]), T.float32(neg))
+                                        else:
+                                            s_l[i] = T.if_then_else(it * bk + j <= qpos and it * bk + j < kv_end and ok_s[j] == 1,
+                                                                    (acc4[0] + acc4[1]) + (acc4[2] + acc4[3]), T.float32(neg))
                                         st[0] = T.max(st[0], s_l[i])
                                     st[3] = T.exp2(st[2] - st[0])
                                     st[1] = st[1] * st[3]
@@ -152,8 +183,12 @@ def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                     for i in T.unroll(jn):
                                         j2: T.let[T.int32] = i * NJ + tx
                                         # a masked row weighs exactly 0, also while this lane's max is still -big
-                                        s_l[i] = T.if_then_else(it * bk + j2 <= qpos and it * bk + j2 < kv_end,
-                                                                T.exp2(s_l[i] - st[0]), T.float32(0))
+                                        if paged is None:
+                                            s_l[i] = T.if_then_else(it * bk + j2 <= qpos and it * bk + j2 < kv_end,
+                                                                    T.exp2(s_l[i] - st[0]), T.float32(0))
+                                        else:
+                                            s_l[i] = T.if_then_else(it * bk + j2 <= qpos and it * bk + j2 < kv_end and ok_s[j2] == 1,
+                                                                    T.exp2(s_l[i] - st[0]), T.float32(0))
                                         st[1] = st[1] + s_l[i]
                                         for e0 in T.unroll(d // 4):
                                             for u in T.vectorized(4):
@@ -183,5 +218,35 @@ def prefill_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                         for ln in T.unroll(NJ):
                                             st[1] = st[1] + KV_s[(ty * NJ + ln) * (d + 1) + tx * dl + e]
                                         O[bx, hq, t, tx * dl + e] = T.Cast(dtype, st[1] / T.max(st[3], T.float32(1e-30)))
+
+    if paged is None:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_prefill_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                 var_out: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            B = T.int32()
+            L = T.int32()
+            Q = T.match_buffer(var_q, (B, h, L, d), dtype)
+            K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
+            V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
+            pos = T.match_buffer(var_pos, (B,), pos_dtype)
+            O = T.match_buffer(var_out, (B, h, L, d), dtype)
+            body(Q, K, V, pos, None, O, B, L, None)
+        return kv_prefill_attention
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_paged_prefill_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                   var_table: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int32()
+        L = T.int32()
+        NB = T.int32()
+        Q = T.match_buffer(var_q, (B, h, L, d), dtype)
+        K = T.match_buffer(var_k, (NB, hkv, bs, d), dtype)
+        V = T.match_buffer(var_v, (NB, hkv, bs, d), dtype)
+        pos = T.match_buffer(var_pos, (B,), pos_dtype)
+        table = T.match_buffer(var_table, (B, mb), "int32")
+        O = T.match_buffer(var_out, (B, h, L, d), dtype)
+        body(Q, K, V, pos, table, O, B, L, NB)
     # fmt: on
-    return kv_prefill_attention
+    return kv_paged_prefill_attention

@@ -42,7 +42,9 @@ pool size, and a block table [B, MB] i32 per call; row b's position p is pool[ta
   ``_decode_attention_cuda``) that differs only where a cache position is addressed: [b, :, p] or
   [table[b, p // BS], :, p % BS]; ``_decode_prim_func`` binds either layout's arguments.
 * ``kv.paged_attention`` with T > 1 (prefill chunks, or a step that mixes prefill chunks and padded decode
-  rows) gathers each row's positions 0..pos[b]+T-1 through its table into a [B, Hkv, MB*BS, D] buffer
+  rows) runs the target's prefill kernel (``Target.kv_paged_prefill_attention``: on CUDA with
+  flash_prefill="on", cuda_attention.paged_prefill_attention_func, which stages the row's blocks through the
+  table) when it has one; otherwise it gathers each row's positions 0..pos[b]+T-1 through its table into a [B, Hkv, MB*BS, D] buffer
   (``if_then_else``: an unallocated entry's block and the positions past the last query are not read but
   zero) and runs kv.attention's generic path (``_generic``) with the mask ``j <= pos[b] + t and
   table[b, j // BS] is allocated``. Like the contiguous generic path it then computes logits for all
@@ -705,6 +707,12 @@ def _kv_paged_attention(ctx, node, args):
     if ctx.spec is not None and t == 1 and qt.dtype in (DType.f16, DType.f32):
         kernel = ctx.spec.kv_paged_decode_attention(h, hkv, bs, mb, d, tvm_dtype(qt.dtype),
                                                     tvm_dtype(node.inputs[3].type.dtype), node.attrs["scale"])
+        if kernel is not None:
+            return _decode_call(ctx, node, args, kernel)
+    if (ctx.spec is not None and t != 1 and qt.dtype in (DType.f16, DType.f32)
+            and all(isinstance(x, int) for x in (h, hkv, bs, mb, d))):
+        kernel = ctx.spec.kv_paged_prefill_attention(h, hkv, bs, mb, d, tvm_dtype(qt.dtype),
+                                                     tvm_dtype(node.inputs[3].type.dtype), node.attrs["scale"])
         if kernel is not None:
             return _decode_call(ctx, node, args, kernel)
     kc = ctx.emit_te(_gather, kp, table, pos, q, name="kv_paged_gather")

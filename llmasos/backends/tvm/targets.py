@@ -205,6 +205,13 @@ class Target:
         on a contiguous cache, or None for the generic lowering (softmax of masked q k^T, then p v)."""
         return None
 
+    def kv_paged_prefill_attention(self, heads: int, kv_heads: int, block_size: int, max_blocks: int,
+                                   head_dim: int, dtype: str, pos_dtype: str, scale: float) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written kv.paged_attention kernel for many queries per row (prefill
+        chunks), or None for the generic lowering (the row's blocks gathered, then kv.attention's generic
+        path)."""
+        return None
+
     def small_m_gemm(self, n: int, k: int, dtype: str) -> Optional[tuple]:
         """(name, PrimFunc) of a hand-written GEMM y [M, N] = x [M, K] @ w [N, K]^T for a decode step's few
         rows (M symbolic: the batch), or None for the generic lowering."""
@@ -546,18 +553,29 @@ class CUDATarget(Target):
         return ("kv_paged_decode_attention",
                 paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
 
-    def kv_prefill_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
-        """The flash-style prefill kernel (cuda_attention.py) when the option flash_prefill is "on" (default
-        "off" until a GPU run confirms it: bench/prefill_attention_check.py) and the layout is covered."""
+    def _flash_prefill(self, heads, kv_heads, max_seq, head_dim, dtype) -> bool:
         which = self.extra.get("flash_prefill", "off")
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': flash_prefill must be 'on' or 'off', got {which!r}")
-        from .cuda_attention import (prefill_attention_func,  # deferred: the TVM compiler (module docstring)
-                                     prefill_attention_supported)
-        if which == "off" or not prefill_attention_supported(heads, kv_heads, max_seq, head_dim, dtype):
+        from .cuda_attention import prefill_attention_supported  # deferred: the TVM compiler (module docstring)
+        return which == "on" and prefill_attention_supported(heads, kv_heads, max_seq, head_dim, dtype)
+
+    def kv_prefill_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
+        """The flash-style prefill kernel (cuda_attention.py) when the option flash_prefill is "on" (default
+        "off" until a GPU run confirms it: bench/prefill_attention_check.py) and the layout is covered."""
+        if not self._flash_prefill(heads, kv_heads, max_seq, head_dim, dtype):
             return None
+        from .cuda_attention import prefill_attention_func  # deferred: the TVM compiler (module docstring)
         return "kv_prefill_attention", prefill_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype,
                                                               scale)
+
+    def kv_paged_prefill_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
+        """The paged twin of kv_prefill_attention (same option)."""
+        if not self._flash_prefill(heads, kv_heads, block_size * max_blocks, head_dim, dtype):
+            return None
+        from .cuda_attention import paged_prefill_attention_func  # deferred: the TVM compiler (module docstring)
+        return ("kv_paged_prefill_attention",
+                paged_prefill_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
 
     def prepare_graph_capture(self, mod, functions: tuple):
         """Every argument of a captured function is then fixed storage: TVM's RewriteCUDAGraph captures only
