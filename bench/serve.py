@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -302,6 +303,8 @@ def main(argv=None) -> int:
                          "exits 3 -- the run never hangs (default: none)")
     ap.add_argument("--in-process", action="store_true",
                     help="drive the engine in this process (no HTTP server; automatic when FastAPI is missing)")
+    ap.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a target option (Target.extra) for both builds, e.g. flash_prefill=on (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-static", action="store_true", help="skip the static-batch generate baseline")
     ap.add_argument("--torch-compile", action="store_true", help="also the torch.compile static-batch baseline")
@@ -391,8 +394,17 @@ def main(argv=None) -> int:
     else:
         model, tok, _ = load_model(args.model)
         vocab = model.config.vocab_size
+    target = args.target
+    if args.target_option:
+        from llmasos.backends.tvm import resolve_target as _resolve
+        bad = [o for o in args.target_option if "=" not in o or o.startswith("=")]
+        if bad:
+            raise SystemExit(f"--target-option takes KEY=VALUE, got {bad}")
+        spec0 = _resolve(args.target)
+        target = dataclasses.replace(spec0, extra={**spec0.extra, **dict(o.split("=", 1) for o in args.target_option)})
+        doc["target_options"] = dict(target.extra)
     t = time.perf_counter()
-    plm = llmasos.compile_lm(model, args.target, max_seq=args.max_seq, max_batch=args.max_batch, dtype=dtype,
+    plm = llmasos.compile_lm(model, target, max_seq=args.max_seq, max_batch=args.max_batch, dtype=dtype,
                              kv="paged", block_size=args.block_size, tokenizer=tok)
     doc["compile_paged_s"] = round(time.perf_counter() - t, 1)
     log(f"compiled paged in {doc['compile_paged_s']} s")
@@ -411,7 +423,7 @@ def main(argv=None) -> int:
     slm = None
     if not args.no_static:
         t = time.perf_counter()
-        slm = llmasos.compile_lm(model, args.target, max_seq=args.max_seq, max_batch=args.max_batch, dtype=dtype,
+        slm = llmasos.compile_lm(model, target, max_seq=args.max_seq, max_batch=args.max_batch, dtype=dtype,
                                  tokenizer=tok)
         doc["compile_static_s"] = round(time.perf_counter() - t, 1)
         log(f"compiled static in {doc['compile_static_s']} s")
