@@ -114,13 +114,16 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
                                 acc4 = T.sblock_alloc_buffer((4,), "float32", scope="local")
                                 st = T.sblock_alloc_buffer((4,), "float32", scope="local")  # m, l, m_prev, tmp
 
-                                r: T.let[T.int32] = bz * bq + ty
+                                # blocks launch in blockIdx order: the last query rows (the most cache
+                                # tiles) first, so the causal tail of short blocks fills the GPU at the end
+                                qb: T.let[T.int32] = T.ceildiv(L * rep, bq) - 1 - bz
+                                r: T.let[T.int32] = qb * bq + ty
                                 t: T.let[T.int32] = r // rep
                                 tc: T.let[T.int32] = T.min(t, L - 1)   # clamped: loads of rows t >= T stay in bounds
                                 hq: T.let[T.int32] = by * rep + r % rep
                                 p0: T.let[T.int32] = T.Cast("int32", pos[bx])
                                 qpos: T.let[T.int32] = p0 + t
-                                t_hi: T.let[T.int32] = T.min(L - 1, (bz * bq + bq - 1) // rep)
+                                t_hi: T.let[T.int32] = T.min(L - 1, (qb * bq + bq - 1) // rep)
                                 kv_end: T.let[T.int32] = T.min(T.max(p0 + t_hi + 1, 0), m)
 
                                 for e in T.unroll(d):
