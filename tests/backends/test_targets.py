@@ -252,3 +252,14 @@ def test_build_and_tuning_do_not_import_each_other_cyclically():
         return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
     assert "build" not in imports("tuning") and "build" not in imports("pipeline")
     assert "tuning" not in imports("pipeline")
+
+
+def test_a_misspelt_option_is_refused_not_ignored():
+    import dataclasses as dc
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['flash_prefil'\]; CUDATarget takes .*flash_prefill"):
+        dc.replace(resolve_target("cuda:sm_90a"), extra={"flash_prefil": "on"})
+    with pytest.raises(ValueError, match="CPUTarget takes"):       # a CUDA option on the CPU target
+        dc.replace(resolve_target("cpu"), extra={"prefill_gemm": "on"})
+    assert dc.replace(resolve_target("cpu"), extra={"int8_gemv": "off"}).extra == {"int8_gemv": "off"}
+    with pytest.raises(ValueError, match="extra must be a dict"):
+        dc.replace(resolve_target("cpu"), extra=[("int8_gemv", "off")])

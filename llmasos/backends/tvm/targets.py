@@ -84,11 +84,21 @@ class Target:
     # tuning: build and time MetaSchedule candidates in this process (False: TVM's popen builder/runner,
     # so a faulting kernel ends a worker, not the tuning process)
     measure_in_process: ClassVar[bool] = False
+    # the ``extra`` options the class reads; an option not named here is refused (a misspelt option would
+    # otherwise be ignored without a word). None: not declared, anything accepted (a plugin's choice)
+    options: ClassVar[Optional[tuple]] = None
 
     def __post_init__(self):
         if not isinstance(self.target, dict) or "kind" not in self.target:
             raise ValueError(f"target '{self.name}': target must be a TVM target dict with a 'kind', "
                              f"got {self.target!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"target '{self.name}': extra must be a dict of options, got {self.extra!r}")
+        if self.options is not None:
+            unknown = sorted(k for k in self.extra if k not in self.options)
+            if unknown:
+                raise ValueError(f"target '{self.name}': unknown option(s) {unknown}; {type(self).__name__} takes "
+                                 f"{', '.join(sorted(self.options))} (docs/targets.md)")
 
     @classmethod
     def accepts(cls, tvm_target: dict) -> bool:
@@ -300,6 +310,7 @@ class CPUTarget(Target):
     schedule: str = "llmasos-cpu"
 
     tvm_kinds: ClassVar[tuple] = ("llvm",)
+    options: ClassVar[Optional[tuple]] = ("fast_math", "panel_vectors", "int8_gemv", "int8_gemv_digits")
     variant_key: ClassVar[Optional[str]] = "mcpu"
     host_memory: ClassVar[bool] = True
     source_kind: ClassVar[Optional[str]] = "llvm"
@@ -425,6 +436,8 @@ class CUDATarget(Target):
     schedule: str = "dlight-gpu"
 
     tvm_kinds: ClassVar[tuple] = ("cuda",)
+    options: ClassVar[Optional[tuple]] = ("fast_math", "decode_gemv", "tensor_cores", "small_m_gemm", "small_m_rows",
+                                          "prefill_gemm", "prefill_gemm_warps", "small_m_quant_gemm", "flash_prefill")
     variant_key: ClassVar[Optional[str]] = "arch"
     source_kind: ClassVar[Optional[str]] = "cuda"
     gemm_nt: ClassVar[bool] = True
