@@ -1,5 +1,5 @@
 """A reference SIMT interpreter for hand-scheduled CUDA TIR kernels, so their numerics are checked on a
-machine without a GPU (tests/backends/test_cuda_gemm_simt.py, test_cuda_quant_gemm.py).
+machine without a GPU (tests/backends/test_cuda_schedule.py, test_cuda_quant_gemm.py, test_cuda_attention.py).
 
 ``run(func, *arrays)`` executes a scheduled PrimFunc (thread-binding loops over blockIdx / threadIdx, then
 one SBlock of per-thread code: the shape of cuda_gemm.py's kernels) on numpy arrays: every thread of the
@@ -13,7 +13,9 @@ instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the IS
 to f16). Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
 errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
 missing barrier), two threads storing to one shared or global element in the same step, a barrier reached
-by only some threads.
+by only some threads of a block. A serial loop whose trip count differs between threads (read from a
+per-block position, as the flash prefill kernel's tile loop) runs to the largest count with each thread
+masked off past its own; a block whose threads have all left such a loop is not waited for at a barrier.
 
 Only the constructs these kernels use are implemented; anything else raises NotImplementedError naming it.
 """
