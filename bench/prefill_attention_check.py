@@ -138,13 +138,13 @@ def main(argv=None):
     vc[1, :, 5 * bs:6 * bs] = 0
     ref = reference(q, kc, vc, pos)
     # row 1's unallocated block is excluded from its softmax: recompute row 1 without those positions
-    keep = torch.ones(mb * bs, dtype=torch.bool, device="cuda")
+    keep = torch.ones(mb * bs, dtype=torch.bool, device=q.device)
     keep[5 * bs:6 * bs] = False
     k1 = kc[1:2, :, keep].float().repeat_interleave(rep, 1)
     v1 = vc[1:2, :, keep].float().repeat_interleave(rep, 1)
-    jpos = torch.arange(mb * bs, device="cuda")[keep]
+    jpos = torch.arange(mb * bs, device=q.device)[keep]
     s1 = torch.einsum("bhtd,bhjd->bhtj", q[1:2].float(), k1) * scale
-    s1 = s1.masked_fill(~(jpos[None, None, None, :] <= p0 + torch.arange(t, device="cuda")[None, None, :, None]),
+    s1 = s1.masked_fill(~(jpos[None, None, None, :] <= p0 + torch.arange(t, device=q.device)[None, None, :, None]),
                         float("-inf"))
     ref[1:2] = torch.softmax(s1, -1) @ v1
     row = {"paged": True, "batch": b, "prompt": t, "pos": p0, "block_size": bs, "all_written": bool(torch.isfinite(out).all()),

@@ -1,4 +1,4 @@
-"""bench/small_m_gemm_check.py and small_m_quant_gemm_check.py, the GPU checks of the small-M kernels, run end
+"""bench/small_m_gemm_check.py, small_m_quant_gemm_check.py and prefill_attention_check.py, GPU checks, run end
 to end on the CPU (tests/backends/_mock_cuda_bench.py: torch.cuda faked, the kernels interpreted by
 llmasos.backends.tvm.simt) so a GPU session is not spent on a script error: every variant is built, run, compared
 with torch and reported. Slow (a minute of interpreted kernels)."""
@@ -39,3 +39,11 @@ def test_small_m_quant_gemm_check_runs_every_variant():
     for row in doc["rows"]:
         assert set(row["variants"]) == {"1", "4", "auto"} and "our_f16_us" in row
         assert all(v["ok"] for v in row["variants"].values())
+
+
+def test_prefill_attention_check_runs_every_case():
+    doc = _run("prefill_attention_check.py", "--heads", "4:2", "--head-dim", "16", "--batch", "1", "--prompt", "24",
+               "--max-seq", "512", "--repeat", "1")
+    assert doc["ok"] and len(doc["rows"]) == 3 and doc["rows"][-1]["paged"]
+    assert all(r["all_written"] and r["ours_max_abs_err"] < 2e-3 for r in doc["rows"])
+    assert doc["rows"][0]["sdpa_max_abs_err"] < 2e-3
