@@ -41,6 +41,8 @@ CASES = [  # (B, H, HKV, T, M, D, dtype, positions)
     (1, 4, 4, 40, 64, 16, "float32", (0,)),         # MHA, several cache tiles (BK = 64 at D = 16)
     (2, 8, 1, 9, 140, 64, "float16", (3, 131)),     # MQA; row 1 runs past the cache's end (clamped to M)
     (3, 2, 2, 70, 96, 64, "float32", (0, 7, 26)),   # more queries than a block's rows, three tiles
+    (2, 6, 2, 23, 96, 48, "float16", (5, -9)),      # rep 3 (does not divide a block's rows); a negative
+    #                                                 position: its first queries see nothing (zeros)
 ]
 
 
@@ -70,6 +72,8 @@ def test_positions_past_the_query_weigh_nothing():
     v = rng.standard_normal((b, hkv, m, d)).astype(np.float32)
     k[:, :, 5 + t:] = 50.0
     v[:, :, 5 + t:] = 1e6
+    k[:, :, 5 + t + 3:] = np.inf      # stale non-finite values in the tile past the last query: never read
+    v[:, :, 5 + t + 3:] = np.nan
     pos = np.array([5], np.int32)
     out = np.zeros((b, h, t, d), np.float32)
     simt.run(prefill_attention_func(h, hkv, m, d, "float32", "int32", 0.25), q, k, v, pos, out)
@@ -165,6 +169,8 @@ def test_paged_kernel_matches_attention_in_the_simt_interpreter(dt):
     vpool = rng.standard_normal((nb, hkv, bs, d)).astype(dt)
     kpool[13] = np.inf     # a block no table entry names: never read
     vpool[13] = np.nan
+    kpool[9, :, 8:] = np.inf    # the unused tail of row 0's last block (positions 40..47 > pos + T - 1 = 38)
+    vpool[9, :, 8:] = np.nan
     table = np.array([[5, 2, 9, -1, -1, -1],        # a chunk at pos 20: blocks 0..2
                       [0, 1, 3, 4, 6, 7],           # pos 70: all six, the last partly
                       [8, -1, 10, 11, -1, -1]],     # an unallocated block inside the range: weighs 0

@@ -19,7 +19,8 @@ registers with an online softmax (f32, base-2 exponent, as the decode kernel in 
   broadcast); the NJ lanes of a row read NJ consecutive rows of a tile padded to D + 4 floats, so the
   16-byte loads of one instruction fall in distinct banks.
 * Tiles of ``BK`` cache rows (K and V, converted to f32 once while staged) cover positions
-  0 .. pos[b] + t_hi of the block's last query position t_hi only; a position j scores only when
+  0 .. pos[b] + t_hi of the block's last query position t_hi only (the tile's rows past it are staged as
+  zeros, not read: stale inf/nan in a reused slot cannot reach p v); a position j scores only when
   j <= pos[b] + t (causal: the query at pos[b] + t sees itself) and j < M, else it weighs 0 exactly.
 * Rows t >= T of the last block compute on clamped (never out-of-bounds) loads and store nothing.
 
@@ -140,13 +141,21 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
                                         grow: T.let[T.int32] = T.min(it * bk + row, m - 1)
                                         # (no shared local staging buffer: TVM's C codegen reuses a local's
                                         # first load after a later store to it in the same scope)
+                                        # rows at or past kv_end are zeros, never read: a stale inf/nan left in a
+                                        # reused cache slot or block tail must not reach p v (0 * nan is nan)
                                         if paged is None:
-                                            for u in T.vectorized(vec):
-                                                KV_s[row * stride + col + u] = T.Cast("float32", K[bx, by, grow, col + u])
-                                            for u in T.vectorized(vec):
-                                                KV_s[v_off + row * stride + col + u] = T.Cast("float32", V[bx, by, grow, col + u])
+                                            if it * bk + row < kv_end:
+                                                for u in T.vectorized(vec):
+                                                    KV_s[row * stride + col + u] = T.Cast("float32", K[bx, by, grow, col + u])
+                                                for u in T.vectorized(vec):
+                                                    KV_s[v_off + row * stride + col + u] = T.Cast("float32", V[bx, by, grow, col + u])
+                                            else:
+                                                for u in T.vectorized(vec):
+                                                    KV_s[row * stride + col + u] = T.float32(0)
+                                                for u in T.vectorized(vec):
+                                                    KV_s[v_off + row * stride + col + u] = T.float32(0)
                                         else:
-                                            blk: T.let[T.int32] = table[bx, grow // bs]
+                                            blk: T.let[T.int32] = T.if_then_else(it * bk + row < kv_end, table[bx, grow // bs], -1)
                                             if blk >= 0 and blk < NB:
                                                 for u in T.vectorized(vec):
                                                     KV_s[row * stride + col + u] = T.Cast("float32", K[blk, by, grow % bs, col + u])
