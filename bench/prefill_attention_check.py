@@ -96,6 +96,8 @@ def main(argv=None):
         row = {"batch": b, "prompt": t, "pos": p0, "all_written": bool(torch.isfinite(out).all()),
                "ours_max_abs_err": float((out.float() - ref).abs().max())}
         row["ours_ms"] = cuda_ms(lambda: fn(*args))
+        torch.cuda.synchronize()   # the last of the timed calls' output: a race would show in some of them
+        row["ours_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
         if p0 == 0:
             # torch's own fused causal attention over the prompt's keys (the cache rows 0..T-1)
             kr = kc[:, :, :t].repeat_interleave(rep, 1)
@@ -150,9 +152,13 @@ def main(argv=None):
     row = {"paged": True, "batch": b, "prompt": t, "pos": p0, "block_size": bs, "all_written": bool(torch.isfinite(out).all()),
            "ours_max_abs_err": float((out.float() - ref).abs().max())}
     row["ours_ms"] = cuda_ms(lambda: pfn(*args))
+    torch.cuda.synchronize()
+    row["ours_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
     log(json.dumps(row))
     doc["rows"].append(row)
-    doc["ok"] = all(r.get("all_written", True) and r.get("ours_max_abs_err", 0) < 2e-2 for r in doc["rows"])
+    doc["ok"] = all(r.get("all_written", True) and max(r.get("ours_max_abs_err", 0),
+                                                        r.get("ours_max_abs_err_after_timing", 0)) < 1e-2
+                    for r in doc["rows"])
     print(json.dumps(doc, indent=1))
     return 0 if doc["ok"] else 1
 
