@@ -134,3 +134,59 @@ def test_races_that_lock_step_would_hide_are_errors():
     np.testing.assert_array_equal(b, np.roll(a, -1) * 2)
     with pytest.raises(RuntimeError, match="no barrier between"):
         simt.run(_rotate(False), a, np.zeros(64, np.float32))
+
+
+def _rotate_twice(barrier: bool):
+    """Read the neighbour's value, then overwrite the own slot: the second write may land before the
+    neighbour's read on a GPU unless a barrier separates them (write after read)."""
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def rotate2(A: T.Buffer((64,), "float32"), B: T.Buffer((64,), "float32")):
+        for tx in T.thread_binding(64, thread="threadIdx.x"):
+            with T.sblock("r"):
+                sh = T.sblock_alloc_buffer((64,), "float32", scope="shared")
+                acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                sh[tx] = A[tx]
+                T.tvm_storage_sync("shared")
+                acc[0] = sh[(tx + 1) % 64]
+                if barrier:
+                    T.tvm_storage_sync("shared")
+                sh[tx] = acc[0] * T.float32(3)
+                T.tvm_storage_sync("shared")
+                B[tx] = sh[(tx + 1) % 64]
+    # fmt: on
+    return rotate2
+
+
+def test_a_write_over_another_threads_read_needs_a_barrier():
+    a = np.arange(64, dtype=np.float32)
+    b = np.zeros(64, np.float32)
+    simt.run(_rotate_twice(True), a, b)
+    np.testing.assert_array_equal(b, np.roll(a, -2) * 3)
+    with pytest.raises(RuntimeError, match="write-after-read race"):
+        simt.run(_rotate_twice(False), a, np.zeros(64, np.float32))
+
+
+def test_per_block_trip_counts_mask_threads_and_barriers():
+    """A loop whose trip count is read per block (blockIdx.x + 1 rounds, a barrier in each): blocks leave at
+    different rounds, each thread masked off past its own count."""
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def rounds(B: T.Buffer((4, 32), "float32")):
+        for bx in T.thread_binding(4, thread="blockIdx.x"):
+            for tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("r"):
+                    sh = T.sblock_alloc_buffer((32,), "float32", scope="shared")
+                    acc = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    acc[0] = T.float32(0)
+                    for i in T.serial(bx + 1):
+                        sh[tx] = T.Cast("float32", i + tx)
+                        T.tvm_storage_sync("shared")
+                        acc[0] = acc[0] + sh[31 - tx]
+                        T.tvm_storage_sync("shared")
+                    B[bx, tx] = acc[0]
+    # fmt: on
+    b = np.zeros((4, 32), np.float32)
+    simt.run(rounds, b)
+    want = np.array([[sum(i + 31 - t for i in range(bx + 1)) for t in range(32)] for bx in range(4)], np.float32)
+    np.testing.assert_array_equal(b, want)

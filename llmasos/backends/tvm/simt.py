@@ -12,7 +12,7 @@ the wrong elements computes the wrong product here as on the GPU; a warp only pa
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
 to f16). Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
 errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
-missing barrier), two threads storing to one shared or global element in the same step, a barrier reached
+missing barrier), a thread writing a shared element another thread read since then (write after read), two threads storing to one shared or global element in the same step, a barrier reached
 by only some threads of a block. A serial loop whose trip count differs between threads (read from a
 per-block position, as the flash prefill kernel's tile loop) runs to the largest count with each thread
 masked off past its own; a block whose threads have all left such a loop is not waited for at a barrier.
@@ -63,6 +63,10 @@ class _Storage:
         # shared: the thread that wrote each element since the last barrier (-1: none), to catch a read of
         # another thread's write with no barrier between -- a race lock step would otherwise hide
         self.writer = np.full(array.shape, -1, np.int64) if scope == "shared" else None
+        # shared: the thread that read each element since the last barrier (-1: none, -2: several), to catch
+        # a write over an element another thread read with no barrier between (write after read): lock step
+        # runs every read of a step before the next step's write, so on a GPU that write could land first
+        self.reader = np.full(array.shape, -1, np.int64) if scope == "shared" else None
 
 
 class _Machine:
@@ -243,9 +247,27 @@ class _Machine:
                 i = int(np.argmax(bad))
                 raise RuntimeError(f"simt: thread {i} reads {storage.name}[{int(flat[i])}], written by thread "
                                    f"{int(w[i])} with no barrier between (a race)")
+        if storage.reader is not None:
+            self._note_readers(storage, rows, flat)
         return storage.array[flat] if rows is None else storage.array[rows, flat]
 
     _e_BufferLoad = _e_TensorLoad
+
+    def _note_readers(self, storage, rows, flat):
+        m = self.mask
+        r, f, t = rows[m], flat[m], self.tid[m]
+        key = r * storage.array.shape[-1] + f
+        order = np.lexsort((t, key))
+        key, t = key[order], t[order]
+        first = np.r_[True, key[1:] != key[:-1]]
+        start = np.flatnonzero(first)
+        lo = t[start]                                   # per element read this step: smallest and largest tid
+        hi = t[np.r_[start[1:], len(t)] - 1]
+        kk = key[start]
+        cur = storage.reader.reshape(-1)[kk]
+        one = lo == hi
+        new = np.where(one & ((cur == -1) | (cur == lo)), lo, -2)
+        storage.reader.reshape(-1)[kk] = new
 
     def _e_Call(self, e):
         name = e.op.name
@@ -266,6 +288,7 @@ class _Machine:
         for st in self.store.values():     # lock step: every write before it is now visible to the block
             if st.writer is not None:
                 st.writer[at] = -1
+                st.reader[at] = -1
         return None
 
     def _c_exp2(self, e):
@@ -425,6 +448,14 @@ class _Machine:
             if len(uniq) != len(key):
                 dup = np.setdiff1d(np.arange(len(key)), first)[0]
                 raise RuntimeError(f"simt: two threads write {storage.name}[{int(flat[m][dup])}] at once (a race)")
+        if storage.reader is not None:
+            rd = storage.reader[rows[m], flat[m]]
+            bad = (rd != -1) & (rd != self.tid[m])
+            if bad.any():
+                i = int(np.argmax(bad))
+                who = "several threads" if rd[i] == -2 else f"thread {int(rd[i])}"
+                raise RuntimeError(f"simt: thread {int(self.tid[m][i])} writes {storage.name}[{int(flat[m][i])}], read "
+                                   f"by {who} with no barrier between (a write-after-read race)")
         if rows is None:
             storage.array[flat[m]] = value[m]
         else:
