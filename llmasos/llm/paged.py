@@ -249,6 +249,13 @@ class PagedRunner(_PagedRunner):
         self._pools = []
         for t in lm._cache_types:
             shape = (self.num_blocks, *t.shape[1:])
+            per_block = int(np.prod(shape[1:]))
+            if self.num_blocks * per_block >= 1 << 31:
+                # the hand-written paged kernels index a pool in int32: past 2**31 elements they would read
+                # the wrong block, so refuse rather than answer wrong
+                raise GenerationError(f"num_blocks={self.num_blocks}: a KV pool of {self.num_blocks} x "
+                                      f"{list(shape[1:])} has 2**31 elements or more, past the kernels' int32 "
+                                      f"indexing; at most {((1 << 31) - 1) // per_block} blocks a pool")
             # zeroed, not empty: masked positions get probability 0, and 0 * NaN garbage would be NaN
             self._pools.append(tvm.runtime.tensor(np.zeros(shape, t.dtype.numpy), self._dev))
 

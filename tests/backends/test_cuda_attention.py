@@ -217,3 +217,16 @@ def test_prefill_attention_on_the_gpu_matches_torch(flash):
     out = exe(*(torch.from_numpy(a).cuda() for a in (q, kc, vc, pos)))
     out = (out[0] if isinstance(out, (list, tuple)) else out).float().cpu().numpy()
     np.testing.assert_allclose(out, reference(q, kc, vc, pos, 0.25), atol=3e-3, rtol=3e-3)
+
+
+def test_the_kernel_is_not_used_when_an_index_could_pass_int32():
+    """The kernels index in int32: a prompt bound that takes q past 2**31 elements keeps the generic path."""
+    g = Graph("big")
+    g.add_symbol("batch", 1, 64)
+    g.add_symbol("seq", 1, 1 << 22)            # 64 x 4 heads x 4M x 16 = 2**34 elements of q at the bounds
+    q = g.add_input("q", TensorType((sym("batch"), 4, sym("seq"), 16), DType.f16))
+    kc = g.add_input("k_cache", TensorType((sym("batch"), 2, 32, 16), DType.f16))
+    vc = g.add_input("v_cache", TensorType((sym("batch"), 2, 32, 16), DType.f16))
+    pos = g.add_input("pos", TensorType((sym("batch"),), DType.i32))
+    g.set_outputs([g.add_node("kv.attention", [q, kc, vc, pos], {"scale": 0.25}, name="attn")])
+    assert "kv_prefill_attention" not in _prims(lower(g, _spec(flash_prefill="on")))

@@ -327,3 +327,12 @@ def test_torch_runner_takes_a_config_or_a_preset_name():
         TorchPagedRunner("llama-tiny", 6, 0)
     with pytest.raises(GenerationError, match="max_seq must be an int in 2..64"):
         TorchPagedRunner("llama-tiny", 6, 4, max_seq=100)
+
+
+def test_a_pool_past_int32_indexing_is_refused(paged_lm):
+    """The paged kernels index a pool in int32: a block count that takes a pool to 2**31 elements is an error
+    naming the largest allowed count, before any pool is allocated."""
+    per_block = int(np.prod(paged_lm._cache_types[0].shape[1:]))
+    too_many = (1 << 31) // per_block + 1
+    with pytest.raises(GenerationError, match=rf"num_blocks={too_many}: .* at most {((1 << 31) - 1) // per_block} blocks"):
+        paged_lm.paged_runner(too_many)

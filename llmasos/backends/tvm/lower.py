@@ -53,7 +53,7 @@ def lower_functions(graphs: dict, spec=None) -> tvm.IRModule:
 
 def _lower_function(bb, fname: str, graph: Graph, spec) -> None:
     sym_vars = _symbol_vars(graph)
-    ctx = LowerContext(bb, sym_vars, spec, graph.params.values())
+    ctx = LowerContext(bb, sym_vars, spec, graph.params.values(), graph=graph)
 
     def rvar(v):
         if v.type.dtype.is_packed:

@@ -67,8 +67,9 @@ def tvm_dtype(dt: DType) -> str:
 class LowerContext:
     """What a lowering function may use: the block builder, dim conversion, the node being lowered."""
 
-    def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None, params=()):
+    def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None, params=(), graph=None):
         self.bb = bb
+        self.graph = graph        # the Graph being lowered (its users and symbol bounds), None when unknown
         self.sym_vars = sym_vars  # symbol name -> tir.Var (int64), one per symbol for the whole graph
         self.spec = spec          # Target or None: lowerings may pick target-specific forms
         self.params = set(params)  # graph parameter Values (weights: work on them alone is done once)

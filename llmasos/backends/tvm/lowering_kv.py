@@ -59,7 +59,7 @@ from tvm import relax, te
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from ...ir.types import DType
+from ...ir.types import DType, eval_dim
 from .lowering import register_lowering, tvm_dtype
 
 R = relax.op
@@ -129,6 +129,7 @@ def _old_cache_read_later(ctx, node) -> bool:
 
 
 def _graph_of(ctx):
+    """The graph a LowerContext lowers (None for a context made without one, e.g. by a plugin)."""
     return getattr(ctx, "graph", None)
 
 
@@ -145,15 +146,33 @@ def _kv_attention(ctx, node, args):
     return _generic(ctx, node, args)
 
 
+def _fits_int32(ctx, *types) -> bool:
+    """Whether every tensor of ``types`` has fewer than 2**31 elements at its symbols' upper bounds (the
+    hand-written kernels index in int32); an unbounded symbol counts as too large."""
+    graph = _graph_of(ctx)
+    env = {n: hi for n, (_, hi) in (graph.symbols.items() if graph is not None else ()) if hi is not None}
+    for t in types:
+        n = 1
+        for dim in t.shape:
+            try:
+                n *= dim if isinstance(dim, int) else int(eval_dim(dim, env))
+            except (KeyError, ValueError, TypeError):
+                return False
+        if n >= 1 << 31:
+            return False
+    return True
+
+
 def _prefill_kernel(ctx, node):
     """(name, PrimFunc) of the target's prefill kernel (``Target.kv_prefill_attention``) for a node with
-    several (or a symbolic number of) queries per row, else None."""
+    several (or a symbolic number of) queries per row, else None (also when a tensor could reach 2**31
+    elements: the kernel's indices are int32)."""
     qt, kt = node.inputs[0].type, node.inputs[1].type
     if ctx.spec is None or qt.shape[2] == 1 or qt.dtype not in (DType.f16, DType.f32):
         return None
     _, h, _, d = qt.shape
     hkv, m = kt.shape[1], kt.shape[2]
-    if not all(isinstance(x, int) for x in (h, d, hkv, m)):
+    if not all(isinstance(x, int) for x in (h, d, hkv, m)) or not _fits_int32(ctx, qt, kt):
         return None
     return ctx.spec.kv_prefill_attention(h, hkv, m, d, tvm_dtype(qt.dtype), tvm_dtype(node.inputs[3].type.dtype),
                                          node.attrs["scale"])
@@ -710,7 +729,8 @@ def _kv_paged_attention(ctx, node, args):
         if kernel is not None:
             return _decode_call(ctx, node, args, kernel)
     if (ctx.spec is not None and t != 1 and qt.dtype in (DType.f16, DType.f32)
-            and all(isinstance(x, int) for x in (h, hkv, bs, mb, d))):
+            and all(isinstance(x, int) for x in (h, hkv, bs, mb, d)) and _fits_int32(ctx, qt)):
+        # (the pools' block count is sized at run time: PagedRunner refuses pools of 2**31 elements)
         kernel = ctx.spec.kv_paged_prefill_attention(h, hkv, bs, mb, d, tvm_dtype(qt.dtype),
                                                      tvm_dtype(node.inputs[3].type.dtype), node.attrs["scale"])
         if kernel is not None:
