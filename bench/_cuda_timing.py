@@ -1,4 +1,5 @@
-"""CUDA timing shared by the GPU check scripts in bench/ (small_m_gemm_check.py, small_m_quant_gemm_check.py).
+"""CUDA timing shared by the GPU check scripts in bench/ (small_m_gemm_check.py, small_m_quant_gemm_check.py,
+prefill_gemm_check.py, prefill_attention_check.py).
 
 ``cuda_time(calls, repeat)``: microseconds per call from CUDA events around ``repeat`` calls, after one
 warm-up call of each. ``calls`` is one callable or a list of them, called in turn: give one per copy of the
@@ -31,3 +32,22 @@ def cuda_time(calls, repeat: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / repeat
+
+
+def median_ms(call, repeat: int, samples: int = 3) -> float:
+    """Milliseconds per call of ``call``: the median of ``samples`` CUDA-event timings of ``repeat``
+    back-to-back calls, after one warm-up call."""
+    import torch  # deferred: the GPU scripts import torch after parsing arguments
+
+    call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(samples):
+        start.record()
+        for _ in range(repeat):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / repeat)
+    return sorted(times)[len(times) // 2]

@@ -16,6 +16,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # after the rest: no shadowing
+
+from _target_options import bad_options, with_options  # noqa: E402
 
 
 def main(argv=None):
@@ -37,7 +40,6 @@ def main(argv=None):
                    help="a target option (Target.extra), e.g. small_m_gemm=off, for A/B runs; repeatable")
     p.add_argument("--energy", action="store_true", help="also measure J/token (llmasos.energy)")
     a = p.parse_args(argv)
-    import dataclasses
 
     from llmasos.backends.tvm import resolve_target
     meter = None
@@ -47,11 +49,10 @@ def main(argv=None):
         meter = lambda label: llmasos.energy.measure(label, idle="cached", sync=_sync)  # noqa: E731
     from llmasos.llm.bench import run
     target = resolve_target(a.target)
-    if a.target_option:
-        bad = [o for o in a.target_option if "=" not in o]
-        if bad:
-            p.error(f"--target-option takes KEY=VALUE, got {bad}")
-        target = dataclasses.replace(target, extra={**target.extra, **dict(o.split("=", 1) for o in a.target_option)})
+    bad = bad_options(a.target_option)
+    if bad:
+        p.error(f"--target-option takes KEY=VALUE, got {bad}")
+    target = with_options(target, a.target_option)
     doc = run(a.models.split(","), target, batches=[int(b) for b in a.batch.split(",")], prompt_len=a.prompt,
               new=a.new, dtype=a.dtype, int4_models=[m for m in a.int4.split(",") if m], passes=a.passes,
               compile_baseline=not a.no_compile_baseline, repeat=a.repeat, out=a.out, tune_trials=a.tune,

@@ -28,7 +28,6 @@ greedy-token agreement with torch eager; f16 must agree within 2% of the logits'
 Nothing changes a GPU setting: the power limit is read (and printed) only.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -41,6 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _energy_common as common  # noqa: E402
+from _target_options import bad_options, with_options  # noqa: E402
 
 TORCH_DTYPES = ("f16", "f32", "bf16")
 F16_REL_TOL = 0.02   # f16 prefill logits vs torch eager: max |diff| <= 2% of max |logit|
@@ -99,9 +99,7 @@ def compile_worker(job: dict) -> dict:
 
     t0 = time.perf_counter()
     spec = resolve_target(job["target"])
-    opts = dict(o.split("=", 1) for o in job.get("target_options", ()))
-    if opts:
-        spec = dataclasses.replace(spec, extra={**spec.extra, **opts})
+    spec = with_options(spec, job.get("target_options", ()))
     tdtype = getattr(torch, {"f16": "float16", "f32": "float32", "bf16": "bfloat16"}[job["dtype"]])
     tm = Decoder.random(decoder_config(job["model"]), mode="torch", seed=0, dtype=tdtype, device=spec.torch_device)
     dec = tm.copy_as("export", "cpu")
@@ -277,7 +275,7 @@ def main(argv=None):
         doc = replan(a.replan, a)
         common.emit(doc, a.out)
         return doc
-    bad_opts = [o for o in a.target_option if "=" not in o]
+    bad_opts = bad_options(a.target_option)
     if bad_opts:
         raise SystemExit(f"error: --target-option takes KEY=VALUE, got {bad_opts}")
     budget = Budget(a.time_budget or None)

@@ -27,6 +27,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # after the rest: no shadowing
+
+from _target_options import bad_options, with_options  # noqa: E402
 
 
 def log(*a):
@@ -61,12 +64,10 @@ def main(argv=None):
     from llmasos.llm.presets import decoder_config
 
     spec = resolve_target(a.target)
-    bad = [o for o in a.target_option + [x for ab in a.ab_option for x in ab.split("+")]
-           if "=" not in o or o.startswith("=")]
+    bad = bad_options(a.target_option + [x for ab in a.ab_option for x in ab.split("+")])
     if bad:
         p.error(f"--target-option / --ab-option take KEY=VALUE, got {bad}")
-    if a.target_option:
-        spec = dataclasses.replace(spec, extra={**spec.extra, **dict(o.split("=", 1) for o in a.target_option)})
+    spec = with_options(spec, a.target_option)
     dev = spec.torch_device
     tdtype = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     cfg = decoder_config(a.model, **({"num_hidden_layers": a.layers} if a.layers else {}))
@@ -99,9 +100,8 @@ def main(argv=None):
     if a.ab:
         variants.append(("llmasos_cuda_cores", dataclasses.replace(spec, extra={**spec.extra, "tensor_cores": "off"})))
     for o in a.ab_option:   # KEY=VALUE, or KEY=VALUE+KEY2=VALUE2 for one variant with both
-        opts = dict(kv.split("=", 1) for kv in o.split("+"))
-        name = "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in "_".join(f"{k}_{v}" for k, v in opts.items()))
-        variants.append((name, dataclasses.replace(spec, extra={**spec.extra, **opts})))
+        name = "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in o.replace("=", "_").replace("+", "_"))
+        variants.append((name, with_options(spec, o.split("+"))))
     ours = {}
     for key, s in variants:   # one compile per variant: symbolic batch up to the largest asked
         t0 = time.perf_counter()

@@ -19,6 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # after the rest: no shadowing
+
+from _cuda_timing import median_ms  # noqa: E402
 
 
 def log(*a):
@@ -53,18 +56,7 @@ def main(argv=None):
            "compile_s": time.perf_counter() - t0, "rows": []}
 
     def cuda_ms(call):
-        call()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(3):
-            start.record()
-            for _ in range(a.repeat):
-                call()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / a.repeat)
-        return sorted(samples)[1]
+        return median_ms(call, a.repeat)
 
     def reference(q, kc, vc, pos):
         """f32 attention of query t of row b at position pos[b] + t over cache rows 0..pos[b] + t."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import random
@@ -45,6 +44,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # after the rest: no shadowing
+
+from _target_options import bad_options, with_options  # noqa: E402
 
 
 def log(*a):
@@ -396,12 +398,11 @@ def main(argv=None) -> int:
         vocab = model.config.vocab_size
     target = args.target
     if args.target_option:
-        from llmasos.backends.tvm import resolve_target as _resolve
-        bad = [o for o in args.target_option if "=" not in o or o.startswith("=")]
+        from llmasos.backends.tvm import resolve_target  # deferred: TVM, as this script's other imports
+        bad = bad_options(args.target_option)
         if bad:
             raise SystemExit(f"--target-option takes KEY=VALUE, got {bad}")
-        spec0 = _resolve(args.target)
-        target = dataclasses.replace(spec0, extra={**spec0.extra, **dict(o.split("=", 1) for o in args.target_option)})
+        target = with_options(resolve_target(args.target), args.target_option)
         doc["target_options"] = dict(target.extra)
     t = time.perf_counter()
     plm = llmasos.compile_lm(model, target, max_seq=args.max_seq, max_batch=args.max_batch, dtype=dtype,
