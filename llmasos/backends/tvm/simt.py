@@ -12,8 +12,9 @@ the wrong elements computes the wrong product here as on the GPU; a warp only pa
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
 to f16). Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
 errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
-missing barrier), a thread writing a shared element another thread read since then (write after read), two threads storing to one shared or global element in the same step, a barrier reached
-by only some threads of a block. A serial loop whose trip count differs between threads (read from a
+missing barrier), a thread writing a shared element another thread read since then (write after read),
+two threads storing to one shared or global element in the same step, a barrier reached by only some
+threads of a block. A serial loop whose trip count differs between threads (read from a
 per-block position, as the flash prefill kernel's tile loop) runs to the largest count with each thread
 masked off past its own; a block whose threads have all left such a loop is not waited for at a barrier.
 
@@ -294,10 +295,6 @@ class _Machine:
     def _c_exp2(self, e):
         with np.errstate(over="ignore", under="ignore"):
             return self._cast(np.exp2(self.eval(e.args[0])), _dt(e))
-
-    def _c_exp(self, e):
-        with np.errstate(over="ignore", under="ignore"):
-            return self._cast(np.exp(self.eval(e.args[0])), _dt(e))
 
     def _c_buffer_data(self, e):
         return e.args[0]
