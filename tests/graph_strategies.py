@@ -624,6 +624,28 @@ class _Builder:
             self.node(op, [q, pool("k_pool"), pool("v_pool"), pos_v, table_v], {"scale": self.choice((0.5, 1.0))})
         return True
 
+    def b_fused_attention(self, op: str):
+        """fused.rope_(paged_)append_attention over fresh caches or pools (as b_kv / b_paged), one query per
+        row, cos and sin (fresh inputs) half of the time."""
+        dt = self.choice(FLOATS)
+        b, hkv, d = self.integer(1, 3), self.integer(1, 2), 2 * self.integer(1, 2)
+        rep = self.choice((1, 2))
+        new = [self.input((b, hkv * rep, 1, d), dt), self.input((b, hkv, 1, d), dt), self.input((b, hkv, 1, d), dt)]
+        rope = [self.input((b, 1, 1, d), dt), self.input((b, 1, 1, d), dt)] if self.flag() else []
+        if op == "fused.rope_append_attention":
+            m = 1 + self.integer(0, 3)
+            caches = [self.g.add_input(self.unused(kind), TensorType((b, hkv, m, d), dt)) for kind in ("k_cache", "v_cache")]
+            extra = [self.const((b,), self.choice((DType.i32, DType.i64)), 0, m)]
+        else:
+            bs, mb = self.integer(1, 4), self.integer(1, 3)
+            nb = b * mb + self.integer(0, 2)
+            table = np.random.default_rng(self.integer(0, 2**16)).permutation(nb)[:b * mb].reshape(b, mb).astype(np.int32)
+            caches = [self.g.add_input(self.unused(kind), TensorType((nb, hkv, bs, d), dt)) for kind in ("k_pool", "v_pool")]
+            extra = [self.node("const", [], {"value": self.array((b,), DType.i32, 0, mb * bs), "dtype": DType.i32}),
+                     self.node("const", [], {"value": table, "dtype": DType.i32})]
+        self.node(op, [*new, *caches, *extra, *rope], {"scale": self.choice((0.5, 1.0))})
+        return True
+
     # -- communication -------------------------------------------------------------------------
     def b_dist(self, op: str):
         """A collective over a group of one (an unpartitioned graph's identity: the verifier checks groups
@@ -711,6 +733,7 @@ OP_BUILDERS = {
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
     "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant", "quant.embedding": "b_quant",
     "kv.append": "b_kv", "kv.attention": "b_kv", "kv.paged_append": "b_paged", "kv.paged_attention": "b_paged",
+    "fused.rope_append_attention": "b_fused_attention", "fused.rope_paged_append_attention": "b_fused_attention",
     **{op: "b_dist" for op in ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard")},
 }
 OPS = tuple(sorted(OP_BUILDERS))

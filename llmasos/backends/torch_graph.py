@@ -262,6 +262,29 @@ register_torch_impl("kv.paged_append", kv_ops.kv_paged_append)
 register_torch_impl("kv.paged_attention", kv_ops.kv_paged_attention)
 
 
+def _rope(x, cos, sin):
+    d = x.shape[-1]
+    return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1) * sin
+
+
+def _rope_append_attention(paged: bool):
+    """fused.rope_(paged_)append_attention: the ops it stands for (ir/opset/fused.py)."""
+    append = kv_ops.kv_paged_append if paged else kv_ops.kv_append
+    attention = kv_ops.kv_paged_attention if paged else kv_ops.kv_attention
+
+    def run(q, k, v, k_cache, v_cache, pos, *rest, scale):
+        extra, cs = (list(rest[:1]), rest[1:]) if paged else ([], rest)
+        if cs:
+            q, k = _rope(q, *cs), _rope(k, *cs)
+        kc, vc = append(k_cache, k, pos, *extra), append(v_cache, v, pos, *extra)
+        return attention(q, kc, vc, pos, *extra, scale), kc, vc
+    return run
+
+
+register_torch_impl("fused.rope_append_attention", _rope_append_attention(False))
+register_torch_impl("fused.rope_paged_append_attention", _rope_append_attention(True))
+
+
 # -- the module -------------------------------------------------------------------------------------
 def _attr_name(name: str, taken: set) -> str:
     base = "p_" + re.sub(r"[^A-Za-z0-9_]", "_", name)

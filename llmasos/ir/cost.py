@@ -65,4 +65,17 @@ for _op in ("linear", "fused.linear_act", "fused.linear_glu", "quant.linear", "q
             "fused.matmul_act"):
     register_cost(_op, _gemm)
 register_cost("kv.attention", _attention)
+
+
+def _fused_attention(node, numel, dims):   # (fused.rope_(paged_)append_attention) q.k and p.v over the cache
+    b, h, t, d = dims(node.inputs[0].type)
+    if node.op == "fused.rope_paged_append_attention":
+        m = dims(node.inputs[3].type)[2] * dims(node.inputs[6].type)[1]   # BS x MB positions a row
+    else:
+        m = dims(node.inputs[3].type)[2]
+    return 4.0 * b * h * t * m * d
+
+
+register_cost("fused.rope_append_attention", _fused_attention)
+register_cost("fused.rope_paged_append_attention", _fused_attention)
 register_cost("sdpa", _sdpa)

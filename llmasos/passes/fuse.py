@@ -6,6 +6,8 @@
     fuse-epilogue     rules/epilogue.rw    GEMM + bias + activation -> fused.linear_act / matmul_act (exact)
     fuse-norm         rules/norm.rw        residual add + norm -> fused.add_rms_norm / add_layer_norm (exact)
     fuse-elementwise  fuse_elementwise.py  elementwise chains -> fused.elementwise            (exact)
+    fuse-attention    fuse_attention.py    a decode step's RoPE + cache appends + attention    (exact)
+                                           -> fused.rope_append_attention (or its paged twin)
     dce
 
 Each fused op lowers to one kernel in the TVM backend (backends/tvm/lowering_fused.py).
@@ -18,6 +20,7 @@ from typing import ClassVar
 from ..ir import Graph
 from .base import NO_CONTEXT, Pass, PassContext, register_pass
 from .dce import DeadCodeElimination
+from .fuse_attention import FuseAttention
 from .fuse_elementwise import FuseElementwise
 from .merge_linears import MergeLinears
 from .split_heads import SplitHeads
@@ -62,6 +65,7 @@ class Fuse(Pass):
     epilogue: bool = True
     norm: bool = True
     elementwise: bool = True
+    attention: bool = True
 
     exact: ClassVar[bool] = False  # recognize's and merge-linears' tolerance; the rest is exact
     rtol: ClassVar[float] = Recognize.rtol
@@ -69,7 +73,7 @@ class Fuse(Pass):
 
     def parts(self) -> list:
         on = [(self.recognize, Recognize()), (self.merge, MergeLinears()), (self.merge, SplitHeads()), (self.epilogue, FuseEpilogue()),
-              (self.norm, FuseNorm()), (self.elementwise, FuseElementwise())]
+              (self.norm, FuseNorm()), (self.elementwise, FuseElementwise()), (self.attention, FuseAttention())]
         return [p for keep, p in on if keep] + [DeadCodeElimination()]
 
     def run(self, graph: Graph, ctx: PassContext = NO_CONTEXT) -> Graph:

@@ -33,7 +33,7 @@ from .tensor_parallel import GEMMS
 from .base import NO_CONTEXT, Pass, PassContext, PassError, PassNotApplicable, register_pass
 
 
-HEAVY = ("kv.append", "kv.attention", "sdpa", *GEMMS)
+HEAVY = ("kv.append", "kv.attention", "fused.rope_append_attention", "sdpa", *GEMMS)
 
 
 def _free_nodes(graph: Graph) -> set:

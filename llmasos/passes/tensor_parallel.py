@@ -477,6 +477,20 @@ def _r_kv_attention(rw, n, ins):  # q [B, H, T, D] and the caches split on heads
     return rw.emit(n.op, [q, rw.shard(kc, s.dim), rw.shard(vc, s.dim), pos], n.attrs, [s])
 
 
+def _r_fused_attention(rw, n, ins):   # fused.rope_(paged_)append_attention: kv.append's and kv.attention's rules
+    q, k, v, kc, vc, pos = ins[:6]     # at once -- q, the new rows and the caches split on heads; pos, the block
+    rest = ins[6:]                     # table, cos and sin replicated
+    if all(x.sharding is None for x in ins):
+        return rw.emit(n.op, ins, n.attrs, [None, None, None])
+    s = q.sharding
+    dims = (1,) if n.op == "fused.rope_paged_append_attention" else (0, 1)   # a pool has no batch dim
+    if (s is None or s.is_partial or s.dim not in dims or k.sharding != s or v.sharding != s
+            or any(x.sharding is not None for x in (pos, *rest))):
+        return None
+    kc, vc = rw.shard(kc, s.dim), rw.shard(vc, s.dim)
+    return rw.emit(n.op, [q, k, v, kc, vc, pos, *rest], n.attrs, [s, kc.sharding, vc.sharding])
+
+
 def _r_sdpa(rw, n, ins):
     q = ins[0]
     s = q.sharding
@@ -528,6 +542,7 @@ SHARDING_RULES: dict = {
     "fused.add_rms_norm": _r_add_norm, "fused.add_layer_norm": _r_add_norm, "expand_dims": _r_expand_dims,
     "squeeze": _r_squeeze, "slice": _r_slice, "reshape": _r_reshape, "embedding": _r_embedding,
     "kv.append": _r_kv_append, "kv.attention": _r_kv_attention, "sdpa": _r_sdpa, "matmul": _r_matmul,
+    "fused.rope_append_attention": _r_fused_attention, "fused.rope_paged_append_attention": _r_fused_attention,
     "fused.elementwise": lambda rw, n, ins: rw.elementwise(n, ins),
 }
 

@@ -329,6 +329,19 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
                                                             c.inp("kv_pk16", (8, 2, 2, 4), F16),
                                                             c.inp("kv_pv16", (8, 2, 2, 4), F16), ppos, table],
            {"scale": 0.5})
+    # a decode step's RoPE + appends + attention as one op (fuse-attention): one query per row, the kernel path
+    fq, fk, fv = (c.inp(f"kv_f{w}", (n, hh, 1, 4), F32) for w, hh in (("q", 4), ("k", 2), ("v", 2)))
+    rope = [c.inp("kv_fcos", (n, 1, 1, 4), F32), c.inp("kv_fsin", (n, 1, 1, 4), F32)]
+    c.node("fused.rope_append_attention", "fused.rope_append_attention",
+           [fq, fk, fv, c.inp("kv_fkc", (n, 2, 8, 4), F32), c.inp("kv_fvc", (n, 2, 8, 4), F32), kpos, *rope],
+           {"scale": 0.5})
+    c.node("f16/fused.rope_append_attention", "fused.rope_append_attention",
+           [c.inp("kv_fq16", (n, 2, 1, 4), F16), c.inp("kv_fk16", (n, 1, 1, 4), F16), c.inp("kv_fv16", (n, 1, 1, 4), F16),
+            c.inp("kv_fkc16", (n, 1, 8, 4), F16), c.inp("kv_fvc16", (n, 1, 8, 4), F16), kpos], {"scale": 0.5})
+    c.node("fused.rope_paged_append_attention", "fused.rope_paged_append_attention",
+           [c.inp("kv_fpq", (3, 4, 1, 4), F32), c.inp("kv_fpk", (3, 2, 1, 4), F32), c.inp("kv_fpv", (3, 2, 1, 4), F32),
+            c.inp("kv_fpool_k", (8, 2, 2, 4), F32), c.inp("kv_fpool_v", (8, 2, 2, 4), F32), ppos, table,
+            c.inp("kv_fpcos", (3, 1, 1, 4), F32), c.inp("kv_fpsin", (3, 1, 1, 4), F32)], {"scale": 0.5})
     # collectives over a group of one (an unpartitioned program): the identity; multi-rank: tests/parallel
     dx = c.inp("dist_x", (n, 4), F32)
     c.node("dist.all_reduce", "dist.all_reduce", [dx], {"axis": "tp", "parts": 1})

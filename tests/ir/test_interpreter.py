@@ -831,6 +831,65 @@ def test_kv_paged_ops_equal_torch_and_the_contiguous_ops(data):
     check(got, T(contiguous), tol=TOL[dt], what="kv.paged_attention vs kv.attention")
 
 
+@covers("fused.rope_append_attention", "fused.rope_paged_append_attention")
+@pytest.mark.parametrize("paged", [False, True])
+@given(data=st.data())
+def test_fused_rope_append_attention(paged, data):
+    """The fused decode attention equals torch's RoPE (x * cos + rotate_half(x) * sin), the torch append ops and
+    attention op; its appended caches are bit for bit those of the separate ops (same dtype rules)."""
+    from llmasos.frontends import kv_ops  # noqa: F401  (registers torch.ops.llmasos)
+    from tests.paged_util import scattered_table
+    dt = data.draw(FLOATS, label="dtype")
+    b, hkv, rep = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 2, 4]))
+    d = 2 * data.draw(st.integers(1, 4), label="D / 2")
+    rope = data.draw(st.booleans(), label="rope")
+    rng = np.random.default_rng(data.draw(SEEDS))
+    q, k, v = rand(rng, (b, hkv * rep, 1, d), dt), rand(rng, (b, hkv, 1, d), dt), rand(rng, (b, hkv, 1, d), dt)
+    cs = [rand(rng, (b, 1, 1, d), dt, -1, 1) for _ in range(2)] if rope else []
+    scale = data.draw(st.sampled_from([0.125, 0.5]), label="scale")
+    if paged:
+        bs, mb = data.draw(st.integers(1, 4), label="BS"), data.draw(st.integers(1, 3), label="MB")
+        pos = rng.integers(0, mb * bs, b).astype(np.int32)
+        table, nb = scattered_table(rng, b, mb, (pos // bs + 1).astype(int))
+        kc, vc = rand(rng, (nb, hkv, bs, d), dt), rand(rng, (nb, hkv, bs, d), dt)
+        extra, op, append, attend = [table], "fused.rope_paged_append_attention", "kv.paged_append", "kv.paged_attention"
+    else:
+        m = 1 + data.draw(st.integers(0, 4), label="M - 1")
+        pos = rng.integers(0, m, b).astype(np.int32)
+        kc, vc = rand(rng, (b, hkv, m, d), dt), rand(rng, (b, hkv, m, d), dt)
+        extra, op, append, attend = [], "fused.rope_append_attention", "kv.append", "kv.attention"
+    got, got_k, got_v = run_op(op, [q, k, v, kc, vc, pos, *extra, *cs], {"scale": scale})
+    # the separate ops (each rounding to the dtype): the appended caches must be identical
+    qr, kr = q, k
+    if rope:
+        (qr,), (kr,) = (run_op("fused.elementwise", [x, cs[0], _rotate_half(x), cs[1]],
+                               {"expr": "add(mul(%0, %1), mul(%2, %3))"}) for x in (q, k))
+    (want_k,), (want_v,) = run_op(append, [kc, kr, pos, *extra]), run_op(append, [vc, v, pos, *extra])
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+    (want,) = run_op(attend, [qr, want_k, want_v, pos, *extra], {"scale": scale})
+    np.testing.assert_array_equal(got, want)
+    # and torch's: RoPE in torch, the torch append and attention ops
+    tq, tk = T(q), T(k)
+    if rope:
+        c, s_ = T(cs[0]), T(cs[1])
+        tq = tq * c + torch.cat([-tq[..., d // 2:], tq[..., :d // 2]], -1) * s_
+        tk = tk * c + torch.cat([-tk[..., d // 2:], tk[..., :d // 2]], -1) * s_
+    ops = torch.ops.llmasos
+    tapp = ops.kv_paged_append if paged else ops.kv_append
+    tkc = tapp(T(kc), tk, T(pos), *map(T, extra))
+    tvc = tapp(T(vc), T(v), T(pos), *map(T, extra))
+    check(got_k, tkc, what="k cache")
+    check(got_v, tvc, tol=0.0, what="v cache")
+    tatt = ops.kv_paged_attention if paged else ops.kv_attention
+    check(got, tatt(tq, tkc, tvc, T(pos), *map(T, extra), scale), what=op)
+
+
+def _rotate_half(x):
+    d = x.shape[-1]
+    return np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1)
+
+
 # -- communication ---------------------------------------------------------------------------------
 @covers("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard", "dist.send", "dist.recv")
 @given(data=st.data())

@@ -65,7 +65,7 @@ def sub_node(op: str, inputs: list, attrs: dict):
     return (out[0] if isinstance(out, tuple) else out).producer
 
 
-def _emit_op(ctx, op: str, attrs: dict, in_types: list, args: list):
+def emit_op(ctx, op: str, attrs: dict, in_types: list, args: list):
     """Lower one ``op`` node over ``args`` through its own lowering. ``in_types`` are TensorTypes or the
     original Values; a parameter among the latter stays one (so the op's lowering may repack it once)."""
     node = sub_node(op, in_types, attrs)
@@ -87,15 +87,15 @@ def _gemm(base: str):
             return panel_matmul(ctx, node, x, w, bias, transposed=(base == "linear"), act=te_activation(ctx, act))
         ins = list(node.inputs)
         if base == "linear":
-            y, t = _emit_op(ctx, "linear", {}, ins, list(args))
+            y, t = emit_op(ctx, "linear", {}, ins, list(args))
         else:
-            y, t = _emit_op(ctx, "matmul", {}, ins[:2], [x, w])
+            y, t = emit_op(ctx, "matmul", {}, ins[:2], [x, w])
             if bias is not None:
-                y, t = _emit_op(ctx, "add", {}, [t, ins[2].type], [y, bias])
+                y, t = emit_op(ctx, "add", {}, [t, ins[2].type], [y, bias])
         if ACTIVATIONS[act] is None:
             return y
         op, attrs = ACTIVATIONS[act]
-        return _emit_op(ctx, op, attrs, [t], [y])[0]
+        return emit_op(ctx, op, attrs, [t], [y])[0]
     return lower
 
 
@@ -111,8 +111,8 @@ def _add_norm(norm: str):
         # and its fallback schedule is slow: see CUDATarget)
         two = ctx.spec is not None and not ctx.spec.fused_add_norm
         if node.attrs["ndim"] != 1 or two:
-            s, st = _emit_op(ctx, "add", {}, [x_t, node.inputs[1].type], args[:2])
-            y, _ = _emit_op(ctx, norm, dict(node.attrs), [st, *[v.type for v in node.inputs[2:]]], [s, *args[2:]])
+            s, st = emit_op(ctx, "add", {}, [x_t, node.inputs[1].type], args[:2])
+            y, _ = emit_op(ctx, norm, dict(node.attrs), [st, *[v.type for v in node.inputs[2:]]], [s, *args[2:]])
             return s, y
         dt, acc = tvm_dtype(x_t.dtype), tvm_dtype(acc_dtype(x_t.dtype))
         eps = node.attrs["eps"]
@@ -166,7 +166,7 @@ def _elementwise(ctx, node, args):
             return args[e], node.inputs[e].type
         op, attrs, sub = e
         built = [build(a) for a in sub]
-        return _emit_op(ctx, op, dict(attrs), [t for _, t in built], [v for v, _ in built])
+        return emit_op(ctx, op, dict(attrs), [t for _, t in built], [v for v, _ in built])
     return build(parse_expr(node.attrs["expr"]))[0]
 
 
@@ -184,15 +184,15 @@ def _linear_glu(ctx, node, args):
     if (nr is None or not weight_panels(ctx, node, 1) or f % nr or act is None
             or (bias is not None and not ctx.is_param(node.inputs[2]))):
         # generic: the GEMM, then act(gate) * up through the ops' own lowerings (TVM fuses the tail)
-        y, t = _emit_op(ctx, "linear", {}, list(node.inputs), list(args))
+        y, t = emit_op(ctx, "linear", {}, list(node.inputs), list(args))
         lead = t.shape[:-1]
         half = [*lead, f]
-        gate, gt = _emit_op(ctx, "slice", {"axis": -1, "start": 0, "end": f}, [t], [y])
-        up, _ = _emit_op(ctx, "slice", {"axis": -1, "start": f, "end": n2}, [t], [y])
+        gate, gt = emit_op(ctx, "slice", {"axis": -1, "start": 0, "end": f}, [t], [y])
+        up, _ = emit_op(ctx, "slice", {"axis": -1, "start": f, "end": n2}, [t], [y])
         if ACTIVATIONS[node.attrs["act"]] is not None:
             op, attrs = ACTIVATIONS[node.attrs["act"]]
-            gate, gt = _emit_op(ctx, op, attrs, [gt], [gate])
-        return _emit_op(ctx, "mul", {}, [gt, TensorType(tuple(half), t.dtype)], [gate, up])[0]
+            gate, gt = emit_op(ctx, op, attrs, [gt], [gate])
+        return emit_op(ctx, "mul", {}, [gt, TensorType(tuple(half), t.dtype)], [gate, up])[0]
     R = relax.op
     p = f // nr
     # [2F, K] -> [2, P, NR, K] -> [P, K, 2, NR]: gate then up columns of panel p. The GEMM's J axes are

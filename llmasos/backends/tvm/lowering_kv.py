@@ -61,6 +61,7 @@ from tvm.script import tirx as T
 
 from ...ir.types import DType, eval_dim
 from .lowering import register_lowering, tvm_dtype
+from .lowering_fused import emit_op
 
 R = relax.op
 _NEG_BIG = -1.0e30  # the online softmax's "minus infinity": exp2 of its difference with a real score is 0, and
@@ -94,16 +95,19 @@ def _append_func(hkv: int, m: int, d: int, dtype: str, pos_dtype: str):
 
 @register_lowering("kv.append")
 def _kv_append(ctx, node, args):
+    return _append(ctx, args, node.inputs[0].type, node.inputs[2].type, _old_cache_read_later(ctx, node))
+
+
+def _append(ctx, args, ct, pos_t, copy: bool):
+    """kv.append of args (cache, new, pos) with the cache typed ``ct``: in place, or into a new cache (``copy``)."""
     cache, new, pos = args
-    ct = node.inputs[0].type
-    _, hkv, m, d = ct.shape
-    func = _append_func(hkv, m, d, tvm_dtype(ct.dtype), tvm_dtype(node.inputs[2].type.dtype))
-    gv = ctx.bb.add_func(func, "kv_append")
-    if _old_cache_read_later(ctx, node):
+    if copy:
         # the IR is functional: a later reader of the old cache must not see the append, so build a new cache.
         # (Not a copy followed by the in-place kernel: RewriteDataflowReshape turns an identity copy into a
         # view of its input, and the in-place write would then land in the old cache after all.)
         return ctx.emit_te(_append_functional, cache, new, pos, name="kv_append_copy")
+    _, hkv, m, d = ct.shape
+    gv = ctx.bb.add_func(_append_func(hkv, m, d, tvm_dtype(ct.dtype), tvm_dtype(pos_t.dtype)), "kv_append")
     out_ty = relax.TensorType(ctx.shape(ct), tvm_dtype(ct.dtype))
     return ctx.emit(relax.call_tir_inplace(gv, [cache, new, pos], [0], out_ty), "kv_appended")
 
@@ -119,12 +123,12 @@ def _append_functional(cache, new, pos):
     return te.compute(cache.shape, at, name="kv_append_copy")
 
 
-def _old_cache_read_later(ctx, node) -> bool:
-    """Whether anything but ``node`` reads its cache operand (or the graph returns it)."""
+def _old_cache_read_later(ctx, node, index: int = 0) -> bool:
+    """Whether anything but ``node`` reads its cache operand ``index`` (or the graph returns it)."""
     graph = _graph_of(ctx)
     if graph is None:  # a LowerContext that does not know its graph: the sole-reader case the LLM graphs have
         return False
-    v = node.inputs[0]
+    v = node.inputs[index]
     return v in graph.outputs or any(u is not node for u in graph.users().get(v, []))
 
 
@@ -304,21 +308,25 @@ def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
             "tile": 2 if group == 1 else 1}
 
 
-def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float):
+def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
+                          fused: Optional[bool] = None, packed: Optional[tuple] = None):
     """The decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D]
-    (``_decode_attention_cuda`` with row b's position p at cache[b, :, p])."""
-    return _decode_attention_cuda(h, hkv, m, d, dtype, pos_dtype, scale, paged=None)
+    (``_decode_attention_cuda`` with row b's position p at cache[b, :, p]). ``fused``: the kernel of
+    fused.rope_append_attention (False: the appends; True: and RoPE), arguments as ``_decode_prim_func``."""
+    return _decode_attention_cuda(h, hkv, m, d, dtype, pos_dtype, scale, paged=None, fused=fused, packed=packed)
 
 
 def paged_decode_attention_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
-                                scale: float):
+                                scale: float, fused: Optional[bool] = None, packed: Optional[tuple] = None):
     """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D]
-    (``_decode_attention_cuda`` with position p at pool[table[b, p // BS], :, p % BS])."""
-    return _decode_attention_cuda(h, hkv, mb * bs, d, dtype, pos_dtype, scale, paged=(bs, mb))
+    (``_decode_attention_cuda`` with position p at pool[table[b, p // BS], :, p % BS]); ``fused`` as in
+    decode_attention_func (fused.rope_paged_append_attention)."""
+    return _decode_attention_cuda(h, hkv, mb * bs, d, dtype, pos_dtype, scale, paged=(bs, mb), fused=fused,
+                                  packed=packed)
 
 
 def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
-                           paged: Optional[tuple]):
+                           paged: Optional[tuple], fused: Optional[bool] = None, packed: Optional[tuple] = None):
     """The CUDA decode kernel of both cache layouts (``paged``: None, or (BS, MB) with M = MB * BS; the arguments
     are ``_decode_prim_func``'s).
 
@@ -327,6 +335,11 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
     sum / output (online softmax, f32, base-2 exponent) for its query head, and the bdz partial states are
     merged at the end. Paged, a position in an unallocated block loads zeros and scores -inf. Written after
     TVM's batch_decode_paged_kv (relax/frontend/nn/llm/_decode_kernels.py).
+
+    ``fused`` (``_decode_prim_func``): each block rotates its query head as it loads it; the tile row at
+    position pos[b] takes the new key (rotated) and value from their inputs instead of the cache, and the
+    blocks of the kv head's first query head (bz == 0) write that row into the cache (or its block of the
+    pool, when allocated). No block reads position pos[b] from the cache, so no block waits for another.
     """
     s = _decode_shape(h, hkv, d, dtype)
     group, VEC, bdx, bdy, bdz, gdz, tile = (s[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "gdz", "tile"))
@@ -334,11 +347,17 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
     qk_scale = float(scale) * math.log2(math.e)
     neg = _NEG_BIG
     bs = paged[0] if paged is not None else None
+    rope = bool(fused)
+    ld = _head_loader(packed, d)
+    rot = _rope_at(dtype, d, ld)
+    qo, ko, vo = (0, 0, 0) if packed is None else packed[1:]   # the slices' offsets in heads
+    split = (d // 2) % VEC == 0   # a thread's VEC elements lie in one half of the head (rotate_half's sign)
 
     # fmt: off
     @T.inline
-    def body(Q, K, V, pos, table, O, B, NB):
-        # `if paged ...` below is resolved while parsing: each layout's kernel holds only its own branch
+    def body(Q, K, V, pos, table, O, B, NB, KN, VN, COS, SIN):
+        # `if paged ...` (and `if fused ...`, `if rope ...`) below are resolved while parsing: each kernel holds
+        # only its own branches
         for bx in T.thread_binding(B, thread="blockIdx.x"):
             for fused_by_bz in T.thread_binding(hkv * gdz, thread="blockIdx.y"):
                 for ty in T.thread_binding(bdy, thread="threadIdx.y"):
@@ -368,6 +387,20 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                 st_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 O_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                R_local = T.sblock_alloc_buffer((VEC,), dtype, scope="local")  # a rotated chunk
+
+                                @T.inline
+                                def rope_chunk(X, hh):  # R_local <- the thread's VEC elements of rope(X[bx, hh, 0])
+                                    if split:  # (resolved while parsing) the chunk lies in one half of the head
+                                        if tx * VEC < d // 2:
+                                            for vec in T.vectorized(VEC):
+                                                R_local[vec] = rot(X, COS, SIN, bx, hh, tx * VEC + vec, True)
+                                        else:
+                                            for vec in T.vectorized(VEC):
+                                                R_local[vec] = rot(X, COS, SIN, bx, hh, tx * VEC + vec, False)
+                                    else:
+                                        for vec in T.serial(VEC):
+                                            R_local[vec] = rot(X, COS, SIN, bx, hh, tx * VEC + vec)
 
                                 by: T.let[T.int32] = fused_by_bz % hkv
                                 bz: T.let[T.int32] = fused_by_bz // hkv
@@ -379,8 +412,13 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                 st_d[0] = T.float32(1.0)
                                 for vec in T.vectorized(VEC):
                                     O_local[vec] = T.float32(0)
-                                for vec in T.vectorized(VEC):
-                                    Q_local[vec] = Q[bx, qh, 0, tx * VEC + vec]
+                                if rope:
+                                    rope_chunk(Q, qh + qo)
+                                    for vec in T.vectorized(VEC):
+                                        Q_local[vec] = R_local[vec]
+                                else:
+                                    for vec in T.vectorized(VEC):
+                                        Q_local[vec] = ld(Q, bx, qh + qo, tx * VEC + vec)
 
                                 for iterator in T.serial(T.ceildiv(kv_len[0], rows)):
                                     tile_start_s: T.let[T.int32] = (tz * bdy + ty) * tile
@@ -398,6 +436,32 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                                     V_smem[tile_start_s + j, tx * VEC + vec] = V[blk, by, row, tx * VEC + vec]
 
                                             @T.inline
+                                            def load_new(blk, row):  # the appended row: from KN / VN, into the cache
+                                                if rope:
+                                                    rope_chunk(KN, by + ko)
+                                                else:
+                                                    for vec in T.vectorized(VEC):
+                                                        R_local[vec] = ld(KN, bx, by + ko, tx * VEC + vec)
+                                                for vec in T.vectorized(VEC):
+                                                    K_smem[tile_start_s + j, tx * VEC + vec] = R_local[vec]
+                                                    V_smem[tile_start_s + j, tx * VEC + vec] = ld(VN, bx, by + vo, tx * VEC + vec)
+                                                if bz == 0:  # (from registers and the input: a shared-memory read here
+                                                    #            would need a barrier inside this branch)
+                                                    for vec in T.vectorized(VEC):
+                                                        K[blk, by, row, tx * VEC + vec] = R_local[vec]
+                                                        V[blk, by, row, tx * VEC + vec] = ld(VN, bx, by + vo, tx * VEC + vec)
+
+                                            @T.inline
+                                            def load_row(blk, row):
+                                                if fused is None:
+                                                    load(blk, row)
+                                                else:
+                                                    if row_g == T.Cast("int32", pos[bx]):
+                                                        load_new(blk, row)
+                                                    else:
+                                                        load(blk, row)
+
+                                            @T.inline
                                             def load_zeros():
                                                 for vec in T.vectorized(VEC):
                                                     K_smem[tile_start_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
@@ -405,13 +469,13 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
 
                                             if paged is None:
                                                 if row_g < kv_len[0]:
-                                                    load(bx, row_g)
+                                                    load_row(bx, row_g)
                                                 else:
                                                     load_zeros()
                                             else:
                                                 blk: T.let[T.int32] = T.if_then_else(row_g < kv_len[0], table[bx, T.min(row_g, m - 1) // bs], -1)
                                                 if blk >= 0 and blk < NB:
-                                                    load(blk, row_g % bs)
+                                                    load_row(blk, row_g % bs)
                                                     if tx == 0:
                                                         ok_smem[tile_start_s + j] = 1
                                                 else:
@@ -460,8 +524,9 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                 if bdz > 1:
                                     for vec in T.vectorized(VEC):
                                         O_allreduce[tz, ty, tx * VEC + vec] = O_local[vec]
-                                    md_allreduce[tz, ty, 0] = st_m[0]
-                                    md_allreduce[tz, ty, 1] = st_d[0]
+                                    if tx == 0:  # (one writer: the tx lanes hold the same values)
+                                        md_allreduce[tz, ty, 0] = st_m[0]
+                                        md_allreduce[tz, ty, 1] = st_d[0]
                                     T.tvm_storage_sync("shared")
                                     st_m[0] = T.float32(neg)
                                     st_d[0] = T.float32(1.0)
@@ -486,10 +551,11 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
                                 else:
                                     for vec in T.vectorized(VEC):
                                         O_local[vec] /= T.max(st_d[0], T.float32(1e-30))
-                                for vec in T.vectorized(VEC):
-                                    O[bx, qh, 0, tx * VEC + vec] = T.Cast(dtype, O_local[vec])
+                                if tz == 0:  # (after the merge every tz holds the same output)
+                                    for vec in T.vectorized(VEC):
+                                        O[bx, qh, 0, tx * VEC + vec] = T.Cast(dtype, O_local[vec])
     # fmt: on
-    return _decode_prim_func(h, hkv, m, d, dtype, pos_dtype, paged, "int32", body)
+    return _decode_prim_func(h, hkv, m, d, dtype, pos_dtype, paged, "int32", body, fused, packed)
 
 
 def _decode_call(ctx, node, args, kernel: tuple):
@@ -500,47 +566,173 @@ def _decode_call(ctx, node, args, kernel: tuple):
 
 
 def _decode_prim_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, paged: Optional[tuple],
-                      index: str, body):
+                      index: str, body, fused: Optional[bool] = None, packed: Optional[tuple] = None):
     """A decode kernel's PrimFunc around ``body``, the kernel proper (a ``T.inline`` called with the buffers and
-    sizes (Q, K, V, pos, table, O, B, NB)). Arguments q [B, H, 1, D], the caches, pos [B], out [B, H, 1, D]:
-    ``paged`` None, caches [B, Hkv, M, D] (row b's position p at [b, :, p]; table and NB are None); ``paged``
-    (BS, MB), pools [NB, Hkv, BS, D] and a block table [B, MB] i32 before out (position p at
-    [table[b, p // BS], :, p % BS]). B and NB are of dtype ``index``."""
+    sizes (Q, K, V, pos, table, O, B, NB, KN, VN, COS, SIN)). Arguments q [B, H, 1, D], the caches, pos [B], out
+    [B, H, 1, D]: ``paged`` None, caches [B, Hkv, M, D] (row b's position p at [b, :, p]; table and NB are
+    None); ``paged`` (BS, MB), pools [NB, Hkv, BS, D] and a block table [B, MB] i32 after pos (position p at
+    [table[b, p // BS], :, p % BS]). B and NB are of dtype ``index``.
+
+    ``fused`` (fused.rope_append_attention's kernel): None, attention only; False, the new key and value rows
+    KN, VN [B, Hkv, 1, D] come after q and are appended at pos[b] (written into the caches, which the caller
+    passes in place); True, and RoPE tables COS, SIN [B, 1, 1, D] follow pos (or the table) and q and the new
+    key are rotated. Argument order: q, (KN, VN,) caches, pos, (table,) (COS, SIN,) out -- the fused op's
+    operands, then the output. ``packed`` (W, qo, ko, vo), fused kernels only: q, the new keys and the new
+    values are not three arguments but one, the projection X [B, 1, W] they are slices of (query head h at
+    X[b, 0, (qo + h) * D:], kv head g's new key at (ko + g) * D, its value at (vo + g) * D) -- no copies of
+    the slices are made."""
     bs, mb = paged if paged is not None else (None, None)
     index_var = T.int32 if index == "int32" else T.int64
+    rope = bool(fused)
 
     # fmt: off
     @T.inline
-    def kernel(var_q, var_k, var_v, var_pos, var_table, var_out):
+    def kernel(var_q, var_k, var_v, var_pos, var_table, var_out, var_kn, var_vn, var_cos, var_sin):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         B = index_var()
-        Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
         pos = T.match_buffer(var_pos, (B,), pos_dtype)
         O = T.match_buffer(var_out, (B, h, 1, d), dtype)
-        if paged is None:  # (resolved while parsing)
+
+        @T.inline
+        def run(K, V, table, NB):  # body with the fused kernels' extra buffers (None where absent)
+            if fused is None:  # (resolved while parsing, as every `if` on these Python values below)
+                Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
+                body(Q, K, V, pos, table, O, B, NB, None, None, None, None)
+            elif packed is not None:
+                Q = T.match_buffer(var_q, (B, 1, packed[0]), dtype)
+                if rope:
+                    COS = T.match_buffer(var_cos, (B, 1, 1, d), dtype)
+                    SIN = T.match_buffer(var_sin, (B, 1, 1, d), dtype)
+                    body(Q, K, V, pos, table, O, B, NB, Q, Q, COS, SIN)
+                else:
+                    body(Q, K, V, pos, table, O, B, NB, Q, Q, None, None)
+            else:
+                Q = T.match_buffer(var_q, (B, h, 1, d), dtype)
+                KN = T.match_buffer(var_kn, (B, hkv, 1, d), dtype)
+                VN = T.match_buffer(var_vn, (B, hkv, 1, d), dtype)
+                if rope:
+                    COS = T.match_buffer(var_cos, (B, 1, 1, d), dtype)
+                    SIN = T.match_buffer(var_sin, (B, 1, 1, d), dtype)
+                    body(Q, K, V, pos, table, O, B, NB, KN, VN, COS, SIN)
+                else:
+                    body(Q, K, V, pos, table, O, B, NB, KN, VN, None, None)
+
+        if paged is None:
             K = T.match_buffer(var_k, (B, hkv, m, d), dtype)
             V = T.match_buffer(var_v, (B, hkv, m, d), dtype)
-            body(Q, K, V, pos, None, O, B, None)
+            run(K, V, None, None)
         else:
             NB = index_var()
             K = T.match_buffer(var_k, (NB, hkv, bs, d), dtype)
             V = T.match_buffer(var_v, (NB, hkv, bs, d), dtype)
             table = T.match_buffer(var_table, (B, mb), "int32")
-            body(Q, K, V, pos, table, O, B, NB)
+            run(K, V, table, NB)
 
-    if paged is None:
+    if fused is None and paged is None:
         @T.prim_func(private=True, s_tir=True)
         def kv_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
                                 var_out: T.handle):
-            kernel(var_q, var_k, var_v, var_pos, None, var_out)
+            kernel(var_q, var_k, var_v, var_pos, None, var_out, None, None, None, None)
         return kv_decode_attention
+    if fused is None:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_paged_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                      var_table: T.handle, var_out: T.handle):
+            kernel(var_q, var_k, var_v, var_pos, var_table, var_out, None, None, None, None)
+        return kv_paged_decode_attention
+    if packed is not None:
+        return _packed_prim_func(kernel, paged, rope)
+    if paged is None and not rope:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_decode_append_attention(var_q: T.handle, var_kn: T.handle, var_vn: T.handle, var_k: T.handle,
+                                       var_v: T.handle, var_pos: T.handle, var_out: T.handle):
+            kernel(var_q, var_k, var_v, var_pos, None, var_out, var_kn, var_vn, None, None)
+        return kv_decode_append_attention
+    if paged is None:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_decode_rope_append_attention(var_q: T.handle, var_kn: T.handle, var_vn: T.handle, var_k: T.handle,
+                                            var_v: T.handle, var_pos: T.handle, var_cos: T.handle,
+                                            var_sin: T.handle, var_out: T.handle):
+            kernel(var_q, var_k, var_v, var_pos, None, var_out, var_kn, var_vn, var_cos, var_sin)
+        return kv_decode_rope_append_attention
+    if not rope:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_paged_decode_append_attention(var_q: T.handle, var_kn: T.handle, var_vn: T.handle, var_k: T.handle,
+                                             var_v: T.handle, var_pos: T.handle, var_table: T.handle,
+                                             var_out: T.handle):
+            kernel(var_q, var_k, var_v, var_pos, var_table, var_out, var_kn, var_vn, None, None)
+        return kv_paged_decode_append_attention
 
     @T.prim_func(private=True, s_tir=True)
-    def kv_paged_decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                                  var_table: T.handle, var_out: T.handle):
-        kernel(var_q, var_k, var_v, var_pos, var_table, var_out)
+    def kv_paged_decode_rope_append_attention(var_q: T.handle, var_kn: T.handle, var_vn: T.handle,
+                                              var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                              var_table: T.handle, var_cos: T.handle, var_sin: T.handle,
+                                              var_out: T.handle):
+        kernel(var_q, var_k, var_v, var_pos, var_table, var_out, var_kn, var_vn, var_cos, var_sin)
     # fmt: on
-    return kv_paged_decode_attention
+    return kv_paged_decode_rope_append_attention
+
+
+def _packed_prim_func(kernel, paged, rope: bool):
+    """The fused kernels' PrimFuncs with one projection argument X for q and the new keys and values
+    (``_decode_prim_func``'s ``packed``): X, caches, pos, (table,) (cos, sin,) out."""
+    # fmt: off
+    if paged is None and not rope:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_decode_append_attention(var_x: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                       var_out: T.handle):
+            kernel(var_x, var_k, var_v, var_pos, None, var_out, None, None, None, None)
+        return kv_decode_append_attention
+    if paged is None:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_decode_rope_append_attention(var_x: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                            var_cos: T.handle, var_sin: T.handle, var_out: T.handle):
+            kernel(var_x, var_k, var_v, var_pos, None, var_out, None, None, var_cos, var_sin)
+        return kv_decode_rope_append_attention
+    if not rope:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_paged_decode_append_attention(var_x: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                             var_table: T.handle, var_out: T.handle):
+            kernel(var_x, var_k, var_v, var_pos, var_table, var_out, None, None, None, None)
+        return kv_paged_decode_append_attention
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_paged_decode_rope_append_attention(var_x: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                              var_table: T.handle, var_cos: T.handle, var_sin: T.handle,
+                                              var_out: T.handle):
+        kernel(var_x, var_k, var_v, var_pos, var_table, var_out, None, None, var_cos, var_sin)
+    # fmt: on
+    return kv_paged_decode_rope_append_attention
+
+
+def _head_loader(packed: Optional[tuple], d: int):
+    """(X, b, hh, x) -> element x of head hh of row b: X [B, heads, 1, D] (q, or the new keys / values), or
+    with ``packed`` the projection X [B, 1, W] all three were sliced from, head hh at [b, 0, hh * D + x] (the
+    caller adds the slice's offset in heads)."""
+    if packed is None:
+        return lambda X, b, hh, x: X[b, hh, 0, x]
+    return lambda X, b, hh, x: X[b, 0, hh * d + x]
+
+
+def _rope_at(dtype: str, d: int, ld):
+    """x * cos + rotate_half(x) * sin at element ``i`` of head ``hh`` of row ``b`` of X (read through ``ld``,
+    _head_loader's), in ``dtype`` op by op as the unfused graph computes it (rotate_half(x)[i] = -x[i + D/2]
+    for i < D/2, else x[i - D/2]; the partner index (i + D/2) mod D stays in bounds on both sides of the
+    select)."""
+    half = d // 2
+
+    def at(X, COS, SIN, b, hh, i, low=None):
+        """``low`` True / False: ``i`` is known to lie in the first / second half (no select: TVM's CUDA
+        codegen cannot vectorise a select over halves)."""
+        if low is None:
+            partner = ld(X, b, hh, (i + half) % d)
+            rot = tir.Select(i < half, tir.const(0, dtype) - partner, partner)
+        elif low:
+            rot = tir.const(0, dtype) - ld(X, b, hh, i + half)
+        else:
+            rot = ld(X, b, hh, i - half)
+        return ld(X, b, hh, i) * COS[b, 0, 0, i] + rot * SIN[b, 0, 0, i]
+    return at
 
 
 # ------------------------------------------------------------------------------------------------
@@ -565,21 +757,26 @@ def _exp2_nonpositive(x):
 
 
 def decode_attention_cpu_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
-                              lanes: int = 16):
+                              lanes: int = 16, fused: Optional[bool] = None, packed: Optional[tuple] = None):
     """The CPU decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D]
-    (``_decode_attention_cpu`` with row b's position p at cache[b, :, p])."""
-    return _decode_attention_cpu(h, hkv, m, d, dtype, pos_dtype, scale, lanes, paged=None)
+    (``_decode_attention_cpu`` with row b's position p at cache[b, :, p]). ``fused``: the kernel of
+    fused.rope_append_attention (False: the appends; True: and RoPE), arguments as ``_decode_prim_func``."""
+    return _decode_attention_cpu(h, hkv, m, d, dtype, pos_dtype, scale, lanes, paged=None, fused=fused, packed=packed)
 
 
 def paged_decode_attention_cpu_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
-                                    scale: float, lanes: int = 16):
+                                    scale: float, lanes: int = 16, fused: Optional[bool] = None,
+                                    packed: Optional[tuple] = None):
     """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D]
-    (``_decode_attention_cpu`` with position p at pool[table[b, p // BS], :, p % BS])."""
-    return _decode_attention_cpu(h, hkv, mb * bs, d, dtype, pos_dtype, scale, lanes, paged=(bs, mb))
+    (``_decode_attention_cpu`` with position p at pool[table[b, p // BS], :, p % BS]); ``fused`` as in
+    decode_attention_cpu_func (fused.rope_paged_append_attention)."""
+    return _decode_attention_cpu(h, hkv, mb * bs, d, dtype, pos_dtype, scale, lanes, paged=(bs, mb), fused=fused,
+                                 packed=packed)
 
 
 def _decode_attention_cpu(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
-                          lanes: int, paged: Optional[tuple]):
+                          lanes: int, paged: Optional[tuple], fused: Optional[bool] = None,
+                          packed: Optional[tuple] = None):
     """The CPU decode kernel of both cache layouts (``paged``: None, or (BS, MB) with M = MB * BS; the arguments
     are ``_decode_prim_func``'s): one parallel task per (row, kv head); it streams cache positions 0..pos[b] once
     for all the kv head's query heads, keeping each one's running max / sum / output in f32 (online softmax).
@@ -588,17 +785,26 @@ def _decode_attention_cpu(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
     The generic path computes all M logits whatever pos is (a 2048-row cache costs the same at position
     10 as at 2000); this reads only the rows a query sees, each once per kv head. The dot products run
     ``lanes`` wide (partial sums, then one horizontal add), the output updates over D vectorised.
+
+    ``fused`` (``_decode_prim_func``): each task first writes its kv head's new key (rotated) and value rows
+    at pos[b] (into the row's block of the pool, when allocated) and rotates its query heads as it loads
+    them; the attention then reads the cache as it stands (the task wrote the rows it reads itself).
     """
     group = h // hkv
     L = next(v for v in (16, 8, 4, 2, 1) if v <= lanes and d % v == 0)
     qk_scale = float(scale) * math.log2(math.e)
     neg = _NEG_BIG
     bs = paged[0] if paged is not None else None
+    rope = bool(fused)
+    ld = _head_loader(packed, d)
+    rot = _rope_at(dtype, d, ld)
+    qo, ko, vo = (0, 0, 0) if packed is None else packed[1:]   # the slices' offsets in heads
 
     # fmt: off
     @T.inline
-    def body(Q, K, V, pos, table, O, B, NB):
-        # `if paged ...` below is resolved while parsing: each layout's kernel holds only its own branch
+    def body(Q, K, V, pos, table, O, B, NB, KN, VN, COS, SIN):
+        # `if paged ...` (and `if fused ...`, `if rope ...`) below are resolved while parsing: each kernel holds
+        # only its own branches
         for bg in T.parallel(B * hkv):
             with T.sblock("attn"):
                 T.reads()
@@ -612,11 +818,33 @@ def _decode_attention_cpu(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
                 b: T.let[T.int64] = bg // hkv
                 g: T.let[T.int64] = bg % hkv
                 n: T.let[T.int64] = T.min(T.max(T.Cast("int64", pos[b]) + T.int64(1), T.int64(0)), T.int64(m))
+
+                @T.inline
+                def append(blk, j):  # the new key (rotated) and value rows at cache row [blk, kv head, j]
+                    for x in T.serial(d):
+                        if rope:
+                            K[blk, g, j, x] = rot(KN, COS, SIN, b, g + ko, x)
+                        else:
+                            K[blk, g, j, x] = ld(KN, b, g + ko, x)
+                        V[blk, g, j, x] = ld(VN, b, g + vo, x)
+
+                if fused is not None:
+                    p: T.let[T.int64] = T.Cast("int64", pos[b])
+                    if p >= T.int64(0) and p < T.int64(m):
+                        if paged is None:
+                            append(b, p)
+                        else:
+                            pblk: T.let[T.int64] = T.Cast("int64", table[b, p // T.int64(bs)])
+                            if pblk >= T.int64(0) and pblk < NB:
+                                append(pblk, p % T.int64(bs))
                 for r in T.serial(group):
                     mx[r] = T.float32(neg)
                     den[r] = T.float32(0)
                     for x in T.vectorized(d):
-                        qf[r, x] = T.Cast("float32", Q[b, g * group + r, 0, x]) * T.float32(qk_scale)
+                        if rope:
+                            qf[r, x] = T.Cast("float32", rot(Q, COS, SIN, b, g * group + r + qo, x)) * T.float32(qk_scale)
+                        else:
+                            qf[r, x] = T.Cast("float32", ld(Q, b, g * group + r + qo, x)) * T.float32(qk_scale)
                         acc[r, x] = T.float32(0)
 
                 @T.inline
@@ -662,7 +890,7 @@ def _decode_attention_cpu(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtyp
                     for x in T.vectorized(d):
                         O[b, g * group + r, 0, x] = T.Cast(dtype, acc[r, x] / T.max(den[r], T.float32(1e-30)))
     # fmt: on
-    return _decode_prim_func(h, hkv, m, d, dtype, pos_dtype, paged, "int64", body)
+    return _decode_prim_func(h, hkv, m, d, dtype, pos_dtype, paged, "int64", body, fused, packed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -698,16 +926,20 @@ def _paged_append_func(hkv: int, bs: int, d: int, mb: int, dtype: str, pos_dtype
 
 @register_lowering("kv.paged_append")
 def _kv_paged_append(ctx, node, args):
-    pt, tt = node.inputs[0].type, node.inputs[3].type
+    _refuse_pool_read_later(ctx, node, 0)
+    return _paged_append(ctx, args, node.inputs[0].type, node.inputs[2].type, node.inputs[3].type)
+
+
+def _refuse_pool_read_later(ctx, node, index: int) -> None:
+    if _old_cache_read_later(ctx, node, index):
+        raise NotImplementedError(
+            f"its pool %{node.inputs[index].name} is read again after the append; the TVM backend updates pools in "
+            f"place only (read the appended pool instead)")
+
+
+def _paged_append(ctx, args, pt, pos_t, tt):
     _, hkv, bs, d = pt.shape
-    graph = _graph_of(ctx)
-    if graph is not None:
-        v = node.inputs[0]
-        if v in graph.outputs or any(u is not node for u in graph.users().get(v, [])):
-            raise NotImplementedError(
-                f"its pool %{v.name} is read again after the append; the TVM backend updates pools in place only "
-                f"(read the appended pool instead)")
-    func = _paged_append_func(hkv, bs, d, tt.shape[1], tvm_dtype(pt.dtype), tvm_dtype(node.inputs[2].type.dtype))
+    func = _paged_append_func(hkv, bs, d, tt.shape[1], tvm_dtype(pt.dtype), tvm_dtype(pos_t.dtype))
     gv = ctx.bb.add_func(func, "kv_paged_append")
     out_ty = relax.TensorType(ctx.shape(pt), tvm_dtype(pt.dtype))
     return ctx.emit(relax.call_tir_inplace(gv, list(args), [0], out_ty), "pool_appended")
@@ -754,3 +986,158 @@ def _gather(pool, table, pos, q):
         return tir.if_then_else(ok, pool[tir.max(blk, tir.const(0, "int64")), h, j % bs, x],
                                 tir.const(0, pool.dtype))
     return te.compute((b_, hkv, mb * bs, d), at, name="kv_paged_gather")
+
+
+# ------------------------------------------------------------------------------------------------
+# fused.rope_append_attention / fused.rope_paged_append_attention
+
+@register_lowering("fused.rope_append_attention")
+def _rope_append_attention(ctx, node, args):
+    return _fused_attention(ctx, node, args, paged=False)
+
+
+@register_lowering("fused.rope_paged_append_attention")
+def _rope_paged_append_attention(ctx, node, args):
+    return _fused_attention(ctx, node, args, paged=True)
+
+
+def _fused_attention(ctx, node, args, paged: bool):
+    """One kernel (the target's ``kv_decode_append_attention`` / its paged twin) for one query per row where
+    the caches are updated in place; otherwise the ops the node stands for, through their own lowerings."""
+    if paged:
+        _refuse_pool_read_later(ctx, node, 3)
+        _refuse_pool_read_later(ctx, node, 4)
+    packed = _packed_projection(ctx, node, args)
+    kernel = _fused_kernel(ctx, node, paged, packed[1] if packed else None)
+    if kernel is None and packed is not None:
+        packed, kernel = None, _fused_kernel(ctx, node, paged, None)
+    if kernel is None:
+        return _fused_unfused(ctx, node, args, paged)
+    name, func = kernel
+    gv = ctx.bb.add_func(func, name)
+    qt, kt = node.inputs[0].type, node.inputs[3].type
+    tys = [relax.TensorType(ctx.shape(t), tvm_dtype(t.dtype)) for t in (qt, kt, kt)]
+    if packed is not None:   # q, k, v -> the projection they are slices of
+        call_args, where = [packed[0], *args[3:]], [-1, 1, 2]
+    else:
+        call_args, where = list(args), [-1, 3, 4]
+    call = ctx.emit(relax.call_tir_inplace(gv, call_args, where, tys), "attn_append")
+    return [ctx.emit(relax.TupleGetItem(call, i), n) for i, n in enumerate(("attn", "kv_appended", "kv_appended"))]
+
+
+def _packed_projection(ctx, node, args):
+    """(X, (W, qo, ko, vo)) when the node's q, new keys and new values are head views of one projection X
+    [B, 1, W] -- each ``permute_dims(reshape(strided_slice(X, last axis, a:b), [B, 1, heads, D]), [0, 2, 1,
+    3)`` with ``a`` a multiple of D (what split-heads leaves of the merged QKV GEMM's output, as lowered) --
+    so the kernel reads them from X and the three slice copies are never made; else None. T = 1 only (the
+    permute is then a reshape in memory)."""
+    d = node.inputs[0].type.shape[3]
+    found = []
+    for arg, heads in zip(args[:3], (node.inputs[0].type.shape[1], node.inputs[1].type.shape[1],
+                                     node.inputs[2].type.shape[1])):
+        src = _head_view_source(ctx.bb, arg, heads, d)
+        if src is None or (found and not src[0].same_as(found[0][0])):
+            return None
+        found.append(src)
+    x, width = found[0][0], found[0][1]
+    return x, (width, *(a // d for _, _, a in found))
+
+
+def _head_view_source(bb, var, heads: int, d: int):
+    """(X, W, a) when ``var`` is bound to permute_dims(reshape(strided_slice(X [B, 1, W], axis -1, a:a+heads*D,
+    step 1), [B, 1, heads, D]), [0, 2, 1, 3]) with a % D == 0, else None."""
+    def call_of(v, op):
+        if not isinstance(v, relax.Var):
+            return None
+        try:
+            e = bb.lookup_binding(v)
+        except Exception:  # noqa: BLE001 -- not bound in this builder
+            return None
+        return e if isinstance(e, relax.Call) and getattr(e.op, "name", None) == op else None
+
+    def ints(xs):
+        """[int] of a relax Tuple of PrimValues, a ShapeExpr or a list of IntImms; None if any is not constant."""
+        items = getattr(xs, "fields", None)
+        if items is None:
+            items = getattr(xs, "values", xs)
+        try:
+            return [int(getattr(x, "value", x)) for x in items]
+        except (TypeError, ValueError):
+            return None
+
+    perm = call_of(var, "relax.permute_dims")
+    if perm is None or perm.attrs.axes is None or ints(perm.attrs.axes) != [0, 2, 1, 3]:
+        return None
+    rs = call_of(perm.args[0], "relax.reshape")
+    if rs is None:
+        return None
+    sl = call_of(rs.args[0], "relax.strided_slice")
+    if sl is None or len(sl.args) < 4:
+        return None
+    x = sl.args[0]
+    ty = x.ty if hasattr(x, "ty") else getattr(x, "struct_info", None)   # (this TVM: ty; older: struct_info)
+    shape = getattr(getattr(ty, "shape", None), "values", None)
+    if shape is None or len(shape) != 3:
+        return None
+    w = ints([shape[2]])
+    t = ints([shape[1]])
+    axes, begin, end = (ints(a) for a in sl.args[1:4])
+    strides = ints(sl.args[4]) if len(sl.args) > 4 else [1]
+    if None in (w, t, axes, begin, end, strides) or t != [1] or len(axes) != 1 or axes[0] not in (2, -1):
+        return None
+    a, b = begin[0], end[0]
+    if strides != [1] or a % d or b - a != heads * d:
+        return None
+    return x, w[0], a
+
+
+def _fused_kernel(ctx, node, paged: bool, packed):
+    qt, ct, pt = node.inputs[0].type, node.inputs[3].type, node.inputs[5].type
+    rope = len(node.inputs) > (7 if paged else 6)
+    if ctx.spec is None or qt.shape[2] != 1 or qt.dtype not in (DType.f16, DType.f32):
+        return None
+    _, h, _, d = qt.shape
+    if paged:
+        _, hkv, bs, _ = ct.shape
+        return ctx.spec.kv_paged_decode_append_attention(h, hkv, bs, node.inputs[6].type.shape[1], d,
+                                                         tvm_dtype(qt.dtype), tvm_dtype(pt.dtype),
+                                                         node.attrs["scale"], rope, packed)
+    if _old_cache_read_later(ctx, node, 3) or _old_cache_read_later(ctx, node, 4):
+        return None   # the kernel appends in place: the ops' lowerings copy instead
+    _, hkv, m, _ = ct.shape
+    return ctx.spec.kv_decode_append_attention(h, hkv, m, d, tvm_dtype(qt.dtype), tvm_dtype(pt.dtype),
+                                               node.attrs["scale"], rope, packed)
+
+
+def _fused_unfused(ctx, node, args, paged: bool):
+    """The ops fused.rope_(paged_)append_attention stands for, each through its own lowering: RoPE as the
+    unfused graph's slices, neg, concat, muls and add, the appends, then the attention."""
+    ts = [v.type for v in node.inputs]
+    q, k, v, kc, vc, pos = args[:6]
+    extra = [args[6]] if paged else []
+    if len(args) > 6 + len(extra):
+        cs, cst = args[6 + len(extra):], ts[6 + len(extra):]
+        q = _rope_ops(ctx, q, ts[0], cs, cst)
+        k = _rope_ops(ctx, k, ts[1], cs, cst)
+    if paged:
+        kc2 = _paged_append(ctx, [kc, k, pos, *extra], ts[3], ts[5], ts[6])
+        vc2 = _paged_append(ctx, [vc, v, pos, *extra], ts[4], ts[5], ts[6])
+        o, _ = emit_op(ctx, "kv.paged_attention", {"scale": node.attrs["scale"]}, [ts[0], ts[3], ts[4], ts[5], ts[6]],
+                        [q, kc2, vc2, pos, *extra])
+    else:
+        kc2 = _append(ctx, [kc, k, pos], ts[3], ts[5], _old_cache_read_later(ctx, node, 3))
+        vc2 = _append(ctx, [vc, v, pos], ts[4], ts[5], _old_cache_read_later(ctx, node, 4))
+        o, _ = emit_op(ctx, "kv.attention", {"scale": node.attrs["scale"]}, [ts[0], ts[3], ts[4], ts[5]],
+                        [q, kc2, vc2, pos])
+    return [o, kc2, vc2]
+
+
+def _rope_ops(ctx, x, xt, cs, cst):
+    d = xt.shape[3]
+    hi, ht = emit_op(ctx, "slice", {"axis": 3, "start": d // 2, "end": d}, [xt], [x])
+    lo, lt = emit_op(ctx, "slice", {"axis": 3, "start": 0, "end": d // 2}, [xt], [x])
+    neg, nt = emit_op(ctx, "neg", {}, [ht], [hi])
+    rot, rt = emit_op(ctx, "concat", {"axis": 3}, [nt, lt], [neg, lo])
+    a, at = emit_op(ctx, "mul", {}, [xt, cst[0]], [x, cs[0]])
+    b, bt = emit_op(ctx, "mul", {}, [rt, cst[1]], [rot, cs[1]])
+    return emit_op(ctx, "add", {}, [at, bt], [a, b])[0]

@@ -16,7 +16,7 @@ for a three-token prompt (``std::bad_alloc`` on the first call). So:
   ($LLMASOS_MEMORY_LIMIT bytes overrides it), naming the bound to lower.
 
 The estimate counts what the Relax program holds (kernels' on-chip scratch is not); in-place updates
-(``call_tir_inplace``: the KV append) and reshapes/views cost nothing.
+(``call_tir_inplace``: the KV append, and the aliased results of a fused one) and reshapes/views cost nothing.
 """
 from __future__ import annotations
 
@@ -156,11 +156,18 @@ def function_memory(name: str, func) -> FunctionMemory:
     for v in relax.analysis.free_vars(body.body):
         last[v] = len(bindings)
     size = {}
+    inplace = {}    # var bound to a call_tir_inplace with several results -> its inplace_indices
     live = peak = 0
     for i, b in enumerate(bindings):
         op = getattr(getattr(b.value, "op", None), "name", None)
         nbytes = _bytes_of(b.var.ty, analyzer)
         consider(b.var.name, b.var.ty, nbytes)
+        if op == "relax.call_tir_inplace":
+            inplace[b.var] = [int(x) for x in b.value.attrs.inplace_indices]
+        if isinstance(b.value, relax.TupleGetItem) and b.value.tuple_value in inplace:
+            # a result of an in-place call: an alias of its argument, unless freshly allocated (index -1)
+            aliased = inplace[b.value.tuple_value][b.value.index] >= 0
+            nbytes = 0 if aliased else (nbytes or 0)
         nbytes = 0 if op in ALIASING_OPS else (nbytes or 0)
         size[b.var] = nbytes
         live += nbytes

@@ -76,6 +76,7 @@ class _Machine:
         self.env: dict = {}
         self.store: dict = {}          # buffer data Var -> _Storage
         self.mask = None               # bool [threads] while inside the thread grid
+        self._reducer = None           # the enclosing reduce_scope's reducer ("add"), for tvm_thread_allreduce
         self.threads = 0
         params = list(func.params)
         if len(params) != len(arrays):
@@ -292,6 +293,31 @@ class _Machine:
                 st.reader[at] = -1
         return None
 
+    def _c_tvm_thread_allreduce(self, e):
+        """A cross-thread sum (the ``reduce_scope`` attribute above it names the reducer): each thread gets the
+        sum over the threads of its block that differ only in the reduced thread indices; every thread of
+        such a group must be active (on a GPU the others would wait forever or read garbage)."""
+        if self._reducer != "add":
+            raise NotImplementedError(f"simt: tvm_thread_allreduce with reducer {self._reducer}")
+        if int(self.scalar(e.args[0])) != 1 or not bool(np.all(self.eval(e.args[2]))):
+            raise NotImplementedError("simt: tvm_thread_allreduce of several values or with a condition")
+        value = np.broadcast_to(np.asarray(self.eval(e.args[1])), (self.threads,))
+        key = self.tid.copy()
+        for var in e.args[4:]:
+            tag = next((t for t, v in self._thread_vars.items() if v.same_as(var)), None)
+            if tag is None or not tag.startswith("threadIdx"):
+                raise NotImplementedError(f"simt: tvm_thread_allreduce over {var}, not a threadIdx variable")
+            key = key - self._coords[tag] * self._strides[tag]
+        uniq, group = np.unique(key, return_inverse=True)
+        active = np.bincount(group, weights=self.mask, minlength=len(uniq))
+        size = np.bincount(group, minlength=len(uniq))
+        if ((active > 0) & (active < size)).any():
+            raise RuntimeError("simt: tvm_thread_allreduce reached by only some threads of a group")
+        sums = np.zeros(len(uniq), np.float64)
+        np.add.at(sums, group, value.astype(np.float64))
+        self._write(e.args[3], sums[group].astype(value.dtype))
+        return None
+
     def _c_exp2(self, e):
         with np.errstate(over="ignore", under="ignore"):
             return self._cast(np.exp2(self.eval(e.args[0])), _dt(e))
@@ -474,6 +500,17 @@ class _Machine:
     def _s_Bind(self, s):
         self.env[s.var] = self.eval(s.value)
 
+    def _s_AttrStmt(self, s):
+        if s.attr_key != "reduce_scope":
+            raise NotImplementedError(f"simt: attribute {s.attr_key}")
+        src = str(s.node.result[0]) if len(s.node.result) == 1 else ""
+        lhs, rhs = (str(x) for x in (s.node.lhs[0], s.node.rhs[0])) if len(s.node.lhs) == 1 else ("", "")
+        self._reducer = "add" if src in (f"{lhs} + {rhs}", f"{rhs} + {lhs}") else src
+        try:
+            self.exec(s.body)
+        finally:
+            self._reducer = None
+
     def _s_Evaluate(self, s):
         self.eval(s.value)
 
@@ -573,6 +610,10 @@ class _Machine:
                   "blockIdx.z": self.block // (dims["blockIdx.x"] * dims["blockIdx.y"])}
         for tag, (var, _, lo) in extents.items():
             self.env[var] = (coords[tag] + lo).astype(_np_dtype(_dt(var)))
+        self._thread_vars = {tag: var for tag, (var, _, _) in extents.items()}
+        self._coords = coords
+        self._strides = {"threadIdx.x": 1, "threadIdx.y": dims["threadIdx.x"],
+                         "threadIdx.z": dims["threadIdx.x"] * dims["threadIdx.y"]}
         self.tid = idx
         self.mask = np.ones(self.threads, bool)
         self.exec(node)

@@ -209,6 +209,22 @@ class Target:
         None for the generic lowering (softmax of masked q k^T, then p v)."""
         return None
 
+    def kv_decode_append_attention(self, heads: int, kv_heads: int, max_seq: int, head_dim: int, dtype: str,
+                                   pos_dtype: str, scale: float, rope: bool,
+                                   packed: Optional[tuple] = None) -> Optional[tuple]:
+        """(name, PrimFunc) of a hand-written kernel for fused.rope_append_attention with one query per row:
+        RoPE of q and the new key (``rope``), both cache appends (in place) and the attention, arguments as
+        lowering_kv._decode_prim_func with ``fused=rope`` and ``packed`` (not None: q, k and v are slices of
+        one projection, passed instead of them; a target that cannot read that form returns None and is
+        asked again with packed=None); or None to run the ops it stands for."""
+        return None
+
+    def kv_paged_decode_append_attention(self, heads: int, kv_heads: int, block_size: int, max_blocks: int,
+                                         head_dim: int, dtype: str, pos_dtype: str, scale: float,
+                                         rope: bool, packed: Optional[tuple] = None) -> Optional[tuple]:
+        """The paged twin of kv_decode_append_attention (fused.rope_paged_append_attention), or None."""
+        return None
+
     def kv_prefill_attention(self, heads: int, kv_heads: int, max_seq: int, head_dim: int, dtype: str,
                              pos_dtype: str, scale: float) -> Optional[tuple]:
         """(name, PrimFunc) of a hand-written kv.attention kernel for many queries per row (a prompt, T > 1)
@@ -395,6 +411,26 @@ class CPUTarget(Target):
                 paged_decode_attention_cpu_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
                                                 scale))
 
+    # (packed: the fused kernel reading q, k, v from the merged projection measured 4% slower than taking the
+    # three head views, SmolLM2 int4 decode on 1 and 2 threads -- the views' copies join the GEMV's kernel)
+    def kv_decode_append_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale, rope,
+                                   packed=None):
+        if packed is not None:
+            return None
+        from .lowering_kv import decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
+        return (f"kv_decode{'_rope' if rope else ''}_append_attention_cpu",
+                decode_attention_cpu_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale, fused=rope,
+                                          packed=packed))
+
+    def kv_paged_decode_append_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
+                                         scale, rope, packed=None):
+        if packed is not None:
+            return None
+        from .lowering_kv import paged_decode_attention_cpu_func  # deferred: the TVM compiler (module docstring)
+        return (f"kv_paged_decode{'_rope' if rope else ''}_append_attention_cpu",
+                paged_decode_attention_cpu_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
+                                                scale, fused=rope, packed=packed))
+
     def synchronize(self) -> None:
         pass  # the CPU kernels return when their work is done
 
@@ -437,7 +473,8 @@ class CUDATarget(Target):
 
     tvm_kinds: ClassVar[tuple] = ("cuda",)
     options: ClassVar[Optional[tuple]] = ("fast_math", "decode_gemv", "tensor_cores", "small_m_gemm", "small_m_rows",
-                                          "prefill_gemm", "prefill_gemm_warps", "small_m_quant_gemm", "flash_prefill")
+                                          "prefill_gemm", "prefill_gemm_warps", "small_m_quant_gemm", "flash_prefill",
+                                          "fused_attention_packed")
     variant_key: ClassVar[Optional[str]] = "arch"
     source_kind: ClassVar[Optional[str]] = "cuda"
     gemm_nt: ClassVar[bool] = True
@@ -565,6 +602,32 @@ class CUDATarget(Target):
         from .lowering_kv import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
         return ("kv_paged_decode_attention",
                 paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
+
+    def _packed_attention(self, packed) -> bool:
+        """Whether the fused decode attention reads q, k, v from the merged projection (target option
+        fused_attention_packed "on"; default "off" until a GPU run measures it against the head views)."""
+        which = self.extra.get("fused_attention_packed", "off")
+        if which not in ("on", "off"):
+            raise ValueError(f"target '{self.name}': fused_attention_packed must be 'on' or 'off', got {which!r}")
+        return packed is None or which == "on"
+
+    def kv_decode_append_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale, rope,
+                                   packed=None):
+        if not self._packed_attention(packed):
+            return None
+        from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
+        return (f"kv_decode{'_rope' if rope else ''}_append_attention",
+                decode_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale, fused=rope,
+                                      packed=packed))
+
+    def kv_paged_decode_append_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
+                                         scale, rope, packed=None):
+        if not self._packed_attention(packed):
+            return None
+        from .lowering_kv import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
+        return (f"kv_paged_decode{'_rope' if rope else ''}_append_attention",
+                paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
+                                            scale, fused=rope, packed=packed))
 
     def _flash_prefill(self, heads, kv_heads, max_seq, head_dim, dtype) -> bool:
         which = self.extra.get("flash_prefill", "off")

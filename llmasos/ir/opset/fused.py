@@ -23,7 +23,7 @@ from typing import Union
 import numpy as np
 
 from ..ops import Attr, defop, get_op
-from ..types import DType, TensorType
+from ..types import DType, TensorType, dims_equal
 from .rules import to_dtype
 
 # activation name -> (op, attrs) it stands for; "none" is the identity
@@ -285,3 +285,85 @@ ELEMENTWISE = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "n
 
 defop("fused.elementwise", ("*xs",), _ew_infer, _ew_ref, {"expr": Attr("str")},
       doc="a tree of elementwise ops over the operands (expr, e.g. 'mul(silu(%0), %1)') as one kernel")
+
+
+# -- the decode step's attention: RoPE + both cache appends + attention as one op ----------------------
+#
+# What the fuse-attention pass (passes/fuse_attention.py) makes of
+#   q' = q * cos + rotate_half(q) * sin;  k' = k * cos + rotate_half(k) * sin     (the RoPE, when present)
+#   kc' = kv.append(kc, k', pos);  vc' = kv.append(vc, v, pos);  o = kv.attention(q', kc', vc', pos)
+# (and the paged twin), so a backend can run it as one kernel: each attention block rotates its query heads
+# as it loads them, rotates the new key row, writes the new key and value rows into the cache and takes them
+# from registers where the attention reaches their position. rotate_half(x) = concat(-x[..., D/2:],
+# x[..., :D/2]) (Llama/NeoX). Results: (o, kc', vc'). The reference evaluates the ops it stands for in
+# the same order with the same dtype rules, so the fusion is exact.
+
+def _rope_types(q, cos, sin):
+    if (cos is None) != (sin is None):
+        raise ValueError("fused attention: cos and sin come together (RoPE) or not at all")
+    if cos is None:
+        return
+    d = q.shape[3]
+    if not isinstance(d, int) or d % 2:
+        raise ValueError(f"fused attention: RoPE needs an even static head dim, got q {q}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if (t.rank != 4 or t.dtype is not q.dtype or not all(dims_equal(t.shape[i], q.shape[i]) for i in (0, 2, 3))
+                or not dims_equal(t.shape[1], 1)):
+            raise ValueError(f"fused attention: {name} must be [B, 1, T, D] = [{q.shape[0]}, 1, {q.shape[2]}, "
+                             f"{q.shape[3]}] of q's dtype {q.dtype}, got {t}")
+
+
+def _rope_ref(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, op by op (the unfused graph's slices, neg, concat, muls and add)."""
+    d = x.shape[3]
+    hi = _apply_ref("slice", {"axis": 3, "start": d // 2, "end": d}, x)
+    lo = _apply_ref("slice", {"axis": 3, "start": 0, "end": d // 2}, x)
+    rot = _apply_ref("concat", {"axis": 3}, _apply_ref("neg", {}, hi), lo)
+    return _apply_ref("add", {}, _apply_ref("mul", {}, x, cos), _apply_ref("mul", {}, rot, sin))
+
+
+def _split_rest(paged: bool, rest: tuple) -> tuple:
+    """(block_table, cos, sin) from the operands after pos (None where absent)."""
+    table, rest = (rest[0], rest[1:]) if paged else (None, rest)
+    if len(rest) not in (0, 2):
+        raise ValueError("fused attention: cos and sin come together (RoPE) or not at all")
+    return (table, *rest) if rest else (table, None, None)
+
+
+def _rope_attention_infer(paged: bool):
+    def infer(q, k, v, k_cache, v_cache, pos, *rest, scale):
+        table, cos, sin = _split_rest(paged, rest)
+        op = "fused.rope_paged_append_attention" if paged else "fused.rope_append_attention"
+        if k.rank != 4 or not k.same_as(v):
+            raise ValueError(f"{op}: the new keys {k} and values {v} must be one [B, Hkv, T, D] type")
+        _rope_types(q, cos, sin)
+        if cos is not None and not dims_equal(k.shape[2], q.shape[2]):
+            raise ValueError(f"{op}: RoPE needs as many new keys as queries per row, got q {q} and k {k}")
+        extra = [table] if paged else []
+        kc = _apply_infer("kv.paged_append" if paged else "kv.append", {}, k_cache, k, pos, *extra)
+        vc = _apply_infer("kv.paged_append" if paged else "kv.append", {}, v_cache, v, pos, *extra)
+        o = _apply_infer("kv.paged_attention" if paged else "kv.attention", {"scale": scale}, q, kc, vc, pos, *extra)
+        return o, kc, vc
+    return infer
+
+
+def _rope_attention_ref(paged: bool):
+    def ref(q, k, v, k_cache, v_cache, pos, *rest, scale):
+        table, cos, sin = _split_rest(paged, rest)
+        if cos is not None:
+            q, k = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
+        extra = [table] if paged else []
+        kc = _apply_ref("kv.paged_append" if paged else "kv.append", {}, k_cache, k, pos, *extra)
+        vc = _apply_ref("kv.paged_append" if paged else "kv.append", {}, v_cache, v, pos, *extra)
+        o = _apply_ref("kv.paged_attention" if paged else "kv.attention", {"scale": scale}, q, kc, vc, pos, *extra)
+        return o, kc, vc
+    return ref
+
+
+defop("fused.rope_append_attention", ("q", "k", "v", "k_cache", "v_cache", "pos", "cos?", "sin?"),
+      _rope_attention_infer(False), _rope_attention_ref(False), {"scale": Attr("float")},
+      doc="(o, kc', vc'): RoPE of q and k (when cos/sin are given), kv.append of k and v, kv.attention of q")
+defop("fused.rope_paged_append_attention",
+      ("q", "k", "v", "k_pool", "v_pool", "pos", "block_table", "cos?", "sin?"),
+      _rope_attention_infer(True), _rope_attention_ref(True), {"scale": Attr("float")},
+      doc="the paged twin of fused.rope_append_attention: kv.paged_append and kv.paged_attention")
