@@ -118,10 +118,11 @@ def _prims(mod):
     return {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
-def test_lowering_uses_the_kernel_only_when_asked():
+def test_lowering_uses_the_kernel_unless_switched_off():
     g = step_graph(DType.f16)
     assert "kv_prefill_attention" in _prims(lower(g, _spec(flash_prefill="on")))
-    off = _prims(lower(g, _spec()))      # the default: the generic three kernels
+    assert "kv_prefill_attention" in _prims(lower(g, _spec()))   # the default
+    off = _prims(lower(g, _spec(flash_prefill="off")))             # the generic three kernels
     assert "kv_prefill_attention" not in off and any("kv_qk_masked" in n for n in off)
     decode = _prims(lower(step_graph(DType.f16, t=1), _spec(flash_prefill="on")))
     assert "kv_decode_attention" in decode and "kv_prefill_attention" not in decode
@@ -196,7 +197,8 @@ def test_paged_lowering_uses_the_kernel_for_prefill_chunks():
     g.set_outputs([g.add_node("kv.paged_attention", [q, kp, vp, pos, table], {"scale": 0.25}, name="attn")])
     on = _prims(lower(g, _spec(flash_prefill="on")))
     assert "kv_paged_prefill_attention" in on and not any("gather" in n for n in on)
-    assert any("gather" in n for n in _prims(lower(g, _spec())))
+    assert "kv_paged_prefill_attention" in _prims(lower(g, _spec()))      # the default
+    assert any("gather" in n for n in _prims(lower(g, _spec(flash_prefill="off"))))
 
 
 @pytest.mark.gpu

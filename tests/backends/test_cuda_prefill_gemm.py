@@ -193,7 +193,7 @@ def _kernels(g, spec=SPEC):
 @needs_cuda
 def test_prefill_linear_runs_the_cp_async_mma_kernel():
     """x [1, seq, K] / [batch, seq, K] (a prompt) takes the kernel; a decode step's [batch, 1, K] does not
-    (small_m_gemm's); prefill_gemm = "off" (the default) or an unsupported K keeps the generic lowering."""
+    (small_m_gemm's); prefill_gemm = "off" or an unsupported K keeps the generic lowering (on: the default)."""
     src = cuda_source(compile_module(lower(_graph(256, 256, (1, sym("seq"))), SPEC), SPEC))
     assert "prefill_gemm" in src
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
@@ -202,8 +202,10 @@ def test_prefill_linear_runs_the_cp_async_mma_kernel():
     assert "prefill_gemm_256x256" in _kernels(_graph(256, 256, (sym("batch"), sym("seq"))))
     assert not any("prefill" in f for f in _kernels(_graph(256, 256, (sym("batch"), 1))))
     assert not any("prefill" in f for f in _kernels(_graph(256, 250, (1, sym("seq")))))
-    off = dataclasses.replace(SPEC, extra={})
+    off = dataclasses.replace(SPEC, extra={"prefill_gemm": "off"})
     assert not any("prefill" in f for f in _kernels(_graph(256, 256, (1, sym("seq"))), off))
+    default = dataclasses.replace(SPEC, extra={})
+    assert any("prefill_gemm" in f for f in _kernels(_graph(256, 256, (1, sym("seq"))), default))
     bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "yes"})
     with pytest.raises(ValueError, match=r"prefill_gemm must be 'on' or 'off', got 'yes'"):
         lower(_graph(256, 256, (1, sym("seq"))), bad)

@@ -303,7 +303,8 @@ def test_models_generate_the_same_with_and_without_the_fusion(preset, kv):
 def test_the_kernel_reads_q_k_v_from_the_merged_projection_where_asked(target, packed):
     """In a model the q, k and v of each layer are head views of the merged QKV GEMM's output: with the CUDA
     target option fused_attention_packed=on the fused kernel reads that output (inplace_indices [-1, 1, 2]) and
-    the three slice copies are never made; otherwise (the CPU: measured slower) it takes the three views."""
+    the three slice copies are never made (the default), with =off or on the CPU (measured slower there) it
+    takes the three views."""
     import dataclasses
     import llmasos.llm.presets as P
     from llmasos.driver import lower as driver_lower, prepare
@@ -312,8 +313,8 @@ def test_the_kernel_reads_q_k_v_from_the_merged_projection_where_asked(target, p
     cfg = P.decoder_config("llama-tiny")
     dec = Decoder.random(cfg, dtype=torch.float32)
     spec = resolve_target(target)
-    if packed:
-        spec = dataclasses.replace(spec, extra={"fused_attention_packed": "on"})
+    if target.startswith("cuda") and not packed:
+        spec = dataclasses.replace(spec, extra={"fused_attention_packed": "off"})
     plan = prepare(spec, "fuse")
     src = driver_lower(plan, lambda spec: lm_source(dec, spec, max_seq=32, max_batch=1, batch=1, dtype=None))
     text = lower(src.graphs["decode"], plan.spec)["main"].script()
@@ -355,4 +356,13 @@ def test_fused_kernel_on_the_gpu_matches_the_unfused_ops(rope, packed):
     args = [tvm.runtime.tensor(a, dev) for a in (*qkv, k, v, pos, *cs, np.zeros((b, h, 1, d), dt))]
     lib["main"](*args)
     n = len(qkv)
-    _check(args[-1].numpy(), [args[n].numpy(), args[n + 1].numpy()], want, dt)
+    if not rope:
+        _check(args[-1].numpy(), [args[n].numpy(), args[n + 1].numpy()], want, dt)
+        return
+    # nvcc contracts the rotation's x * cos + rot * sin into an f16 FMA (one rounding, not two; as it does in
+    # the unfused elementwise kernel): a rotated key may differ from numpy's op-by-op rounding by the rounding
+    # of one product term (terms up to ~4 here: 2**-9), more than an ulp of the sum where the terms cancel
+    # (H100: 487 of 2M elements differed)
+    np.testing.assert_allclose(args[-1].numpy().astype(np.float64), want[0].astype(np.float64), atol=4e-3, rtol=4e-3)
+    np.testing.assert_allclose(args[n].numpy().astype(np.float32), want[1].astype(np.float32), rtol=2 ** -10, atol=4e-3)
+    np.testing.assert_array_equal(args[n + 1].numpy(), want[2])
