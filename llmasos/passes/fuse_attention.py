@@ -72,13 +72,18 @@ def _fuse(g: Graph, attn, rope: bool) -> bool:
         rq, rk = _rope_source(q_rot, attn), _rope_source(k_rot, pk)
         if rq is not None and rk is not None and rq[1:] == rk[1:]:
             q, k, cs = rq[0], rk[0], rq[1:]
-    ins = [q, k, v, pk.inputs[0], pv.inputs[0], pos, *([table] if paged else []), *cs]
+    caches = [pk.inputs[0], pv.inputs[0], pos, *([table] if paged else [])]
     with g.insert_before(attn):
         try:
-            o, kc_new, vc_new = g.add_node(fused_op, ins, {"scale": attn.attrs["scale"]}, loc=attn.loc,
-                                           name="attn")
-        except ValueError:   # a rotation whose cos/sin are not [B, 1, T, D] (the op's type rule): leave it
-            return False
+            o, kc_new, vc_new = g.add_node(fused_op, [q, k, v, *caches, *cs], {"scale": attn.attrs["scale"]},
+                                           loc=attn.loc, name="attn")
+        except ValueError:
+            if not cs:
+                return False
+            # a rotation whose cos/sin the op's type rule refuses (not [B, 1, T, D]): fuse without absorbing it
+            q, k, cs = q_rot, k_rot, ()
+            o, kc_new, vc_new = g.add_node(fused_op, [q, k, v, *caches], {"scale": attn.attrs["scale"]},
+                                           loc=attn.loc, name="attn")
     g.replace_uses({attn.outputs[0]: o, kc2: kc_new, vc2: vc_new})
     g.erase_nodes([attn, pk, pv])
     if cs:   # the rotations' nodes, now read by nothing

@@ -166,7 +166,7 @@ H, HKV, M, D = 4, 2, 16, 8
 BATCH = sym("batch")
 
 
-def rope_step_graph(dt=DType.f32, outputs=("attn", "k", "v"), paged=False) -> Graph:
+def rope_step_graph(dt=DType.f32, outputs=("attn", "k", "v"), paged=False, cos_rows=BATCH) -> Graph:
     """A decoder layer's decode step after fuse-elementwise: RoPE of q and k, both appends, attention (paged:
     on pools of 4-position blocks through a block table)."""
     g = Graph("step")
@@ -183,8 +183,8 @@ def rope_step_graph(dt=DType.f32, outputs=("attn", "k", "v"), paged=False) -> Gr
         vc = g.add_input("v_cache", TensorType((BATCH, HKV, M, D), dt))
     pos = g.add_input("pos", TensorType((BATCH,), DType.i32))
     table = [g.add_input("block_table", TensorType((BATCH, M // 4), DType.i32))] if paged else []
-    cos = g.add_input("cos", TensorType((BATCH, 1, 1, D), dt))
-    sin = g.add_input("sin", TensorType((BATCH, 1, 1, D), dt))
+    cos = g.add_input("cos", TensorType((cos_rows, 1, 1, D), dt))
+    sin = g.add_input("sin", TensorType((cos_rows, 1, 1, D), dt))
 
     def rope(x):
         hi = g.add_node("slice", [x], {"axis": 3, "start": D // 2, "end": D})
@@ -218,6 +218,20 @@ def test_the_pass_fuses_rope_appends_and_attention_exactly():
         np.testing.assert_array_equal(a, b)
     assert run_pipeline(g, "fuse-attention{rope=false}").op_counts()["fused.rope_append_attention"] == 1
     assert len(run_pipeline(g, "fuse-attention{rope=false}").nodes[-1].inputs) == 6
+
+
+def test_a_rotation_the_op_cannot_take_stays_unfused_and_the_rest_fuses():
+    """cos/sin of one row for all (broadcast over the batch): the op wants [B, 1, T, D], so the RoPE stays as
+    the elementwise ops and the appends and attention still fuse (exactly)."""
+    g = rope_step_graph(cos_rows=1)
+    fused = run_pipeline(g, "fuse-attention")
+    counts = fused.op_counts()
+    assert counts["fused.rope_append_attention"] == 1 and counts["fused.elementwise"] == 2
+    assert len(next(n for n in fused.nodes if n.op == "fused.rope_append_attention").inputs) == 6
+    inputs = _inputs(2, seed=4)
+    inputs[6:] = [a[:1] for a in inputs[6:]]
+    for a, b in zip(interpreter.run(g, inputs), interpreter.run(fused, inputs)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -10,7 +10,8 @@ fragments from the lanes by the PTX ISA's fragment layout and scatters D back, s
 the wrong elements computes the wrong product here as on the GPU; a warp only partly active at an
 ``mma.sync`` is an error, as is a global access out of bounds by an active thread. The half2 / bit
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
-to f16). Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
+to f16). ``tvm_thread_allreduce`` (a sum, under its ``reduce_scope``) gives each thread the sum over the
+threads of its block that differ only in the reduced indices, all of which must be active. Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
 errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
 missing barrier), a thread writing a shared element another thread read since then (write after read),
 two threads storing to one shared or global element in the same step, a barrier reached by only some
