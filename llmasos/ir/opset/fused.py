@@ -330,6 +330,19 @@ def _split_rest(paged: bool, rest: tuple) -> tuple:
     return (table, *rest) if rest else (table, None, None)
 
 
+_KV_OPS = {False: ("kv.append", "kv.attention"), True: ("kv.paged_append", "kv.paged_attention")}
+
+
+def _append_attend(paged: bool, apply, q, k, v, k_cache, v_cache, pos, table, scale):
+    """(o, kc', vc'): both appends and the attention through ``apply`` (_apply_infer on types, _apply_ref on
+    arrays), as the unfused graph runs them."""
+    append, attend = _KV_OPS[paged]
+    extra = [table] if paged else []
+    kc = apply(append, {}, k_cache, k, pos, *extra)
+    vc = apply(append, {}, v_cache, v, pos, *extra)
+    return apply(attend, {"scale": scale}, q, kc, vc, pos, *extra), kc, vc
+
+
 def _rope_attention_infer(paged: bool):
     def infer(q, k, v, k_cache, v_cache, pos, *rest, scale):
         table, cos, sin = _split_rest(paged, rest)
@@ -339,11 +352,7 @@ def _rope_attention_infer(paged: bool):
         _rope_types(q, cos, sin)
         if cos is not None and not dims_equal(k.shape[2], q.shape[2]):
             raise ValueError(f"{op}: RoPE needs as many new keys as queries per row, got q {q} and k {k}")
-        extra = [table] if paged else []
-        kc = _apply_infer("kv.paged_append" if paged else "kv.append", {}, k_cache, k, pos, *extra)
-        vc = _apply_infer("kv.paged_append" if paged else "kv.append", {}, v_cache, v, pos, *extra)
-        o = _apply_infer("kv.paged_attention" if paged else "kv.attention", {"scale": scale}, q, kc, vc, pos, *extra)
-        return o, kc, vc
+        return _append_attend(paged, _apply_infer, q, k, v, k_cache, v_cache, pos, table, scale)
     return infer
 
 
@@ -352,11 +361,7 @@ def _rope_attention_ref(paged: bool):
         table, cos, sin = _split_rest(paged, rest)
         if cos is not None:
             q, k = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
-        extra = [table] if paged else []
-        kc = _apply_ref("kv.paged_append" if paged else "kv.append", {}, k_cache, k, pos, *extra)
-        vc = _apply_ref("kv.paged_append" if paged else "kv.append", {}, v_cache, v, pos, *extra)
-        o = _apply_ref("kv.paged_attention" if paged else "kv.attention", {"scale": scale}, q, kc, vc, pos, *extra)
-        return o, kc, vc
+        return _append_attend(paged, _apply_ref, q, k, v, k_cache, v_cache, pos, table, scale)
     return ref
 
 
