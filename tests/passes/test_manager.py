@@ -81,6 +81,8 @@ def _bits(arrays) -> list:
 def graphs_with_duplicates(draw):
     """A random graph with copies of some of its nodes appended (and used as outputs): CSE's food."""
     g, inputs = draw(graphs_with_inputs(max_nodes=8))
+    if not g.nodes:  # a graph of parameters only (its outputs are params): nothing to duplicate
+        return g, inputs
     for n in draw(st.lists(st.sampled_from(g.nodes), max_size=3)):
         outs = g.add_node(n.op, n.inputs, dict(n.attrs), loc=n.loc)
         g.outputs.append(outs[0] if isinstance(outs, tuple) else outs)
