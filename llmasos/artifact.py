@@ -279,7 +279,10 @@ SIGNATURE_FIELDS = {"inputs": (True, list), "params": (True, list), "symbols": (
 FUNCTION_FIELDS = {"inputs": (True, list), "symbols": (True, dict)}
 TENSOR_FIELDS = {"name": (True, str), "shape": (True, list), "dtype": (True, str)}
 LM_META_FIELDS = {"vocab": (True, int), "max_seq": (True, int), "cuda_graph": (False, bool),
-                  "config": (False, (dict, type(None))), "kv": (False, str), "block_size": (False, (int, type(None)))}
+                  "config": (False, (dict, type(None))), "kv": (False, str), "block_size": (False, (int, type(None))),
+                  "parallel": (False, dict)}
+PARALLEL_FIELDS = {"tp": (True, int), "pp": (True, int), "mesh": (True, dict), "rank": (True, int),
+                   "world_size": (True, int)}     # one rank's part of a partitioned LM (llmasos.parallel)
 
 
 def _typename(t) -> str:
@@ -362,6 +365,12 @@ def check_manifest(m: dict, where: str) -> None:
     if m["kind"] == "lm":
         meta = m.get("meta", {})
         _fields(meta, LM_META_FIELDS, f"{where}: meta")
+        if "parallel" in meta:
+            par = meta["parallel"]
+            _fields(par, PARALLEL_FIELDS, f"{where}: meta.parallel")
+            if not 0 <= par["rank"] < par["world_size"] or par["tp"] * par["pp"] != par["world_size"]:
+                raise ArtifactError(f"{where}: meta.parallel: rank {par['rank']} of world {par['world_size']} with "
+                                    f"tp={par['tp']} x pp={par['pp']} is not a rank of that mesh")
         kv = meta.get("kv", "contiguous")
         if kv not in ("contiguous", "paged"):
             raise ArtifactError(f"{where}: meta: kv must be 'contiguous' or 'paged', got {json.dumps(kv)[:60]}")

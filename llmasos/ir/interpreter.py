@@ -187,25 +187,37 @@ def node_stages(graph: Graph) -> dict:
     """node -> pipeline stage. A recv runs on the stage its matching send (same tag) names as peer; a node
     with an operand made by a staged node runs on the latest such stage; a node made from inputs, params and
     constants alone runs on the earliest stage of its users (pipeline-parallel copies such nodes into each
-    stage that uses them, so they never cross a boundary)."""
+    stage that uses them, so they never cross a boundary), or, read by no node (a send, a returned value),
+    on the stage of the last recv before it in graph order (pipeline-parallel writes the stages in order,
+    each starting with its receives, and returns a free node's value from a copy made after the last) --
+    or earlier, where its operands stand (tensor-parallel appends the gather of an output at the end)."""
     sends = {n.attrs["tag"]: n for n in graph.nodes if n.op == "dist.send"}
     stage: dict = {}
     sources = []
+    current = 0             # the stage of the latest staged node so far
+    where: dict = {}        # source node -> current at its place
     for n in graph.nodes:
         if n.op == "dist.recv":
             s = sends.get(n.attrs["tag"])
             if s is None:
                 raise SimulationError(f"{n.describe()}: no dist.send has tag {n.attrs['tag']}")
             stage[n] = s.attrs["peer"]
+            current = max(current, stage[n])
             continue
         ops = [stage[v.producer] for v in n.inputs if isinstance(v.producer, Node) and v.producer in stage]
         if ops:
             stage[n] = max(ops)
+            current = max(current, stage[n])
         else:
             sources.append(n)
+            where[n] = current
     for n in reversed(sources):
         users = [stage[u.node] for o in n.outputs for u in o.uses if u.node in stage]
-        stage[n] = min(users) if users else 0
+        if users:
+            stage[n] = min(users)
+        else:   # unread; one a later pass appended (a gathered output) stays with its operands
+            ops = [where[v.producer] for v in n.inputs if v.producer in where]
+            stage[n] = min(where[n], max(ops)) if ops else where[n]
     return stage
 
 

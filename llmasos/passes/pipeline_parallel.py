@@ -213,7 +213,6 @@ class PipelineParallel(Pass):
         local: dict = {}           # (source value, stage, micro-batch) -> value usable there
         copies: dict = {}          # (free node, stage, micro-batch) -> its copy's outputs
         sliced: dict = {}          # (input, stage, micro-batch) -> its rows of that micro-batch
-        made_on: dict = {}         # source value -> stage
         pending: dict = {}         # (source value, reader stage, micro-batch) -> (tag, sender stage)
         tag = [0]
 
@@ -244,6 +243,10 @@ class PipelineParallel(Pass):
             return local[(v, s, mb)]
 
         by_stage = [[n for n in order if stage_of[n] == s] for s in range(self.stages)]
+        # each output stays on the stage that makes it; one made from inputs and constants alone, on the last
+        out_stage = [self.stages - 1 if v.producer in free else stage_of.get(v.producer)
+                     for v in graph.outputs]
+        result: list = [None] * len(graph.outputs)
         for s in range(self.stages):
             for mb in range(M):
                 # this micro-batch's receives, then its work, then its sends: stage s works on micro-batch
@@ -260,7 +263,6 @@ class PipelineParallel(Pass):
                                 names=[o.name for o in n.outputs] if M == 1 else None)
                     for o, no in zip(n.outputs, outs):
                         local[(o, s, mb)] = no
-                        made_on[o] = s
                 for n in by_stage[s]:
                     for o in n.outputs:
                         for t in sorted({stage_of[u.node] for u in o.uses if u.node in stage_of} - {s}):
@@ -270,13 +272,11 @@ class PipelineParallel(Pass):
                             g.create_node("dist.send", [local[(o, s, mb)]], {"axis": self.axis, "peer": t,
                                                                              "tag": tag[0]})
                             pending[(o, t, mb)] = (tag[0], s)
-        outs = []
-        for v in graph.outputs:
-            if not isinstance(v.producer, Node):
-                outs.append(m[v])
-                continue
-            st = self.stages - 1 if v.producer in free else made_on[v]
-            parts = [get(v, st, mb) for mb in range(M)]
-            outs.append(parts[0] if M == 1 else g.add_node("concat", parts, {"axis": 0}))
-        g.set_outputs(outs)
+            # this stage's outputs, joined over the micro-batches right after its work, so the graph lists
+            # each stage's nodes together (node_stages places an unread node by where it stands)
+            for i, v in enumerate(graph.outputs):
+                if isinstance(v.producer, Node) and out_stage[i] == s:
+                    parts = [get(v, s, mb) for mb in range(M)]
+                    result[i] = parts[0] if M == 1 else g.add_node("concat", parts, {"axis": 0})
+        g.set_outputs([m[v] if not isinstance(v.producer, Node) else result[i] for i, v in enumerate(graph.outputs)])
         return g

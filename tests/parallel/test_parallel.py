@@ -297,3 +297,21 @@ def test_ray_replicas_balance_and_lose_no_request_when_one_dies(tmp_path):
         dp.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_pipeline_runs_an_output_made_from_constants_on_the_stage_holding_its_copies():
+    """A node made from constants alone is copied into each stage that reads it; an output made from such
+    copies stays with them (a random graph Hypothesis found: `log(const)` returned while `add(const, ...)`
+    runs on stage 1 -- the simulator used to place the returned log on stage 0 and the const with it)."""
+    g = parse('''graph @main(%x: f32[1], %in: i64[]) {
+      %v0: f32[1] = dist.all_gather(%x) {axis = "tp", dim = 0, parts = 1}
+      %v1: f32[] = const() {dtype = f32, value = dense<f32[] [0.5]>}
+      %v2: f32[1] = add(%v1, %v0)
+      %v3: f32[] = log(%v1)
+      return %v3, %v2
+    }''')
+    ins = [np.array([0.25], np.float32), np.array(2)]
+    g2 = run_pipeline(g, "pipeline-parallel{stages=2}")
+    assert [n.op for n in g2.nodes].count("dist.send") == 1
+    for a, b in zip(run(g, ins), run(g2, ins)):
+        np.testing.assert_array_equal(b, a)
