@@ -5,6 +5,7 @@ cache layout (a prefix at pos > 0), in the same run.
     python bench/prefill_attention_check.py [--heads 32:8] [--head-dim 64] [--batch 1,8] [--prompt 128,1024]
                                             [--max-seq 1152] [--repeat 20] [--out FILE]
 
+``--kernels mma,cuda_cores``: the tensor-core kernel and the CUDA-core one, each timed in every row.
 Per case: max |out - ref| (ref: f32 math of the same f16 operands) for ours and torch's SDPA, median
 milliseconds of ``--repeat`` back-to-back calls (CUDA events, 3 samples), TFLOP/s counted as the causal
 work (2 * 2 * B * H * D * sum over queries of the positions they see). A prefix case (pos = 100, 37 new
@@ -37,23 +38,36 @@ def main(argv=None):
     p.add_argument("--max-seq", type=int, default=1152)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", default=None)
+    p.add_argument("--kernels", default="mma,cuda_cores",
+                   help="which kernels: mma (tensor cores, the default on sm_80+) and/or cuda_cores")
     a = p.parse_args(argv)
 
     import torch
     import tvm
 
     from llmasos.backends.tvm import resolve_target
-    from llmasos.backends.tvm.cuda_attention import prefill_attention_func
+    from llmasos.backends.tvm.cuda_attention import (paged_prefill_attention_func, paged_prefill_attention_mma_func,
+                                                     prefill_attention_func, prefill_attention_mma_func)
 
     h, hkv = (int(v) for v in a.heads.split(":"))
     d, m, rep = a.head_dim, a.max_seq, h // hkv
     scale = d ** -0.5
     spec = resolve_target("cuda")
     t0 = time.perf_counter()
-    func = prefill_attention_func(h, hkv, m, d, "float16", "int32", scale)
-    fn = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=spec.tvm_target())["main"]
+
+    def build(func):
+        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                           target=spec.tvm_target())["main"]
+    makers = {"mma": (lambda: prefill_attention_mma_func(h, hkv, m, d, "int32", scale),
+                      lambda bs, mb: paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", scale)),
+              "cuda_cores": (lambda: prefill_attention_func(h, hkv, m, d, "float16", "int32", scale),
+                             lambda bs, mb: paged_prefill_attention_func(h, hkv, bs, mb, d, "float16", "int32", scale))}
+    names = [k for k in a.kernels.split(",") if k]
+    if not names or any(k not in makers for k in names):
+        p.error(f"--kernels: choose from {sorted(makers)}")
+    fns = {k: build(makers[k][0]()) for k in names}
     doc = {"gpu": torch.cuda.get_device_name(0), "heads": h, "kv_heads": hkv, "head_dim": d, "max_seq": m,
-           "compile_s": time.perf_counter() - t0, "rows": []}
+           "kernels": names, "compile_s": time.perf_counter() - t0, "rows": []}
 
     def cuda_ms(call):
         return median_ms(call, a.repeat)
@@ -80,16 +94,20 @@ def main(argv=None):
         kc = torch.randn(b, hkv, m, d, generator=g).half().cuda()
         vc = torch.randn(b, hkv, m, d, generator=g).half().cuda()
         pos = torch.full((b,), p0, dtype=torch.int32, device="cuda")
-        out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
-        args = [tvm.runtime.from_dlpack(x) for x in (q, kc, vc, pos, out)]
-        fn(*args)
-        torch.cuda.synchronize()
         ref = reference(q, kc, vc, pos)
-        row = {"batch": b, "prompt": t, "pos": p0, "all_written": bool(torch.isfinite(out).all()),
-               "ours_max_abs_err": float((out.float() - ref).abs().max())}
-        row["ours_ms"] = cuda_ms(lambda: fn(*args))
-        torch.cuda.synchronize()   # the last of the timed calls' output: a race would show in some of them
-        row["ours_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
+        row = {"batch": b, "prompt": t, "pos": p0}
+        flop = 4 * b * h * d * sum(min(p0 + i + 1, m) for i in range(t))
+        for k, fn in fns.items():
+            out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
+            args = [tvm.runtime.from_dlpack(x) for x in (q, kc, vc, pos, out)]
+            fn(*args)
+            torch.cuda.synchronize()
+            row[f"{k}_all_written"] = bool(torch.isfinite(out).all())
+            row[f"{k}_max_abs_err"] = float((out.float() - ref).abs().max())
+            row[f"{k}_ms"] = cuda_ms(lambda: fn(*args))
+            torch.cuda.synchronize()   # the last of the timed calls' output: a race would show in some of them
+            row[f"{k}_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
+            row[f"{k}_tflops"] = flop / (row[f"{k}_ms"] / 1e3) / 1e12
         if p0 == 0:
             # torch's own fused causal attention over the prompt's keys (the cache rows 0..T-1)
             kr = kc[:, :, :t].repeat_interleave(rep, 1)
@@ -98,9 +116,8 @@ def main(argv=None):
             y = sdpa(q, kr, vr, is_causal=True, scale=scale)
             row["sdpa_max_abs_err"] = float((y.float() - ref).abs().max())
             row["sdpa_ms"] = cuda_ms(lambda: sdpa(q, kr, vr, is_causal=True, scale=scale))
-            row["ours_vs_sdpa"] = row["sdpa_ms"] / row["ours_ms"]
-        flop = 4 * b * h * d * sum(min(p0 + i + 1, m) for i in range(t))
-        row["ours_tflops"] = flop / (row["ours_ms"] / 1e3) / 1e12
+            for k in fns:
+                row[f"{k}_vs_sdpa"] = row["sdpa_ms"] / row[f"{k}_ms"]
         log(json.dumps(row))
         doc["rows"].append(row)
         if a.out:
@@ -108,11 +125,9 @@ def main(argv=None):
                 json.dump(doc, f, indent=1)
     # the paged kernel: the same attention through a shuffled block table (block size 16), one unallocated
     # block inside row 1's range (it must weigh 0), against the contiguous reference of the gathered rows
-    from llmasos.backends.tvm.cuda_attention import paged_prefill_attention_func
     bs, b, t, p0 = 16, 2, 200, 300
     mb = m // bs
-    pfn = tvm.compile(tvm.IRModule({"main": paged_prefill_attention_func(h, hkv, bs, mb, d, "float16", "int32", scale)
-                                    .with_attr("global_symbol", "main")}), target=spec.tvm_target())["main"]
+    pfns = {k: build(makers[k][1](bs, mb)) for k in names}
     nb = b * mb + 3
     perm = torch.randperm(nb, generator=g)[: b * mb].view(b, mb).int()
     table = perm.clone()
@@ -121,11 +136,7 @@ def main(argv=None):
     vp = torch.randn(nb, hkv, bs, d, generator=g).half().cuda()
     q = torch.randn(b, h, t, d, generator=g).half().cuda()
     pos = torch.full((b,), p0, dtype=torch.int32, device="cuda")
-    out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
     tab = table.cuda()
-    args = [tvm.runtime.from_dlpack(x) for x in (q, kp, vp, pos, tab, out)]
-    pfn(*args)
-    torch.cuda.synchronize()
     kc = kp[perm.long().cuda()].permute(0, 2, 1, 3, 4).reshape(b, hkv, mb * bs, d)   # [B, Hkv, M, D]
     vc = vp[perm.long().cuda()].permute(0, 2, 1, 3, 4).reshape(b, hkv, mb * bs, d)
     kc[1, :, 5 * bs:6 * bs] = 0
@@ -141,16 +152,22 @@ def main(argv=None):
     s1 = s1.masked_fill(~(jpos[None, None, None, :] <= p0 + torch.arange(t, device=q.device)[None, None, :, None]),
                         float("-inf"))
     ref[1:2] = torch.softmax(s1, -1) @ v1
-    row = {"paged": True, "batch": b, "prompt": t, "pos": p0, "block_size": bs, "all_written": bool(torch.isfinite(out).all()),
-           "ours_max_abs_err": float((out.float() - ref).abs().max())}
-    row["ours_ms"] = cuda_ms(lambda: pfn(*args))
-    torch.cuda.synchronize()
-    row["ours_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
+    row = {"paged": True, "batch": b, "prompt": t, "pos": p0, "block_size": bs}
+    for k, pfn in pfns.items():
+        out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
+        args = [tvm.runtime.from_dlpack(x) for x in (q, kp, vp, pos, tab, out)]
+        pfn(*args)
+        torch.cuda.synchronize()
+        row[f"{k}_all_written"] = bool(torch.isfinite(out).all())
+        row[f"{k}_max_abs_err"] = float((out.float() - ref).abs().max())
+        row[f"{k}_ms"] = cuda_ms(lambda: pfn(*args))
+        torch.cuda.synchronize()
+        row[f"{k}_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
     log(json.dumps(row))
     doc["rows"].append(row)
-    doc["ok"] = all(r.get("all_written", True) and max(r.get("ours_max_abs_err", 0),
-                                                        r.get("ours_max_abs_err_after_timing", 0)) < 1e-2
-                    for r in doc["rows"])
+    doc["ok"] = all(r.get(f"{k}_all_written", True) and max(r.get(f"{k}_max_abs_err", 0),
+                                                            r.get(f"{k}_max_abs_err_after_timing", 0)) < 1e-2
+                    for r in doc["rows"] for k in names)
     print(json.dumps(doc, indent=1))
     return 0 if doc["ok"] else 1
 

@@ -11,8 +11,9 @@ import tvm
 
 from llmasos.backends.tvm import compile_module, resolve_target, simt
 from llmasos.backends.tvm.build import cuda_source
-from llmasos.backends.tvm.cuda_attention import (prefill_attention_func, prefill_attention_plan,
-                                                 prefill_attention_supported)
+from llmasos.backends.tvm.cuda_attention import (paged_prefill_attention_mma_func, prefill_attention_func,
+                                                 prefill_attention_mma_func, prefill_attention_mma_supported,
+                                                 prefill_attention_plan, prefill_attention_supported)
 from llmasos.backends.tvm.lower import lower
 from tests.backends.cuda_codegen import needs_cuda_codegen
 from llmasos.ir import DType, Graph, TensorType, sym
@@ -122,21 +123,90 @@ def test_lowering_uses_the_kernel_unless_switched_off():
     g = step_graph(DType.f16)
     assert "kv_prefill_attention" in _prims(lower(g, _spec(flash_prefill="on")))
     assert "kv_prefill_attention" in _prims(lower(g, _spec()))   # the default
+    mma = _prims(lower(g, _spec(flash_prefill="mma")))            # f16 on sm_90a: the tensor-core kernel
+    assert "kv_prefill_attention_mma" in mma and "kv_prefill_attention" not in mma
+    assert "kv_prefill_attention" in _prims(lower(step_graph(DType.f32), _spec(flash_prefill="mma")))  # f32
+    sm75 = dataclasses.replace(resolve_target("cuda:sm_75"), extra={"flash_prefill": "mma"})
+    assert "kv_prefill_attention" in _prims(lower(g, sm75))                              # no m16n8k16 before sm_80
     off = _prims(lower(g, _spec(flash_prefill="off")))             # the generic three kernels
-    assert "kv_prefill_attention" not in off and any("kv_qk_masked" in n for n in off)
-    decode = _prims(lower(step_graph(DType.f16, t=1), _spec(flash_prefill="on")))
-    assert "kv_decode_attention" in decode and "kv_prefill_attention" not in decode
+    assert not any("prefill_attention" in n for n in off) and any("kv_qk_masked" in n for n in off)
+    decode = _prims(lower(step_graph(DType.f16, t=1), _spec(flash_prefill="mma")))
+    assert "kv_decode_attention" in decode and not any("prefill_attention" in n for n in decode)
     assert resolve_target("cpu").kv_prefill_attention(4, 2, 16, 8, "float32", "int32", 0.3) is None
-    with pytest.raises(ValueError, match="flash_prefill must be 'on' or 'off'"):
+    with pytest.raises(ValueError, match="flash_prefill must be 'on', 'mma' or 'off'"):
         lower(g, _spec(flash_prefill="yes"))
 
 
 @needs_cuda_codegen
 def test_cuda_source_of_the_kernel():
-    ex = compile_module(lower(step_graph(DType.f16), _spec(flash_prefill="on")), _spec(flash_prefill="on"))
-    src = cuda_source(ex)
+    spec = _spec()
+    src = cuda_source(compile_module(lower(step_graph(DType.f16), spec), spec))
     assert "kv_prefill_attention_kernel" in src and "kv_qk_masked" not in src
     assert "exp2f" in src and "__syncthreads" in src
+
+
+@needs_cuda_codegen
+def test_cuda_source_of_the_tensor_core_kernel():
+    spec = _spec(flash_prefill="mma")
+    src = cuda_source(compile_module(lower(step_graph(DType.f16), spec), spec))
+    assert "kv_prefill_attention_mma_kernel" in src and "kv_qk_masked" not in src
+    assert src.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") >= 2    # q k^T and p v
+    assert "__shfl_xor_sync" in src and "exp2f" in src
+
+
+TC_CASES = [  # (B, H, HKV, T, M, D, positions)
+    (2, 4, 2, 21, 80, 32, (0, 50)),        # GQA, a prefix, a ragged last block
+    (2, 8, 1, 9, 140, 64, (3, 131)),       # MQA; row 1 runs past the cache's end (clamped to M)
+    (2, 6, 2, 23, 96, 48, (5, -9)),        # rep 3; a negative position: its first queries see nothing
+    (1, 4, 4, 70, 160, 16, (0,)),          # MHA, more rows than a block, three cache tiles
+    (1, 2, 1, 5, 40, 128, (30,)),          # D = 128
+]
+
+
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}t{c[3]}m{c[4]}d{c[5]}")
+def test_tensor_core_kernel_matches_attention_in_the_simt_interpreter(case):
+    """The MMA fragments, the quad shuffles and the online softmax, lane by lane (the interpreter's mma
+    gathers each lane's registers by the PTX fragment layout). p is rounded to f16 before p v, as
+    FlashAttention-2 does: about one f16 ulp of the output."""
+    b, h, hkv, t, m, d, positions = case
+    rng = np.random.default_rng(sum(case[:6]))
+    q = rng.standard_normal((b, h, t, d)).astype(np.float16)
+    k = (rng.standard_normal((b, hkv, m, d)) * 2).astype(np.float16)
+    v = rng.standard_normal((b, hkv, m, d)).astype(np.float16)
+    pos = np.array(positions, np.int32)
+    out = np.full((b, h, t, d), np.nan, np.float16)
+    simt.run(prefill_attention_mma_func(h, hkv, m, d, "int32", d ** -0.5), q, k, v, pos, out)
+    assert np.isfinite(out).all(), "every query row must be written"
+    np.testing.assert_allclose(out.astype(np.float64), reference(q, k, v, pos, d ** -0.5), atol=3e-3, rtol=3e-3)
+
+
+def test_tensor_core_kernel_never_reads_past_the_last_query():
+    """Non-finite values in cache rows no query sees (a reused slot) must not reach the output (0 * nan)."""
+    b, h, hkv, t, m, d = 1, 2, 1, 12, 96, 16
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((b, h, t, d)).astype(np.float16)
+    k = rng.standard_normal((b, hkv, m, d)).astype(np.float16)
+    v = rng.standard_normal((b, hkv, m, d)).astype(np.float16)
+    k[:, :, 5 + t:] = 50.0
+    v[:, :, 5 + t:] = 1e4
+    k[:, :, 5 + t + 3:] = np.inf
+    v[:, :, 5 + t + 3:] = np.nan
+    pos = np.array([5], np.int32)
+    out = np.zeros((b, h, t, d), np.float16)
+    simt.run(prefill_attention_mma_func(h, hkv, m, d, "int32", 0.25), q, k, v, pos, out)
+    np.testing.assert_allclose(out.astype(np.float64), reference(q, k, v, pos, 0.25), atol=3e-3, rtol=3e-3)
+    assert np.abs(out).max() < 10
+
+
+def test_tensor_core_supported_layouts():
+    assert prefill_attention_mma_supported(32, 8, 1152, 64, "float16")
+    assert prefill_attention_mma_supported(32, 8, 1152, 128, "float16")
+    assert not prefill_attention_mma_supported(32, 8, 1152, 64, "float32")      # MMA takes f16 here
+    assert not prefill_attention_mma_supported(6, 4, 64, 64, "float16")
+    assert not prefill_attention_mma_supported(4, 2, 64, 24, "float16")         # D not a multiple of 16
+    assert not prefill_attention_mma_supported(4, 2, 64, 256, "float16")
+    with pytest.raises(ValueError, match="unsupported layout"):
+        prefill_attention_mma_func(4, 2, 64, 24, "int32", 0.1)
 
 
 def _paged_reference(q, kpool, vpool, pos, table, scale):
@@ -184,6 +254,24 @@ def test_paged_kernel_matches_attention_in_the_simt_interpreter(dt):
                                atol=tol, rtol=tol)
 
 
+def test_paged_tensor_core_kernel_matches_attention_in_the_simt_interpreter():
+    b, h, hkv, t, bs, mb, nb, d = 3, 4, 2, 19, 16, 6, 14, 32
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((b, h, t, d)).astype(np.float16)
+    kpool = rng.standard_normal((nb, hkv, bs, d)).astype(np.float16)
+    vpool = rng.standard_normal((nb, hkv, bs, d)).astype(np.float16)
+    kpool[13] = np.inf     # a block no table entry names: never read
+    vpool[13] = np.nan
+    kpool[9, :, 8:] = np.inf    # the unused tail of row 0's last block
+    vpool[9, :, 8:] = np.nan
+    table = np.array([[5, 2, 9, -1, -1, -1], [0, 1, 3, 4, 6, 7], [8, -1, 10, 11, -1, -1]], np.int32)
+    pos = np.array([20, 70, 30], np.int32)
+    out = np.full((b, h, t, d), np.nan, np.float16)
+    simt.run(paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", 0.2), q, kpool, vpool, pos, table, out)
+    np.testing.assert_allclose(out.astype(np.float64), _paged_reference(q, kpool, vpool, pos, table, 0.2),
+                               atol=3e-3, rtol=3e-3)
+
+
 def test_paged_lowering_uses_the_kernel_for_prefill_chunks():
     g = Graph("paged")
     g.add_symbol("batch", 1, 8)
@@ -198,11 +286,12 @@ def test_paged_lowering_uses_the_kernel_for_prefill_chunks():
     on = _prims(lower(g, _spec(flash_prefill="on")))
     assert "kv_paged_prefill_attention" in on and not any("gather" in n for n in on)
     assert "kv_paged_prefill_attention" in _prims(lower(g, _spec()))      # the default
+    assert "kv_paged_prefill_attention_mma" in _prims(lower(g, _spec(flash_prefill="mma")))
     assert any("gather" in n for n in _prims(lower(g, _spec(flash_prefill="off"))))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("flash", ["on", "off"])
+@pytest.mark.parametrize("flash", ["on", "mma", "off"])
 def test_prefill_attention_on_the_gpu_matches_torch(flash):
     """On a GPU: the compiled kv.attention (flash kernel or the generic path) against torch's math."""
     import torch
@@ -231,4 +320,4 @@ def test_the_kernel_is_not_used_when_an_index_could_pass_int32():
     vc = g.add_input("v_cache", TensorType((sym("batch"), 2, 32, 16), DType.f16))
     pos = g.add_input("pos", TensorType((sym("batch"),), DType.i32))
     g.set_outputs([g.add_node("kv.attention", [q, kc, vc, pos], {"scale": 0.25}, name="attn")])
-    assert "kv_prefill_attention" not in _prims(lower(g, _spec(flash_prefill="on")))
+    assert not any("prefill_attention" in n for n in _prims(lower(g, _spec(flash_prefill="on"))))

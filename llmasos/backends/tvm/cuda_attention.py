@@ -262,3 +262,252 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
         body(Q, K, V, pos, table, O, B, L, NB)
     # fmt: on
     return kv_paged_prefill_attention
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor-core prefill attention (f16): the same attention, q k^T and p v on mma.sync m16n8k16
+#
+# FlashAttention-2's forward on the grouped rows above: a block of 4 warps takes MQ = 64 grouped query rows
+# (16 a warp: one MMA row tile) of one kv head and walks the cache in tiles of MK = 64 rows. A warp keeps
+# its rows' q as MMA A fragments (loaded from global once), computes S = q k^T for the tile (m16n8k16, f32
+# accumulate: MK / 8 column tiles by D / 16 k-steps), masks and scales S in f32 (base-2 exponent), takes the
+# row max across the quad of lanes holding a row (two xor shuffles), rescales its running sum and output,
+# and turns exp2(S - max) into the A fragments of p v directly (the accumulator layout of two n8 tiles is
+# the A layout of one k16 step: no shared memory between the MMAs). The K tile is staged row-major, padded
+# to D + 8 halves a row (the B fragment of q k^T is a pair of adjacent halves of one K row: the 8 rows x 4
+# pairs of a warp's load fall in 32 distinct banks); the V tile transposed, [D][MK + 8] (the B fragment of
+# p v is a pair of adjacent cache rows of one column), written by lanes holding consecutive cache rows.
+# Rows past kv_end (and, paged, in an unallocated block) are staged as zeros and masked. The running sum
+# stays per lane and is summed over the quad once at the end.
+
+TC_MQ = 64         # grouped query rows a block (4 warps x 16)
+TC_MK = 64         # cache rows a tile
+TC_WARPS = 4
+
+
+def prefill_attention_mma_supported(h: int, hkv: int, m: int, d: int, dtype: str) -> bool:
+    """Whether the tensor-core kernel covers the layout: f16, query heads a multiple of kv heads, head dim a
+    multiple of 16 up to 128 (a lane holds D / 2 output floats and D / 4 query halves... in registers)."""
+    return (dtype == "float16" and hkv > 0 and h % hkv == 0 and 0 < d <= 128 and d % 16 == 0 and m > 0)
+
+
+def prefill_attention_mma_func(h: int, hkv: int, m: int, d: int, pos_dtype: str, scale: float):
+    """The tensor-core twin of prefill_attention_func (f16 only; same signature and meaning)."""
+    return _prefill_attention_mma(h, hkv, m, d, pos_dtype, scale, paged=None)
+
+
+def paged_prefill_attention_mma_func(h: int, hkv: int, bs: int, mb: int, d: int, pos_dtype: str, scale: float):
+    """The tensor-core twin of paged_prefill_attention_func (f16 only; same signature and meaning)."""
+    return _prefill_attention_mma(h, hkv, mb * bs, d, pos_dtype, scale, paged=(bs, mb))
+
+
+def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, scale: float, paged):
+    if not prefill_attention_mma_supported(h, hkv, m, d, "float16"):
+        raise ValueError(f"tensor-core prefill attention: unsupported layout h={h} hkv={hkv} m={m} d={d} "
+                         f"(see prefill_attention_mma_supported)")
+    rep = h // hkv
+    qk = float(scale) * math.log2(math.e)
+    mq, mk, warps = TC_MQ, TC_MK, TC_WARPS
+    threads = 32 * warps
+    ks = d + 8                          # K tile row stride (halves)
+    vs = mk + 8                         # transposed V tile row stride (halves)
+    kd = d // 16                        # k-steps of q k^T
+    nk = mk // 8                        # n8 column tiles of S
+    nd = d // 8                         # n8 column tiles of the output
+    kvec = mk * d // 8 // threads       # 8-half vectors of K a thread stages per tile
+    vcopies = mk * d // threads         # halves of V a thread stages per tile (transposed, one at a time)
+    neg = NEG_BIG
+    bs = paged[0] if paged is not None else None
+    mb = paged[1] if paged is not None else None
+
+    # fmt: off
+    @T.inline
+    def body(Q, K, V, pos, table, O, B, L, NB):
+        for bx in T.thread_binding(B, thread="blockIdx.x"):
+            for by in T.thread_binding(hkv, thread="blockIdx.y"):
+                for bz in T.thread_binding(T.ceildiv(L * rep, mq), thread="blockIdx.z"):
+                    for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                        for tx in T.thread_binding(32, thread="threadIdx.x"):
+                            with T.sblock("attn"):
+                                T.reads()
+                                T.writes()
+                                K_s = T.sblock_alloc_buffer((mk * ks,), "float16", scope="shared")
+                                V_s = T.sblock_alloc_buffer((d * vs,), "float16", scope="shared")
+                                if paged is not None:  # 1: the staged row's block is allocated
+                                    ok_s = T.sblock_alloc_buffer((mk,), "int32", scope="shared")
+                                qf = T.sblock_alloc_buffer((kd * 8,), "float16", scope="local")
+                                kf = T.sblock_alloc_buffer((nk * kd * 4,), "float16", scope="local")
+                                vf = T.sblock_alloc_buffer((nd * (mk // 16) * 4,), "float16", scope="local")
+                                sf = T.sblock_alloc_buffer((nk * 4,), "float32", scope="local")
+                                pf = T.sblock_alloc_buffer((mk // 16 * 8,), "float16", scope="local")
+                                of = T.sblock_alloc_buffer((nd * 4,), "float32", scope="local")
+                                # per row half hh (rows g, g + 8): max, sum, previous max, tile max
+                                st = T.sblock_alloc_buffer((8,), "float32", scope="local")
+
+                                tid: T.let[T.int32] = ty * 32 + tx
+                                g: T.let[T.int32] = tx // 4
+                                tq: T.let[T.int32] = tx % 4
+                                # the last query rows (the most cache tiles) launch first
+                                qb: T.let[T.int32] = T.ceildiv(L * rep, mq) - 1 - bz
+                                r0: T.let[T.int32] = qb * mq + ty * 16 + g
+                                p0: T.let[T.int32] = T.Cast("int32", pos[bx])
+                                t_hi: T.let[T.int32] = T.min(L - 1, (qb * mq + mq - 1) // rep)
+                                kv_end: T.let[T.int32] = T.min(T.max(p0 + t_hi + 1, 0), m)
+
+                                for kk in T.unroll(kd):
+                                    for hh in T.unroll(2):
+                                        for c8 in T.unroll(2):
+                                            for u in T.vectorized(2):
+                                                qf[kk * 8 + c8 * 4 + hh * 2 + u] = Q[
+                                                    bx, by * rep + (r0 + hh * 8) % rep,
+                                                    T.min((r0 + hh * 8) // rep, L - 1), kk * 16 + c8 * 8 + tq * 2 + u]
+                                for i in T.unroll(nd * 4):
+                                    of[i] = T.float32(0)
+                                for hh in T.unroll(2):
+                                    st[hh * 4] = T.float32(neg)
+                                    st[hh * 4 + 1] = T.float32(0)
+
+                                for it in T.serial(T.ceildiv(kv_end, mk)):
+                                    # stage K (row-major, 8 halves a copy: a warp writes whole rows) and V
+                                    # (transposed: lanes of consecutive cache rows write adjacent halves)
+                                    for c in T.unroll(kvec):
+                                        krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
+                                        kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
+                                        kg: T.let[T.int32] = T.min(it * mk + krow, m - 1)
+                                        if paged is None:
+                                            if it * mk + krow < kv_end:
+                                                for u in T.vectorized(8):
+                                                    K_s[krow * ks + kcol + u] = K[bx, by, kg, kcol + u]
+                                            else:
+                                                for u in T.vectorized(8):
+                                                    K_s[krow * ks + kcol + u] = T.float16(0)
+                                        else:
+                                            kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
+                                            if kblk >= 0 and kblk < NB:
+                                                for u in T.vectorized(8):
+                                                    K_s[krow * ks + kcol + u] = K[kblk, by, kg % bs, kcol + u]
+                                                if kcol == 0:
+                                                    ok_s[krow] = 1
+                                            else:
+                                                for u in T.vectorized(8):
+                                                    K_s[krow * ks + kcol + u] = T.float16(0)
+                                                if kcol == 0:
+                                                    ok_s[krow] = 0
+                                    for c in T.unroll(vcopies):
+                                        vrow: T.let[T.int32] = (c * threads + tid) % mk
+                                        vcol: T.let[T.int32] = (c * threads + tid) // mk
+                                        vg: T.let[T.int32] = T.min(it * mk + vrow, m - 1)
+                                        if paged is None:
+                                            V_s[vcol * vs + vrow] = T.if_then_else(
+                                                it * mk + vrow < kv_end, V[bx, by, vg, vcol], T.float16(0))
+                                        else:
+                                            vblk: T.let[T.int32] = T.if_then_else(it * mk + vrow < kv_end, table[bx, vg // bs], -1)
+                                            V_s[vcol * vs + vrow] = T.if_then_else(
+                                                vblk >= 0 and vblk < NB, V[T.min(T.max(vblk, 0), NB - 1), by, vg % bs, vcol],
+                                                T.float16(0))
+                                    T.tvm_storage_sync("shared")
+
+                                    # S = q k^T (f32)
+                                    for j in T.unroll(nk):
+                                        for i in T.unroll(4):
+                                            sf[j * 4 + i] = T.float32(0)
+                                        for kk in T.unroll(kd):
+                                            for c8 in T.unroll(2):
+                                                for u in T.vectorized(2):
+                                                    kf[(j * kd + kk) * 4 + c8 * 2 + u] = K_s[(j * 8 + g) * ks + kk * 16 + c8 * 8 + tq * 2 + u]
+                                            T.evaluate(T.ptx_legacy.mma(
+                                                "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                qf.data, kk * 8, kf.data, (j * kd + kk) * 4, sf.data, j * 4,
+                                                False, dtype="float32"))
+                                    # mask, scale, the rows' new max (over the quad of lanes sharing a row)
+                                    for hh in T.unroll(2):
+                                        st[hh * 4 + 2] = st[hh * 4]
+                                        st[hh * 4 + 3] = T.float32(neg)
+                                        for j in T.unroll(nk):
+                                            for u in T.unroll(2):
+                                                if paged is None:
+                                                    sf[j * 4 + hh * 2 + u] = T.if_then_else(
+                                                        it * mk + j * 8 + tq * 2 + u <= p0 + (r0 + hh * 8) // rep
+                                                        and it * mk + j * 8 + tq * 2 + u < kv_end,
+                                                        sf[j * 4 + hh * 2 + u] * T.float32(qk), T.float32(neg))
+                                                else:
+                                                    sf[j * 4 + hh * 2 + u] = T.if_then_else(
+                                                        it * mk + j * 8 + tq * 2 + u <= p0 + (r0 + hh * 8) // rep
+                                                        and it * mk + j * 8 + tq * 2 + u < kv_end
+                                                        and ok_s[j * 8 + tq * 2 + u] == 1,
+                                                        sf[j * 4 + hh * 2 + u] * T.float32(qk), T.float32(neg))
+                                                st[hh * 4 + 3] = T.max(st[hh * 4 + 3], sf[j * 4 + hh * 2 + u])
+                                        st[hh * 4 + 3] = T.max(st[hh * 4 + 3], T.tvm_warp_shuffle_xor(
+                                            T.uint32(0xFFFFFFFF), st[hh * 4 + 3], 1, 32, 32))
+                                        st[hh * 4 + 3] = T.max(st[hh * 4 + 3], T.tvm_warp_shuffle_xor(
+                                            T.uint32(0xFFFFFFFF), st[hh * 4 + 3], 2, 32, 32))
+                                        st[hh * 4] = T.max(st[hh * 4 + 2], st[hh * 4 + 3])
+                                        # rescale this lane's sum and outputs of the row
+                                        st[hh * 4 + 2] = T.exp2(st[hh * 4 + 2] - st[hh * 4])
+                                        st[hh * 4 + 1] = st[hh * 4 + 1] * st[hh * 4 + 2]
+                                        for n8 in T.unroll(nd):
+                                            for u in T.unroll(2):
+                                                of[n8 * 4 + hh * 2 + u] = of[n8 * 4 + hh * 2 + u] * st[hh * 4 + 2]
+                                        # p = exp2(s - max) (a masked score weighs exactly 0), as p v's A fragments
+                                        for j in T.unroll(nk):
+                                            for u in T.unroll(2):
+                                                sf[j * 4 + hh * 2 + u] = T.if_then_else(
+                                                    sf[j * 4 + hh * 2 + u] > T.float32(neg * 0.5),
+                                                    T.exp2(sf[j * 4 + hh * 2 + u] - st[hh * 4]), T.float32(0))
+                                                st[hh * 4 + 1] = st[hh * 4 + 1] + sf[j * 4 + hh * 2 + u]
+                                                pf[j // 2 * 8 + j % 2 * 4 + hh * 2 + u] = T.Cast("float16", sf[j * 4 + hh * 2 + u])
+                                    # O += p v
+                                    for n8 in T.unroll(nd):
+                                        for kj in T.unroll(mk // 16):
+                                            for c8 in T.unroll(2):
+                                                for u in T.vectorized(2):
+                                                    vf[(n8 * (mk // 16) + kj) * 4 + c8 * 2 + u] = V_s[(n8 * 8 + g) * vs + kj * 16 + c8 * 8 + tq * 2 + u]
+                                            T.evaluate(T.ptx_legacy.mma(
+                                                "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                pf.data, kj * 8, vf.data, (n8 * (mk // 16) + kj) * 4, of.data, n8 * 4,
+                                                False, dtype="float32"))
+                                    # the next tile's staging overwrites what other warps may still read
+                                    T.tvm_storage_sync("shared")
+
+                                for hh in T.unroll(2):
+                                    st[hh * 4 + 1] = st[hh * 4 + 1] + T.tvm_warp_shuffle_xor(
+                                        T.uint32(0xFFFFFFFF), st[hh * 4 + 1], 1, 32, 32)
+                                    st[hh * 4 + 1] = st[hh * 4 + 1] + T.tvm_warp_shuffle_xor(
+                                        T.uint32(0xFFFFFFFF), st[hh * 4 + 1], 2, 32, 32)
+                                    if (r0 + hh * 8) // rep < L:
+                                        for n8 in T.unroll(nd):
+                                            for u in T.vectorized(2):
+                                                O[bx, by * rep + (r0 + hh * 8) % rep, (r0 + hh * 8) // rep, n8 * 8 + tq * 2 + u] = T.Cast(
+                                                    "float16", of[n8 * 4 + hh * 2 + u] / T.max(st[hh * 4 + 1], T.float32(1e-30)))
+
+    if paged is None:
+        @T.prim_func(private=True, s_tir=True)
+        def kv_prefill_attention_mma(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                     var_out: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+            B = T.int32()
+            L = T.int32()
+            Q = T.match_buffer(var_q, (B, h, L, d), "float16")
+            K = T.match_buffer(var_k, (B, hkv, m, d), "float16")
+            V = T.match_buffer(var_v, (B, hkv, m, d), "float16")
+            pos = T.match_buffer(var_pos, (B,), pos_dtype)
+            O = T.match_buffer(var_out, (B, h, L, d), "float16")
+            body(Q, K, V, pos, None, O, B, L, None)
+        return kv_prefill_attention_mma
+
+    @T.prim_func(private=True, s_tir=True)
+    def kv_paged_prefill_attention_mma(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
+                                       var_table: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B = T.int32()
+        L = T.int32()
+        NB = T.int32()
+        Q = T.match_buffer(var_q, (B, h, L, d), "float16")
+        K = T.match_buffer(var_k, (NB, hkv, bs, d), "float16")
+        V = T.match_buffer(var_v, (NB, hkv, bs, d), "float16")
+        pos = T.match_buffer(var_pos, (B,), pos_dtype)
+        table = T.match_buffer(var_table, (B, mb), "int32")
+        O = T.match_buffer(var_out, (B, h, L, d), "float16")
+        body(Q, K, V, pos, table, O, B, L, NB)
+    # fmt: on
+    return kv_paged_prefill_attention_mma

@@ -10,7 +10,7 @@ fragments from the lanes by the PTX ISA's fragment layout and scatters D back, s
 the wrong elements computes the wrong product here as on the GPU; a warp only partly active at an
 ``mma.sync`` is an error, as is a global access out of bounds by an active thread. The half2 / bit
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
-to f16). ``tvm_thread_allreduce`` (a sum, under its ``reduce_scope``) gives each thread the sum over the
+to f16), ``tvm_warp_shuffle_xor`` reads its partner lane. ``tvm_thread_allreduce`` (a sum, under its ``reduce_scope``) gives each thread the sum over the
 threads of its block that differ only in the reduced indices, all of which must be active. Lock step is a legal schedule of a kernel with correct barriers, and the races it would hide are
 errors: a thread reading a shared element another thread wrote since the last ``tvm_storage_sync`` (a
 missing barrier), a thread writing a shared element another thread read since then (write after read),
@@ -318,6 +318,18 @@ class _Machine:
         np.add.at(sums, group, value.astype(np.float64))
         self._write(e.args[3], sums[group].astype(value.dtype))
         return None
+
+    def _c_tvm_warp_shuffle_xor(self, e):
+        """``__shfl_xor_sync(mask, value, lane_mask, 32)``: each active thread gets ``value`` of lane
+        ``lane ^ lane_mask`` of its warp, which must be active too (the full-warp form only)."""
+        value = np.broadcast_to(np.asarray(self.eval(e.args[1])), (self.threads,))
+        lane_mask, width = int(self.scalar(e.args[2])), int(self.scalar(e.args[3]))
+        if width != 32 or not 0 < lane_mask < 32:
+            raise NotImplementedError(f"simt: tvm_warp_shuffle_xor lane mask {lane_mask}, width {width}")
+        partner = np.arange(self.threads) ^ lane_mask      # within the warp: warps are 32 aligned lanes
+        if (self.mask & ~self.mask[partner]).any():
+            raise RuntimeError("simt: tvm_warp_shuffle_xor reads a lane that is not active")
+        return value[partner].copy()
 
     def _c_exp2(self, e):
         with np.errstate(over="ignore", under="ignore"):

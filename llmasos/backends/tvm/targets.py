@@ -631,30 +631,53 @@ class CUDATarget(Target):
                 paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
                                             scale, fused=rope, packed=packed))
 
-    def _flash_prefill(self, heads, kv_heads, max_seq, head_dim, dtype) -> bool:
+    def _flash_prefill(self, heads, kv_heads, max_seq, head_dim, dtype) -> Optional[str]:
+        """Which prefill attention kernel: "mma" (tensor cores), "simt" (CUDA cores), or None (the generic three
+        kernels). Target option flash_prefill = "on" (the default since an H100 run: the CUDA-core kernel) |
+        "mma" (the tensor-core kernel where it applies -- f16, sm_80+, D a multiple of 16 up to 128 -- else the
+        CUDA-core one; checked lane by lane in the SIMT interpreter and built by nvcc, not yet run on a GPU) |
+        "off"."""
         which = self.extra.get("flash_prefill", "on")
-        if which not in ("on", "off"):
-            raise ValueError(f"target '{self.name}': flash_prefill must be 'on' or 'off', got {which!r}")
-        from .cuda_attention import prefill_attention_supported  # deferred: the TVM compiler (module docstring)
-        return which == "on" and prefill_attention_supported(heads, kv_heads, max_seq, head_dim, dtype)
+        if which not in ("on", "mma", "off"):
+            raise ValueError(f"target '{self.name}': flash_prefill must be 'on', 'mma' or 'off', got {which!r}")
+        from .cuda_attention import (  # deferred: the TVM compiler (module docstring)
+            prefill_attention_mma_supported, prefill_attention_supported)
+        from .cuda_gemm import sm_version  # deferred: the TVM compiler (module docstring)
+        if which == "off":
+            return None
+        if (which == "mma" and sm_version(self.target.get("arch", "")) >= 80
+                and prefill_attention_mma_supported(heads, kv_heads, max_seq, head_dim, dtype)):
+            return "mma"
+        return "simt" if prefill_attention_supported(heads, kv_heads, max_seq, head_dim, dtype) else None
 
     def kv_prefill_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
-        """The flash-style prefill kernel (cuda_attention.py) when the option flash_prefill is "on" (the
-        default since an H100 run: with prefill_gemm the whole prefill 1.37-1.43x faster than without them;
-        "off": the generic three kernels) and the layout is covered."""
-        if not self._flash_prefill(heads, kv_heads, max_seq, head_dim, dtype):
-            return None
-        from .cuda_attention import prefill_attention_func  # deferred: the TVM compiler (module docstring)
-        return "kv_prefill_attention", prefill_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype,
-                                                              scale)
+        """The flash-style prefill kernel (cuda_attention.py): on the CUDA cores or the tensor cores, by the
+        option flash_prefill (see _flash_prefill; "off": the generic three kernels)."""
+        which = self._flash_prefill(heads, kv_heads, max_seq, head_dim, dtype)
+        # deferred: the TVM compiler (module docstring)
+        from .cuda_attention import prefill_attention_func, prefill_attention_mma_func
+        if which == "mma":
+            return "kv_prefill_attention_mma", prefill_attention_mma_func(heads, kv_heads, max_seq, head_dim,
+                                                                          pos_dtype, scale)
+        if which == "simt":
+            return "kv_prefill_attention", prefill_attention_func(heads, kv_heads, max_seq, head_dim, dtype,
+                                                                  pos_dtype, scale)
+        return None
 
     def kv_paged_prefill_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
         """The paged twin of kv_prefill_attention (same option)."""
-        if not self._flash_prefill(heads, kv_heads, block_size * max_blocks, head_dim, dtype):
-            return None
-        from .cuda_attention import paged_prefill_attention_func  # deferred: the TVM compiler (module docstring)
-        return ("kv_paged_prefill_attention",
-                paged_prefill_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
+        which = self._flash_prefill(heads, kv_heads, block_size * max_blocks, head_dim, dtype)
+        # deferred: the TVM compiler (module docstring)
+        from .cuda_attention import paged_prefill_attention_func, paged_prefill_attention_mma_func
+        if which == "mma":
+            return ("kv_paged_prefill_attention_mma",
+                    paged_prefill_attention_mma_func(heads, kv_heads, block_size, max_blocks, head_dim, pos_dtype,
+                                                     scale))
+        if which == "simt":
+            return ("kv_paged_prefill_attention",
+                    paged_prefill_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
+                                                 scale))
+        return None
 
     def prepare_graph_capture(self, mod, functions: tuple):
         """Every argument of a captured function is then fixed storage: TVM's RewriteCUDAGraph captures only
