@@ -80,8 +80,9 @@ def lm_source(model, spec, *, max_seq: Optional[int], max_batch: int, batch: Opt
     for phase in (PREFILL, DECODE):
         ep = export_decoder(dec, phase, export_batch, max_batch, max_seq, bs)
         graphs[phase] = torch_export.import_exported_program(ep, name=phase).graph
-    # the paged runner's inputs are fresh tensors per call (no fixed buffers): no CUDA graph
-    use_graph = bool(cuda_graph) and spec.graph_capture and bs is None
+    # a paged model's decode step is captured only where the target says so (option paged_cuda_graph): its
+    # runner then pads the rows to GRAPH_BUCKETS and stages the inputs at fixed addresses (llm/paged.py)
+    use_graph = bool(cuda_graph) and spec.graph_capture and (bs is None or spec.paged_graph_capture())
     meta = {"vocab": dec.cfg.vocab, "max_seq": max_seq, "cuda_graph": use_graph,
             "config": dataclasses.asdict(dec.cfg)}
     if bs is not None:

@@ -56,6 +56,14 @@ from .errors import GenerationError
 from .sampling import sample_rows
 
 DEFAULT_BLOCK_SIZE = 16
+# batch sizes a captured (CUDA-graph) paged decode step is padded to: one graph per size actually used
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def graph_bucket(batch: int, max_batch: int) -> int:
+    """The padded batch of a captured decode step of ``batch`` rows: the smallest GRAPH_BUCKETS entry that
+    holds them, capped at ``max_batch``."""
+    return min(next((b for b in GRAPH_BUCKETS if b >= batch), max_batch), max_batch)
 _TORCH_DTYPES = {}          # numpy dtype str (i4, i8) -> torch dtype, filled on first use (torch is deferred)
 
 
@@ -246,6 +254,9 @@ class PagedRunner(_PagedRunner):
         self.static_batch = lm.static_batch
         self._dev = lm._dev
         self._host = self._stage = None             # the step inputs' staging buffers (host, device), see _upload
+        # a captured decode step (the target's paged_cuda_graph): padded rows, inputs at fixed addresses
+        self._graph = bool(lm.cuda_graph)
+        self._ghost = self._gstage = None
         self._pools = []
         for t in lm._cache_types:
             shape = (self.num_blocks, *t.shape[1:])
@@ -267,7 +278,7 @@ class PagedRunner(_PagedRunner):
     def pool_bytes(self) -> int:
         return self.lm.cache_bytes(self.num_blocks)
 
-    def _upload(self, arrays) -> list:
+    def _upload(self, arrays, fixed: bool = False) -> list:
         """The step's inputs in ONE host-to-device copy: packed (64-byte aligned) into a staging buffer that
         lives on the device between calls, then handed to the compiled function as views of it (through
         torch, whose DLPack export offsets the data pointer: TVM's kernels take no byte_offset). Ordering:
@@ -281,28 +292,60 @@ class PagedRunner(_PagedRunner):
         for a in arrays:
             offs.append(n)
             n += -(-a.nbytes // 64) * 64
-        if self._host is None or self._host.numel() < n:
-            cap = max(n, 2 * (0 if self._host is None else self._host.numel()))
-            self._stage = torch.from_dlpack(tvm.runtime.empty((cap,), "uint8", self._dev))
-            self._host = torch.empty(cap, dtype=torch.uint8, pin_memory=self._stage.is_cuda)
-        host = self._host.numpy()
+        if fixed:
+            # a captured graph replays the addresses it was captured with: one buffer, never reallocated,
+            # sized once for max_batch decode rows (ids i8, pos i4, last i8, table i4 [B, MB])
+            if self._gstage is None:
+                rows = self.static_batch or self.max_batch
+                cap = sum(-(-w // 64) * 64 for w in (8 * rows, 4 * rows, 8 * rows, 4 * rows * self.max_blocks_per_seq))
+                self._gstage = torch.from_dlpack(tvm.runtime.empty((cap,), "uint8", self._dev))
+                self._ghost = torch.empty(cap, dtype=torch.uint8, pin_memory=self._gstage.is_cuda)
+            if n > self._gstage.numel():
+                raise AssertionError(f"a captured step's inputs ({n} bytes) exceed their fixed buffer")
+            stage, hbuf = self._gstage, self._ghost
+        else:
+            if self._host is None or self._host.numel() < n:
+                cap = max(n, 2 * (0 if self._host is None else self._host.numel()))
+                self._stage = torch.from_dlpack(tvm.runtime.empty((cap,), "uint8", self._dev))
+                self._host = torch.empty(cap, dtype=torch.uint8, pin_memory=self._stage.is_cuda)
+            stage, hbuf = self._stage, self._host
+        host = hbuf.numpy()
         for a, o in zip(arrays, offs):
             host[o:o + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-        self._stage[:n].copy_(self._host[:n])
-        return [tvm.runtime.from_dlpack(self._stage[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype.str[1:]])
+        stage[:n].copy_(hbuf[:n])
+        return [tvm.runtime.from_dlpack(stage[o:o + a.nbytes].view(_TORCH_DTYPES[a.dtype.str[1:]])
                                         .view(a.shape)) for a, o in zip(arrays, offs)]
 
     def _call(self, ids, pos, last, block_table):
+        """(the compiled call's logits, device tensor [B', vocab], B): B' > B where a captured decode step
+        ran padded rows after the real ones."""
         ids, pos, last, table = self.check(ids, pos, last, block_table)
-        fn = self.lm._decode if ids.shape[1] == 1 else self.lm._prefill
-        return fn(*self._upload((ids, pos, last, table)), *self._pools, *self.lm._weights)[0]
+        B = ids.shape[0]
+        if ids.shape[1] > 1:
+            return self.lm._prefill(*self._upload((ids, pos, last, table)), *self._pools, *self.lm._weights)[0], B
+        if not self._graph:
+            return self.lm._decode(*self._upload((ids, pos, last, table)), *self._pools, *self.lm._weights)[0], B
+        # a captured step: rows padded to the bucket's size (a padding row's table is all -1, so it writes no
+        # block and reads none; its logits are dropped), inputs staged at the bucket's fixed addresses
+        pad = (self.static_batch or graph_bucket(B, self.max_batch)) - B
+        if pad:
+            ids = np.concatenate([ids, np.zeros((pad, 1), ids.dtype)])
+            pos = np.concatenate([pos, np.zeros(pad, pos.dtype)])
+            last = np.concatenate([last, np.zeros(pad, last.dtype)])
+            table = np.concatenate([table, np.full((pad, table.shape[1]), -1, table.dtype)])
+        args = self._upload((ids, pos, last, table), fixed=True)
+        return self.lm._decode(*args, *self._pools, *self.lm._weights)[0], B
 
     def _forward(self, ids, pos, last, block_table):
+        """The logits [B, vocab] on the device. A captured step's are a view of the graph's own output
+        buffer, overwritten by the next step of the same padded size: consume them before the next call."""
         import torch  # deferred: torch (the logits through DLPack, on the device)
-        return torch.from_dlpack(self._call(ids, pos, last, block_table))
+        out, B = self._call(ids, pos, last, block_table)
+        return torch.from_dlpack(out)[:B]
 
     def step(self, ids, pos, last, block_table) -> np.ndarray:
-        return self._call(ids, pos, last, block_table).numpy().astype(np.float32, copy=False)
+        out, B = self._call(ids, pos, last, block_table)
+        return out.numpy()[:B].astype(np.float32, copy=False)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         import torch  # deferred: torch (device-side block copies through DLPack)

@@ -236,3 +236,27 @@ def test_cuda_single_kv_head_builds():
     for graph in (paged_graph(MQA, 1, DType.f16), contiguous_graph(MQA, 1, DType.f16)):
         src = cuda_source(compile_module(lower(graph, spec), spec))
         assert "decode_attention_kernel" in src and "append_kernel" in src
+
+
+@needs_cuda_codegen
+def test_cuda_paged_decode_step_is_captured_only_when_asked():
+    """Target option paged_cuda_graph=on: a paged model's decode step becomes a CUDA graph per batch size
+    (TVM's RewriteCUDAGraph: run_or_capture keyed by the batch); off (the default) it launches its kernels
+    one by one. The runner pads the rows to graph_bucket's sizes (tests/llm/test_paged.py)."""
+    import dataclasses
+    import torch
+    import llmasos.llm.presets as P
+    from llmasos.driver import lower as driver_lower, prepare
+    from llmasos.llm.compile import lm_source
+    from llmasos.llm.model import Decoder
+    dec = Decoder.random(P.decoder_config("llama-tiny"), dtype=torch.float16)
+    base = resolve_target("cuda:sm_90a")
+    for opt, want in (("off", ()), ("on", ("decode",))):
+        plan = prepare(dataclasses.replace(base, extra={**base.extra, "paged_cuda_graph": opt}), "fuse")
+        src = driver_lower(plan, lambda s: lm_source(dec, s, max_seq=32, max_batch=4, batch=None, dtype=None,
+                                                     kv="paged", block_size=4, cuda_graph=True))
+        assert src.cuda_graph == want and src.meta["cuda_graph"] == bool(want)
+    text = compile_module(lower(src.graphs["decode"], plan.spec), plan.spec, cuda_graph=("main",)).as_text()
+    assert "vm.builtin.cuda_graph.run_or_capture" in text
+    with pytest.raises(ValueError, match="paged_cuda_graph must be 'on' or 'off'"):
+        dataclasses.replace(base, extra={"paged_cuda_graph": "yes"}).paged_graph_capture()

@@ -112,6 +112,33 @@ def test_mixed_steps_equal_the_contiguous_model_and_torch(hf_llama, contiguous, 
     assert len(ref) == sum(len(r) for r in STEPS)
 
 
+def test_padded_decode_rows_of_a_captured_step_change_nothing(paged_lm):
+    """A captured (CUDA-graph) decode step runs its rows padded to graph_bucket's size with all -1 tables; on
+    the CPU the same padding path (forced) must give the real rows' logits and leave every pool slot but the
+    real tokens' as it was, step after step."""
+    from llmasos.llm.paged import GRAPH_BUCKETS, graph_bucket
+    assert [graph_bucket(b, 64) for b in (1, 2, 3, 5, 17, 33, 64)] == [1, 2, 4, 8, 24, 48, 64]
+    assert graph_bucket(3, 3) == 3 and graph_bucket(70, 80) == 80 and list(GRAPH_BUCKETS) == sorted(GRAPH_BUCKETS)
+    seqs = _seqs(seed=4)
+    plain, padded = paged_lm.paged_runner(NB), paged_lm.paged_runner(NB)
+    assert not padded._graph          # a CPU model is never captured
+    padded._graph = True
+    scheds = [Schedule(r, seqs, seed=3) for r in (plain, padded)]
+    steps = [[("a", 5), ("b", 6), ("c", 3)], [("a", 1), ("b", 1), ("c", 1)], [("c", 1)],
+             [("b", 1), ("a", 1), ("c", 1)], [("d", 4)], [("d", 1), ("a", 1), ("b", 1)]]
+    for rows in steps:
+        want, where = scheds[0].step(rows)
+        got, _ = scheds[1].step(rows)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, **TOL, err_msg=str(rows))
+        if all(n == 1 for _, n in rows) and len(rows) == 3:
+            assert padded._gstage is not None          # the padded path ran (3 rows -> a bucket of 4)
+    for a, b in zip(_host_pools(plain), _host_pools(padded)):
+        np.testing.assert_allclose(a, b, **TOL)
+    ids, pos, last, table, _ = scheds[1].inputs([("a", 1), ("b", 1), ("c", 1)])
+    assert padded.sample_step(ids, pos, last, table).shape == (3,)
+
+
 def test_greedy_generation_equals_contiguous_generate(contiguous, paged_lm):
     prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
     want = contiguous.generate(prompts, 10)

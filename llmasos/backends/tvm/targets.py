@@ -262,6 +262,12 @@ class Target:
         blocks gathered, then kv.attention's generic path)."""
         return None
 
+    def paged_graph_capture(self) -> bool:
+        """Whether a paged-KV model's decode step runs as captured device graphs (one per padded batch size;
+        the runner then pads the rows and keeps the step's inputs at fixed addresses). Off where the
+        target cannot capture."""
+        return False
+
     def prepare_graph_capture(self, mod, functions: tuple):
         """The Relax module with ``functions`` marked for capture as device graphs (``graph_capture``)."""
         return mod
@@ -474,7 +480,7 @@ class CUDATarget(Target):
     tvm_kinds: ClassVar[tuple] = ("cuda",)
     options: ClassVar[Optional[tuple]] = ("fast_math", "decode_gemv", "tensor_cores", "small_m_gemm", "small_m_rows",
                                           "prefill_gemm", "prefill_gemm_warps", "small_m_quant_gemm", "flash_prefill",
-                                          "fused_attention_packed")
+                                          "fused_attention_packed", "paged_cuda_graph")
     variant_key: ClassVar[Optional[str]] = "arch"
     source_kind: ClassVar[Optional[str]] = "cuda"
     gemm_nt: ClassVar[bool] = True
@@ -678,6 +684,14 @@ class CUDATarget(Target):
                     paged_prefill_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
                                                  scale))
         return None
+
+    def paged_graph_capture(self) -> bool:
+        """Target option paged_cuda_graph = "off" (the default: not yet run on a GPU) | "on": the paged decode
+        step as a CUDA graph per padded batch size (llmasos/llm/paged.py, GRAPH_BUCKETS)."""
+        which = self.extra.get("paged_cuda_graph", "off")
+        if which not in ("on", "off"):
+            raise ValueError(f"target '{self.name}': paged_cuda_graph must be 'on' or 'off', got {which!r}")
+        return which == "on"
 
     def prepare_graph_capture(self, mod, functions: tuple):
         """Every argument of a captured function is then fixed storage: TVM's RewriteCUDAGraph captures only
