@@ -190,3 +190,54 @@ def test_per_block_trip_counts_mask_threads_and_barriers():
     simt.run(rounds, b)
     want = np.array([[sum(i + 31 - t for i in range(bx + 1)) for t in range(32)] for bx in range(4)], np.float32)
     np.testing.assert_array_equal(b, want)
+
+
+def _ldmatrix_kernel(trans: bool):
+    """One warp: a 32 x 8 f16 tile staged in shared memory, read back by ldmatrix.x4 (lane l addressing row
+    l of the tile: row l % 8 of matrix l // 8), each lane's 8 fragment halves stored to F[l]."""
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def ld(A: T.Buffer((32, 8), "float16"), F: T.Buffer((32, 8), "float16")):
+        for tx in T.thread_binding(32, thread="threadIdx.x"):
+            with T.sblock("ld"):
+                S = T.sblock_alloc_buffer((32 * 8,), "float16", scope="shared")
+                f = T.sblock_alloc_buffer((8,), "float16", scope="local")
+                for u in T.vectorized(8):
+                    S[tx * 8 + u] = A[tx, u]
+                T.tvm_storage_sync("shared")
+                T.evaluate(T.ptx_legacy.ldmatrix(trans, 4, ".b16", f.data, 0, S.data, tx * 8, dtype="float16"))
+                for u in T.unroll(8):
+                    F[tx, u] = f[u]
+    # fmt: on
+    return ld
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_ldmatrix_follows_the_ptx_fragment_layout(trans):
+    """PTX ISA, ldmatrix .m8n8.x4.b16: lane l holds, of matrix i, row l // 4 columns 2 (l % 4) and 2 (l % 4) + 1;
+    with .trans, rows 2 (l % 4) and 2 (l % 4) + 1 of column l // 4."""
+    a = np.arange(32 * 8, dtype=np.float16).reshape(32, 8)
+    f = np.zeros((32, 8), np.float16)
+    simt.run(_ldmatrix_kernel(trans), a, f)
+    want = np.zeros_like(f)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(4):
+            m = a[8 * i:8 * i + 8]
+            want[lane, 2 * i:2 * i + 2] = m[[2 * t, 2 * t + 1], g] if trans else m[g, [2 * t, 2 * t + 1]]
+    np.testing.assert_array_equal(f, want)
+
+
+def test_warp_shuffle_xor_reads_the_partner_lane():
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def shfl(A: T.Buffer((64,), "float32"), B: T.Buffer((64,), "float32")):
+        for ty in T.thread_binding(2, thread="threadIdx.y"):
+            for tx in T.thread_binding(32, thread="threadIdx.x"):
+                with T.sblock("s"):
+                    B[ty * 32 + tx] = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), A[ty * 32 + tx], 5, 32, 32)
+    # fmt: on
+    a = np.arange(64, dtype=np.float32)
+    b = np.zeros(64, np.float32)
+    simt.run(shfl, a, b)
+    np.testing.assert_array_equal(b, a[np.arange(64) ^ 5])

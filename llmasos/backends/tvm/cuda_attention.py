@@ -273,12 +273,12 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
 # accumulate: MK / 8 column tiles by D / 16 k-steps), masks and scales S in f32 (base-2 exponent), takes the
 # row max across the quad of lanes holding a row (two xor shuffles), rescales its running sum and output,
 # and turns exp2(S - max) into the A fragments of p v directly (the accumulator layout of two n8 tiles is
-# the A layout of one k16 step: no shared memory between the MMAs). The K tile is staged row-major, padded
-# to D + 8 halves a row (the B fragment of q k^T is a pair of adjacent halves of one K row: the 8 rows x 4
-# pairs of a warp's load fall in 32 distinct banks); the V tile transposed, [D][MK + 8] (the B fragment of
-# p v is a pair of adjacent cache rows of one column), written by lanes holding consecutive cache rows.
-# Rows past kv_end (and, paged, in an unallocated block) are staged as zeros and masked. The running sum
-# stays per lane and is summed over the quad once at the end.
+# the A layout of one k16 step: no shared memory between the MMAs). K and V tiles are staged row-major by
+# 16-byte loads (a warp reads whole cache rows), each row padded to D + 8 halves, so the 8 row addresses of
+# one ldmatrix phase fall in 8 distinct 16-byte bank groups; q k^T's B fragments come from ldmatrix.x4
+# (two column tiles a call), p v's from ldmatrix.x4.trans (V is K x N row-major; the transposed load gives
+# the "col" fragment). Rows past kv_end (and, paged, in an unallocated block) are staged as zeros and
+# masked. The running sum stays per lane and is summed over the quad once at the end.
 
 TC_MQ = 64         # grouped query rows a block (4 warps x 16)
 TC_MK = 64         # cache rows a tile
@@ -309,13 +309,11 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
     qk = float(scale) * math.log2(math.e)
     mq, mk, warps = TC_MQ, TC_MK, TC_WARPS
     threads = 32 * warps
-    ks = d + 8                          # K tile row stride (halves)
-    vs = mk + 8                         # transposed V tile row stride (halves)
+    ks = d + 8                          # K and V tile row stride (halves)
     kd = d // 16                        # k-steps of q k^T
     nk = mk // 8                        # n8 column tiles of S
     nd = d // 8                         # n8 column tiles of the output
-    kvec = mk * d // 8 // threads       # 8-half vectors of K a thread stages per tile
-    vcopies = mk * d // threads         # halves of V a thread stages per tile (transposed, one at a time)
+    kvec = mk * d // 8 // threads       # 8-half vectors of K (and of V) a thread stages per tile
     neg = NEG_BIG
     bs = paged[0] if paged is not None else None
     mb = paged[1] if paged is not None else None
@@ -332,12 +330,12 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                 T.reads()
                                 T.writes()
                                 K_s = T.sblock_alloc_buffer((mk * ks,), "float16", scope="shared")
-                                V_s = T.sblock_alloc_buffer((d * vs,), "float16", scope="shared")
+                                V_s = T.sblock_alloc_buffer((mk * ks,), "float16", scope="shared")
                                 if paged is not None:  # 1: the staged row's block is allocated
                                     ok_s = T.sblock_alloc_buffer((mk,), "int32", scope="shared")
                                 qf = T.sblock_alloc_buffer((kd * 8,), "float16", scope="local")
-                                kf = T.sblock_alloc_buffer((nk * kd * 4,), "float16", scope="local")
-                                vf = T.sblock_alloc_buffer((nd * (mk // 16) * 4,), "float16", scope="local")
+                                kf = T.sblock_alloc_buffer((kd * nk * 4,), "float16", scope="local")
+                                vf = T.sblock_alloc_buffer((mk // 16 * nd * 4,), "float16", scope="local")
                                 sf = T.sblock_alloc_buffer((nk * 4,), "float32", scope="local")
                                 pf = T.sblock_alloc_buffer((mk // 16 * 8,), "float16", scope="local")
                                 of = T.sblock_alloc_buffer((nd * 4,), "float32", scope="local")
@@ -368,8 +366,7 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                     st[hh * 4 + 1] = T.float32(0)
 
                                 for it in T.serial(T.ceildiv(kv_end, mk)):
-                                    # stage K (row-major, 8 halves a copy: a warp writes whole rows) and V
-                                    # (transposed: lanes of consecutive cache rows write adjacent halves)
+                                    # stage K and V (row-major, 8 halves a copy: a warp reads whole cache rows)
                                     for c in T.unroll(kvec):
                                         krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
                                         kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
@@ -378,46 +375,45 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                             if it * mk + krow < kv_end:
                                                 for u in T.vectorized(8):
                                                     K_s[krow * ks + kcol + u] = K[bx, by, kg, kcol + u]
+                                                for u in T.vectorized(8):
+                                                    V_s[krow * ks + kcol + u] = V[bx, by, kg, kcol + u]
                                             else:
                                                 for u in T.vectorized(8):
                                                     K_s[krow * ks + kcol + u] = T.float16(0)
+                                                for u in T.vectorized(8):
+                                                    V_s[krow * ks + kcol + u] = T.float16(0)
                                         else:
                                             kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
                                             if kblk >= 0 and kblk < NB:
                                                 for u in T.vectorized(8):
                                                     K_s[krow * ks + kcol + u] = K[kblk, by, kg % bs, kcol + u]
+                                                for u in T.vectorized(8):
+                                                    V_s[krow * ks + kcol + u] = V[kblk, by, kg % bs, kcol + u]
                                                 if kcol == 0:
                                                     ok_s[krow] = 1
                                             else:
                                                 for u in T.vectorized(8):
                                                     K_s[krow * ks + kcol + u] = T.float16(0)
+                                                for u in T.vectorized(8):
+                                                    V_s[krow * ks + kcol + u] = T.float16(0)
                                                 if kcol == 0:
                                                     ok_s[krow] = 0
-                                    for c in T.unroll(vcopies):
-                                        vrow: T.let[T.int32] = (c * threads + tid) % mk
-                                        vcol: T.let[T.int32] = (c * threads + tid) // mk
-                                        vg: T.let[T.int32] = T.min(it * mk + vrow, m - 1)
-                                        if paged is None:
-                                            V_s[vcol * vs + vrow] = T.if_then_else(
-                                                it * mk + vrow < kv_end, V[bx, by, vg, vcol], T.float16(0))
-                                        else:
-                                            vblk: T.let[T.int32] = T.if_then_else(it * mk + vrow < kv_end, table[bx, vg // bs], -1)
-                                            V_s[vcol * vs + vrow] = T.if_then_else(
-                                                vblk >= 0 and vblk < NB, V[T.min(T.max(vblk, 0), NB - 1), by, vg % bs, vcol],
-                                                T.float16(0))
                                     T.tvm_storage_sync("shared")
 
-                                    # S = q k^T (f32)
+                                    # S = q k^T (f32); ldmatrix.x4: column tiles j, j + 1 x both k halves
+                                    for kk in T.unroll(kd):
+                                        for j2 in T.unroll(nk // 2):
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                False, 4, ".b16", kf.data, (kk * nk + j2 * 2) * 4, K_s.data,
+                                                ((j2 * 2 + tx // 16) * 8 + tx % 8) * ks + kk * 16 + tx // 8 % 2 * 8,
+                                                dtype="float16"))
                                     for j in T.unroll(nk):
                                         for i in T.unroll(4):
                                             sf[j * 4 + i] = T.float32(0)
                                         for kk in T.unroll(kd):
-                                            for c8 in T.unroll(2):
-                                                for u in T.vectorized(2):
-                                                    kf[(j * kd + kk) * 4 + c8 * 2 + u] = K_s[(j * 8 + g) * ks + kk * 16 + c8 * 8 + tq * 2 + u]
                                             T.evaluate(T.ptx_legacy.mma(
                                                 "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                qf.data, kk * 8, kf.data, (j * kd + kk) * 4, sf.data, j * 4,
+                                                qf.data, kk * 8, kf.data, (kk * nk + j) * 4, sf.data, j * 4,
                                                 False, dtype="float32"))
                                     # mask, scale, the rows' new max (over the quad of lanes sharing a row)
                                     for hh in T.unroll(2):
@@ -456,15 +452,18 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                                     T.exp2(sf[j * 4 + hh * 2 + u] - st[hh * 4]), T.float32(0))
                                                 st[hh * 4 + 1] = st[hh * 4 + 1] + sf[j * 4 + hh * 2 + u]
                                                 pf[j // 2 * 8 + j % 2 * 4 + hh * 2 + u] = T.Cast("float16", sf[j * 4 + hh * 2 + u])
-                                    # O += p v
+                                    # O += p v; ldmatrix.x4.trans: both k halves x column tiles n8, n8 + 1
+                                    for kj in T.unroll(mk // 16):
+                                        for n2 in T.unroll(nd // 2):
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                True, 4, ".b16", vf.data, (kj * nd + n2 * 2) * 4, V_s.data,
+                                                (kj * 16 + tx // 8 % 2 * 8 + tx % 8) * ks + (n2 * 2 + tx // 16) * 8,
+                                                dtype="float16"))
                                     for n8 in T.unroll(nd):
                                         for kj in T.unroll(mk // 16):
-                                            for c8 in T.unroll(2):
-                                                for u in T.vectorized(2):
-                                                    vf[(n8 * (mk // 16) + kj) * 4 + c8 * 2 + u] = V_s[(n8 * 8 + g) * vs + kj * 16 + c8 * 8 + tq * 2 + u]
                                             T.evaluate(T.ptx_legacy.mma(
                                                 "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                pf.data, kj * 8, vf.data, (n8 * (mk // 16) + kj) * 4, of.data, n8 * 4,
+                                                pf.data, kj * 8, vf.data, (kj * nd + n8) * 4, of.data, n8 * 4,
                                                 False, dtype="float32"))
                                     # the next tile's staging overwrites what other warps may still read
                                     T.tvm_storage_sync("shared")

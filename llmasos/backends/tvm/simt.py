@@ -6,7 +6,8 @@ one SBlock of per-thread code: the shape of cuda_gemm.py's kernels) on numpy arr
 grid at once, in lock step, one numpy lane per thread. Local buffers are [threads, size] arrays, shared
 ones [blocks, size]; a branch on a per-thread condition runs under a mask. Warp-collective instructions see
 their warp's 32 lanes: ``ptx_legacy.mma`` m16n8k16 (row.col, f16 x f16 -> f32) gathers its A, B and C
-fragments from the lanes by the PTX ISA's fragment layout and scatters D back, so a kernel whose lanes hold
+fragments from the lanes by the PTX ISA's fragment layout and scatters D back (``ldmatrix`` x1/x2/x4,
+plain or ``.trans``, fills them from shared memory by the same layout), so a kernel whose lanes hold
 the wrong elements computes the wrong product here as on the GPU; a warp only partly active at an
 ``mma.sync`` is an error, as is a global access out of bounds by an active thread. The half2 / bit
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
@@ -415,6 +416,59 @@ class _Machine:
         self._check_f16x2(e)
         a, b, c = (self._halves(self._u32(x)) for x in e.args[1:4])
         self._write(e.args[0], self._pack(a * b + c))     # a * b exact in f64; one rounding to f16
+
+    def _c_ptx_legacy_ldmatrix(self, e):
+        """``ldmatrix.sync.aligned.m8n8.xN{.trans}.shared.b16``: lane l gives the shared address of row l % 8
+        of matrix l // 8 (N matrices, lanes 8N.. unused); each lane receives, per matrix i, the two halves at
+        row l // 4, columns 2 (l % 4) and 2 (l % 4) + 1 (.trans: rows 2 (l % 4) and 2 (l % 4) + 1 of column
+        l // 4) into its fragment at local_offset + 2 i. Every row must lie in shared memory written before
+        the last barrier (a race otherwise); the whole warp must be active."""
+        trans, num = bool(self.scalar(e.args[0])), int(self.scalar(e.args[1]))
+        if str(e.args[2].value) != ".b16" or num not in (1, 2, 4):
+            raise NotImplementedError(f"simt: ldmatrix .x{num} {e.args[2].value}")
+        warps = self.mask.reshape(-1, 32)
+        if not (warps.all(axis=1) | ~warps.any(axis=1)).all():
+            raise RuntimeError("simt: ldmatrix executed by a partly active warp")
+        live = np.repeat(warps.all(axis=1), 32)
+        if not live.any():
+            return None
+        dst = self.store[self.eval(e.args[3])]
+        src = self.store[self.eval(e.args[5])]
+        if src.scope != "shared" or dst.scope != "local":
+            raise NotImplementedError("simt: ldmatrix from a non-shared or into a non-local buffer")
+        doff = np.broadcast_to(np.asarray(self.eval(e.args[4])).astype(np.int64), (self.threads,))
+        soff = np.broadcast_to(np.asarray(self.eval(e.args[6])).astype(np.int64), (self.threads,))
+        if src.array.dtype.itemsize != 2 or dst.array.dtype.itemsize != 2:
+            raise NotImplementedError("simt: ldmatrix into or from a buffer of other than 16-bit elements")
+        size = src.array.shape[-1]
+        lane = np.arange(self.threads) % 32
+        base = np.arange(self.threads) - lane                   # each thread's warp's lane 0
+        cols = soff[:, None] + np.arange(8)[None, :]             # [threads, 8]: the row each lane addresses
+        rowlive = live & (lane < 8 * num)
+        if ((cols[rowlive] < 0) | (cols[rowlive] >= size)).any():
+            raise IndexError(f"simt: ldmatrix row past the end of {src.name}")
+        blk = self.block
+        if src.writer is not None:
+            w = src.writer[blk[:, None], np.clip(cols, 0, size - 1)]
+            if (rowlive[:, None] & (w >= 0)).any():
+                raise RuntimeError(f"simt: ldmatrix reads {src.name} written with no barrier between (a race)")
+            src.reader[blk[rowlive][:, None], cols[rowlive]] = -2
+        rows = src.array[blk[:, None], np.clip(cols, 0, size - 1)]   # [threads, 8]
+        out = np.zeros((self.threads, 2 * num), src.array.dtype)
+        g, t = lane // 4, lane % 4
+        for i in range(num):
+            if trans:   # rows 2t, 2t + 1 of matrix i, column g
+                out[:, 2 * i] = rows[base + 8 * i + 2 * t, g]
+                out[:, 2 * i + 1] = rows[base + 8 * i + 2 * t + 1, g]
+            else:       # row g of matrix i, columns 2t, 2t + 1
+                out[:, 2 * i] = rows[base + 8 * i + g, 2 * t]
+                out[:, 2 * i + 1] = rows[base + 8 * i + g, 2 * t + 1]
+        dcols = doff[:, None] + np.arange(2 * num)[None, :]
+        if ((dcols[live] < 0) | (dcols[live] >= dst.array.shape[1])).any():
+            raise IndexError(f"simt: ldmatrix fragment past the end of {dst.name}")
+        tid = np.flatnonzero(live)
+        dst.array[tid[:, None], dcols[live]] = out[live].view(dst.array.dtype)
+        return None
 
     def _c_ptx_legacy_mma(self, e):
         shape, la, lb, ta, tb, tc = (str(x.value) for x in e.args[:6])
