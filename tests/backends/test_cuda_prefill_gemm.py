@@ -3,7 +3,8 @@ linear over a prompt's symbolic rows (cp.async ring, ldmatrix, mma.sync), and it
 from the kernel's own index maps (cuda_gemm.prefill_copy_row / _chunk, prefill_swizzle, prefill_a_offset,
 prefill_b_offset: the same Python functions the TIR is built from) and the PTX semantics of cp.async's
 zero fill, ldmatrix.x4 and mma.m16n8k16 -- a swizzle applied on one side only, a wrong lane map or fragment
-order, a stage of the ring read before it was filled, or a missing row guard fails here. Speed and the
+order, a stage of the ring read before it was filled, or a missing row guard fails here -- and the PrimFunc
+itself run lane by lane in the SIMT interpreter (cp.async landing at its wait_group). Speed and the
 kernel's numerics on a GPU: bench/prefill_gemm_check.py."""
 from __future__ import annotations
 
@@ -214,3 +215,20 @@ def test_prefill_linear_runs_the_cp_async_mma_kernel():
     bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "4x4"})
     with pytest.raises(ValueError, match=r"prefill_gemm_warps must be '2x4' or '2x2', got '4x4'"):
         lower(_graph(256, 256, (1, sym("seq"))), bad)
+
+
+@pytest.mark.parametrize("m, n, k, tile, warps", [(70, 64, 64, None, None),          # one ragged row tile
+                                                  (130, 128, 160, (128, 64), None),  # 5 k-steps: the ring wraps
+                                                  (40, 128, 96, (64, 128), (2, 2))])
+def test_the_kernel_itself_in_the_simt_interpreter(m, n, k, tile, warps):
+    """The PrimFunc itself, lane by lane (llmasos.backends.tvm.simt: cp.async copies land only at the
+    wait_group that covers them, ldmatrix and mma by the ISA's fragment layouts, barriers and races
+    checked), against f64 x @ w.T rounded once to f16."""
+    from llmasos.backends.tvm import simt
+    rng = np.random.default_rng(m + n + k)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    w = rng.standard_normal((n, k)).astype(np.float16)
+    y = np.full((m, n), np.nan, np.float16)
+    simt.run(prefill_gemm_func(n, k, tile=tile, warps=warps), x, w, y)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(y.astype(np.float64), ref, rtol=2e-3, atol=2e-3)

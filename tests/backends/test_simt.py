@@ -241,3 +241,41 @@ def test_warp_shuffle_xor_reads_the_partner_lane():
     b = np.zeros(64, np.float32)
     simt.run(shfl, a, b)
     np.testing.assert_array_equal(b, a[np.arange(64) ^ 5])
+
+
+def _cp_async_kernel(wait: int, src_bytes: int):
+    """One warp: thread l copies A[l * 8 .. l * 8 + 7] into shared by cp.async (16 bytes, src-size
+    ``src_bytes``) in two committed groups (lanes' first and second halves of the copies), waits with
+    wait_group ``wait``, then every lane reads its neighbour's row after a barrier."""
+    # fmt: off
+    @T.prim_func(private=True, s_tir=True)
+    def cp(A: T.Buffer((512,), "float16"), B: T.Buffer((512,), "float16")):
+        for tx in T.thread_binding(32, thread="threadIdx.x"):
+            with T.sblock("cp"):
+                S = T.sblock_alloc_buffer((512,), "float16", scope="shared")
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](T.address_of(S[tx * 8]), T.address_of(A[tx * 8]),
+                                                               16, T.uint32(src_bytes)))
+                T.evaluate(T.ptx["cp.async.commit_group"]())
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](T.address_of(S[256 + tx * 8]),
+                                                               T.address_of(A[256 + tx * 8]), 16))
+                T.evaluate(T.ptx["cp.async.commit_group"]())
+                T.evaluate(T.ptx["cp.async.wait_group"](wait))
+                T.tvm_storage_sync("shared")
+                for u in T.unroll(8):
+                    B[tx * 8 + u] = S[(tx + 1) % 32 * 8 + u]
+                for u in T.unroll(8):
+                    B[256 + tx * 8 + u] = S[256 + (tx + 1) % 32 * 8 + u]
+    # fmt: on
+    return cp
+
+
+def test_cp_async_lands_at_its_wait_and_zero_fills_past_src_size():
+    a = np.arange(512, dtype=np.float16)
+    b = np.zeros(512, np.float16)
+    simt.run(_cp_async_kernel(0, 6), a, b)          # src-size 6 bytes: 3 halves copied, 5 zeros
+    rows = a[:256].reshape(32, 8).copy()
+    rows[:, 3:] = 0
+    np.testing.assert_array_equal(b[:256].reshape(32, 8), np.roll(rows, -1, axis=0))
+    np.testing.assert_array_equal(b[256:].reshape(32, 8), np.roll(a[256:].reshape(32, 8), -1, axis=0))
+    with pytest.raises(RuntimeError, match="has not landed"):    # wait_group 1 leaves the second group in flight
+        simt.run(_cp_async_kernel(1, 16), a, np.zeros(512, np.float16))

@@ -7,7 +7,8 @@ grid at once, in lock step, one numpy lane per thread. Local buffers are [thread
 ones [blocks, size]; a branch on a per-thread condition runs under a mask. Warp-collective instructions see
 their warp's 32 lanes: ``ptx_legacy.mma`` m16n8k16 (row.col, f16 x f16 -> f32) gathers its A, B and C
 fragments from the lanes by the PTX ISA's fragment layout and scatters D back (``ldmatrix`` x1/x2/x4,
-plain or ``.trans``, fills them from shared memory by the same layout), so a kernel whose lanes hold
+plain or ``.trans``, fills them from shared memory by the same layout; ``cp.async`` copies land at the
+``wait_group`` that covers them, and reading one before is an error), so a kernel whose lanes hold
 the wrong elements computes the wrong product here as on the GPU; a warp only partly active at an
 ``mma.sync`` is an error, as is a global access out of bounds by an active thread. The half2 / bit
 instructions (``lop3``, ``prmt``, ``sub.f16x2``, ``fma.rn.f16x2``) follow the ISA bit for bit (one rounding
@@ -70,6 +71,8 @@ class _Storage:
         # a write over an element another thread read with no barrier between (write after read): lock step
         # runs every read of a step before the next step's write, so on a GPU that write could land first
         self.reader = np.full(array.shape, -1, np.int64) if scope == "shared" else None
+        # shared: copies issued by cp.async that have not landed (a thread's wait_group lands them)
+        self.pending = np.zeros(array.shape, np.int32) if scope == "shared" else None
 
 
 class _Machine:
@@ -79,6 +82,8 @@ class _Machine:
         self.store: dict = {}          # buffer data Var -> _Storage
         self.mask = None               # bool [threads] while inside the thread grid
         self._reducer = None           # the enclosing reduce_scope's reducer ("add"), for tvm_thread_allreduce
+        self._copies: list = []        # cp.async copies in flight: [tids, groups, storage, rows, flat, values]
+        self._commits = None           # per thread: cp.async groups committed so far
         self.threads = 0
         params = list(func.params)
         if len(params) != len(arrays):
@@ -244,6 +249,10 @@ class _Machine:
         buf = _buffer(e)
         storage = self.store[buf]
         rows, flat = self._lanes(self._flat(buf, e.indices), storage, self.mask)
+        if storage.pending is not None and (self.mask & (storage.pending[rows, flat] > 0)).any():
+            i = int(np.argmax(self.mask & (storage.pending[rows, flat] > 0)))
+            raise RuntimeError(f"simt: thread {i} reads {storage.name}[{int(flat[i])}] while a cp.async copy into "
+                               f"it has not landed (no cp.async.wait_group covering it)")
         if storage.writer is not None:
             w = storage.writer[rows, flat]
             bad = self.mask & (w >= 0) & (w != self.tid)
@@ -417,6 +426,89 @@ class _Machine:
         a, b, c = (self._halves(self._u32(x)) for x in e.args[1:4])
         self._write(e.args[0], self._pack(a * b + c))     # a * b exact in f64; one rounding to f16
 
+    def _address(self, e):
+        """(storage, row per thread, flat element per thread) of ``address_of(buf[...])`` (through
+        ``cvta_generic_to_shared``)."""
+        if type(e).__name__ == "Call" and e.op.name.endswith("cvta_generic_to_shared"):
+            e = e.args[0]
+        if type(e).__name__ != "Call" or not e.op.name.endswith("address_of"):
+            raise NotImplementedError(f"simt: an address other than address_of(buffer[...]): {e}")
+        load = e.args[0]
+        buf = _buffer(load)
+        storage = self.store[buf]
+        flat = np.broadcast_to(np.asarray(self._flat(buf, load.indices)).astype(np.int64), (self.threads,))
+        rows = self.tid if storage.scope == "local" else self.block if storage.scope == "shared" else None
+        return storage, rows, flat
+
+    def _c_ptx_cp_async_cg(self, e):
+        return self._c_ptx_cp(e)
+
+    _c_ptx_cp_async_cg_src_size = _c_ptx_cp_async_cg
+    _c_ptx_cp_async_ca = _c_ptx_cp_async_cg
+    _c_ptx_cp_async_ca_src_size = _c_ptx_cp_async_cg
+    _c_ptx_cp_async_commit_group = _c_ptx_cp_async_cg
+    _c_ptx_cp_async_wait_group = _c_ptx_cp_async_cg
+
+    def _c_ptx_cp(self, e):
+        """``cp.async`` (16-byte global -> shared copies, src-size zero-filling), ``commit_group`` and
+        ``wait_group N``. A copy is read from global when issued and lands in shared memory when a wait of
+        its thread covers its group (all but the N most recent committed groups); a read or store of an
+        element whose copy has not landed is an error (a missing wait), and a landed copy counts as its
+        thread's write (other threads read it only after a barrier)."""
+        strs = [str(x.value) for x in e.args if type(x).__name__ == "StringImm"]
+        if self._commits is None:
+            self._commits = np.zeros(self.threads, np.int64)
+        m = self.mask
+        if "commit_group" in strs:
+            self._commits[m] += 1
+            return None
+        if "wait_group" in strs:
+            keep = int(self.scalar(e.args[0]))
+            rest = []
+            for tids, groups, st, rows, flat, vals in self._copies:
+                land = m[tids] & (groups < self._commits[tids] - keep)
+                if land.any():
+                    r, f = rows[land], flat[land]
+                    st.array[r[:, None], f] = vals[land]
+                    np.subtract.at(st.pending, (np.repeat(r, f.shape[1]), f.reshape(-1)), 1)
+                    st.writer[r[:, None], f] = tids[land][:, None]
+                if (~land).any():
+                    rest.append([tids[~land], groups[~land], st, rows[~land], flat[~land], vals[~land]])
+            self._copies = rest
+            return None
+        if "async" not in strs or "shared" not in strs or "global" not in strs:
+            raise NotImplementedError(f"simt: ptx.cp {strs}")
+        nbytes = int(self.scalar(e.args[2]))
+        has_size = type(e.args[3]).__name__ != "StringImm"
+        dst, drows, dflat = self._address(e.args[0])
+        src, _, sflat = self._address(e.args[1])
+        if dst.scope != "shared" or src.scope != "global":
+            raise NotImplementedError("simt: cp.async other than global -> shared")
+        n = nbytes // dst.array.dtype.itemsize
+        if nbytes % dst.array.dtype.itemsize or src.array.dtype != dst.array.dtype:
+            raise NotImplementedError("simt: cp.async between buffers of different element types")
+        size = np.broadcast_to(np.asarray(self.eval(e.args[3])).astype(np.int64), (self.threads,)) \
+            if has_size else np.full(self.threads, nbytes, np.int64)
+        tids = np.flatnonzero(m)
+        cols = dflat[tids][:, None] + np.arange(n)[None, :]
+        if ((cols < 0) | (cols >= dst.array.shape[-1])).any():
+            raise IndexError(f"simt: cp.async past the end of {dst.name}")
+        scols = sflat[tids][:, None] + np.arange(n)[None, :]
+        reads = size[tids] > 0
+        if ((scols[reads] < 0) | (scols[reads] >= src.array.shape[-1])).any():
+            raise IndexError(f"simt: cp.async reads past the end of {src.name}")
+        vals = src.array[np.clip(scols, 0, src.array.shape[-1] - 1)]
+        filled = np.arange(n)[None, :] * dst.array.dtype.itemsize < size[tids][:, None]   # src-size: zeros after
+        vals = np.where(filled, vals, np.zeros((), vals.dtype))
+        r = drows[tids]
+        if (dst.pending[r[:, None], cols] > 0).any() or (dst.reader[r[:, None], cols] >= 0).any() \
+                or (dst.reader[r[:, None], cols] == -2).any():
+            raise RuntimeError(f"simt: cp.async into {dst.name} over a copy in flight or an element read since "
+                               f"the last barrier (a race)")
+        np.add.at(dst.pending, (np.repeat(r, n), cols.reshape(-1)), 1)
+        self._copies.append([tids, self._commits[tids].copy(), dst, r, cols, vals])
+        return None
+
     def _c_ptx_legacy_ldmatrix(self, e):
         """``ldmatrix.sync.aligned.m8n8.xN{.trans}.shared.b16``: lane l gives the shared address of row l % 8
         of matrix l // 8 (N matrices, lanes 8N.. unused); each lane receives, per matrix i, the two halves at
@@ -448,6 +540,8 @@ class _Machine:
         if ((cols[rowlive] < 0) | (cols[rowlive] >= size)).any():
             raise IndexError(f"simt: ldmatrix row past the end of {src.name}")
         blk = self.block
+        if (rowlive[:, None] & (src.pending[blk[:, None], np.clip(cols, 0, size - 1)] > 0)).any():
+            raise RuntimeError(f"simt: ldmatrix reads {src.name} while a cp.async copy into it has not landed")
         if src.writer is not None:
             w = src.writer[blk[:, None], np.clip(cols, 0, size - 1)]
             if (rowlive[:, None] & (w >= 0)).any():
@@ -538,6 +632,8 @@ class _Machine:
             if len(uniq) != len(key):
                 dup = np.setdiff1d(np.arange(len(key)), first)[0]
                 raise RuntimeError(f"simt: two threads write {storage.name}[{int(flat[m][dup])}] at once (a race)")
+        if storage.pending is not None and (storage.pending[rows[m], flat[m]] > 0).any():
+            raise RuntimeError(f"simt: a store into {storage.name} over a cp.async copy that has not landed")
         if storage.reader is not None:
             rd = storage.reader[rows[m], flat[m]]
             bad = (rd != -1) & (rd != self.tid[m])
