@@ -5,7 +5,8 @@ cache layout (a prefix at pos > 0), in the same run.
     python bench/prefill_attention_check.py [--heads 32:8] [--head-dim 64] [--batch 1,8] [--prompt 128,1024]
                                             [--max-seq 1152] [--repeat 20] [--out FILE]
 
-``--kernels mma,cuda_cores``: the tensor-core kernel and the CUDA-core one, each timed in every row.
+``--kernels mma,mma_s2,mma_w8,mma_w8_s2,cuda_cores``: the tensor-core kernel (4 or 8 warps a block, one or
+two cp.async K/V stages) and the CUDA-core one, each timed in every row.
 Per case: max |out - ref| (ref: f32 math of the same f16 operands) for ours and torch's SDPA, median
 milliseconds of ``--repeat`` back-to-back calls (CUDA events, 3 samples), TFLOP/s counted as the causal
 work (2 * 2 * B * H * D * sum over queries of the positions they see). A prefix case (pos = 100, 37 new
@@ -38,8 +39,9 @@ def main(argv=None):
     p.add_argument("--max-seq", type=int, default=1152)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", default=None)
-    p.add_argument("--kernels", default="mma,cuda_cores",
-                   help="which kernels: mma (tensor cores, the default on sm_80+) and/or cuda_cores")
+    p.add_argument("--kernels", default="mma,mma_s2,mma_w8,mma_w8_s2,cuda_cores",
+                   help="which kernels: mma[_w8][_s2] (tensor cores: 8 warps a block, cp.async double-buffered "
+                        "K/V) and/or cuda_cores")
     a = p.parse_args(argv)
 
     import torch
@@ -58,10 +60,13 @@ def main(argv=None):
     def build(func):
         return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                            target=spec.tvm_target())["main"]
-    makers = {"mma": (lambda: prefill_attention_mma_func(h, hkv, m, d, "int32", scale),
-                      lambda bs, mb: paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", scale)),
-              "cuda_cores": (lambda: prefill_attention_func(h, hkv, m, d, "float16", "int32", scale),
+    makers = {"cuda_cores": (lambda: prefill_attention_func(h, hkv, m, d, "float16", "int32", scale),
                              lambda bs, mb: paged_prefill_attention_func(h, hkv, bs, mb, d, "float16", "int32", scale))}
+    for w in (4, 8):            # mma, mma_w8, mma_s2, mma_w8_s2: warps a block, K/V stages (cp.async)
+        for st in (1, 2):
+            makers["mma" + (f"_w{w}" if w != 4 else "") + (f"_s{st}" if st != 1 else "")] = (
+                lambda w=w, st=st: prefill_attention_mma_func(h, hkv, m, d, "int32", scale, w, st),
+                lambda bs, mb, w=w, st=st: paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", scale, w, st))
     names = [k for k in a.kernels.split(",") if k]
     if not names or any(k not in makers for k in names):
         p.error(f"--kernels: choose from {sorted(makers)}")

@@ -124,7 +124,19 @@ def test_lowering_uses_the_kernel_unless_switched_off():
     assert "kv_prefill_attention" in _prims(lower(g, _spec(flash_prefill="on")))
     assert "kv_prefill_attention" in _prims(lower(g, _spec()))   # the default
     mma = _prims(lower(g, _spec(flash_prefill="mma")))            # f16 on sm_90a: the tensor-core kernel
-    assert "kv_prefill_attention_mma" in mma and "kv_prefill_attention" not in mma
+    assert "kv_prefill_attention_mma_w4s1" in mma and "kv_prefill_attention" not in mma
+    w8 = _prims(lower(g, _spec(flash_prefill="mma", flash_prefill_warps="8", flash_prefill_stages="2")))
+    assert "kv_prefill_attention" in w8          # D = 16 with 8 warps: not whole copies -- the CUDA-core kernel
+    g64 = Graph("step64")
+    g64.add_symbol("seq", 1, 32)
+    ins = [g64.add_input(n, TensorType((1, h, t, 64), DType.f16)) for n, h, t in
+           (("q", 4, sym("seq")), ("k_cache", 2, 32), ("v_cache", 2, 32))]
+    ins.append(g64.add_input("pos", TensorType((1,), DType.i32)))
+    g64.set_outputs([g64.add_node("kv.attention", ins, {"scale": 0.125}, name="attn")])
+    assert "kv_prefill_attention_mma_w8s2" in _prims(lower(g64, _spec(flash_prefill="mma", flash_prefill_warps="8",
+                                                                      flash_prefill_stages="2")))
+    with pytest.raises(ValueError, match="flash_prefill_stages must be 1 or 2"):
+        lower(g, _spec(flash_prefill="mma", flash_prefill_stages="3"))
     assert "kv_prefill_attention" in _prims(lower(step_graph(DType.f32), _spec(flash_prefill="mma")))  # f32
     sm75 = dataclasses.replace(resolve_target("cuda:sm_75"), extra={"flash_prefill": "mma"})
     assert "kv_prefill_attention" in _prims(lower(g, sm75))                              # no m16n8k16 before sm_80
@@ -149,7 +161,7 @@ def test_cuda_source_of_the_kernel():
 def test_cuda_source_of_the_tensor_core_kernel():
     spec = _spec(flash_prefill="mma")
     src = cuda_source(compile_module(lower(step_graph(DType.f16), spec), spec))
-    assert "kv_prefill_attention_mma_kernel" in src and "kv_qk_masked" not in src
+    assert "kv_prefill_attention_mma_w4s1_kernel" in src and "kv_qk_masked" not in src
     assert src.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") >= 2    # q k^T and p v
     assert "__shfl_xor_sync" in src and "exp2f" in src
 
@@ -205,6 +217,9 @@ def test_tensor_core_supported_layouts():
     assert not prefill_attention_mma_supported(6, 4, 64, 64, "float16")
     assert not prefill_attention_mma_supported(4, 2, 64, 24, "float16")         # D not a multiple of 16
     assert not prefill_attention_mma_supported(4, 2, 64, 256, "float16")
+    assert prefill_attention_mma_supported(4, 2, 64, 64, "float16", 8, 2)
+    assert not prefill_attention_mma_supported(4, 2, 64, 128, "float16", 4, 2)   # two stages past 48 KiB
+    assert not prefill_attention_mma_supported(4, 2, 64, 16, "float16", 8)        # 8 warps: D % 32
     with pytest.raises(ValueError, match="unsupported layout"):
         prefill_attention_mma_func(4, 2, 64, 24, "int32", 0.1)
 
@@ -286,7 +301,7 @@ def test_paged_lowering_uses_the_kernel_for_prefill_chunks():
     on = _prims(lower(g, _spec(flash_prefill="on")))
     assert "kv_paged_prefill_attention" in on and not any("gather" in n for n in on)
     assert "kv_paged_prefill_attention" in _prims(lower(g, _spec()))      # the default
-    assert "kv_paged_prefill_attention_mma" in _prims(lower(g, _spec(flash_prefill="mma")))
+    assert "kv_paged_prefill_attention_mma_w4s1" in _prims(lower(g, _spec(flash_prefill="mma")))
     assert any("gather" in n for n in _prims(lower(g, _spec(flash_prefill="off"))))
 
 
@@ -321,3 +336,32 @@ def test_the_kernel_is_not_used_when_an_index_could_pass_int32():
     pos = g.add_input("pos", TensorType((sym("batch"),), DType.i32))
     g.set_outputs([g.add_node("kv.attention", [q, kc, vc, pos], {"scale": 0.25}, name="attn")])
     assert not any("prefill_attention" in n for n in _prims(lower(g, _spec(flash_prefill="on"))))
+
+
+@pytest.mark.parametrize("warps, stages", [(4, 2), (8, 1), (8, 2)])
+def test_tensor_core_kernel_variants_match_attention_in_the_simt_interpreter(warps, stages):
+    """8 warps (128 grouped rows a block) and the cp.async double-buffered K/V tiles (stages 2): the
+    interpreter lands each copy only at the wait_group covering it, so reading a tile before its wait fails."""
+    for b, h, hkv, t, m, d, positions in [(2, 8, 1, 9, 140, 64, (3, 131)), (1, 4, 4, 70, 160, 32, (0,)),
+                                          (2, 6, 2, 23, 96, 64, (5, -9))]:
+        rng = np.random.default_rng(m + t)
+        q = rng.standard_normal((b, h, t, d)).astype(np.float16)
+        k = (rng.standard_normal((b, hkv, m, d)) * 2).astype(np.float16)
+        v = rng.standard_normal((b, hkv, m, d)).astype(np.float16)
+        pos = np.array(positions, np.int32)
+        out = np.full((b, h, t, d), np.nan, np.float16)
+        simt.run(prefill_attention_mma_func(h, hkv, m, d, "int32", d ** -0.5, warps, stages), q, k, v, pos, out)
+        np.testing.assert_allclose(out.astype(np.float64), reference(q, k, v, pos, d ** -0.5), atol=3e-3, rtol=3e-3)
+    b, h, hkv, t, bs, mb, nb, d = 3, 4, 2, 19, 16, 6, 14, 32
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((b, h, t, d)).astype(np.float16)
+    kpool = rng.standard_normal((nb, hkv, bs, d)).astype(np.float16)
+    vpool = rng.standard_normal((nb, hkv, bs, d)).astype(np.float16)
+    kpool[13], vpool[13] = np.inf, np.nan
+    table = np.array([[5, 2, 9, -1, -1, -1], [0, 1, 3, 4, 6, 7], [8, -1, 10, 11, -1, -1]], np.int32)
+    pos = np.array([20, 70, 30], np.int32)
+    out = np.full((b, h, t, d), np.nan, np.float16)
+    simt.run(paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", 0.2, warps, stages),
+             q, kpool, vpool, pos, table, out)
+    np.testing.assert_allclose(out.astype(np.float64), _paged_reference(q, kpool, vpool, pos, table, 0.2),
+                               atol=3e-3, rtol=3e-3)

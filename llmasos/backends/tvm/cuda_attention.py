@@ -280,45 +280,120 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
 # the "col" fragment). Rows past kv_end (and, paged, in an unallocated block) are staged as zeros and
 # masked. The running sum stays per lane and is summed over the quad once at the end.
 
-TC_MQ = 64         # grouped query rows a block (4 warps x 16)
 TC_MK = 64         # cache rows a tile
-TC_WARPS = 4
+TC_WARPS = (4, 8)  # warps a block (16 grouped query rows each)
+TC_STAGES = (1, 2)  # K/V tiles in shared memory: 1 (loaded, then used) or 2 (cp.async: the next while this one runs)
 
 
-def prefill_attention_mma_supported(h: int, hkv: int, m: int, d: int, dtype: str) -> bool:
+def prefill_attention_mma_supported(h: int, hkv: int, m: int, d: int, dtype: str, warps: int = 4,
+                                    stages: int = 1) -> bool:
     """Whether the tensor-core kernel covers the layout: f16, query heads a multiple of kv heads, head dim a
-    multiple of 16 up to 128 (a lane holds D / 2 output floats and D / 4 query halves... in registers)."""
-    return (dtype == "float16" and hkv > 0 and h % hkv == 0 and 0 < d <= 128 and d % 16 == 0 and m > 0)
+    multiple of 16 up to 128 (a lane holds D / 2 output floats in registers), the block's threads staging a
+    K tile in whole 16-byte copies (with 8 warps: D a multiple of 32), and the K/V stages within the 48 KiB
+    of static shared memory a block may have (two stages: D up to 64)."""
+    smem = stages * 2 * TC_MK * (d + 8) * 2 + stages * TC_MK * 4
+    return (dtype == "float16" and hkv > 0 and h % hkv == 0 and 0 < d <= 128 and d % 16 == 0 and m > 0
+            and warps in TC_WARPS and stages in TC_STAGES and (TC_MK * d // 8) % (32 * warps) == 0
+            and smem <= 48 * 1024)
 
 
-def prefill_attention_mma_func(h: int, hkv: int, m: int, d: int, pos_dtype: str, scale: float):
-    """The tensor-core twin of prefill_attention_func (f16 only; same signature and meaning)."""
-    return _prefill_attention_mma(h, hkv, m, d, pos_dtype, scale, paged=None)
+def prefill_attention_mma_func(h: int, hkv: int, m: int, d: int, pos_dtype: str, scale: float, warps: int = 4,
+                               stages: int = 1):
+    """The tensor-core twin of prefill_attention_func (f16 only; same signature and meaning); ``warps`` 4 or 8
+    a block (64 or 128 grouped query rows), ``stages`` 1 or 2 (see TC_STAGES)."""
+    return _prefill_attention_mma(h, hkv, m, d, pos_dtype, scale, None, warps, stages)
 
 
-def paged_prefill_attention_mma_func(h: int, hkv: int, bs: int, mb: int, d: int, pos_dtype: str, scale: float):
+def paged_prefill_attention_mma_func(h: int, hkv: int, bs: int, mb: int, d: int, pos_dtype: str, scale: float,
+                                     warps: int = 4, stages: int = 1):
     """The tensor-core twin of paged_prefill_attention_func (f16 only; same signature and meaning)."""
-    return _prefill_attention_mma(h, hkv, mb * bs, d, pos_dtype, scale, paged=(bs, mb))
+    return _prefill_attention_mma(h, hkv, mb * bs, d, pos_dtype, scale, (bs, mb), warps, stages)
 
 
-def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, scale: float, paged):
-    if not prefill_attention_mma_supported(h, hkv, m, d, "float16"):
+def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, scale: float, paged, warps: int,
+                           stages: int):
+    if not prefill_attention_mma_supported(h, hkv, m, d, "float16", warps, stages):
         raise ValueError(f"tensor-core prefill attention: unsupported layout h={h} hkv={hkv} m={m} d={d} "
-                         f"(see prefill_attention_mma_supported)")
+                         f"warps={warps} stages={stages} (see prefill_attention_mma_supported, TC_STAGES)")
     rep = h // hkv
     qk = float(scale) * math.log2(math.e)
-    mq, mk, warps = TC_MQ, TC_MK, TC_WARPS
+    mk = TC_MK
+    mq = 16 * warps
     threads = 32 * warps
     ks = d + 8                          # K and V tile row stride (halves)
     kd = d // 16                        # k-steps of q k^T
     nk = mk // 8                        # n8 column tiles of S
     nd = d // 8                         # n8 column tiles of the output
     kvec = mk * d // 8 // threads       # 8-half vectors of K (and of V) a thread stages per tile
+    tile = mk * ks                      # halves of one stage of K (and of V)
     neg = NEG_BIG
     bs = paged[0] if paged is not None else None
     mb = paged[1] if paged is not None else None
 
     # fmt: off
+    @T.inline
+    def load(K, V, table, K_s, V_s, ok_s, it, tid, bx, by, kv_end, NB):
+        # stage K and V of tile `it` (one stage; row-major, 8 halves a copy: a warp reads whole cache rows)
+        for c in T.unroll(kvec):
+            krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
+            kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
+            kg: T.let[T.int32] = T.min(it * mk + krow, m - 1)
+            if paged is None:
+                if it * mk + krow < kv_end:
+                    for u in T.vectorized(8):
+                        K_s[krow * ks + kcol + u] = K[bx, by, kg, kcol + u]
+                    for u in T.vectorized(8):
+                        V_s[krow * ks + kcol + u] = V[bx, by, kg, kcol + u]
+                else:
+                    for u in T.vectorized(8):
+                        K_s[krow * ks + kcol + u] = T.float16(0)
+                    for u in T.vectorized(8):
+                        V_s[krow * ks + kcol + u] = T.float16(0)
+            else:
+                kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
+                if kblk >= 0 and kblk < NB:
+                    for u in T.vectorized(8):
+                        K_s[krow * ks + kcol + u] = K[kblk, by, kg % bs, kcol + u]
+                    for u in T.vectorized(8):
+                        V_s[krow * ks + kcol + u] = V[kblk, by, kg % bs, kcol + u]
+                    if kcol == 0:
+                        ok_s[krow] = 1
+                else:
+                    for u in T.vectorized(8):
+                        K_s[krow * ks + kcol + u] = T.float16(0)
+                    for u in T.vectorized(8):
+                        V_s[krow * ks + kcol + u] = T.float16(0)
+                    if kcol == 0:
+                        ok_s[krow] = 0
+
+    @T.inline
+    def issue(K, V, table, K_s, V_s, ok_s, it, sg, tid, bx, by, kv_end, NB):
+        # cp.async K and V of tile `it` into stage `sg`: a row past kv_end (or in an unallocated block) is
+        # zero-filled by the copy's src-size 0, its address clamped in bounds
+        for c in T.unroll(kvec):
+            krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
+            kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
+            kg: T.let[T.int32] = T.min(it * mk + krow, m - 1)
+            if paged is None:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(K_s[sg * tile + krow * ks + kcol]), T.address_of(K[bx, by, kg, kcol]),
+                    16, T.Cast("uint32", T.if_then_else(it * mk + krow < kv_end, 16, 0))))
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(V_s[sg * tile + krow * ks + kcol]), T.address_of(V[bx, by, kg, kcol]),
+                    16, T.Cast("uint32", T.if_then_else(it * mk + krow < kv_end, 16, 0))))
+            else:
+                kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(K_s[sg * tile + krow * ks + kcol]),
+                    T.address_of(K[T.min(T.max(kblk, 0), NB - 1), by, kg % bs, kcol]),
+                    16, T.Cast("uint32", T.if_then_else(kblk >= 0 and kblk < NB, 16, 0))))
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(V_s[sg * tile + krow * ks + kcol]),
+                    T.address_of(V[T.min(T.max(kblk, 0), NB - 1), by, kg % bs, kcol]),
+                    16, T.Cast("uint32", T.if_then_else(kblk >= 0 and kblk < NB, 16, 0))))
+                if kcol == 0:
+                    ok_s[sg * mk + krow] = T.if_then_else(kblk >= 0 and kblk < NB, 1, 0)
+
     @T.inline
     def body(Q, K, V, pos, table, O, B, L, NB):
         for bx in T.thread_binding(B, thread="blockIdx.x"):
@@ -329,10 +404,10 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                             with T.sblock("attn"):
                                 T.reads()
                                 T.writes()
-                                K_s = T.sblock_alloc_buffer((mk * ks,), "float16", scope="shared")
-                                V_s = T.sblock_alloc_buffer((mk * ks,), "float16", scope="shared")
+                                K_s = T.sblock_alloc_buffer((stages * tile,), "float16", scope="shared")
+                                V_s = T.sblock_alloc_buffer((stages * tile,), "float16", scope="shared")
                                 if paged is not None:  # 1: the staged row's block is allocated
-                                    ok_s = T.sblock_alloc_buffer((mk,), "int32", scope="shared")
+                                    ok_s = T.sblock_alloc_buffer((stages * mk,), "int32", scope="shared")
                                 qf = T.sblock_alloc_buffer((kd * 8,), "float16", scope="local")
                                 kf = T.sblock_alloc_buffer((kd * nk * 4,), "float16", scope="local")
                                 vf = T.sblock_alloc_buffer((mk // 16 * nd * 4,), "float16", scope="local")
@@ -365,39 +440,28 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                     st[hh * 4] = T.float32(neg)
                                     st[hh * 4 + 1] = T.float32(0)
 
+                                if stages == 2:   # tile 0 in flight before the loop
+                                    if paged is None:
+                                        issue(K, V, None, K_s, V_s, None, 0, 0, tid, bx, by, kv_end, None)
+                                    else:
+                                        issue(K, V, table, K_s, V_s, ok_s, 0, 0, tid, bx, by, kv_end, NB)
+                                    T.evaluate(T.ptx["cp.async.commit_group"]())
                                 for it in T.serial(T.ceildiv(kv_end, mk)):
-                                    # stage K and V (row-major, 8 halves a copy: a warp reads whole cache rows)
-                                    for c in T.unroll(kvec):
-                                        krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
-                                        kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
-                                        kg: T.let[T.int32] = T.min(it * mk + krow, m - 1)
-                                        if paged is None:
-                                            if it * mk + krow < kv_end:
-                                                for u in T.vectorized(8):
-                                                    K_s[krow * ks + kcol + u] = K[bx, by, kg, kcol + u]
-                                                for u in T.vectorized(8):
-                                                    V_s[krow * ks + kcol + u] = V[bx, by, kg, kcol + u]
+                                    sg: T.let[T.int32] = it % stages
+                                    if stages == 2:
+                                        # the next tile into the other stage (free: the barrier that ended the
+                                        # last iteration), then wait for this one (all but the newest group)
+                                        if it + 1 < T.ceildiv(kv_end, mk):
+                                            if paged is None:
+                                                issue(K, V, None, K_s, V_s, None, it + 1, (it + 1) % 2, tid, bx, by, kv_end, None)
                                             else:
-                                                for u in T.vectorized(8):
-                                                    K_s[krow * ks + kcol + u] = T.float16(0)
-                                                for u in T.vectorized(8):
-                                                    V_s[krow * ks + kcol + u] = T.float16(0)
-                                        else:
-                                            kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
-                                            if kblk >= 0 and kblk < NB:
-                                                for u in T.vectorized(8):
-                                                    K_s[krow * ks + kcol + u] = K[kblk, by, kg % bs, kcol + u]
-                                                for u in T.vectorized(8):
-                                                    V_s[krow * ks + kcol + u] = V[kblk, by, kg % bs, kcol + u]
-                                                if kcol == 0:
-                                                    ok_s[krow] = 1
-                                            else:
-                                                for u in T.vectorized(8):
-                                                    K_s[krow * ks + kcol + u] = T.float16(0)
-                                                for u in T.vectorized(8):
-                                                    V_s[krow * ks + kcol + u] = T.float16(0)
-                                                if kcol == 0:
-                                                    ok_s[krow] = 0
+                                                issue(K, V, table, K_s, V_s, ok_s, it + 1, (it + 1) % 2, tid, bx, by, kv_end, NB)
+                                        T.evaluate(T.ptx["cp.async.commit_group"]())
+                                        T.evaluate(T.ptx["cp.async.wait_group"](1))
+                                    elif paged is None:
+                                        load(K, V, None, K_s, V_s, None, it, tid, bx, by, kv_end, None)
+                                    else:
+                                        load(K, V, table, K_s, V_s, ok_s, it, tid, bx, by, kv_end, NB)
                                     T.tvm_storage_sync("shared")
 
                                     # S = q k^T (f32); ldmatrix.x4: column tiles j, j + 1 x both k halves
@@ -405,7 +469,7 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                         for j2 in T.unroll(nk // 2):
                                             T.evaluate(T.ptx_legacy.ldmatrix(
                                                 False, 4, ".b16", kf.data, (kk * nk + j2 * 2) * 4, K_s.data,
-                                                ((j2 * 2 + tx // 16) * 8 + tx % 8) * ks + kk * 16 + tx // 8 % 2 * 8,
+                                                sg * tile + ((j2 * 2 + tx // 16) * 8 + tx % 8) * ks + kk * 16 + tx // 8 % 2 * 8,
                                                 dtype="float16"))
                                     for j in T.unroll(nk):
                                         for i in T.unroll(4):
@@ -430,7 +494,7 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                                     sf[j * 4 + hh * 2 + u] = T.if_then_else(
                                                         it * mk + j * 8 + tq * 2 + u <= p0 + (r0 + hh * 8) // rep
                                                         and it * mk + j * 8 + tq * 2 + u < kv_end
-                                                        and ok_s[j * 8 + tq * 2 + u] == 1,
+                                                        and ok_s[sg * mk + j * 8 + tq * 2 + u] == 1,
                                                         sf[j * 4 + hh * 2 + u] * T.float32(qk), T.float32(neg))
                                                 st[hh * 4 + 3] = T.max(st[hh * 4 + 3], sf[j * 4 + hh * 2 + u])
                                         st[hh * 4 + 3] = T.max(st[hh * 4 + 3], T.tvm_warp_shuffle_xor(
@@ -457,7 +521,7 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                         for n2 in T.unroll(nd // 2):
                                             T.evaluate(T.ptx_legacy.ldmatrix(
                                                 True, 4, ".b16", vf.data, (kj * nd + n2 * 2) * 4, V_s.data,
-                                                (kj * 16 + tx // 8 % 2 * 8 + tx % 8) * ks + (n2 * 2 + tx // 16) * 8,
+                                                sg * tile + (kj * 16 + tx // 8 % 2 * 8 + tx % 8) * ks + (n2 * 2 + tx // 16) * 8,
                                                 dtype="float16"))
                                     for n8 in T.unroll(nd):
                                         for kj in T.unroll(mk // 16):
@@ -467,6 +531,8 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                                 False, dtype="float32"))
                                     # the next tile's staging overwrites what other warps may still read
                                     T.tvm_storage_sync("shared")
+                                if stages == 2:   # nothing left in flight at exit (a block with no tiles had tile 0)
+                                    T.evaluate(T.ptx["cp.async.wait_group"](0))
 
                                 for hh in T.unroll(2):
                                     st[hh * 4 + 1] = st[hh * 4 + 1] + T.tvm_warp_shuffle_xor(

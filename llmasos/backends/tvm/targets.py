@@ -480,7 +480,8 @@ class CUDATarget(Target):
     tvm_kinds: ClassVar[tuple] = ("cuda",)
     options: ClassVar[Optional[tuple]] = ("fast_math", "decode_gemv", "tensor_cores", "small_m_gemm", "small_m_rows",
                                           "prefill_gemm", "prefill_gemm_warps", "small_m_quant_gemm", "flash_prefill",
-                                          "fused_attention_packed", "paged_cuda_graph")
+                                          "fused_attention_packed", "paged_cuda_graph", "flash_prefill_warps",
+                                          "flash_prefill_stages")
     variant_key: ClassVar[Optional[str]] = "arch"
     source_kind: ClassVar[Optional[str]] = "cuda"
     gemm_nt: ClassVar[bool] = True
@@ -651,10 +652,22 @@ class CUDATarget(Target):
         from .cuda_gemm import sm_version  # deferred: the TVM compiler (module docstring)
         if which == "off":
             return None
+        warps, stages = self._flash_mma_shape()
         if (which == "mma" and sm_version(self.target.get("arch", "")) >= 80
-                and prefill_attention_mma_supported(heads, kv_heads, max_seq, head_dim, dtype)):
+                and prefill_attention_mma_supported(heads, kv_heads, max_seq, head_dim, dtype, warps, stages)):
             return "mma"
         return "simt" if prefill_attention_supported(heads, kv_heads, max_seq, head_dim, dtype) else None
+
+    def _flash_mma_shape(self) -> tuple:
+        """(warps, stages) of the tensor-core prefill attention: target options flash_prefill_warps = 4 (the
+        default: 64 grouped query rows a block) | 8 (128), flash_prefill_stages = 1 (the default: each K/V tile
+        loaded, then used) | 2 (cp.async double buffering: the next tile in flight while this one runs)."""
+        warps, stages = str(self.extra.get("flash_prefill_warps", "4")), str(self.extra.get("flash_prefill_stages", "1"))
+        if warps not in ("4", "8"):
+            raise ValueError(f"target '{self.name}': flash_prefill_warps must be 4 or 8, got {warps!r}")
+        if stages not in ("1", "2"):
+            raise ValueError(f"target '{self.name}': flash_prefill_stages must be 1 or 2, got {stages!r}")
+        return int(warps), int(stages)
 
     def kv_prefill_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         """The flash-style prefill kernel (cuda_attention.py): on the CUDA cores or the tensor cores, by the
@@ -663,8 +676,9 @@ class CUDATarget(Target):
         # deferred: the TVM compiler (module docstring)
         from .cuda_attention import prefill_attention_func, prefill_attention_mma_func
         if which == "mma":
-            return "kv_prefill_attention_mma", prefill_attention_mma_func(heads, kv_heads, max_seq, head_dim,
-                                                                          pos_dtype, scale)
+            w, st = self._flash_mma_shape()
+            return (f"kv_prefill_attention_mma_w{w}s{st}",
+                    prefill_attention_mma_func(heads, kv_heads, max_seq, head_dim, pos_dtype, scale, w, st))
         if which == "simt":
             return "kv_prefill_attention", prefill_attention_func(heads, kv_heads, max_seq, head_dim, dtype,
                                                                   pos_dtype, scale)
@@ -676,9 +690,10 @@ class CUDATarget(Target):
         # deferred: the TVM compiler (module docstring)
         from .cuda_attention import paged_prefill_attention_func, paged_prefill_attention_mma_func
         if which == "mma":
-            return ("kv_paged_prefill_attention_mma",
+            w, st = self._flash_mma_shape()
+            return (f"kv_paged_prefill_attention_mma_w{w}s{st}",
                     paged_prefill_attention_mma_func(heads, kv_heads, block_size, max_blocks, head_dim, pos_dtype,
-                                                     scale))
+                                                     scale, w, st))
         if which == "simt":
             return ("kv_paged_prefill_attention",
                     paged_prefill_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
