@@ -255,3 +255,35 @@ def test_small_m_rows_choice_and_target_option():
     assert re.search(r"\*\(uint4\*\)\(w_reg_ptr", body)
     with pytest.raises(ValueError, match=r"small_m_rows must be 'auto' or one of 1, 2, 4, got '3'"):
         dataclasses.replace(SPEC, extra={"small_m_rows": "3"}).small_m_gemm(1024, 1024, "float16")
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_a_half_precision_norm_is_one_kernel(norm):
+    """An f16 norm computes in f32 inside one kernel (the casts are the reduction's prologue and epilogue):
+    R.astype + R.nn.<norm> left the cast of x a launch of its own, two a norm, 32 of a Llama-1B step."""
+    g = Graph("n")
+    x = g.add_input("x", TensorType((1, 1, 256), DType.f16))
+    w = g.add_param("w", np.linspace(0.5, 1.5, 256).astype(np.float16))
+    ins = [x, w] + ([g.add_param("b", np.full(256, 0.1, np.float16))] if norm == "layer_norm" else [])
+    g.set_outputs([g.add_node(norm, ins, {"eps": 1e-5, "ndim": 1})])
+    from llmasos.backends.tvm import compile_module
+    src = cuda_source(compile_module(lower(g, SPEC), SPEC))
+    kernels = re.findall(r"__global__ void __launch_bounds__\(\d+\) (\w+)\(", src)
+    assert sorted(set(kernels)) == [f"{norm}_in_f32_kernel"], kernels    # (a declaration, then the definition)
+
+
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm"])
+def test_the_one_kernel_norm_equals_the_reference_on_the_cpu(norm):
+    """The same lowering on the CPU against the reference interpreter (f32 accumulation, one f16 rounding)."""
+    from llmasos.backends.tvm import build
+    from llmasos.ir.interpreter import run
+    rng = np.random.default_rng(1)
+    g = Graph("n")
+    x = g.add_input("x", TensorType((3, 5, 96), DType.f16))
+    w = g.add_param("w", rng.uniform(0.5, 1.5, 96).astype(np.float16))
+    ins = [x, w] + ([g.add_param("b", rng.standard_normal(96).astype(np.float16))] if norm == "layer_norm" else [])
+    g.set_outputs([g.add_node(norm, ins, {"eps": 1e-5, "ndim": 1})])
+    xs = (rng.standard_normal((3, 5, 96)) * 3).astype(np.float16)
+    got = build(g, "cpu")(xs)
+    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got.numpy() if hasattr(got, "numpy") else got)
+    np.testing.assert_allclose(got.astype(np.float32), run(g, [xs])[0].astype(np.float32), rtol=1e-3, atol=1e-3)
