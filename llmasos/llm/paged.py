@@ -64,6 +64,8 @@ def graph_bucket(batch: int, max_batch: int) -> int:
     """The padded batch of a captured decode step of ``batch`` rows: the smallest GRAPH_BUCKETS entry that
     holds them, capped at ``max_batch``."""
     return min(next((b for b in GRAPH_BUCKETS if b >= batch), max_batch), max_batch)
+
+
 _TORCH_DTYPES = {}          # numpy dtype str (i4, i8) -> torch dtype, filled on first use (torch is deferred)
 
 
