@@ -36,6 +36,7 @@ from llmasos.backends.tvm import compile_module, resolve_target  # noqa: E402
 from llmasos.backends.tvm.lower import lower  # noqa: E402
 from llmasos.ir import DType, Graph, TensorType, interpreter, sym  # noqa: E402
 from tests.paged_util import scattered_table  # noqa: E402
+from _target_options import bad_options, with_options  # noqa: E402  (bench/, the script's own folder)
 
 H, HKV, D, BS = 32, 8, 64, 16
 OTHER_LAYOUTS = [(9, 3, 64), (12, 12, 64), (32, 8, 128), (16, 2, 80)]
@@ -194,8 +195,8 @@ def lm_check(args, spec, batches) -> tuple[dict, bool]:
     device = spec.torch_device
     dec = Decoder.random(cfg, mode="export", seed=0, dtype=dtype, device=device)
     t0 = time.perf_counter()
-    lm = llmasos.compile_lm(dec, args.target, max_seq=args.max_seq, max_batch=max(batches), kv="paged",
-                            block_size=BS)
+    lm = llmasos.compile_lm(dec, with_options(spec, args.target_option), max_seq=args.max_seq,
+                            max_batch=max(batches), kv="paged", block_size=BS)
     compile_s = time.perf_counter() - t0
     ours = lm.paged_runner(args.blocks)
     base = TorchPagedRunner(dec, args.blocks, BS, max_seq=args.max_seq, max_batch=max(batches), device=device)
@@ -210,7 +211,8 @@ def lm_check(args, spec, batches) -> tuple[dict, bool]:
     tb = paged_generate(TorchPagedRunner(dec, args.blocks, BS, max_seq=args.max_seq, device=device), prompts, 24)
     same = sum(x == y for r, s in zip(ta, tb) for x, y in zip(r, s)) / sum(len(r) for r in ta)
     res = {"model": args.model, "dtype": args.dtype, "max_seq": args.max_seq, "num_blocks": args.blocks,
-           "block_size": BS, "compile_s": compile_s, "mixed_steps_max_abs_err": err,
+           "block_size": BS, "target_options": args.target_option, "cuda_graph": lm.cuda_graph,
+           "compile_s": compile_s, "mixed_steps_max_abs_err": err,
            "mixed_steps_argmax_flips": flips, "greedy_tokens_equal_fraction": same, "decode_ms_per_step": []}
     context = min(args.context, args.max_seq - 32)
     for batch in batches:
@@ -231,7 +233,12 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--build-only", action="store_true", help="compile the kernels for the target and stop")
     ap.add_argument("--skip-lm", action="store_true")
+    ap.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the target for the LM build (e.g. paged_cuda_graph=on: the decode step as "
+                         "CUDA graphs, its rows padded to GRAPH_BUCKETS)")
     args = ap.parse_args()
+    if bad_options(args.target_option):
+        ap.error(f"--target-option takes KEY=VALUE, got {bad_options(args.target_option)}")
     batches = [int(b) for b in args.batches.split(",")]
     spec = resolve_target(args.target)
     dev = spec.tvm_device()
