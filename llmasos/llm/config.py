@@ -13,6 +13,9 @@ ARCHS = ("llama", "gpt2")
 MLP_ACTS = ("silu", "gelu_tanh")
 
 
+PREFILL, DECODE = "prefill", "decode"     # the two entry functions of a compiled LM
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     arch: str               # "llama": RMSNorm, RoPE, SwiGLU, no wpe; "gpt2": LayerNorm, learned positions, GELU

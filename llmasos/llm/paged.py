@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import DecoderConfig
+from .config import DECODE, DecoderConfig
 from .errors import GenerationError
 from .sampling import sample_rows
 
@@ -256,9 +256,12 @@ class PagedRunner(_PagedRunner):
         self.static_batch = lm.static_batch
         self._dev = lm._dev
         self._host = self._stage = None             # the step inputs' staging buffers (host, device), see _upload
-        # a captured decode step (the target's paged_cuda_graph): padded rows, inputs at fixed addresses
+        # a captured decode step (the target's paged_cuda_graph): padded rows, inputs at fixed addresses, and
+        # a VM of the runner's own (its graphs hold this runner's pools and staging buffer: a second runner
+        # on the shared VM would replay them over the first one's)
         self._graph = bool(lm.cuda_graph)
         self._ghost = self._gstage = None
+        self._graph_decode = None
         self._pools = []
         for t in lm._cache_types:
             shape = (self.num_blocks, *t.shape[1:])
@@ -336,7 +339,9 @@ class PagedRunner(_PagedRunner):
             last = np.concatenate([last, np.zeros(pad, last.dtype)])
             table = np.concatenate([table, np.full((pad, table.shape[1]), -1, table.dtype)])
         args = self._upload((ids, pos, last, table), fixed=True)
-        return self.lm._decode(*args, *self._pools, *self.lm._weights)[0], B
+        if self._graph_decode is None:
+            self._graph_decode = self.lm.executable.private_function(DECODE)
+        return self._graph_decode(*args, *self._pools, *self.lm._weights)[0], B
 
     def _forward(self, ids, pos, last, block_table):
         """The logits [B, vocab] on the device. A captured step's are a view of the graph's own output

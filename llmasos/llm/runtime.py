@@ -28,12 +28,10 @@ import numpy as np
 
 from ..artifact import ArtifactError
 from ..driver import ProgramView
-from .config import DecoderConfig
+from .config import DECODE, PREFILL, DecoderConfig
 from .errors import GenerationError
 from .paged import PagedRunner
 from .sampling import Sampling, make_generator, sample
-
-PREFILL, DECODE = "prefill", "decode"
 N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
 N_FIXED_INPUTS_PAGED = 4    # ids, pos, last, block_table; the pools follow
 

@@ -137,6 +137,9 @@ def test_padded_decode_rows_of_a_captured_step_change_nothing(paged_lm):
         np.testing.assert_allclose(a, b, **TOL)
     ids, pos, last, table, _ = scheds[1].inputs([("a", 1), ("b", 1), ("c", 1)])
     assert padded.sample_step(ids, pos, last, table).shape == (3,)
+    # the captured path runs on a VM of the runner's own: a VM's CUDA graphs hold the addresses of the
+    # buffers they were captured with, so two runners must never share one
+    assert padded._graph_decode is not None and padded._graph_decode is not paged_lm._decode
 
 
 def test_greedy_generation_equals_contiguous_generate(contiguous, paged_lm):

@@ -198,6 +198,7 @@ class Executable:
         # a tvm.compile result with modules that are source until compiled (C, CUDA) is linked here, with
         # the target's compiler options
         runnable = lib.jit(**spec.export_options()) if isinstance(lib, tvm.runtime.Executable) else lib
+        self._runnable = runnable
         self._vm = VirtualMachine(runnable, self._dev)
         self._entries = {}
         for name in signature.functions:
@@ -244,6 +245,14 @@ class Executable:
             return self._entries[name]
         except KeyError:
             raise ValueError(f"no function '{name}'; this library has {', '.join(self._entries)}") from None
+
+    def private_function(self, name: str):
+        """``raw(name)`` of a VM of its own over the same compiled code: its CUDA graphs (captured per
+        function and shape by the VM, holding the addresses of the first call's arguments) belong to the
+        caller alone -- what a runner with its own fixed buffers needs (llm/paged.py)."""
+        if name not in self._entries:
+            raise ValueError(f"no function '{name}'; this library has {', '.join(self._entries)}")
+        return VirtualMachine(self._runnable, self._dev)[name]
 
     # -- calls -----------------------------------------------------------------------------------
     def _to_device(self, x, what: str):
