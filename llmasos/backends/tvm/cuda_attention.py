@@ -231,6 +231,15 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
                                             st[1] = st[1] + KV_s[(ty * NJ + ln) * (d + 1) + tx * dl + e]
                                         O[bx, hq, t, tx * dl + e] = T.Cast(dtype, st[1] / T.max(st[3], T.float32(1e-30)))
 
+    # fmt: on
+    return _attention_prim_func(body, h, hkv, m, d, dtype, pos_dtype, paged)
+
+
+def _attention_prim_func(body, h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, paged):
+    """The PrimFunc around a prefill attention kernel's body (a T.inline taking Q, K, V, pos, table, O, B, L,
+    NB): kv_prefill_attention(q, k, v, pos, out) over a contiguous cache, or (``paged`` = (BS, MB))
+    kv_paged_prefill_attention(q, k_pool, v_pool, pos, table, out)."""
+    # fmt: off
     if paged is None:
         @T.prim_func(private=True, s_tir=True)
         def kv_prefill_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
@@ -245,6 +254,8 @@ def _prefill_attention(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: 
             O = T.match_buffer(var_out, (B, h, L, d), dtype)
             body(Q, K, V, pos, None, O, B, L, None)
         return kv_prefill_attention
+
+    bs, mb = paged
 
     @T.prim_func(private=True, s_tir=True)
     def kv_paged_prefill_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
@@ -545,34 +556,5 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                                 O[bx, by * rep + (r0 + hh * 8) % rep, (r0 + hh * 8) // rep, n8 * 8 + tq * 2 + u] = T.Cast(
                                                     "float16", of[n8 * 4 + hh * 2 + u] / T.max(st[hh * 4 + 1], T.float32(1e-30)))
 
-    if paged is None:
-        @T.prim_func(private=True, s_tir=True)
-        def kv_prefill_attention_mma(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                                     var_out: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            B = T.int32()
-            L = T.int32()
-            Q = T.match_buffer(var_q, (B, h, L, d), "float16")
-            K = T.match_buffer(var_k, (B, hkv, m, d), "float16")
-            V = T.match_buffer(var_v, (B, hkv, m, d), "float16")
-            pos = T.match_buffer(var_pos, (B,), pos_dtype)
-            O = T.match_buffer(var_out, (B, h, L, d), "float16")
-            body(Q, K, V, pos, None, O, B, L, None)
-        return kv_prefill_attention_mma
-
-    @T.prim_func(private=True, s_tir=True)
-    def kv_paged_prefill_attention_mma(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_pos: T.handle,
-                                       var_table: T.handle, var_out: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B = T.int32()
-        L = T.int32()
-        NB = T.int32()
-        Q = T.match_buffer(var_q, (B, h, L, d), "float16")
-        K = T.match_buffer(var_k, (NB, hkv, bs, d), "float16")
-        V = T.match_buffer(var_v, (NB, hkv, bs, d), "float16")
-        pos = T.match_buffer(var_pos, (B,), pos_dtype)
-        table = T.match_buffer(var_table, (B, mb), "int32")
-        O = T.match_buffer(var_out, (B, h, L, d), "float16")
-        body(Q, K, V, pos, table, O, B, L, NB)
     # fmt: on
-    return kv_paged_prefill_attention_mma
+    return _attention_prim_func(body, h, hkv, m, d, "float16", pos_dtype, paged)
