@@ -509,6 +509,14 @@ class _Machine:
         self._copies.append([tids, self._commits[tids].copy(), dst, r, cols, vals])
         return None
 
+    def _whole_warps(self, what: str) -> np.ndarray:
+        """[warps] bool: the warps executing a warp-collective instruction ``what``, which must find each warp
+        wholly active or wholly masked off."""
+        warps = self.mask.reshape(-1, 32)
+        if not (warps.all(axis=1) | ~warps.any(axis=1)).all():
+            raise RuntimeError(f"simt: {what} executed by a partly active warp")
+        return warps.all(axis=1)
+
     def _c_ptx_legacy_ldmatrix(self, e):
         """``ldmatrix.sync.aligned.m8n8.xN{.trans}.shared.b16``: lane l gives the shared address of row l % 8
         of matrix l // 8 (N matrices, lanes 8N.. unused); each lane receives, per matrix i, the two halves at
@@ -518,10 +526,7 @@ class _Machine:
         trans, num = bool(self.scalar(e.args[0])), int(self.scalar(e.args[1]))
         if str(e.args[2].value) != ".b16" or num not in (1, 2, 4):
             raise NotImplementedError(f"simt: ldmatrix .x{num} {e.args[2].value}")
-        warps = self.mask.reshape(-1, 32)
-        if not (warps.all(axis=1) | ~warps.any(axis=1)).all():
-            raise RuntimeError("simt: ldmatrix executed by a partly active warp")
-        live = np.repeat(warps.all(axis=1), 32)
+        live = np.repeat(self._whole_warps("ldmatrix"), 32)
         if not live.any():
             return None
         dst = self.store[self.eval(e.args[3])]
@@ -570,10 +575,7 @@ class _Machine:
             raise NotImplementedError(f"simt: mma {shape} {la}.{lb} {ta}x{tb}->{tc}")
         if bool(self.scalar(e.args[12])):
             raise NotImplementedError("simt: saturating mma")
-        warps = self.mask.reshape(-1, 32)
-        if not (warps.all(axis=1) | ~warps.any(axis=1)).all():
-            raise RuntimeError("simt: mma.sync executed by a partly active warp")
-        live = warps.all(axis=1)
+        live = self._whole_warps("mma.sync")
         if not live.any():
             return None
 
