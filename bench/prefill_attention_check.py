@@ -49,7 +49,8 @@ def main(argv=None):
 
     from llmasos.backends.tvm import resolve_target
     from llmasos.backends.tvm.cuda_attention import (paged_prefill_attention_func, paged_prefill_attention_mma_func,
-                                                     prefill_attention_func, prefill_attention_mma_func)
+                                                     prefill_attention_func, prefill_attention_mma_func,
+                                                     prefill_attention_mma_supported, prefill_attention_supported)
 
     h, hkv = (int(v) for v in a.heads.split(":"))
     d, m, rep = a.head_dim, a.max_seq, h // hkv
@@ -60,22 +61,43 @@ def main(argv=None):
     def build(func):
         return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                            target=spec.tvm_target())["main"]
+    # name -> (contiguous maker, paged maker, whether the kernel covers this layout)
     makers = {"cuda_cores": (lambda: prefill_attention_func(h, hkv, m, d, "float16", "int32", scale),
-                             lambda bs, mb: paged_prefill_attention_func(h, hkv, bs, mb, d, "float16", "int32", scale))}
+                             lambda bs, mb: paged_prefill_attention_func(h, hkv, bs, mb, d, "float16", "int32", scale),
+                             prefill_attention_supported(h, hkv, m, d, "float16"))}
     for w in (4, 8):            # mma, mma_w8, mma_s2, mma_w8_s2: warps a block, K/V stages (cp.async)
         for st in (1, 2):
             makers["mma" + (f"_w{w}" if w != 4 else "") + (f"_s{st}" if st != 1 else "")] = (
                 lambda w=w, st=st: prefill_attention_mma_func(h, hkv, m, d, "int32", scale, w, st),
-                lambda bs, mb, w=w, st=st: paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", scale, w, st))
-    names = [k for k in a.kernels.split(",") if k]
-    if not names or any(k not in makers for k in names):
+                lambda bs, mb, w=w, st=st: paged_prefill_attention_mma_func(h, hkv, bs, mb, d, "int32", scale, w, st),
+                prefill_attention_mma_supported(h, hkv, m, d, "float16", w, st))
+    asked = [k for k in a.kernels.split(",") if k]
+    if not asked or any(k not in makers for k in asked):
         p.error(f"--kernels: choose from {sorted(makers)}")
+    names = [k for k in asked if makers[k][2]]          # a variant that does not cover the layout is skipped
+    if not names:
+        p.error(f"--kernels: none of {asked} covers heads {h}:{hkv}, head dim {d}")
     fns = {k: build(makers[k][0]()) for k in names}
     doc = {"gpu": torch.cuda.get_device_name(0), "heads": h, "kv_heads": hkv, "head_dim": d, "max_seq": m,
-           "kernels": names, "compile_s": time.perf_counter() - t0, "rows": []}
+           "kernels": names, "skipped_kernels": [k for k in asked if k not in names],
+           "compile_s": time.perf_counter() - t0, "rows": []}
 
     def cuda_ms(call):
         return median_ms(call, a.repeat)
+
+    def measure(row, k, fn, inputs, ref):
+        """Kernel ``k``'s figures into ``row``: every output row written, max |out - ref| after one call and
+        after the timed calls (a race would show in some of them), median ms."""
+        q = inputs[0]
+        out = torch.full(q.shape, float("nan"), dtype=torch.float16, device="cuda")
+        args = [tvm.runtime.from_dlpack(x) for x in (*inputs, out)]
+        fn(*args)
+        torch.cuda.synchronize()
+        row[f"{k}_all_written"] = bool(torch.isfinite(out).all())
+        row[f"{k}_max_abs_err"] = float((out.float() - ref).abs().max())
+        row[f"{k}_ms"] = cuda_ms(lambda: fn(*args))
+        torch.cuda.synchronize()
+        row[f"{k}_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
 
     def reference(q, kc, vc, pos):
         """f32 attention of query t of row b at position pos[b] + t over cache rows 0..pos[b] + t."""
@@ -103,15 +125,7 @@ def main(argv=None):
         row = {"batch": b, "prompt": t, "pos": p0}
         flop = 4 * b * h * d * sum(min(p0 + i + 1, m) for i in range(t))
         for k, fn in fns.items():
-            out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
-            args = [tvm.runtime.from_dlpack(x) for x in (q, kc, vc, pos, out)]
-            fn(*args)
-            torch.cuda.synchronize()
-            row[f"{k}_all_written"] = bool(torch.isfinite(out).all())
-            row[f"{k}_max_abs_err"] = float((out.float() - ref).abs().max())
-            row[f"{k}_ms"] = cuda_ms(lambda: fn(*args))
-            torch.cuda.synchronize()   # the last of the timed calls' output: a race would show in some of them
-            row[f"{k}_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
+            measure(row, k, fn, (q, kc, vc, pos), ref)
             row[f"{k}_tflops"] = flop / (row[f"{k}_ms"] / 1e3) / 1e12
         if p0 == 0:
             # torch's own fused causal attention over the prompt's keys (the cache rows 0..T-1)
@@ -159,15 +173,7 @@ def main(argv=None):
     ref[1:2] = torch.softmax(s1, -1) @ v1
     row = {"paged": True, "batch": b, "prompt": t, "pos": p0, "block_size": bs}
     for k, pfn in pfns.items():
-        out = torch.full((b, h, t, d), float("nan"), dtype=torch.float16, device="cuda")
-        args = [tvm.runtime.from_dlpack(x) for x in (q, kp, vp, pos, tab, out)]
-        pfn(*args)
-        torch.cuda.synchronize()
-        row[f"{k}_all_written"] = bool(torch.isfinite(out).all())
-        row[f"{k}_max_abs_err"] = float((out.float() - ref).abs().max())
-        row[f"{k}_ms"] = cuda_ms(lambda: pfn(*args))
-        torch.cuda.synchronize()
-        row[f"{k}_max_abs_err_after_timing"] = float((out.float() - ref).abs().max())
+        measure(row, k, pfn, (q, kp, vp, pos, tab), ref)
     log(json.dumps(row))
     doc["rows"].append(row)
     doc["ok"] = all(r.get(f"{k}_all_written", True) and max(r.get(f"{k}_max_abs_err", 0),
