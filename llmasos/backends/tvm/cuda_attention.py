@@ -343,67 +343,44 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
 
     # fmt: off
     @T.inline
-    def load(K, V, table, K_s, V_s, ok_s, it, tid, bx, by, kv_end, NB):
-        # stage K and V of tile `it` (one stage; row-major, 8 halves a copy: a warp reads whole cache rows)
+    def stage(K, V, table, K_s, V_s, ok_s, it, sg, tid, bx, by, kv_end, NB):
+        # K and V of tile `it` into stage `sg` (row-major, 8 halves a copy: a warp reads whole cache rows). A
+        # row past kv_end (or in an unallocated block) is staged as zeros: by plain stores (stages 1), or by
+        # the cp.async copy's src-size 0, its address clamped in bounds (stages 2: the copy is in flight
+        # until a wait_group covers it)
         for c in T.unroll(kvec):
             krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
             kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
             kg: T.let[T.int32] = T.min(it * mk + krow, m - 1)
             if paged is None:
-                if it * mk + krow < kv_end:
-                    for u in T.vectorized(8):
-                        K_s[krow * ks + kcol + u] = K[bx, by, kg, kcol + u]
-                    for u in T.vectorized(8):
-                        V_s[krow * ks + kcol + u] = V[bx, by, kg, kcol + u]
-                else:
-                    for u in T.vectorized(8):
-                        K_s[krow * ks + kcol + u] = T.float16(0)
-                    for u in T.vectorized(8):
-                        V_s[krow * ks + kcol + u] = T.float16(0)
+                sb: T.let[T.int32] = bx          # the source row: batch row and position
+                sr: T.let[T.int32] = kg
+                ok: T.let[T.bool] = it * mk + krow < kv_end
             else:
                 kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
-                if kblk >= 0 and kblk < NB:
-                    for u in T.vectorized(8):
-                        K_s[krow * ks + kcol + u] = K[kblk, by, kg % bs, kcol + u]
-                    for u in T.vectorized(8):
-                        V_s[krow * ks + kcol + u] = V[kblk, by, kg % bs, kcol + u]
-                    if kcol == 0:
-                        ok_s[krow] = 1
-                else:
-                    for u in T.vectorized(8):
-                        K_s[krow * ks + kcol + u] = T.float16(0)
-                    for u in T.vectorized(8):
-                        V_s[krow * ks + kcol + u] = T.float16(0)
-                    if kcol == 0:
-                        ok_s[krow] = 0
-
-    @T.inline
-    def issue(K, V, table, K_s, V_s, ok_s, it, sg, tid, bx, by, kv_end, NB):
-        # cp.async K and V of tile `it` into stage `sg`: a row past kv_end (or in an unallocated block) is
-        # zero-filled by the copy's src-size 0, its address clamped in bounds
-        for c in T.unroll(kvec):
-            krow: T.let[T.int32] = (c * threads + tid) // (d // 8)
-            kcol: T.let[T.int32] = (c * threads + tid) % (d // 8) * 8
-            kg: T.let[T.int32] = T.min(it * mk + krow, m - 1)
-            if paged is None:
+                sb: T.let[T.int32] = T.min(T.max(kblk, 0), NB - 1)     # block, slot
+                sr: T.let[T.int32] = kg % bs
+                ok: T.let[T.bool] = kblk >= 0 and kblk < NB
+            if stages == 2:
                 T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(K_s[sg * tile + krow * ks + kcol]), T.address_of(K[bx, by, kg, kcol]),
-                    16, T.Cast("uint32", T.if_then_else(it * mk + krow < kv_end, 16, 0))))
+                    T.address_of(K_s[sg * tile + krow * ks + kcol]), T.address_of(K[sb, by, sr, kcol]),
+                    16, T.Cast("uint32", T.if_then_else(ok, 16, 0))))
                 T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(V_s[sg * tile + krow * ks + kcol]), T.address_of(V[bx, by, kg, kcol]),
-                    16, T.Cast("uint32", T.if_then_else(it * mk + krow < kv_end, 16, 0))))
+                    T.address_of(V_s[sg * tile + krow * ks + kcol]), T.address_of(V[sb, by, sr, kcol]),
+                    16, T.Cast("uint32", T.if_then_else(ok, 16, 0))))
+            elif ok:
+                for u in T.vectorized(8):
+                    K_s[krow * ks + kcol + u] = K[sb, by, sr, kcol + u]
+                for u in T.vectorized(8):
+                    V_s[krow * ks + kcol + u] = V[sb, by, sr, kcol + u]
             else:
-                kblk: T.let[T.int32] = T.if_then_else(it * mk + krow < kv_end, table[bx, kg // bs], -1)
-                T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(K_s[sg * tile + krow * ks + kcol]),
-                    T.address_of(K[T.min(T.max(kblk, 0), NB - 1), by, kg % bs, kcol]),
-                    16, T.Cast("uint32", T.if_then_else(kblk >= 0 and kblk < NB, 16, 0))))
-                T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(V_s[sg * tile + krow * ks + kcol]),
-                    T.address_of(V[T.min(T.max(kblk, 0), NB - 1), by, kg % bs, kcol]),
-                    16, T.Cast("uint32", T.if_then_else(kblk >= 0 and kblk < NB, 16, 0))))
+                for u in T.vectorized(8):
+                    K_s[krow * ks + kcol + u] = T.float16(0)
+                for u in T.vectorized(8):
+                    V_s[krow * ks + kcol + u] = T.float16(0)
+            if paged is not None:
                 if kcol == 0:
-                    ok_s[sg * mk + krow] = T.if_then_else(kblk >= 0 and kblk < NB, 1, 0)
+                    ok_s[sg * mk + krow] = T.if_then_else(ok, 1, 0)
 
     @T.inline
     def body(Q, K, V, pos, table, O, B, L, NB):
@@ -453,9 +430,9 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
 
                                 if stages == 2:   # tile 0 in flight before the loop
                                     if paged is None:
-                                        issue(K, V, None, K_s, V_s, None, 0, 0, tid, bx, by, kv_end, None)
+                                        stage(K, V, None, K_s, V_s, None, 0, 0, tid, bx, by, kv_end, None)
                                     else:
-                                        issue(K, V, table, K_s, V_s, ok_s, 0, 0, tid, bx, by, kv_end, NB)
+                                        stage(K, V, table, K_s, V_s, ok_s, 0, 0, tid, bx, by, kv_end, NB)
                                     T.evaluate(T.ptx["cp.async.commit_group"]())
                                 for it in T.serial(T.ceildiv(kv_end, mk)):
                                     sg: T.let[T.int32] = it % stages
@@ -464,15 +441,15 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                         # last iteration), then wait for this one (all but the newest group)
                                         if it + 1 < T.ceildiv(kv_end, mk):
                                             if paged is None:
-                                                issue(K, V, None, K_s, V_s, None, it + 1, (it + 1) % 2, tid, bx, by, kv_end, None)
+                                                stage(K, V, None, K_s, V_s, None, it + 1, (it + 1) % 2, tid, bx, by, kv_end, None)
                                             else:
-                                                issue(K, V, table, K_s, V_s, ok_s, it + 1, (it + 1) % 2, tid, bx, by, kv_end, NB)
+                                                stage(K, V, table, K_s, V_s, ok_s, it + 1, (it + 1) % 2, tid, bx, by, kv_end, NB)
                                         T.evaluate(T.ptx["cp.async.commit_group"]())
                                         T.evaluate(T.ptx["cp.async.wait_group"](1))
                                     elif paged is None:
-                                        load(K, V, None, K_s, V_s, None, it, tid, bx, by, kv_end, None)
+                                        stage(K, V, None, K_s, V_s, None, it, 0, tid, bx, by, kv_end, None)
                                     else:
-                                        load(K, V, table, K_s, V_s, ok_s, it, tid, bx, by, kv_end, NB)
+                                        stage(K, V, table, K_s, V_s, ok_s, it, 0, tid, bx, by, kv_end, NB)
                                     T.tvm_storage_sync("shared")
 
                                     # S = q k^T (f32); ldmatrix.x4: column tiles j, j + 1 x both k halves
