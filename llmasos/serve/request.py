@@ -78,24 +78,49 @@ _ids = itertools.count()
 class TextTracker:
     """Incremental detokenization with stop strings: ``add(ids) -> (new_text, stopped)``.
 
-    The whole continuation is decoded each time (a character split over tokens appears once complete); text
-    that could still become a stop string is held back until it cannot."""
+    Each call decodes a short window of the continuation, not the whole of it (the whole took 8 us at 16
+    tokens and 118 us at 256 with SmolLM2's tokenizer, every token of every running request): the tokens
+    from ``prefix`` to the end, minus the text of those from ``prefix`` to ``read`` (the last tokens already
+    shown), as vLLM's and TGI's detokenizers do -- the window starts a token early so a tokenizer that renders
+    a token by its left neighbour (a leading space, a byte sequence split over tokens) sees it. A window that
+    ends inside a character (U+FFFD) shows nothing until the character completes. Text that could still become
+    a stop string is held back until it cannot."""
 
     def __init__(self, tokenizer, stop: tuple):
         self.tok, self.stop = tokenizer, tuple(stop)
         self.hold = max((len(s) - 1 for s in self.stop), default=0)
-        self.shown = 0        # characters of the decoded text already emitted
-        self.text = ""
+        self.shown = 0        # characters of self.text already emitted
+        self.text = ""        # the continuation's text so far (decoded window by window)
+        self.prefix = 0       # ids[prefix:read] were decoded last time, as prefix_text
+        self.read = 0
+        self.prefix_text = ""
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _extend(self, ids: list, final: bool) -> None:
+        """Append the text of ids[read:] to self.text (once it ends on a whole character, or ``final``)."""
+        if len(ids) <= self.read:
+            return
+        window = self._decode(ids[self.prefix:])
+        if window.endswith("\ufffd") and not final:
+            return
+        if window.startswith(self.prefix_text):
+            self.text += window[len(self.prefix_text):]
+        else:       # the new token changed how its neighbours render: take the difference of the whole text
+            whole = self._decode(ids)
+            self.text = self.text + whole[len(self.text):] if whole.startswith(self.text) else whole
+        self.prefix, self.read = self.read, len(ids)
+        self.prefix_text = self._decode(ids[self.prefix:self.read])
 
     def add(self, ids: list, final: bool = False) -> tuple[str, bool]:
-        """The text to show now that the continuation is ``ids`` (``final``: the request ends here, so an
-        incomplete character is shown as decoded and nothing is held back but a stop string)."""
+        """The text to show now that the continuation is ``ids`` (the ids of the previous call plus new ones;
+        ``final``: the request ends here, so an incomplete character is shown as decoded and nothing is held
+        back but a stop string)."""
         if self.tok is None:
             return "", False
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return "", False
-        self.text = text
+        self._extend(ids, final)
+        text = self.text
         if self.stop:
             # a stop string can only begin where it could overlap the newly shown part
             start = max(0, self.shown - self.hold)

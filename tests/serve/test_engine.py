@@ -2,6 +2,7 @@
 logits hash the sequence read back through the block table: exact token equality with ``reference``."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
@@ -183,6 +184,58 @@ def test_stop_strings_cut_text_and_hold_back():
         eng.step()
     if "zzzzzz" not in full:
         assert "".join(o.text for o in got) == full and got[-1].finish_reason == "length"
+
+
+TRACKER_TEXTS = ["The quick brown fox jumps over the lazy dog.  Twice,\n\tthen   stops.",
+                 "naïve café — 東京タワー 🚀🧪 ok", "x" * 40 + " ¿qué? ∑∫ 👩‍👩‍👧"]
+
+
+@pytest.mark.parametrize("text", TRACKER_TEXTS)
+def test_text_tracker_streams_the_whole_decode(smol_tokenizer, text):
+    """Token by token, the windowed detokenizer shows exactly what decoding the whole continuation shows
+    (leading spaces, characters split over byte tokens, emoji sequences), stop strings or not."""
+    from llmasos.serve.request import TextTracker
+    ids = smol_tokenizer.encode(text, add_special_tokens=False)
+    for stop in ((), ("zzzz",)):
+        t = TextTracker(smol_tokenizer, stop)
+        got = "".join(t.add(ids[:i], final=i == len(ids))[0] for i in range(1, len(ids) + 1))
+        assert got == smol_tokenizer.decode(ids, skip_special_tokens=True)
+    # a stop string found across window boundaries: the text up to it, then nothing
+    stop = text[5:9]
+    t = TextTracker(smol_tokenizer, (stop,))
+    shown, stopped = "", False
+    for i in range(1, len(ids) + 1):
+        new, stopped = t.add(ids[:i], final=i == len(ids))
+        shown += new
+        if stopped:
+            break
+    assert stopped and shown == text[:text.index(stop)]
+
+
+def test_text_tracker_random_ids_and_costs(smol_tokenizer):
+    """Random ids (invalid UTF-8 byte runs included): the streamed text equals the whole decode once the
+    request ends; and each call decodes a window of a few tokens, not the continuation."""
+    from llmasos.serve.request import TextTracker
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ids = rng.integers(0, smol_tokenizer.vocab_size, int(rng.integers(1, 60))).tolist()
+        t = TextTracker(smol_tokenizer, ())
+        got = "".join(t.add(ids[:i], final=i == len(ids))[0] for i in range(1, len(ids) + 1))
+        assert got == smol_tokenizer.decode(ids, skip_special_tokens=True), (trial, ids)
+
+    class Counting:
+        def __init__(self):
+            self.lengths = []
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.lengths.append(len(ids))
+            return smol_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    c = Counting()
+    ids = smol_tokenizer.encode(" lorem ipsum dolor" * 40, add_special_tokens=False)
+    t = TextTracker(c, ())
+    for i in range(1, len(ids) + 1):
+        t.add(ids[:i])
+    assert len(ids) > 100 and max(c.lengths) <= 2
 
 
 @given(st.data())
