@@ -157,3 +157,22 @@ def kv_paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
 @kv_paged_attention.register_fake
 def _(q, k_pool, v_pool, pos, block_table, scale):
     return torch.empty_like(q)
+
+
+def ragged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos: torch.Tensor,
+                     block_table: torch.Tensor, scale: float) -> torch.Tensor:
+    """kv.ragged_attention in torch: q [1, H, N, D] is N tokens of several sequences; token t is
+    paged_attention's row t with one query (position pos[t], table row block_table[t])."""
+    tok = q[0].transpose(0, 1).unsqueeze(2)                                             # [N, H, 1, D]
+    return paged_attention(tok, k_pool, v_pool, pos, block_table, scale)[:, :, 0].transpose(0, 1).unsqueeze(0)
+
+
+@torch.library.custom_op("llmasos::kv_ragged_attention", mutates_args=())
+def kv_ragged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pos: torch.Tensor,
+                        block_table: torch.Tensor, scale: float) -> torch.Tensor:
+    return ragged_attention(q, k_pool, v_pool, pos, block_table, scale).contiguous()
+
+
+@kv_ragged_attention.register_fake
+def _(q, k_pool, v_pool, pos, block_table, scale):
+    return torch.empty_like(q)

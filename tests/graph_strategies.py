@@ -599,9 +599,13 @@ class _Builder:
 
     def b_paged(self, op: str):
         """Fresh pools (kept out of the pool of values, as in b_kv); a constant block table giving each row
-        its own blocks (entries past the row's new tokens -1 now and then), pos a constant in range."""
+        its own blocks (entries past the row's new tokens -1 now and then), pos a constant in range.
+        kv.ragged_attention: rows of one token each (t = 1), its q the rows as one row of tokens [1, H, B, D],
+        a later token now and then reading its predecessor's table row (one sequence)."""
         dt = self.choice(FLOATS)
         b, hkv, t, d = self.integer(1, 3), self.integer(1, 2), self.integer(1, 3), self.integer(1, 4)
+        if op == "kv.ragged_attention":
+            t = 1
         bs, mb = self.integer(1, 4), self.integer(1, 3)
         if mb * bs < t:
             mb = -(-t // bs)
@@ -611,6 +615,8 @@ class _Builder:
         if self.flag():
             for r in range(b):
                 table[r, (int(pos[r]) + t - 1) // bs + 1:] = -1
+        if op == "kv.ragged_attention" and b > 1 and self.flag():
+            table[1] = table[0]
         table_v = self.node("const", [], {"value": table, "dtype": DType.i32})
         pos_v = self.node("const", [], {"value": pos, "dtype": DType.i32})
 
@@ -619,6 +625,9 @@ class _Builder:
 
         if op == "kv.paged_append":
             self.node(op, [pool("k_pool"), self.input((b, hkv, t, d), dt), pos_v, table_v])
+        elif op == "kv.ragged_attention":
+            q = self.input((1, hkv * self.choice((1, 2)), b, d), dt)
+            self.node(op, [q, pool("k_pool"), pool("v_pool"), pos_v, table_v], {"scale": self.choice((0.5, 1.0))})
         else:
             q = self.input((b, hkv * self.choice((1, 2)), t, d), dt)
             self.node(op, [q, pool("k_pool"), pool("v_pool"), pos_v, table_v], {"scale": self.choice((0.5, 1.0))})
@@ -733,6 +742,7 @@ OP_BUILDERS = {
     "fused.add_layer_norm": "b_add_norm", "fused.elementwise": "b_fused_elementwise",
     "quant.linear": "b_quant", "quant.dequant": "b_quant", "quant.linear_a8": "b_quant", "quant.embedding": "b_quant",
     "kv.append": "b_kv", "kv.attention": "b_kv", "kv.paged_append": "b_paged", "kv.paged_attention": "b_paged",
+    "kv.ragged_attention": "b_paged",
     "fused.rope_append_attention": "b_fused_attention", "fused.rope_paged_append_attention": "b_fused_attention",
     **{op: "b_dist" for op in ("dist.all_reduce", "dist.all_gather", "dist.reduce_scatter", "dist.shard")},
 }

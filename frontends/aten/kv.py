@@ -26,3 +26,8 @@ def kv_paged_append(ctx, pool, new, pos, block_table):
 @converter("llmasos.kv_paged_attention.default")
 def kv_paged_attention(ctx, q, k_pool, v_pool, pos, block_table, scale):
     return ctx.emit("kv.paged_attention", [q, k_pool, v_pool, pos, block_table], scale=float(scale))
+
+
+@converter("llmasos.kv_ragged_attention.default")
+def kv_ragged_attention(ctx, q, k_pool, v_pool, pos, block_table, scale):
+    return ctx.emit("kv.ragged_attention", [q, k_pool, v_pool, pos, block_table], scale=float(scale))

@@ -260,6 +260,7 @@ register_torch_impl("kv.append", kv_ops.kv_append)
 register_torch_impl("kv.attention", kv_ops.kv_attention)
 register_torch_impl("kv.paged_append", kv_ops.kv_paged_append)
 register_torch_impl("kv.paged_attention", kv_ops.kv_paged_attention)
+register_torch_impl("kv.ragged_attention", kv_ops.kv_ragged_attention)
 
 
 def _rope(x, cos, sin):

@@ -329,6 +329,11 @@ def all_ops_cases(extra: Optional[Callable[["Cases"], None]] = None) -> Cases:
                                                             c.inp("kv_pk16", (8, 2, 2, 4), F16),
                                                             c.inp("kv_pv16", (8, 2, 2, 4), F16), ppos, table],
            {"scale": 0.5})
+    # a ragged step's attention: 3 tokens in one row, token t at position ppos[t] through table row t
+    c.node("kv.ragged_attention/gqa", "kv.ragged_attention", [c.inp("kv_rq", (1, 4, 3, 4), F32),
+                                                              c.inp("kv_rk", (8, 2, 2, 4), F32),
+                                                              c.inp("kv_rv", (8, 2, 2, 4), F32), ppos, table],
+           {"scale": 0.5})
     # a decode step's RoPE + appends + attention as one op (fuse-attention): one query per row, the kernel path
     fq, fk, fv = (c.inp(f"kv_f{w}", (n, hh, 1, 4), F32) for w, hh in (("q", 4), ("k", 2), ("v", 2)))
     rope = [c.inp("kv_fcos", (n, 1, 1, 4), F32), c.inp("kv_fsin", (n, 1, 1, 4), F32)]

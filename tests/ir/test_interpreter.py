@@ -792,11 +792,12 @@ def test_kv_append_and_attention(data):
     check(got, torch.ops.llmasos.kv_attention(T(q), T(appended), T(vc), T(pos), scale), what="kv.attention")
 
 
-@covers("kv.paged_append", "kv.paged_attention")
+@covers("kv.paged_append", "kv.paged_attention", "kv.ragged_attention")
 @given(data=st.data())
 def test_kv_paged_ops_equal_torch_and_the_contiguous_ops(data):
     """kv.paged_append / kv.paged_attention over a scattered block table (random block size, lengths, rows,
-    GQA) equal their torch ops, and the contiguous kv.append / kv.attention on the same sequences."""
+    GQA) equal their torch ops, and the contiguous kv.append / kv.attention on the same sequences; so does
+    kv.ragged_attention of the same queries packed as one row of tokens."""
     from llmasos.frontends import kv_ops  # noqa: F401  (registers torch.ops.llmasos)
     from tests.paged_util import gather, scatter, scattered_table
     dt = data.draw(FLOATS, label="dtype")
@@ -829,6 +830,16 @@ def test_kv_paged_ops_equal_torch_and_the_contiguous_ops(data):
           what="kv.paged_attention")
     (contiguous,) = run_op("kv.attention", [q, want_cache, vc, pos], {"scale": scale})
     check(got, T(contiguous), tol=TOL[dt], what="kv.paged_attention vs kv.attention")
+    # the same queries as one ragged row of b * t tokens (each its own position and its row's table): the rows'
+    # outputs, token by token
+    q_tok = np.ascontiguousarray(q.transpose(1, 0, 2, 3).reshape(1, hkv * rep, b * t, d))
+    pos_tok = (pos[:, None] + np.arange(t)[None, :]).reshape(-1).astype(np.int32)
+    table_tok = np.repeat(table, t, axis=0)
+    (ragged,) = run_op("kv.ragged_attention", [q_tok, appended, vpool, pos_tok, table_tok], {"scale": scale})
+    check(ragged, torch.ops.llmasos.kv_ragged_attention(T(q_tok), T(appended), T(vpool), T(pos_tok), T(table_tok),
+                                                        scale), what="kv.ragged_attention")
+    check(ragged, T(np.ascontiguousarray(got.transpose(1, 0, 2, 3).reshape(1, hkv * rep, b * t, d))), tol=TOL[dt],
+          what="kv.ragged_attention vs kv.paged_attention")
 
 
 @covers("fused.rope_append_attention", "fused.rope_paged_append_attention")

@@ -49,6 +49,10 @@ pool size, and a block table [B, MB] i32 per call; row b's position p is pool[ta
   zero) and runs kv.attention's generic path (``_generic``) with the mask ``j <= pos[b] + t and
   table[b, j // BS] is allocated``. Like the contiguous generic path it then computes logits for all
   MB*BS positions of a row (masked), which a dedicated paged prefill kernel would avoid.
+* ``kv.ragged_attention`` (a serving step's tokens of several sequences packed in one row, q [1, H, N, D],
+  each token its own position and table row) is kv.paged_attention over the token-major view [N, H, 1, D]:
+  the decode kernel, one query a row. The appends it reads come from separate kv.paged_append kernels (the
+  fuse-attention pass leaves it alone: a token reads what the call's other tokens appended).
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ from tvm import relax, te
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from ...ir.types import DType, eval_dim
+from ...ir.types import DType, TensorType, eval_dim
 from .lowering import register_lowering, tvm_dtype
 from .lowering_fused import emit_op
 
@@ -986,6 +990,25 @@ def _gather(pool, table, pos, q):
         return tir.if_then_else(ok, pool[tir.max(blk, tir.const(0, "int64")), h, j % bs, x],
                                 tir.const(0, pool.dtype))
     return te.compute((b_, hkv, mb * bs, d), at, name="kv_paged_gather")
+
+
+# ------------------------------------------------------------------------------------------------
+# kv.ragged_attention
+
+@register_lowering("kv.ragged_attention")
+def _kv_ragged_attention(ctx, node, args):
+    """kv.paged_attention over the token-major view: q [1, H, N, D] permuted to [N, H, 1, D] (one query a
+    row, so the target's decode kernel runs it), the output permuted back. Correct where a batch of decode
+    rows is: the appends the tokens read were made by the separate kv.paged_append calls before it (this op
+    is never fused with them)."""
+    q, kp, vp, pos, table = args
+    qt = node.inputs[0].type
+    _, h, n, d = qt.shape
+    tok = TensorType((n, h, 1, d), qt.dtype)
+    qtok = ctx.emit(R.permute_dims(q, [2, 1, 0, 3]), "q_tokens")
+    o, _ = emit_op(ctx, "kv.paged_attention", {"scale": node.attrs["scale"]},
+                   [tok, *(v.type for v in node.inputs[1:])], [qtok, kp, vp, pos, table])
+    return ctx.emit(R.permute_dims(o, [2, 1, 0, 3]), "attn")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -219,7 +219,10 @@ def paged_gather_ref(pool: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _paged_attention_infer(q, k_pool, v_pool, pos, block_table, *, scale):
-    op = "kv.paged_attention"
+    return _paged_attention_types("kv.paged_attention", q, k_pool, v_pool, pos, block_table)
+
+
+def _paged_attention_types(op: str, q, k_pool, v_pool, pos, block_table):
     if q.rank != 4:
         raise ValueError(f"{op}: q must be rank 4 [B, H, T, D], got {q}")
     if not q.dtype.is_float:
@@ -243,7 +246,10 @@ def _paged_attention_infer(q, k_pool, v_pool, pos, block_table, *, scale):
 
 
 def _paged_attention_ref(q, k_pool, v_pool, pos, block_table, *, scale):
-    op = "kv.paged_attention"
+    return _paged_attention_math("kv.paged_attention", q, k_pool, v_pool, pos, block_table, scale)
+
+
+def _paged_attention_math(op: str, q, k_pool, v_pool, pos, block_table, scale):
     B, H, T, D = q.shape
     _paged_check(op, k_pool.shape[0], pos, block_table)
     k, allocated = paged_gather_ref(k_pool, block_table)
@@ -267,6 +273,22 @@ def _paged_attention_ref(q, k_pool, v_pool, pos, block_table, *, scale):
     return np.matmul(p, v).astype(q.dtype)
 
 
+def _ragged_attention_infer(q, k_pool, v_pool, pos, block_table, *, scale):
+    op = "kv.ragged_attention"
+    if q.rank != 4 or not dims_equal(q.shape[0], 1):
+        raise ValueError(f"{op}: q must be [1, H, N, D] (the step's N tokens as one row), got {q}")
+    # token t is kv.paged_attention's row t with one query: the same checks on the token-major view
+    tok = TensorType((q.shape[2], q.shape[1], 1, q.shape[3]), q.dtype)
+    _paged_attention_types(op, tok, k_pool, v_pool, pos, block_table)
+    return q
+
+
+def _ragged_attention_ref(q, k_pool, v_pool, pos, block_table, *, scale):
+    tok = np.ascontiguousarray(q[0].transpose(1, 0, 2)[:, :, None])          # [N, H, 1, D]
+    o = _paged_attention_math("kv.ragged_attention", tok, k_pool, v_pool, pos, block_table, scale)
+    return np.ascontiguousarray(o[:, :, 0].transpose(1, 0, 2)[None])          # [1, H, N, D]
+
+
 def default_scale(head_dim: int) -> float:
     """The usual softmax scale 1/sqrt(D), for builders that do not read it from a model."""
     return 1.0 / math.sqrt(head_dim)
@@ -287,3 +309,10 @@ defop("kv.paged_attention", ("q", "k_pool", "v_pool", "pos", "block_table"), _pa
       _paged_attention_ref, {"scale": Attr("float")},
       doc="kv.attention of q [B, H, T, D] over each row's blocks of the pools [NB, Hkv, BS, D] (block_table "
           "[B, MB] i32); positions in unallocated blocks (-1) are not attended")
+defop("kv.ragged_attention", ("q", "k_pool", "v_pool", "pos", "block_table"), _ragged_attention_infer,
+      _ragged_attention_ref, {"scale": Attr("float")},
+      doc="attention of a ragged step's tokens, q [1, H, N, D] (tokens of several sequences packed in one row): "
+          "token t attends positions j <= pos[t] (pos [N]) of its sequence through its own table row "
+          "block_table[t] ([N, MB] i32), as kv.paged_attention's row t with one query would; unlike a batch of "
+          "such rows it may read what other tokens of the same call appended (their sequence's earlier "
+          "positions), so it is never fused with those appends")
