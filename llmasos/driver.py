@@ -364,8 +364,11 @@ def _check_lm(meta: dict, sig, weights: dict, where) -> None:
     """An LM manifest's meta agrees with the library: the caches hold max_seq positions, the embedding has
     vocab rows, and the saved DecoderConfig says the same."""
     fns = sig.functions
-    if set(fns) != {"prefill", "decode"}:
-        raise ArtifactError(f"{where}: an LM library has the functions prefill and decode, this one {list(fns)}")
+    paged = meta.get("kv", "contiguous") == "paged"
+    # a paged LM may have the ragged step too (one saved before it existed has not)
+    if not {"prefill", "decode"} <= set(fns) <= {"prefill", "decode", *(("ragged",) if paged else ())}:
+        allowed = "prefill and decode" + (" (and ragged)" if paged else "")
+        raise ArtifactError(f"{where}: an LM library has the functions {allowed}, this one {list(fns)}")
     vocab, max_seq = meta["vocab"], meta["max_seq"]
     if meta.get("kv", "contiguous") == "paged":
         # ids, pos, last, block_table [batch, max_blocks], then the pools [blocks, kv_heads, block_size, head_dim]

@@ -20,7 +20,7 @@ from ..driver import CompileError, Source, compile_program, lower, prepare
 from ..frontends import torch_export
 from .export import export_decoder
 from .model import Decoder, as_decoder  # noqa: F401  (as_decoder: re-exported)
-from .runtime import DECODE, PREFILL, CompiledLM
+from .runtime import DECODE, PREFILL, RAGGED, CompiledLM
 
 
 KV_LAYOUTS = ("contiguous", "paged")
@@ -77,7 +77,8 @@ def lm_source(model, spec, *, max_seq: Optional[int], max_batch: int, batch: Opt
         # GEMM to tune at a CUDA batch > 1: a static form would make its default the slow Matmul schedule.)
         export_batch, max_batch = None, batch
     graphs = {}
-    for phase in (PREFILL, DECODE):
+    # a paged model also gets the ragged step (an engine step of decode rows and prompt chunks, unpadded)
+    for phase in (PREFILL, DECODE) + ((RAGGED,) if bs is not None else ()):
         ep = export_decoder(dec, phase, export_batch, max_batch, max_seq, bs)
         graphs[phase] = torch_export.import_exported_program(ep, name=phase).graph
     # a paged model's decode step is captured only where the target says so (option paged_cuda_graph): its

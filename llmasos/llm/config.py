@@ -14,6 +14,12 @@ MLP_ACTS = ("silu", "gelu_tanh")
 
 
 PREFILL, DECODE = "prefill", "decode"     # the two entry functions of a compiled LM
+RAGGED = "ragged"   # a paged LM's third: one packed step of tokens of several sequences (Decoder.ragged_twin)
+
+
+def max_ragged_tokens(max_batch: int, max_seq: int) -> int:
+    """The most tokens one ragged step takes: every sequence's whole length."""
+    return max_batch * max_seq
 
 
 @dataclass(frozen=True)

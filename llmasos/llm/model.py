@@ -17,6 +17,13 @@ T = 1, last = 0). Caches [B, Hkv, M, D] in the model dtype, ordered k_0, v_0, k_
 Export mode with ``paged=True`` (``paged_twin()``): ``forward(ids, pos, last, block_table, *pools)`` with
 block_table [B, MB] int32 and pools [NB, Hkv, BS, D] (the paged layout of ``llmasos.frontends.kv_ops``);
 attention goes through ``kv_paged_append`` / ``kv_paged_attention``.
+
+The ragged paged twin (``ragged_twin()``): the same arguments for one engine step that mixes sequences of
+any lengths without padding -- ids [1, N] (the step's N tokens, packed), pos [N] (each token's position),
+last [S] int64 (the index in ids of each sequence's token whose logits are returned), block_table [N, MB]
+(each token's sequence's table row) -- returning logits [S, vocab]. Each token is appended as a row of one
+(``kv_paged_append``) and attends through ``kv_ragged_attention`` (its sequence's positions up to its own,
+including those other tokens of the step just appended).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # importing llmasos.llm.ops also registers torch.ops.llmasos.kv_append / kv_attention
-from llmasos.llm.ops import causal_cache_mask, paged_attention, paged_write_
+from llmasos.llm.ops import causal_cache_mask, paged_attention, paged_write_, ragged_attention
 
 from . import presets
 from .adapter import adapter_for
@@ -83,8 +90,18 @@ class Attention(nn.Module):
         B, _, T, _ = o.shape
         return self.wo(o.transpose(1, 2).reshape(B, T, self.cfg.heads * self.cfg.head_dim))
 
-    def forward_export(self, x, pos, rope, k_cache, v_cache, block_table=None, inplace=False):
+    def forward_export(self, x, pos, rope, k_cache, v_cache, block_table=None, inplace=False, ragged=False):
         q, k, v = self.qkv(x, rope)
+        if ragged:          # q, k, v [1, heads, N, D]: token t is a row of one at pos[t], table row t
+            k, v = k.transpose(0, 2), v.transpose(0, 2)                                  # [N, Hkv, 1, D]
+            if inplace:
+                paged_write_(k_cache, k, pos, block_table)
+                paged_write_(v_cache, v, pos, block_table)
+                return self.out(ragged_attention(q, k_cache, v_cache, pos, block_table, self.scale)), k_cache, v_cache
+            k_cache = torch.ops.llmasos.kv_paged_append(k_cache, k, pos, block_table)
+            v_cache = torch.ops.llmasos.kv_paged_append(v_cache, v, pos, block_table)
+            o = torch.ops.llmasos.kv_ragged_attention(q, k_cache, v_cache, pos, block_table, self.scale)
+            return self.out(o), k_cache, v_cache
         if block_table is not None and inplace:     # paged, eager (TorchPagedRunner): write the pools in place
             paged_write_(k_cache, k, pos, block_table)
             paged_write_(v_cache, v, pos, block_table)
@@ -165,6 +182,7 @@ class Decoder(nn.Module):
         # the weights with paged_twin)
         self.paged = paged
         self.paged_inplace = False      # paged and eager: the pools are written in place (TorchPagedRunner)
+        self.ragged = False             # paged, one packed row of tokens of several sequences (ragged_twin)
         self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.hidden) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
@@ -215,7 +233,14 @@ class Decoder(nn.Module):
         if self.mode != "export":
             raise ValueError(f"Decoder.paged_twin needs an export-mode Decoder, got mode={self.mode!r}")
         twin = copy.copy(self)      # a new __dict__, the same parameter and module dicts
-        twin.paged, twin.paged_inplace = True, bool(inplace)
+        twin.paged, twin.paged_inplace, twin.ragged = True, bool(inplace), False
+        return twin
+
+    def ragged_twin(self, inplace: bool = False) -> "Decoder":
+        """The paged twin taking one ragged step (module doc): ids [1, N], pos [N], last [S], block_table
+        [N, MB], pools -> logits [S, vocab], pools."""
+        twin = self.paged_twin(inplace)
+        twin.ragged = True
         return twin
 
     def setup_caches(self, max_batch: int, max_seq: int, dtype=None, device=None) -> None:
@@ -232,7 +257,10 @@ class Decoder(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------
     def _embed(self, ids, pos):
         T = ids.shape[1]
-        positions = pos.long()[:, None] + torch.arange(T, device=ids.device)[None, :]   # [B, T]
+        if self.ragged:     # one packed row: every token's own position
+            positions = pos.long()[None, :]                                              # [1, N]
+        else:
+            positions = pos.long()[:, None] + torch.arange(T, device=ids.device)[None, :]   # [B, T]
         if self.paged:
             # a padding token of a batched prefill chunk may sit past the last position (its append is dropped,
             # its logits unread): clamp it into the tables
@@ -249,6 +277,10 @@ class Decoder(nn.Module):
 
     def _logits(self, x, last):
         # only each row's `last` token reaches the final norm and the vocab projection
+        if self.ragged:     # x [1, N, hidden]: the S sequences' last tokens
+            idx = last.long().reshape(1, -1, 1).expand(1, -1, x.shape[-1])
+            h = torch.gather(x, 1, idx).squeeze(0)                                      # [S, hidden]
+            return self.lm_head(self.norm(h))
         idx = last.long().reshape(-1, 1, 1).expand(-1, 1, x.shape[-1])
         h = torch.gather(x, 1, idx).squeeze(1)                                          # [B, hidden]
         return self.lm_head(self.norm(h))
@@ -282,7 +314,7 @@ class Decoder(nn.Module):
         new = []
         for i, blk in enumerate(self.blocks):
             a, kc, vc = blk.attn.forward_export(blk.norm1(x), pos, rope, caches[2 * i], caches[2 * i + 1], table,
-                                                self.paged_inplace)
+                                                self.paged_inplace, self.ragged)
             x = x + a
             x = x + blk.mlp(blk.norm2(x))
             new += [kc, vc]

@@ -18,6 +18,8 @@ kv="paged", block_size=16)``, and ``TorchPagedRunner(model, num_blocks, block_si
     next_ids = runner.sample_step(ids, pos, last, block_table[, temperature, top_k, top_p, u])
                                                            # np.ndarray int64 [B], chosen on the device
     runner.copy_blocks([(src, dst), ...])                  # copy-on-write
+    logits = runner.ragged_step(ids, lens, pos, block_table)    # [S, vocab]: S sequences packed, unpadded
+    next_ids = runner.ragged_sample_step(ids, lens, pos, block_table[, ...])
 
 ``sample_step`` runs the same call and then ``sampling.sample_rows`` where the logits are (greedy rows:
 argmax; sampled rows: top-k / top-p / inverse CDF at the row's uniform u), so only B ids come back. The
@@ -41,6 +43,11 @@ shapes; token ids in the vocabulary; 0 <= last < T; pos >= 0 and pos + last < ma
 listed twice in the row; no block the call writes held by another row of the call (copy a shared block
 with copy_blocks before writing it).
 
+``ragged_step`` (``runner.ragged``; a compiled model's third function, ``ragged``): ids int [N] are the
+tokens of S sequences end to end, lens [S] how many each has (>= 1), pos [S] and block_table [S, MB] as in
+``step`` -- the rows ``step`` would take padded to [S, max(lens)], with the same checks, run unpadded in
+one call (N <= ``runner.max_ragged_tokens``). Only the real tokens are written.
+
 ``copy_blocks(pairs)``: for each (src, dst), block dst of every layer's k and v pool becomes a copy of
 block src (sources and destinations distinct).
 """
@@ -51,7 +58,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import DECODE, DecoderConfig
+from .config import DECODE, DecoderConfig, max_ragged_tokens
 from .errors import GenerationError
 from .sampling import sample_rows
 
@@ -78,6 +85,7 @@ class _PagedRunner:
     max_blocks_per_seq: int
     max_batch: int
     static_batch: Optional[int] = None
+    max_ragged_tokens: int = 0      # tokens a ragged step may take (0: the runner takes none)
 
     def _init_shape(self, vocab: int, max_seq: int, block_size: int, num_blocks, max_batch: int) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
@@ -117,6 +125,13 @@ class _PagedRunner:
             b, t = (int(i) for i in np.argwhere(bad)[0])
             raise GenerationError(f"step: row {b}: token id {int(ids[b, t])} (at {t}) is outside the vocabulary "
                                   f"[0, {self.vocab})")
+        return (ids.astype(np.int64), pos.astype(np.int32), last.astype(np.int64),
+                self._check_rows(pos, last, table, T))
+
+    def _check_rows(self, pos, last, table, T: int) -> np.ndarray:
+        """check's row checks (last, positions, table): the table the kernels get (int32, -1 past each row's
+        last block)."""
+        MB = self.max_blocks_per_seq
         bad = (last < 0) | (last >= T)
         if bad.any():
             b = int(np.argmax(bad))
@@ -152,7 +167,45 @@ class _PagedRunner:
         holders = np.bincount(eff[used], minlength=self.num_blocks)
         if twice or (holders[eff[writes]] > 1).any():
             self._explain(eff, pos, last_blk)
-        return ids.astype(np.int64), pos.astype(np.int32), last.astype(np.int64), eff
+        return eff
+
+    def check_ragged(self, ids, lens, pos, block_table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A ragged step's inputs as its compiled function takes them -- (ids [1, N] int64, each token's position
+        [N] int32, each sequence's last token index [S] int64, each token's table row [N, MB] int32) -- or a
+        GenerationError. The step is S sequences: sequence s's lens[s] tokens come next in ids (flat [N]) and
+        take positions pos[s] .. pos[s] + lens[s] - 1 of its table row block_table[s]: the checks of ``check``
+        on the rows, padded to the longest (what they would be as a [S, T] step)."""
+        ids, lens, pos, table = (self._ints(n, a) for n, a in
+                                 (("ids", ids), ("lens", lens), ("pos", pos), ("block_table", block_table)))
+        if lens.ndim != 1 or not 1 <= lens.shape[0] <= (self.static_batch or self.max_batch):
+            raise GenerationError(f"ragged step: lens must be [S] with 1 <= S <= {self.static_batch or self.max_batch} "
+                                  f"(the compiled batch), got shape {list(lens.shape)}")
+        S = lens.shape[0]
+        if (lens < 1).any():
+            s = int(np.argmax(lens < 1))
+            raise GenerationError(f"ragged step: sequence {s} has lens {int(lens[s])}: every sequence needs a token")
+        N = int(lens.sum())
+        if ids.shape != (N,):
+            raise GenerationError(f"ragged step: ids must be [N] = [{N}] (the sum of lens), got shape {list(ids.shape)}")
+        limit = self.max_ragged_tokens
+        if N > limit:
+            raise GenerationError(f"ragged step: {N} tokens exceed the compiled {limit}")
+        MB = self.max_blocks_per_seq
+        for name, a, shape in (("pos", pos, (S,)), ("block_table", table, (S, MB))):
+            if a.shape != shape:
+                raise GenerationError(f"ragged step: {name} must have shape {list(shape)} (S={S}, "
+                                      f"max_blocks_per_seq={MB}), got {list(a.shape)}")
+        bad = (ids < 0) | (ids >= self.vocab)
+        if bad.any():
+            t = int(np.argmax(bad))
+            raise GenerationError(f"ragged step: token {t}: id {int(ids[t])} is outside the vocabulary [0, {self.vocab})")
+        last = lens.astype(np.int64) - 1
+        eff = self._check_rows(pos, last, table, int(lens.max()))
+        seq = np.repeat(np.arange(S), lens)                                   # each token's sequence
+        start = np.cumsum(lens) - lens
+        tok_pos = pos.astype(np.int64)[seq] + np.arange(N) - start[seq]
+        return (ids.astype(np.int64).reshape(1, N), tok_pos.astype(np.int32), (start + last).astype(np.int64),
+                np.ascontiguousarray(eff[seq]))
 
     def _explain(self, eff, pos, last_blk) -> None:
         """The GenerationError for a table the vectorized check refused (a duplicate or a shared write)."""
@@ -200,9 +253,24 @@ class _PagedRunner:
         """The checked call: logits [B, vocab] as a torch tensor where the model left them (on its device)."""
         raise NotImplementedError
 
+    def _forward_ragged(self, ids, lens, pos, block_table):
+        """The checked ragged call: logits [S, vocab] as a torch tensor on the model's device."""
+        raise NotImplementedError
+
+    @property
+    def ragged(self) -> bool:
+        """Whether this runner takes ragged steps (ragged_step / ragged_sample_step)."""
+        return self.max_ragged_tokens > 0
+
     def step(self, ids, pos, last, block_table) -> np.ndarray:
         """Logits [B, vocab] f32 on the host."""
         return self._forward(ids, pos, last, block_table).float().cpu().numpy()
+
+    def ragged_step(self, ids, lens, pos, block_table) -> np.ndarray:
+        """One step of S sequences of any lengths, unpadded (``check_ragged``): ids [N] flat, lens [S], pos [S],
+        block_table [S, MB]; logits [S, vocab] f32 of each sequence's last token -- what ``step`` gives for
+        the same rows padded to [S, max(lens)], in one pass over the weights for all N tokens."""
+        return self._forward_ragged(ids, lens, pos, block_table).float().cpu().numpy()
 
     def sample_step(self, ids, pos, last, block_table, temperature=None, top_k=None, top_p=None, u=None
                     ) -> np.ndarray:
@@ -210,8 +278,15 @@ class _PagedRunner:
         never the [B, vocab] logits. temperature / top_k / top_p / u: [B] arrays (None: every row greedy);
         a row with temperature 0 takes the argmax, any other samples (``sampling.sample_rows``: top-k,
         top-p, inverse CDF at the row's uniform ``u``, drawn by the caller from the request's generator)."""
+        return self._sample(self._forward(ids, pos, last, block_table), temperature, top_k, top_p, u)
+
+    def ragged_sample_step(self, ids, lens, pos, block_table, temperature=None, top_k=None, top_p=None, u=None
+                           ) -> np.ndarray:
+        """ragged_step's next token per sequence, chosen on the device as in ``sample_step``."""
+        return self._sample(self._forward_ragged(ids, lens, pos, block_table), temperature, top_k, top_p, u)
+
+    def _sample(self, logits, temperature, top_k, top_p, u) -> np.ndarray:
         import torch  # deferred: torch (device-side sampling)
-        logits = self._forward(ids, pos, last, block_table)
         B = logits.shape[0]
         if temperature is None:
             return torch.argmax(logits, dim=-1).cpu().numpy()
@@ -254,6 +329,7 @@ class PagedRunner(_PagedRunner):
         if lm._cache_types and self.max_blocks_per_seq != -(-lm.max_seq // lm.block_size):
             raise GenerationError("the compiled block table does not match max_seq / block_size")
         self.static_batch = lm.static_batch
+        self.max_ragged_tokens = lm.max_ragged_tokens      # 0: an artifact built before the ragged step
         self._dev = lm._dev
         self._host = self._stage = None             # the step inputs' staging buffers (host, device), see _upload
         # a captured decode step (the target's paged_cuda_graph): padded rows, inputs at fixed addresses, and
@@ -354,6 +430,14 @@ class PagedRunner(_PagedRunner):
         out, B = self._call(ids, pos, last, block_table)
         return out.numpy()[:B].astype(np.float32, copy=False)
 
+    def _forward_ragged(self, ids, lens, pos, block_table):
+        import torch  # deferred: torch (the logits through DLPack, on the device)
+        if self.lm._ragged is None:
+            raise GenerationError("this model has no ragged step (an artifact saved before compile_lm built one): "
+                                  "use step, or recompile")
+        args = self.check_ragged(ids, lens, pos, block_table)
+        return torch.from_dlpack(self.lm._ragged(*self._upload(args), *self._pools, *self.lm._weights)[0])
+
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         import torch  # deferred: torch (device-side block copies through DLPack)
         src, dst = self._check_pairs(pairs)
@@ -393,6 +477,8 @@ class TorchPagedRunner(_PagedRunner):
             raise GenerationError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self._init_shape(dec.cfg.vocab, max_seq, block_size, num_blocks, max_batch)
         self.decoder = dec.paged_twin(inplace=True)
+        self.ragged_decoder = dec.ragged_twin(inplace=True)
+        self.max_ragged_tokens = max_ragged_tokens(self.max_batch, self.max_seq)
         self.pools = dec.new_pools(self.num_blocks, self.block_size)
         self._torch = torch
 
@@ -403,6 +489,13 @@ class TorchPagedRunner(_PagedRunner):
         with torch.no_grad():
             out = self.decoder(*(torch.from_numpy(a).to(dev) for a in (ids, pos, last, table)), *self.pools)
         return out[0]
+
+    def _forward_ragged(self, ids, lens, pos, block_table):
+        torch = self._torch
+        args = self.check_ragged(ids, lens, pos, block_table)
+        dev = self.pools[0].device
+        with torch.no_grad():
+            return self.ragged_decoder(*(torch.from_numpy(a).to(dev) for a in args), *self.pools)[0]
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         src, dst = self._check_pairs(pairs)

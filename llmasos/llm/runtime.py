@@ -28,7 +28,7 @@ import numpy as np
 
 from ..artifact import ArtifactError
 from ..driver import ProgramView
-from .config import DECODE, PREFILL, DecoderConfig
+from .config import DECODE, PREFILL, RAGGED, DecoderConfig
 from .errors import GenerationError
 from .paged import PagedRunner
 from .sampling import Sampling, make_generator, sample
@@ -147,6 +147,12 @@ class CompiledLM(ProgramView):
                 raise ValueError(f"the caches hold {m} positions but max_seq is {self.max_seq}")
         self._prefill = executable.raw(PREFILL)
         self._decode = executable.raw(DECODE)
+        # a paged model's ragged step (compile_lm builds it; an artifact saved before it existed has none)
+        self._ragged = executable.raw(RAGGED) if self.kv == "paged" and RAGGED in sig else None
+        self.max_ragged_tokens = 0
+        if self._ragged is not None:
+            n = sig[RAGGED].inputs[0].type.shape[1]
+            self.max_ragged_tokens = n if isinstance(n, int) else int(sig[RAGGED].symbols.get(str(n), (1, 1))[1])
         self._weights = executable.weights
         self._dev = executable._dev
         self._buffers: dict[int, _Buffers] = {}

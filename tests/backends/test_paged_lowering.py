@@ -260,3 +260,28 @@ def test_cuda_paged_decode_step_is_captured_only_when_asked():
     assert "vm.builtin.cuda_graph.run_or_capture" in text
     with pytest.raises(ValueError, match="paged_cuda_graph must be 'on' or 'off'"):
         dataclasses.replace(base, extra={"paged_cuda_graph": "yes"}).paged_graph_capture()
+
+
+@needs_cuda_codegen
+def test_cuda_ragged_step_builds_with_unfused_attention():
+    """A paged model's ragged step (tokens of several sequences packed in one row) builds for sm_90a: its
+    appends and its attention are separate kernels (a token reads what other tokens of the call appended,
+    so the fused decode kernel, which appends and attends row by row, must not run it), its GEMMs the
+    prefill tiles."""
+    import re
+    import torch
+    import llmasos.llm.presets as P
+    from llmasos.driver import lower as driver_lower, prepare
+    from llmasos.llm.compile import lm_source
+    from llmasos.llm.model import Decoder
+    dec = Decoder.random(P.decoder_config("llama-tiny"), dtype=torch.float16)
+    plan = prepare(resolve_target("cuda:sm_90a"), "fuse")
+    src = driver_lower(plan, lambda s: lm_source(dec, s, max_seq=32, max_batch=4, batch=None, dtype=None,
+                                                 kv="paged", block_size=4))
+    ops = {n.op for n in src.graphs["ragged"].nodes}
+    assert "kv.ragged_attention" in ops and "kv.paged_append" in ops
+    assert not any(op.startswith("fused.rope") for op in ops)
+    text = cuda_source(compile_module(lower(src.graphs["ragged"], plan.spec), plan.spec))
+    kernels = set(re.findall(r"void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\(", text))
+    assert {"kv_paged_append_kernel", "kv_paged_decode_attention_kernel"} <= kernels
+    assert any(k.startswith("prefill_gemm_") for k in kernels)

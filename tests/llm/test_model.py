@@ -285,9 +285,10 @@ def test_smollm2_decode_equals_hf_full_recompute():
 def test_export_decoder_rejects_bad_arguments():
     d = Decoder.random(decoder_config("llama-tiny"))
     for args, msg in [(("prefill", None, 1, 65), "max_seq 65 > the model's max_positions 64"),
-                      (("bogus", None, 1, 8), "phase must be one of ('prefill', 'decode'), got 'bogus'"),
+                      (("bogus", None, 1, 8), "phase must be one of ('prefill', 'decode', 'ragged'), got 'bogus'"),
                       (("decode", 5, 4, 8), "batch 5 is outside 1..max_batch=4"),
-                      (("prefill", None, 2, 1), "prefill needs max_seq >= 2")]:
+                      (("prefill", None, 2, 1), "prefill needs max_seq >= 2"),
+                      (("ragged", None, 2, 8), "the ragged step is paged only (give block_size)")]:
         with pytest.raises(ValueError, match=re.escape(msg)):
             export_decoder(d, *args)
     with pytest.raises(ValueError, match="needs Decoder\\(mode='export'\\), got mode='torch'"):

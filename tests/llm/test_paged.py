@@ -70,9 +70,14 @@ class Schedule:
             where.append((name, start + n - 1))
         return ids, np.array(pos, np.int32), np.array(last, np.int32), np.stack(table), where
 
-    def step(self, rows: list):
+    def step(self, rows: list, ragged: bool = False):
+        """One step: padded rows (``runner.step``) or, ragged, the rows' tokens packed (``ragged_step``)."""
         ids, pos, last, table, where = self.inputs(rows)
-        logits = self.runner.step(ids, pos, last, table)
+        if ragged:
+            flat = np.concatenate([ids[r, :n] for r, (_, n) in enumerate(rows)])
+            logits = self.runner.ragged_step(flat, last + 1, pos, table)
+        else:
+            logits = self.runner.step(ids, pos, last, table)
         for name, n in rows:
             self.done[name] += n
         return logits, where
@@ -110,6 +115,56 @@ def test_mixed_steps_equal_the_contiguous_model_and_torch(hf_llama, contiguous, 
                 ref[name, p] = reference_logits(contiguous, seqs[name], p)
             np.testing.assert_allclose(logits[r], ref[name, p], **TOL, err_msg=f"{name} at {p}")
     assert len(ref) == sum(len(r) for r in STEPS)
+
+
+def test_ragged_steps_equal_the_contiguous_model_and_torch(hf_llama, contiguous, paged_lm):
+    """The same steps as one packed call each (ragged_step: decode rows and prompt chunks unpadded, every
+    token its own position and table row): logits equal the contiguous model's, the eager torch runner's, and
+    the padded steps' of a second compiled runner; and the pools' real slots equal the padded runner's."""
+    seqs = _seqs()
+    runners = {"ragged": paged_lm.paged_runner(NB), "torch": TorchPagedRunner(hf_llama, NB, BS, max_seq=MAX_SEQ),
+               "padded": paged_lm.paged_runner(NB)}
+    assert runners["ragged"].ragged and runners["ragged"].max_ragged_tokens == 4 * MAX_SEQ
+    scheds = {k: Schedule(r, seqs, seed=1) for k, r in runners.items()}
+    for rows in STEPS:
+        got = {k: s.step(rows, ragged=k != "padded") for k, s in scheds.items()}
+        logits, where = got["ragged"]
+        np.testing.assert_allclose(logits, got["torch"][0], **TOL)
+        np.testing.assert_allclose(logits, got["padded"][0], **TOL)
+        for r, (name, p) in enumerate(where):
+            np.testing.assert_allclose(logits[r], reference_logits(contiguous, seqs[name], p), **TOL,
+                                       err_msg=f"{name} at {p}")
+    real = np.zeros((NB, BS), bool)                 # every slot a real token was written to
+    for name, blocks in scheds["ragged"].blocks.items():
+        for p in range(scheds["ragged"].done[name]):
+            real[blocks[p // BS], p % BS] = True
+    padded, ragged = _host_pools(runners["padded"]), _host_pools(runners["ragged"])
+    for a, b in zip(ragged, padded):
+        np.testing.assert_allclose(np.where(real[:, None, :, None], a, 0), np.where(real[:, None, :, None], b, 0),
+                                   **TOL)
+        assert not np.where(real[:, None, :, None], 0, a).any()     # unpadded: nothing written past a token
+
+
+def test_ragged_step_is_checked(hf_llama, paged_lm):
+    for runner in (TorchPagedRunner(hf_llama, 8, BS, max_seq=MAX_SEQ), paged_lm.paged_runner(8)):
+        table = np.full((2, runner.max_blocks_per_seq), -1, np.int32)
+        table[0, :2], table[1, :1] = [3, 4], [7]
+        good = dict(ids=np.array([1, 2, 3, 4, 5]), lens=np.array([3, 2]), pos=np.array([2, 0]), block_table=table)
+        assert runner.ragged_step(**good).shape == (2, 128)
+        for bad, msg in [(dict(lens=np.array([3, 3])), "ids must be \\[N\\] = \\[6\\]"),
+                         (dict(lens=np.array([5, 0])), "sequence 1 has lens 0"),
+                         (dict(lens=np.ones(9, int), ids=np.ones(9, int)), "lens must be \\[S\\] with 1 <= S <= [48] "),
+                         (dict(ids=np.array([1, 2, 300, 4, 5])), "token 2: id 300 is outside the vocabulary"),
+                         (dict(pos=np.array([38, 0])), "row 0: its tokens take positions 38..40, past"),
+                         (dict(pos=np.array([2])), "pos must have shape \\[2\\]"),
+                         (dict(block_table=np.where(table == 4, -1, table)), "row 0 attends positions 0..4 but"),
+                         (dict(block_table=np.where(table == 7, 4, table)), "row 0 writes block 4, which row 1"),
+                         (dict(ids=np.array([1.0, 2, 3, 4, 5])), "ids must be an integer array")]:
+            with pytest.raises(GenerationError, match=msg):
+                runner.ragged_step(**{**good, **bad})
+        too_many = runner.max_ragged_tokens + 1
+        with pytest.raises(GenerationError, match=f"{too_many} tokens exceed the compiled"):
+            runner.ragged_step(np.zeros(too_many, int), np.array([too_many]), np.array([0]), table[:1])
 
 
 def test_padded_decode_rows_of_a_captured_step_change_nothing(paged_lm):
@@ -291,11 +346,13 @@ def test_gpt2_paged_runner_equals_torch():
     hf = hf_model("gpt2-tiny", seed=1)
     lm = llmasos.compile_lm(hf, "cpu", max_seq=24, max_batch=3, kv="paged", block_size=8)
     seqs = _seqs(seed=3)
-    runners = [lm.paged_runner(12), TorchPagedRunner(hf, 12, 8, max_seq=24)]
+    runners = [lm.paged_runner(12), TorchPagedRunner(hf, 12, 8, max_seq=24),
+               lm.paged_runner(12), TorchPagedRunner(hf, 12, 8, max_seq=24)]       # padded steps, then ragged
     scheds = [Schedule(r, seqs, seed=4) for r in runners]
     for rows in ([("a", 5), ("b", 9)], [("a", 1), ("b", 1), ("c", 3)], [("c", 1), ("a", 1)]):
-        got = [s.step(rows)[0] for s in scheds]
-        np.testing.assert_allclose(got[0], got[1], **TOL)
+        got = [s.step(rows, ragged=i >= 2)[0] for i, s in enumerate(scheds)]
+        for g in got[1:]:
+            np.testing.assert_allclose(g, got[0], **TOL)
 
 
 @pytest.mark.slow
@@ -346,6 +403,8 @@ def test_a_saved_paged_model_loads_and_steps_the_same(paged_lm, tmp_path):
     assert (loaded.kv, loaded.block_size) == ("paged", BS)
     prompts = [[5, 6, 7, 8, 9], [1, 2]]
     assert paged_generate(loaded.paged_runner(12), prompts, 5) == paged_generate(paged_lm.paged_runner(12), prompts, 5)
+    args = (np.array([5, 6, 7, 1, 2]), np.array([3, 2]), np.array([0, 0]), np.array([[0] + [-1] * 9, [1] + [-1] * 9]))
+    np.testing.assert_array_equal(loaded.paged_runner(4).ragged_step(*args), paged_lm.paged_runner(4).ragged_step(*args))
 
 
 def test_torch_runner_takes_a_config_or_a_preset_name():
