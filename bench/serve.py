@@ -307,6 +307,9 @@ def main(argv=None) -> int:
                     help="drive the engine in this process (no HTTP server; automatic when FastAPI is missing)")
     ap.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a target option (Target.extra) for both builds, e.g. flash_prefill=on (repeatable)")
+    ap.add_argument("--ragged", default="on", choices=("on", "off", "ab"),
+                    help="steps with prompt chunks as one packed (ragged) call: on (default), off (two calls, the "
+                         "chunks padded), ab (each level's continuous side both ways, off first)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-static", action="store_true", help="skip the static-batch generate baseline")
     ap.add_argument("--torch-compile", action="store_true", help="also the torch.compile static-batch baseline")
@@ -410,7 +413,9 @@ def main(argv=None) -> int:
     doc["compile_paged_s"] = round(time.perf_counter() - t, 1)
     log(f"compiled paged in {doc['compile_paged_s']} s")
     blocks = args.kv_blocks or default_kv_blocks(args.max_batch, args.max_seq, args.block_size)
-    engine = Engine(plm.paged_runner(blocks), tok, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
+    engine = Engine(plm.paged_runner(blocks), tok, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                    ragged=args.ragged != "off")
+    doc["ragged"] = args.ragged
     doc["kv_blocks"] = blocks
     workloads = {c: workload(args.requests or max(8, min(128, 2 * c)), args.seed + c, vocab, plen, olen, args.max_seq)
                  for c in levels}
@@ -437,14 +442,29 @@ def main(argv=None) -> int:
             row = {"concurrency": c, "requests": len(reqs)}
             doc["levels"].append(row)
             # what is left is shared by the levels still to run, and each level's sides
-            share = 1.0 / ((len(levels) - i) * (2 if slm is not None else 1) + (1 if args.torch_compile else 0))
+            sides = (2 if slm is not None else 1) + (args.ragged == "ab")
+            share = 1.0 / ((len(levels) - i) * sides + (1 if args.torch_compile else 0))
             if left() < 10:
                 doc["skipped"].append(f"concurrency {c}: no budget left")
                 continue
+            # every continuous run starts from a cold prefix cache: an earlier run of the same prompts (the A/B
+            # below) would otherwise find their blocks computed (the engine is idle between runs)
+            if args.ragged == "ab":     # the same level with two calls a mixed step (chunks padded), first
+                engine.ragged = False
+                engine.blocks.drop_cache()
+                pre0 = engine.scheduler.num_preemptions
+                row["continuous_two_calls"] = cont(reqs, c, limit(share))
+                row["continuous_two_calls"]["preemptions"] = engine.scheduler.num_preemptions - pre0
+                log(f"c={c} continuous, two calls {row['continuous_two_calls']}")
+                engine.ragged = True
+            engine.blocks.drop_cache()
             pre0 = engine.scheduler.num_preemptions
             row["continuous"] = cont(reqs, c, limit(share))
             row["continuous"]["preemptions"] = engine.scheduler.num_preemptions - pre0
             log(f"c={c} continuous {row['continuous']}")
+            if args.ragged == "ab":
+                a, b = row["continuous"]["throughput_tok_s"], row["continuous_two_calls"]["throughput_tok_s"]
+                row["ragged_speedup"] = round(a / b, 3) if a and b else None
             if slm is not None:
                 # a first call of a batch size allocates its caches (and captures its CUDA graph): not timed
                 slm.generate([reqs[0][0]] * min(c, args.max_batch), 2)

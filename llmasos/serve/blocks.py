@@ -132,6 +132,16 @@ class BlockManager:
         if key is not None and self._by_hash.get(key.hash) == block:
             del self._by_hash[key.hash]
 
+    def drop_cache(self) -> int:
+        """Forget every cached block no sequence holds (they become free); returns how many. Blocks in use
+        keep their keys. (A benchmark replaying the same prompts starts each run from a cold cache.)"""
+        n = len(self._evictable)
+        for b in self._evictable:
+            self._unregister(b)
+            self._free.append(b)
+        self._evictable.clear()
+        return n
+
     def prepare_write(self, block: int, copies: list) -> int:
         """The block a sequence may write into in place of ``block``: itself when only that sequence holds it
         (dropped from the prefix cache, whose key would no longer describe it), else a fresh copy

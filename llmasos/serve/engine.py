@@ -8,8 +8,10 @@ request's outputs through the ``sink`` it passed (e.g. ``loop.call_soon_threadsa
 The runner (llmasos/llm: ``CompiledLM.paged_runner(num_blocks)`` or the pure-torch ``TorchPagedRunner``)
 has ``vocab, max_seq, block_size, num_blocks, max_blocks_per_seq``, ``step(ids [B, T] i32, pos [B] i32,
 last [B] i32, block_table [B, MB] i32) -> logits [B, vocab] f32`` and ``copy_blocks([(src, dst)])``.
-One step is at most two runner calls: the rows computing one token (decodes, T = 1) and the rows computing
-a prefill chunk (right-padded to the longest chunk; a padded position lands in an unallocated (-1) entry,
+A step that computes only one token a row (decodes) is one ``step`` call with T = 1. A step with prompt
+chunks is one ``ragged_sample_step`` / ``ragged_step`` call where the runner has them (``runner.ragged``: the
+decode rows and the chunks packed, unpadded, in one pass over the weights); otherwise two calls: the decode
+rows, then the chunks right-padded to the longest (a padded position lands in an unallocated (-1) entry,
 where nothing is written, or in the row's own not-yet-computed blocks, which later steps overwrite).
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Observer:
 class Engine:
     def __init__(self, runner, tokenizer=None, *, max_batch: Optional[int] = None, prefill_chunk: int = 256,
                  prefill_budget: Optional[int] = None, prefix_sharing: bool = True,
-                 eos_token_id: Optional[int] = None, observer: Optional[Observer] = None):
+                 eos_token_id: Optional[int] = None, observer: Optional[Observer] = None,
+                 ragged: Optional[bool] = None):
         for attr in ("vocab", "max_seq", "block_size", "num_blocks", "max_blocks_per_seq", "step", "copy_blocks"):
             if not hasattr(runner, attr):
                 raise TypeError(f"Engine: the runner {type(runner).__name__} has no {attr!r} (a paged runner "
@@ -58,6 +61,12 @@ class Engine:
         elif compiled_batch is not None and max_batch > compiled_batch:
             raise ValueError(f"max_batch {max_batch} exceeds the runner's compiled maximum batch {compiled_batch}")
         self.max_batch = int(max_batch)
+        # steps with prompt chunks as one unpadded call (None: wherever the runner can)
+        can = bool(getattr(runner, "ragged", False))
+        if ragged and not can:
+            raise ValueError(f"Engine: ragged=True, but the runner {type(runner).__name__} takes no ragged steps "
+                             f"(a paged model compiled before they existed, or a runner without ragged_step)")
+        self.ragged = can if ragged is None else bool(ragged)
         self.blocks = BlockManager(int(runner.num_blocks), self.block_size, prefix_sharing)
         self.scheduler = Scheduler(self.blocks, max_batch=self.max_batch, prefill_chunk=prefill_chunk,
                                    prefill_budget=prefill_budget)
@@ -152,7 +161,8 @@ class Engine:
                 req.step_u = float(req.rng.random())
         decode = [(r, n) for r, n in plan.rows if n == 1]
         prefill = [(r, n) for r, n in plan.rows if n > 1]
-        for rows in (decode, prefill):
+        calls = [plan.rows] if self.ragged and prefill else (decode, prefill)
+        for rows in calls:
             if not rows:
                 continue
             for (req, n), tok in self._run_isolated(rows, outs):
@@ -201,7 +211,9 @@ class Engine:
         a runner with ``step`` alone sends the logits to the host, sampled here the same way
         (``sampling.sample_rows`` with the same uniforms; greedy: numpy's argmax)."""
         B, T = len(rows), max(n for _, n in rows)
+        ragged = self.ragged and T > 1
         ids = np.zeros((B, T), np.int32)
+        flat = []
         pos = np.zeros(B, np.int32)
         last = np.zeros(B, np.int32)
         table = np.full((B, self.max_blocks_per_seq), UNALLOCATED, np.int32)
@@ -215,19 +227,24 @@ class Engine:
                 ids[b, 0] = req.output_ids[-1]                            # (no copy of the whole sequence)
             else:
                 ids[b, :n] = req.all_ids[s:s + n]
+            if ragged:
+                flat.append(ids[b, :n])
             pos[b], last[b] = s, n - 1
             table[b, :len(req.block_table)] = req.block_table
             if req.step_u is not None:
                 p = req.params
                 temp[b], top_k[b], top_p[b], u[b] = p.temperature, p.top_k, p.top_p, req.step_u
         sampled = bool((temp > 0).any())
-        if hasattr(self.runner, "sample_step"):
-            toks = self.runner.sample_step(ids, pos, last, table, *((temp, top_k, top_p, u) if sampled else ()))
-            toks = np.asarray(toks)
+        opts = (temp, top_k, top_p, u) if sampled else ()
+        # a ragged call: the rows' tokens packed (ids [N], lens [B]) instead of padded to [B, T]
+        args = (np.concatenate(flat), last + 1, pos, table) if ragged else (ids, pos, last, table)
+        name = ("ragged_" if ragged else "") + "sample_step"
+        if hasattr(self.runner, name):
+            toks = np.asarray(getattr(self.runner, name)(*args, *opts))
             if toks.shape != (B,):
-                raise RuntimeError(f"runner.sample_step returned ids of shape {list(toks.shape)}, expected [{B}]")
+                raise RuntimeError(f"runner.{name} returned ids of shape {list(toks.shape)}, expected [{B}]")
             return toks.tolist()
-        logits = np.asarray(self.runner.step(ids, pos, last, table))
+        logits = np.asarray(getattr(self.runner, "ragged_step" if ragged else "step")(*args))
         if logits.shape != (B, self.vocab):
             raise RuntimeError(f"runner.step returned logits of shape {list(logits.shape)}, expected [{B}, {self.vocab}]")
         if not sampled:                 # greedy: numpy only

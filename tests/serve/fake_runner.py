@@ -31,7 +31,7 @@ def reference(prompt, n: int, vocab: int, stop=()) -> list:
 
 
 class FakeRunner:
-    def __init__(self, num_blocks=64, block_size=4, max_seq=64, vocab=50, max_batch=8, delay=0.0):
+    def __init__(self, num_blocks=64, block_size=4, max_seq=64, vocab=50, max_batch=8, delay=0.0, ragged=False):
         self.vocab, self.max_seq, self.block_size, self.num_blocks = vocab, max_seq, block_size, num_blocks
         self.max_batch = max_batch
         self.max_blocks_per_seq = -(-max_seq // block_size)
@@ -40,6 +40,8 @@ class FakeRunner:
         self.copies = []
         self.fail_when = None    # a callable(ids) -> bool: raise in step (tests of failure isolation)
         self.delay = delay       # seconds per step (tests that need requests to stay running or waiting)
+        self.ragged = ragged     # takes ragged steps (ragged_step); the engine then packs prompt chunks
+        self.ragged_calls = []   # (S, N) per ragged step
 
     def step(self, ids, pos, last, block_table):
         ids, pos, last, bt = np.asarray(ids), np.asarray(pos), np.asarray(last), np.asarray(block_table)
@@ -82,6 +84,19 @@ class FakeRunner:
                 seq.append(v)
             out[b] = logits_of(seq, self.vocab)
         return out
+
+    def ragged_step(self, ids, lens, pos, block_table):
+        """The packed step: each sequence's tokens unpacked into a row of ``step`` (whose padding writes only
+        the row's own blocks past its last token, as the padded call would)."""
+        assert self.ragged, "the engine made a ragged call to a runner that takes none"
+        ids, lens = np.asarray(ids), np.asarray(lens)
+        assert ids.ndim == 1 and lens.ndim == 1 and ids.shape[0] == lens.sum() and (lens >= 1).all()
+        S, T = len(lens), int(lens.max())
+        rows = np.zeros((S, T), np.int32)
+        for s, (a, n) in enumerate(zip(np.cumsum(lens) - lens, lens)):
+            rows[s, :n] = ids[a:a + n]
+        self.ragged_calls.append((S, int(ids.shape[0])))
+        return self.step(rows, np.asarray(pos), (lens - 1).astype(np.int32), block_table)
 
     def copy_blocks(self, pairs):
         for s, d in pairs:

@@ -21,7 +21,7 @@ def prompts(n, lo=1, hi=30, seed=0):
 
 
 def engine(**kw):
-    r = {k: kw.pop(k) for k in ("num_blocks", "block_size", "max_seq", "max_batch") if k in kw}
+    r = {k: kw.pop(k) for k in ("num_blocks", "block_size", "max_seq", "max_batch", "ragged") if k in kw}
     return Engine(FakeRunner(vocab=VOCAB, **r), **kw)
 
 
@@ -55,6 +55,18 @@ def test_block_manager_refcounts_and_prefix_cache():
         bm.allocate()
     bm.check()
     assert block_key(None, [1, 2]) != block_key(block_key(None, [0]), [1, 2])
+
+
+def test_drop_cache_frees_only_unheld_cached_blocks():
+    bm = BlockManager(4, 4)
+    a, b = bm.allocate(), bm.allocate()
+    ka, kb = block_key(None, [1, 2, 3, 4]), block_key(None, [5, 6, 7, 8])
+    bm.register(a, ka)
+    bm.register(b, kb)
+    bm.release(a)                          # cached, unheld
+    assert bm.num_cached == 2 and bm.drop_cache() == 1
+    assert bm.lookup(ka) is None and bm.lookup(kb) == b and bm.num_free == 3 and bm.num_cached == 1
+    bm.check()
 
 
 def test_one_request_matches_reference():
@@ -164,6 +176,28 @@ class CharTokenizer:
         return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
+def test_ragged_steps_pack_decode_rows_and_chunks_into_one_call():
+    """With a runner that takes ragged steps, a step with prompt chunks is ONE call (the decode rows and the
+    chunks packed, unpadded) and the tokens are the reference's; without, the same workload takes two calls
+    on such steps. Asking for ragged steps of a runner without them is refused."""
+    ps = prompts(6, 3, 20, seed=11)
+    outs = {}
+    for ragged in (False, True):
+        eng = engine(max_batch=4, prefill_chunk=8, ragged=ragged)
+        assert eng.ragged is ragged
+        out = eng.generate(ps, SamplingParams(max_tokens=10))
+        assert out == [reference(p, 10, VOCAB) for p in ps]
+        assert_all_free(eng)
+        outs[ragged] = eng.runner
+    plain, packed = outs[False], outs[True]
+    assert packed.ragged_calls and all(n > s for s, n in packed.ragged_calls)
+    assert any(n < s * 8 for s, n in packed.ragged_calls)             # unpadded: fewer tokens than S x chunk
+    assert len(packed.calls) < len(plain.calls)                       # one call, not two, on the mixed steps
+    assert all(t == 1 for _, t in plain.calls[-3:]) and packed.calls[-1][1] == 1    # decode-only: step, T = 1
+    with pytest.raises(ValueError, match="ragged=True, but the runner FakeRunner takes no ragged steps"):
+        Engine(FakeRunner(vocab=VOCAB), ragged=True)
+
+
 def test_stop_strings_cut_text_and_hold_back():
     p = prompts(1, 6, 6, seed=5)[0]
     ref = reference(p, 30, VOCAB)
@@ -249,7 +283,8 @@ def test_random_workloads_match_reference(data):
                  max_batch=data.draw(st.integers(1, 6), "max_batch"),
                  prefill_chunk=data.draw(st.integers(1, 20), "chunk"),
                  prefill_budget=data.draw(st.integers(1, 40), "budget"),
-                 prefix_sharing=data.draw(st.booleans(), "sharing"))
+                 prefix_sharing=data.draw(st.booleans(), "sharing"),
+                 ragged=data.draw(st.booleans(), "ragged"))
     stem = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=0, max_size=16), "stem")
     n = data.draw(st.integers(1, 8), "n")
     todo = []
