@@ -46,11 +46,13 @@ def _decoder(model, dtype) -> Decoder:
 
 
 def lm_source(model, spec, *, max_seq: Optional[int], max_batch: int, batch: Optional[int], dtype,
-              cuda_graph: bool = False, kv: str = "contiguous", block_size: int = 16) -> Source:
+              cuda_graph: bool = False, kv: str = "contiguous", block_size: int = 16, ragged: bool = True) -> Source:
     """The decoder's prefill and decode graphs as the driver takes them (also what tune_lm tunes, so a tuning
     database's kernels are the ones a later compile_lm looks up). kv="paged": the paged twin's graphs
     (block table and block pools, llmasos/llm/paged.py)."""
     bs = check_kv(kv, block_size)
+    if not isinstance(ragged, bool):
+        raise CompileError(f"ragged must be True or False, got {ragged!r}")
 
     def is_int(x):
         return isinstance(x, int) and not isinstance(x, bool)
@@ -78,7 +80,7 @@ def lm_source(model, spec, *, max_seq: Optional[int], max_batch: int, batch: Opt
         export_batch, max_batch = None, batch
     graphs = {}
     # a paged model also gets the ragged step (an engine step of decode rows and prompt chunks, unpadded)
-    for phase in (PREFILL, DECODE) + ((RAGGED,) if bs is not None else ()):
+    for phase in (PREFILL, DECODE) + ((RAGGED,) if bs is not None and ragged else ()):
         ep = export_decoder(dec, phase, export_batch, max_batch, max_seq, bs)
         graphs[phase] = torch_export.import_exported_program(ep, name=phase).graph
     # a paged model's decode step is captured only where the target says so (option paged_cuda_graph): its
@@ -96,7 +98,7 @@ DEFAULT_MAX_SEQ = 256   # compile_lm's max_seq when none is given (capped at the
 
 def compile_lm(model, target: Any = "cpu", *, max_seq: Optional[int] = None, max_batch: int = 8, batch: Optional[int] = None,
                dtype=None, passes: Any = "fuse", tokenizer=None, cuda_graph: bool = True,
-               tuning_db=None, kv: str = "contiguous", block_size: int = 16) -> CompiledLM:
+               tuning_db=None, kv: str = "contiguous", block_size: int = 16, ragged: bool = True) -> CompiledLM:
     """Compile ``model`` for KV-cache generation on ``target``.
 
     max_seq: cache positions per row (prompt + generated tokens); None: min(256, the model's positions).
@@ -109,13 +111,15 @@ def compile_lm(model, target: Any = "cpu", *, max_seq: Optional[int] = None, max
     replace the default schedules where they measured faster (``lm.timings["tuned_kernels"]`` counts them).
     kv: "contiguous" (default: a [B, Hkv, max_seq, D] cache per layer, ``generate``) or "paged" (pools of
     ``block_size``-position blocks addressed through block tables, for a serving engine:
-    ``lm.paged_runner(num_blocks)``, llmasos/llm/paged.py).
+    ``lm.paged_runner(num_blocks)``, llmasos/llm/paged.py). ragged (paged only): also build the ragged step
+    (``runner.ragged_step``: a serving step's decode rows and prompt chunks packed in one call); False saves
+    its compile time, and a serving engine then runs such a step as two calls.
     """
     check_kv(kv, block_size)
 
     def frontend(spec) -> Source:
         return lm_source(model, spec, max_seq=max_seq, max_batch=max_batch, batch=batch, dtype=dtype,
-                         cuda_graph=cuda_graph, kv=kv, block_size=block_size)
+                         cuda_graph=cuda_graph, kv=kv, block_size=block_size, ragged=ragged)
     return CompiledLM(compile_program("lm", frontend, target, passes=passes, tuning_db=tuning_db,
                                       tokenizer=tokenizer))
 

@@ -407,6 +407,28 @@ def test_a_saved_paged_model_loads_and_steps_the_same(paged_lm, tmp_path):
     np.testing.assert_array_equal(loaded.paged_runner(4).ragged_step(*args), paged_lm.paged_runner(4).ragged_step(*args))
 
 
+def test_a_paged_model_without_the_ragged_step_saves_loads_and_serves(hf_llama, paged_lm, tmp_path):
+    """compile_lm(..., ragged=False) (or an artifact saved before the ragged step existed): no ragged function,
+    the runner says so, the engine runs mixed steps as two calls, and the tokens are the same."""
+    from llmasos.serve import Engine, SamplingParams
+    lm = llmasos.compile_lm(hf_llama, "cpu", max_seq=MAX_SEQ, max_batch=4, kv="paged", block_size=BS, ragged=False)
+    assert set(lm.executable.signature.functions) == {"prefill", "decode"}
+    lm.save(tmp_path / "two.lm")
+    loaded = llmasos.load_lm(tmp_path / "two.lm")
+    r = loaded.paged_runner(24)
+    assert not r.ragged and r.max_ragged_tokens == 0
+    with pytest.raises(GenerationError, match="this model has no ragged step"):
+        r.ragged_step(np.array([1, 2]), np.array([2]), np.array([0]), np.array([[0] + [-1] * 9]))
+    with pytest.raises(ValueError, match="ragged=True, but the runner PagedRunner takes no ragged steps"):
+        Engine(r, ragged=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [1, 2], [3, 4, 5, 6]]
+    outs = [Engine(x.paged_runner(24), prefill_chunk=3).generate(prompts, SamplingParams(max_tokens=5))
+            for x in (loaded, paged_lm)]
+    assert outs[0] == outs[1]
+    with pytest.raises(ValueError, match="ragged must be True or False"):
+        llmasos.compile_lm(hf_llama, "cpu", kv="paged", ragged="yes")
+
+
 def test_torch_runner_takes_a_config_or_a_preset_name():
     for model in (decoder_config("llama-tiny"), "gpt2-tiny"):
         r = TorchPagedRunner(model, 6, 8, max_seq=32, max_batch=2)
