@@ -260,7 +260,8 @@ def run_torch_compile(dec, dtype, device, reqs: list, batch: int, max_seq: int, 
 
 def check_vs_torch(runner, dec, device, reqs: list, n: int = 4) -> dict:
     """The paged runner's prefill logits for the first n workload prompts against TorchPagedRunner (plain
-    PyTorch, eager) over the same weights: max |diff| and the rows whose argmax differs."""
+    PyTorch, eager) over the same weights: max |diff| and the rows whose argmax differs; the same for the
+    prompts as one ragged call where the runner has it."""
     import numpy as np
     from llmasos.llm import TorchPagedRunner
     prompts = [ids for ids, _ in reqs[:n]]
@@ -279,9 +280,15 @@ def check_vs_torch(runner, dec, device, reqs: list, n: int = 4) -> dict:
     ours = runner.step(ids, pos, last, table)
     theirs = ref.step(ids, pos, last, table)
     del ref
-    return {"rows": B, "max_abs_logits_diff": float(np.abs(ours - theirs).max()),
-            "logit_scale": float(np.abs(theirs).max()),
-            "argmax_differs_rows": [int(b) for b in np.flatnonzero(ours.argmax(-1) != theirs.argmax(-1))]}
+    out = {"rows": B, "max_abs_logits_diff": float(np.abs(ours - theirs).max()),
+           "logit_scale": float(np.abs(theirs).max()),
+           "argmax_differs_rows": [int(b) for b in np.flatnonzero(ours.argmax(-1) != theirs.argmax(-1))]}
+    if getattr(runner, "ragged", False):
+        # the same prompts as one ragged call (rewriting the same positions with the same values)
+        rag = runner.ragged_step(np.concatenate(prompts), last + 1, pos, table)
+        out["ragged_max_abs_logits_diff"] = float(np.abs(rag - theirs).max())
+        out["ragged_argmax_differs_rows"] = [int(b) for b in np.flatnonzero(rag.argmax(-1) != theirs.argmax(-1))]
+    return out
 
 
 def main(argv=None) -> int:
