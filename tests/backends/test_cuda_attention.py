@@ -173,6 +173,40 @@ def test_cuda_source_of_the_tensor_core_kernel():
     assert "__shfl_xor_sync" in src and "exp2f" in src
 
 
+@needs_cuda_codegen
+@pytest.mark.parametrize("d, warps, stages, paged", [(16, 4, 1, False), (64, 4, 1, False), (64, 4, 2, False),
+                                                     (64, 8, 1, False), (128, 4, 1, False), (64, 4, 1, True),
+                                                     (64, 4, 2, True)])
+def test_tensor_core_kernel_addresses_its_buffers_in_elements(d, warps, stages, paged):
+    """Every buffer an ldmatrix or an mma addresses is declared with its element type in the CUDA source.
+    TVM retypes a buffer it only ever touches in vectors (K_s as uint4[], q's fragment as half2[]), and the
+    intrinsics' offsets count halves: given the buffer's data pointer, the first GPU run read shared memory
+    8x past K_s's end (an illegal address) -- which the SIMT interpreter, modelling buffers by element, could
+    not see. The kernel passes access_ptr (typed) instead; this checks what nvcc is given."""
+    import re
+    g = Graph("tc")
+    g.add_symbol("seq", 1, 128)
+    q = g.add_input("q", TensorType((1, 4, sym("seq"), d), DType.f16))
+    if paged:
+        g.add_symbol("blocks", 1, 64)
+        kv = [g.add_input(n, TensorType((sym("blocks"), 2, 16, d), DType.f16)) for n in ("k_pool", "v_pool")]
+        extra = [g.add_input("pos", TensorType((1,), DType.i32)), g.add_input("table", TensorType((1, 8), DType.i32))]
+        g.set_outputs([g.add_node("kv.paged_attention", [q, *kv, *extra], {"scale": 0.125}, name="attn")])
+    else:
+        kv = [g.add_input(n, TensorType((1, 2, 128, d), DType.f16)) for n in ("k_cache", "v_cache")]
+        g.set_outputs([g.add_node("kv.attention", [q, *kv, g.add_input("pos", TensorType((1,), DType.i32))],
+                                  {"scale": 0.125}, name="attn")])
+    spec = _spec(flash_prefill="mma", flash_prefill_warps=str(warps), flash_prefill_stages=str(stages))
+    src = cuda_source(compile_module(lower(g, spec), spec))
+    assert f"_mma_w{warps}s{stages}_kernel" in src
+    declared = dict((name, ty) for ty, name in re.findall(r"alignas\(\d+\)\s+(\w+)\s+(\w+)\[", src))
+    used = set(re.findall(r"__cvta_generic_to_shared\(\(?&?\(?(\w+)", src))
+    used |= set(re.findall(r"\(\((?:unsigned|float) \*\)\(\(?&?\(?(\w+)", src))
+    assert {"K_s_ptr", "V_s_ptr", "qf_ptr", "kf_ptr", "vf_ptr", "pf_ptr", "sf_ptr", "of_ptr"} <= used, used
+    wrong = {n: declared.get(n) for n in used if n.endswith("_ptr") and declared.get(n) not in ("half", "float")}
+    assert not wrong, f"buffers addressed by ldmatrix / mma but declared as vectors: {wrong}"
+
+
 TC_CASES = [  # (B, H, HKV, T, M, D, positions)
     (2, 4, 2, 21, 80, 32, (0, 50)),        # GQA, a prefix, a ragged last block
     (2, 8, 1, 9, 140, 64, (3, 131)),       # MQA; row 1 runs past the cache's end (clamped to M)

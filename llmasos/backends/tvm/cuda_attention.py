@@ -456,7 +456,7 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                     for kk in T.unroll(kd):
                                         for j2 in T.unroll(nk // 2):
                                             T.evaluate(T.ptx_legacy.ldmatrix(
-                                                False, 4, ".b16", kf.data, (kk * nk + j2 * 2) * 4, K_s.data,
+                                                False, 4, ".b16", kf.access_ptr("w"), (kk * nk + j2 * 2) * 4, K_s.access_ptr("r"),
                                                 sg * tile + ((j2 * 2 + tx // 16) * 8 + tx % 8) * ks + kk * 16 + tx // 8 % 2 * 8,
                                                 dtype="float16"))
                                     for j in T.unroll(nk):
@@ -465,7 +465,7 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                         for kk in T.unroll(kd):
                                             T.evaluate(T.ptx_legacy.mma(
                                                 "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                qf.data, kk * 8, kf.data, (kk * nk + j) * 4, sf.data, j * 4,
+                                                qf.access_ptr("r"), kk * 8, kf.access_ptr("r"), (kk * nk + j) * 4, sf.access_ptr("rw"), j * 4,
                                                 False, dtype="float32"))
                                     # mask, scale, the rows' new max (over the quad of lanes sharing a row)
                                     for hh in T.unroll(2):
@@ -508,14 +508,14 @@ def _prefill_attention_mma(h: int, hkv: int, m: int, d: int, pos_dtype: str, sca
                                     for kj in T.unroll(mk // 16):
                                         for n2 in T.unroll(nd // 2):
                                             T.evaluate(T.ptx_legacy.ldmatrix(
-                                                True, 4, ".b16", vf.data, (kj * nd + n2 * 2) * 4, V_s.data,
+                                                True, 4, ".b16", vf.access_ptr("w"), (kj * nd + n2 * 2) * 4, V_s.access_ptr("r"),
                                                 sg * tile + (kj * 16 + tx // 8 % 2 * 8 + tx % 8) * ks + (n2 * 2 + tx // 16) * 8,
                                                 dtype="float16"))
                                     for n8 in T.unroll(nd):
                                         for kj in T.unroll(mk // 16):
                                             T.evaluate(T.ptx_legacy.mma(
                                                 "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                pf.data, kj * 8, vf.data, (kj * nd + n8) * 4, of.data, n8 * 4,
+                                                pf.access_ptr("r"), kj * 8, vf.access_ptr("r"), (kj * nd + n8) * 4, of.access_ptr("rw"), n8 * 4,
                                                 False, dtype="float32"))
                                     # the next tile's staging overwrites what other warps may still read
                                     T.tvm_storage_sync("shared")

@@ -348,6 +348,19 @@ class _Machine:
     def _c_buffer_data(self, e):
         return e.args[0]
 
+    def _pointer(self, ref, offset):
+        """(storage, per-thread element offset) of a PTX intrinsic's (pointer, offset) argument pair: the
+        pointer a buffer's data Var or ``tvm_access_ptr(dtype, data, elem_offset, extent, rw)`` (whose
+        elem_offset adds to the offset; its dtype must be the buffer's: the offset counts its elements)."""
+        off = np.broadcast_to(np.asarray(self.eval(offset)).astype(np.int64), (self.threads,))
+        if type(ref).__name__ == "Call" and ref.op.name.endswith("tvm_access_ptr"):
+            st = self.store[self.eval(ref.args[1])]
+            if np.dtype(_np_dtype(_dt(ref.args[0]))) != st.array.dtype:
+                raise NotImplementedError(f"simt: an access_ptr of {_dt(ref.args[0])} into {st.name} "
+                                          f"({st.array.dtype})")
+            return st, off + np.broadcast_to(np.asarray(self.eval(ref.args[2])).astype(np.int64), (self.threads,))
+        return self.store[self.eval(ref)], off
+
     def _c_reinterpret(self, e):
         v = np.asarray(self.eval(e.args[0]))
         return v.view(_np_dtype(_dt(e)))
@@ -529,12 +542,10 @@ class _Machine:
         live = np.repeat(self._whole_warps("ldmatrix"), 32)
         if not live.any():
             return None
-        dst = self.store[self.eval(e.args[3])]
-        src = self.store[self.eval(e.args[5])]
+        dst, doff = self._pointer(e.args[3], e.args[4])
+        src, soff = self._pointer(e.args[5], e.args[6])
         if src.scope != "shared" or dst.scope != "local":
             raise NotImplementedError("simt: ldmatrix from a non-shared or into a non-local buffer")
-        doff = np.broadcast_to(np.asarray(self.eval(e.args[4])).astype(np.int64), (self.threads,))
-        soff = np.broadcast_to(np.asarray(self.eval(e.args[6])).astype(np.int64), (self.threads,))
         if src.array.dtype.itemsize != 2 or dst.array.dtype.itemsize != 2:
             raise NotImplementedError("simt: ldmatrix into or from a buffer of other than 16-bit elements")
         size = src.array.shape[-1]
@@ -580,8 +591,7 @@ class _Machine:
             return None
 
         def frag(ref, offset, count, dtype):
-            st = self.store[self.eval(ref)]
-            off = np.broadcast_to(np.asarray(self.eval(offset)).astype(np.int64), (self.threads,))
+            st, off = self._pointer(ref, offset)
             width = np.dtype(dtype).itemsize
             own = st.array.dtype.itemsize
             n_own = count * width // own
