@@ -129,7 +129,8 @@ def _prims(mod):
 def test_lowering_uses_the_kernel_unless_switched_off():
     g = step_graph(DType.f16)
     assert "kv_prefill_attention" in _prims(lower(g, _spec(flash_prefill="on")))
-    assert "kv_prefill_attention" in _prims(lower(g, _spec()))   # the default
+    assert "kv_prefill_attention_mma_w4s1" in _prims(lower(g, _spec()))   # the default: tensor cores (f16, sm_90a)
+    assert "kv_prefill_attention_mma_w4s1" not in _prims(lower(g, _spec(flash_prefill="on")))
     mma = _prims(lower(g, _spec(flash_prefill="mma")))            # f16 on sm_90a: the tensor-core kernel
     assert "kv_prefill_attention_mma_w4s1" in mma and "kv_prefill_attention" not in mma
     w8 = _prims(lower(g, _spec(flash_prefill="mma", flash_prefill_warps="8", flash_prefill_stages="2")))
@@ -158,7 +159,7 @@ def test_lowering_uses_the_kernel_unless_switched_off():
 
 @needs_cuda_codegen
 def test_cuda_source_of_the_kernel():
-    spec = _spec()
+    spec = _spec(flash_prefill="on")
     src = cuda_source(compile_module(lower(step_graph(DType.f16), spec), spec))
     assert "kv_prefill_attention_kernel" in src and "kv_qk_masked" not in src
     assert "exp2f" in src and "__syncthreads" in src
@@ -323,7 +324,7 @@ def test_paged_lowering_uses_the_kernel_for_prefill_chunks():
     g.set_outputs([g.add_node("kv.paged_attention", [q, kp, vp, pos, table], {"scale": 0.25}, name="attn")])
     on = _prims(lower(g, _spec(flash_prefill="on")))
     assert "kv_paged_prefill_attention" in on and not any("gather" in n for n in on)
-    assert "kv_paged_prefill_attention" in _prims(lower(g, _spec()))      # the default
+    assert "kv_paged_prefill_attention_mma_w4s1" in _prims(lower(g, _spec()))      # the default
     assert "kv_paged_prefill_attention_mma_w4s1" in _prims(lower(g, _spec(flash_prefill="mma")))
     assert any("gather" in n for n in _prims(lower(g, _spec(flash_prefill="off"))))
 

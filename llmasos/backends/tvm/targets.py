@@ -640,11 +640,11 @@ class CUDATarget(Target):
 
     def _flash_prefill(self, heads, kv_heads, max_seq, head_dim, dtype) -> Optional[str]:
         """Which prefill attention kernel: "mma" (tensor cores), "simt" (CUDA cores), or None (the generic three
-        kernels). Target option flash_prefill = "on" (the default since an H100 run: the CUDA-core kernel) |
-        "mma" (the tensor-core kernel where it applies -- f16, sm_80+, D a multiple of 16 up to 128 -- else the
-        CUDA-core one; checked lane by lane in the SIMT interpreter and built by nvcc, not yet run on a GPU) |
-        "off"."""
-        which = self.extra.get("flash_prefill", "on")
+        kernels). Target option flash_prefill = "mma" (the default since an H100 run: the tensor-core kernel where
+        it applies -- f16, sm_80+, D a multiple of 16 up to 128 -- else the CUDA-core one; Llama-1B's 1024-token
+        prefill attention at batch 8 0.18 ms against the CUDA-core kernel's 2.45, the whole prefill 72 against
+        106 ms) | "on" (the CUDA-core kernel) | "off"."""
+        which = self.extra.get("flash_prefill", "mma")
         if which not in ("on", "mma", "off"):
             raise ValueError(f"target '{self.name}': flash_prefill must be 'on', 'mma' or 'off', got {which!r}")
         from .cuda_attention import (  # deferred: the TVM compiler (module docstring)
