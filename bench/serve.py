@@ -454,21 +454,19 @@ def main(argv=None) -> int:
             if left() < 10:
                 doc["skipped"].append(f"concurrency {c}: no budget left")
                 continue
-            # every continuous run starts from a cold prefix cache: an earlier run of the same prompts (the A/B
-            # below) would otherwise find their blocks computed (the engine is idle between runs)
-            if args.ragged == "ab":     # the same level with two calls a mixed step (chunks padded), first
-                engine.ragged = False
+            def continuous(key: str, ragged: bool) -> None:
+                # every continuous run starts from a cold prefix cache: an earlier run of the same prompts (the
+                # A/B) would otherwise find their blocks computed (the engine is idle between runs)
+                engine.ragged = ragged
                 engine.blocks.drop_cache()
                 pre0 = engine.scheduler.num_preemptions
-                row["continuous_two_calls"] = cont(reqs, c, limit(share))
-                row["continuous_two_calls"]["preemptions"] = engine.scheduler.num_preemptions - pre0
-                log(f"c={c} continuous, two calls {row['continuous_two_calls']}")
-                engine.ragged = True
-            engine.blocks.drop_cache()
-            pre0 = engine.scheduler.num_preemptions
-            row["continuous"] = cont(reqs, c, limit(share))
-            row["continuous"]["preemptions"] = engine.scheduler.num_preemptions - pre0
-            log(f"c={c} continuous {row['continuous']}")
+                row[key] = cont(reqs, c, limit(share))
+                row[key]["preemptions"] = engine.scheduler.num_preemptions - pre0
+                log(f"c={c} {key} {row[key]}")
+
+            if args.ragged == "ab":     # the same level with two calls a mixed step (chunks padded), first
+                continuous("continuous_two_calls", False)
+            continuous("continuous", args.ragged != "off")
             if args.ragged == "ab":
                 a, b = row["continuous"]["throughput_tok_s"], row["continuous_two_calls"]["throughput_tok_s"]
                 row["ragged_speedup"] = round(a / b, 3) if a and b else None
