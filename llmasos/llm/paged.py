@@ -433,8 +433,8 @@ class PagedRunner(_PagedRunner):
     def _forward_ragged(self, ids, lens, pos, block_table):
         import torch  # deferred: torch (the logits through DLPack, on the device)
         if self.lm._ragged is None:
-            raise GenerationError("this model has no ragged step (an artifact saved before compile_lm built one): "
-                                  "use step, or recompile")
+            raise GenerationError("this model has no ragged step (compiled with ragged=False, or saved before "
+                                  "compile_lm built one): use step, or recompile")
         args = self.check_ragged(ids, lens, pos, block_table)
         return torch.from_dlpack(self.lm._ragged(*self._upload(args), *self._pools, *self.lm._weights)[0])
 
