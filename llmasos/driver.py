@@ -370,7 +370,7 @@ def _check_lm(meta: dict, sig, weights: dict, where) -> None:
         allowed = "prefill and decode" + (" (and ragged)" if paged else "")
         raise ArtifactError(f"{where}: an LM library has the functions {allowed}, this one {list(fns)}")
     vocab, max_seq = meta["vocab"], meta["max_seq"]
-    if meta.get("kv", "contiguous") == "paged":
+    if paged:
         # ids, pos, last, block_table [batch, max_blocks], then the pools [blocks, kv_heads, block_size, head_dim]
         inputs = fns["decode"].inputs
         pools, bs = inputs[4:], meta["block_size"]

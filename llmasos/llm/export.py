@@ -49,8 +49,6 @@ def export_decoder(decoder: Decoder, phase: str, batch: Optional[int], max_batch
     max_seq, static. block_size: export the paged twin (``Decoder.paged_twin``) instead, taking a block table
     [B, ceil(max_seq / block_size)] and pools [NB, Hkv, block_size, D] with NB symbolic, Dim("blocks").
     """
-    if phase == "ragged" and block_size is None:
-        raise ValueError("export_decoder: the ragged step is paged only (give block_size)")
     if block_size is not None:
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"export_decoder: block_size must be an int >= 1, got {block_size!r}")

@@ -120,13 +120,18 @@ class _PagedRunner:
             if a.shape != shape:
                 raise GenerationError(f"step: {name} must have shape {list(shape)} (B={B}, "
                                       f"max_blocks_per_seq={MB}), got {list(a.shape)}")
-        bad = (ids < 0) | (ids >= self.vocab)
-        if bad.any():
-            b, t = (int(i) for i in np.argwhere(bad)[0])
+        bad = self._outside_vocab(ids)
+        if bad is not None:
+            b, t = bad
             raise GenerationError(f"step: row {b}: token id {int(ids[b, t])} (at {t}) is outside the vocabulary "
                                   f"[0, {self.vocab})")
         return (ids.astype(np.int64), pos.astype(np.int32), last.astype(np.int64),
                 self._check_rows(pos, last, table, T))
+
+    def _outside_vocab(self, ids: np.ndarray) -> Optional[tuple]:
+        """The index of the first token id outside [0, vocab), or None."""
+        bad = (ids < 0) | (ids >= self.vocab)
+        return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
 
     def _check_rows(self, pos, last, table, T: int) -> np.ndarray:
         """check's row checks (last, positions, table): the table the kernels get (int32, -1 past each row's
@@ -195,9 +200,9 @@ class _PagedRunner:
             if a.shape != shape:
                 raise GenerationError(f"ragged step: {name} must have shape {list(shape)} (S={S}, "
                                       f"max_blocks_per_seq={MB}), got {list(a.shape)}")
-        bad = (ids < 0) | (ids >= self.vocab)
-        if bad.any():
-            t = int(np.argmax(bad))
+        bad = self._outside_vocab(ids)
+        if bad is not None:
+            (t,) = bad
             raise GenerationError(f"ragged step: token {t}: id {int(ids[t])} is outside the vocabulary [0, {self.vocab})")
         last = lens.astype(np.int64) - 1
         eff = self._check_rows(pos, last, table, int(lens.max()))
@@ -483,19 +488,17 @@ class TorchPagedRunner(_PagedRunner):
         self._torch = torch
 
     def _forward(self, ids, pos, last, block_table):
-        torch = self._torch
-        ids, pos, last, table = self.check(ids, pos, last, block_table)
-        dev = self.pools[0].device
-        with torch.no_grad():
-            out = self.decoder(*(torch.from_numpy(a).to(dev) for a in (ids, pos, last, table)), *self.pools)
-        return out[0]
+        return self._run(self.decoder, self.check(ids, pos, last, block_table))
 
     def _forward_ragged(self, ids, lens, pos, block_table):
+        return self._run(self.ragged_decoder, self.check_ragged(ids, lens, pos, block_table))
+
+    def _run(self, decoder, arrays):
+        """The checked inputs through ``decoder`` (writing the pools in place): its logits."""
         torch = self._torch
-        args = self.check_ragged(ids, lens, pos, block_table)
         dev = self.pools[0].device
         with torch.no_grad():
-            return self.ragged_decoder(*(torch.from_numpy(a).to(dev) for a in args), *self.pools)[0]
+            return decoder(*(torch.from_numpy(a).to(dev) for a in arrays), *self.pools)[0]
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         src, dst = self._check_pairs(pairs)

@@ -32,8 +32,15 @@ from .config import DECODE, PREFILL, RAGGED, DecoderConfig
 from .errors import GenerationError
 from .paged import PagedRunner
 from .sampling import Sampling, make_generator, sample
+
 N_FIXED_INPUTS = 3          # ids, pos, last; the caches follow
 N_FIXED_INPUTS_PAGED = 4    # ids, pos, last, block_table; the pools follow
+
+
+def _largest(fn, dim) -> int:
+    """The largest value a function signature's dim takes: itself when static, else its symbol's bound."""
+    return dim if isinstance(dim, int) else int(fn.symbols.get(str(dim), (1, 1))[1])
+
 
 # Energy of each generation, in its stats: llmasos.energy.instrument() sets this to a factory
 # label -> probe (started at the prefill) whose stop(tokens) returns the window's dict (energy imports llm,
@@ -135,7 +142,7 @@ class CompiledLM(ProgramView):
         self._cache_types = [i.type for i in sig[DECODE].inputs[n_fixed:]]
         b = sig[DECODE].inputs[0].type.shape[0]
         self.static_batch: Optional[int] = b if isinstance(b, int) else None
-        self.max_batch = self.static_batch or int(sig[DECODE].symbols.get(str(b), (1, 1))[1])
+        self.max_batch = self.static_batch or _largest(sig[DECODE], b)
         if self.kv == "paged":
             mb = sig[DECODE].inputs[3].type.shape[1]
             if self._cache_types[0].shape[2] != self.block_size or mb * self.block_size < self.max_seq:
@@ -151,8 +158,7 @@ class CompiledLM(ProgramView):
         self._ragged = executable.raw(RAGGED) if self.kv == "paged" and RAGGED in sig else None
         self.max_ragged_tokens = 0
         if self._ragged is not None:
-            n = sig[RAGGED].inputs[0].type.shape[1]
-            self.max_ragged_tokens = n if isinstance(n, int) else int(sig[RAGGED].symbols.get(str(n), (1, 1))[1])
+            self.max_ragged_tokens = _largest(sig[RAGGED], sig[RAGGED].inputs[0].type.shape[1])
         self._weights = executable.weights
         self._dev = executable._dev
         self._buffers: dict[int, _Buffers] = {}

@@ -352,13 +352,13 @@ class _Machine:
         """(storage, per-thread element offset) of a PTX intrinsic's (pointer, offset) argument pair: the
         pointer a buffer's data Var or ``tvm_access_ptr(dtype, data, elem_offset, extent, rw)`` (whose
         elem_offset adds to the offset; its dtype must be the buffer's: the offset counts its elements)."""
-        off = np.broadcast_to(np.asarray(self.eval(offset)).astype(np.int64), (self.threads,))
+        off = self._per_thread(offset, np.int64)
         if type(ref).__name__ == "Call" and ref.op.name.endswith("tvm_access_ptr"):
             st = self.store[self.eval(ref.args[1])]
             if np.dtype(_np_dtype(_dt(ref.args[0]))) != st.array.dtype:
                 raise NotImplementedError(f"simt: an access_ptr of {_dt(ref.args[0])} into {st.name} "
                                           f"({st.array.dtype})")
-            return st, off + np.broadcast_to(np.asarray(self.eval(ref.args[2])).astype(np.int64), (self.threads,))
+            return st, off + self._per_thread(ref.args[2], np.int64)
         return self.store[self.eval(ref)], off
 
     def _c_reinterpret(self, e):
@@ -389,8 +389,12 @@ class _Machine:
             raise NotImplementedError(f"simt: instruction destination {dest} must be a buffer element")
         self._store(_buffer(dest), dest.indices, value)
 
+    def _per_thread(self, e, dtype):
+        """``e`` evaluated for every thread, as ``dtype``."""
+        return np.broadcast_to(np.asarray(self.eval(e)).astype(dtype), (self.threads,))
+
     def _u32(self, e):
-        return np.broadcast_to(np.asarray(self.eval(e)).astype(np.uint32), (self.threads,))
+        return self._per_thread(e, np.uint32)
 
     def _c_ptx_lop3(self, e):
         a, b, c = (self._u32(x) for x in e.args[1:4])
@@ -500,8 +504,7 @@ class _Machine:
         n = nbytes // dst.array.dtype.itemsize
         if nbytes % dst.array.dtype.itemsize or src.array.dtype != dst.array.dtype:
             raise NotImplementedError("simt: cp.async between buffers of different element types")
-        size = np.broadcast_to(np.asarray(self.eval(e.args[3])).astype(np.int64), (self.threads,)) \
-            if has_size else np.full(self.threads, nbytes, np.int64)
+        size = self._per_thread(e.args[3], np.int64) if has_size else np.full(self.threads, nbytes, np.int64)
         tids = np.flatnonzero(m)
         cols = dflat[tids][:, None] + np.arange(n)[None, :]
         if ((cols < 0) | (cols >= dst.array.shape[-1])).any():
