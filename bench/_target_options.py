@@ -15,3 +15,9 @@ def with_options(spec, options):
     if not options:
         return spec
     return dataclasses.replace(spec, extra={**spec.extra, **dict(o.split("=", 1) for o in options)})
+
+
+def ab_key(option: str) -> str:
+    """The result key of an ``--ab-option`` variant: ``llmasos_`` + the option with every non-alphanumeric
+    character as ``_`` (``prefill_gemm=on+flash_prefill=mma`` -> ``llmasos_prefill_gemm_on_flash_prefill_mma``)."""
+    return "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in option)

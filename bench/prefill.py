@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # after the rest: no shadowing
 
-from _target_options import bad_options, with_options  # noqa: E402
+from _target_options import ab_key, bad_options, with_options  # noqa: E402
 
 
 def log(*a):
@@ -100,8 +100,7 @@ def main(argv=None):
     if a.ab:
         variants.append(("llmasos_cuda_cores", dataclasses.replace(spec, extra={**spec.extra, "tensor_cores": "off"})))
     for o in a.ab_option:   # KEY=VALUE, or KEY=VALUE+KEY2=VALUE2 for one variant with both
-        name = "llmasos_" + "".join(ch if ch.isalnum() else "_" for ch in o.replace("=", "_").replace("+", "_"))
-        variants.append((name, with_options(spec, o.split("+"))))
+        variants.append((ab_key(o), with_options(spec, o.split("+"))))
     ours = {}
     for key, s in variants:   # one compile per variant: symbolic batch up to the largest asked
         t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 sees TVM's kernels too, inside the step's CUDA graph), grouped by kernel name.
 
     python bench/profile_decode.py [--model llama-1b] [--batch 1] [--passes fuse] [--dtype f16] [--steps 32]
-                                   [--layers N] [--source DIR]
+                                   [--layers N] [--source DIR] [--target-option KEY=VALUE ...]
 
 Prints one JSON document: the step's wall time, the kernels' summed time per step, and per kernel: calls
 and microseconds per step, and the share of the step. ``--layers`` shrinks the preset (same kernels, fewer
@@ -16,6 +16,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # after the rest: no shadowing
+
+from _target_options import bad_options, with_options  # noqa: E402
 
 
 def main(argv=None):
@@ -30,7 +33,11 @@ def main(argv=None):
     p.add_argument("--source", default=None)
     p.add_argument("--prefill", type=int, default=0,
                    help="profile the prefill of a prompt of this many tokens instead of the decode steps")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target option (Target.extra), e.g. small_m_rows=auto; repeatable")
     a = p.parse_args(argv)
+    if bad_options(a.target_option):
+        p.error(f"--target-option takes KEY=VALUE, got {bad_options(a.target_option)}")
     if a.prefill and a.max_seq <= a.prefill:
         p.error(f"--max-seq ({a.max_seq}) must exceed --prefill ({a.prefill})")
 
@@ -48,7 +55,9 @@ def main(argv=None):
     # drawn on the GPU (a CPU draw of 1B weights takes a minute), compiled from a CPU copy
     dec = Decoder.random(cfg, mode="export", seed=0, dtype=tdtype, device="cuda").copy_as("export", "cpu")
     t0 = time.perf_counter()
-    lm = llmasos.compile_lm(dec, "cuda", max_seq=a.max_seq, batch=a.batch, passes=a.passes)
+    from llmasos.backends.tvm import resolve_target
+    spec = with_options(resolve_target("cuda"), a.target_option)
+    lm = llmasos.compile_lm(dec, spec, max_seq=a.max_seq, batch=a.batch, passes=a.passes)
     compile_s = time.perf_counter() - t0
     del dec
     if a.source:
@@ -80,7 +89,7 @@ def main(argv=None):
     steps = a.steps  # the prefill's kernels are in the trace too; they show as calls < steps
     total = sum(v[1] for v in kernels.values()) / steps
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    doc = {"model": a.model, "phase": f"prefill of {a.prefill} tokens" if a.prefill else "decode step", "layers": cfg.layers, "batch": a.batch, "passes": a.passes, "dtype": a.dtype,
+    doc = {"model": a.model, "phase": f"prefill of {a.prefill} tokens" if a.prefill else "decode step", "layers": cfg.layers, "batch": a.batch, "passes": a.passes, "dtype": a.dtype, "target_options": a.target_option,
            "compile_s": compile_s, "step_wall_us": wall * 1e6, "kernel_us_per_step": total,
            "kernels_per_step": sum(v[0] for v in kernels.values()) / steps,
            "kernels": [{"name": n[:120], "calls_per_step": c / steps, "us_per_step": t / steps,

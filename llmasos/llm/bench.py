@@ -110,10 +110,11 @@ def _energy_cols(row: dict, key: str, windows: list) -> None:
 
 def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype="f16", int4=False,
               passes="fuse", compile_baseline=True, repeat=3, bandwidth=None, tune_trials=0, int8=False,
-              meter=None) -> list:
+              meter=None, ab_targets=()) -> list:
     """One JSON-able row per batch size for preset ``name`` (see the module docstring). tune_trials > 0 adds
     a ``llmasos_tuned`` variant: tune_lm with that many MetaSchedule trials per kernel (same options, a
-    temporary database), then compile_lm with the database."""
+    temporary database), then compile_lm with the database. ``ab_targets``: (key, Target) pairs, each one more
+    f16 variant ``key`` compiled for that Target (the same weights and prompt: an A/B of target options)."""
     # deferred: torch, TVM and the Decoder (torch) -- the CLI imports this module for every command
     import torch
 
@@ -161,14 +162,15 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                 row["torch_compile_error"] = f"{type(e).__name__}: {e}"[:1000]
             torch._dynamo.reset()
         # -- ours
-        variants = [("llmasos", passes, False)]
+        variants = [("llmasos", passes, False, spec)]
+        variants += [(key, passes, False, s) for key, s in ab_targets]
         if tune_trials > 0:
-            variants.append(("llmasos_tuned", passes, True))
+            variants.append(("llmasos_tuned", passes, True, spec))
         if int8:
-            variants.append(("llmasos_int8", "quantize{bits=8}," + passes, False))
+            variants.append(("llmasos_int8", "quantize{bits=8}," + passes, False, spec))
         if int4:
-            variants.append(("llmasos_int4_g128", "quantize{bits=4,group=128}," + passes, False))
-        for key, pipe, tuned in variants:
+            variants.append(("llmasos_int4_g128", "quantize{bits=4,group=128}," + passes, False, spec))
+        for key, pipe, tuned, vspec in variants:
             try:
                 t0 = time.perf_counter()
                 dec = tmodel.copy_as("export", "cpu")
@@ -176,11 +178,11 @@ def run_model(name: str, target, *, batches=(1,), prompt_len=128, new=128, dtype
                 db = None
                 if tuned:
                     db = tempfile.mkdtemp(prefix=f"llmasos-tune-{name}-b{B}-")
-                    report = llmasos.tune_lm(dec, spec, db, trials_per_task=tune_trials, log=log, **opts)
+                    report = llmasos.tune_lm(dec, vspec, db, trials_per_task=tune_trials, log=log, **opts)
                     row[f"{key}_tuning"] = report.to_dict()
                     row[f"{key}_tune_s"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
-                lm = llmasos.compile_lm(dec, spec, tuning_db=db, **opts)
+                lm = llmasos.compile_lm(dec, vspec, tuning_db=db, **opts)
                 row[f"{key}_compile_s"] = time.perf_counter() - t0
                 del dec
                 ids = prompt.cpu().tolist()
