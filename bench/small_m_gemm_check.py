@@ -3,10 +3,11 @@ against torch (cuBLAS) for a decode step's shapes, the one-tile kernel (R = 1) b
 and the automatic choice (small_m_rows), all in the same run.
 
     python bench/small_m_gemm_check.py [--shapes 3072x2048,2048x2048,16384x2048,2048x8192,32000x2048]
-                                       [--rows 1,8,32,64] [--variants 1,2,4,auto] [--repeat 100] [--tol 5e-3]
+                                       [--rows 1,8,32,64] [--variants 1,2,4,auto,1/n,auto/n] [--repeat 100] [--tol 5e-3]
 
 Shapes are N x K (W [N, K]; the defaults are Llama-1B's decode GEMMs: fused QKV, O, fused gate/up, down, LM
-head); rows M of x. A variant is R (1, 2, 4), "auto", or R:warps:unroll (a sweep of small_m_plan). Per case
+head); rows M of x. A variant is R (1, 2, 4), "auto", or R:warps:unroll (a sweep of small_m_plan), each
+with "/n" for the grid's first order (weight tiles fastest, cuda_gemm._grid_tags: matters at M > 32). Per case
 and variant: max |y - ref| / max |ref| (ref = torch f32 x @ W^T of the same f16 operands), microseconds per
 call, and the weight stream in GB/s (N * K * 2 bytes / time); torch.matmul(x, W.T) (f16, cuBLAS) beside
 them. Weights are cycled through copies past the L2 cache (bench/_cuda_timing.py), as in a decode step.
@@ -24,21 +25,25 @@ from _cuda_timing import copies, cuda_time  # noqa: E402
 
 
 def parse_variant(text: str):
-    """'auto' | 'R' | 'R:warps:unroll' -> (label, rows or 'auto', warps, unroll)."""
-    parts = text.split(":")
-    if text == "auto":
-        return text, "auto", 0, 0
+    """'auto' | 'R' | 'R:warps:unroll', optionally + '/n' (the weight tiles fastest in the grid: the first
+    order) -> (label, rows or 'auto', warps, unroll, m_fastest)."""
+    body, _, order = text.partition("/")
+    if order not in ("", "n"):
+        raise ValueError(f"--variants: '{text}': the only grid suffix is '/n' (weight tiles fastest)")
+    parts = body.split(":")
+    if body == "auto":
+        return text, "auto", 0, 0, not order
     if len(parts) not in (1, 3) or not all(p.isdigit() for p in parts):
-        raise ValueError(f"--variants: '{text}' is not auto, R or R:warps:unroll")
+        raise ValueError(f"--variants: '{text}' is not auto, R or R:warps:unroll (each optionally /n)")
     r, w, u = (int(parts[0]), 0, 0) if len(parts) == 1 else tuple(int(p) for p in parts)
-    return text, r, w, u
+    return text, r, w, u, not order
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="3072x2048,2048x2048,16384x2048,2048x8192,32000x2048")
     p.add_argument("--rows", default="1,8,32,64")
-    p.add_argument("--variants", default="1,2,4,auto")
+    p.add_argument("--variants", default="1,2,4,auto,1/n,auto/n")
     p.add_argument("--repeat", type=int, default=100)
     p.add_argument("--tol", type=float, default=5e-3)
     a = p.parse_args(argv)
@@ -66,14 +71,14 @@ def main(argv=None):
         n, k = (int(v) for v in shape.split("x"))
         auto = small_m_rows(n, k)
         kernels, built = {}, {}
-        for label, r, w, u in variants:
+        for label, r, w, u, mf in variants:
             rows = auto if r == "auto" else r
             if not small_m_gemm_supported(n, k, "float16", rows) and not (w and u):
                 continue
             try:
-                if (rows, w, u) not in built:       # "auto" is one of the others: built once
-                    built[rows, w, u] = build(small_m_gemm_func(n, k, rows=rows, warps=w, unroll=u))
-                kernels[label] = (rows, built[rows, w, u])
+                if (rows, w, u, mf) not in built:       # "auto" is one of the others: built once
+                    built[rows, w, u, mf] = build(small_m_gemm_func(n, k, rows=rows, warps=w, unroll=u, m_fastest=mf))
+                kernels[label] = (rows, built[rows, w, u, mf])
             except ValueError as e:          # an R:warps:unroll that does not divide this shape
                 print(f"{shape} {label}: {e}", file=sys.stderr)
         if not kernels:

@@ -287,3 +287,20 @@ def test_the_one_kernel_norm_equals_the_reference_on_the_cpu(norm):
     got = build(g, "cpu")(xs)
     got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got.numpy() if hasattr(got, "numpy") else got)
     np.testing.assert_allclose(got.astype(np.float32), run(g, [xs])[0].astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_small_m_kernels_launch_a_weight_tiles_batch_row_groups_together():
+    """M > 32 gives a weight tile several blocks (32 batch rows each): they are the grid's fastest axis
+    (blockIdx.x over M), so the second finds the tile's weights in L2 instead of HBM; ``m_fastest=False``
+    keeps the first order (weight tiles on blockIdx.x) for A/B on a GPU."""
+    from llmasos.backends.tvm.cuda_gemm import small_m_gemm_func, small_m_quant_gemm_func
+
+    def grid(func):   # {tag: extent} of the block axes, from the TVMScript text
+        return {tag: extent for extent, tag in re.findall(r'T\.thread_binding\((.*), thread="(blockIdx\.[xyz])"\)',
+                                                         func.script())}
+
+    for make in (lambda **kw: small_m_gemm_func(64, 1024, **kw),
+                 lambda **kw: small_m_quant_gemm_func(64, 1024, 4, 128, **kw)):
+        new, old = grid(make()), grid(make(m_fastest=False))
+        assert "M" in new["blockIdx.x"] and "M" not in new["blockIdx.y"], new
+        assert "M" in old["blockIdx.y"] and "M" not in old["blockIdx.x"], old

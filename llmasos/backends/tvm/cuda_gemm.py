@@ -97,10 +97,23 @@ def small_m_gemm_supported(n: int, k: int, dtype: str, rows: int = 1) -> bool:
     return dtype == "float16" and n % (TILE_N * rows) == 0 and k % (CHUNK * warps * unroll) == 0
 
 
-def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16", rows: int = 1, warps: int = 0, unroll: int = 0):
+
+def _grid_tags(m_fastest: bool) -> tuple:
+    """(weight-tile axis, batch-row-group axis) thread tags of the small-M kernels. A block covers 32 batch rows,
+    so M > 32 gives each weight tile several blocks, each streaming the same weight rows. With the batch-row
+    groups on blockIdx.x (fastest: launched together) the second block of a tile finds its weights in L2; with
+    the weight tiles fastest (``m_fastest=False``, the first order) a whole sweep over N -- all the step's
+    weights, far past L2 -- runs between them, so every group re-reads them from HBM (twice the weight
+    traffic at M = 64, the serving engine's batch). M <= 32 launches the same blocks in the same order either way."""
+    return ("blockIdx.y", "blockIdx.x") if m_fastest else ("blockIdx.x", "blockIdx.y")
+
+
+def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16", rows: int = 1, warps: int = 0, unroll: int = 0,
+                      m_fastest: bool = True):
     """The PrimFunc ``small_m_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic), each
     block covering ``rows`` (R) 16-row weight tiles: every x fragment a lane loads feeds R MMAs. ``warps`` /
-    ``unroll`` override small_m_plan (for sweeps on a GPU)."""
+    ``unroll`` override small_m_plan (for sweeps on a GPU). ``m_fastest`` (see _grid_tags): the blocks of one
+    weight tile's batch-row groups are launched together."""
     if rows not in ROW_TILES:
         raise ValueError(f"small_m_gemm_func: rows (R) must be one of {ROW_TILES}, got {rows!r}")
     plan = small_m_plan(n, rows)
@@ -114,6 +127,7 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16", rows: int = 1,
     per_thread = rt * TILES * COLS // (warps * 32)  # outputs each thread sums and writes
     if per_thread * warps * 32 != rt * TILES * COLS:
         raise ValueError(f"small_m_gemm_func: {warps} warps do not divide the block's {rt * TILES * COLS} outputs")
+    tag_n, tag_m = _grid_tags(m_fastest)
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -123,8 +137,8 @@ def small_m_gemm_func(n: int, k: int, out_dtype: str = "float16", rows: int = 1,
         X = T.match_buffer(var_x, (M, k), "float16")
         W = T.match_buffer(var_w, (n, k), "float16")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for bx in T.thread_binding(n // rt, thread="blockIdx.x"):
-            for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
+        for bx in T.thread_binding(n // rt, thread=tag_n):
+            for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread=tag_m):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
@@ -303,11 +317,12 @@ def small_m_quant_plan(n: int, rows: int) -> tuple:
 
 
 def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: str = "float16", rows: int = 1,
-                            warps: int = 0, unroll: int = 0):
+                            warps: int = 0, unroll: int = 0, m_fastest: bool = True):
     """The PrimFunc ``small_m_quant_gemm(x [M, K] f16, words [N/16, K/CH*128] u32, sz [N/16, G*16] u32) ->
     y [M, N]`` (M symbolic) over quant_repack_words / quant_repack_scales' layouts; G = ceil(K / group), 1
     for group 0. Each block covers ``rows`` (R) 16-row tiles (the repacked layout is per tile, so R needs no
-    other layout): each x fragment feeds R MMAs. ``warps`` / ``unroll`` override small_m_quant_plan."""
+    other layout): each x fragment feeds R MMAs. ``warps`` / ``unroll`` override small_m_quant_plan;
+    ``m_fastest``: the grid order (_grid_tags)."""
     if rows not in ROW_TILES or n % (TILE_N * rows):
         raise ValueError(f"small_m_quant_gemm_func: rows (R) must be one of {ROW_TILES} with N = {n} a multiple "
                          f"of 16 R, got {rows!r}")
@@ -327,6 +342,7 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
     if per_thread * warps * 32 != rt * TILES * COLS:
         raise ValueError(f"small_m_quant_gemm_func: {warps} warps do not divide the block's "
                          f"{rt * TILES * COLS} outputs")
+    tag_n, tag_m = _grid_tags(m_fastest)
     xw = 4 * S                                     # x halves per lane, batch row and chunk
     mask = 0x000F000F if bits == 4 else 0x00FF00FF
     u32 = "uint32"
@@ -351,8 +367,8 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
         Wq = T.match_buffer(var_w, (n // TILE_N, chunks * 128), "uint32")
         SZ = T.match_buffer(var_sz, (n // TILE_N, groups * 16), "uint32")
         Y = T.match_buffer(var_y, (M, n), out_dtype)
-        for bx in T.thread_binding(n // rt, thread="blockIdx.x"):
-            for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread="blockIdx.y"):
+        for bx in T.thread_binding(n // rt, thread=tag_n):
+            for by in T.thread_binding((M + COLS * TILES - 1) // (COLS * TILES), thread=tag_m):
                 for ty in T.thread_binding(warps, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("qgemm"):
