@@ -4,12 +4,12 @@ prefill runs without it (DLight's MatmulTensorization through cuda_schedule.Tens
 f16 cast as the build fuses it), for the Llama-1B prefill GEMM shapes, all in the same run.
 
     python bench/prefill_gemm_check.py [--shapes 3072x2048,2048x2048,512x2048,16384x2048,2048x8192,32000x2048]
-                                       [--rows 128,1024,8192] [--repeat 20] [--warps 2x4,2x2]
+                                       [--rows 128,1024,8192] [--repeat 20] [--variants 2x4,2x2,2x4:k64:f,...]
                                        [--dlight-shapes 3072x2048,2048x8192 | all | none] [--out FILE]
 
 Shapes are N x K (W [N, K], x [M, K], y = x W^T). Per case: max |y - ref| / max |ref| (ref = f32 product of
-the same f16 operands) for ours (``ours``: the default 2x4 warp grid; ``ours_w2x2`` etc.: each other
-``--warps`` grid, target option prefill_gemm_warps), DLight's and torch's, median milliseconds of ``--repeat`` back-to-back calls
+the same f16 operands) for ours (``ours``: the first ``--variants`` entry; ``ours_<variant>``: each other),
+DLight's and torch's, median milliseconds of ``--repeat`` back-to-back calls
 (CUDA events, 3 samples), TFLOP/s (2 M N K / time) and ours / torch, ours / DLight speedups. The kernel is
 also checked at a ragged M (rows past M must stay untouched). The DLight baseline is compiled for
 ``--dlight-shapes`` only (its schedule + build takes ~10-30 s a shape; the whole-prefill A/B is
@@ -64,16 +64,45 @@ def dlight_kernel(spec, n, k):
     return lib["main"]
 
 
+VARIANTS = "2x4,2x2,2x4:f,2x4:k64,2x4:k64:f,2x2:k64:f,2x4:k64:s4:f"
+
+
+def parse_variant(text: str) -> dict:
+    """'WMxWN[:k64][:sN][:f]' -> prefill_gemm_func keyword arguments (warps, bk, stages, frag_pipeline)."""
+    head, *mods = text.split(":")
+    kw = {"bk": 32, "stages": 3, "frag_pipeline": False}
+    if head not in ("2x4", "2x2"):
+        raise ValueError(f"--variants: '{text}' must start with a warp grid, 2x4 or 2x2")
+    kw["warps"] = tuple(int(v) for v in head.split("x"))
+    for m in mods:
+        if m == "f":
+            kw["frag_pipeline"] = True
+        elif m in ("k32", "k64"):
+            kw["bk"] = int(m[1:])
+        elif m in ("s2", "s3", "s4"):
+            kw["stages"] = int(m[1:])
+        else:
+            raise ValueError(f"--variants: '{text}': unknown modifier '{m}' (k32 | k64, s2 | s3 | s4, f)")
+    return kw
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=SHAPES)
     p.add_argument("--rows", default="128,1024,8192")
     p.add_argument("--repeat", type=int, default=20)
-    p.add_argument("--warps", default="2x4,2x2", help="warp grids to time (the first is reported as 'ours')")
+    p.add_argument("--variants", default=VARIANTS,
+                   help="kernel variants to time, the first reported as 'ours': a warp grid WMxWN (2x4 | 2x2) with "
+                        "':k64' (BK 64), ':sN' (N stages), ':f' (fragment pipelining) -- the target options "
+                        "prefill_gemm_warps / _bk / _stages / _frags")
     p.add_argument("--dlight-shapes", default="3072x2048,2048x8192",
                    help="shapes to also time DLight's TensorCoreMatmul kernel for ('all', 'none' or a list)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    try:
+        variants = [(v, parse_variant(v)) for v in a.variants.split(",")]
+    except ValueError as e:
+        p.error(str(e))
 
     import torch
     import tvm
@@ -98,10 +127,12 @@ def main(argv=None):
             continue
         t0 = time.perf_counter()
         fns = {}
-        for i, wp in enumerate(a.warps.split(",")):
-            func = prefill_gemm_func(n, k, warps=tuple(int(v) for v in wp.split("x")))
+        for i, (label, kw) in enumerate(variants):
+            if not prefill_gemm_supported(n, k, "float16", kw["bk"]):
+                continue
+            func = prefill_gemm_func(n, k, **kw)
             lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=spec.tvm_target())
-            fns["ours" if i == 0 else f"ours_w{wp}"] = lib["main"]
+            fns["ours" if i == 0 else "ours_" + label.replace(":", "_")] = lib["main"]
         ours_fn = fns["ours"]
         compile_s = time.perf_counter() - t0
         dl = None

@@ -164,6 +164,26 @@ def test_emulated_kernel_computes_the_gemm(m, n, k, tile, stages, warps):
     assert err < 2e-3, err                             # f32 accumulation, one f16 rounding of the output
 
 
+def test_bk64_swizzle_is_a_conflict_free_permutation_of_128_byte_rows():
+    """BK = 64: a tile row is one 128-byte bank line of 8 chunks, chunk c stored at c ^ (row % 8); the 8 rows of
+    an ldmatrix phase (one chunk) hit 8 distinct 16-byte slots, and the copies of a step cover every slot once."""
+    rows = np.arange(128)[:, None]
+    off = prefill_swizzle(rows, np.arange(8)[None, :], 64)
+    assert (np.sort(off - rows * 64, axis=1) == np.arange(8) * 8).all()
+    lane = np.arange(32)
+    for kk in range(4):
+        for mi in range(4):
+            addr = prefill_a_offset(lane, mi, kk, 1, 64, 64) * 2
+            assert all(len(set(addr[8 * j:8 * j + 8] // 16 % 8)) == 8 for j in range(4))
+        for nj in range(2):
+            addr = prefill_b_offset(lane, nj, kk, 3, 32, 64) * 2
+            assert all(len(set(addr[8 * j:8 * j + 8] // 16 % 8)) == 8 for j in range(4))
+    tid = np.arange(256)
+    cells = {(int(r), int(c)) for cc in range(4) for r, c in zip(prefill_copy_row(cc, tid, 256, 64),
+                                                                   prefill_copy_chunk(cc, tid, 256, 64))}
+    assert cells == {(r, c) for r in range(128) for c in range(8)}
+
+
 def test_supported_shapes_and_tiles():
     assert prefill_gemm_supported(2048, 2048, "float16") and prefill_gemm_supported(32000, 2048, "float16")
     assert not prefill_gemm_supported(2048, 2048, "float32") and not prefill_gemm_supported(100, 2048, "float16")
@@ -175,6 +195,13 @@ def test_supported_shapes_and_tiles():
         prefill_gemm_func(2048, 2048, tile=(128, 96))
     with pytest.raises(ValueError, match=r"warps \(4, 4\)"):
         prefill_gemm_func(2048, 2048, warps=(4, 4))
+    assert prefill_gemm_supported(2048, 2048, "float16", 64) and not prefill_gemm_supported(2048, 96, "float16", 64)
+    with pytest.raises(ValueError, match="bk must be one of"):
+        prefill_gemm_func(2048, 2048, bk=48)
+    with pytest.raises(ValueError, match=r"K % 64 must be 0"):
+        prefill_gemm_func(2048, 96, bk=64)
+    with pytest.raises(ValueError, match="stages must be >= 2"):
+        prefill_gemm_func(2048, 2048, stages=1)
 
 
 def _graph(n, k, lead):
@@ -215,12 +242,26 @@ def test_prefill_linear_runs_the_cp_async_mma_kernel():
     bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "4x4"})
     with pytest.raises(ValueError, match=r"prefill_gemm_warps must be '2x4' or '2x2', got '4x4'"):
         lower(_graph(256, 256, (1, sym("seq"))), bad)
+    k64 = dataclasses.replace(SPEC, extra={"prefill_gemm_bk": "64", "prefill_gemm_stages": "4", "prefill_gemm_frags": "on"})
+    assert "prefill_gemm_256x256_k64_s4_f" in _kernels(_graph(256, 256, (1, sym("seq"))), k64)
+    assert "prefill_gemm_256x288_s4_f" in _kernels(_graph(256, 288, (1, sym("seq"))), k64)  # K % 64 != 0: BK 32
+    src = cuda_source(compile_module(lower(_graph(256, 256, (1, sym("seq"))), k64), k64))
+    assert "buf_dyn_shmem" in src and "cp.async.wait_group 2" in src   # 4 x (128 + 128) x 64 halves: dynamic
+    for key, value in (("prefill_gemm_bk", "48"), ("prefill_gemm_stages", "5"), ("prefill_gemm_frags", "yes")):
+        bad = dataclasses.replace(SPEC, extra={key: value})
+        with pytest.raises(ValueError, match=f"{key} must be one of .*, got '{value}'"):
+            lower(_graph(256, 256, (1, sym("seq"))), bad)
 
 
-@pytest.mark.parametrize("m, n, k, tile, warps", [(70, 64, 64, None, None),          # one ragged row tile
-                                                  (130, 128, 160, (128, 64), None),  # 5 k-steps: the ring wraps
-                                                  (40, 128, 96, (64, 128), (2, 2))])
-def test_the_kernel_itself_in_the_simt_interpreter(m, n, k, tile, warps):
+@pytest.mark.parametrize("m, n, k, tile, warps, extra", [
+    (70, 64, 64, None, None, {}),                                       # one ragged row tile
+    (130, 128, 160, (128, 64), None, {}),                               # 5 k-steps: the ring wraps
+    (40, 128, 96, (64, 128), (2, 2), {}),
+    (130, 128, 320, (128, 64), None, {"bk": 64}),                       # BK 64: 5 steps, dynamic shared memory
+    (70, 128, 96, (128, 128), None, {"frag_pipeline": True}),           # k-step kk + 1 loaded before kk's MMAs
+    (40, 128, 256, (64, 64), (2, 2), {"bk": 64, "stages": 4, "frag_pipeline": True}),
+    (33, 64, 128, (64, 64), (2, 2), {"bk": 64, "stages": 2, "frag_pipeline": True})])
+def test_the_kernel_itself_in_the_simt_interpreter(m, n, k, tile, warps, extra):
     """The PrimFunc itself, lane by lane (llmasos.backends.tvm.simt: cp.async copies land only at the
     wait_group that covers them, ldmatrix and mma by the ISA's fragment layouts, barriers and races
     checked), against f64 x @ w.T rounded once to f16."""
@@ -229,6 +270,6 @@ def test_the_kernel_itself_in_the_simt_interpreter(m, n, k, tile, warps):
     x = rng.standard_normal((m, k)).astype(np.float16)
     w = rng.standard_normal((n, k)).astype(np.float16)
     y = np.full((m, n), np.nan, np.float16)
-    simt.run(prefill_gemm_func(n, k, tile=tile, warps=warps), x, w, y)
+    simt.run(prefill_gemm_func(n, k, tile=tile, warps=warps, **extra), x, w, y)
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     np.testing.assert_allclose(y.astype(np.float64), ref, rtol=2e-3, atol=2e-3)

@@ -474,36 +474,42 @@ def small_m_quant_gemm_func(n: int, k: int, bits: int, group: int, out_dtype: st
 # g and g + 8, columns 2t, 2t + 1 of each n8 tile). Grid: (ceil(M / BM), N / BN), row tiles fastest.
 
 PF_BK = 32         # K columns per pipeline step (two m16n8k16 k-steps)
+PF_BKS = (32, 64)  # the step widths the kernel takes (64: four k-steps a barrier, 128-byte swizzled rows)
 PF_WARPS_M = 2
 PF_WARPS_N = 4
+PF_STATIC_SMEM = 48 * 1024   # a block's static shared memory; more is dynamic (opted in at launch by TVM's runtime)
 
 
-def prefill_swizzle(row, chunk):
-    """Shared-memory element offset of 16-byte k-chunk ``chunk`` (0..3) of tile row ``row`` (ints or TIR)."""
+def prefill_swizzle(row, chunk, bk: int = PF_BK):
+    """Shared-memory element offset of 16-byte k-chunk ``chunk`` of tile row ``row`` (ints or TIR): BK = 32 (64-byte
+    rows, two a 128-byte bank line) ``chunk ^ ((row >> 1) & 3)``; BK = 64 (a row is a bank line) ``chunk ^ (row & 7)``.
+    Either way the 8 rows one ldmatrix phase reads (consecutive rows, one chunk) hit 8 distinct bank groups."""
+    if bk == 64:
+        return row * 64 + ((chunk ^ (row & 7)) * 8)
     return row * PF_BK + ((chunk ^ ((row >> 1) & 3)) * 8)
 
 
-def prefill_copy_row(c, tid, threads: int):
-    """Tile row of thread ``tid``'s ``c``-th 16-byte copy of a step (4 copies a 32-column row)."""
-    return (c * threads + tid) // 4
+def prefill_copy_row(c, tid, threads: int, bk: int = PF_BK):
+    """Tile row of thread ``tid``'s ``c``-th 16-byte copy of a step (BK / 8 copies a row)."""
+    return (c * threads + tid) // (bk // 8)
 
 
-def prefill_copy_chunk(c, tid, threads: int):
-    """K-chunk (0..3, 8 halves each) of thread ``tid``'s ``c``-th 16-byte copy of a step."""
-    return (c * threads + tid) % 4
+def prefill_copy_chunk(c, tid, threads: int, bk: int = PF_BK):
+    """K-chunk (0 .. BK / 8 - 1, 8 halves each) of thread ``tid``'s ``c``-th 16-byte copy of a step."""
+    return (c * threads + tid) % (bk // 8)
 
 
-def prefill_a_offset(lane, mi, kk, warp_m, wm: int):
+def prefill_a_offset(lane, mi, kk, warp_m, wm: int, bk: int = PF_BK):
     """Shared offset (within a stage's x tile) that ``lane`` gives ldmatrix.x4 for m16 tile ``mi`` of warp row
     ``warp_m`` at k-step ``kk``: row lane % 16, k-chunk 2 kk + lane // 16 (matrices a0..a3)."""
-    return prefill_swizzle(warp_m * wm + mi * 16 + lane % 16, kk * 2 + lane // 16)
+    return prefill_swizzle(warp_m * wm + mi * 16 + lane % 16, kk * 2 + lane // 16, bk)
 
 
-def prefill_b_offset(lane, nj, kk, warp_n, wn: int):
+def prefill_b_offset(lane, nj, kk, warp_n, wn: int, bk: int = PF_BK):
     """Shared offset (within a stage's w tile) that ``lane`` gives ldmatrix.x4 for n8 tiles 2 nj, 2 nj + 1 of
     warp column ``warp_n`` at k-step ``kk``: w row lane % 8 + 8 (lane // 16), k-chunk 2 kk + (lane // 8) % 2
     (registers b0, b1 of tile 2 nj, then b0, b1 of tile 2 nj + 1)."""
-    return prefill_swizzle(warp_n * wn + nj * 16 + lane % 8 + lane // 16 * 8, kk * 2 + lane // 8 % 2)
+    return prefill_swizzle(warp_n * wn + nj * 16 + lane % 8 + lane // 16 * 8, kk * 2 + lane // 8 % 2, bk)
 
 
 def prefill_tile(n: int):
@@ -514,18 +520,29 @@ def prefill_tile(n: int):
     return 128, 64
 
 
-def prefill_gemm_supported(n: int, k: int, dtype: str) -> bool:
-    """Whether the prefill kernel takes a [*, K] x [N, K] GEMM: f16, N a multiple of 64, K of 32."""
-    return dtype == "float16" and n % 64 == 0 and k % PF_BK == 0 and k >= PF_BK
+def prefill_gemm_supported(n: int, k: int, dtype: str, bk: int = PF_BK) -> bool:
+    """Whether the prefill kernel takes a [*, K] x [N, K] GEMM: f16, N a multiple of 64, K of BK."""
+    return dtype == "float16" and bk in PF_BKS and n % 64 == 0 and k % bk == 0 and k >= bk
 
 
-def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 3, tile=None, warps=None):
+def prefill_smem_bytes(tile, stages: int, bk: int) -> int:
+    """Shared memory of a block: ``stages`` tiles of x (BM x BK) and w (BN x BK), f16."""
+    return stages * (tile[0] + tile[1]) * bk * 2
+
+
+def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 3, tile=None, warps=None,
+                      bk: int = PF_BK, frag_pipeline: bool = False):
     """The PrimFunc ``prefill_gemm(x [M, K] f16, w [N, K] f16) -> y [M, N] out_dtype`` (M symbolic); ``tile``
     (BM, BN) overrides prefill_tile (BM in {64, 128}, BN in {64, 128}, BN dividing N); ``warps`` (WM, WN)
     the warp grid (default 2 x 4; 2 x 2 gives 64 x 64 warp tiles at 128 x 128: fewer ldmatrix per MMA,
-    twice the accumulators a thread)."""
-    if not prefill_gemm_supported(n, k, "float16"):
-        raise ValueError(f"prefill_gemm_func: N={n}, K={k} not supported (N % 64, K % 32 must be 0)")
+    twice the accumulators a thread). ``bk``: K columns a pipeline step (32, or 64: four k-steps per barrier
+    and wait instead of two; its stages exceed 48 KiB and go to dynamic shared memory). ``frag_pipeline``: the
+    fragments of k-step kk + 1 are loaded (ldmatrix, into the other of two register sets) before k-step kk's
+    MMAs are issued, so the shared-memory latency hides behind the tensor cores within a step."""
+    if bk not in PF_BKS:
+        raise ValueError(f"prefill_gemm_func: bk must be one of {PF_BKS}, got {bk!r}")
+    if not prefill_gemm_supported(n, k, "float16", bk):
+        raise ValueError(f"prefill_gemm_func: N={n}, K={k} not supported (N % 64, K % {bk} must be 0)")
     bm, bn = tile or prefill_tile(n)
     if bm not in (64, 128) or bn not in (64, 128) or n % bn:
         raise ValueError(f"prefill_gemm_func: tile {(bm, bn)} for N={n}: BM, BN must be 64 or 128, BN dividing N")
@@ -533,14 +550,20 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
     if (wgm, wgn) not in ((2, 4), (2, 2), (4, 2)) or bm // wgm < 32 or bn // wgn < 16:
         raise ValueError(f"prefill_gemm_func: warps {(wgm, wgn)} for tile {(bm, bn)}: (2, 4), (2, 2) or (4, 2), "
                          f"warp tiles at least 32 x 16")
+    if stages < 2:
+        raise ValueError(f"prefill_gemm_func: stages must be >= 2 (a ring of cp.async steps), got {stages}")
     threads = 32 * wgm * wgn
     mi_n = bm // (16 * wgm)                # m16 tiles a warp
     ni_n = bn // (8 * wgn)                 # n8 tiles a warp
     wm, wn = bm // wgm, bn // wgn
-    a_copies = bm * PF_BK // 8 // threads  # 16-byte copies a thread per step
-    b_copies = bn * PF_BK // 8 // threads
-    ktiles = k // PF_BK
-    a_tile, b_tile = bm * PF_BK, bn * PF_BK
+    a_copies = bm * bk // 8 // threads     # 16-byte copies a thread per step
+    b_copies = bn * bk // 8 // threads
+    ksteps = bk // 16                      # m16n8k16 k-steps a pipeline step
+    ktiles = k // bk
+    a_tile, b_tile = bm * bk, bn * bk
+    smem = "shared.dyn" if prefill_smem_bytes((bm, bn), stages, bk) > PF_STATIC_SMEM else "shared"
+    nbuf = 2 if frag_pipeline else 1       # fragment register sets
+    a_set, b_set = mi_n * 8, ni_n * 4      # halves of one set
 
     # fmt: off
     @T.prim_func(private=True, s_tir=True)
@@ -557,10 +580,10 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
                 for ty in T.thread_binding(wgm * wgn, thread="threadIdx.y"):
                     for tx in T.thread_binding(32, thread="threadIdx.x"):
                         with T.sblock("gemm"):
-                            A_s = T.sblock_alloc_buffer((stages * a_tile,), "float16", scope="shared")
-                            B_s = T.sblock_alloc_buffer((stages * b_tile,), "float16", scope="shared")
-                            a_frag = T.sblock_alloc_buffer((mi_n * 8,), "float16", scope="local")
-                            b_frag = T.sblock_alloc_buffer((ni_n * 4,), "float16", scope="local")
+                            A_s = T.sblock_alloc_buffer((stages * a_tile,), "float16", scope=smem)
+                            B_s = T.sblock_alloc_buffer((stages * b_tile,), "float16", scope=smem)
+                            a_frag = T.sblock_alloc_buffer((nbuf * a_set,), "float16", scope="local")
+                            b_frag = T.sblock_alloc_buffer((nbuf * b_set,), "float16", scope="local")
                             acc = T.sblock_alloc_buffer((mi_n * ni_n * 4,), "float32", scope="local")
                             tid: T.let[T.int32] = ty * 32 + tx
                             m0: T.let[T.int32] = by * bm
@@ -576,18 +599,18 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
                                 if s < ktiles:
                                     for c in T.unroll(a_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                                            T.address_of(A_s[s * a_tile + prefill_swizzle(prefill_copy_row(c, tid, threads),
-                                                                                     prefill_copy_chunk(c, tid, threads))]),
-                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads), M - 1),
-                                                           s * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            T.address_of(A_s[s * a_tile + prefill_swizzle(prefill_copy_row(c, tid, threads, bk),
+                                                                                     prefill_copy_chunk(c, tid, threads, bk), bk)]),
+                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads, bk), M - 1),
+                                                           s * bk + prefill_copy_chunk(c, tid, threads, bk) * 8]),
                                             16, T.Cast("uint32", T.if_then_else(
-                                                m0 + prefill_copy_row(c, tid, threads) < M, 16, 0))))
+                                                m0 + prefill_copy_row(c, tid, threads, bk) < M, 16, 0))))
                                     for c in T.unroll(b_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                                            T.address_of(B_s[s * b_tile + prefill_swizzle(prefill_copy_row(c, tid, threads),
-                                                                                     prefill_copy_chunk(c, tid, threads))]),
-                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads),
-                                                           s * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                            T.address_of(B_s[s * b_tile + prefill_swizzle(prefill_copy_row(c, tid, threads, bk),
+                                                                                     prefill_copy_chunk(c, tid, threads, bk), bk)]),
+                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads, bk),
+                                                           s * bk + prefill_copy_chunk(c, tid, threads, bk) * 8]),
                                             16))
                                 T.evaluate(T.ptx["cp.async.commit_group"]())
                             for kt in T.serial(ktiles):
@@ -598,38 +621,45 @@ def prefill_gemm_func(n: int, k: int, out_dtype: str = "float16", stages: int = 
                                     for c in T.unroll(a_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
                                             T.address_of(A_s[(kt + stages - 1) % stages * a_tile
-                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads),
-                                                                               prefill_copy_chunk(c, tid, threads))]),
-                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads), M - 1),
-                                                           (kt + stages - 1) * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads, bk),
+                                                                               prefill_copy_chunk(c, tid, threads, bk), bk)]),
+                                            T.address_of(X[T.min(m0 + prefill_copy_row(c, tid, threads, bk), M - 1),
+                                                           (kt + stages - 1) * bk + prefill_copy_chunk(c, tid, threads, bk) * 8]),
                                             16, T.Cast("uint32", T.if_then_else(
-                                                m0 + prefill_copy_row(c, tid, threads) < M, 16, 0))))
+                                                m0 + prefill_copy_row(c, tid, threads, bk) < M, 16, 0))))
                                     for c in T.unroll(b_copies):
                                         T.evaluate(T.ptx["cp.async.cg.shared.global"](
                                             T.address_of(B_s[(kt + stages - 1) % stages * b_tile
-                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads),
-                                                                               prefill_copy_chunk(c, tid, threads))]),
-                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads),
-                                                           (kt + stages - 1) * PF_BK + prefill_copy_chunk(c, tid, threads) * 8]),
+                                                             + prefill_swizzle(prefill_copy_row(c, tid, threads, bk),
+                                                                               prefill_copy_chunk(c, tid, threads, bk), bk)]),
+                                            T.address_of(W[n0 + prefill_copy_row(c, tid, threads, bk),
+                                                           (kt + stages - 1) * bk + prefill_copy_chunk(c, tid, threads, bk) * 8]),
                                             16))
                                 T.evaluate(T.ptx["cp.async.commit_group"]())
-                                for kk in T.unroll(2):
-                                    for mi in T.unroll(mi_n):
-                                        T.evaluate(T.ptx_legacy.ldmatrix(
-                                            False, 4, ".b16", a_frag.data, mi * 8, A_s.data,
-                                            kt % stages * a_tile + prefill_a_offset(tx, mi, kk, warp_m, wm),
-                                            dtype="float16"))
-                                    for nj in T.unroll(ni_n // 2):
-                                        T.evaluate(T.ptx_legacy.ldmatrix(
-                                            False, 4, ".b16", b_frag.data, nj * 8, B_s.data,
-                                            kt % stages * b_tile + prefill_b_offset(tx, nj, kk, warp_n, wn),
-                                            dtype="float16"))
-                                    for mi in T.unroll(mi_n):
-                                        for ni in T.unroll(ni_n):
-                                            T.evaluate(T.ptx_legacy.mma(
-                                                "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                a_frag.data, mi * 8, b_frag.data, ni * 4, acc.data,
-                                                (mi * ni_n + ni) * 4, False, dtype="float32"))
+                                # k-step kk's fragments: register set kk % nbuf; with frag_pipeline the loads of
+                                # kk + 1 are issued before kk's MMAs (set 0 of k-step 0 first)
+                                for j in T.unroll(ksteps + nbuf - 1):
+                                    if j < ksteps:
+                                        for mi in T.unroll(mi_n):
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                False, 4, ".b16", a_frag.access_ptr("w"), j % nbuf * a_set + mi * 8,
+                                                A_s.access_ptr("r"),
+                                                kt % stages * a_tile + prefill_a_offset(tx, mi, j, warp_m, wm, bk),
+                                                dtype="float16"))
+                                        for nj in T.unroll(ni_n // 2):
+                                            T.evaluate(T.ptx_legacy.ldmatrix(
+                                                False, 4, ".b16", b_frag.access_ptr("w"), j % nbuf * b_set + nj * 8,
+                                                B_s.access_ptr("r"),
+                                                kt % stages * b_tile + prefill_b_offset(tx, nj, j, warp_n, wn, bk),
+                                                dtype="float16"))
+                                    if j >= nbuf - 1:
+                                        for mi in T.unroll(mi_n):
+                                            for ni in T.unroll(ni_n):
+                                                T.evaluate(T.ptx_legacy.mma(
+                                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                    a_frag.access_ptr("r"), (j - nbuf + 1) % nbuf * a_set + mi * 8,
+                                                    b_frag.access_ptr("r"), (j - nbuf + 1) % nbuf * b_set + ni * 4,
+                                                    acc.access_ptr("rw"), (mi * ni_n + ni) * 4, False, dtype="float32"))
                             T.evaluate(T.ptx["cp.async.wait_group"](0))
                             for mi in T.unroll(mi_n):
                                 for h in T.unroll(2):

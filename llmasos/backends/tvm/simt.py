@@ -752,7 +752,7 @@ class _Machine:
         dtype = _np_dtype(buf.dtype)
         if scope == "local":
             self.store[buf] = _Storage(np.zeros((self.threads, size), dtype), "local", buf.name)
-        elif scope == "shared":
+        elif scope in ("shared", "shared.dyn"):    # dynamic shared memory: the same per-block storage
             nblocks = int(self.block.max()) + 1 if self.mask is not None else 1
             self.store[buf] = _Storage(np.zeros((nblocks, size), dtype), "shared", buf.name)
         elif scope == "global":

@@ -479,7 +479,8 @@ class CUDATarget(Target):
 
     tvm_kinds: ClassVar[tuple] = ("cuda",)
     options: ClassVar[Optional[tuple]] = ("fast_math", "decode_gemv", "tensor_cores", "small_m_gemm", "small_m_rows",
-                                          "prefill_gemm", "prefill_gemm_warps", "small_m_quant_gemm", "flash_prefill",
+                                          "prefill_gemm", "prefill_gemm_warps", "prefill_gemm_bk", "prefill_gemm_stages",
+                                          "prefill_gemm_frags", "small_m_quant_gemm", "flash_prefill",
                                           "fused_attention_packed", "paged_cuda_graph", "flash_prefill_warps",
                                           "flash_prefill_stages")
     variant_key: ClassVar[Optional[str]] = "arch"
@@ -564,19 +565,31 @@ class CUDATarget(Target):
         """The tensor-core prefill GEMM of cuda_gemm.py (cp.async pipeline, ldmatrix, mma.sync). Target option
         prefill_gemm = "on" (the default: with flash_prefill, a 1024-token Llama-1B prefill took 15.3 against
         20.9 ms at batch 1 and 106 against 153 ms at batch 8 on an H100, bench/prefill.py) | "off";
-        prefill_gemm_warps = "2x4" (default: 8 warps of 64 x 32) | "2x2" (4 warps of 64 x 64)."""
+        prefill_gemm_warps = "2x4" (default: 8 warps of 64 x 32) | "2x2" (4 warps of 64 x 64);
+        prefill_gemm_bk = "32" (default) | "64" (K columns a pipeline step: four k-steps a barrier, dynamic
+        shared memory); prefill_gemm_stages = "2" | "3" (default) | "4"; prefill_gemm_frags = "off" (default) |
+        "on" (k-step kk + 1's fragments loaded before kk's MMAs). A shape the bk does not divide keeps 32."""
         which = self.extra.get("prefill_gemm", "on")
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': prefill_gemm must be 'on' or 'off', got {which!r}")
         warps = self.extra.get("prefill_gemm_warps", "2x4")
         if warps not in ("2x4", "2x2"):
             raise ValueError(f"target '{self.name}': prefill_gemm_warps must be '2x4' or '2x2', got {warps!r}")
+        bk, stages, frags = (str(self.extra.get(key, default)) for key, default in
+                             (("prefill_gemm_bk", "32"), ("prefill_gemm_stages", "3"), ("prefill_gemm_frags", "off")))
+        for key, value, allowed in (("prefill_gemm_bk", bk, ("32", "64")), ("prefill_gemm_stages", stages, ("2", "3", "4")),
+                                    ("prefill_gemm_frags", frags, ("on", "off"))):
+            if value not in allowed:
+                raise ValueError(f"target '{self.name}': {key} must be one of {', '.join(allowed)}, got {value!r}")
         from .cuda_gemm import (prefill_gemm_func,  # deferred: the TVM compiler (module docstring)
                                 prefill_gemm_supported, sm_version)
         if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not prefill_gemm_supported(n, k, dtype):
             return None
+        bk = int(bk) if prefill_gemm_supported(n, k, dtype, int(bk)) else 32
         wp = tuple(int(v) for v in warps.split("x"))
-        return f"prefill_gemm_{n}x{k}" + ("" if warps == "2x4" else f"_w{warps}"), prefill_gemm_func(n, k, warps=wp)
+        name = f"prefill_gemm_{n}x{k}" + ("" if warps == "2x4" else f"_w{warps}") + ("" if bk == 32 else f"_k{bk}") \
+            + ("" if stages == "3" else f"_s{stages}") + ("" if frags == "off" else "_f")
+        return name, prefill_gemm_func(n, k, warps=wp, bk=bk, stages=int(stages), frag_pipeline=frags == "on")
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
