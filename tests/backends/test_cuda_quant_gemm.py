@@ -15,7 +15,7 @@ from tvm import te
 from llmasos.backends.tvm import resolve_target
 from llmasos.backends.tvm.build import compile_module, cuda_source
 from llmasos.backends.tvm.cuda_gemm import (TILE_N, quant_chunk, quant_repack_scales, quant_repack_words,
-                                            small_m_quant_gemm_supported)
+                                            quant_words_dequant, small_m_quant_gemm_supported)
 from llmasos.backends.tvm.lower import lower
 from llmasos.compress.quant import dequantize, quantize_rtn, storage
 from llmasos.ir import DType, Graph, TensorType, sym
@@ -159,6 +159,57 @@ def test_repacked_layout_and_dequant_give_the_weight(bits, group, sym_):
     assert err < 2e-3, err                                   # f16 rounding of s, -z s and the weight
     ref = x.astype(np.float32) @ w_ref.T
     assert np.abs(y - ref).max() / np.abs(ref).max() < 2e-3
+    # the prompt's GEMMs read the same words back into an f16 weight: exactly the weight the MMA sees
+    w16 = _run_te(lambda a, b: quant_words_dequant(a, b, n, k, bits, group), words, sz)
+    assert w16.dtype == np.float16
+    np.testing.assert_array_equal(w16, w_seen.astype(np.float16))
+
+
+def _two_functions(n, k, bits, group):
+    """A prefill-like function (x [batch, seq, K]) and a decode-like one (x [batch, 1, K]) over one
+    quant.linear weight, as compile_lm's functions share their parameters."""
+    codes, s, z = _quant(n, k, bits, group, True)
+    graphs = {}
+    for name, lead in (("prefill", (sym("batch"), sym("seq"))), ("decode", (sym("batch"), 1))):
+        g = Graph(name)
+        g.add_symbol("batch", 1, 64)
+        g.add_symbol("seq", 1, 512)
+        x = g.add_input("x", TensorType((*lead, k), DType.f16))
+        ins = [x, g.add_param("q", codes), g.add_param("s", s), g.add_param("z", z)]
+        g.set_outputs([g.add_node("quant.linear", ins, {"bits": bits, "group": group})])
+        graphs[name] = g
+    return graphs
+
+
+def _calls(mod):
+    from tvm import relax
+    out = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            out[gv.name_hint] = {b.value.args[0].name_hint for blk in f.body.blocks for b in blk.bindings
+                                 if isinstance(b.value, relax.Call) and b.value.op == tvm.ir.Op.get("relax.call_tir")}
+    return out
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 0)])
+def test_prefill_and_decode_share_one_lifted_repack(bits, group):
+    """The decode step reads the weight through the small-M kernel's repacked words; the prompt's GEMM
+    must read the same words (dequantized per call into an f16 temporary, then the tensor-core prefill
+    GEMM), or LiftTransformParams -- one transform for both functions -- lifts neither repacking and the
+    decode step repacks its words at every step. With the kernel off, both read the plain packed words."""
+    from llmasos.backends.tvm.lower import lower_functions
+    from llmasos.backends.tvm.pipeline import prepare_module
+    n, k = 128, 256
+    for spec, decode_kernel in ((SPEC, "small_m_quant_gemm"), (dataclasses.replace(SPEC, extra={}), "quant_linear")):
+        mod, _ = prepare_module(lower_functions(_two_functions(n, k, bits, group), spec), spec)
+        calls = _calls(mod)
+        repack = {c for c in calls["transform_params"] if "words" in c or "zero_times_scale" in c}
+        assert repack, calls["transform_params"]
+        assert not any("words" in c or "zero_times" in c for c in calls["decode"] | calls["prefill"]
+                       if "dequant" not in c), calls
+        assert any(c.startswith(decode_kernel) for c in calls["decode"]), calls["decode"]
+        if decode_kernel == "small_m_quant_gemm":
+            assert {"quant_words_dequant"} <= calls["prefill"] and any(c.startswith("prefill_gemm") for c in calls["prefill"])
 
 
 @pytest.mark.parametrize("rows,n,k,bits,group,sym_", [

@@ -280,6 +280,38 @@ def quant_repack_words(codes, n: int, k: int, bits: int, signed: bool):
     return te.compute((n // TILE_N, k // ch * 128), word, name="quant_words")
 
 
+def quant_words_dequant(words, sz, n: int, k: int, bits: int, group: int, out_dtype: str = "float16"):
+    """TE: the weight [N, K] ``out_dtype`` back from quant_repack_words / quant_repack_scales' words (their
+    inverse: the small-M kernel's own arithmetic, code * s + (-z * s), here in f32 with one rounding).
+    A prompt's GEMMs (many rows: tensor-core tiles want f16 operands) read the weight this way, so they
+    and the decode step share ONE repacked copy of the codes -- lifted once, at load -- and dequantize per
+    call into a temporary. ``group`` 0: one scale word per row (per channel or per tensor)."""
+    ch = quant_chunk(bits)
+    u32 = "uint32"
+
+    def w(r, kk):
+        i, rr = r // TILE_N, r % TILE_N
+        g, h = rr % 8, rr // 8
+        c, col = kk // ch, kk % ch
+        if bits == 4:          # col = 16 t + 4 j + e; nibble p = 4 (e % 2) + 2 (e // 2) + h
+            t, j, e = col // 16, (col % 16) // 4, col % 4
+            shift = (4 * (e % 2) + 2 * (e // 2) + h) * 4
+            mask = 15
+        else:                  # col = 8 t + 4 s + e; word j = 2 s + e // 2, byte 2 (e % 2) + h
+            t, e = col // 8, col % 4
+            j = 2 * ((col % 8) // 4) + e // 2
+            shift = (2 * (e % 2) + h) * 8
+            mask = 255
+        word = words[i, c * 128 + (g * 4 + t) * 4 + j]
+        code = ((word >> shift.astype(u32)) & tir.const(mask, u32)).astype("float32")
+        gi = kk // group if group else 0
+        sw = sz[i, gi * 16 + g * 2 + h]
+        scale = tir.reinterpret("float16", (sw & tir.const(0xFFFF, u32)).astype("uint16")).astype("float32")
+        offset = tir.reinterpret("float16", (sw >> tir.const(16, u32)).astype("uint16")).astype("float32")
+        return (code * scale + offset).astype(out_dtype)
+    return te.compute((n, k), w, name="quant_words_dequant")
+
+
 def quant_repack_scales(scale, zero, n: int, groups: int, signed8: bool):
     """TE: scale, zero f32 [N, G] (or [1, 1]) -> uint32 [N / 16, G * 16]: word (g, h) of group gi of tile i is
     row 16 i + g + 8 h's (f16 s, f16 -(z [+ 128 for signed int8]) * s)."""

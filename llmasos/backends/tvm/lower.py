@@ -46,14 +46,15 @@ def lower_functions(graphs: dict, spec=None) -> tvm.IRModule:
             raise LoweringError(f"functions '{names[0]}' and '{name}' must share their parameters to share "
                                 f"weights; first difference: {diff}")
     bb = relax.BlockBuilder()
+    shared: dict = {}
     for name, graph in graphs.items():
-        _lower_function(bb, name, graph, spec)
+        _lower_function(bb, name, graph, spec, graphs, shared)
     return bb.get()
 
 
-def _lower_function(bb, fname: str, graph: Graph, spec) -> None:
+def _lower_function(bb, fname: str, graph: Graph, spec, functions=None, shared=None) -> None:
     sym_vars = _symbol_vars(graph)
-    ctx = LowerContext(bb, sym_vars, spec, graph.params.values(), graph=graph)
+    ctx = LowerContext(bb, sym_vars, spec, graph.params.values(), graph=graph, functions=functions, shared=shared)
 
     def rvar(v):
         if v.type.dtype.is_packed:

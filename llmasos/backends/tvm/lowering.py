@@ -67,9 +67,15 @@ def tvm_dtype(dt: DType) -> str:
 class LowerContext:
     """What a lowering function may use: the block builder, dim conversion, the node being lowered."""
 
-    def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None, params=(), graph=None):
+    def __init__(self, bb: relax.BlockBuilder, sym_vars: dict, spec=None, params=(), graph=None,
+                 functions=None, shared=None):
         self.bb = bb
         self.graph = graph        # the Graph being lowered (its users and symbol bounds), None when unknown
+        # every function of the module (name -> Graph; they share the parameters) and a scratch dict shared by
+        # their lowerings: a weight's layout must be the same in all of them, or LiftTransformParams (one
+        # transform for all the functions) lifts none of its repackings
+        self.functions = functions if functions is not None else ({graph.name: graph} if graph is not None else {})
+        self.shared = shared if shared is not None else {}
         self.sym_vars = sym_vars  # symbol name -> tir.Var (int64), one per symbol for the whole graph
         self.spec = spec          # Target or None: lowerings may pick target-specific forms
         self.params = set(params)  # graph parameter Values (weights: work on them alone is done once)

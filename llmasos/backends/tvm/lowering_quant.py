@@ -39,7 +39,7 @@ from tvm import tirx as tir
 from tvm.s_tir.dlight.analysis import get_root_block
 
 from ...ir.types import DType
-from .cuda_gemm import quant_repack_scales, quant_repack_words
+from .cuda_gemm import quant_repack_scales, quant_repack_words, quant_words_dequant
 from .lowering import acc_dtype, register_lowering, tvm_dtype
 
 R = relax.op
@@ -118,33 +118,70 @@ def _quant_linear(ctx, node, args):
     y = _small_m_quant_linear(ctx, node, args)
     if y is not None:
         return y
+    y = _words_quant_linear(ctx, node, args)
+    if y is not None:
+        return y
     return _generic_quant_linear(ctx, node, args)
 
 
-def _small_m_quant_linear(ctx, node, args):
-    """A decode step's quant.linear at a symbolic batch (x [batch, K] or [batch, 1, K] f16, parameter codes,
-    scales and zeros) through the target's small-M kernel (``Target.small_m_quant_gemm``: tensor cores on
-    CUDA, cuda_gemm.py), or None. Codes and scales are repacked into the kernel's lane order by
-    parameter-only TE functions, which LiftTransformParams runs once, at load. Static rows (batch 1) only
-    where the target asks for them (CUDA: small_m_quant_gemm = "all")."""
+def _small_m_quant_kernel(spec, node, is_param):
+    """(name, PrimFunc) of the target's small-M kernel for this quant.linear (a decode step's rows: x [batch, K]
+    or [batch, 1, K] f16, parameter codes, scales and zeros), or None. Pure: the lowering of every function
+    asks it, and _words_params asks it of all the module's functions before any is lowered."""
     xt = node.inputs[0].type
     lead = xt.shape[:-1]
-    if (ctx.spec is None or not lead or any(d != 1 for d in lead[1:])
+    if (spec is None or not lead or any(d != 1 for d in lead[1:])
             or not isinstance(xt.shape[-1], int) or xt.dtype is not DType.f16
-            or not all(ctx.is_param(v) and v.type.is_static for v in node.inputs[1:4])
+            or not all(is_param(v) and v.type.is_static for v in node.inputs[1:4])
             or node.inputs[1].type.dtype not in (DType.i8, DType.u8)):
         return None
     n, k, bits, group, g, per_tensor = _layout(node)
     static = isinstance(lead[0], int)
-    kernel = ctx.spec.small_m_quant_gemm(n, k, bits, 0 if per_tensor else group, "float16",
-                                         rows=lead[0] if static else None)
-    if kernel is None:
-        return None
-    name, func = kernel
+    return spec.small_m_quant_gemm(n, k, bits, 0 if per_tensor else group, "float16",
+                                   rows=lead[0] if static else None)
+
+
+def _words_params(ctx) -> set:
+    """Names of the code parameters some function of this module reads through the small-M kernel (its
+    repacked words): every other quant.linear of them must read the same words (_words_quant_linear), since
+    LiftTransformParams lifts a repacking only when all the functions make it -- with the prefill on the plain
+    codes, the decode step repacked its words at every step (found on an H100: int8 decode at batch 1 ran at
+    0.69x f16). Computed once per module (ctx.shared)."""
+    if "quant_words_params" not in ctx.shared:
+        names = set()
+        for graph in ctx.functions.values():
+            params = set(graph.params.values())
+            for nd in graph.nodes:
+                if nd.op == "quant.linear" and _small_m_quant_kernel(ctx.spec, nd, params.__contains__) is not None:
+                    names.add(nd.inputs[1].name)
+        ctx.shared["quant_words_params"] = names
+    return ctx.shared["quant_words_params"]
+
+
+def _repacked(ctx, node, args):
+    """(words, scale words) of the small-M kernel's layout: parameter-only TE functions, identical in every
+    function of the module, so LiftTransformParams runs them once, at load."""
+    n, k, bits, group, g, per_tensor = _layout(node)
     signed8 = bits == 8 and node.inputs[1].type.dtype is DType.i8
     words = ctx.emit_te(lambda c: quant_repack_words(c, n, k, bits, signed8), args[1], name="quant_words")
     sz = ctx.emit_te(lambda s, z: quant_repack_scales(s, z, n, 1 if per_tensor else g, signed8), args[2], args[3],
                      name="quant_scale_words")
+    return words, sz
+
+
+def _small_m_quant_linear(ctx, node, args):
+    """A decode step's quant.linear at a symbolic batch through the target's small-M kernel
+    (``Target.small_m_quant_gemm``: tensor cores on CUDA, cuda_gemm.py), or None. Codes and scales are
+    repacked into the kernel's lane order by parameter-only TE functions, which LiftTransformParams runs
+    once, at load. Static rows (batch 1) only where the target asks for them (CUDA: small_m_quant_gemm = "all")."""
+    kernel = _small_m_quant_kernel(ctx.spec, node, ctx.is_param)
+    if kernel is None:
+        return None
+    n = _layout(node)[0]
+    k = node.inputs[0].type.shape[-1]
+    lead = node.inputs[0].type.shape[:-1]
+    name, func = kernel
+    words, sz = _repacked(ctx, node, args)
     rows = ctx.dim(lead[0])
     x2 = ctx.emit(R.reshape(args[0], [rows, k])) if len(lead) > 1 else args[0]
     gv = ctx.bb.add_func(func, name)
@@ -152,6 +189,41 @@ def _small_m_quant_linear(ctx, node, args):
     if len(args) > 4:
         y = ctx.emit(R.add(y, ctx.cast(args[4], DType.f16)))
     return ctx.emit(R.reshape(y, [*ctx.shape(node.inputs[0])[:-1], n])) if len(lead) > 1 else y
+
+
+def _words_quant_linear(ctx, node, args):
+    """A quant.linear of a weight the module's decode step reads through the small-M kernel, at other rows (a
+    prompt, a ragged step): the same repacked words, dequantized per call into an f16 temporary [N, K]
+    (cuda_gemm.quant_words_dequant: one pass, 2 bytes written a weight), then the f16 GEMM -- the target's
+    tensor-core prefill kernel where it takes the shape (``Target.prefill_gemm``), else a TE matmul. Never
+    lifted: its input is the activation too (a weight-only dequant would be a float copy of every weight,
+    made once at load, which quantizing exists to avoid). None when the weight is not in _words_params."""
+    xt = node.inputs[0].type
+    if (ctx.spec is None or xt.dtype is not DType.f16 or not isinstance(xt.shape[-1], int)
+            or node.inputs[1].name not in _words_params(ctx) or not ctx.is_param(node.inputs[1])):
+        return None
+    n, k, bits, group, g, per_tensor = _layout(node)
+    words, sz = _repacked(ctx, node, args)
+    grp = 0 if per_tensor else group
+    # x is an input of the dequant's TE only so that the binding depends on the call (see the docstring)
+    w16 = ctx.emit_te(lambda x, wd, s: quant_words_dequant(wd, s, n, k, bits, grp), args[0], words, sz,
+                      name="quant_words_dequant")
+    lead = xt.shape[:-1]
+    shape = ctx.shape(xt)
+    rows = shape[0]
+    for d in shape[1:-1]:
+        rows = rows * d
+    x2 = ctx.emit(R.reshape(args[0], [rows, k])) if len(lead) != 1 else args[0]
+    kernel = ctx.spec.prefill_gemm(n, k, "float16")
+    if kernel is not None:
+        name, func = kernel
+        gv = ctx.bb.add_func(func, name)
+        y = ctx.emit(relax.call_tir(gv, [x2, w16], relax.TensorType([rows, n], "float16")), "prefill_gemm")
+    else:
+        y = ctx.emit(R.astype(R.matmul(x2, R.permute_dims(w16, [1, 0]), out_dtype="float32"), "float16"))
+    if len(args) > 4:
+        y = ctx.emit(R.add(y, ctx.cast(args[4], DType.f16)))
+    return ctx.emit(R.reshape(y, [*shape[:-1], n])) if len(lead) != 1 else y
 
 
 def _pack_words(ctx, codes, n: int, kq: int):
