@@ -247,7 +247,7 @@ def main() -> int:
     if on_device:
         report["device"] = dev.device_name or str(dev)
     rng = np.random.default_rng(0)
-    report["kernels"], ok = kernels(spec, dev if on_device else None, args.max_seq, batches, rng,
+    report["kernels"], ok = kernels(with_options(spec, args.target_option), dev if on_device else None, args.max_seq, batches, rng,
                                     timed=True)
     if on_device and not args.skip_lm:
         report["lm"], lm_ok = lm_check(args, spec, batches)

@@ -237,8 +237,8 @@ def test_prefill_linear_runs_the_cp_async_mma_kernel():
     bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "yes"})
     with pytest.raises(ValueError, match=r"prefill_gemm must be 'on' or 'off', got 'yes'"):
         lower(_graph(256, 256, (1, sym("seq"))), bad)
-    w2x2 = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "2x2"})
-    assert "prefill_gemm_256x256_w2x2" in _kernels(_graph(256, 256, (1, sym("seq"))), w2x2)
+    w2x4 = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "2x4"})
+    assert "prefill_gemm_256x256_w2x4" in _kernels(_graph(256, 256, (1, sym("seq"))), w2x4)
     bad = dataclasses.replace(SPEC, extra={"prefill_gemm": "on", "prefill_gemm_warps": "4x4"})
     with pytest.raises(ValueError, match=r"prefill_gemm_warps must be '2x4' or '2x2', got '4x4'"):
         lower(_graph(256, 256, (1, sym("seq"))), bad)

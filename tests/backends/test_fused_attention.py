@@ -150,14 +150,52 @@ def test_a_position_past_the_cache_writes_nothing(where):
     assert not np.array_equal(caches[1][1], v[1])   # row 1 (position 5) was appended
 
 
-def test_the_plain_cuda_decode_kernel_matches_attention_in_the_simt_interpreter():
-    """(kv.attention's CUDA decode kernel, which the fused one extends: one writer per output element)"""
-    b, h, hkv, m, d, dt = 3, 8, 2, 100, 64, "float16"
-    q, _, _, k, v, pos, _, _ = _operands(b, h, hkv, m, d, dt, (0, 99, 57), seed=3)
+@pytest.mark.parametrize("tile", [None, 4, 8])
+def test_the_plain_cuda_decode_kernel_matches_attention_in_the_simt_interpreter(tile):
+    """(kv.attention's CUDA decode kernel, which the fused one extends: one writer per output element);
+    ``tile``: cache rows per row group and iteration (target option decode_attention_tile), positions that
+    end mid-tile included."""
+    b, h, hkv, m, d, dt = 3, 8, 2, 300, 64, "float16"
+    q, _, _, k, v, pos, _, _ = _operands(b, h, hkv, m, d, dt, (0, 299, 157), seed=3)
     out = np.full((b, h, 1, d), np.nan, dt)
-    simt.run(decode_attention_func(h, hkv, m, d, dt, "int32", 0.125), q, k, v, pos, out)
+    simt.run(decode_attention_func(h, hkv, m, d, dt, "int32", 0.125, tile=tile), q, k, v, pos, out)
     want = get_op("kv.attention").ref(q, k, v, pos, scale=0.125)
     np.testing.assert_allclose(out.astype(np.float64), want.astype(np.float64), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("tile", [4, 8])
+def test_paged_fused_kernel_with_larger_tiles_matches_the_unfused_ops(tile):
+    """The paged fused kernel (RoPE + append + attention) with 4 / 8 rows a row group takes per iteration:
+    unallocated blocks inside the range, a position in an unallocated block, a tile crossing block edges."""
+    b, h, hkv, bs, mb, nb, d, dt = 3, 8, 2, 16, 24, 40, 64, "float16"
+    rng = np.random.default_rng(tile)
+    q = rng.standard_normal((b, h, 1, d)).astype(dt)
+    kp, vp = (rng.standard_normal((nb, hkv, bs, d)).astype(dt) for _ in range(2))
+    kn, vn = (rng.standard_normal((b, hkv, 1, d)).astype(dt) for _ in range(2))
+    cos, sin = (rng.uniform(-1, 1, (b, 1, 1, d)).astype(dt) for _ in range(2))
+    table = np.full((b, mb), -1, np.int32)
+    table[0, :20] = np.arange(20)                       # pos 300: a long row
+    table[1, :8] = np.arange(20, 28)
+    table[1, 3] = -1                                    # an unallocated block inside the range
+    table[2, :2] = [30, 31]                             # pos 40 falls in an unallocated block
+    pos = np.array([300, 120, 40], np.int32)
+    want = PAGED_REF(q, kn, vn, kp, vp, pos, table, cos, sin, scale=0.2)
+    out = np.full((b, h, 1, d), np.nan, dt)
+    caches = [kp.copy(), vp.copy()]
+    simt.run(paged_decode_attention_func(h, hkv, bs, mb, d, dt, "int32", 0.2, fused=True, tile=tile),
+             q, kn, vn, *caches, pos, table, cos, sin, out)
+    _check(out, caches, want, dt)
+
+
+def test_decode_attention_tile_option():
+    import dataclasses
+    spec = resolve_target("cuda:sm_90a")
+    assert spec._decode_tile() is None
+    assert dataclasses.replace(spec, extra={"decode_attention_tile": "4"})._decode_tile() == 4
+    with pytest.raises(ValueError, match="decode_attention_tile must be one of auto, 1, 2, 4, 8, got '3'"):
+        dataclasses.replace(spec, extra={"decode_attention_tile": "3"})._decode_tile()
+    with pytest.raises(ValueError, match="tile must be one of"):
+        decode_attention_func(8, 2, 64, 64, "float16", "int32", 0.125, tile=3)
 
 
 # -- the lowering ---------------------------------------------------------------------------------------

@@ -295,9 +295,15 @@ _THREADS = 512  # per block; at D=64 f16: 16 lanes over D x 4 query heads x 8 ro
 _MAX_BLOCK_Z = 64  # CUDA's limit on blockDim.z (x and y allow 1024)
 
 
-def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
+DECODE_TILES = (1, 2, 4, 8)   # cache rows each row group takes per iteration (target option decode_attention_tile)
+
+
+def _decode_shape(h: int, hkv: int, d: int, dtype: str, tile: Optional[int] = None) -> dict:
     """Thread-block layout: D over threadIdx.x (VEC elements each), query heads of one kv head over
-    threadIdx.y, independent row groups (merged at the end) over threadIdx.z."""
+    threadIdx.y, independent row groups (merged at the end) over threadIdx.z, each taking ``tile`` consecutive
+    cache rows an iteration (None: 2 without grouped queries, else 1)."""
+    if tile is not None and tile not in DECODE_TILES:
+        raise ValueError(f"decode attention: tile must be one of {DECODE_TILES}, got {tile!r}")
     group = h // hkv
     vec = min(max(8 // (2 if dtype == "float16" else 4), d // 32), 4)
     while d % vec:
@@ -309,28 +315,32 @@ def _decode_shape(h: int, hkv: int, d: int, dtype: str) -> dict:
     # CUDA caps blockDim.z at 64: a small head dim (bdx < 8) would otherwise ask for up to 512 row groups
     bdz = max(min(_THREADS // (bdx * bdy), _MAX_BLOCK_Z), 1)
     return {"group": group, "vec": vec, "bdx": bdx, "bdy": bdy, "gdz": group // bdy, "bdz": bdz,
-            "tile": 2 if group == 1 else 1}
+            "tile": tile or (2 if group == 1 else 1)}
 
 
 def decode_attention_func(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
-                          fused: Optional[bool] = None, packed: Optional[tuple] = None):
+                          fused: Optional[bool] = None, packed: Optional[tuple] = None, tile: Optional[int] = None):
     """The decode kernel: q [B, H, 1, D], caches [B, Hkv, M, D], pos [B] -> out [B, H, 1, D]
     (``_decode_attention_cuda`` with row b's position p at cache[b, :, p]). ``fused``: the kernel of
-    fused.rope_append_attention (False: the appends; True: and RoPE), arguments as ``_decode_prim_func``."""
-    return _decode_attention_cuda(h, hkv, m, d, dtype, pos_dtype, scale, paged=None, fused=fused, packed=packed)
+    fused.rope_append_attention (False: the appends; True: and RoPE), arguments as ``_decode_prim_func``;
+    ``tile``: cache rows a row group takes per iteration (_decode_shape)."""
+    return _decode_attention_cuda(h, hkv, m, d, dtype, pos_dtype, scale, paged=None, fused=fused, packed=packed,
+                                  tile=tile)
 
 
 def paged_decode_attention_func(h: int, hkv: int, bs: int, mb: int, d: int, dtype: str, pos_dtype: str,
-                                scale: float, fused: Optional[bool] = None, packed: Optional[tuple] = None):
+                                scale: float, fused: Optional[bool] = None, packed: Optional[tuple] = None,
+                                tile: Optional[int] = None):
     """q [B, H, 1, D], pools [NB, Hkv, BS, D], pos [B], table [B, MB] -> out [B, H, 1, D]
-    (``_decode_attention_cuda`` with position p at pool[table[b, p // BS], :, p % BS]); ``fused`` as in
-    decode_attention_func (fused.rope_paged_append_attention)."""
+    (``_decode_attention_cuda`` with position p at pool[table[b, p // BS], :, p % BS]); ``fused`` and ``tile``
+    as in decode_attention_func (fused.rope_paged_append_attention)."""
     return _decode_attention_cuda(h, hkv, mb * bs, d, dtype, pos_dtype, scale, paged=(bs, mb), fused=fused,
-                                  packed=packed)
+                                  packed=packed, tile=tile)
 
 
 def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dtype: str, scale: float,
-                           paged: Optional[tuple], fused: Optional[bool] = None, packed: Optional[tuple] = None):
+                           paged: Optional[tuple], fused: Optional[bool] = None, packed: Optional[tuple] = None,
+                           tile: Optional[int] = None):
     """The CUDA decode kernel of both cache layouts (``paged``: None, or (BS, MB) with M = MB * BS; the arguments
     are ``_decode_prim_func``'s).
 
@@ -345,7 +355,7 @@ def _decode_attention_cuda(h: int, hkv: int, m: int, d: int, dtype: str, pos_dty
     blocks of the kv head's first query head (bz == 0) write that row into the cache (or its block of the
     pool, when allocated). No block reads position pos[b] from the cache, so no block waits for another.
     """
-    s = _decode_shape(h, hkv, d, dtype)
+    s = _decode_shape(h, hkv, d, dtype, tile)
     group, VEC, bdx, bdy, bdz, gdz, tile = (s[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "gdz", "tile"))
     rows = bdz * bdy * tile  # cache rows per iteration of the whole block
     qk_scale = float(scale) * math.log2(math.e)

@@ -482,7 +482,7 @@ class CUDATarget(Target):
                                           "prefill_gemm", "prefill_gemm_warps", "prefill_gemm_bk", "prefill_gemm_stages",
                                           "prefill_gemm_frags", "small_m_quant_gemm", "flash_prefill",
                                           "fused_attention_packed", "paged_cuda_graph", "flash_prefill_warps",
-                                          "flash_prefill_stages")
+                                          "flash_prefill_stages", "decode_attention_tile")
     variant_key: ClassVar[Optional[str]] = "arch"
     source_kind: ClassVar[Optional[str]] = "cuda"
     gemm_nt: ClassVar[bool] = True
@@ -565,14 +565,15 @@ class CUDATarget(Target):
         """The tensor-core prefill GEMM of cuda_gemm.py (cp.async pipeline, ldmatrix, mma.sync). Target option
         prefill_gemm = "on" (the default: with flash_prefill, a 1024-token Llama-1B prefill took 15.3 against
         20.9 ms at batch 1 and 106 against 153 ms at batch 8 on an H100, bench/prefill.py) | "off";
-        prefill_gemm_warps = "2x4" (default: 8 warps of 64 x 32) | "2x2" (4 warps of 64 x 64);
+        prefill_gemm_warps = "2x2" (default: 4 warps of 64 x 64; on an H100 a 1024-token Llama-1B prefill took
+        10.23 against 10.75 ms at batch 1 and 65.5 against 71.9 ms at batch 8 with "2x4") | "2x4" (8 warps of 64 x 32);
         prefill_gemm_bk = "32" (default) | "64" (K columns a pipeline step: four k-steps a barrier, dynamic
         shared memory); prefill_gemm_stages = "2" | "3" (default) | "4"; prefill_gemm_frags = "off" (default) |
         "on" (k-step kk + 1's fragments loaded before kk's MMAs). A shape the bk does not divide keeps 32."""
         which = self.extra.get("prefill_gemm", "on")
         if which not in ("on", "off"):
             raise ValueError(f"target '{self.name}': prefill_gemm must be 'on' or 'off', got {which!r}")
-        warps = self.extra.get("prefill_gemm_warps", "2x4")
+        warps = self.extra.get("prefill_gemm_warps", "2x2")
         if warps not in ("2x4", "2x2"):
             raise ValueError(f"target '{self.name}': prefill_gemm_warps must be '2x4' or '2x2', got {warps!r}")
         bk, stages, frags = (str(self.extra.get(key, default)) for key, default in
@@ -587,14 +588,15 @@ class CUDATarget(Target):
             return None
         bk = int(bk) if prefill_gemm_supported(n, k, dtype, int(bk)) else 32
         wp = tuple(int(v) for v in warps.split("x"))
-        name = f"prefill_gemm_{n}x{k}" + ("" if warps == "2x4" else f"_w{warps}") + ("" if bk == 32 else f"_k{bk}") \
+        name = f"prefill_gemm_{n}x{k}" + ("" if warps == "2x2" else f"_w{warps}") + ("" if bk == 32 else f"_k{bk}") \
             + ("" if stages == "3" else f"_s{stages}") + ("" if frags == "off" else "_f")
         return name, prefill_gemm_func(n, k, warps=wp, bk=bk, stages=int(stages), frag_pipeline=frags == "on")
 
     def small_m_quant_gemm(self, n, k, bits, group, dtype, rows=None):
         """The int4/int8 small-M tensor-core GEMM of cuda_gemm.py. Target option small_m_quant_gemm = "off"
-        (the default: the kernel has not yet run on a GPU; it is checked on the CPU by an emulation of its layout
-        and by the simt interpreter, tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
+        (the default until a GPU run times it with its repack lifted: the one H100 run so far repacked the words
+        every step, docs/llm.md; checked on the CPU by an emulation of its layout and by the simt interpreter,
+        tests/backends/test_cuda_quant_gemm.py), "on" (a symbolic batch), "all" (also static
         row counts up to 64, batch 1 included, instead of DecodeGEMV: for A/B runs on a GPU); R tiles a block by
         target option small_m_rows, as small_m_gemm (auto: cuda_gemm.small_m_quant_rows)."""
         which = self.extra.get("small_m_quant_gemm", "off")
@@ -614,15 +616,29 @@ class CUDATarget(Target):
         return (f"small_m_quant_gemm_{n}x{k}_q{bits}g{group}" + (f"_r{r}" if r > 1 else ""),
                 small_m_quant_gemm_func(n, k, bits, group, rows=r))
 
+    def _decode_tile(self) -> Optional[int]:
+        """Cache rows each row group of the decode attention kernels takes per iteration: target option
+        decode_attention_tile = "auto" (the default: 2 without grouped queries, else 1) | "1" | "2" | "4" | "8"
+        (more rows per iteration: fewer load / barrier rounds over a long cache, more registers; for A/B on a GPU,
+        e.g. bench/paged_gpu_check.py --target-option decode_attention_tile=4)."""
+        from .lowering_kv import DECODE_TILES  # deferred: the TVM compiler (module docstring)
+        which = str(self.extra.get("decode_attention_tile", "auto"))
+        allowed = ("auto",) + tuple(str(t) for t in DECODE_TILES)
+        if which not in allowed:
+            raise ValueError(f"target '{self.name}': decode_attention_tile must be one of {', '.join(allowed)}, "
+                             f"got {which!r}")
+        return None if which == "auto" else int(which)
+
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
         return "kv_decode_attention", decode_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype,
-                                                            scale)
+                                                            scale, tile=self._decode_tile())
 
     def kv_paged_decode_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
         return ("kv_paged_decode_attention",
-                paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale))
+                paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype, scale,
+                                            tile=self._decode_tile()))
 
     def _packed_attention(self, packed) -> bool:
         """Whether the fused decode attention reads q, k, v from the merged projection (target option
@@ -640,7 +656,7 @@ class CUDATarget(Target):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
         return (f"kv_decode{'_rope' if rope else ''}_append_attention",
                 decode_attention_func(heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale, fused=rope,
-                                      packed=packed))
+                                      packed=packed, tile=self._decode_tile()))
 
     def kv_paged_decode_append_attention(self, heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
                                          scale, rope, packed=None):
@@ -649,7 +665,7 @@ class CUDATarget(Target):
         from .lowering_kv import paged_decode_attention_func  # deferred: the TVM compiler (module docstring)
         return (f"kv_paged_decode{'_rope' if rope else ''}_append_attention",
                 paged_decode_attention_func(heads, kv_heads, block_size, max_blocks, head_dim, dtype, pos_dtype,
-                                            scale, fused=rope, packed=packed))
+                                            scale, fused=rope, packed=packed, tile=self._decode_tile()))
 
     def _flash_prefill(self, heads, kv_heads, max_seq, head_dim, dtype) -> Optional[str]:
         """Which prefill attention kernel: "mma" (tensor cores), "simt" (CUDA cores), or None (the generic three
