@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements the open issues still owe, in priority order, each bounded in time, JSON into $OUT
 # (default ./gpu_suite_out). Run on a machine with one NVIDIA GPU, TVM and the repo importable:
-#     bash bench/gpu_suite.sh [STEP ...]      # steps: quant decode energy serve prefill (default: all, in that order)
+#     bash bench/gpu_suite.sh [STEP ...]      # steps: quant attn decode energy serve prefill (default: all, in order)
 # Read-only on the GPU: nothing here changes a power limit, clock or any other device setting.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_suite_out}; mkdir -p "$OUT"
-steps=${*:-quant decode energy serve prefill}
+steps=${*:-quant attn decode energy serve prefill}
 run() {   # name seconds command...: one bounded step, its stdout as JSON, its log beside it
   local name=$1 secs=$2; shift 2
   echo "[gpu_suite] $name (<= ${secs} s): $*" >&2
@@ -18,6 +18,9 @@ for s in $steps; do
     # batch 1 >= 2.5x our f16, batch 8 >= 1.5x; J/token below f16's
     quant) run quant 420 python bench/decode.py --models llama-1b --batch 1,8,32 --new 64 --repeat 2 --int4 llama-1b \
              --target-option small_m_quant_gemm=on --energy ;;
+    # issues 12 / 17: the decode attention kernels with 4 / 8 rows a row group per iteration against the default
+    # (paged and contiguous, batch 1-64 at long positions; at batch 64 the paged kernel took 170 us a layer)
+    attn) for t in auto 4 8; do run attn_tile_$t 200 python bench/paged_gpu_check.py --target-option decode_attention_tile=$t; done ;;
     # issue 17: batch 8 / 32 decode against torch.compile, the quantized kernel beside
     decode) run decode 420 python bench/decode.py --models llama-1b,gpt2-124m --batch 1,8,32 --new 64 --repeat 2 \
               --ab-option small_m_quant_gemm=on --energy ;;
@@ -29,6 +32,6 @@ for s in $steps; do
              --target-option paged_cuda_graph=on --time-limit 25 --budget 520 ;;
     # issue 17: prefill of 1024 tokens against torch.compile
     prefill) run prefill 300 python bench/prefill.py --batch 1,8 --prompt 1024 --repeat 3 ;;
-    *) echo "gpu_suite: unknown step '$s' (quant, decode, energy, serve, prefill)" >&2; exit 2 ;;
+    *) echo "gpu_suite: unknown step '$s' (quant, attn, decode, energy, serve, prefill)" >&2; exit 2 ;;
   esac
 done
