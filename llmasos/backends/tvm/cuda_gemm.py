@@ -97,7 +97,6 @@ def small_m_gemm_supported(n: int, k: int, dtype: str, rows: int = 1) -> bool:
     return dtype == "float16" and n % (TILE_N * rows) == 0 and k % (CHUNK * warps * unroll) == 0
 
 
-
 def _grid_tags(m_fastest: bool) -> tuple:
     """(weight-tile axis, batch-row-group axis) thread tags of the small-M kernels. A block covers 32 batch rows,
     so M > 32 gives each weight tile several blocks, each streaming the same weight rows. With the batch-row

@@ -199,8 +199,9 @@ def _words_quant_linear(ctx, node, args):
     lifted: its input is the activation too (a weight-only dequant would be a float copy of every weight,
     made once at load, which quantizing exists to avoid). None when the weight is not in _words_params."""
     xt = node.inputs[0].type
-    if (ctx.spec is None or xt.dtype is not DType.f16 or not isinstance(xt.shape[-1], int)
-            or node.inputs[1].name not in _words_params(ctx) or not ctx.is_param(node.inputs[1])):
+    if (ctx.spec is None or xt.dtype is not DType.f16 or len(xt.shape) < 2 or not isinstance(xt.shape[-1], int)
+            or node.inputs[1].name not in _words_params(ctx)
+            or not all(ctx.is_param(v) and v.type.is_static for v in node.inputs[1:4])):
         return None
     n, k, bits, group, g, per_tensor = _layout(node)
     words, sz = _repacked(ctx, node, args)
