@@ -24,7 +24,9 @@ Output lengths are exact (ignore_eos), so both sides make the same useful tokens
 level (default: 2 x concurrency, at least 8, at most 128) and --time-limit seconds per level and side (then
 no new request starts; the in-process engine aborts what still runs at 1.25x the limit, and its tokens so
 far count); --budget caps the whole run (phases are shortened or skipped to fit, and a watchdog prints the
-partial JSON and exits 3 at the budget). Prints one JSON document (and writes it with --out).
+partial JSON and exits 3 at the budget). --energy adds each side's energy window (J, W, J/token gross and
+above the idle power measured before the compiles; "estimated" where the meter is the CPU estimate). Prints
+one JSON document (and writes it with --out).
 
     python bench/serve.py                                 # SmolLM2-135M on the CPU
     python bench/serve.py --concurrency 1,8 --requests 16 # quicker
@@ -320,6 +322,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-static", action="store_true", help="skip the static-batch generate baseline")
     ap.add_argument("--torch-compile", action="store_true", help="also the torch.compile static-batch baseline")
+    ap.add_argument("--energy", action="store_true",
+                    help="also J/token of every side (llmasos.energy windows: NVML on GPUs, RAPL or the labelled "
+                         "CPU estimate; idle power measured before the compiles and subtracted beside the gross)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--client", default=None, help=argparse.SUPPRESS)      # internal: the client process
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
@@ -341,6 +346,27 @@ def main(argv=None) -> int:
            "prompt_len": list(plen), "output_len": list(olen), "seed": args.seed, "cpu_count": os.cpu_count(),
            "load_avg": os.getloadavg()[0], "budget_s": args.budget, "levels": [], "skipped": []}
     printed = threading.Lock()
+    if args.energy:     # idle power first, with nothing compiled or loaded yet
+        import llmasos.energy as energy
+        doc["energy_idle_w"] = energy.calibrate_idle()
+        doc["energy_meters"] = {m.name: m.method for m in energy.discover().meters}
+
+    def metered(label: str, fn) -> dict:
+        """fn() -> a side's summary; with --energy its energy window beside it (J, J/token gross and above idle)."""
+        if not args.energy:
+            return fn()
+        sync = None
+        if str(args.target).startswith("cuda"):
+            import torch
+            sync = torch.cuda.synchronize
+        with energy.measure(label, idle="cached", sync=sync) as w:
+            out = fn()
+        w.tokens = out["output_tokens"]
+        out["energy"] = {"joules": round(w.joules, 3), "active_joules": round(w.active_joules, 3),
+                         "watts": round(w.watts, 2), "estimated": w.estimated,
+                         "j_per_token": round(w.joules_per_token, 5) if w.tokens else None,
+                         "active_j_per_token": round(w.active_joules_per_token, 5) if w.tokens else None}
+        return out
 
     def finish(code: int = 0) -> int:
         if not printed.acquire(blocking=False):
@@ -460,7 +486,7 @@ def main(argv=None) -> int:
                 engine.ragged = ragged
                 engine.blocks.drop_cache()
                 pre0 = engine.scheduler.num_preemptions
-                row[key] = cont(reqs, c, limit(share))
+                row[key] = metered(f"{key} c={c}", lambda: cont(reqs, c, limit(share)))
                 row[key]["preemptions"] = engine.scheduler.num_preemptions - pre0
                 log(f"c={c} {key} {row[key]}")
 
@@ -473,7 +499,8 @@ def main(argv=None) -> int:
             if slm is not None:
                 # a first call of a batch size allocates its caches (and captures its CUDA graph): not timed
                 slm.generate([reqs[0][0]] * min(c, args.max_batch), 2)
-                row["static"] = run_static(slm, reqs, min(c, args.max_batch), limit(share * 2))
+                row["static"] = metered(f"static c={c}", lambda: run_static(slm, reqs, min(c, args.max_batch),
+                                                                             limit(share * 2)))
                 log(f"c={c} static     {row['static']}")
                 a, b = row["continuous"]["throughput_tok_s"], row["static"]["throughput_tok_s"]
                 row["speedup_vs_static"] = round(a / b, 3) if a and b else None
@@ -504,9 +531,9 @@ def main(argv=None) -> int:
                 doc["skipped"].append(f"torch.compile at concurrency {c}: less than 60 s of budget left")
                 continue
             try:
-                row["torch_compile_static"] = run_torch_compile(
+                row["torch_compile_static"] = metered(f"torch.compile c={c}", lambda: run_torch_compile(
                     dec, dtype or torch.float32, device, workloads[c], min(c, args.max_batch), args.max_seq,
-                    limit(0.5))
+                    limit(0.5)))
                 a, b = row["continuous"]["throughput_tok_s"], row["torch_compile_static"]["throughput_tok_s"]
                 row["speedup_vs_torch_compile"] = round(a / b, 3) if a and b else None
             except Exception as e:  # noqa: BLE001  a failing baseline is reported, not fatal

@@ -27,10 +27,12 @@ import llmasos
 
 from .llm import presets
 from .artifact import kind_of
+from .energy import calibrate_idle, discover
 from .energy.cli import add_parsers as add_energy_parsers
 from .llm import Sampling, llamacpp
 from .llm.bench import run as run_bench
 from .opt import add_parser as add_opt_parser
+from .serve.control import load_controller
 from .serve.load import load_engine
 from .zoo import SMOLLM2_GGUF, load_model, load_smollm2, smollm2_package_dir
 
@@ -279,11 +281,22 @@ def cmd_serve(args) -> int:
         raise RuntimeError(f"llmasos serve needs the serve extra (pip install 'llmasos[serve]'): {e}") from None
     log = (lambda *a: print("[llmasos]", *a, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
+    meters, idle = None, None
+    if args.energy:     # the meters, and their idle power while nothing is loaded yet (2 s)
+        meters = discover().meters
+        idle = calibrate_idle(meters) if meters else None
+        log("energy on /metrics: " + (", ".join(f"{m.name} ({m.method}; idle {idle[m.name]:.1f} W)" for m in meters)
+                                      if meters else "no meter on this machine"))
     engine, name = load_engine(args.model, target=args.target, max_batch=args.max_batch, max_seq=args.max_seq,
                                kv_blocks=args.kv_blocks, block_size=args.block_size,
                                prefill_chunk=args.prefill_chunk, log=log)
+    controller = load_controller(args.controller, engine) if args.controller else None
+    if controller is not None:
+        log(f"load controller: {', '.join(f'{c.name} (batch {c.max_batch})' for c in controller.controller.configs)}, "
+            f"every {controller.interval_s:g} s; starting with {controller.current.name}")
     server = Server(engine, model_name=args.name or name, host=args.host, port=args.port, api_key=args.api_key,
-                    max_waiting=args.max_waiting, log_level="info")
+                    max_waiting=args.max_waiting, log_level="info", energy_meters=meters, idle_watts=idle,
+                    controller=controller)
     ready = (lambda url: log(f"{name} ready in {time.perf_counter() - t0:.1f} s: batch <= {engine.max_batch}, "
                              f"{engine.blocks.capacity} KV blocks of {engine.block_size}, max_seq {engine.max_seq}; "
                              f"serving on {url}/v1 (model name {args.name or name!r})"))
@@ -313,6 +326,11 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429 (default 256)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--name", default=None, help="the model name clients send (default: the model argument)")
+    p.add_argument("--controller", default=None, metavar="FILE",
+                   help="a load-controller file (JSON: measured configurations; llmasos/serve/control.py): every "
+                        "interval the least-power configuration covering the load sets the max batch")
+    p.add_argument("--no-energy", dest="energy", action="store_false",
+                   help="leave the energy meters (and their 2 s idle calibration at start) off /metrics")
     p.set_defaults(fn=cmd_serve)
 
 

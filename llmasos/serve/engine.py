@@ -326,9 +326,11 @@ class EngineLoop:
     """An Engine stepping in a background thread. ``submit`` / ``abort`` from any thread; outputs go to each
     request's sink from the engine thread."""
 
-    def __init__(self, engine: Engine, idle_wait: float = 0.05):
+    def __init__(self, engine: Engine, idle_wait: float = 0.05, controller=None):
         self.engine = engine
         self.idle_wait = idle_wait
+        # an llmasos.serve.control.ServeController (or anything with tick()): run between steps, in this thread
+        self.controller = controller
         self._adds: deque = deque()
         self._aborts: deque = deque()
         self._wake = threading.Event()
@@ -424,6 +426,8 @@ class EngineLoop:
                                                     finish_reason="error", error=e.message))
             while self._aborts:
                 eng.abort(self._aborts.popleft())
+            if self.controller is not None:
+                self.controller.tick()
             if not eng.has_work:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()

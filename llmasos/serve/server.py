@@ -558,12 +558,18 @@ class Server:
 
     def __init__(self, engine: Engine, *, tokenizer=None, model_name: str = "model", host: str = "127.0.0.1",
                  port: int = 8000, api_key: Optional[str] = None, max_waiting: int = DEFAULT_MAX_WAITING,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", energy_meters=None, idle_watts: Optional[dict] = None,
+                 controller=None):
+        """``energy_meters`` (llmasos.energy meters, e.g. ``llmasos.energy.meters.discover().meters``) and their
+        ``idle_watts`` ({name: W}, measured before loading: ``llmasos.energy.calibrate_idle``) put the energy
+        since the start on /metrics (Metrics). ``controller``: a ServeController (llmasos/serve/control.py)
+        setting the engine's admission limit from the load, every interval."""
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535 (0: any free port), got {port!r}")
         self.engine = engine
-        self.loop = EngineLoop(engine)
-        self.metrics = Metrics(model_name)      # build_app makes it the engine's observer
+        self.loop = EngineLoop(engine, controller=controller)
+        # build_app makes it the engine's observer
+        self.metrics = Metrics(model_name, meters=energy_meters, idle_watts=idle_watts)
         self.app = build_app(self.loop, tokenizer=tokenizer if tokenizer is not None else engine.tokenizer,
                              model_name=model_name, api_key=api_key, max_waiting=max_waiting, metrics=self.metrics)
         self.host, self.port, self.log_level = host, port, log_level

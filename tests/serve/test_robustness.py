@@ -15,7 +15,7 @@ import pytest
 from llmasos.serve import Engine, SamplingParams
 from llmasos.serve.engine import EngineLoop, Observer
 from llmasos.serve.metrics import Metrics
-from llmasos.serve.server import build_app
+from llmasos.serve.server import Server, build_app
 
 from .fake_runner import FakeRunner, reference
 from .test_server import make_server, metric, wait_blocks_free
@@ -184,3 +184,44 @@ def test_load_engine_refuses_a_batch_above_the_runner(monkeypatch):
         load.load_engine("x", max_batch=8)
     assert load.load_engine("x")[0].max_batch == 4
     assert load.load_engine("x", max_batch=2)[0].max_batch == 2
+
+
+# -- 6. energy on /metrics: each meter's joules since the start, idle subtracted, J per generated token ------
+def test_metrics_carry_the_energy_of_each_meter():
+    from llmasos.energy import CounterMeter
+    clock = {"gpu0": 1000.0, "cpu": 50.0}
+    meters = [CounterMeter("gpu0", lambda: clock["gpu0"]),
+              CounterMeter("cpu", lambda: clock["cpu"], method="estimated: TDP x utilisation", estimated=True)]
+    eng = Engine(FakeRunner(vocab=50, block_size=4))
+    m = Metrics("m", meters=meters, idle_watts={"gpu0": 0.0, "cpu": 1e9})
+    build_app(EngineLoop(eng), metrics=m)
+    text = m.render().decode()
+    assert _value(text, 'llmasos_energy_joules_total{device="gpu0",estimated="false"}') == 0.0
+    assert "nan" in re.search(r"^llmasos_energy_joules_per_generated_token .*$", text, re.M).group(0).lower()
+    eng.generate([[1, 2, 3]], SamplingParams(max_tokens=5))
+    clock["gpu0"] += 30.0
+    clock["cpu"] += 20.0
+    text = m.render().decode()
+    assert _value(text, 'llmasos_energy_joules_total{device="gpu0",estimated="false"}') == 30.0
+    assert _value(text, 'llmasos_energy_joules_total{device="cpu",estimated="true"}') == 20.0   # labelled
+    assert _value(text, 'llmasos_energy_idle_watts{device="gpu0",estimated="false"}') == 0.0
+    assert _value(text, 'llmasos_energy_active_joules_total{device="gpu0",estimated="false"}') == 30.0
+    assert _value(text, 'llmasos_energy_active_joules_total{device="cpu",estimated="true"}') == 0.0  # idle > all
+    assert _value(text, "llmasos_energy_joules_per_generated_token") == 50.0 / 5
+    with pytest.raises(ValueError, match="idle watts given for \\['npu'\\]"):
+        Metrics("m", meters=meters, idle_watts={"npu": 1.0})
+    assert "llmasos_energy" not in Metrics("m").render().decode()           # no meters: no energy lines
+
+
+def test_server_serves_energy_on_metrics():
+    from llmasos.energy import CounterMeter
+    joules = [0.0]
+    eng = Engine(FakeRunner(vocab=50, block_size=4))
+    with Server(eng, port=0, energy_meters=[CounterMeter("gpu0", lambda: joules[0])], idle_watts={"gpu0": 0.0}) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 3, "temperature": 0},
+                       timeout=10)
+        assert r.status_code == 200
+        joules[0] = 9.0
+        text = httpx.get(s.url + "/metrics", timeout=10).text
+    assert _value(text, 'llmasos_energy_joules_total{device="gpu0",estimated="false"}') == 9.0
+    assert _value(text, "llmasos_energy_joules_per_generated_token") == 3.0
