@@ -427,7 +427,10 @@ class EngineLoop:
             while self._aborts:
                 eng.abort(self._aborts.popleft())
             if self.controller is not None:
-                self.controller.tick()
+                try:
+                    self.controller.tick()
+                except Exception as e:  # noqa: BLE001  a failing controller stops controlling, never serving
+                    self.error, self.controller = e, None
             if not eng.has_work:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()

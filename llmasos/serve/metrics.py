@@ -14,12 +14,12 @@ above idle); ``llmasos_energy_joules_per_generated_token`` over all devices sinc
 """
 from __future__ import annotations
 
+import time
+from typing import Optional
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-import time
-from typing import Optional
 
 from .engine import Observer
 
@@ -44,6 +44,7 @@ class Metrics(Observer):
         self._t0 = time.perf_counter()
         self._e0 = [m.read() for m in self._meters]
         self._tokens = 0          # generated tokens (the counter's value, kept here for the J/token gauge)
+        self.energy_read_errors = 0   # meters that failed to read at the last scrape
         self.registry = r = CollectorRegistry()
         self.requests = Counter("llmasos_requests", "Requests finished, by finish reason "
                                 "(stop, length, abort, error)", ["reason"], registry=r)
@@ -86,7 +87,13 @@ class Metrics(Observer):
         if not self._meters:
             return
         seconds = time.perf_counter() - self._t0
-        joules = [max(0.0, m.read() - e0) for m, e0 in zip(self._meters, self._e0)]
+        joules = []
+        for m, e0 in zip(self._meters, self._e0):
+            try:
+                joules.append(max(0.0, m.read() - e0))
+            except Exception:  # noqa: BLE001  a meter failing (NVML gone) must not fail the whole scrape
+                joules.append(None)
+        self.energy_read_errors = sum(j is None for j in joules)
         total = CounterMetricFamily("llmasos_energy_joules", "Energy since the server started, per device "
                                     "(estimated=\"true\": TDP x utilisation, not a measured counter)",
                                     labels=["device", "estimated"])
@@ -95,6 +102,8 @@ class Metrics(Observer):
         idle = GaugeMetricFamily("llmasos_energy_idle_watts", "Idle power measured before the model was loaded",
                                  labels=["device", "estimated"])
         for m, j in zip(self._meters, joules):
+            if j is None:           # not readable now: its lines are left out of this scrape
+                continue
             labels = [m.name, "true" if m.estimated else "false"]
             total.add_metric(labels, j)
             if m.name in self._idle:
@@ -105,8 +114,10 @@ class Metrics(Observer):
         yield idle
         tokens = self._tokens
         per = GaugeMetricFamily("llmasos_energy_joules_per_generated_token", "All devices' energy since the "
-                                "server started over the tokens generated (NaN before the first token)")
-        per.add_metric([], sum(joules) / tokens if tokens else float("nan"))
+                                "server started over the tokens generated (NaN before the first token or while "
+                                "a meter cannot be read)")
+        readable = [j for j in joules if j is not None]
+        per.add_metric([], sum(readable) / tokens if tokens and len(readable) == len(joules) else float("nan"))
         yield per
 
     def describe(self):

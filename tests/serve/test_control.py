@@ -90,3 +90,15 @@ def test_server_runs_the_controller_between_steps(tmp_path):
         r = httpx.post(s.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0},
                        timeout=10)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_failing_controller_stops_controlling_and_the_engine_keeps_serving():
+    class Broken:
+        def tick(self):
+            raise RuntimeError("controller bug")
+    eng = _engine()
+    with Server(eng, port=0, controller=Broken()) as s:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0},
+                       timeout=10)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert s.loop.controller is None and "controller bug" in str(s.loop.error)

@@ -225,3 +225,19 @@ def test_server_serves_energy_on_metrics():
         text = httpx.get(s.url + "/metrics", timeout=10).text
     assert _value(text, 'llmasos_energy_joules_total{device="gpu0",estimated="false"}') == 9.0
     assert _value(text, "llmasos_energy_joules_per_generated_token") == 3.0
+
+
+def test_a_failing_meter_leaves_its_lines_out_and_the_scrape_up():
+    from llmasos.energy import CounterMeter
+    state = {"broken": False}
+
+    def read():
+        if state["broken"]:
+            raise RuntimeError("NVML: GPU is lost")
+        return 5.0
+    m = Metrics("m", meters=[CounterMeter("gpu0", read), CounterMeter("cpu", lambda: 1.0)])
+    build_app(EngineLoop(Engine(FakeRunner(vocab=50, block_size=4))), metrics=m)
+    state["broken"] = True
+    text = m.render().decode()
+    assert 'device="gpu0"' not in text and 'llmasos_energy_joules_total{device="cpu"' in text
+    assert m.energy_read_errors == 1
