@@ -147,6 +147,7 @@ def test_database_for_another_target_or_missing_is_refused(graph, tuned, tmp_pat
         tune_functions({"main": graph}, "cpu", tmp_path / "x", trials_per_task=-1)
 
 
+@pytest.mark.slow   # ~60 s of MetaSchedule on 2 cores; tune + apply stays in the default run (test_tune_writes_a_database_a_build_applies)
 def test_tuned_lm_generates_the_same_tokens(tmp_path):
     model = hf_model("llama-tiny", seed=5)
     opts = dict(max_seq=32, batch=1)
