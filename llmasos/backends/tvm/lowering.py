@@ -448,15 +448,26 @@ def _prefill_linear(ctx, node, x, w, dt):
     kernel = ctx.spec.prefill_gemm(n, k, tvm_dtype(dt))
     if kernel is None:
         return None
-    name, func = kernel
+    return rows_gemm(ctx, xt, x, w, n, k, dt, kernel)
+
+
+def rows_gemm(ctx, xt, x, w, n: int, k: int, dt, kernel=None):
+    """y [..., N] = x [..., K] @ w [N, K]^T (``xt``: x's TensorType, rank >= 2) with x viewed as [rows, K]:
+    through ``kernel`` ((name, PrimFunc) of (x [M, K], w [N, K]) -> y [M, N] ``dt``: the target's prefill
+    GEMM), else a Relax matmul accumulating in f32."""
     shape = ctx.shape(xt)
     rows = shape[0]
     for d in shape[1:-1]:
         rows = rows * d
-    x2 = ctx.emit(R.reshape(x, [rows, k])) if len(lead) > 1 else x
-    gv = ctx.bb.add_func(func, name)
-    y = ctx.emit(relax.call_tir(gv, [x2, w], relax.TensorType([rows, n], tvm_dtype(dt))), "prefill_gemm")
-    return ctx.emit(R.reshape(y, [*shape[:-1], n])) if len(lead) > 1 else y
+    flat = len(shape) > 2
+    x2 = ctx.emit(R.reshape(x, [rows, k])) if flat else x
+    if kernel is not None:
+        name, func = kernel
+        gv = ctx.bb.add_func(func, name)
+        y = ctx.emit(relax.call_tir(gv, [x2, w], relax.TensorType([rows, n], tvm_dtype(dt))), "prefill_gemm")
+    else:
+        y = ctx.emit(R.astype(R.matmul(x2, R.permute_dims(w, [1, 0]), out_dtype="float32"), tvm_dtype(dt)))
+    return ctx.emit(R.reshape(y, [*shape[:-1], n])) if flat else y
 
 
 PANEL_ROWS = 4  # cpu_schedule.Matmul's register-tile height (MR)

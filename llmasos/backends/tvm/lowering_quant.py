@@ -40,7 +40,7 @@ from tvm.s_tir.dlight.analysis import get_root_block
 
 from ...ir.types import DType
 from .cuda_gemm import quant_repack_scales, quant_repack_words, quant_words_dequant
-from .lowering import acc_dtype, register_lowering, tvm_dtype
+from .lowering import acc_dtype, register_lowering, rows_gemm, tvm_dtype
 
 R = relax.op
 MR = 4  # rows per register tile of the CPU kernel
@@ -209,22 +209,8 @@ def _words_quant_linear(ctx, node, args):
     # x is an input of the dequant's TE only so that the binding depends on the call (see the docstring)
     w16 = ctx.emit_te(lambda x, wd, s: quant_words_dequant(wd, s, n, k, bits, grp), args[0], words, sz,
                       name="quant_words_dequant")
-    lead = xt.shape[:-1]
-    shape = ctx.shape(xt)
-    rows = shape[0]
-    for d in shape[1:-1]:
-        rows = rows * d
-    x2 = ctx.emit(R.reshape(args[0], [rows, k])) if len(lead) != 1 else args[0]
-    kernel = ctx.spec.prefill_gemm(n, k, "float16")
-    if kernel is not None:
-        name, func = kernel
-        gv = ctx.bb.add_func(func, name)
-        y = ctx.emit(relax.call_tir(gv, [x2, w16], relax.TensorType([rows, n], "float16")), "prefill_gemm")
-    else:
-        y = ctx.emit(R.astype(R.matmul(x2, R.permute_dims(w16, [1, 0]), out_dtype="float32"), "float16"))
-    if len(args) > 4:
-        y = ctx.emit(R.add(y, ctx.cast(args[4], DType.f16)))
-    return ctx.emit(R.reshape(y, [*shape[:-1], n])) if len(lead) != 1 else y
+    y = rows_gemm(ctx, xt, args[0], w16, n, k, DType.f16, ctx.spec.prefill_gemm(n, k, "float16"))
+    return ctx.emit(R.add(y, ctx.cast(args[4], DType.f16))) if len(args) > 4 else y
 
 
 def _pack_words(ctx, codes, n: int, kq: int):

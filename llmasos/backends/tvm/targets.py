@@ -576,12 +576,9 @@ class CUDATarget(Target):
         warps = self.extra.get("prefill_gemm_warps", "2x2")
         if warps not in ("2x4", "2x2"):
             raise ValueError(f"target '{self.name}': prefill_gemm_warps must be '2x4' or '2x2', got {warps!r}")
-        bk, stages, frags = (str(self.extra.get(key, default)) for key, default in
-                             (("prefill_gemm_bk", "32"), ("prefill_gemm_stages", "3"), ("prefill_gemm_frags", "off")))
-        for key, value, allowed in (("prefill_gemm_bk", bk, ("32", "64")), ("prefill_gemm_stages", stages, ("2", "3", "4")),
-                                    ("prefill_gemm_frags", frags, ("on", "off"))):
-            if value not in allowed:
-                raise ValueError(f"target '{self.name}': {key} must be one of {', '.join(allowed)}, got {value!r}")
+        bk = self._choice("prefill_gemm_bk", "32", ("32", "64"))
+        stages = self._choice("prefill_gemm_stages", "3", ("2", "3", "4"))
+        frags = self._choice("prefill_gemm_frags", "off", ("on", "off"))
         from .cuda_gemm import (prefill_gemm_func,  # deferred: the TVM compiler (module docstring)
                                 prefill_gemm_supported, sm_version)
         if which == "off" or sm_version(self.target.get("arch", "")) < 80 or not prefill_gemm_supported(n, k, dtype):
@@ -622,12 +619,15 @@ class CUDATarget(Target):
         (more rows per iteration: fewer load / barrier rounds over a long cache, more registers; for A/B on a GPU,
         e.g. bench/paged_gpu_check.py --target-option decode_attention_tile=4)."""
         from .lowering_kv import DECODE_TILES  # deferred: the TVM compiler (module docstring)
-        which = str(self.extra.get("decode_attention_tile", "auto"))
-        allowed = ("auto",) + tuple(str(t) for t in DECODE_TILES)
-        if which not in allowed:
-            raise ValueError(f"target '{self.name}': decode_attention_tile must be one of {', '.join(allowed)}, "
-                             f"got {which!r}")
+        which = self._choice("decode_attention_tile", "auto", ("auto",) + tuple(str(t) for t in DECODE_TILES))
         return None if which == "auto" else int(which)
+
+    def _choice(self, key: str, default: str, allowed: tuple) -> str:
+        """Target option ``key`` as a string (``default`` when not given), refused unless one of ``allowed``."""
+        value = str(self.extra.get(key, default))
+        if value not in allowed:
+            raise ValueError(f"target '{self.name}': {key} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
 
     def kv_decode_attention(self, heads, kv_heads, max_seq, head_dim, dtype, pos_dtype, scale):
         from .lowering_kv import decode_attention_func  # deferred: the TVM compiler (module docstring)
